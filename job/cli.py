@@ -1,0 +1,115 @@
+"""``sft-job``: parse flags, build one config, set up logs and metrics, call ``run_<stage>(cfg)``."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+import click
+import yaml
+
+from job import __version__
+from job.config import DownloadConfig, field_docs
+from job.errors import ConfigError, JobError
+from job.observability import Metrics, configure_logging, get_logger
+
+ENV_PREFIX = "SFT_JOB"
+
+
+def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | None):
+    """``--config job.yaml``: its keys become the command's defaults (flags and env still win)."""
+    if value is None:
+        return None
+    try:
+        data = yaml.safe_load(Path(value).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc}".splitlines()[0], ctx, param) from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value} must hold a mapping of option names to values", ctx, param)
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown key {unknown[0]!r}", ctx, param)
+    ctx.default_map = {**(ctx.default_map or {}), **data}
+    return value
+
+
+def config_option(f):
+    return click.option(
+        "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+        callback=_load_config_file, help="YAML file of option values (keys are the flags' names with underscores).",
+    )(f)  # fmt: skip
+
+
+def dataclass_options(cls: type, exclude: tuple[str, ...] = ()):
+    """A click option for every field of a config dataclass, help text from its docstring."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+
+    def decorate(f):
+        for field in reversed(dataclasses.fields(cls)):
+            if field.name not in exclude:
+                f = _option(field, hints[field.name], docs.get(field.name, ""))(f)
+        return f
+
+    return decorate
+
+
+def _option(field: dataclasses.Field, hint, help_text: str):
+    flag = "--" + field.name.replace("_", "-")
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    args = typing.get_args(hint)
+    if hint is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", default=default, show_default=True, help=help_text)
+    if typing.get_origin(hint) is typing.Literal:
+        return click.option(flag, type=click.Choice(args), default=default, show_default=True, help=help_text)
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    return click.option(flag, type=base, default=default, show_default=default is not None, help=help_text)
+
+
+def build(cls: type, params: dict):
+    """The config dataclass from parsed flags; a failed check is a one-line usage error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in params.items() if k in names})
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _common(f):
+    f = click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto",
+                     show_default=True, help="JSON lines, or a readable console on a terminal.")(f)  # fmt: skip
+    return config_option(f)
+
+
+def _run(stage: str, runner, cfg, log_format: str):
+    configure_logging(log_format)
+    log = get_logger("sft_job").bind(stage=stage)
+    metrics = Metrics()
+    try:
+        return runner(cfg, metrics)
+    except JobError as exc:
+        log.error("stage_failed", error=str(exc))
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+@click.group(context_settings={"auto_envvar_prefix": ENV_PREFIX, "show_default": True})
+@click.version_option(__version__, prog_name="sft-job")
+def main():
+    """Instruction-finetune GPT-2 as in chapter 7 of Build a Large Language Model (From Scratch)."""
+
+
+@main.command()
+@dataclass_options(DownloadConfig)
+@_common
+def download(log_format, **params):
+    """Fetch GPT-2 weights, the tokenizer and the dataset into the cache."""
+    from job.download import run_download
+
+    _run("download", run_download, build(DownloadConfig, params), log_format)
+
+
+if __name__ == "__main__":
+    main()

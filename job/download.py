@@ -1,0 +1,344 @@
+"""Fetching files into the cache over HTTP(S) or S3: resumable, retried, verified, atomic.
+
+Cache layout (a mirror given by ``--base-url`` is a copy of a cache, with the same layout)::
+
+    {cache}/instruction-data.json                 the book's dataset
+    {cache}/gpt2/encoder.json, vocab.bpe          the tokenizer
+    {cache}/gpt2/355M/...                         OpenAI's TensorFlow checkpoint of a size
+    {cache}/gpt2-hf/gpt2-medium/...               Hugging Face's safetensors of a size
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import urlparse
+
+import requests
+
+from job.errors import JobError
+from job.model import OPENAI_SIZE_NAMES
+from job.observability import Metrics, get_logger, stderr_is_terminal
+from job.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256
+
+log = get_logger(__name__)
+
+OPENAI_BASES = (
+    "https://openaipublic.blob.core.windows.net/gpt-2/models",
+    "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2",  # the book's backup
+)
+HF_BASE = "https://huggingface.co/openai-community"
+TOKENIZER_BASE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
+DATASET_URL = (
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+)
+DATASET_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+OPENAI_FILES = (
+    "checkpoint",
+    "encoder.json",
+    "hparams.json",
+    "model.ckpt.data-00000-of-00001",
+    "model.ckpt.index",
+    "model.ckpt.meta",
+    "vocab.bpe",
+)
+HF_FILES = ("config.json", "model.safetensors")
+HF_REPOS = {"gpt2-small": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl"}
+KNOWN_SHA256 = {"encoder.json": ENCODER_JSON_SHA256, "vocab.bpe": VOCAB_BPE_SHA256}
+CHUNK = 1 << 20
+TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
+
+
+class DownloadError(JobError):
+    """A file could not be fetched or did not verify; the message is one line."""
+
+
+class TransientError(Exception):
+    """Worth retrying: a dropped connection, a timeout, a 5xx or 429."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file to fetch: where it goes in the cache and where it may come from, in order."""
+
+    relpath: str
+    urls: tuple[str, ...]
+    sha256: str | None = None
+    size: int | None = None
+
+
+def tokenizer_files(base_url: str | None = None) -> list[RemoteFile]:
+    return [
+        RemoteFile(f"gpt2/{name}", _urls(base_url, f"gpt2/{name}", (f"{TOKENIZER_BASE}/{name}",)), KNOWN_SHA256[name])
+        for name in ("encoder.json", "vocab.bpe")
+    ]
+
+
+def dataset_file(url: str = DATASET_URL, base_url: str | None = None) -> RemoteFile:
+    name = Path(urlparse(url).path).name
+    sha = DATASET_SHA256 if url == DATASET_URL else None
+    return RemoteFile(name, _urls(base_url, name, (url,)), sha)
+
+
+def model_files(model: str, source: str, base_url: str | None = None) -> list[RemoteFile]:
+    """The files of a named size (``gpt2-medium``...) from ``openai`` or ``hf``."""
+    if model not in OPENAI_SIZE_NAMES:
+        raise DownloadError(f"--model {model!r} is not one of {', '.join(OPENAI_SIZE_NAMES)}")
+    if source == "openai":
+        size = OPENAI_SIZE_NAMES[model]
+        return [
+            RemoteFile(
+                f"gpt2/{size}/{name}",
+                _urls(base_url, f"gpt2/{size}/{name}", tuple(f"{b}/{size}/{name}" for b in OPENAI_BASES)),
+                KNOWN_SHA256.get(name),
+            )
+            for name in OPENAI_FILES
+        ]
+    if source == "hf":
+        repo = HF_REPOS[model]
+        return [
+            RemoteFile(f"gpt2-hf/{model}/{name}", _urls(base_url, f"gpt2-hf/{model}/{name}", (f"{HF_BASE}/{repo}/resolve/main/{name}",)))
+            for name in HF_FILES
+        ]
+    raise DownloadError(f"--source {source!r} is not one of openai, hf")
+
+
+def model_dir(cache: str | Path, model: str, source: str) -> Path:
+    """Where ``model_files`` put a size in the cache."""
+    return Path(cache) / Path(model_files(model, source)[0].relpath).parent
+
+
+def _urls(base_url: str | None, relpath: str, defaults: tuple[str, ...]) -> tuple[str, ...]:
+    return (f"{base_url.rstrip('/')}/{relpath}",) if base_url else defaults
+
+
+@dataclass
+class Downloader:
+    """Fetches ``RemoteFile``s into ``cache``; a file already complete there is never fetched again."""
+
+    cache: Path
+    attempts: int = 5
+    """Tries per URL for transient errors; each try resumes where the last stopped."""
+    backoff_seconds: float = 1.0
+    """First wait between tries; doubled each time, with jitter."""
+    timeout_seconds: float = 60.0
+    metrics: Metrics | None = None
+    sleep: Callable[[float], None] = time.sleep
+    _s3: object = None
+
+    def __post_init__(self) -> None:
+        self.cache = Path(self.cache)
+
+    def fetch_all(self, files: list[RemoteFile]) -> list[Path]:
+        return [self.fetch(f) for f in files]
+
+    def fetch(self, remote: RemoteFile) -> Path:
+        final = self.cache / remote.relpath
+        if final.is_file() and self._complete(final, remote):
+            log.debug("download_skipped", file=remote.relpath, reason="complete")
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        part = final.with_name(final.name + ".part")
+        errors = []
+        for url in remote.urls:
+            try:
+                self._fetch_with_retries(url, part, remote)
+                self._verify(part, remote, url)
+                os.replace(part, final)
+                log.info("download_done", file=remote.relpath, url=url, bytes=final.stat().st_size)
+                return final
+            except DownloadError as exc:
+                errors.append(str(exc))
+                if part.exists() and "mismatch" in str(exc):
+                    part.unlink()
+        raise DownloadError(errors[-1] if len(errors) == 1 else "; ".join(errors))
+
+    def _complete(self, path: Path, remote: RemoteFile) -> bool:
+        if remote.size is not None and path.stat().st_size != remote.size:
+            return False
+        return remote.sha256 is None or _sha256(path) == remote.sha256
+
+    def _verify(self, part: Path, remote: RemoteFile, url: str) -> None:
+        size = part.stat().st_size
+        if remote.size is not None and size != remote.size:
+            part.unlink()
+            raise DownloadError(f"{remote.relpath}: size mismatch from {url}: got {size} bytes, expected {remote.size}")
+        if remote.sha256 is not None:
+            actual = _sha256(part)
+            if actual != remote.sha256:
+                part.unlink()
+                raise DownloadError(f"{remote.relpath}: sha256 mismatch from {url}: got {actual}, expected {remote.sha256}")
+
+    def _fetch_with_retries(self, url: str, part: Path, remote: RemoteFile) -> None:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                self._fetch_once(url, part, remote)
+                return
+            except TransientError as exc:
+                if attempt == self.attempts:
+                    raise DownloadError(f"{remote.relpath}: giving up on {url} after {attempt} tries: {exc}") from None
+                wait = self.backoff_seconds * 2 ** (attempt - 1) * (0.5 + random.random())
+                log.warning("download_retry", file=remote.relpath, url=url, attempt=attempt, error=str(exc), wait_s=round(wait, 2))
+                self.sleep(wait)
+
+    def _fetch_once(self, url: str, part: Path, remote: RemoteFile) -> None:
+        offset = part.stat().st_size if part.exists() else 0
+        total, resumed, chunks = self._open(url, offset)
+        if not resumed:
+            offset = 0
+        if total is not None and offset == total:
+            return
+        with open(part, "ab" if resumed else "wb") as out, self._progress(remote.relpath, total, offset) as advance:
+            expected_end = total
+            try:
+                for chunk in chunks:
+                    out.write(chunk)
+                    advance(len(chunk))
+                    if self.metrics:
+                        self.metrics.download_bytes_total.inc(len(chunk))
+            except (requests.RequestException, OSError) as exc:
+                raise TransientError(f"transfer broke off: {type(exc).__name__}") from None
+        size = part.stat().st_size
+        if expected_end is not None and size < expected_end:
+            raise TransientError(f"transfer ended at {size} of {expected_end} bytes")
+        if expected_end is not None and size > expected_end:
+            part.unlink()
+            raise DownloadError(f"{remote.relpath}: size mismatch from {url}: got {size} bytes, server said {expected_end}")
+
+    def _open(self, url: str, offset: int) -> tuple[int | None, bool, Iterator[bytes]]:
+        """(total size, whether the stream starts at ``offset``, the bytes)."""
+        scheme = urlparse(url).scheme
+        if scheme in ("http", "https"):
+            return self._open_http(url, offset)
+        if scheme == "s3":
+            return self._open_s3(url, offset)
+        if scheme in ("", "file"):
+            return self._open_file(urlparse(url).path if scheme else url, offset)
+        raise DownloadError(f"unsupported URL scheme in {url}")
+
+    def _open_http(self, url: str, offset: int):
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            resp = requests.get(url, headers=headers, stream=True, timeout=self.timeout_seconds)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise TransientError(f"{type(exc).__name__} for {url}") from None
+        if resp.status_code == 416 and offset:  # the part file is already whole (or longer)
+            resp.close()
+            return offset, True, iter(())
+        if resp.status_code in TRANSIENT_HTTP:
+            resp.close()
+            raise TransientError(f"HTTP {resp.status_code} from {url}")
+        if resp.status_code not in (200, 206):
+            resp.close()
+            raise DownloadError(f"HTTP {resp.status_code} from {url}")
+        resumed = resp.status_code == 206
+        length = resp.headers.get("Content-Length")
+        if resumed:
+            content_range = resp.headers.get("Content-Range", "")
+            total = int(content_range.rsplit("/", 1)[1]) if "/" in content_range and not content_range.endswith("*") else None
+        else:
+            total = int(length) if length is not None else None
+        return total, resumed, resp.iter_content(CHUNK)
+
+    def _open_s3(self, url: str, offset: int):
+        import botocore.exceptions
+
+        parsed = urlparse(url)
+        bucket, key = parsed.netloc, parsed.path.lstrip("/")
+        client = self._s3_client()
+        try:
+            if offset:
+                resp = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-")
+            else:
+                resp = client.get_object(Bucket=bucket, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code == "InvalidRange" and offset:
+                return offset, True, iter(())
+            if status >= 500:
+                raise TransientError(f"S3 {code or status} for {url}") from None
+            raise DownloadError(f"S3 {code or status} for {url}") from None
+        except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError) as exc:
+            raise TransientError(f"{type(exc).__name__} for {url}") from None
+        content_range = resp.get("ContentRange")
+        total = int(content_range.rsplit("/", 1)[1]) if content_range else resp["ContentLength"]
+        return total, bool(offset), resp["Body"].iter_chunks(CHUNK)
+
+    def _open_file(self, path: str, offset: int):
+        if not os.path.isfile(path):
+            raise DownloadError(f"no file at {path}")
+        total = os.path.getsize(path)
+
+        def chunks():
+            with open(path, "rb") as f:
+                f.seek(offset)
+                while block := f.read(CHUNK):
+                    yield block
+
+        return total, True, chunks()
+
+    def _s3_client(self):
+        if self._s3 is None:
+            import boto3
+            from botocore.config import Config
+
+            self._s3 = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+        return self._s3
+
+    def _progress(self, name: str, total: int | None, initial: int):
+        return _Progress(name, total, initial, bar=stderr_is_terminal())
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise a JSON event every 10% (or 100 MiB when size is unknown)."""
+
+    def __init__(self, name: str, total: int | None, initial: int, bar: bool):
+        self.name, self.total, self.done, self.bar = name, total, initial, None
+        self.next_report = initial
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name)
+
+    def __enter__(self):
+        return self.advance
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.done >= self.next_report:
+            log.info("download_progress", file=self.name, bytes=self.done, total=self.total)
+            step = self.total // 10 if self.total else 100 << 20
+            self.next_report = self.done + max(step, 1)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_download(cfg, metrics: Metrics | None = None) -> Path:
+    """The ``download`` stage: a size's weights, the tokenizer and (optionally) the dataset."""
+    downloader = Downloader(Path(cfg.cache), attempts=cfg.download_attempts, metrics=metrics)
+    files = tokenizer_files(cfg.base_url) + model_files(cfg.model, cfg.source, cfg.base_url)
+    if cfg.dataset:
+        files.append(dataset_file(base_url=cfg.base_url))
+    log.info("download_start", model=cfg.model, source=cfg.source, cache=str(cfg.cache), files=len(files))
+    downloader.fetch_all(files)
+    target = model_dir(cfg.cache, cfg.model, cfg.source)
+    log.info("download_complete", model_dir=str(target))
+    return target

@@ -1,0 +1,86 @@
+"""Structured logs (structlog, one JSON object per line) and the job's Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+STAGE_STATUS = {"pending": 0, "running": 1, "done": 2, "failed": 3}
+
+
+def configure_logging(log_format: str = "auto", level: str = "info", stream=None) -> None:
+    """JSON lines on stdout, or a readable console renderer on a terminal / when asked."""
+    stream = stream or sys.stdout
+    if log_format == "auto":
+        log_format = "console" if stream.isatty() else "json"
+    renderer = (
+        structlog.dev.ConsoleRenderer() if log_format == "console" else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.dict_tracebacks if log_format == "json" else structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def bind(**fields) -> None:
+    """Attach fields (run_id, stage, rank) to every later event of this process."""
+    structlog.contextvars.bind_contextvars(**fields)
+
+
+def get_logger(name: str | None = None):
+    return structlog.get_logger(name)
+
+
+def stderr_is_terminal() -> bool:
+    """Progress bars only when a person watches a terminal; log events otherwise."""
+    return sys.stderr.isatty()
+
+
+@dataclass
+class Metrics:
+    """Every metric the job exports, in a registry of its own (tests read exact values)."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r, p = self.registry, "sft_job_"
+        self.stage_duration_seconds = Gauge(p + "stage_duration_seconds", "Wall time of a stage", ["stage"], registry=r)
+        self.stage_status = Gauge(p + "stage_status", "0 pending, 1 running, 2 done, 3 failed", ["stage"], registry=r)
+        self.train_loss = Gauge(p + "train_loss", "Latest evaluated training loss", registry=r)
+        self.val_loss = Gauge(p + "val_loss", "Latest evaluated validation loss", registry=r)
+        self.train_step = Gauge(p + "train_step", "Optimizer steps taken", registry=r)
+        self.epoch = Gauge(p + "epoch", "Current epoch (1-based)", registry=r)
+        self.train_tokens_total = Counter(p + "train_tokens", "Tokens trained on", registry=r)
+        self.train_tokens_per_second = Gauge(p + "train_tokens_per_second", "Training throughput", registry=r)
+        self.learning_rate = Gauge(p + "learning_rate", "Optimizer learning rate", registry=r)
+        self.gpu_memory_allocated_bytes = Gauge(p + "gpu_memory_allocated_bytes", "CUDA memory allocated", registry=r)
+        self.checkpoint_seconds = Gauge(p + "checkpoint_seconds", "Time to write the last checkpoint", registry=r)
+        self.download_bytes_total = Counter(p + "download_bytes", "Bytes downloaded into the cache", registry=r)
+        self.generate_tokens_total = Counter(p + "generate_tokens", "Tokens generated", registry=r)
+        self.generate_tokens_per_second = Gauge(p + "generate_tokens_per_second", "Generation throughput", registry=r)
+        self.judge_requests_total = Counter(p + "judge_requests", "Judge requests by outcome", ["outcome"], registry=r)
+        self.judge_score = Histogram(
+            p + "judge_score", "Judge scores", buckets=tuple(range(10, 101, 10)), registry=r
+        )
+        self.judge_score_mean = Gauge(p + "judge_score_mean", "Mean judge score", registry=r)
+        self.artifact_bytes_uploaded_total = Counter(p + "artifact_bytes_uploaded", "Bytes written to storage", registry=r)
+        self.last_success_timestamp_seconds = Gauge(
+            p + "last_success_timestamp_seconds", "When the job last finished successfully", registry=r
+        )
+        self.info = Gauge(p + "info", "Job identity", ["version", "model", "run_id"], registry=r)
+
+    def value(self, name: str, labels: dict | None = None) -> float | None:
+        """A sample's current value, by its full exported name (for tests and summaries)."""
+        return self.registry.get_sample_value(name, labels or {})

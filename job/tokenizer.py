@@ -1,0 +1,67 @@
+"""GPT-2's byte-pair encoding through tiktoken, built from local files only."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+from job.errors import JobError
+
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+END_OF_TEXT = "<|endoftext|>"
+END_OF_TEXT_ID = 50256
+# tiktoken's own pattern for GPT-2 (r50k), so splitting matches OpenAI's exactly.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+class TokenizerError(JobError):
+    """Tokenizer files missing or not the real GPT-2 ones."""
+
+
+def load_tokenizer(directory: str | Path) -> tiktoken.Encoding:
+    """GPT-2's encoding from ``encoder.json`` and ``vocab.bpe`` in ``directory`` (hashes checked)."""
+    directory = Path(directory)
+    files = {"encoder.json": ENCODER_JSON_SHA256, "vocab.bpe": VOCAB_BPE_SHA256}
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer file {path} is missing: run `sft-job download` first")
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != expected:
+            raise TokenizerError(f"tokenizer file {path} has sha256 {actual}, expected {expected}")
+    with _tiktoken_cache_disabled():
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(directory / "vocab.bpe"), encoder_json_file=str(directory / "encoder.json")
+        )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={END_OF_TEXT: END_OF_TEXT_ID},
+        explicit_n_vocab=50257,
+    )
+
+
+@contextlib.contextmanager
+def _tiktoken_cache_disabled():
+    # tiktoken copies every file it reads into a temp cache unless TIKTOKEN_CACHE_DIR is "".
+    previous = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = previous
+
+
+def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
+    """Token ids of ``text``; ``<|endoftext|>`` in the text is the special token, as in the book."""
+    return tokenizer.encode(text, allowed_special={END_OF_TEXT})

@@ -1,0 +1,232 @@
+"""Loading GPT-2 weights from OpenAI's TensorFlow release or Hugging Face's safetensors, and saving them.
+
+Hugging Face's GPT-2 stores its projections as ``Conv1D`` with (in, out) weights; ours are
+``nn.Linear`` with (out, in), so 2-D projection weights are transposed on the way in and out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from job.errors import JobError
+from job.model import GPTConfig, GPTModel
+from job.storage import atomic_path
+
+
+class WeightsError(JobError):
+    """A model folder that cannot be read; the message is one line."""
+
+
+# Hugging Face names (without the "transformer." prefix) that are Conv1D (transposed).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Buffers older Hugging Face checkpoints carry; they are not weights.
+_HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
+# OpenAI variable -> our parameter, per block; "w" weights are (1, in, out) Conv1D kernels.
+_OPENAI_BLOCK = {
+    "ln_1/g": "ln_1.weight", "ln_1/b": "ln_1.bias",
+    "attn/c_attn/w": "attn.c_attn.weight", "attn/c_attn/b": "attn.c_attn.bias",
+    "attn/c_proj/w": "attn.c_proj.weight", "attn/c_proj/b": "attn.c_proj.bias",
+    "ln_2/g": "ln_2.weight", "ln_2/b": "ln_2.bias",
+    "mlp/c_fc/w": "mlp.c_fc.weight", "mlp/c_fc/b": "mlp.c_fc.bias",
+    "mlp/c_proj/w": "mlp.c_proj.weight", "mlp/c_proj/b": "mlp.c_proj.bias",
+}  # fmt: skip
+_OPENAI_TOP = {"wte": "wte.weight", "wpe": "wpe.weight", "ln_f/g": "ln_f.weight", "ln_f/b": "ln_f.bias"}
+
+
+def detect_layout(path: str | Path) -> str:
+    """``openai`` (hparams.json + TF checkpoint), ``hf`` (config.json + model.safetensors)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise WeightsError(f"model folder {path} does not exist")
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return "hf"
+    if (path / "hparams.json").is_file() and (path / "checkpoint").is_file():
+        return "openai"
+    raise WeightsError(
+        f"{path} holds neither config.json + model.safetensors (Hugging Face) nor hparams.json + checkpoint (OpenAI)"
+    )
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> GPTModel:
+    """A ``GPTModel`` with the weights of a local folder in either layout, every shape checked."""
+    path = Path(path)
+    if detect_layout(path) == "hf":
+        cfg, tensors = _read_hf(path)
+    else:
+        cfg, tensors = _read_openai(path)
+    model = GPTModel(cfg)
+    assign_weights(model, tensors, source=str(path))
+    return model.to(dtype)
+
+
+def assign_weights(model: GPTModel, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` (our names) into ``model``, checking that every weight is present and fits."""
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise WeightsError(f"{source}: missing tensor {missing[0]} ({len(missing)} missing in all)")
+    for name, target in expected.items():
+        if tuple(tensors[name].shape) != tuple(target.shape):
+            raise WeightsError(
+                f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, config expects {tuple(target.shape)}"
+            )
+    with torch.no_grad():
+        for name, target in expected.items():
+            target.copy_(tensors[name].to(target.dtype))
+
+
+def config_from_hf(config: dict) -> GPTConfig:
+    return GPTConfig(
+        vocab_size=config["vocab_size"],
+        context_length=config.get("n_positions", config.get("n_ctx", 1024)),
+        emb_dim=config["n_embd"],
+        n_heads=config["n_head"],
+        n_layers=config["n_layer"],
+    )
+
+
+def config_from_hparams(hparams: dict) -> GPTConfig:
+    return GPTConfig(
+        vocab_size=hparams["n_vocab"],
+        context_length=hparams["n_ctx"],
+        emb_dim=hparams["n_embd"],
+        n_heads=hparams["n_head"],
+        n_layers=hparams["n_layer"],
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{path}: not readable JSON ({exc})") from None
+
+
+def _config(path: Path, reader) -> GPTConfig:
+    try:
+        return reader(_read_json(path))
+    except KeyError as exc:
+        raise WeightsError(f"{path}: missing key {exc.args[0]}") from None
+    except ValueError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
+
+
+def _read_hf(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    cfg = _config(path / "config.json", config_from_hf)
+    raw = load_file(str(path / "model.safetensors"))
+    tensors = {}
+    for name, tensor in raw.items():
+        name = name.removeprefix("transformer.")
+        if name.endswith(_HF_BUFFERS) or name == "lm_head.weight":
+            continue  # causal-mask buffers; the head is tied to wte
+        if name.endswith(_CONV1D):
+            tensor = tensor.t()
+        tensors[name] = tensor
+    return cfg, tensors
+
+
+def _read_openai(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise WeightsError(
+            f"{path} is an OpenAI TensorFlow checkpoint; reading it needs TensorFlow: pip install 'sft-job[tf]'"
+        ) from None
+    cfg = _config(path / "hparams.json", config_from_hparams)
+    ckpt = tf.train.latest_checkpoint(str(path))
+    if ckpt is None:
+        raise WeightsError(f"{path}/checkpoint names no readable checkpoint")
+    names = {f"model/{k}": v for k, v in _OPENAI_TOP.items()}
+    for i in range(cfg.n_layers):
+        names.update({f"model/h{i}/{k}": f"h.{i}.{v}" for k, v in _OPENAI_BLOCK.items()})
+    available = {name for name, _ in tf.train.list_variables(ckpt)}
+    tensors = {}
+    for tf_name, ours in names.items():
+        if tf_name not in available:
+            raise WeightsError(f"{path}: missing tensor {tf_name}")
+        array = tf.train.load_variable(ckpt, tf_name)
+        tensor = torch.from_numpy(array.copy())
+        if tf_name.endswith("/w"):  # (1, in, out) Conv1D kernel -> (out, in)
+            if tensor.dim() != 3 or tensor.shape[0] != 1:
+                raise WeightsError(f"{path}: tensor {tf_name} has shape {tuple(tensor.shape)}, expected (1, in, out)")
+            tensor = tensor[0].t()
+        tensors[ours] = tensor
+    return cfg, tensors
+
+
+def hf_config(cfg: GPTConfig) -> dict:
+    """``config.json`` in Hugging Face's format, so ``transformers`` can read our saved models too."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_head": cfg.n_heads,
+        "n_layer": cfg.n_layers,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": True,
+    }
+
+
+def hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face's names and Conv1D orientation (head left out: it is tied)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        tensor = tensor.detach().to("cpu", torch.float32)
+        out[f"transformer.{name}"] = (tensor.t() if name.endswith(_CONV1D) else tensor).contiguous()
+    return out
+
+
+def save_hf(model: GPTModel, directory: str | Path, extra_config: dict | None = None) -> None:
+    """Write ``config.json`` + ``model.safetensors`` (each atomically) that ``load_pretrained`` reads."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(hf_state_dict(model), str(tmp), metadata={"format": "pt"})
+    config = hf_config(model.cfg) | (extra_config or {})
+    with atomic_path(directory / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def book_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+    """Our weights under the book's ``GPTModel`` names (``trf_blocks.0.att.W_query.weight``...),
+    so ``book_model.load_state_dict(torch.load(path))`` works for the book's readers."""
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    out = {
+        "tok_emb.weight": sd["wte.weight"],
+        "pos_emb.weight": sd["wpe.weight"],
+        "final_norm.scale": sd["ln_f.weight"],
+        "final_norm.shift": sd["ln_f.bias"],
+        "out_head.weight": sd["wte.weight"].clone(),
+    }
+    for i in range(model.cfg.n_layers):
+        p, b = f"h.{i}.", f"trf_blocks.{i}."
+        for kind, w, bias in zip(("query", "key", "value"),
+                                 sd[p + "attn.c_attn.weight"].chunk(3, dim=0),
+                                 sd[p + "attn.c_attn.bias"].chunk(3, dim=0)):  # fmt: skip
+            out[f"{b}att.W_{kind}.weight"] = w.clone()
+            out[f"{b}att.W_{kind}.bias"] = bias.clone()
+        pairs = {
+            "att.out_proj": "attn.c_proj", "ff.layers.0": "mlp.c_fc", "ff.layers.2": "mlp.c_proj",
+        }  # fmt: skip
+        for book, ours in pairs.items():
+            out[f"{b}{book}.weight"] = sd[f"{p}{ours}.weight"]
+            out[f"{b}{book}.bias"] = sd[f"{p}{ours}.bias"]
+        for book, ours in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            out[f"{b}{book}.scale"] = sd[f"{p}{ours}.weight"]
+            out[f"{b}{book}.shift"] = sd[f"{p}{ours}.bias"]
+    return out

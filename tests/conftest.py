@@ -1,0 +1,93 @@
+"""Shared fixtures: the read-only reference data, tiny random GPT-2 weights in both layouts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# The book's data, tokenizer files and saved responses; CI lays shared/ beside the clone.
+SHARED_DATA = Path(os.environ.get("SFT_JOB_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
+
+
+def pytest_configure(config):
+    if not (SHARED_DATA / "instruction-data.json").is_file():
+        raise pytest.UsageError(f"reference data not found at {SHARED_DATA}; set SFT_JOB_TEST_DATA")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return SHARED_DATA / "gpt2"
+
+
+@pytest.fixture(scope="session")
+def book_data() -> list[dict]:
+    return json.loads((SHARED_DATA / "instruction-data.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tmp_path_factory):
+    """A tiny random ``transformers`` GPT-2 saved with ``save_pretrained`` (safetensors)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**TINY)).eval()
+    path = tmp_path_factory.mktemp("hf-tiny")
+    model.save_pretrained(path, safe_serialization=True)
+    return model, path
+
+
+@pytest.fixture(scope="session")
+def openai_tiny(tmp_path_factory, hf_tiny):
+    """The same weights as ``hf_tiny`` written as OpenAI's TF1 checkpoint with OpenAI's names."""
+    from tests.tf_checkpoint import write_openai_checkpoint
+
+    model, _ = hf_tiny
+    path = tmp_path_factory.mktemp("openai-tiny")
+    write_openai_checkpoint(model, path)
+    return model, path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(hf_tiny) -> Path:
+    """A folder ``load_pretrained`` reads: the tiny model most stage tests start from."""
+    return hf_tiny[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto's threaded server)."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server, monkeypatch):
+    """A boto3 client for the moto endpoint, with the environment the job reads set to match."""
+    import boto3
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_server,
+    }.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    return boto3.client("s3", endpoint_url=moto_server)

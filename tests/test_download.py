@@ -1,0 +1,137 @@
+import hashlib
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from job.download import DownloadError, Downloader, RemoteFile, model_files, tokenizer_files
+from tests.file_server import FileServer
+
+BLOB = os.urandom(3 * (1 << 20) + 123)  # bigger than one chunk, so a cut lands mid-transfer
+
+
+def _downloader(tmp_path, **kw):
+    waits = []
+    return Downloader(tmp_path / "cache", backoff_seconds=0.01, sleep=waits.append, **kw), waits
+
+
+def test_cut_off_transfer_resumes_with_range(tmp_path):
+    with FileServer({"/m/w.bin": BLOB}) as server:
+        server.faults["/m/w.bin"].append("cut")
+        dl, waits = _downloader(tmp_path)
+        path = dl.fetch(RemoteFile("w.bin", (server.url + "/m/w.bin",), hashlib.sha256(BLOB).hexdigest()))
+        assert path.read_bytes() == BLOB
+        ranges = server.gets("/m/w.bin")
+        assert ranges[0] is None and ranges[1].startswith("bytes=") and int(ranges[1][6:-1]) > 0
+        assert len(waits) == 1
+        assert not (tmp_path / "cache" / "w.bin.part").exists()
+
+
+def test_503_is_retried_with_backoff(tmp_path):
+    with FileServer({"/f": b"hello"}) as server:
+        server.faults["/f"].extend(["503", "503"])
+        dl, waits = _downloader(tmp_path)
+        assert dl.fetch(RemoteFile("f", (server.url + "/f",))).read_bytes() == b"hello"
+        assert len(server.gets("/f")) == 3
+        assert len(waits) == 2 and waits[1] > waits[0] * 0.9  # grows, give or take the jitter
+
+
+def test_hash_mismatch_is_a_clear_error_and_leaves_nothing(tmp_path):
+    with FileServer({"/f": b"tampered"}) as server:
+        dl, _ = _downloader(tmp_path)
+        with pytest.raises(DownloadError, match=r"^f: sha256 mismatch from http://127\.0\.0\.1:\d+/f: got [0-9a-f]{64}, expected 0{64}$"):
+            dl.fetch(RemoteFile("f", (server.url + "/f",), sha256="0" * 64))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_size_mismatch_is_a_clear_error_and_leaves_nothing(tmp_path):
+    with FileServer({"/f": b"12345"}) as server:
+        dl, _ = _downloader(tmp_path)
+        with pytest.raises(DownloadError, match="size mismatch.*got 5 bytes, expected 9"):
+            dl.fetch(RemoteFile("f", (server.url + "/f",), size=9))
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_second_run_downloads_nothing(tmp_path):
+    files = {f"/gpt2/124M/{n}": n.encode() * 10 for n in ("checkpoint", "hparams.json", "model.ckpt.index")}
+    with FileServer(files) as server:
+        specs = [RemoteFile(p.lstrip("/"), (server.url + p,)) for p in files]
+        dl, _ = _downloader(tmp_path)
+        dl.fetch_all(specs)
+        assert len(server.requests) == 3
+        dl.fetch_all(specs)
+        assert len(server.requests) == 3
+
+
+def test_persistent_404_falls_back_to_the_backup_url(tmp_path):
+    with FileServer({"/backup/f": b"data"}) as server:
+        dl, _ = _downloader(tmp_path)
+        path = dl.fetch(RemoteFile("f", (server.url + "/primary/f", server.url + "/backup/f")))
+        assert path.read_bytes() == b"data"
+
+
+def test_giving_up_after_the_last_try_names_the_file(tmp_path):
+    with FileServer({"/f": b"x"}) as server:
+        server.faults["/f"].extend(["503"] * 3)
+        dl, _ = _downloader(tmp_path, attempts=3)
+        with pytest.raises(DownloadError, match="^f: giving up on .* after 3 tries: HTTP 503"):
+            dl.fetch(RemoteFile("f", (server.url + "/f",)))
+
+
+def test_catalog_urls_and_mirror_layout():
+    files = model_files("gpt2-medium", "openai")
+    assert [f.relpath for f in files][:3] == ["gpt2/355M/checkpoint", "gpt2/355M/encoder.json", "gpt2/355M/hparams.json"]
+    assert files[0].urls == (
+        "https://openaipublic.blob.core.windows.net/gpt-2/models/355M/checkpoint",
+        "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2/355M/checkpoint",
+    )
+    hf = model_files("gpt2-xl", "hf", base_url="s3://bucket/mirror/")
+    assert [f.urls for f in hf] == [("s3://bucket/mirror/gpt2-hf/gpt2-xl/config.json",),
+                                    ("s3://bucket/mirror/gpt2-hf/gpt2-xl/model.safetensors",)]  # fmt: skip
+    assert model_files("gpt2-small", "hf")[1].urls == (
+        "https://huggingface.co/openai-community/gpt2/resolve/main/model.safetensors",
+    )
+    with pytest.raises(DownloadError, match="--model 'gpt2-huge'"):
+        model_files("gpt2-huge", "openai")
+
+
+def test_cli_download_from_a_mirror_then_again_offline(tmp_path, tokenizer_dir):
+    """`sft-job download` against a local mirror with the cache layout; the rerun asks for nothing."""
+    from job.cli import main
+
+    files = {f"/mirror/gpt2-hf/gpt2-small/{n}": n.encode() for n in ("config.json", "model.safetensors")}
+    files |= {f"/mirror/gpt2/{n}": (tokenizer_dir / n).read_bytes() for n in ("encoder.json", "vocab.bpe")}
+    with FileServer(files) as server:
+        args = ["download", "--model", "gpt2-small", "--source", "hf", "--cache", str(tmp_path),
+                "--base-url", server.url + "/mirror", "--no-dataset"]  # fmt: skip
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        assert len(server.requests) == 4
+        assert (tmp_path / "gpt2-hf/gpt2-small/model.safetensors").read_bytes() == b"model.safetensors"
+        assert (tmp_path / "gpt2/vocab.bpe").read_bytes() == (tokenizer_dir / "vocab.bpe").read_bytes()
+        assert CliRunner().invoke(main, args).exit_code == 0
+        assert len(server.requests) == 4
+
+
+def test_tokenizer_files_have_pinned_hashes():
+    assert [f.sha256[:8] for f in tokenizer_files()] == ["19613966", "1ce16647"]
+
+
+def test_s3_mirror_resumes_a_partial_file(tmp_path, s3):
+    s3.create_bucket(Bucket="mirror")
+    s3.put_object(Bucket="mirror", Key="cache/gpt2/124M/model.ckpt.index", Body=BLOB)
+    dl, _ = _downloader(tmp_path)
+    part = tmp_path / "cache/gpt2/124M/model.ckpt.index.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(BLOB[:1000])  # left by an earlier, interrupted run
+    spec = [f for f in model_files("gpt2-small", "openai", base_url="s3://mirror/cache") if f.relpath.endswith("index")][0]
+    assert spec.urls == ("s3://mirror/cache/gpt2/124M/model.ckpt.index",)
+    assert dl.fetch(spec).read_bytes() == BLOB
+    assert not part.exists()
+
+
+def test_s3_missing_key_is_a_clear_error(tmp_path, s3):
+    s3.create_bucket(Bucket="empty")
+    dl, _ = _downloader(tmp_path)
+    with pytest.raises(DownloadError, match=r"S3 (NoSuchKey|404) for s3://empty/nothing"):
+        dl.fetch(RemoteFile("nothing", ("s3://empty/nothing",)))

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from job.model import GPT2_SIZES, GPTConfig, GPTModel, KVCache
+
+TINY = GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPTModel(TINY).eval()
+
+
+def test_the_books_four_sizes():
+    shapes = {name: (c.emb_dim, c.n_layers, c.n_heads) for name, c in GPT2_SIZES.items()}
+    assert shapes == {
+        "gpt2-small": (768, 12, 12), "gpt2-medium": (1024, 24, 16),
+        "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25),
+    }  # fmt: skip
+    for c in GPT2_SIZES.values():
+        assert (c.vocab_size, c.context_length, c.qkv_bias, c.drop_rate) == (50257, 1024, True, 0.0)
+
+
+def test_parameter_count_of_gpt2_small_matches_124m():
+    with torch.device("meta"):
+        model = GPTModel(GPT2_SIZES["gpt2-small"])
+    assert model.num_parameters() == 124_439_808  # tied head, as OpenAI's release
+
+
+def test_head_is_tied_to_token_embedding(model):
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(emb_dim=65, n_heads=4)
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 50257, (n,), generator=g) for n in (7, 3, 12, 1)]
+
+
+def test_batched_kv_cache_matches_full_recompute_for_prompts_of_different_lengths(model):
+    prompts, steps = _prompts(), 6
+    g = torch.Generator().manual_seed(6)
+    continuations = torch.randint(0, 50257, (len(prompts), steps), generator=g)
+    width = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), width), 50256)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, p in enumerate(prompts):  # left padding
+        idx[row, width - len(p) :] = p
+        valid[row, width - len(p) :] = True
+    cache = KVCache(TINY, len(prompts), width + steps)
+    with torch.no_grad():
+        cached = [model(idx, cache=cache, valid=valid)[:, -1]]
+        for t in range(steps):
+            cached.append(model(continuations[:, t : t + 1], cache=cache)[:, -1])
+        cached = torch.stack(cached, dim=1)  # (B, steps + 1, V)
+        for row, p in enumerate(prompts):
+            full = model(torch.cat([p, continuations[row]])[None])[0, len(p) - 1 :]  # (steps + 1, V)
+            torch.testing.assert_close(cached[row], full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_rows_can_be_dropped_mid_decode(model):
+    prompts = _prompts()[:2]
+    width = max(len(p) for p in prompts)
+    idx = torch.full((2, width), 50256)
+    valid = torch.zeros(2, width, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        idx[row, width - len(p) :] = p
+        valid[row, width - len(p) :] = True
+    cache = KVCache(TINY, 2, width + 2)
+    nxt = torch.tensor([[11], [22]])
+    with torch.no_grad():
+        model(idx, cache=cache, valid=valid)
+        cache.keep_rows(torch.tensor([1]))
+        logits = model(nxt[1:], cache=cache)[0, -1]
+        full = model(torch.cat([prompts[1], nxt[1]])[None])[0, -1]
+    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_longer_than_context_is_an_error(model):
+    with pytest.raises(ValueError, match="context length"):
+        model(torch.zeros(1, 129, dtype=torch.long))

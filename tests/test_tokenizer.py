@@ -1,0 +1,40 @@
+import shutil
+
+import pytest
+
+from job.tokenizer import END_OF_TEXT_ID, TokenizerError, encode, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
+
+
+def test_hello_world(tok):
+    assert encode(tok, "Hello world") == [15496, 995]
+    assert tok.decode([15496, 995]) == "Hello world"
+
+
+def test_end_of_text_is_50256(tok):
+    assert encode(tok, "<|endoftext|>") == [END_OF_TEXT_ID] == [50256]
+    assert tok.n_vocab == 50257
+
+
+def test_books_formatted_entry_50(tok, book_data):
+    entry = book_data[50]
+    text = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{entry['instruction']}"
+        + (f"\n\n### Input:\n{entry['input']}" if entry["input"] else "")
+        + f"\n\n### Response:\n{entry['output']}"
+    )
+    assert encode(tok, text)[:10] == [21106, 318, 281, 12064, 326, 8477, 257, 4876, 13, 19430]
+
+
+def test_tampered_or_missing_files_are_refused(tokenizer_dir, tmp_path):
+    with pytest.raises(TokenizerError, match="missing"):
+        load_tokenizer(tmp_path)
+    shutil.copy(tokenizer_dir / "encoder.json", tmp_path)
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\n")
+    with pytest.raises(TokenizerError, match="vocab.bpe has sha256"):
+        load_tokenizer(tmp_path)
