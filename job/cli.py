@@ -11,7 +11,7 @@ import click
 import yaml
 
 from job import __version__
-from job.config import DownloadConfig, field_docs
+from job.config import DownloadConfig, FinetuneConfig, field_docs
 from job.errors import ConfigError, JobError
 from job.observability import Metrics, configure_logging, get_logger
 
@@ -58,14 +58,15 @@ def dataclass_options(cls: type, exclude: tuple[str, ...] = ()):
 
 def _option(field: dataclasses.Field, hint, help_text: str):
     flag = "--" + field.name.replace("_", "-")
+    envvar = f"{ENV_PREFIX}_{field.name.upper()}"  # one name across stages: SFT_JOB_CACHE, SFT_JOB_JUDGE_URL
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
     args = typing.get_args(hint)
     if hint is bool:
-        return click.option(f"{flag}/--no-{flag[2:]}", default=default, show_default=True, help=help_text)
+        return click.option(f"{flag}/--no-{flag[2:]}", default=default, envvar=envvar, show_default=True, help=help_text)
     if typing.get_origin(hint) is typing.Literal:
-        return click.option(flag, type=click.Choice(args), default=default, show_default=True, help=help_text)
+        return click.option(flag, type=click.Choice(args), default=default, envvar=envvar, show_default=True, help=help_text)
     base = next((a for a in args if a is not type(None)), hint) if args else hint
-    return click.option(flag, type=base, default=default, show_default=default is not None, help=help_text)
+    return click.option(flag, type=base, default=default, envvar=envvar, show_default=default is not None, help=help_text)
 
 
 def build(cls: type, params: dict):
@@ -95,7 +96,7 @@ def _run(stage: str, runner, cfg, log_format: str):
         sys.exit(exc.exit_code)
 
 
-@click.group(context_settings={"auto_envvar_prefix": ENV_PREFIX, "show_default": True})
+@click.group(context_settings={"show_default": True})
 @click.version_option(__version__, prog_name="sft-job")
 def main():
     """Instruction-finetune GPT-2 as in chapter 7 of Build a Large Language Model (From Scratch)."""
@@ -109,6 +110,16 @@ def download(log_format, **params):
     from job.download import run_download
 
     _run("download", run_download, build(DownloadConfig, params), log_format)
+
+
+@main.command()
+@dataclass_options(FinetuneConfig)
+@_common
+def finetune(log_format, **params):
+    """Finetune GPT-2 on the instruction data (accelerate; resumes from the output's checkpoints)."""
+    from job.finetune import run_finetune
+
+    _run("finetune", run_finetune, build(FinetuneConfig, params), log_format)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,92 @@ class DownloadConfig:
         if self.source not in ("openai", "hf"):
             raise ConfigError(f"source must be openai or hf, got {self.source!r}")
         _positive(self, "download_attempts")
+
+
+@dataclass
+class ModelSourceConfig:
+    """Which pretrained GPT-2 a stage starts from."""
+
+    model: Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"] = "gpt2-medium"
+    """Named GPT-2 size, downloaded through the cache (the book finetunes gpt2-medium, 355M)."""
+    model_dir: str | None = None
+    """A local folder load_pretrained reads (OpenAI's checkpoint or config.json + model.safetensors); overrides --model."""
+    source: Literal["openai", "hf"] = "openai"
+    """Where a named size comes from: OpenAI's TensorFlow checkpoint (needs the tf extra) or Hugging Face's safetensors."""
+    cache: str = DEFAULT_CACHE
+    """Folder that holds downloaded weights, tokenizer files and the dataset."""
+    base_url: str | None = None
+    """Mirror to fetch from instead of the public hosts: an http(s):// URL or s3://bucket/prefix laid out like the cache."""
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_NAMES:
+            raise ConfigError(f"model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
+
+
+@dataclass
+class DataConfig:
+    """The instruction dataset and how its entries become training text."""
+
+    data: str = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+    """Dataset: a local JSON/JSON Lines file, an http(s):// URL (fetched into the cache) or s3://bucket/key."""
+    prompt_style: Literal["alpaca", "phi3"] = "alpaca"
+    """Prompt template: the book's Alpaca text, or Phi-3's (exercise 7.1)."""
+    shuffle_seed: int | None = None
+    """Shuffle entries with this seed before the 85/10/5 split (the book splits in file order)."""
+    skip_invalid: bool = False
+    """Drop entries with a missing or non-string field (and log how many) instead of failing."""
+    allowed_max_length: int = 1024
+    """Longest training sequence in tokens; longer ones are truncated (and counted in the log)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "allowed_max_length")
+
+
+@dataclass
+class FinetuneConfig(ModelSourceConfig, DataConfig):
+    """``sft-job finetune``: the book's recipe (section 7.6) on accelerate, resumable."""
+
+    output: str = "runs/finetune"
+    """Folder the model, losses, plot, checkpoints and resolved config are written to."""
+    epochs: int = 2
+    """Passes over the training split."""
+    batch_size: int = 8
+    """Examples per optimizer step across all processes (each of N processes takes batch_size / N)."""
+    lr: float = 5e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    eval_freq: int = 5
+    """Evaluate train and validation loss every this many steps."""
+    eval_iter: int = 5
+    """Batches of each split an evaluation averages over."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (smoke runs); the epochs still bound it."""
+    seed: int = 123
+    """Seed of model-independent randomness: data order, dropout, sampling."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Mixed precision: auto is bf16 on CUDA devices that support it, fp32 elsewhere."""
+    grad_accum: int = 1
+    """Batches whose gradients add up to one optimizer step."""
+    grad_clip: float | None = None
+    """Clip the gradient norm to this value (off by default, as in the book)."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    checkpoint_every: int = 50
+    """Write a resumable checkpoint every this many steps (and at each epoch's end and on SIGTERM/SIGUSR1)."""
+    keep_checkpoints: int = 2
+    """How many of the latest checkpoints to keep."""
+    mask_instruction: bool = False
+    """Leave the prompt's tokens out of the loss (exercise 7.2)."""
+    random_init: bool = False
+    """Start from random weights of the named size's shape instead of pretrained ones (smoke tests)."""
+
+    def __post_init__(self) -> None:
+        ModelSourceConfig.__post_init__(self)
+        DataConfig.__post_init__(self)
+        _positive(self, "epochs", "batch_size", "lr", "eval_freq", "eval_iter", "grad_accum", "checkpoint_every",
+                  "keep_checkpoints")  # fmt: skip
+        if self.max_steps is not None:
+            _positive(self, "max_steps")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")

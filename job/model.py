@@ -154,13 +154,20 @@ class GPTModel(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied, as in OpenAI's release
         self.apply(_init_weights)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None):
-        """Logits (B, T, vocab) for token ids ``idx`` (B, T).
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None):  # fmt: skip
+        """Logits (B, T, vocab) for token ids ``idx`` (B, T); with ``targets``, the mean loss instead.
 
         Without ``cache`` this is the plain causal forward pass. With it, ``idx`` continues the
         cached sequences and ``valid`` (B, T, bool) marks real tokens (False for left padding).
         """
-        return self.lm_head(self.hidden_states(idx, cache, valid))
+        x = self.hidden_states(idx, cache, valid)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x)
+        # The book's cross entropy over targets != -100; the head (the costliest matmul) only
+        # runs for those positions, which is the same mean and less work.
+        keep = targets != -100  # (B, T)
+        return F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep])
 
     def hidden_states(self, idx, cache: KVCache | None = None, valid=None):
         """Final-LayerNorm output (B, T, C): everything but the output head."""

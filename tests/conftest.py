@@ -67,13 +67,11 @@ def tiny_model_dir(hf_tiny) -> Path:
 @pytest.fixture(scope="session")
 def moto_server():
     """A real S3 HTTP endpoint on 127.0.0.1 (moto's threaded server)."""
-    import socket
-
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.helpers import free_port
+
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"

@@ -1,0 +1,200 @@
+"""The instruction dataset: load, validate, format as prompts, split, tokenize, collate (book, 7.2-7.4)."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from job.errors import JobError
+from job.observability import get_logger
+from job.tokenizer import END_OF_TEXT_ID, encode
+
+log = get_logger(__name__)
+IGNORE_INDEX = -100
+
+
+class DataError(JobError):
+    """A dataset that cannot be used; the message names the entry and field."""
+
+
+# --- loading and validation -------------------------------------------------------------------
+
+
+def resolve_data(source: str, cache: str | Path, base_url: str | None = None) -> Path:
+    """A local path for ``source``: a path as is, an http(s)/s3 URL fetched into the cache."""
+    if urlparse(source).scheme in ("http", "https", "s3"):
+        from job.download import Downloader, dataset_file
+
+        return Downloader(Path(cache)).fetch(dataset_file(source, base_url))
+    return Path(source)
+
+
+def parse_entries(path: Path) -> list:
+    """A JSON array, or JSON Lines (one object per line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"dataset {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"dataset {path} is not readable: {exc}") from None
+    if not text.strip():
+        raise DataError(f"dataset {path} is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as whole:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            raise DataError(f"dataset {path} is neither JSON nor JSON Lines: {whole}") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError(f"dataset {path} must be a JSON array of entries, got {type(data).__name__}")
+    if not data:
+        raise DataError(f"dataset {path} has no entries")
+    return data
+
+
+def entry_problem(entry) -> str | None:
+    """Why an entry is unusable (``"field 'output' ..."``), or None."""
+    if not isinstance(entry, dict):
+        return f"is a {type(entry).__name__}, not an object"
+    for name in ("instruction", "output"):
+        if name not in entry:
+            return f"field {name!r} is missing"
+        if not isinstance(entry[name], str):
+            return f"field {name!r} must be a string, got {type(entry[name]).__name__}"
+    if not isinstance(entry.get("input", ""), str):
+        return f"field 'input' must be a string, got {type(entry['input']).__name__}"
+    return None
+
+
+def load_entries(path: Path, skip_invalid: bool = False) -> list[dict]:
+    """Validated entries (``input`` filled in as "" where absent); a bad one is an error naming it."""
+    entries, skipped = [], 0
+    for index, entry in enumerate(parse_entries(path)):
+        problem = entry_problem(entry)
+        if problem is None:
+            entries.append({**entry, "input": entry.get("input", "")})
+        elif skip_invalid:
+            skipped += 1
+        else:
+            raise DataError(f"dataset {path}: entry {index}: {problem} (--skip-invalid drops such entries)")
+    if skipped:
+        log.warning("dataset_entries_skipped", count=skipped, path=str(path))
+    if not entries:
+        raise DataError(f"dataset {path} has no valid entries")
+    return entries
+
+
+# --- prompt styles ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    name: str
+    response_header: str
+    """Text between the prompt and the response; ``marker`` is what extraction strips of it."""
+    marker: str
+
+    def format_input(self, entry: dict) -> str:
+        """The prompt as the book passes it to ``generate`` (no response header)."""
+        if self.name == "alpaca":
+            instruction = (
+                "Below is an instruction that describes a task. "
+                "Write a response that appropriately completes the request."
+                f"\n\n### Instruction:\n{entry['instruction']}"
+            )
+            return instruction + (f"\n\n### Input:\n{entry['input']}" if entry["input"] else "")
+        return f"<|user|>\n{entry['instruction']}" + (f"\n{entry['input']}" if entry["input"] else "")
+
+    def format_example(self, entry: dict) -> str:
+        """Prompt, response header and the expected output: one training text."""
+        return self.format_input(entry) + self.response_header + entry["output"]
+
+    def extract_response(self, generated: str, prompt: str) -> str:
+        """The book's extraction: text after the prompt, the marker removed, whitespace stripped."""
+        return generated[len(prompt) :].replace(self.marker, "").strip()
+
+
+PROMPT_STYLES = {
+    "alpaca": PromptStyle("alpaca", "\n\n### Response:\n", "### Response:"),
+    "phi3": PromptStyle("phi3", "\n<|assistant|>:\n", "<|assistant|>:"),
+}
+
+
+# --- splitting, tokenizing, collating ---------------------------------------------------------
+
+
+def split_entries(entries: list[dict], shuffle_seed: int | None = None):
+    """(train, test, val): the first 85%, the next 10%, the rest, as the book does (935/110/55)."""
+    if shuffle_seed is not None:
+        entries = entries[:]
+        random.Random(shuffle_seed).shuffle(entries)
+    train_end = int(len(entries) * 0.85)
+    test_end = train_end + int(len(entries) * 0.1)
+    return entries[:train_end], entries[train_end:test_end], entries[test_end:]
+
+
+@dataclass
+class Example:
+    token_ids: list[int]
+    prompt_length: int
+    """Tokens of prompt + response header; their targets are masked with ``--mask-instruction``."""
+
+
+def tokenize(entries: list[dict], tokenizer, style: PromptStyle, max_length: int) -> list[Example]:
+    """Pre-tokenize once; sequences that will not fit ``max_length`` (with their end token) are cut."""
+    examples, truncated = [], 0
+    for entry in entries:
+        ids = encode(tokenizer, style.format_example(entry))
+        prompt_length = len(encode(tokenizer, style.format_input(entry) + style.response_header))
+        if len(ids) + 1 > max_length:
+            truncated += 1
+        examples.append(Example(ids, prompt_length))
+    if truncated:
+        log.warning("sequences_truncated", count=truncated, max_length=max_length)
+    return examples
+
+
+def collate(
+    batch: list[list[int]],
+    pad_token_id: int = END_OF_TEXT_ID,
+    ignore_index: int = IGNORE_INDEX,
+    allowed_max_length: int | None = None,
+    prompt_lengths: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The book's ``custom_collate_fn``: pad to the longest + 1, shift by one, mask all padding
+    targets but the first end-of-text, truncate. ``prompt_lengths`` also masks prompt targets."""
+    width = max(len(item) + 1 for item in batch)
+    inputs, targets = [], []
+    for row, item in enumerate(batch):
+        padded = item + [pad_token_id] * (width - len(item))
+        x, y = torch.tensor(padded[:-1]), torch.tensor(padded[1:])
+        padding = torch.nonzero(y == pad_token_id).squeeze(1)
+        y[padding[1:]] = ignore_index  # every end-of-text target but the first, as the book does
+        if prompt_lengths is not None:
+            y[: prompt_lengths[row] - 1] = ignore_index  # targets that are still prompt tokens
+        if allowed_max_length is not None:
+            x, y = x[:allowed_max_length], y[:allowed_max_length]
+        inputs.append(x)
+        targets.append(y)
+    return torch.stack(inputs), torch.stack(targets)
+
+
+class Collator:
+    """Picklable collate function for DataLoader workers."""
+
+    def __init__(self, allowed_max_length: int, mask_instruction: bool):
+        self.allowed_max_length = allowed_max_length
+        self.mask_instruction = mask_instruction
+
+    def __call__(self, examples: list[Example]):
+        prompt_lengths = [e.prompt_length for e in examples] if self.mask_instruction else None
+        return collate([e.token_ids for e in examples], allowed_max_length=self.allowed_max_length,
+                       prompt_lengths=prompt_lengths)  # fmt: skip

@@ -1,0 +1,67 @@
+"""Batched autoregressive decoding with the KV cache (the book's ``generate``, many prompts at once)."""
+
+from __future__ import annotations
+
+import torch
+
+from job.model import GPTModel, KVCache
+from job.tokenizer import END_OF_TEXT_ID
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
+    """The book's choice of the next token from (B, vocab) logits: top-k filter, then greedy or sampled."""
+    if top_k is not None:
+        top_logits, _ = torch.topk(logits, top_k)
+        logits = torch.where(logits < top_logits[:, -1:], torch.tensor(float("-inf"), device=logits.device), logits)
+    if temperature > 0.0:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return torch.argmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def generate(
+    model: GPTModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int | None = END_OF_TEXT_ID,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """New tokens for each prompt (end-of-text not included), decoded together.
+
+    Prompts are left-padded into one batch; each row stops at ``eos_id`` and is dropped from
+    the cache, so finished rows cost nothing. Prompts longer than the room the context leaves
+    are cropped from the left, as the book crops its context.
+    """
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    room = max(cfg.context_length - max_new_tokens, 1)
+    prompts = [p[-room:] for p in prompts]
+    max_new_tokens = min(max_new_tokens, cfg.context_length - max(len(p) for p in prompts))
+    width = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), width), END_OF_TEXT_ID, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        idx[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        valid[row, width - len(p) :] = True
+    cache = KVCache(cfg, len(prompts), width + max_new_tokens, device=device, dtype=next(model.parameters()).dtype)
+    logits = model(idx.to(device), cache=cache, valid=valid.to(device))[:, -1]  # (B, vocab)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    rows = list(range(len(prompts)))  # original index of each row still in the batch
+    for step in range(max_new_tokens):
+        chosen = next_tokens(logits.float(), temperature, top_k, generator)  # (b,)
+        ids = chosen.tolist()
+        keep = [i for i, token in enumerate(ids) if token != eos_id]
+        for i in keep:
+            outputs[rows[i]].append(ids[i])
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):
+            keep_t = torch.tensor(keep, device=device)
+            cache.keep_rows(keep_t)
+            chosen = chosen[keep_t]
+            rows = [rows[i] for i in keep]
+        logits = model(chosen[:, None], cache=cache)[:, -1]
+    return outputs

@@ -1,0 +1,383 @@
+"""The finetune stage (book, 7.6) on accelerate: mixed precision, DDP, checkpoints that survive preemption."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from contextlib import nullcontext
+
+from job.config import FinetuneConfig
+from job.data import PROMPT_STYLES, Collator, Example, load_entries, resolve_data, split_entries, tokenize
+from job.decoding import generate
+from job.download import Downloader, model_dir as cached_model_dir, model_files, tokenizer_files
+from job.errors import JobError
+from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
+from job.observability import Metrics, get_logger
+from job.storage import atomic_path, atomic_write_text
+from job.tokenizer import load_tokenizer
+from job.weights import book_state_dict, load_pretrained, save_hf
+
+log = get_logger(__name__)
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; Slurm and Kubernetes requeue on it
+CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
+
+
+class Preempted(JobError):
+    """SIGTERM/SIGUSR1 arrived: a checkpoint was written and the job should be requeued."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved with every checkpoint so a rerun continues exactly."""
+
+    step: int = 0
+    """Optimizer steps taken."""
+    epoch: int = 0
+    """Current epoch, 0-based."""
+    batch_in_epoch: int = 0
+    """Global batches of the current epoch already consumed."""
+    tokens_seen: int = 0
+    """Input tokens (padding included, as the book counts) trained on."""
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """Everything the loop needs, loaded and validated before any output is written."""
+
+    model: GPTModel
+    tokenizer: object
+    train: list[Example]
+    val: list[Example]
+    sample_prompt: str
+    model_name: str
+    max_length: int
+
+
+def prepare(cfg: FinetuneConfig) -> Prepared:
+    """Dataset first (a bad one fails before any model loads), then tokenizer and model."""
+    cache = Path(cfg.cache)
+    entries = load_entries(resolve_data(cfg.data, cache, cfg.base_url), cfg.skip_invalid)
+    train, _test, val = split_entries(entries, cfg.shuffle_seed)
+    if not train or not val:
+        raise JobError(f"dataset of {len(entries)} entries is too small for the 85/10/5 split")
+    Downloader(cache).fetch_all(tokenizer_files(cfg.base_url))
+    tokenizer = load_tokenizer(cache / "gpt2")
+    model, name = load_model(cfg)
+    style = PROMPT_STYLES[cfg.prompt_style]
+    max_length = min(cfg.allowed_max_length, model.cfg.context_length)
+    return Prepared(
+        model=model,
+        tokenizer=tokenizer,
+        train=tokenize(train, tokenizer, style, max_length),
+        val=tokenize(val, tokenizer, style, max_length),
+        sample_prompt=style.format_input(val[0]),
+        model_name=name,
+        max_length=max_length,
+    )
+
+
+def load_model(cfg: FinetuneConfig) -> tuple[GPTModel, str]:
+    """The starting model and the book-style name of its size (``gpt2-medium355M``)."""
+    if cfg.random_init:
+        return GPTModel(GPT2_SIZES[cfg.model]), f"{cfg.model}{OPENAI_SIZE_NAMES[cfg.model]}"
+    if cfg.model_dir:
+        model = load_pretrained(cfg.model_dir)
+        named = next((n for n, c in GPT2_SIZES.items() if c == model.cfg), None)
+        return model, f"{named}{OPENAI_SIZE_NAMES[named]}" if named else "gpt2-custom"
+    Downloader(Path(cfg.cache)).fetch_all(model_files(cfg.model, cfg.source, cfg.base_url))
+    model = load_pretrained(cached_model_dir(cfg.cache, cfg.model, cfg.source))
+    return model, f"{cfg.model}{OPENAI_SIZE_NAMES[cfg.model]}"
+
+
+def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's shuffled global batches (drop_last), the same on every process and every rerun."""
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[i : i + batch_size] for i in range(0, n_examples - batch_size + 1, batch_size)]
+
+
+class Trainer:
+    """The book's ``train_model_simple`` on an ``Accelerator``, with checkpoints and preemption."""
+
+    def __init__(self, cfg: FinetuneConfig, prep: Prepared, metrics: Metrics):
+        from accelerate import Accelerator
+
+        self.cfg, self.prep, self.metrics = cfg, prep, metrics
+        self.accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), cpu=not torch.cuda.is_available())
+        world = self.accelerator.num_processes
+        if cfg.batch_size % (world * cfg.grad_accum):
+            raise JobError(f"--batch-size {cfg.batch_size} must divide by processes x --grad-accum ({world} x {cfg.grad_accum})")
+        self.micro = cfg.batch_size // (world * cfg.grad_accum)
+        self.output = Path(cfg.output)
+        self.checkpoints = self.output / "checkpoints"
+        self.collate = Collator(prep.max_length, cfg.mask_instruction)
+        torch.manual_seed(cfg.seed)
+        model = prep.model
+        if cfg.compile:
+            model = torch.compile(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      fused=torch.cuda.is_available())  # fmt: skip
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.state = TrainState()
+        self._saved_step: int | None = None
+        self.batches_per_epoch = len(prep.train) // cfg.batch_size
+        if self.batches_per_epoch == 0:
+            raise JobError(f"training split of {len(prep.train)} entries is smaller than --batch-size {cfg.batch_size}")
+        self.total_steps = cfg.epochs * self.batches_per_epoch // cfg.grad_accum
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def fit(self) -> TrainState:
+        self.resume()
+        restore = _install_preemption_handlers(self.accelerator)
+        try:
+            self._loop()
+        finally:
+            restore()
+        return self.state
+
+    def _loop(self) -> None:
+        cfg, st = self.cfg, self.state
+        started, tokens_at_start = time.perf_counter(), st.tokens_seen
+        while st.epoch < cfg.epochs and st.step < self.total_steps:
+            batches = epoch_batches(len(self.prep.train), cfg.batch_size, cfg.seed, st.epoch)
+            while st.batch_in_epoch + cfg.grad_accum <= len(batches) and st.step < self.total_steps:
+                group = batches[st.batch_in_epoch : st.batch_in_epoch + cfg.grad_accum]
+                tokens = self._train_step(group)
+                st.batch_in_epoch += cfg.grad_accum
+                st.step += 1
+                st.tokens_seen += tokens
+                self._observe(tokens, started, tokens_at_start)
+                if (st.step - 1) % cfg.eval_freq == 0:
+                    self._evaluate()
+                if self.accelerator.check_trigger():
+                    self.save_checkpoint()
+                    raise Preempted(f"preempted at step {st.step}; checkpoint written, rerun to resume")
+                if st.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if st.batch_in_epoch + cfg.grad_accum > len(batches):  # the epoch is done
+                self._log_sample()
+                st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+                self.save_checkpoint()
+        if self._saved_step != st.step:  # stopped by --max-steps mid-epoch
+            self.save_checkpoint()
+
+    def _train_step(self, group: list[list[int]]) -> int:
+        """One optimizer step over ``group`` (grad_accum global batches); returns tokens trained on."""
+        self.model.train()
+        tokens = 0
+        rank = self.accelerator.process_index
+        for i, global_batch in enumerate(group):
+            mine = global_batch[rank * self.micro : (rank + 1) * self.micro]
+            inputs, targets = self.collate([self.prep.train[j] for j in mine])
+            inputs, targets = inputs.to(self.accelerator.device), targets.to(self.accelerator.device)
+            last = i == len(group) - 1
+            with self.accelerator.no_sync(self.model) if not last else nullcontext():
+                with self.accelerator.autocast():
+                    loss = self.model(inputs, targets=targets)
+                self.accelerator.backward(loss / len(group))
+            tokens += inputs.numel() * self.accelerator.num_processes
+        if self.cfg.grad_clip is not None:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return tokens
+
+    @torch.no_grad()
+    def _loss(self, examples: list[Example]) -> float:
+        """Mean of the first ``eval_iter`` batches' losses (the book's ``calc_loss_loader``)."""
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        n = self.cfg.batch_size
+        batches = [examples[i : i + n] for i in range(0, len(examples), n)][: self.cfg.eval_iter]
+        total = 0.0
+        for batch in batches:
+            inputs, targets = self.collate(batch)
+            with self.accelerator.autocast():
+                total += model(inputs.to(self.accelerator.device), targets=targets.to(self.accelerator.device)).item()
+        return total / len(batches)
+
+    def _evaluate(self) -> None:
+        st = self.state
+        train_loss, val_loss = self._loss(self.prep.train), self._loss(self.prep.val)
+        st.history.append({"step": st.step - 1, "epoch": st.epoch + 1, "tokens_seen": st.tokens_seen,
+                           "train_loss": train_loss, "val_loss": val_loss})  # fmt: skip
+        self.metrics.train_loss.set(train_loss)
+        self.metrics.val_loss.set(val_loss)
+        if self.is_main:
+            log.info("eval", step=st.step - 1, epoch=st.epoch + 1, train_loss=round(train_loss, 4),
+                     val_loss=round(val_loss, 4), tokens_seen=st.tokens_seen)  # fmt: skip
+
+    def _observe(self, tokens: int, started: float, tokens_at_start: int) -> None:
+        st, m = self.state, self.metrics
+        m.train_step.set(st.step)
+        m.epoch.set(st.epoch + 1)
+        m.learning_rate.set(self.optimizer.param_groups[0]["lr"])
+        m.train_tokens_total.inc(tokens)
+        elapsed = time.perf_counter() - started
+        if elapsed > 0:
+            m.train_tokens_per_second.set((st.tokens_seen - tokens_at_start) / elapsed)
+        if torch.cuda.is_available():
+            m.gpu_memory_allocated_bytes.set(torch.cuda.memory_allocated())
+
+    def _log_sample(self) -> None:
+        """The book's sample after each epoch: greedy response to the first validation prompt."""
+        if not self.is_main:
+            return
+        from job.tokenizer import encode
+
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        prompt = encode(self.prep.tokenizer, self.prep.sample_prompt)
+        with self.accelerator.autocast():
+            [new] = generate(model, [prompt], max_new_tokens=50)
+        log.info("sample", epoch=self.state.epoch + 1, prompt=self.prep.sample_prompt,
+                 response=self.prep.tokenizer.decode(new))  # fmt: skip
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """model, optimizer and every RNG (accelerate's save_state) plus the TrainState, atomically."""
+        started = time.perf_counter()
+        final = self.checkpoints / f"step-{self.state.step:08d}"
+        tmp = self.checkpoints / f".step-{self.state.step:08d}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp), safe_serialization=False)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(self.state)))
+            (tmp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in sorted(_checkpoint_dirs(self.checkpoints))[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            seconds = time.perf_counter() - started
+            self.metrics.checkpoint_seconds.set(seconds)
+            log.info("checkpoint", step=self.state.step, path=str(final), seconds=round(seconds, 3))
+        self.accelerator.wait_for_everyone()
+        self._saved_step = self.state.step
+        return final
+
+    def resume(self) -> None:
+        dirs = sorted(_checkpoint_dirs(self.checkpoints))
+        if not dirs:
+            return
+        latest = dirs[-1]
+        self.accelerator.load_state(str(latest))
+        self.state = TrainState(**json.loads((latest / "trainer_state.json").read_text()))
+        self._saved_step = self.state.step
+        if self.is_main:
+            log.info("resumed", step=self.state.step, epoch=self.state.epoch + 1, checkpoint=str(latest))
+
+    # --- outputs -----------------------------------------------------------------------------
+
+    def write_outputs(self) -> dict[str, Path]:
+        """The final model (safetensors + config, and the book's .pth), losses JSON and plot."""
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        out = self.output
+        save_hf(model, out / "model", extra_config={"sft_job": {"prompt_style": self.cfg.prompt_style}})
+        pth = out / f"{self.prep.model_name}-sft.pth"
+        with atomic_path(pth) as tmp:
+            torch.save(book_state_dict(model), tmp)
+        losses = out / "losses.json"
+        atomic_write_text(losses, json.dumps(self.state.history, indent=2) + "\n")
+        plot = out / "loss-plot.png"
+        plot_losses(self.state.history, self.cfg.epochs, plot)
+        return {"model": out / "model", "pth": pth, "losses": losses, "plot": plot}
+
+
+def plot_losses(history: list[dict], epochs: int, path: Path) -> None:
+    """The book's ``plot_losses``: losses against epochs, tokens seen on a second x-axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    train = [h["train_loss"] for h in history]
+    val = [h["val_loss"] for h in history]
+    epochs_seen = torch.linspace(0, epochs, len(history)).tolist()
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+    ax1.plot(epochs_seen, train, label="Training loss")
+    ax1.plot(epochs_seen, val, linestyle="-.", label="Validation loss")
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel("Loss")
+    ax1.legend(loc="upper right")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2 = ax1.twiny()
+    ax2.plot([h["tokens_seen"] for h in history], train, alpha=0)
+    ax2.set_xlabel("Tokens seen")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def run_finetune(cfg: FinetuneConfig, metrics: Metrics | None = None) -> dict[str, Path]:
+    """The stage: validate and load everything, then train (resuming if checkpoints exist), then save."""
+    metrics = metrics or Metrics()
+    prep = prepare(cfg)  # may fail: nothing has been written yet
+    trainer = Trainer(cfg, prep, metrics)
+    if trainer.is_main:
+        trainer.output.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(trainer.output / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        log.info("finetune_start", model=prep.model_name, train_examples=len(prep.train), val_examples=len(prep.val),
+                 steps=trainer.total_steps, processes=trainer.accelerator.num_processes,
+                 precision=trainer.accelerator.mixed_precision, device=str(trainer.accelerator.device))  # fmt: skip
+    trainer.fit()
+    outputs = trainer.write_outputs()
+    if trainer.is_main:
+        log.info("finetune_done", steps=trainer.state.step, tokens_seen=trainer.state.tokens_seen,
+                 final_val_loss=trainer.state.history[-1]["val_loss"] if trainer.state.history else None)  # fmt: skip
+    return outputs
+
+
+def _mixed_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
+
+
+def _checkpoint_dirs(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if CHECKPOINT_RE.match(p.name) and (p / "trainer_state.json").is_file()]
+
+
+def _install_preemption_handlers(accelerator):
+    """SIGTERM/SIGUSR1 set accelerate's trigger; the loop checkpoints and exits after the step."""
+
+    def handler(signum, frame):
+        accelerator.set_trigger()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def restore():
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
+
+

@@ -1,0 +1,52 @@
+"""Running the CLI as a real process, and waiting on its output with a deadline."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "job.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def start_cli(*args, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "job.cli", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def wait_for_event(proc: subprocess.Popen, predicate, deadline_s: float = 300) -> dict:
+    """Read the process's JSON log lines until one satisfies ``predicate``; fail past the deadline."""
+    deadline = time.monotonic() + deadline_s
+    for line in proc.stdout:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if predicate(event):
+            return event
+        if time.monotonic() > deadline:
+            break
+    raise AssertionError(f"no matching event before the deadline (exit code {proc.poll()})")
+
+
+def events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

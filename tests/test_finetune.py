@@ -1,0 +1,139 @@
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from job.config import FinetuneConfig
+from job.data import PROMPT_STYLES
+from job.decoding import generate
+from job.finetune import PREEMPTED_EXIT_CODE, run_finetune
+from job.tokenizer import encode, load_tokenizer
+from job.weights import load_pretrained
+from tests.helpers import REPO, cli, events, free_port, start_cli, wait_for_event
+
+
+def _cfg(tiny_model_dir, shared_data, output, **kw) -> FinetuneConfig:
+    base = dict(model_dir=str(tiny_model_dir), data=str(shared_data / "instruction-data.json"),
+                cache=str(shared_data), output=str(output), lr=1e-3)  # fmt: skip
+    return FinetuneConfig(**(base | kw))
+
+
+def _weights(path):
+    return load_file(str(path / "model" / "model.safetensors"))
+
+
+def test_tiny_finetune_lowers_val_loss_and_writes_every_output(tiny_model_dir, shared_data, tmp_path):
+    out = tmp_path / "run"
+    run_finetune(_cfg(tiny_model_dir, shared_data, out, max_steps=30, eval_freq=5, checkpoint_every=10))
+    losses = json.loads((out / "losses.json").read_text())
+    assert [h["step"] for h in losses] == [0, 5, 10, 15, 20, 25]
+    assert losses[-1]["val_loss"] < losses[0]["val_loss"] - 0.5
+    assert losses[1]["tokens_seen"] > losses[0]["tokens_seen"] > 0
+    model = load_pretrained(out / "model")  # readable by load_pretrained
+    assert json.loads((out / "model" / "config.json").read_text())["sft_job"]["prompt_style"] == "alpaca"
+    book = torch.load(out / "gpt2-custom-sft.pth")
+    assert torch.equal(book["tok_emb.weight"], model.wte.weight)
+    assert (out / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 30
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000020", "step-00000030"]
+    state = json.loads((out / "checkpoints" / "step-00000030" / "trainer_state.json").read_text())
+    assert state["step"] == 30 and len(state["history"]) == 6
+
+
+@pytest.mark.slow
+def test_overfits_eight_entries_until_greedy_decoding_returns_each_output(tiny_model_dir, shared_data, book_data, tmp_path):
+    short = [e for e in book_data if len(e["output"]) < 40][:10]  # 8 train, 1 test, 1 val
+    (tmp_path / "d.json").write_text(json.dumps(short))
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir, shared_data, out, data=str(tmp_path / "d.json"), epochs=150, lr=3e-3,
+               eval_freq=1000, checkpoint_every=10_000, keep_checkpoints=1)  # fmt: skip
+    run_finetune(cfg)
+    model = load_pretrained(out / "model").eval()
+    tok, style = load_tokenizer(shared_data / "gpt2"), PROMPT_STYLES["alpaca"]
+    prompts = [style.format_input(e) for e in short[:8]]
+    new = generate(model, [encode(tok, p) for p in prompts], max_new_tokens=40)
+    responses = [style.extract_response(p + tok.decode(n), p) for p, n in zip(prompts, new)]
+    assert responses == [e["output"] for e in short[:8]]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_then_resume_gives_bitwise_the_uninterrupted_weights(tiny_model_dir, shared_data, tmp_path):
+    args = ["finetune", "--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data.json",
+            "--cache", shared_data, "--lr", "1e-3", "--max-steps", "24", "--eval-freq", "4",
+            "--checkpoint-every", "1000", "--log-format", "json"]  # fmt: skip
+    straight = cli(*args, "--output", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+
+    proc = start_cli(*args, "--output", tmp_path / "cut")
+    wait_for_event(proc, lambda e: e.get("event") == "eval" and e["step"] >= 8)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE
+    [ckpt] = (tmp_path / "cut" / "checkpoints").iterdir()
+    stopped_at = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    assert 9 <= stopped_at < 24 and not (tmp_path / "cut" / "model").exists()
+
+    resumed = cli(*args, "--output", tmp_path / "cut")
+    assert resumed.returncode == 0, resumed.stderr
+    assert any(e["event"] == "resumed" and e["step"] == stopped_at for e in events(resumed.stdout))
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    straight_losses = json.loads((tmp_path / "straight" / "losses.json").read_text())
+    assert json.loads((tmp_path / "cut" / "losses.json").read_text()) == straight_losses
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tiny_model_dir, shared_data, tmp_path):
+    common = ["--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data.json", "--cache", shared_data,
+              "--max-steps", "6", "--eval-freq", "2", "--log-format", "json"]  # fmt: skip
+    launched = subprocess.run(
+        # accelerate's --cpu flag alone starts one process (several need MPI); --multi_gpu launches
+        # through torchrun, and with no GPU each process trains on the CPU over gloo.
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         "-m", "job.cli", "finetune", *map(str, common), "--output", str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    starts = [e for e in events(launched.stdout) if e["event"] == "finetune_start"]
+    assert len(starts) == 1 and starts[0]["processes"] == 2  # rank 0 alone logs
+    assert len([e for e in events(launched.stdout) if e["event"] == "eval"]) == 3
+    single = cli("finetune", *common, "--output", tmp_path / "one")
+    assert single.returncode == 0, single.stderr
+    ddp_losses = json.loads((tmp_path / "ddp" / "losses.json").read_text())
+    one_losses = json.loads((tmp_path / "one" / "losses.json").read_text())
+    assert len(ddp_losses) == len(one_losses) == 3
+    assert [h["tokens_seen"] for h in ddp_losses] == [h["tokens_seen"] for h in one_losses]
+    ckpt = tmp_path / "ddp" / "checkpoints" / "step-00000006"
+    assert sorted(p.name for p in ckpt.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('[{"instruction": "a", "input": ""}]', "entry 0: field 'output' is missing"),
+        ('[{"instruction": "a", "output": 5}]', "entry 0: field 'output' must be a string, got int"),
+        ("{not json", "is neither JSON nor JSON Lines"),
+        ("", "is empty"),
+    ],
+)  # fmt: skip
+def test_bad_dataset_is_a_one_line_error_and_leaves_no_output(tiny_model_dir, shared_data, tmp_path, content, message):
+    (tmp_path / "bad.json").write_text(content)
+    result = cli("finetune", "--model-dir", tiny_model_dir, "--data", tmp_path / "bad.json", "--cache", shared_data,
+                 "--output", tmp_path / "out", "--log-format", "json")  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_flag_is_a_usage_error(tmp_path):
+    result = cli("finetune", "--batch-size", "eight", "--output", tmp_path / "out")
+    assert result.returncode == 2 and "Invalid value for '--batch-size'" in result.stderr
+    result = cli("finetune", "--lr", "-1", "--output", tmp_path / "out")
+    assert result.returncode == 2 and "lr must be positive" in result.stderr
+    assert not (tmp_path / "out").exists()
