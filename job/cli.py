@@ -11,7 +11,7 @@ import click
 import yaml
 
 from job import __version__
-from job.config import DownloadConfig, FinetuneConfig, field_docs
+from job.config import DownloadConfig, FinetuneConfig, GenerateConfig, field_docs
 from job.errors import ConfigError, JobError
 from job.observability import Metrics, configure_logging, get_logger
 
@@ -63,9 +63,10 @@ def _option(field: dataclasses.Field, hint, help_text: str):
     args = typing.get_args(hint)
     if hint is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", default=default, envvar=envvar, show_default=True, help=help_text)
-    if typing.get_origin(hint) is typing.Literal:
-        return click.option(flag, type=click.Choice(args), default=default, envvar=envvar, show_default=True, help=help_text)
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    base = next((a for a in args if a is not type(None)), hint) if type(None) in args else hint
+    if typing.get_origin(base) is typing.Literal:
+        choice = click.Choice(typing.get_args(base))
+        return click.option(flag, type=choice, default=default, envvar=envvar, show_default=True, help=help_text)
     return click.option(flag, type=base, default=default, envvar=envvar, show_default=default is not None, help=help_text)
 
 
@@ -120,6 +121,16 @@ def finetune(log_format, **params):
     from job.finetune import run_finetune
 
     _run("finetune", run_finetune, build(FinetuneConfig, params), log_format)
+
+
+@main.command()
+@dataclass_options(GenerateConfig)
+@_common
+def generate(log_format, **params):
+    """Generate responses for the test split (batched KV-cache decoding; resumes where it stopped)."""
+    from job.generate import run_generate
+
+    _run("generate", run_generate, build(GenerateConfig, params), log_format)
 
 
 if __name__ == "__main__":

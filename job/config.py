@@ -160,3 +160,40 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
             _positive(self, "max_steps")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class GenerateConfig(DataConfig):
+    """``sft-job generate``: responses for the test split (book, 7.7), batched with the KV cache."""
+
+    model_dir: str = "runs/finetune/model"
+    """The finetuned model: the finetune stage's model/ folder or any folder load_pretrained reads."""
+    prompt_style: Literal["alpaca", "phi3"] | None = None
+    """Prompt template; by default the one the model was finetuned with (saved in its config.json), else alpaca."""
+    cache: str = DEFAULT_CACHE
+    """Folder that holds the tokenizer files and a downloaded dataset."""
+    base_url: str | None = None
+    """Mirror to fetch the tokenizer and dataset from: an http(s):// URL or s3://bucket/prefix laid out like the cache."""
+    output: str = "runs/generate"
+    """Folder instruction-data-with-response.json (and its progress file) is written to."""
+    max_new_tokens: int = 256
+    """Most tokens generated per response (the book's 256)."""
+    batch_size: int = 16
+    """Prompts decoded together."""
+    temperature: float = 0.0
+    """0 is greedy (the book's); above 0 samples from the softened distribution."""
+    top_k: int | None = None
+    """Sample only among the k most likely tokens."""
+    seed: int = 123
+    """Seed of sampling (each batch is seeded from it, so restarts sample the same)."""
+    limit: int | None = None
+    """Answer only the first N test entries (smoke runs)."""
+
+    def __post_init__(self) -> None:
+        DataConfig.__post_init__(self)
+        _positive(self, "max_new_tokens", "batch_size")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        for name in ("top_k", "limit"):
+            if getattr(self, name) is not None:
+                _positive(self, name)

@@ -1,0 +1,122 @@
+"""The generate stage (book, 7.7): responses for the test split, decoded in batches with the KV cache."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from job.config import GenerateConfig
+from job.data import PROMPT_STYLES, load_entries, resolve_data, split_entries
+from job.decoding import generate
+from job.download import Downloader, tokenizer_files
+from job.observability import Metrics, get_logger, stderr_is_terminal
+from job.storage import atomic_write_text
+from job.tokenizer import encode, load_tokenizer
+from job.weights import load_pretrained
+
+log = get_logger(__name__)
+RESPONSES_FILE = "instruction-data-with-response.json"  # the book's name
+PROGRESS_FILE = "instruction-data-with-response.progress.jsonl"
+
+
+def saved_prompt_style(model_dir: str | Path) -> str | None:
+    """The prompt style the finetune stage recorded in the model's config.json, if any."""
+    config = Path(model_dir) / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("sft_job", {}).get("prompt_style")
+    return None
+
+
+def read_progress(path: Path) -> dict[int, str]:
+    """Responses already decoded (test index -> response); a torn last line is ignored."""
+    done: dict[int, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[record["index"]] = record["model_response"]
+    return done
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by prompt length, so each batch pads little; fixed for a given input."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
+    metrics = metrics or Metrics()
+    cache, output = Path(cfg.cache), Path(cfg.output)
+    entries = load_entries(resolve_data(cfg.data, cache, cfg.base_url), cfg.skip_invalid)
+    test = split_entries(entries, cfg.shuffle_seed)[1][: cfg.limit]
+    style = PROMPT_STYLES[cfg.prompt_style or saved_prompt_style(cfg.model_dir) or "alpaca"]
+    Downloader(cache).fetch_all(tokenizer_files(cfg.base_url))
+    tokenizer = load_tokenizer(cache / "gpt2")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_pretrained(cfg.model_dir).to(device).eval()
+
+    prompts = [style.format_input(e) for e in test]
+    prompt_ids = [encode(tokenizer, p) for p in prompts]
+    room = model.cfg.context_length - cfg.max_new_tokens
+    cropped = sum(len(p) > room for p in prompt_ids)
+    if cropped:
+        log.warning("prompts_cropped", count=cropped, kept_tokens=max(room, 1))
+    output.mkdir(parents=True, exist_ok=True)
+    progress_path = output / PROGRESS_FILE
+    done = read_progress(progress_path)
+    batches = length_sorted_batches([len(p) for p in prompt_ids], cfg.batch_size)
+    todo = [(b, batch) for b, batch in enumerate(batches) if not all(i in done for i in batch)]
+    log.info("generate_start", entries=len(test), already_done=len(done), to_decode=sum(len(x) for _, x in todo),
+             prompt_style=style.name, device=str(device), max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    started, new_tokens, decoded = time.perf_counter(), 0, 0
+    bar = _bar(len(test), len(done))
+    with open(progress_path, "a") as progress, autocast:
+        for b, batch in todo:
+            generator = torch.Generator(device=device).manual_seed(cfg.seed + b)
+            outputs = generate(model, [prompt_ids[i] for i in batch], cfg.max_new_tokens,
+                               temperature=cfg.temperature, top_k=cfg.top_k, generator=generator)  # fmt: skip
+            for i, ids in zip(batch, outputs):
+                response = style.extract_response(prompts[i] + tokenizer.decode(ids), prompts[i])
+                progress.write(json.dumps({"index": i, "model_response": response}) + "\n")
+                done[i] = response
+                new_tokens += len(ids)
+            progress.flush()
+            decoded += len(batch)
+            metrics.generate_tokens_total.inc(sum(len(o) for o in outputs))
+            _report(bar, len(batch), len(done), len(test))
+
+    elapsed = time.perf_counter() - started
+    tokens_per_second = new_tokens / elapsed if elapsed > 0 else 0.0
+    metrics.generate_tokens_per_second.set(tokens_per_second)
+    results = [{**entry, "model_response": done[i]} for i, entry in enumerate(test)]
+    final = output / RESPONSES_FILE
+    atomic_write_text(final, json.dumps(results, indent=4) + "\n")
+    progress_path.unlink()
+    if bar is not None:
+        bar.close()
+    log.info("generate_done", decoded=decoded, new_tokens=new_tokens, seconds=round(elapsed, 3),
+             tokens_per_second=round(tokens_per_second, 1), path=str(final))  # fmt: skip
+    return final
+
+
+def _bar(total: int, initial: int):
+    if not stderr_is_terminal():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="response", desc="generate")
+
+
+def _report(bar, n: int, done: int, total: int) -> None:
+    if bar is not None:
+        bar.update(n)
+    else:
+        log.info("generate_progress", done=done, total=total)

@@ -1,0 +1,116 @@
+import json
+import signal
+
+import pytest
+import torch
+
+from job.config import GenerateConfig
+from job.data import PROMPT_STYLES, split_entries
+from job.decoding import generate
+from job.generate import RESPONSES_FILE, run_generate
+from job.model import GPTConfig, GPTModel
+from job.tokenizer import END_OF_TEXT_ID, encode, load_tokenizer
+from job.weights import save_hf
+from tests.helpers import cli, events, start_cli, wait_for_event
+
+
+@pytest.fixture(scope="module")
+def wide_context_model(tmp_path_factory):
+    """Tiny random weights with room for the longest test prompt plus 64 new tokens."""
+    torch.manual_seed(7)
+    model = GPTModel(GPTConfig(context_length=512, emb_dim=64, n_heads=4, n_layers=2)).eval()
+    path = tmp_path_factory.mktemp("wide")
+    save_hf(model, path)
+    return model, path
+
+
+@torch.no_grad()
+def books_generate(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """The book's loop: one prompt, the whole sequence recomputed each step, argmax, stop at 50256."""
+    idx = torch.tensor([ids])
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -model.cfg.context_length :]
+        logits = model.lm_head(model.hidden_states(idx_cond)[:, -1])  # the last position's logits
+        nxt = torch.argmax(logits, dim=-1, keepdim=True)
+        if nxt.item() == END_OF_TEXT_ID:
+            break
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx[0, len(ids) :].tolist()
+
+
+@pytest.mark.slow
+def test_batched_kv_cache_is_token_identical_to_the_books_loop_on_all_110_prompts(
+    wide_context_model, tokenizer_dir, book_data
+):
+    model, _ = wide_context_model
+    tok = load_tokenizer(tokenizer_dir)
+    test = split_entries(book_data)[1]
+    prompts = [encode(tok, PROMPT_STYLES["alpaca"].format_input(e)) for e in test]
+    assert len(prompts) == 110
+    ours = []
+    for i in range(0, 110, 16):
+        ours += generate(model, prompts[i : i + 16], max_new_tokens=64)
+    books = [books_generate(model, p, 64) for p in prompts]
+    mismatches = [i for i, (a, b) in enumerate(zip(ours, books)) if a != b]
+    assert mismatches == []
+    assert sum(len(b) for b in books) > 110 * 32  # the comparison covered long continuations
+
+
+def test_rows_stop_at_end_of_text_independently():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(context_length=64, emb_dim=32, n_heads=2, n_layers=1)).eval()
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    free = generate(model, prompts, 10, eos_id=None)
+    assert [len(f) for f in free] == [10, 10, 10]
+    eos = free[0][2]  # a token row 0 produces third: with it as end-of-text, row 0 stops early
+    alone = [generate(model, [p], 10, eos_id=eos)[0] for p in prompts]
+    assert alone[0] == free[0][: free[0].index(eos)] and len(alone[0]) <= 2
+    assert generate(model, prompts, 10, eos_id=eos) == alone
+    assert max(len(a) for a in alone) > len(alone[0])  # the other rows went on
+
+
+def test_sampling_with_a_seed_is_reproducible(wide_context_model, tokenizer_dir, shared_data, tmp_path):
+    _, path = wide_context_model
+    common = dict(model_dir=str(path), data=str(shared_data / "instruction-data.json"), cache=str(shared_data),
+                  max_new_tokens=8, limit=12, batch_size=5, temperature=1.0, top_k=50, seed=3)  # fmt: skip
+    a = json.loads(run_generate(GenerateConfig(output=str(tmp_path / "a"), **common)).read_text())
+    b = json.loads(run_generate(GenerateConfig(output=str(tmp_path / "b"), **common)).read_text())
+    c = json.loads(run_generate(GenerateConfig(output=str(tmp_path / "c"), **common | {"seed": 4})).read_text())
+    assert [x["model_response"] for x in a] == [x["model_response"] for x in b]
+    assert [x["model_response"] for x in a] != [x["model_response"] for x in c]
+
+
+def test_output_is_the_test_split_with_responses(wide_context_model, shared_data, book_data, tmp_path):
+    _, path = wide_context_model
+    result = cli("generate", "--model-dir", path, "--data", shared_data / "instruction-data.json", "--cache",
+                 shared_data, "--output", tmp_path, "--max-new-tokens", "4", "--log-format", "json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / RESPONSES_FILE).read_text())
+    test = split_entries(book_data)[1]
+    assert [{k: v for k, v in e.items() if k != "model_response"} for e in saved] == test
+    assert all(isinstance(e["model_response"], str) for e in saved)
+    assert [p.name for p in tmp_path.iterdir()] == [RESPONSES_FILE]
+    done = [e for e in events(result.stdout) if e["event"] == "generate_done"][0]
+    assert done["decoded"] == 110 and done["tokens_per_second"] > 0
+
+
+@pytest.mark.slow
+def test_restart_after_a_kill_decodes_only_the_missing_entries(wide_context_model, shared_data, tmp_path):
+    _, path = wide_context_model
+    args = ["generate", "--model-dir", path, "--data", shared_data / "instruction-data.json", "--cache", shared_data,
+            "--max-new-tokens", "48", "--batch-size", "10", "--log-format", "json"]  # fmt: skip
+    proc = start_cli(*args, "--output", tmp_path / "cut")
+    progress = wait_for_event(proc, lambda e: e.get("event") == "generate_progress" and e["done"] >= 30)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (tmp_path / "cut" / RESPONSES_FILE).exists()
+
+    rerun = cli(*args, "--output", tmp_path / "cut")
+    assert rerun.returncode == 0, rerun.stderr
+    start = [e for e in events(rerun.stdout) if e["event"] == "generate_start"][0]
+    done = [e for e in events(rerun.stdout) if e["event"] == "generate_done"][0]
+    assert start["already_done"] >= progress["done"]
+    assert done["decoded"] == start["to_decode"] == 110 - start["already_done"]
+    straight = cli(*args, "--output", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    assert (tmp_path / "cut" / RESPONSES_FILE).read_text() == (tmp_path / "straight" / RESPONSES_FILE).read_text()
