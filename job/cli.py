@@ -11,7 +11,7 @@ import click
 import yaml
 
 from job import __version__
-from job.config import DownloadConfig, FinetuneConfig, GenerateConfig, field_docs
+from job.config import DownloadConfig, FinetuneConfig, GenerateConfig, JudgeConfig, field_docs
 from job.errors import ConfigError, JobError
 from job.observability import Metrics, configure_logging, get_logger
 
@@ -131,6 +131,16 @@ def generate(log_format, **params):
     from job.generate import run_generate
 
     _run("generate", run_generate, build(GenerateConfig, params), log_format)
+
+
+@main.command()
+@dataclass_options(JudgeConfig)
+@_common
+def judge(log_format, **params):
+    """Score responses 0-100 with an LLM judge (Ollama sidecar or OpenAI-compatible server)."""
+    from job.judge import run_judge
+
+    _run("judge", run_judge, build(JudgeConfig, params), log_format)
 
 
 if __name__ == "__main__":

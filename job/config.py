@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import inspect
 import os
+import re
 import textwrap
 from dataclasses import dataclass
 from functools import cache
@@ -197,3 +198,59 @@ class GenerateConfig(DataConfig):
         for name in ("top_k", "limit"):
             if getattr(self, name) is not None:
                 _positive(self, name)
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds from ``300``, ``300s``, ``5m`` or ``1h``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if not match:
+        raise ConfigError(f"duration {text!r} must look like 300, 300s, 5m or 1h")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+@dataclass
+class JudgeConfig:
+    """``sft-job judge``: LLM-as-judge scores 0-100 (book, 7.8) from Ollama or an OpenAI-compatible server."""
+
+    responses: str = "runs/generate/instruction-data-with-response.json"
+    """File of entries with responses to score, like the generate stage's output."""
+    output: str = "runs/judge"
+    """Folder scores.json and summary.json are written to."""
+    response_key: str = "model_response"
+    """Field of each entry that holds the response to score."""
+    judge_backend: Literal["ollama", "openai"] = "ollama"
+    """Ollama's API through the ollama client, or an OpenAI-compatible chat API (vLLM, llama.cpp, hosted)."""
+    judge_url: str | None = None
+    """Judge server; defaults to OLLAMA_HOST or http://localhost:11434 (ollama), OPENAI_BASE_URL (openai)."""
+    judge_api_key: str | None = None
+    """API key for the openai backend; defaults to OPENAI_API_KEY."""
+    judge_model: str = "llama3"
+    """Judge model tag (the book's llama3; any tag works)."""
+    judge_format: Literal["structured", "plain"] = "structured"
+    """structured asks for JSON {"score": int} by schema; plain sends the book's request and parses the integer."""
+    judge_seed: int = 123
+    """Sampling seed sent to the judge (the book's)."""
+    judge_temperature: float = 0.0
+    """Judge temperature (the book's 0)."""
+    judge_num_ctx: int = 2048
+    """Judge context window, Ollama's num_ctx (the book's)."""
+    judge_concurrency: int = 4
+    """Requests in flight at once."""
+    judge_timeout: float = 120.0
+    """Seconds one request may take before it counts as failed (and is retried)."""
+    judge_retries: int = 4
+    """Retries of a request after connection errors, timeouts and 5xx answers (exponential backoff, jitter)."""
+    judge_wait: str = "300s"
+    """How long to wait for the judge server to answer at start (the sidecar may start after the job)."""
+    judge_pull: bool = True
+    """Pull the judge model when the server lacks it (ollama backend)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "judge_concurrency", "judge_timeout", "judge_num_ctx")
+        if self.judge_retries < 0:
+            raise ConfigError(f"judge_retries must be >= 0, got {self.judge_retries}")
+        parse_duration(self.judge_wait)
+
+    @property
+    def judge_wait_seconds(self) -> float:
+        return parse_duration(self.judge_wait)

@@ -1,0 +1,323 @@
+"""The judge stage (book, 7.8): scores 0-100 from an LLM judge, concurrent, retried, restartable."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.config import JudgeConfig
+from job.data import PROMPT_STYLES
+from job.errors import JobError
+from job.observability import Metrics, get_logger, stderr_is_terminal
+from job.storage import atomic_write_text
+
+log = get_logger(__name__)
+SCORE_SCHEMA = {
+    "type": "object",
+    "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
+    "required": ["score"],
+}
+PROGRESS_FILE = "scores.progress.jsonl"
+
+
+class JudgeError(JobError):
+    """The judge cannot be used (not reachable, model missing); one line naming host and model."""
+
+
+class RetryableError(Exception):
+    """A connection error, timeout or 5xx: worth another try."""
+
+
+def judge_prompt(entry: dict, response_key: str = "model_response") -> str:
+    """The book's request, word for word."""
+    return (
+        f"Given the input `{PROMPT_STYLES['alpaca'].format_input(entry)}` "
+        f"and correct output `{entry['output']}`, "
+        f"score the model response `{entry[response_key]}`"
+        f" on a scale from 0 to 100, where 100 is the best score. "
+        f"Respond with the integer number only."
+    )
+
+
+def parse_score(reply: str, structured: bool) -> int | None:
+    """The score in 0..100 that a reply gives, or None (never raises)."""
+    if structured:
+        try:
+            value = json.loads(reply).get("score")
+        except (json.JSONDecodeError, AttributeError):
+            value = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value if 0 <= value <= 100 else None
+    match = re.search(r"-?\d+", reply)
+    if match is None:
+        return None
+    value = int(match.group())
+    return value if 0 <= value <= 100 else None
+
+
+# --- backends -------------------------------------------------------------------------------
+
+
+class OllamaJudge:
+    """Ollama's API through the official ``ollama`` client."""
+
+    def __init__(self, cfg: JudgeConfig):
+        import ollama
+
+        self.cfg = cfg
+        self.host = cfg.judge_url or os.environ.get("OLLAMA_HOST") or "http://localhost:11434"
+        self.client = ollama.Client(host=self.host, timeout=cfg.judge_timeout)
+        self.options = {"seed": cfg.judge_seed, "temperature": cfg.judge_temperature, "num_ctx": cfg.judge_num_ctx}
+
+    def ping(self) -> list[str]:
+        """Model names the server has; raises RetryableError while it does not answer."""
+        return [m.model for m in self._call(self.client.list).models]
+
+    def ensure_model(self, allow_pull: bool) -> None:
+        names = self.ping()
+        model = self.cfg.judge_model
+        if model in names or f"{model}:latest" in names:
+            return
+        if not allow_pull:
+            raise JudgeError(f"judge model {model!r} is not on {self.host} and --no-judge-pull was given")
+        log.info("judge_pull_start", model=model, host=self.host)
+        bar = None
+        for progress in self._call(self.client.pull, model, stream=True):
+            if progress.total and stderr_is_terminal():
+                from tqdm import tqdm
+
+                bar = bar or tqdm(total=progress.total, unit="B", unit_scale=True, desc=f"pull {model}")
+                bar.n = progress.completed or 0
+                bar.refresh()
+            else:
+                log.info("judge_pull_progress", status=progress.status, completed=progress.completed, total=progress.total)
+        if bar is not None:
+            bar.close()
+        log.info("judge_pull_done", model=model)
+
+    def ask(self, prompt: str) -> str:
+        kwargs = {"format": SCORE_SCHEMA} if self.cfg.judge_format == "structured" else {}
+        reply = self._call(self.client.chat, model=self.cfg.judge_model,
+                           messages=[{"role": "user", "content": prompt}], options=self.options, **kwargs)  # fmt: skip
+        return reply.message.content or ""
+
+    @staticmethod
+    def _call(fn, *args, **kwargs):
+        import httpx
+        import ollama
+
+        try:
+            return fn(*args, **kwargs)
+        except ollama.ResponseError as exc:
+            if exc.status_code >= 500 or exc.status_code == 429:
+                raise RetryableError(f"HTTP {exc.status_code}: {exc.error}") from None
+            raise JudgeError(f"judge answered HTTP {exc.status_code}: {exc.error}") from None
+        except (ConnectionError, httpx.TransportError) as exc:
+            raise RetryableError(f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
+
+
+class OpenAIJudge:
+    """An OpenAI-compatible chat API (vLLM, llama.cpp's server, Ollama's /v1, hosted APIs)."""
+
+    def __init__(self, cfg: JudgeConfig):
+        import openai
+
+        self.cfg = cfg
+        self.host = cfg.judge_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        api_key = cfg.judge_api_key or os.environ.get("OPENAI_API_KEY") or "unused"
+        # Retries are ours (same policy for both backends), so the client's own are off.
+        self.client = openai.OpenAI(base_url=self.host, api_key=api_key, timeout=cfg.judge_timeout, max_retries=0)
+
+    def ping(self) -> list[str]:
+        return [m.id for m in self._call(self.client.models.list)]
+
+    def ensure_model(self, allow_pull: bool) -> None:
+        names = self.ping()
+        if self.cfg.judge_model not in names:
+            raise JudgeError(f"judge model {self.cfg.judge_model!r} is not served by {self.host}")
+
+    def ask(self, prompt: str) -> str:
+        extra = {}
+        if self.cfg.judge_format == "structured":
+            extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "score", "schema": SCORE_SCHEMA}}
+        reply = self._call(self.client.chat.completions.create, model=self.cfg.judge_model,
+                           messages=[{"role": "user", "content": prompt}], temperature=self.cfg.judge_temperature,
+                           seed=self.cfg.judge_seed, **extra)  # fmt: skip
+        return reply.choices[0].message.content or ""
+
+    @staticmethod
+    def _call(fn, *args, **kwargs):
+        import openai
+
+        try:
+            return fn(*args, **kwargs)
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            raise RetryableError(f"{type(exc).__name__}") from None
+        except openai.APIStatusError as exc:
+            if exc.status_code >= 500 or exc.status_code == 429:
+                raise RetryableError(f"HTTP {exc.status_code}") from None
+            raise JudgeError(f"judge answered HTTP {exc.status_code}: {exc.message}") from None
+
+
+def make_judge(cfg: JudgeConfig):
+    return OllamaJudge(cfg) if cfg.judge_backend == "ollama" else OpenAIJudge(cfg)
+
+
+def preflight(cfg: JudgeConfig, judge=None, clock=time.monotonic, sleep=time.sleep):
+    """Wait for the server (up to ``--judge-wait``), then make sure the model is there."""
+    judge = judge or make_judge(cfg)
+    deadline = clock() + cfg.judge_wait_seconds
+    delay = 0.25
+    while True:
+        try:
+            judge.ping()
+            break
+        except RetryableError as exc:
+            if clock() >= deadline:
+                raise JudgeError(
+                    f"judge at {judge.host} did not answer within {cfg.judge_wait} (model {cfg.judge_model}): {exc}"
+                ) from None
+            log.info("judge_waiting", host=judge.host, error=str(exc))
+            sleep(min(delay, max(deadline - clock(), 0.01)))
+            delay = min(delay * 2, 5.0)
+    try:
+        judge.ensure_model(cfg.judge_pull)
+    except RetryableError as exc:
+        raise JudgeError(f"judge at {judge.host} failed while checking model {cfg.judge_model}: {exc}") from None
+    log.info("judge_ready", host=judge.host, model=cfg.judge_model, backend=cfg.judge_backend)
+    return judge
+
+
+# --- scoring --------------------------------------------------------------------------------
+
+
+@dataclass
+class Scored:
+    index: int
+    score: int | None
+    judge_reply: str | None
+    outcome: str  # "ok", "unparsed" or "error"
+    error: str | None = None
+
+
+def score_one(judge, cfg: JudgeConfig, index: int, entry: dict, metrics: Metrics, sleep=time.sleep) -> Scored:
+    """One entry: ask with retries (backoff with jitter on transient errors); never raises JobError."""
+    prompt = judge_prompt(entry, cfg.response_key)
+    for attempt in range(cfg.judge_retries + 1):
+        try:
+            reply = judge.ask(prompt)
+        except RetryableError as exc:
+            metrics.judge_requests_total.labels(outcome="retry").inc()
+            if attempt == cfg.judge_retries:
+                return Scored(index, None, None, "error", str(exc))
+            sleep(0.5 * 2**attempt * (0.5 + random.random()))
+            continue
+        except JudgeError as exc:  # 4xx: the request itself is wrong, so no retry
+            return Scored(index, None, None, "error", str(exc))
+        score = parse_score(reply, cfg.judge_format == "structured")
+        return Scored(index, score, reply, "ok" if score is not None else "unparsed")
+    raise AssertionError("unreachable")
+
+
+def read_progress(path: Path) -> dict[int, dict]:
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+            done[record["index"]] = record
+    return done
+
+
+def load_responses(path: Path, key: str) -> list[dict]:
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise JobError(f"--responses {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise JobError(f"--responses {path} is not JSON: {exc}") from None
+    if not isinstance(entries, list) or not entries:
+        raise JobError(f"--responses {path} must be a non-empty JSON array of entries")
+    for i, entry in enumerate(entries):
+        for name in ("instruction", "output", key):
+            if not isinstance(entry, dict) or not isinstance(entry.get(name), str):
+                raise JobError(f"--responses {path}: entry {i}: field {name!r} must be a string")
+        entry.setdefault("input", "")
+    return entries
+
+
+def summarize(cfg: JudgeConfig, host: str, entries: list[dict], records: dict[int, dict]) -> dict:
+    scores = [records[i]["score"] for i in range(len(entries)) if records[i]["score"] is not None]
+    histogram = {f"{lo}-{lo + 9 if lo < 90 else 100}": 0 for lo in range(0, 100, 10)}
+    for s in scores:
+        lo = min(s // 10 * 10, 90)
+        histogram[f"{lo}-{lo + 9 if lo < 90 else 100}"] += 1
+    return {
+        "judge_backend": cfg.judge_backend,
+        "judge_host": host,
+        "judge_model": cfg.judge_model,
+        "options": {"seed": cfg.judge_seed, "temperature": cfg.judge_temperature, "num_ctx": cfg.judge_num_ctx},
+        "prompt_mode": cfg.judge_format,
+        "entries": len(entries),
+        "scored": len(scores),
+        "unparsed": sum(1 for r in records.values() if r["outcome"] == "unparsed"),
+        "errors": sum(1 for r in records.values() if r["outcome"] == "error"),
+        "mean": statistics.fmean(scores) if scores else None,
+        "median": statistics.median(scores) if scores else None,
+        "min": min(scores) if scores else None,
+        "max": max(scores) if scores else None,
+        "histogram": histogram,
+    }
+
+
+def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge=None) -> dict:
+    metrics = metrics or Metrics()
+    entries = load_responses(Path(cfg.responses), cfg.response_key)
+    judge = preflight(cfg, judge)  # before any scoring: a dead server fails here, with nothing written
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    progress_path = output / PROGRESS_FILE
+    records = read_progress(progress_path)
+    todo = [i for i in range(len(entries)) if i not in records]
+    log.info("judge_start", entries=len(entries), already_scored=len(records), to_score=len(todo),
+             model=cfg.judge_model, host=judge.host, mode=cfg.judge_format)  # fmt: skip
+    lock = threading.Lock()
+    with open(progress_path, "a") as progress, ThreadPoolExecutor(cfg.judge_concurrency) as pool:
+        futures = [pool.submit(score_one, judge, cfg, i, entries[i], metrics) for i in todo]
+        for future in as_completed(futures):
+            result = future.result()
+            record = {"index": result.index, "score": result.score, "judge_reply": result.judge_reply,
+                      "outcome": result.outcome, "error": result.error}  # fmt: skip
+            metrics.judge_requests_total.labels(outcome=result.outcome).inc()
+            if result.score is not None:
+                metrics.judge_score.observe(result.score)
+            if result.outcome == "unparsed":
+                log.warning("judge_unparsed", index=result.index, reply=result.judge_reply)
+            elif result.outcome == "error":
+                log.warning("judge_request_failed", index=result.index, error=result.error)
+            with lock:
+                progress.write(json.dumps(record) + "\n")
+                progress.flush()
+                records[result.index] = record
+    scored = [{**e, "score": records[i]["score"], "judge_reply": records[i]["judge_reply"]} for i, e in enumerate(entries)]
+    summary = summarize(cfg, judge.host, entries, records)
+    if summary["mean"] is not None:
+        metrics.judge_score_mean.set(summary["mean"])
+    atomic_write_text(output / "scores.json", json.dumps(scored, indent=4) + "\n")
+    atomic_write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    progress_path.unlink()
+    average = f"{summary['mean']:.2f}" if summary["mean"] is not None else "n/a"
+    log.info("judge_summary", message=f"Number of scores: {summary['scored']} of {len(entries)}; Average score: {average}",
+             scored=summary["scored"], entries=len(entries), average=summary["mean"], unparsed=summary["unparsed"],
+             errors=summary["errors"])  # fmt: skip
+    return summary

@@ -1,0 +1,187 @@
+"""A small server speaking Ollama's HTTP/NDJSON wire protocol, for driving the official client.
+
+Endpoints: GET /api/version, GET /api/tags, POST /api/pull (streamed progress), POST /api/chat
+(streamed NDJSON or one JSON object; honours ``format`` and records ``options``), and the
+OpenAI-compatible GET /v1/models and POST /v1/chat/completions that Ollama also serves.
+Replies come from a deterministic grader; ``faults`` scripts failures and odd replies.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import threading
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+PROMPT_RE = re.compile(r"and correct output `(.*)`, score the model response `(.*)` on a scale from 0 to 100", re.S)
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def overlap_grade(output: str, response: str) -> int:
+    """The test's judge: the share of the correct output's words that the response contains."""
+    expected = words(output)
+    return round(100 * len(expected & words(response)) / len(expected)) if expected else 0
+
+
+class FakeOllama:
+    def __init__(self, port: int = 0, models: tuple[str, ...] = ("llama3:latest",)):
+        self.models = list(models)
+        self.chats: list[dict] = []  # every /api/chat (or /v1/chat/completions) body received
+        self.pulls: list[dict] = []
+        self.faults: collections.deque = collections.deque()  # "500", "404", or ("reply", text)
+        self.lock = threading.Lock()
+        self.chat_arrived = threading.Condition(self.lock)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _json(self, status: int, body) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _ndjson(self, lines: list[dict]) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for line in lines:
+                    data = (json.dumps(line) + "\n").encode()
+                    self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.write(b"0\r\n\r\n")
+
+            def _body(self) -> dict:
+                return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+
+            def do_GET(self):
+                if self.path == "/api/version":
+                    self._json(200, {"version": "0.12.0"})
+                elif self.path == "/api/tags":
+                    self._json(200, {"models": [server._tag(m) for m in server.models]})
+                elif self.path == "/v1/models":
+                    self._json(200, {"object": "list", "data": [
+                        {"id": m, "object": "model", "created": 0, "owned_by": "library"} for m in server.models]})  # fmt: skip
+                else:
+                    self._json(404, {"error": "not found"})
+
+            def do_POST(self):
+                body = self._body()
+                if self.path == "/api/pull":
+                    server._pull(self, body)
+                elif self.path == "/api/chat":
+                    server._chat(self, body)
+                elif self.path == "/v1/chat/completions":
+                    server._openai_chat(self, body)
+                else:
+                    self._json(404, {"error": "not found"})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler, bind_and_activate=False)
+        self.httpd.allow_reuse_address = True
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.thread: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> "FakeOllama":
+        self.httpd.server_bind()
+        self.httpd.server_activate()
+        self.port = self.httpd.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # --- behaviour -------------------------------------------------------------------------
+
+    @staticmethod
+    def _tag(name: str) -> dict:
+        return {"name": name, "model": name, "modified_at": datetime.now(timezone.utc).isoformat(), "size": 4661224676,
+                "digest": "365c0bd3c000a25d28ddbf732fe1c6add414de7275464c4e4d1c3b5fcb5d8ad1",
+                "details": {"format": "gguf", "family": "llama", "parameter_size": "8.0B", "quantization_level": "Q4_0"}}  # fmt: skip
+
+    def _next_fault(self):
+        with self.lock:
+            return self.faults.popleft() if self.faults else None
+
+    def _grade(self, body: dict) -> tuple[str | None, int]:
+        """(content, http status): the grader's reply, or a scripted fault."""
+        fault = self._next_fault()
+        if fault in ("500", "503"):
+            return None, int(fault)
+        if fault == "404":
+            return None, 404
+        prompt = body["messages"][-1]["content"]
+        match = PROMPT_RE.search(prompt)
+        score = overlap_grade(match.group(1), match.group(2)) if match else 0
+        if isinstance(fault, tuple):
+            return fault[1], 200
+        structured = body.get("format") not in (None, "") or "response_format" in body
+        return (json.dumps({"score": score}) if structured else str(score)), 200
+
+    def wait_for_chats(self, count: int, timeout: float = 60) -> bool:
+        """Block until ``count`` chat requests have arrived (or the timeout passes)."""
+        with self.chat_arrived:
+            return self.chat_arrived.wait_for(lambda: len(self.chats) >= count, timeout)
+
+    def _chat(self, handler, body: dict) -> None:
+        with self.chat_arrived:
+            self.chats.append(body)
+            self.chat_arrived.notify_all()
+        if body["model"] not in self.models and f"{body['model']}:latest" not in self.models:
+            handler._json(404, {"error": f"model '{body['model']}' not found"})
+            return
+        content, status = self._grade(body)
+        if status != 200:
+            handler._json(status, {"error": f"scripted {status}"})
+            return
+        now = datetime.now(timezone.utc).isoformat()
+        final = {"model": body["model"], "created_at": now, "message": {"role": "assistant", "content": ""},
+                 "done": True, "done_reason": "stop", "total_duration": 1000, "eval_count": 1}  # fmt: skip
+        if body.get("stream", True):
+            pieces = [content[i : i + 3] for i in range(0, len(content), 3)]
+            handler._ndjson([{"model": body["model"], "created_at": now, "message": {"role": "assistant", "content": p},
+                              "done": False} for p in pieces] + [final])  # fmt: skip
+        else:
+            final["message"]["content"] = content
+            handler._json(200, final)
+
+    def _openai_chat(self, handler, body: dict) -> None:
+        with self.lock:
+            self.chats.append(body)
+        content, status = self._grade(body)
+        if status != 200:
+            handler._json(status, {"error": {"message": f"scripted {status}", "type": "api_error"}})
+            return
+        handler._json(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                         "finish_reason": "stop"}],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})  # fmt: skip
+
+    def _pull(self, handler, body: dict) -> None:
+        self.pulls.append(body)
+        name = body["model"] if ":" in body["model"] else f"{body['model']}:latest"
+        digest = "sha256:" + "ab" * 32
+        lines = [{"status": "pulling manifest"}]
+        lines += [{"status": f"pulling {digest[7:19]}", "digest": digest, "total": 1000, "completed": c} for c in (0, 500, 1000)]
+        lines += [{"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
+        with self.lock:
+            self.models.append(name)
+        handler._ndjson(lines)

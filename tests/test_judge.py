@@ -1,0 +1,184 @@
+import json
+import signal
+import statistics
+import threading
+
+import pytest
+
+from job.config import JudgeConfig
+from job.judge import JudgeError, judge_prompt, parse_score, run_judge
+from tests.helpers import cli, events, free_port, start_cli, wait_for_event
+from tests.ollama_server import FakeOllama, overlap_grade
+
+
+@pytest.fixture
+def ollama():
+    server = FakeOllama().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def book_responses(shared_data):
+    return shared_data / "seed-eval" / "instruction-data-with-response.json"
+
+
+def _cfg(responses, output, url, **kw):
+    return JudgeConfig(responses=str(responses), output=str(output), judge_url=url, judge_wait="10s", **kw)
+
+
+def test_scores_the_books_110_responses_end_to_end(ollama, book_responses, tmp_path):
+    entries = json.loads(book_responses.read_text())
+    summary = run_judge(_cfg(book_responses, tmp_path, ollama.url))
+    expected = [overlap_grade(e["output"], e["model_response"]) for e in entries]
+    assert len(expected) == 110
+    assert summary["scored"] == 110 and summary["unparsed"] == 0 and summary["errors"] == 0
+    assert summary["mean"] == pytest.approx(statistics.fmean(expected))
+    assert summary["median"] == statistics.median(expected)
+    assert (summary["min"], summary["max"]) == (min(expected), max(expected))
+    assert sum(summary["histogram"].values()) == 110
+    assert summary["histogram"]["90-100"] == sum(1 for s in expected if s >= 90)
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert [s["score"] for s in scores] == expected
+    assert scores[0]["model_response"] == entries[0]["model_response"]
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.json", "summary.json"]
+
+
+def test_structured_mode_sends_the_schema_and_options(ollama, book_responses, tmp_path):
+    run_judge(_cfg(book_responses, tmp_path, ollama.url))
+    body = ollama.chats[0]
+    assert body["format"] == {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
+                              "required": ["score"]}  # fmt: skip
+    assert body["options"] == {"seed": 123, "temperature": 0.0, "num_ctx": 2048}
+    assert body["model"] == "llama3"
+
+
+def test_plain_mode_sends_the_books_prompt_byte_for_byte(ollama, book_responses, tmp_path):
+    entries = json.loads(book_responses.read_text())
+    run_judge(_cfg(book_responses, tmp_path, ollama.url, judge_format="plain"))
+    sent = {b["messages"][0]["content"] for b in ollama.chats}
+    entry = entries[0]
+    book = (
+        "Given the input `Below is an instruction that describes a task. Write a response that appropriately "
+        f"completes the request.\n\n### Instruction:\n{entry['instruction']}\n\n### Input:\n{entry['input']}` "
+        f"and correct output `{entry['output']}`, score the model response `{entry['model_response']}` on a scale "
+        "from 0 to 100, where 100 is the best score. Respond with the integer number only."
+    )
+    assert entry["input"] and book in sent
+    assert judge_prompt(entry) == book
+    assert all("format" not in b for b in ollama.chats)
+    assert all(b["messages"] == [{"role": "user", "content": b["messages"][0]["content"]}] for b in ollama.chats)
+
+
+@pytest.mark.parametrize(
+    "reply, structured, score",
+    [("I'd rate it 85/100", False, 85), ("eighty", False, None), ("", False, None), ("150", False, None),
+     ('{"score": 72}', True, 72), ('{"score": 101}', True, None), ("not json 40", True, 40), ("-5", False, None)],
+)  # fmt: skip
+def test_parse_score(reply, structured, score):
+    assert parse_score(reply, structured) == score
+
+
+def test_odd_replies_are_recorded_unparsed_without_crashing(ollama, book_responses, tmp_path):
+    for text in ("I'd rate it 85/100", "eighty", "", "150"):
+        ollama.faults.append(("reply", text))
+    summary = run_judge(_cfg(book_responses, tmp_path, ollama.url, judge_format="plain", judge_concurrency=1))
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert [(s["score"], s["judge_reply"]) for s in scores[:4]] == [(85, "I'd rate it 85/100"), (None, "eighty"),
+                                                                    (None, ""), (None, "150")]  # fmt: skip
+    assert summary["unparsed"] == 3 and summary["scored"] == 107
+
+
+def test_500_twice_then_an_answer_is_retried(ollama, book_responses, tmp_path):
+    ollama.faults.extend(["500", "500"])
+    summary = run_judge(_cfg(book_responses, tmp_path, ollama.url, judge_concurrency=1))
+    assert summary["scored"] == 110 and summary["errors"] == 0
+    assert len(ollama.chats) == 112
+
+
+def test_4xx_is_not_retried(ollama, book_responses, tmp_path):
+    ollama.faults.append("404")
+    summary = run_judge(_cfg(book_responses, tmp_path, ollama.url, judge_concurrency=1))
+    assert summary["errors"] == 1 and summary["scored"] == 109 and len(ollama.chats) == 110
+
+
+def test_server_that_starts_three_seconds_after_the_stage(book_responses, tmp_path):
+    server = FakeOllama(port=free_port())
+    timer = threading.Timer(3.0, server.start)
+    timer.start()
+    try:
+        summary = run_judge(_cfg(book_responses, tmp_path, server.url))
+    finally:
+        timer.join()
+        server.stop()
+    assert summary["scored"] == 110
+
+
+def test_missing_model_is_pulled(book_responses, tmp_path):
+    server = FakeOllama(models=()).start()
+    try:
+        summary = run_judge(_cfg(book_responses, tmp_path, server.url, judge_model="llama3.1:8b"))
+    finally:
+        server.stop()
+    assert server.pulls and server.pulls[0]["model"] == "llama3.1:8b"
+    assert summary["scored"] == 110
+
+
+def test_missing_model_without_pull_is_a_one_line_error(book_responses, tmp_path):
+    server = FakeOllama(models=()).start()
+    try:
+        result = cli("judge", "--responses", book_responses, "--output", tmp_path / "out", "--judge-url", server.url,
+                     "--no-judge-pull", "--log-format", "json")  # fmt: skip
+    finally:
+        server.stop()
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"Error: judge model 'llama3' is not on {server.url} and --no-judge-pull was given"
+    assert not (tmp_path / "out").exists()
+
+
+def test_server_that_never_comes_up_fails_before_any_work(book_responses, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = cli("judge", "--responses", book_responses, "--output", tmp_path / "out", "--judge-url", url,
+                 "--judge-wait", "2s", "--log-format", "json")  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"Error: judge at {url} did not answer within 2s (model llama3)")
+    assert result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_restart_asks_only_for_entries_not_yet_scored(book_responses, tmp_path):
+    server = FakeOllama().start()
+    try:
+        args = ["judge", "--responses", book_responses, "--output", tmp_path, "--judge-url", server.url,
+                "--judge-concurrency", "1", "--log-format", "json"]  # fmt: skip
+        proc = start_cli(*args)
+        assert server.wait_for_chats(30), "the stage never got going"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        first = len(server.chats)
+        assert 0 < first < 110
+        saved = sum(1 for _ in (tmp_path / "scores.progress.jsonl").open())
+        rerun = cli(*args)
+        assert rerun.returncode == 0, rerun.stderr
+        start = [e for e in events(rerun.stdout) if e["event"] == "judge_start"][0]
+        assert start["already_scored"] == saved and start["to_score"] == 110 - saved
+        assert len(server.chats) - first == 110 - saved
+        assert json.loads((tmp_path / "summary.json").read_text())["scored"] == 110
+    finally:
+        server.stop()
+
+
+def test_openai_backend_gives_the_same_scores(ollama, book_responses, tmp_path):
+    a = run_judge(_cfg(book_responses, tmp_path / "ollama", ollama.url))
+    b = run_judge(_cfg(book_responses, tmp_path / "openai", ollama.url + "/v1", judge_backend="openai",
+                       judge_model="llama3:latest", judge_api_key="sk-test"))  # fmt: skip
+    assert b["scored"] == 110 and b["mean"] == a["mean"]
+    body = ollama.chats[-1]
+    assert body["response_format"]["json_schema"]["schema"]["required"] == ["score"]
+    assert body["seed"] == 123 and body["temperature"] == 0.0
+
+
+def test_openai_backend_unknown_model_is_a_clear_error(ollama, book_responses, tmp_path):
+    with pytest.raises(JudgeError, match="judge model 'gpt-x' is not served by"):
+        run_judge(_cfg(book_responses, tmp_path, ollama.url + "/v1", judge_backend="openai", judge_model="gpt-x"))
