@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -11,9 +12,9 @@ import click
 import yaml
 
 from job import __version__
-from job.config import DownloadConfig, FinetuneConfig, GenerateConfig, JudgeConfig, field_docs
+from job.config import DownloadConfig, FinetuneConfig, GenerateConfig, JudgeConfig, RunConfig, field_docs
 from job.errors import ConfigError, JobError
-from job.observability import Metrics, configure_logging, get_logger
+from job.observability import Metrics, bind, configure_logging, get_logger
 
 ENV_PREFIX = "SFT_JOB"
 
@@ -86,15 +87,19 @@ def _common(f):
 
 
 def _run(stage: str, runner, cfg, log_format: str):
+    """Logs and metrics set up, then the stage; errors become one line (or one event with traceback)."""
     configure_logging(log_format)
-    log = get_logger("sft_job").bind(stage=stage)
-    metrics = Metrics()
+    bind(stage=stage, rank=int(os.environ.get("RANK", "0")))
+    log = get_logger("sft_job")
     try:
-        return runner(cfg, metrics)
+        return runner(cfg, Metrics())
     except JobError as exc:
-        log.error("stage_failed", error=str(exc))
+        log.error("stage_failed", error=str(exc), exit_code=exc.exit_code)
         click.echo(f"Error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        log.exception("job_crashed", error=f"{type(exc).__name__}: {exc}")
+        sys.exit(1)
 
 
 @click.group(context_settings={"show_default": True})
@@ -141,6 +146,16 @@ def judge(log_format, **params):
     from job.judge import run_judge
 
     _run("judge", run_judge, build(JudgeConfig, params), log_format)
+
+
+@main.command()
+@dataclass_options(RunConfig)
+@_common
+def run(log_format, **params):
+    """Preflight, then download, finetune, generate and judge into one run folder (local or S3)."""
+    from job.pipeline import run_pipeline
+
+    _run("run", run_pipeline, build(RunConfig, params), log_format)
 
 
 if __name__ == "__main__":

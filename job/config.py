@@ -149,8 +149,6 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
     """How many of the latest checkpoints to keep."""
     mask_instruction: bool = False
     """Leave the prompt's tokens out of the loss (exercise 7.2)."""
-    random_init: bool = False
-    """Start from random weights of the named size's shape instead of pretrained ones (smoke tests)."""
 
     def __post_init__(self) -> None:
         ModelSourceConfig.__post_init__(self)
@@ -164,7 +162,29 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
 
 
 @dataclass
-class GenerateConfig(DataConfig):
+class DecodingSettings:
+    """How responses are decoded (shared by ``generate`` and ``run``)."""
+
+    max_new_tokens: int = 256
+    """Most tokens generated per response (the book's 256)."""
+    temperature: float = 0.0
+    """0 is greedy (the book's); above 0 samples from the softened distribution."""
+    top_k: int | None = None
+    """Sample only among the k most likely tokens."""
+    limit: int | None = None
+    """Answer only the first N test entries (smoke runs)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_new_tokens")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        for name in ("top_k", "limit"):
+            if getattr(self, name) is not None:
+                _positive(self, name)
+
+
+@dataclass
+class GenerateConfig(DataConfig, DecodingSettings):
     """``sft-job generate``: responses for the test split (book, 7.7), batched with the KV cache."""
 
     model_dir: str = "runs/finetune/model"
@@ -177,27 +197,15 @@ class GenerateConfig(DataConfig):
     """Mirror to fetch the tokenizer and dataset from: an http(s):// URL or s3://bucket/prefix laid out like the cache."""
     output: str = "runs/generate"
     """Folder instruction-data-with-response.json (and its progress file) is written to."""
-    max_new_tokens: int = 256
-    """Most tokens generated per response (the book's 256)."""
     batch_size: int = 16
     """Prompts decoded together."""
-    temperature: float = 0.0
-    """0 is greedy (the book's); above 0 samples from the softened distribution."""
-    top_k: int | None = None
-    """Sample only among the k most likely tokens."""
     seed: int = 123
     """Seed of sampling (each batch is seeded from it, so restarts sample the same)."""
-    limit: int | None = None
-    """Answer only the first N test entries (smoke runs)."""
 
     def __post_init__(self) -> None:
         DataConfig.__post_init__(self)
-        _positive(self, "max_new_tokens", "batch_size")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        for name in ("top_k", "limit"):
-            if getattr(self, name) is not None:
-                _positive(self, name)
+        DecodingSettings.__post_init__(self)
+        _positive(self, "batch_size")
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -209,15 +217,9 @@ def parse_duration(text: str | float | int) -> float:
 
 
 @dataclass
-class JudgeConfig:
-    """``sft-job judge``: LLM-as-judge scores 0-100 (book, 7.8) from Ollama or an OpenAI-compatible server."""
+class JudgeSettings:
+    """The judge server and how it is asked (shared by ``judge`` and ``run``)."""
 
-    responses: str = "runs/generate/instruction-data-with-response.json"
-    """File of entries with responses to score, like the generate stage's output."""
-    output: str = "runs/judge"
-    """Folder scores.json and summary.json are written to."""
-    response_key: str = "model_response"
-    """Field of each entry that holds the response to score."""
     judge_backend: Literal["ollama", "openai"] = "ollama"
     """Ollama's API through the ollama client, or an OpenAI-compatible chat API (vLLM, llama.cpp, hosted)."""
     judge_url: str | None = None
@@ -254,3 +256,51 @@ class JudgeConfig:
     @property
     def judge_wait_seconds(self) -> float:
         return parse_duration(self.judge_wait)
+
+
+@dataclass
+class JudgeConfig(JudgeSettings):
+    """``sft-job judge``: LLM-as-judge scores 0-100 (book, 7.8) from Ollama or an OpenAI-compatible server."""
+
+    responses: str = "runs/generate/instruction-data-with-response.json"
+    """File of entries with responses to score, like the generate stage's output."""
+    output: str = "runs/judge"
+    """Folder scores.json and summary.json are written to."""
+    response_key: str = "model_response"
+    """Field of each entry that holds the response to score."""
+
+
+@dataclass
+class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings):
+    """``sft-job run``: download, finetune, generate and judge in one job, into one run folder."""
+
+    output: str = "runs"
+    """Where runs go: a local folder or s3://bucket/prefix; each run is the subfolder {run_id}/."""
+    run_id: str | None = None
+    """Name of the run; the same id again skips finished stages and resumes finetuning. Default: time + config hash."""
+    generate_batch_size: int = 16
+    """Prompts decoded together in the generate stage."""
+    skip_judge: bool = False
+    """Stop after generating responses (no judge server needed)."""
+    smoke: bool = False
+    """Plumbing check: a random 2-layer GPT-2 (no weight download), 20 steps, 8 test entries, 16 new tokens."""
+    require_gpu: bool = False
+    """Fail at preflight unless a CUDA device is present."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph...); defaults to AWS_ENDPOINT_URL, else AWS."""
+    scratch: str | None = None
+    """Local working folder for S3 runs (checkpoints are written here first); default {cache}/scratch."""
+    metrics_port: int = 9100
+    """Port of the Prometheus metrics endpoint for the whole run (0 turns it off)."""
+    pushgateway: str | None = None
+    """Pushgateway URL to push metrics to at each stage's end and at exit (for runs that end before a scrape)."""
+
+    def __post_init__(self) -> None:
+        FinetuneConfig.__post_init__(self)
+        DecodingSettings.__post_init__(self)
+        JudgeSettings.__post_init__(self)
+        _positive(self, "generate_batch_size")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
+            raise ConfigError(f"run_id {self.run_id!r} may hold only letters, digits, '.', '_' and '-'")

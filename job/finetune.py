@@ -10,6 +10,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -90,8 +91,6 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
 
 def load_model(cfg: FinetuneConfig) -> tuple[GPTModel, str]:
     """The starting model and the book-style name of its size (``gpt2-medium355M``)."""
-    if cfg.random_init:
-        return GPTModel(GPT2_SIZES[cfg.model]), f"{cfg.model}{OPENAI_SIZE_NAMES[cfg.model]}"
     if cfg.model_dir:
         model = load_pretrained(cfg.model_dir)
         named = next((n for n, c in GPT2_SIZES.items() if c == model.cfg), None)
@@ -110,10 +109,13 @@ def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> li
 class Trainer:
     """The book's ``train_model_simple`` on an ``Accelerator``, with checkpoints and preemption."""
 
-    def __init__(self, cfg: FinetuneConfig, prep: Prepared, metrics: Metrics):
+    def __init__(self, cfg: FinetuneConfig, prep: Prepared, metrics: Metrics, saved_config: dict | None = None,
+                 on_checkpoint: Callable[[Path], None] | None = None):  # fmt: skip
         from accelerate import Accelerator
 
         self.cfg, self.prep, self.metrics = cfg, prep, metrics
+        self.saved_config = saved_config or dataclasses.asdict(cfg)
+        self.on_checkpoint = on_checkpoint
         self.accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), cpu=not torch.cuda.is_available())
         world = self.accelerator.num_processes
         if cfg.batch_size % (world * cfg.grad_accum):
@@ -265,7 +267,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             (tmp / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(self.state)))
-            (tmp / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
+            (tmp / "config.yaml").write_text(yaml.safe_dump(self.saved_config, sort_keys=False))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in sorted(_checkpoint_dirs(self.checkpoints))[: -self.cfg.keep_checkpoints]:
@@ -273,6 +275,8 @@ class Trainer:
             seconds = time.perf_counter() - started
             self.metrics.checkpoint_seconds.set(seconds)
             log.info("checkpoint", step=self.state.step, path=str(final), seconds=round(seconds, 3))
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(final)
         self.accelerator.wait_for_everyone()
         self._saved_step = self.state.step
         return final
@@ -335,14 +339,19 @@ def plot_losses(history: list[dict], epochs: int, path: Path) -> None:
     plt.close(fig)
 
 
-def run_finetune(cfg: FinetuneConfig, metrics: Metrics | None = None) -> dict[str, Path]:
-    """The stage: validate and load everything, then train (resuming if checkpoints exist), then save."""
+def run_finetune(cfg: FinetuneConfig, metrics: Metrics | None = None, saved_config: dict | None = None,
+                 on_checkpoint: Callable[[Path], None] | None = None) -> dict[str, Path]:  # fmt: skip
+    """The stage: validate and load everything, then train (resuming if checkpoints exist), then save.
+
+    ``saved_config`` is the resolved configuration written beside the outputs and into every
+    checkpoint (the run command passes its own); ``on_checkpoint`` sees each checkpoint written.
+    """
     metrics = metrics or Metrics()
     prep = prepare(cfg)  # may fail: nothing has been written yet
-    trainer = Trainer(cfg, prep, metrics)
+    trainer = Trainer(cfg, prep, metrics, saved_config, on_checkpoint)
     if trainer.is_main:
         trainer.output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(trainer.output / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        atomic_write_text(trainer.output / "config.yaml", yaml.safe_dump(trainer.saved_config, sort_keys=False))
         log.info("finetune_start", model=prep.model_name, train_examples=len(prep.train), val_examples=len(prep.val),
                  steps=trainer.total_steps, processes=trainer.accelerator.num_processes,
                  precision=trainer.accelerator.mixed_precision, device=str(trainer.accelerator.device))  # fmt: skip

@@ -84,3 +84,38 @@ class Metrics:
     def value(self, name: str, labels: dict | None = None) -> float | None:
         """A sample's current value, by its full exported name (for tests and summaries)."""
         return self.registry.get_sample_value(name, labels or {})
+
+
+class MetricsPublisher:
+    """Serves the job's registry over HTTP for the whole run and pushes it to a Pushgateway
+    (``pushadd``, grouping key job + run_id) at each stage's end and at exit, failure included."""
+
+    def __init__(self, metrics: Metrics, port: int = 0, pushgateway: str | None = None, run_id: str = "",
+                 address: str = "0.0.0.0"):  # fmt: skip
+        self.metrics, self.port, self.pushgateway, self.run_id, self.address = metrics, port, pushgateway, run_id, address
+        self.server = None
+
+    def __enter__(self) -> "MetricsPublisher":
+        if self.port:
+            from prometheus_client import start_http_server
+
+            self.server, _thread = start_http_server(self.port, addr=self.address, registry=self.metrics.registry)
+            get_logger(__name__).info("metrics_serving", port=self.port)
+        return self
+
+    def push(self) -> None:
+        if not self.pushgateway:
+            return
+        from prometheus_client import pushadd_to_gateway
+
+        try:
+            pushadd_to_gateway(self.pushgateway, job="sft-job", grouping_key={"run_id": self.run_id},
+                               registry=self.metrics.registry, timeout=10)  # fmt: skip
+        except OSError as exc:  # a missing gateway must not fail the job
+            get_logger(__name__).warning("metrics_push_failed", pushgateway=self.pushgateway, error=str(exc))
+
+    def __exit__(self, *exc) -> None:
+        self.push()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()

@@ -1,12 +1,23 @@
-"""Where artifacts go: atomic local writes (and, with the run command, S3)."""
+"""Where artifacts go: a local folder (atomic renames) or S3-compatible storage (boto3), one interface."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+from urllib.parse import urlparse
+
+from job.errors import JobError
+
+CHUNK = 8 << 20
+
+
+class StorageError(JobError):
+    """Output storage that cannot be used; the message names the location."""
 
 
 @contextlib.contextmanager
@@ -28,3 +39,217 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 def atomic_write_text(final: str | Path, text: str) -> None:
     with atomic_path(final) as tmp:
         tmp.write_text(text)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Storage:
+    """Keys are relative paths ("model/config.json") under one root (a folder or s3://bucket/prefix)."""
+
+    url: str
+
+    def put_file(self, local: Path, key: str) -> int:
+        """Store ``local`` under ``key``; returns the bytes written."""
+        raise NotImplementedError
+
+    def put_text(self, key: str, text: str) -> None:
+        raise NotImplementedError
+
+    def get_text(self, key: str) -> str | None:
+        """The text under ``key``, or None where there is none."""
+        raise NotImplementedError
+
+    def get_file(self, key: str, local: Path) -> None:
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys under ``prefix``."""
+        raise NotImplementedError
+
+    def delete_prefix(self, prefix: str) -> None:
+        raise NotImplementedError
+
+    def sha256(self, key: str) -> str | None:
+        """The sha256 of what is stored under ``key`` (read back, not trusted from metadata), or None."""
+        raise NotImplementedError
+
+    def check_writable(self) -> None:
+        """Write and remove a probe; a StorageError says why not."""
+        raise NotImplementedError
+
+    def is_local_path(self, local: Path, key: str) -> bool:
+        """Whether ``key`` already is ``local`` (a local store working in place)."""
+        return False
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def is_local_path(self, local: Path, key: str) -> bool:
+        return Path(local).resolve() == self._path(key).resolve()
+
+    def put_file(self, local: Path, key: str) -> int:
+        if not self.is_local_path(local, key):
+            with atomic_path(self._path(key)) as tmp:
+                shutil.copyfile(local, tmp)
+        return self._path(key).stat().st_size
+
+    def put_text(self, key: str, text: str) -> None:
+        atomic_write_text(self._path(key), text)
+
+    def get_text(self, key: str) -> str | None:
+        path = self._path(key)
+        return path.read_text() if path.is_file() else None
+
+    def get_file(self, key: str, local: Path) -> None:
+        if not self.is_local_path(local, key):
+            with atomic_path(local) as tmp:
+                shutil.copyfile(self._path(key), tmp)
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+    def delete_prefix(self, prefix: str) -> None:
+        shutil.rmtree(self._path(prefix), ignore_errors=True)
+
+    def sha256(self, key: str) -> str | None:
+        path = self._path(key)
+        return sha256_file(path) if path.is_file() else None
+
+    def check_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
+                pass
+        except OSError as exc:
+            raise StorageError(f"output {self.root} is not writable: {exc.strerror or exc}") from None
+
+
+class S3Storage(Storage):
+    """S3 or any S3-compatible store (MinIO, Ceph): multipart transfers, botocore's standard retries."""
+
+    def __init__(self, url: str, endpoint_url: str | None = None, client=None):
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        parsed = urlparse(url)
+        self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
+        self.url = url.rstrip("/")
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        config = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10, read_timeout=120)
+        self.client = client or boto3.client("s3", endpoint_url=self.endpoint_url, config=config)
+        self.transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=8)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_file(self, local: Path, key: str) -> int:
+        self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer)
+        return Path(local).stat().st_size
+
+    def put_text(self, key: str, text: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=text.encode())
+
+    def get_text(self, key: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read().decode()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def get_file(self, key: str, local: Path) -> None:
+        with atomic_path(local) as tmp:
+            self.client.download_file(self.bucket, self._key(key), str(tmp), Config=self.transfer)
+
+    def list(self, prefix: str) -> list[str]:
+        keys = []
+        start = self._key(prefix)
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+            for obj in page.get("Contents", []):
+                keys.append(obj["Key"][len(self.prefix) + 1 :] if self.prefix else obj["Key"])
+        return sorted(keys)
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = [self._key(k) for k in self.list(prefix)]
+        for i in range(0, len(keys), 1000):
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
+
+    def sha256(self, key: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        except ClientError:
+            return None
+        digest = hashlib.sha256()
+        for block in body.iter_chunks(CHUNK):
+            digest.update(block)
+        return digest.hexdigest()
+
+    def check_writable(self) -> None:
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        import boto3
+
+        # A quick client for the probe, so a wrong endpoint fails in seconds, not after long retries.
+        probe = boto3.client("s3", endpoint_url=self.endpoint_url,
+                             config=Config(retries={"max_attempts": 1}, connect_timeout=5, read_timeout=10))  # fmt: skip
+        where = f"s3://{self.bucket}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
+        try:
+            probe.head_bucket(Bucket=self.bucket)
+            key = self._key(".sft-job-probe")
+            probe.put_object(Bucket=self.bucket, Key=key, Body=b"")
+            probe.delete_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket"):
+                raise StorageError(f"output bucket {where} does not exist") from None
+            raise StorageError(f"output {where} is not writable: {code or exc}") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"cannot reach output {where}: {type(exc).__name__}") from None
+
+
+def open_storage(url: str, endpoint_url: str | None = None) -> Storage:
+    """``s3://bucket/prefix`` or a local folder."""
+    if url.startswith("s3://"):
+        if not urlparse(url).netloc:
+            raise StorageError(f"output {url!r} names no bucket")
+        return S3Storage(url, endpoint_url)
+    if "://" in url:
+        raise StorageError(f"output {url!r} must be a local folder or s3://bucket/prefix")
+    return LocalStorage(url)
+
+
+def upload_tree(storage: Storage, local_root: Path, prefix: str, on_bytes: Callable[[int], None] | None = None,
+                last: str | None = None) -> list[str]:  # fmt: skip
+    """Upload every file under ``local_root`` to ``prefix/``; ``last`` (a file name) goes up last,
+    so its presence marks the whole tree as complete."""
+    files = sorted(p for p in local_root.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == last)
+    keys = []
+    for path in files:
+        key = f"{prefix}/{path.relative_to(local_root)}"
+        written = storage.put_file(path, key)
+        if on_bytes:
+            on_bytes(written)
+        keys.append(key)
+    return keys

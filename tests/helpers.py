@@ -50,3 +50,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until(predicate, deadline_s: float = 60, interval_s: float = 0.2, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; fail past the deadline."""
+    import threading
+
+    deadline = time.monotonic() + deadline_s
+    pause = threading.Event()
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {deadline_s}s waiting for {what}")
+        pause.wait(interval_s)

@@ -1,0 +1,301 @@
+"""``sft-job run``: preflight, then download -> finetune -> generate -> judge into one run folder.
+
+The only module that knows the order of the stages. Each stage's artifacts are uploaded, then
+the manifest records them (size and sha256), so a reader never sees an artifact list that points
+at something missing; a rerun with the same run id skips stages whose artifacts still verify.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import hashlib
+import json
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+
+from job import __version__
+from job.config import DownloadConfig, FinetuneConfig, GenerateConfig, JudgeConfig, RunConfig
+from job.data import load_entries, resolve_data
+from job.download import Downloader, dataset_file, model_dir as cached_model_dir, run_download, tokenizer_files
+from job.errors import JobError
+from job.finetune import Preempted, run_finetune
+from job.generate import RESPONSES_FILE, run_generate
+from job.judge import preflight as judge_preflight, run_judge
+from job.model import GPTConfig, GPTModel
+from job.observability import Metrics, MetricsPublisher, bind, get_logger
+from job.storage import LocalStorage, Storage, open_storage, sha256_file, upload_tree
+from job.weights import save_hf
+
+log = get_logger(__name__)
+STAGES = ("download", "finetune", "generate", "judge")
+SMOKE_MODEL = GPTConfig(n_layers=2, emb_dim=128, n_heads=4)
+FINETUNE_ARTIFACTS = ("model/model.safetensors", "model/config.json", "losses.json", "loss-plot.png")
+
+
+def default_run_id(cfg: RunConfig) -> str:
+    digest = hashlib.sha256(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{digest}"
+
+
+class Manifest:
+    """``manifest.json``: each stage's status, times and artifacts (size, sha256)."""
+
+    def __init__(self, storage: Storage, run_id: str):
+        self.storage = storage
+        text = storage.get_text("manifest.json")
+        self.data = json.loads(text) if text else {"run_id": run_id, "version": __version__, "stages": {}}
+
+    def stage(self, name: str) -> dict:
+        return self.data["stages"].get(name, {})
+
+    def verified(self, name: str) -> bool:
+        """Complete, and every artifact still there with its recorded sha256."""
+        entry = self.stage(name)
+        if entry.get("status") != "complete":
+            return False
+        for key, meta in entry.get("artifacts", {}).items():
+            if self.storage.sha256(key) != meta["sha256"]:
+                log.warning("artifact_changed", stage=name, artifact=key)
+                return False
+        return True
+
+    def record(self, name: str, **fields) -> None:
+        self.data["stages"][name] = {**self.stage(name), **fields}
+        self.data["updated"] = _now()
+        self.storage.put_text("manifest.json", json.dumps(self.data, indent=2) + "\n")
+
+
+class CheckpointUploader:
+    """Uploads each checkpoint in the background while training goes on; ``wait`` before exit."""
+
+    def __init__(self, storage: Storage, metrics: Metrics):
+        self.storage, self.metrics = storage, metrics
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self.pending: list[Future] = []
+
+    def __call__(self, checkpoint: Path) -> None:
+        # The log context (run_id, stage, rank) lives in contextvars, which threads do not inherit.
+        context = contextvars.copy_context()
+        self.pending.append(self.pool.submit(context.run, self._upload, checkpoint))
+
+    def _upload(self, checkpoint: Path) -> None:
+        started = time.perf_counter()
+        keep = {p.name for p in checkpoint.parent.iterdir() if p.name.startswith("step-")}
+        upload_tree(self.storage, checkpoint, f"checkpoints/{checkpoint.name}",
+                    on_bytes=self.metrics.artifact_bytes_uploaded_total.inc, last="trainer_state.json")  # fmt: skip
+        for key in self.storage.list("checkpoints/"):
+            name = key.split("/")[1]
+            if name not in keep and name != checkpoint.name:
+                self.storage.delete_prefix(f"checkpoints/{name}")
+        log.info("checkpoint_uploaded", checkpoint=checkpoint.name, seconds=round(time.perf_counter() - started, 3))
+
+    def wait(self) -> None:
+        for future in self.pending:
+            future.result()
+        self.pool.shutdown()
+
+
+class Pipeline:
+    def __init__(self, cfg: RunConfig, metrics: Metrics):
+        self.cfg, self.metrics = cfg, metrics
+        self.publisher: MetricsPublisher | None = None
+        self.run_id = cfg.run_id or default_run_id(cfg)
+        self.storage = open_storage(f"{cfg.output.rstrip('/')}/{self.run_id}", cfg.s3_endpoint_url)
+        local = isinstance(self.storage, LocalStorage)
+        scratch = Path(cfg.scratch) if cfg.scratch else Path(cfg.cache) / "scratch"
+        self.work = self.storage.root if local else scratch / self.run_id
+        self.resolved = dataclasses.asdict(cfg) | {"run_id": self.run_id}
+        from accelerate import PartialState
+
+        self.state = PartialState()
+
+    # --- before anything ---------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        """Everything that can fail fast fails here, before any download or training."""
+        cfg = self.cfg
+        if cfg.require_gpu and not torch.cuda.is_available():
+            raise JobError("--require-gpu was given but no CUDA device is visible")
+        self.storage.check_writable()
+        load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
+        if not cfg.skip_judge:
+            judge_preflight(self.judge_config())
+        log.info("preflight_ok", output=self.storage.url, work=str(self.work))
+
+    # --- the stages ----------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        if self.state.is_main_process:
+            self.preflight()
+            self.work.mkdir(parents=True, exist_ok=True)
+            self.manifest = Manifest(self.storage, self.run_id)
+            self.storage.put_text("config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
+            self.metrics.info.labels(version=__version__, model=self._model_label(), run_id=self.run_id).set(1)
+            self._stage("download", self.download)
+        self.state.wait_for_everyone()
+        self._finetune_all_ranks()
+        if not self.state.is_main_process:
+            return {}
+        self._stage("generate", self.generate)
+        if not self.cfg.skip_judge:
+            self._stage("judge", self.judge)
+        bind(stage="run")
+        log.info("run_complete", run_id=self.run_id, output=self.storage.url)
+        return self.manifest.data
+
+    def _stage(self, name: str, body) -> None:
+        bind(stage=name)
+        m = self.metrics
+        if self.manifest.verified(name):
+            log.info("stage_skipped", reason="complete in manifest, artifacts verified")
+            m.stage_status.labels(stage=name).set(2)
+            return
+        started, start_iso = time.perf_counter(), _now()
+        m.stage_status.labels(stage=name).set(1)
+        self.manifest.record(name, status="running", start=start_iso, end=None)
+        log.info("stage_start")
+        try:
+            artifacts = body() or []
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, Preempted) else "failed"
+            m.stage_status.labels(stage=name).set(3)
+            self.manifest.record(name, status=status, end=_now(), error=str(exc).splitlines()[0] if str(exc) else status)
+            raise
+        finally:
+            m.stage_duration_seconds.labels(stage=name).set(time.perf_counter() - started)
+        records = self._upload(artifacts)
+        m.stage_status.labels(stage=name).set(2)
+        self.manifest.record(name, status="complete", end=_now(), duration_s=round(time.perf_counter() - started, 3),
+                             artifacts=records)  # fmt: skip
+        log.info("stage_done", seconds=round(time.perf_counter() - started, 3), artifacts=len(records))
+        if self.publisher is not None:
+            self.publisher.push()
+
+    def _upload(self, keys: list[str]) -> dict:
+        records = {}
+        for key in keys:
+            local = self.work / key
+            written = self.storage.put_file(local, key)
+            if not self.storage.is_local_path(local, key):
+                self.metrics.artifact_bytes_uploaded_total.inc(written)
+            records[key] = {"size": local.stat().st_size, "sha256": sha256_file(local)}
+        return records
+
+    def download(self) -> list[str]:
+        cfg = self.cfg
+        downloader = Downloader(Path(cfg.cache), metrics=self.metrics)
+        if cfg.smoke or cfg.model_dir:
+            downloader.fetch_all(tokenizer_files(cfg.base_url))
+        else:
+            run_download(DownloadConfig(model=cfg.model, source=cfg.source, cache=cfg.cache, base_url=cfg.base_url,
+                                        dataset=False), self.metrics)  # fmt: skip
+        if cfg.data.startswith(("http://", "https://", "s3://")):
+            downloader.fetch(dataset_file(cfg.data, cfg.base_url))
+        return []
+
+    def _finetune_all_ranks(self) -> None:
+        """Every process trains; the main one records the stage (others just take part)."""
+        if self.state.is_main_process:
+            self._stage("finetune", self.finetune)
+        else:
+            self.finetune()
+
+    def finetune(self) -> list[str]:
+        cfg = self.cfg
+        if self.state.is_main_process and not isinstance(self.storage, LocalStorage):
+            self._fetch_remote_checkpoint()
+        self.state.wait_for_everyone()
+        uploader = None if isinstance(self.storage, LocalStorage) else CheckpointUploader(self.storage, self.metrics)
+        fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        overrides = {"output": str(self.work), "model_dir": self._start_model_dir()}
+        if cfg.smoke:
+            overrides |= {"max_steps": 20}
+        ft = FinetuneConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields} | overrides)
+        try:
+            outputs = run_finetune(ft, self.metrics, saved_config=self.resolved,
+                                   on_checkpoint=uploader if self.state.is_main_process else None)  # fmt: skip
+        finally:
+            if uploader is not None:
+                uploader.wait()  # also on preemption: the checkpoint must reach storage first
+        if not self.state.is_main_process:
+            return []
+        return [*FINETUNE_ARTIFACTS, outputs["pth"].name]
+
+    def _start_model_dir(self) -> str:
+        cfg = self.cfg
+        if cfg.smoke:
+            path = self.work / "smoke-model"
+            if self.state.is_main_process and not (path / "model.safetensors").is_file():
+                torch.manual_seed(cfg.seed)
+                save_hf(GPTModel(SMOKE_MODEL), path)
+            self.state.wait_for_everyone()
+            return str(path)
+        return cfg.model_dir or str(cached_model_dir(cfg.cache, cfg.model, cfg.source))
+
+    def _fetch_remote_checkpoint(self) -> None:
+        """Resume from storage when this machine has no checkpoint (a new pod, another node)."""
+        local = self.work / "checkpoints"
+        if local.is_dir() and any(local.glob("step-*/trainer_state.json")):
+            return
+        complete = sorted({k.split("/")[1] for k in self.storage.list("checkpoints/") if k.endswith("/trainer_state.json")})
+        if not complete:
+            return
+        latest = complete[-1]
+        for key in self.storage.list(f"checkpoints/{latest}/"):
+            self.storage.get_file(key, self.work / key)
+        log.info("checkpoint_downloaded", checkpoint=latest, source=self.storage.url)
+
+    def generate(self) -> list[str]:
+        cfg = self.cfg
+        self._ensure_local(FINETUNE_ARTIFACTS[:2])
+        limit, max_new = (8, 16) if cfg.smoke else (cfg.limit, cfg.max_new_tokens)
+        run_generate(GenerateConfig(
+            model_dir=str(self.work / "model"), data=cfg.data, prompt_style=cfg.prompt_style,
+            shuffle_seed=cfg.shuffle_seed, skip_invalid=cfg.skip_invalid, cache=cfg.cache, base_url=cfg.base_url,
+            output=str(self.work), max_new_tokens=max_new, batch_size=cfg.generate_batch_size,
+            temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed, limit=limit,
+        ), self.metrics)  # fmt: skip
+        return [RESPONSES_FILE]
+
+    def judge_config(self) -> JudgeConfig:
+        fields = {f.name for f in dataclasses.fields(JudgeConfig)}
+        settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k in fields and k != "output"}
+        return JudgeConfig(**settings, responses=str(self.work / RESPONSES_FILE), output=str(self.work))
+
+    def judge(self) -> list[str]:
+        self._ensure_local([RESPONSES_FILE])
+        run_judge(self.judge_config(), self.metrics)
+        return ["scores.json", "summary.json"]
+
+    def _ensure_local(self, keys) -> None:
+        """Artifacts of a skipped stage, brought back from storage when this machine lacks them."""
+        for key in keys:
+            if not (self.work / key).is_file():
+                self.storage.get_file(key, self.work / key)
+
+    def _model_label(self) -> str:
+        return "smoke" if self.cfg.smoke else (self.cfg.model_dir or self.cfg.model)
+
+
+def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:
+    metrics = metrics or Metrics()
+    pipeline = Pipeline(cfg, metrics)
+    bind(run_id=pipeline.run_id)
+    publisher = MetricsPublisher(metrics, cfg.metrics_port if pipeline.state.is_main_process else 0,
+                                 cfg.pushgateway if pipeline.state.is_main_process else None, pipeline.run_id)  # fmt: skip
+    pipeline.publisher = publisher
+    with publisher:  # pushes at exit too, failure included
+        result = pipeline.run()
+        if pipeline.state.is_main_process:
+            metrics.last_success_timestamp_seconds.set_to_current_time()
+    return result
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
