@@ -10,7 +10,6 @@ Cache layout (a mirror given by ``--base-url`` is a copy of a cache, with the sa
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import time
@@ -24,6 +23,7 @@ import requests
 from job.errors import JobError
 from job.model import OPENAI_SIZE_NAMES
 from job.observability import Metrics, get_logger, stderr_is_terminal
+from job.storage import sha256_file
 from job.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256
 
 log = get_logger(__name__)
@@ -161,7 +161,7 @@ class Downloader:
     def _complete(self, path: Path, remote: RemoteFile) -> bool:
         if remote.size is not None and path.stat().st_size != remote.size:
             return False
-        return remote.sha256 is None or _sha256(path) == remote.sha256
+        return remote.sha256 is None or sha256_file(path) == remote.sha256
 
     def _verify(self, part: Path, remote: RemoteFile, url: str) -> None:
         size = part.stat().st_size
@@ -169,7 +169,7 @@ class Downloader:
             part.unlink()
             raise DownloadError(f"{remote.relpath}: size mismatch from {url}: got {size} bytes, expected {remote.size}")
         if remote.sha256 is not None:
-            actual = _sha256(part)
+            actual = sha256_file(part)
             if actual != remote.sha256:
                 part.unlink()
                 raise DownloadError(f"{remote.relpath}: sha256 mismatch from {url}: got {actual}, expected {remote.sha256}")
@@ -321,14 +321,6 @@ class _Progress:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_download(cfg, metrics: Metrics | None = None) -> Path:
