@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# System services the tests run for real: Prometheus and its Pushgateway (Debian's packages).
+# System services the tests run for real (Debian's packages): Prometheus and its Pushgateway,
+# and Slurm with munge for a single-node cluster on localhost.
 # Installs only what is missing; needs root (or sudo).
 set -euo pipefail
 packages=()
 command -v prometheus >/dev/null || packages+=(prometheus)
 command -v prometheus-pushgateway >/dev/null || packages+=(prometheus-pushgateway)
+command -v slurmctld >/dev/null || packages+=(slurm-wlm)
+command -v munged >/dev/null || packages+=(munge)
 if [ ${#packages[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

