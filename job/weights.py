@@ -206,6 +206,8 @@ def book_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     """Our weights under the book's ``GPTModel`` names (``trf_blocks.0.att.W_query.weight``...),
     so ``book_model.load_state_dict(torch.load(path))`` works for the book's readers."""
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    n = model.cfg.context_length
+    causal = torch.triu(torch.ones(n, n), diagonal=1)
     out = {
         "tok_emb.weight": sd["wte.weight"],
         "pos_emb.weight": sd["wpe.weight"],
@@ -229,4 +231,5 @@ def book_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
         for book, ours in (("norm1", "ln_1"), ("norm2", "ln_2")):
             out[f"{b}{book}.scale"] = sd[f"{p}{ours}.weight"]
             out[f"{b}{book}.shift"] = sd[f"{p}{ours}.bias"]
+        out[f"{b}att.mask"] = causal  # the book's attention keeps its causal mask as a saved buffer
     return out

@@ -64,8 +64,10 @@ def test_book_state_dict_uses_the_books_names_and_values(hf_tiny):
     assert torch.equal(sd["trf_blocks.1.att.W_key.weight"], k)
     assert torch.equal(sd["trf_blocks.1.ff.layers.2.bias"], model.h[1].mlp.c_proj.bias)
     assert torch.equal(sd["trf_blocks.0.norm2.scale"], model.h[0].ln_2.weight)
-    # Everything the book's GPTModel holds for a 2-layer model: 4 top-level + 16 per block.
-    assert len(sd) == 5 + 16 * 2
+    # The book's attention saves its causal mask as a buffer, so a strict load needs it too.
+    assert torch.equal(sd["trf_blocks.1.att.mask"], torch.triu(torch.ones(128, 128), diagonal=1))
+    # Everything the book's GPTModel holds for a 2-layer model: 5 top-level + 17 per block.
+    assert len(sd) == 5 + 17 * 2
 
 
 def test_wrong_shape_names_the_tensor_and_both_shapes(hf_tiny, tmp_path):

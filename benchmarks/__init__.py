@@ -1,0 +1,1 @@
+"""Speed of sft-job against the book's code (llms-from-scratch) and Hugging Face transformers."""

@@ -1,0 +1,249 @@
+"""Measurements, one implementation at a time, each in a fresh process (so peak memory is its own).
+
+Every implementation gets the same random weights, the same batches from the book's data and the
+same settings; each figure is the median over repeats after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from job.data import PROMPT_STYLES, Collator, load_entries, split_entries, tokenize
+from job.finetune import epoch_batches
+from job.model import GPT2_SIZES, GPTConfig, GPTModel
+from job.tokenizer import encode, load_tokenizer
+from job.weights import book_state_dict, hf_state_dict
+
+
+@dataclass
+class Setup:
+    """What every implementation is measured on."""
+
+    size: str
+    device: str
+    data_dir: str
+    batch_size: int = 8
+    train_steps: int = 8
+    warmup_steps: int = 2
+    repeats: int = 3
+    max_new_tokens: int = 32
+    generate_batch_size: int = 16
+    book_prompts: int = 110
+    n_layers: int | None = None  # a shallower model of the same width (quick checks)
+    precision: str = "fp32"  # or bf16 (autocast)
+
+    @property
+    def model_config(self) -> GPTConfig:
+        cfg = GPT2_SIZES[self.size]
+        if self.n_layers:
+            cfg = GPTConfig(**{**cfg.__dict__, "n_layers": self.n_layers})
+        return cfg
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _autocast(setup: Setup):
+    if setup.precision == "bf16":
+        return torch.autocast(setup.device.split(":")[0], dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def reference_model(setup: Setup) -> GPTModel:
+    torch.manual_seed(123)
+    return GPTModel(setup.model_config).eval()
+
+
+def data(setup: Setup):
+    tokenizer = load_tokenizer(Path(setup.data_dir) / "gpt2")
+    entries = load_entries(Path(setup.data_dir) / "instruction-data.json")
+    train, test, _ = split_entries(entries)
+    style = PROMPT_STYLES["alpaca"]
+    examples = tokenize(train, tokenizer, style, setup.model_config.context_length)
+    prompts = [encode(tokenizer, style.format_input(e)) for e in test]
+    return examples, prompts
+
+
+def book_batches(setup: Setup, examples):
+    """The book's loader: shuffled (seed 123), batches of 8, drop_last, the book's collate."""
+    collate = Collator(1024, mask_instruction=False)
+    needed = setup.warmup_steps + setup.train_steps * setup.repeats
+    batches = []
+    epoch = 0
+    while len(batches) < needed:
+        batches += [collate([examples[i] for i in b]) for b in epoch_batches(len(examples), setup.batch_size, 123, epoch)]
+        epoch += 1
+    return batches[:needed]
+
+
+# --- the three implementations --------------------------------------------------------------
+
+
+def build(impl: str, setup: Setup):
+    """(model, loss function of (inputs, targets)) for ``impl``, all with the reference weights."""
+    ours = reference_model(setup)
+    if impl == "ours":
+        model = ours
+        loss = lambda x, y: model(x, targets=y)  # noqa: E731  (the head only where targets count)
+    elif impl == "hf":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        c = setup.model_config
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.context_length, n_embd=c.emb_dim,
+                                           n_layer=c.n_layers, n_head=c.n_heads, resid_pdrop=0.0, embd_pdrop=0.0,
+                                           attn_pdrop=0.0))  # fmt: skip
+        model.load_state_dict(hf_state_dict(ours), strict=False)
+        model.tie_weights()
+
+        def loss(x, y):
+            logits = model(x).logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    elif impl == "book":
+        from llms_from_scratch.ch04 import GPTModel as BookGPT
+
+        c = setup.model_config
+        model = BookGPT({"vocab_size": c.vocab_size, "context_length": c.context_length, "emb_dim": c.emb_dim,
+                         "n_heads": c.n_heads, "n_layers": c.n_layers, "drop_rate": 0.0, "qkv_bias": True})  # fmt: skip
+        model.load_state_dict(book_state_dict(ours))
+
+        def loss(x, y):  # ch05.calc_loss_batch
+            logits = model(x)
+            return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    else:
+        raise ValueError(impl)
+    return model.to(setup.device), loss
+
+
+def measure_training(impl: str, setup: Setup) -> dict:
+    """Training tokens per second (AdamW step included) and peak memory."""
+    examples, _ = data(setup)
+    batches = book_batches(setup, examples)
+    model, loss_fn = build(impl, setup)
+    model.train()
+    fused = setup.device.startswith("cuda") and impl == "ours"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=fused)
+    _reset_peak(setup)
+
+    def step(x, y):
+        x, y = x.to(setup.device), y.to(setup.device)
+        with _autocast(setup):
+            loss = loss_fn(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return x.numel()
+
+    for x, y in batches[: setup.warmup_steps]:
+        step(x, y)
+    rates = []
+    for r in range(setup.repeats):
+        chunk = batches[setup.warmup_steps + r * setup.train_steps : setup.warmup_steps + (r + 1) * setup.train_steps]
+        _sync(setup.device)
+        start = time.perf_counter()
+        tokens = sum(step(x, y) for x, y in chunk)
+        _sync(setup.device)
+        rates.append(tokens / (time.perf_counter() - start))
+    return {"tokens_per_second": statistics.median(rates), "repeats": rates, "peak_memory_bytes": _peak(setup)}
+
+
+@torch.no_grad()
+def measure_generation(impl: str, setup: Setup) -> dict:
+    """Greedy decoding of the test prompts, every response forced to max_new_tokens."""
+    _, prompts = data(setup)
+    if impl == "book":
+        prompts = prompts[: setup.book_prompts]
+    model, _ = build(impl, setup)
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [[prompts[i] for i in order[j : j + setup.generate_batch_size]]
+               for j in range(0, len(order), setup.generate_batch_size)]  # fmt: skip
+    run = {"ours": _generate_ours, "hf": _generate_hf, "book": _generate_book}[impl]
+    run(model, batches[:1], setup, warmup=True)
+    _reset_peak(setup)
+    walls, tokens = [], 0
+    for _ in range(setup.repeats if impl != "book" else 1):
+        _sync(setup.device)
+        start = time.perf_counter()
+        tokens = run(model, batches, setup)
+        _sync(setup.device)
+        walls.append(time.perf_counter() - start)
+    wall = statistics.median(walls)
+    return {"tokens_per_second": tokens / wall, "wall_seconds": wall, "prompts": len(prompts), "new_tokens": tokens,
+            "peak_memory_bytes": _peak(setup)}  # fmt: skip
+
+
+def _generate_ours(model, batches, setup, warmup=False):
+    from job.decoding import generate
+
+    n = 2 if warmup else setup.max_new_tokens
+    with _autocast(setup):
+        return sum(len(o) for b in batches for o in generate(model, b, n, eos_id=None))
+
+
+def _generate_hf(model, batches, setup, warmup=False):
+    n = 2 if warmup else setup.max_new_tokens
+    total = 0
+    for batch in batches:
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[50256] * (width - len(p)) + p for p in batch], device=setup.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=setup.device)
+        with _autocast(setup):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=50256, use_cache=True)  # fmt: skip
+        total += (out.shape[1] - width) * len(batch)
+    return total
+
+
+def _generate_book(model, batches, setup, warmup=False):
+    from llms_from_scratch.ch05 import generate
+
+    n = 2 if warmup else setup.max_new_tokens
+    total = 0
+    for batch in batches:
+        for p in batch:  # the book decodes one prompt at a time, recomputing the whole sequence
+            with _autocast(setup):
+                out = generate(model, torch.tensor([p], device=setup.device), n, setup.model_config.context_length)
+            total += out.shape[1] - len(p)
+    return total
+
+
+def _reset_peak(setup: Setup) -> None:
+    if setup.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak(setup: Setup) -> int:
+    if setup.device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole process: its own
+
+
+def run_isolated(task: str, impl: str, setup: Setup) -> dict:
+    """One measurement in a fresh process (spawned), so its peak memory and warm caches are its own."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_task, (task, impl, setup.__dict__))
+
+
+def _task(task: str, impl: str, setup_fields: dict) -> dict:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    setup = Setup(**setup_fields)
+    fn = measure_training if task == "train" else measure_generation
+    return json.loads(json.dumps(fn(impl, setup)))
