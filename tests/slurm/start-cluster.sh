@@ -7,18 +7,19 @@ set -euo pipefail
 dir=$(realpath -m "${1:?state folder}")
 ctld_port=${2:-6817}
 slurmd_port=${3:-6818}
-mkdir -p "$dir/state" "$dir/spool" "$dir/munge"
+mkdir -p "$dir/state" "$dir/spool"
 
-# munge: a key of our own, the daemon as the munge user, its socket in our folder.
-chown munge:munge "$dir/munge"
-if [ ! -s "$dir/munge/munge.key" ]; then
-  mungekey --create --keyfile="$dir/munge/munge.key" --force
-  chown munge:munge "$dir/munge/munge.key"
-  chmod 400 "$dir/munge/munge.key"
-fi
-socket="$dir/munge/munge.socket"
-runuser -u munge -- munged --force --socket="$socket" --key-file="$dir/munge/munge.key" \
-  --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/munged.seed"
+# munge: a key of our own, the daemon as the munge user. Its folder must be reachable by that
+# user, which a private temporary folder (pytest's, say) is not, so it lives in /tmp of its own.
+munge_dir=$(mktemp -d /tmp/sft-job-munge.XXXXXX)
+echo "$munge_dir" > "$dir/munge-dir"
+chown munge:munge "$munge_dir"
+mungekey --create --keyfile="$munge_dir/munge.key" --force
+chown munge:munge "$munge_dir/munge.key"
+chmod 400 "$munge_dir/munge.key"
+socket="$munge_dir/munge.socket"
+runuser -u munge -- munged --force --socket="$socket" --key-file="$munge_dir/munge.key" \
+  --pid-file="$munge_dir/munged.pid" --log-file="$munge_dir/munged.log" --seed-file="$munge_dir/munged.seed"
 
 cpus=$(nproc)
 memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
