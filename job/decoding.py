@@ -47,7 +47,8 @@ def generate(
         idx[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         valid[row, width - len(p) :] = True
     cache = KVCache(cfg, len(prompts), width + max_new_tokens, device=device, dtype=next(model.parameters()).dtype)
-    logits = model(idx.to(device), cache=cache, valid=valid.to(device))[:, -1]  # (B, vocab)
+    hidden = model.hidden_states(idx.to(device), cache, valid.to(device))  # (B, T, C)
+    logits = model.lm_head(hidden[:, -1])  # (B, vocab): only the last position is needed
     outputs: list[list[int]] = [[] for _ in prompts]
     rows = list(range(len(prompts)))  # original index of each row still in the batch
     for step in range(max_new_tokens):
