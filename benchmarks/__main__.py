@@ -90,6 +90,15 @@ def main(argv=None) -> int:
             report["results"][key] = result
             print(f"{task:9s} {impl:5s} {precision:5s} {result['tokens_per_second']:10.1f} tokens/s  "
                   f"peak {result['peak_memory_bytes'] / 2**20:8.0f} MiB", flush=True)  # fmt: skip
+    if args.mode == "gpu" and "train" in tasks:
+        from benchmarks.recipe import mfu
+
+        big = dataclasses.replace(setup, batch_size=32)  # the larger batch the MFU target is about
+        report["results"]["train/ours/batch32"] = run_isolated("train", "ours", big)
+        for key, s_ in (("train/ours", setup), ("train/ours/batch32", big)):
+            res = report["results"][key]
+            res["mfu"] = mfu(res["tokens_per_second"], s_, round(res["mean_seq_len"]))
+            print(f"{key:20s} MFU {res['mfu']}", flush=True)
     if "recipe" in tasks:
         from benchmarks.recipe import full_recipe
 

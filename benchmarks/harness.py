@@ -150,7 +150,7 @@ def measure_training(impl: str, setup: Setup) -> dict:
 
     for x, y in batches[: setup.warmup_steps]:
         step(x, y)
-    rates = []
+    rates, lengths = [], [x.shape[1] for x, _ in batches]
     for r in range(setup.repeats):
         chunk = batches[setup.warmup_steps + r * setup.train_steps : setup.warmup_steps + (r + 1) * setup.train_steps]
         _sync(setup.device)
@@ -158,7 +158,8 @@ def measure_training(impl: str, setup: Setup) -> dict:
         tokens = sum(step(x, y) for x, y in chunk)
         _sync(setup.device)
         rates.append(tokens / (time.perf_counter() - start))
-    return {"tokens_per_second": statistics.median(rates), "repeats": rates, "peak_memory_bytes": _peak(setup)}
+    return {"tokens_per_second": statistics.median(rates), "repeats": rates, "peak_memory_bytes": _peak(setup),
+            "mean_seq_len": statistics.fmean(lengths)}  # fmt: skip
 
 
 @torch.no_grad()
