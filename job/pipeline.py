@@ -208,7 +208,8 @@ class Pipeline:
 
     def finetune(self) -> list[str]:
         cfg = self.cfg
-        if self.state.is_main_process and not isinstance(self.storage, LocalStorage):
+        # Each node resumes from its own scratch folder, so the first process of every node fetches.
+        if self.state.is_local_main_process and not isinstance(self.storage, LocalStorage):
             self._fetch_remote_checkpoint()
         self.state.wait_for_everyone()
         uploader = None if isinstance(self.storage, LocalStorage) else CheckpointUploader(self.storage, self.metrics)
