@@ -46,7 +46,10 @@ def generate(
     for row, p in enumerate(prompts):
         idx[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         valid[row, width - len(p) :] = True
-    cache = KVCache(cfg, len(prompts), width + max_new_tokens, device=device, dtype=next(model.parameters()).dtype)
+    # Under autocast the keys and values come out in the autocast dtype: keep the cache in it too.
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else next(model.parameters()).dtype
+    cache = KVCache(cfg, len(prompts), width + max_new_tokens, device=device, dtype=dtype)
     hidden = model.hidden_states(idx.to(device), cache, valid.to(device))  # (B, T, C)
     logits = model.lm_head(hidden[:, -1])  # (B, vocab): only the last position is needed
     outputs: list[list[int]] = [[] for _ in prompts]

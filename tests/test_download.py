@@ -136,3 +136,18 @@ def test_s3_missing_key_is_a_clear_error(tmp_path, s3):
     dl, _ = _downloader(tmp_path)
     with pytest.raises(DownloadError, match=r"S3 (NoSuchKey|404) for s3://empty/nothing"):
         dl.fetch(RemoteFile("nothing", ("s3://empty/nothing",)))
+
+
+def test_progress_is_json_events_when_no_terminal_watches(tmp_path, monkeypatch):
+    import structlog
+
+    import job.download
+
+    monkeypatch.setattr(job.download, "stderr_is_terminal", lambda: False)
+    with FileServer({"/f": BLOB}) as server, structlog.testing.capture_logs() as logs:
+        dl, _ = _downloader(tmp_path)
+        dl.fetch(RemoteFile("f", (server.url + "/f",)))
+    progress = [e for e in logs if e["event"] == "download_progress"]
+    assert len(progress) >= 3 and progress[-1]["total"] == len(BLOB)
+    assert [e["bytes"] for e in progress] == sorted(e["bytes"] for e in progress)
+    assert any(e["event"] == "download_done" and e["bytes"] == len(BLOB) for e in logs)
