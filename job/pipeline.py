@@ -20,9 +20,9 @@ import torch
 import yaml
 
 from job import __version__
-from job.config import DownloadConfig, FinetuneConfig, GenerateConfig, JudgeConfig, RunConfig
+from job.config import FinetuneConfig, GenerateConfig, JudgeConfig, RunConfig
 from job.data import load_entries, resolve_data
-from job.download import Downloader, dataset_file, model_dir as cached_model_dir, run_download, tokenizer_files
+from job.download import Downloader, dataset_file, model_dir as cached_model_dir, model_files, tokenizer_files
 from job.errors import JobError
 from job.finetune import Preempted, run_finetune
 from job.generate import RESPONSES_FILE, run_generate
@@ -137,7 +137,7 @@ class Pipeline:
             self.manifest = Manifest(self.storage, self.run_id)
             self.storage.put_text("config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
             self.metrics.info.labels(version=__version__, model=self._model_label(), run_id=self.run_id).set(1)
-            self._stage("download", self.download)
+            self._stage("download", self.download, done=self.cache_complete)
         self.state.wait_for_everyone()
         self._finetune_all_ranks()
         if not self.state.is_main_process:
@@ -149,10 +149,12 @@ class Pipeline:
         log.info("run_complete", run_id=self.run_id, output=self.storage.url)
         return self.manifest.data
 
-    def _stage(self, name: str, body) -> None:
+    def _stage(self, name: str, body, done=None) -> None:
+        """Run one stage unless the manifest marks it complete and ``done`` (default: its
+        artifacts' sha256 still match) confirms it; then upload its artifacts and record them."""
         bind(stage=name)
         m = self.metrics
-        if self.manifest.verified(name):
+        if self.manifest.stage(name).get("status") == "complete" and (done or (lambda: self.manifest.verified(name)))():
             log.info("stage_skipped", reason="complete in manifest, artifacts verified")
             m.stage_status.labels(stage=name).set(2)
             return
@@ -187,17 +189,23 @@ class Pipeline:
             records[key] = {"size": local.stat().st_size, "sha256": sha256_file(local)}
         return records
 
-    def download(self) -> list[str]:
+    def download_files(self) -> list:
+        """What the run needs in the cache: tokenizer, the named model's weights, a remote dataset."""
         cfg = self.cfg
-        downloader = Downloader(Path(cfg.cache), metrics=self.metrics)
-        if cfg.smoke or cfg.model_dir:
-            downloader.fetch_all(tokenizer_files(cfg.base_url))
-        else:
-            run_download(DownloadConfig(model=cfg.model, source=cfg.source, cache=cfg.cache, base_url=cfg.base_url,
-                                        dataset=False), self.metrics)  # fmt: skip
+        files = tokenizer_files(cfg.base_url)
+        if not (cfg.smoke or cfg.model_dir):
+            files += model_files(cfg.model, cfg.source, cfg.base_url)
         if cfg.data.startswith(("http://", "https://", "s3://")):
-            downloader.fetch(dataset_file(cfg.data, cfg.base_url))
+            files.append(dataset_file(cfg.data, cfg.base_url))
+        return files
+
+    def download(self) -> list[str]:
+        Downloader(Path(self.cfg.cache), metrics=self.metrics).fetch_all(self.download_files())
         return []
+
+    def cache_complete(self) -> bool:
+        """The cache is this machine's: the download stage counts as done only where its files are."""
+        return all((Path(self.cfg.cache) / f.relpath).is_file() for f in self.download_files())
 
     def _finetune_all_ranks(self) -> None:
         """Every process trains; the main one records the stage (others just take part)."""

@@ -161,3 +161,26 @@ def test_metrics_registry_holds_exact_values_after_a_local_run(tiny_model_dir, s
     assert value("sft_job_last_success_timestamp_seconds") > 0
     assert value("sft_job_info", {"version": "0.1.0", "model": str(tiny_model_dir), "run_id": "m1"}) == 1
     assert value("sft_job_stage_duration_seconds", {"stage": "finetune"}) > 0
+
+
+def test_download_stage_is_redone_where_this_machines_cache_lacks_the_files(tiny_model_dir, shared_data, ollama, tmp_path):
+    """The manifest travels with the run, the cache stays with the machine: a rerun on a machine
+    whose cache is empty downloads again, and skips every stage whose artifacts verify."""
+    from tests.file_server import FileServer
+
+    files = {f"/mirror/gpt2/{n}": (shared_data / "gpt2" / n).read_bytes() for n in ("encoder.json", "vocab.bpe")}
+    with FileServer(files) as mirror:
+        args = ["run", "--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data.json",
+                "--cache", tmp_path / "cache", "--base-url", mirror.url + "/mirror", "--output", tmp_path / "runs",
+                "--run-id", "moved", "--judge-url", ollama.url, "--max-steps", "2", "--limit", "2",
+                "--max-new-tokens", "2", "--metrics-port", "0", "--log-format", "json"]  # fmt: skip
+        assert cli(*args).returncode == 0
+        assert len(mirror.requests) == 2
+        same_machine = cli(*args)
+        assert [e["stage"] for e in events(same_machine.stdout) if e["event"] == "stage_skipped"] == STAGES
+        assert len(mirror.requests) == 2
+        shutil.rmtree(tmp_path / "cache")  # another machine: same output, empty cache
+        other_machine = cli(*args)
+        assert other_machine.returncode == 0, other_machine.stderr[-2000:]
+        assert [e["stage"] for e in events(other_machine.stdout) if e["event"] == "stage_skipped"] == STAGES[1:]
+        assert len(mirror.requests) == 4 and (tmp_path / "cache" / "gpt2" / "vocab.bpe").is_file()
