@@ -8,13 +8,13 @@ import re
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import yaml
-from contextlib import nullcontext
 
 from job.config import FinetuneConfig
 from job.data import PROMPT_STYLES, Collator, Example, load_entries, resolve_data, split_entries, tokenize
@@ -270,7 +270,7 @@ class Trainer:
             (tmp / "config.yaml").write_text(yaml.safe_dump(self.saved_config, sort_keys=False))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            for old in sorted(_checkpoint_dirs(self.checkpoints))[: -self.cfg.keep_checkpoints]:
+            for old in sorted(checkpoint_dirs(self.checkpoints))[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             seconds = time.perf_counter() - started
             self.metrics.checkpoint_seconds.set(seconds)
@@ -282,7 +282,7 @@ class Trainer:
         return final
 
     def resume(self) -> None:
-        dirs = sorted(_checkpoint_dirs(self.checkpoints))
+        dirs = sorted(checkpoint_dirs(self.checkpoints))
         if not dirs:
             return
         latest = dirs[-1]
@@ -369,7 +369,8 @@ def _mixed_precision(precision: str) -> str:
     return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
 
 
-def _checkpoint_dirs(folder: Path) -> list[Path]:
+def checkpoint_dirs(folder: Path) -> list[Path]:
+    """The complete checkpoints in ``folder`` (those whose trainer_state.json was written)."""
     if not folder.is_dir():
         return []
     return [p for p in folder.iterdir() if CHECKPOINT_RE.match(p.name) and (p / "trainer_state.json").is_file()]

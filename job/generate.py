@@ -14,7 +14,7 @@ from job.data import PROMPT_STYLES, load_entries, resolve_data, split_entries
 from job.decoding import generate
 from job.download import Downloader, tokenizer_files
 from job.observability import Metrics, get_logger, stderr_is_terminal
-from job.storage import atomic_write_text
+from job.storage import atomic_write_text, read_progress
 from job.tokenizer import encode, load_tokenizer
 from job.weights import load_pretrained
 
@@ -29,19 +29,6 @@ def saved_prompt_style(model_dir: str | Path) -> str | None:
     if config.is_file():
         return json.loads(config.read_text()).get("sft_job", {}).get("prompt_style")
     return None
-
-
-def read_progress(path: Path) -> dict[int, str]:
-    """Responses already decoded (test index -> response); a torn last line is ignored."""
-    done: dict[int, str] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[record["index"]] = record["model_response"]
-    return done
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -69,7 +56,7 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
         log.warning("prompts_cropped", count=cropped, kept_tokens=max(room, 1))
     output.mkdir(parents=True, exist_ok=True)
     progress_path = output / PROGRESS_FILE
-    done = read_progress(progress_path)
+    done = {i: r["model_response"] for i, r in read_progress(progress_path).items()}
     batches = length_sorted_batches([len(p) for p in prompt_ids], cfg.batch_size)
     todo = [(b, batch) for b, batch in enumerate(batches) if not all(i in done for i in batch)]
     log.info("generate_start", entries=len(test), already_done=len(done), to_decode=sum(len(x) for _, x in todo),
@@ -87,10 +74,11 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
                 response = style.extract_response(prompts[i] + tokenizer.decode(ids), prompts[i])
                 progress.write(json.dumps({"index": i, "model_response": response}) + "\n")
                 done[i] = response
-                new_tokens += len(ids)
             progress.flush()
+            batch_tokens = sum(len(ids) for ids in outputs)
+            new_tokens += batch_tokens
             decoded += len(batch)
-            metrics.generate_tokens_total.inc(sum(len(o) for o in outputs))
+            metrics.generate_tokens_total.inc(batch_tokens)
             _report(bar, len(batch), len(done), len(test))
 
     elapsed = time.perf_counter() - started

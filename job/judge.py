@@ -7,7 +7,6 @@ import os
 import random
 import re
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from job.config import JudgeConfig
 from job.data import PROMPT_STYLES
 from job.errors import JobError
 from job.observability import Metrics, get_logger, stderr_is_terminal
-from job.storage import atomic_write_text
+from job.storage import atomic_write_text, read_progress
 
 log = get_logger(__name__)
 SCORE_SCHEMA = {
@@ -227,18 +226,6 @@ def score_one(judge, cfg: JudgeConfig, index: int, entry: dict, metrics: Metrics
     raise AssertionError("unreachable")
 
 
-def read_progress(path: Path) -> dict[int, dict]:
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-            done[record["index"]] = record
-    return done
-
-
 def load_responses(path: Path, key: str) -> list[dict]:
     try:
         entries = json.loads(path.read_text())
@@ -291,7 +278,6 @@ def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge=None) -> d
     todo = [i for i in range(len(entries)) if i not in records]
     log.info("judge_start", entries=len(entries), already_scored=len(records), to_score=len(todo),
              model=cfg.judge_model, host=judge.host, mode=cfg.judge_format)  # fmt: skip
-    lock = threading.Lock()
     with open(progress_path, "a") as progress, ThreadPoolExecutor(cfg.judge_concurrency) as pool:
         futures = [pool.submit(score_one, judge, cfg, i, entries[i], metrics) for i in todo]
         for future in as_completed(futures):
@@ -305,10 +291,10 @@ def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge=None) -> d
                 log.warning("judge_unparsed", index=result.index, reply=result.judge_reply)
             elif result.outcome == "error":
                 log.warning("judge_request_failed", index=result.index, error=result.error)
-            with lock:
-                progress.write(json.dumps(record) + "\n")
-                progress.flush()
-                records[result.index] = record
+            # Only this thread writes: the workers just ask, and results arrive here one by one.
+            progress.write(json.dumps(record) + "\n")
+            progress.flush()
+            records[result.index] = record
     scored = [{**e, "score": records[i]["score"], "judge_reply": records[i]["judge_reply"]} for i, e in enumerate(entries)]
     summary = summarize(cfg, judge.host, entries, records)
     if summary["mean"] is not None:

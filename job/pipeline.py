@@ -24,7 +24,7 @@ from job.config import FinetuneConfig, GenerateConfig, JudgeConfig, RunConfig
 from job.data import load_entries, resolve_data
 from job.download import Downloader, dataset_file, model_dir as cached_model_dir, model_files, tokenizer_files
 from job.errors import JobError
-from job.finetune import Preempted, run_finetune
+from job.finetune import Preempted, checkpoint_dirs, run_finetune
 from job.generate import RESPONSES_FILE, run_generate
 from job.judge import preflight as judge_preflight, run_judge
 from job.model import GPTConfig, GPTModel
@@ -86,7 +86,7 @@ class CheckpointUploader:
 
     def _upload(self, checkpoint: Path) -> None:
         started = time.perf_counter()
-        keep = {p.name for p in checkpoint.parent.iterdir() if p.name.startswith("step-")}
+        keep = {p.name for p in checkpoint_dirs(checkpoint.parent)}
         upload_tree(self.storage, checkpoint, f"checkpoints/{checkpoint.name}",
                     on_bytes=self.metrics.artifact_bytes_uploaded_total.inc, last="trainer_state.json")  # fmt: skip
         for key in self.storage.list("checkpoints/"):
@@ -250,7 +250,7 @@ class Pipeline:
     def _fetch_remote_checkpoint(self) -> None:
         """Resume from storage when this machine has no checkpoint (a new pod, another node)."""
         local = self.work / "checkpoints"
-        if local.is_dir() and any(local.glob("step-*/trainer_state.json")):
+        if checkpoint_dirs(local):
             return
         complete = sorted({k.split("/")[1] for k in self.storage.list("checkpoints/") if k.endswith("/trainer_state.json")})
         if not complete:

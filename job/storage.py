@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -39,6 +40,20 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
 def atomic_write_text(final: str | Path, text: str) -> None:
     with atomic_path(final) as tmp:
         tmp.write_text(text)
+
+
+def read_progress(path: Path) -> dict[int, dict]:
+    """A stage's JSON Lines progress file, keyed by each record's ``index``; a line torn by a kill
+    is ignored (its entry is simply done again)."""
+    done: dict[int, dict] = {}
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[record["index"]] = record
+    return done
 
 
 def sha256_file(path: str | Path) -> str:
