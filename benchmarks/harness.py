@@ -40,6 +40,8 @@ class Setup:
     book_prompts: int = 110
     n_layers: int | None = None  # a shallower model of the same width (quick checks)
     precision: str = "fp32"  # or bf16 (autocast)
+    recipe_entries: int | None = None  # the full recipe on the dataset's first N entries (quick checks)
+    compile: bool = False  # the full recipe with torch.compile'd blocks
 
     @property
     def model_config(self) -> GPTConfig:
@@ -148,6 +150,9 @@ def measure_training(impl: str, setup: Setup) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return x.numel()
 
+    # Positions whose target counts (not -100): the output head's share of the FLOPs scales with these.
+    target_fraction = sum(int((y != -100).sum()) for _, y in batches) / sum(y.numel() for _, y in batches)
+
     for x, y in batches[: setup.warmup_steps]:
         step(x, y)
     rates, lengths = [], [x.shape[1] for x, _ in batches]
@@ -159,7 +164,45 @@ def measure_training(impl: str, setup: Setup) -> dict:
         _sync(setup.device)
         rates.append(tokens / (time.perf_counter() - start))
     return {"tokens_per_second": statistics.median(rates), "repeats": rates, "peak_memory_bytes": _peak(setup),
-            "mean_seq_len": statistics.fmean(lengths)}  # fmt: skip
+            "mean_seq_len": statistics.fmean(lengths), "target_fraction": target_fraction}  # fmt: skip
+
+
+def profile_training(impl: str, setup: Setup) -> dict:
+    """torch.profiler over a few training steps: where the time goes, and how busy the device is."""
+    from torch.profiler import ProfilerActivity, profile
+
+    examples, _ = data(setup)
+    batches = book_batches(setup, examples)
+    model, loss_fn = build(impl, setup)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)
+    on_cuda = setup.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+
+    def step(x, y):
+        with _autocast(setup):
+            loss = loss_fn(x.to(setup.device), y.to(setup.device))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for x, y in batches[: setup.warmup_steps]:
+        step(x, y)
+    profiled = batches[setup.warmup_steps : setup.warmup_steps + 5]
+    _sync(setup.device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for x, y in profiled:
+            step(x, y)
+        _sync(setup.device)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type.name == "CUDA" and not e.is_user_annotation] if on_cuda else []
+    return {"steps": len(profiled), "wall_seconds": wall, "step_ms": 1000 * wall / len(profiled),
+            "device_busy_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1000 / len(profiled),
+            "kernels_per_step": sum(e.count for e in kernels) / len(profiled),
+            "table": events.table(sort_by="self_device_time_total" if on_cuda else "self_cpu_time_total", row_limit=25,
+                                  max_name_column_width=60)}  # fmt: skip
 
 
 @torch.no_grad()
@@ -235,7 +278,10 @@ def _peak(setup: Setup) -> int:
 
 
 def run_isolated(task: str, impl: str, setup: Setup) -> dict:
-    """One measurement in a fresh process (spawned), so its peak memory and warm caches are its own."""
+    """One measurement in a fresh process (spawned), so its peak memory and warm caches are its own.
+
+    A measurement that fails returns {"error": ...} so the others still run and are reported.
+    """
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -244,7 +290,21 @@ def run_isolated(task: str, impl: str, setup: Setup) -> dict:
 
 
 def _task(task: str, impl: str, setup_fields: dict) -> dict:
+    import contextlib
+    import traceback
+
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     setup = Setup(**setup_fields)
-    fn = measure_training if task == "train" else measure_generation
-    return json.loads(json.dumps(fn(impl, setup)))
+    if task == "recipe":
+        from benchmarks import recipe
+
+        fn = recipe.book_recipe if impl == "book" else recipe.full_recipe
+    elif task == "profile":
+        fn = profile_training
+    else:
+        fn = measure_training if task == "train" else measure_generation
+    try:
+        with contextlib.redirect_stdout(open(os.devnull, "w")):  # the book's loop prints every evaluation
+            return json.loads(json.dumps(fn(impl, setup) if task != "recipe" else fn(setup)))
+    except Exception as exc:  # noqa: BLE001  (reported in the results; the run goes on)
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}

@@ -142,7 +142,7 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
     grad_clip: float | None = None
     """Clip the gradient norm to this value (off by default, as in the book)."""
     compile: bool = False
-    """Compile the model with torch.compile."""
+    """torch.compile the transformer blocks (pays on GPUs for long runs; adds compile time at the start)."""
     checkpoint_every: int = 50
     """Write a resumable checkpoint every this many steps (and at each epoch's end and on SIGTERM/SIGUSR1)."""
     keep_checkpoints: int = 2

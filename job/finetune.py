@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -100,6 +101,17 @@ def load_model(cfg: FinetuneConfig) -> tuple[GPTModel, str]:
     return model, f"{cfg.model}{OPENAI_SIZE_NAMES[cfg.model]}"
 
 
+def compile_blocks(model: GPTModel) -> None:
+    """torch.compile each transformer block in place (regional compilation).
+
+    The blocks share one compiled graph (their parameters are graph inputs), so compile time is
+    one block's, not the whole model's; shapes are dynamic from the start because every batch
+    has its own length; and parameter names stay as they were, so checkpoints do not change.
+    """
+    for block in model.h:
+        block.compile(dynamic=True)
+
+
 def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The epoch's shuffled global batches (drop_last), the same on every process and every rerun."""
     order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
@@ -127,12 +139,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = prep.model
         if cfg.compile:
-            model = torch.compile(model)
+            compile_blocks(model)
         # The fused kernel (CUDA and CPU) does the whole update in one pass over the parameters.
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.state = TrainState()
         self._saved_step: int | None = None
+        self._signalled = threading.Event()
         self.batches_per_epoch = len(prep.train) // cfg.batch_size
         if self.batches_per_epoch == 0:
             raise JobError(f"training split of {len(prep.train)} entries is smaller than --batch-size {cfg.batch_size}")
@@ -148,7 +161,7 @@ class Trainer:
 
     def fit(self) -> TrainState:
         self.resume()
-        restore = _install_preemption_handlers(self.accelerator)
+        restore = _install_preemption_handlers(self.accelerator, self._signalled)
         try:
             self._loop()
         finally:
@@ -169,7 +182,7 @@ class Trainer:
                 self._observe(tokens, started, tokens_at_start)
                 if (st.step - 1) % cfg.eval_freq == 0:
                     self._evaluate()
-                if self.accelerator.check_trigger():
+                if self._preemption_requested():
                     self.save_checkpoint()
                     raise Preempted(f"preempted at step {st.step}; checkpoint written, rerun to resume")
                 if st.step % cfg.checkpoint_every == 0:
@@ -180,6 +193,13 @@ class Trainer:
                 self.save_checkpoint()
         if self._saved_step != st.step:  # stopped by --max-steps mid-epoch
             self.save_checkpoint()
+
+    def _preemption_requested(self) -> bool:
+        """Whether any process got SIGTERM/SIGUSR1. One process reads its handler's flag; several
+        agree through accelerate's trigger, an all-reduce that costs a device sync each step."""
+        if self.accelerator.num_processes == 1:
+            return self._signalled.is_set()
+        return self.accelerator.check_trigger()
 
     def _train_step(self, group: list[list[int]]) -> int:
         """One optimizer step over ``group`` (grad_accum global batches); returns tokens trained on."""
@@ -209,12 +229,12 @@ class Trainer:
         model.eval()
         n = self.cfg.batch_size
         batches = [examples[i : i + n] for i in range(0, len(examples), n)][: self.cfg.eval_iter]
-        total = 0.0
+        total = torch.zeros((), device=self.accelerator.device)
         for batch in batches:
             inputs, targets = self.collate(batch)
             with self.accelerator.autocast():
-                total += model(inputs.to(self.accelerator.device), targets=targets.to(self.accelerator.device)).item()
-        return total / len(batches)
+                total += model(inputs.to(self.accelerator.device), targets=targets.to(self.accelerator.device)).float()
+        return total.item() / len(batches)  # one device sync per evaluation, not one per batch
 
     def _evaluate(self) -> None:
         st = self.state
@@ -248,7 +268,8 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         prompt = encode(self.prep.tokenizer, self.prep.sample_prompt)
-        with self.accelerator.autocast():
+        # Decoding runs eagerly: its per-step shapes and cache writes would only make compiled blocks recompile.
+        with self.accelerator.autocast(), torch.compiler.set_stance("force_eager"):
             [new] = generate(model, [prompt], max_new_tokens=50)
         log.info("sample", epoch=self.state.epoch + 1, prompt=self.prep.sample_prompt,
                  response=self.prep.tokenizer.decode(new))  # fmt: skip
@@ -376,10 +397,11 @@ def checkpoint_dirs(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if CHECKPOINT_RE.match(p.name) and (p / "trainer_state.json").is_file()]
 
 
-def _install_preemption_handlers(accelerator):
-    """SIGTERM/SIGUSR1 set accelerate's trigger; the loop checkpoints and exits after the step."""
+def _install_preemption_handlers(accelerator, signalled: threading.Event):
+    """SIGTERM/SIGUSR1 set ``signalled`` and accelerate's trigger; the loop checkpoints and exits after the step."""
 
     def handler(signum, frame):
+        signalled.set()
         accelerator.set_trigger()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}

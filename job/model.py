@@ -164,10 +164,10 @@ class GPTModel(nn.Module):
         x = self.hidden_states(idx, cache, valid)  # (B, T, C)
         if targets is None:
             return self.lm_head(x)
-        # The book's cross entropy over targets != -100; the head (the costliest matmul) only
-        # runs for those positions, which is the same mean and less work.
-        keep = targets != -100  # (B, T)
-        return F.cross_entropy(self.lm_head(x[keep]).float(), targets[keep])
+        # The book's cross entropy over targets != -100. On CPUs the head (the costliest matmul)
+        # runs only for those positions: the same mean, less work. On GPUs selecting them would
+        # stop the host for the mask's count every step, which costs more than the skipped work.
+        return head_loss(self.lm_head, x, targets, select_targets=not idx.is_cuda)
 
     def hidden_states(self, idx, cache: KVCache | None = None, valid=None):
         """Final-LayerNorm output (B, T, C): everything but the output head."""
@@ -219,3 +219,15 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+def head_loss(head: nn.Linear, x: torch.Tensor, targets: torch.Tensor, select_targets: bool) -> torch.Tensor:
+    """Mean cross entropy of ``head(x)`` (B, T, C) against ``targets`` (B, T) where they are not -100.
+
+    ``select_targets`` runs the head only at those positions (less work, a data-dependent shape);
+    otherwise at every position, with the -100 ones ignored. Both give the same mean.
+    """
+    if select_targets:
+        keep = targets != -100  # (B, T)
+        return F.cross_entropy(head(x[keep]).float(), targets[keep])  # (N, vocab) -> ()
+    return F.cross_entropy(head(x).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # (B*T, vocab) -> ()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from job.model import GPT2_SIZES, GPTConfig, GPTModel, KVCache
+from job.model import GPT2_SIZES, GPTConfig, GPTModel, KVCache, head_loss
 
 TINY = GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2)
 
@@ -84,3 +84,19 @@ def test_cache_rows_can_be_dropped_mid_decode(model):
 def test_sequence_longer_than_context_is_an_error(model):
     with pytest.raises(ValueError, match="context length"):
         model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_loss_is_the_books_cross_entropy_whether_or_not_the_head_skips_ignored_positions(model):
+    torch.manual_seed(1)
+    idx = torch.randint(0, model.cfg.vocab_size, (3, 10))
+    targets = torch.randint(0, model.cfg.vocab_size, (3, 10))
+    targets[0, 6:] = -100  # padding after the end-of-text, as the book's collate writes it
+    targets[2, 3:] = -100
+    logits = model(idx)  # (B, T, vocab)
+    book = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())  # ch05.calc_loss_batch
+    x = model.hidden_states(idx)
+    selected = head_loss(model.lm_head, x, targets, select_targets=True)  # the CPU path
+    full = head_loss(model.lm_head, x, targets, select_targets=False)  # the CUDA path
+    torch.testing.assert_close(selected, book, atol=1e-5, rtol=0)
+    torch.testing.assert_close(full, book, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(idx, targets=targets), book, atol=1e-5, rtol=0)
