@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="JSON file for the figures (default benchmarks/results-MODE.json)")
     parser.add_argument("--data-dir", default=None, help="folder with instruction-data.json and gpt2/ tokenizer files")
     parser.add_argument("--only", choices=["train", "generate", "recipe", "profile"], action="append")
+    parser.add_argument("--select", action="append", metavar="KEY",
+                        help="run only these measurements (e.g. recipe/ours), in the order given")
     parser.add_argument("--device", help="run the mode's shapes on this device instead (e.g. cpu, to check gpu mode)")
     parser.add_argument("--budget-seconds", type=float, default=None,
                         help="start no new measurement after this many seconds (the rest are reported as skipped)")
@@ -123,7 +125,14 @@ def main(argv=None) -> int:
     report = {"mode": args.mode, "quick": args.quick, "machine": machine(setup.device), "setup": setup.__dict__,
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": {}, "ratios": {}}  # fmt: skip
     began = time.perf_counter()
-    for key, impl, s in plan(args.mode, setup, tasks):
+    runs = plan(args.mode, setup, tasks)
+    if args.select:
+        by_key = {r[0]: r for r in plan(args.mode, setup, ["train", "generate", "profile", "recipe"])}
+        unknown = [k for k in args.select if k not in by_key]
+        if unknown:
+            sys.exit(f"--select: unknown measurement {unknown[0]!r}; one of {', '.join(by_key)}")
+        runs = [by_key[k] for k in args.select]
+    for key, impl, s in runs:
         if args.budget_seconds and time.perf_counter() - began > args.budget_seconds:
             report["results"][key] = {"error": "skipped: --budget-seconds spent"}
             continue
