@@ -65,8 +65,10 @@ def _autocast(setup: Setup):
 
 
 def reference_model(setup: Setup) -> GPTModel:
+    """The weights every implementation gets: seeded, made on the measured device (fast on GPUs)."""
     torch.manual_seed(123)
-    return GPTModel(setup.model_config).eval()
+    with torch.device(setup.device):
+        return GPTModel(setup.model_config).eval()
 
 
 def data(setup: Setup):

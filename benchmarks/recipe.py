@@ -41,7 +41,7 @@ def full_recipe(setup: Setup) -> dict:
     """
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, data = Path(tmp) / "model", Path(tmp) / "data.json"
-        save_hf(reference_model(setup), model_dir)
+        save_hf(reference_model(setup).cpu(), model_dir)
         data.write_text(json.dumps(_entries(setup)))
         cfg = FinetuneConfig(model_dir=str(model_dir), data=str(data), cache=setup.data_dir, output=str(Path(tmp) / "out"),
                              precision=setup.precision, compile=setup.compile, checkpoint_every=10_000,

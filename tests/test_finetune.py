@@ -46,6 +46,23 @@ def test_tiny_finetune_lowers_val_loss_and_writes_every_output(tiny_model_dir, s
 
 
 @pytest.mark.slow
+def test_compiled_blocks_train_like_eager_and_save_the_same_parameter_names(tiny_model_dir, shared_data, tmp_path):
+    runs = {}
+    for compile_ in (False, True):  # batches of different lengths: one dynamic-shape compile serves them all
+        out = tmp_path / f"compile-{compile_}"
+        run_finetune(_cfg(tiny_model_dir, shared_data, out, max_steps=6, eval_freq=3, compile=compile_))
+        runs[compile_] = (json.loads((out / "losses.json").read_text()), _weights(out))
+        assert (out / "checkpoints" / "step-00000006" / "trainer_state.json").is_file()
+    (eager_losses, eager), (compiled_losses, compiled) = runs[False], runs[True]
+    assert eager.keys() == compiled.keys()  # no "_orig_mod." prefixes: checkpoints load either way
+    for a, b in zip(eager_losses, compiled_losses):
+        assert a["tokens_seen"] == b["tokens_seen"]
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-3)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
 def test_overfits_eight_entries_until_greedy_decoding_returns_each_output(tiny_model_dir, shared_data, book_data, tmp_path):
     short = [e for e in book_data if len(e["output"]) < 40][:10]  # 8 train, 1 test, 1 val
     (tmp_path / "d.json").write_text(json.dumps(short))
