@@ -21,6 +21,7 @@ from job.weights import load_pretrained
 log = get_logger(__name__)
 RESPONSES_FILE = "instruction-data-with-response.json"  # the book's name
 PROGRESS_FILE = "instruction-data-with-response.progress.jsonl"
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def saved_prompt_style(model_dir: str | Path) -> str | None:
@@ -47,6 +48,8 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     tokenizer = load_tokenizer(cache / "gpt2")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(cfg.model_dir).to(device).eval()
+    precision = _resolve_precision(cfg.precision, device)
+    autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision != "fp32" else nullcontext()
 
     prompts = [style.format_input(e) for e in test]
     prompt_ids = [encode(tokenizer, p) for p in prompts]
@@ -60,9 +63,8 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     batches = length_sorted_batches([len(p) for p in prompt_ids], cfg.batch_size)
     todo = [(b, batch) for b, batch in enumerate(batches) if not all(i in done for i in batch)]
     log.info("generate_start", entries=len(test), already_done=len(done), to_decode=sum(len(x) for _, x in todo),
-             prompt_style=style.name, device=str(device), max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+             prompt_style=style.name, device=str(device), max_new_tokens=cfg.max_new_tokens, precision=precision)  # fmt: skip
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     started, new_tokens, decoded = time.perf_counter(), 0, 0
     bar = _bar(len(test), len(done))
     with open(progress_path, "a") as progress, autocast:
@@ -93,6 +95,12 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     log.info("generate_done", decoded=decoded, new_tokens=new_tokens, seconds=round(elapsed, 3),
              tokens_per_second=round(tokens_per_second, 1), path=str(final))  # fmt: skip
     return final
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
 
 
 def _bar(total: int, initial: int):

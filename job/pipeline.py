@@ -268,7 +268,7 @@ class Pipeline:
             model_dir=str(self.work / "model"), data=cfg.data, prompt_style=cfg.prompt_style,
             shuffle_seed=cfg.shuffle_seed, skip_invalid=cfg.skip_invalid, cache=cfg.cache, base_url=cfg.base_url,
             output=str(self.work), max_new_tokens=max_new, batch_size=cfg.generate_batch_size,
-            temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed, limit=limit,
+            temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed, limit=limit, precision=cfg.precision,
         ), self.metrics)  # fmt: skip
         return [RESPONSES_FILE]
 

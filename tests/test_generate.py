@@ -92,6 +92,19 @@ def test_output_is_the_test_split_with_responses(wide_context_model, shared_data
     assert [p.name for p in tmp_path.iterdir()] == [RESPONSES_FILE]
     done = [e for e in events(result.stdout) if e["event"] == "generate_done"][0]
     assert done["decoded"] == 110 and done["tokens_per_second"] > 0
+    assert [e["precision"] for e in events(result.stdout) if e["event"] == "generate_start"] == ["fp32"]  # auto on a CPU
+
+
+def test_bf16_on_request_decodes_in_bf16_and_a_bad_precision_is_a_usage_error(wide_context_model, shared_data, tmp_path):
+    _, path = wide_context_model
+    args = ["generate", "--model-dir", path, "--data", shared_data / "instruction-data.json", "--cache", shared_data,
+            "--output", tmp_path, "--max-new-tokens", "3", "--limit", "8", "--log-format", "json"]  # fmt: skip
+    result = cli(*args, "--precision", "bf16")
+    assert result.returncode == 0, result.stderr
+    assert [e["precision"] for e in events(result.stdout) if e["event"] == "generate_start"] == ["bf16"]
+    assert len(json.loads((tmp_path / RESPONSES_FILE).read_text())) == 8
+    bad = cli(*args, "--precision", "fp8")
+    assert bad.returncode == 2 and "--precision" in bad.stderr
 
 
 @pytest.mark.slow
