@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Literal
 
+import torch
+
 from job.errors import ConfigError
 from job.model import GPT2_SIZES
 
@@ -208,6 +210,13 @@ class GenerateConfig(DataConfig, DecodingSettings):
         DataConfig.__post_init__(self)
         DecodingSettings.__post_init__(self)
         _positive(self, "batch_size")
+
+
+def resolve_precision(precision: str) -> str:
+    """``precision`` with auto made concrete: bf16 on a CUDA device that supports it, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def parse_duration(text: str | float | int) -> float:

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import yaml
 
-from job.config import FinetuneConfig
+from job.config import FinetuneConfig, resolve_precision
 from job.data import PROMPT_STYLES, Collator, Example, load_entries, resolve_data, split_entries, tokenize
 from job.decoding import generate
 from job.download import Downloader, model_dir as cached_model_dir, model_files, tokenizer_files
@@ -385,9 +385,8 @@ def run_finetune(cfg: FinetuneConfig, metrics: Metrics | None = None, saved_conf
 
 
 def _mixed_precision(precision: str) -> str:
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
+    """accelerate's name for ``precision``."""
+    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[resolve_precision(precision)]
 
 
 def checkpoint_dirs(folder: Path) -> list[Path]:

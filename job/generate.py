@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from job.config import GenerateConfig
+from job.config import GenerateConfig, resolve_precision
 from job.data import PROMPT_STYLES, load_entries, resolve_data, split_entries
 from job.decoding import generate
 from job.download import Downloader, tokenizer_files
@@ -48,7 +48,7 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     tokenizer = load_tokenizer(cache / "gpt2")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(cfg.model_dir).to(device).eval()
-    precision = _resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision)
     autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision != "fp32" else nullcontext()
 
     prompts = [style.format_input(e) for e in test]
@@ -95,12 +95,6 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     log.info("generate_done", decoded=decoded, new_tokens=new_tokens, seconds=round(elapsed, 3),
              tokens_per_second=round(tokens_per_second, 1), path=str(final))  # fmt: skip
     return final
-
-
-def _resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return precision
 
 
 def _bar(total: int, initial: int):
