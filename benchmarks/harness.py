@@ -133,8 +133,8 @@ def build(impl: str, setup: Setup):
     return model.to(setup.device), loss
 
 
-def measure_training(impl: str, setup: Setup) -> dict:
-    """Training tokens per second (AdamW step included) and peak memory."""
+def _warm_training(impl: str, setup: Setup):
+    """The book's batches and a training step for ``impl`` (forward, loss, backward, AdamW), warmed up."""
     examples, _ = data(setup)
     batches = book_batches(setup, examples)
     model, loss_fn = build(impl, setup)
@@ -143,7 +143,7 @@ def measure_training(impl: str, setup: Setup) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True if impl == "ours" else None)
     _reset_peak(setup)
 
-    def step(x, y):
+    def step(x, y) -> int:
         x, y = x.to(setup.device), y.to(setup.device)
         with _autocast(setup):
             loss = loss_fn(x, y)
@@ -152,11 +152,16 @@ def measure_training(impl: str, setup: Setup) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return x.numel()
 
-    # Positions whose target counts (not -100): the output head's share of the FLOPs scales with these.
-    target_fraction = sum(int((y != -100).sum()) for _, y in batches) / sum(y.numel() for _, y in batches)
-
     for x, y in batches[: setup.warmup_steps]:
         step(x, y)
+    return batches, step
+
+
+def measure_training(impl: str, setup: Setup) -> dict:
+    """Training tokens per second (AdamW step included) and peak memory."""
+    batches, step = _warm_training(impl, setup)
+    # Positions whose target counts (not -100): the output head's share of the FLOPs scales with these.
+    target_fraction = sum(int((y != -100).sum()) for _, y in batches) / sum(y.numel() for _, y in batches)
     rates, lengths = [], [x.shape[1] for x, _ in batches]
     for r in range(setup.repeats):
         chunk = batches[setup.warmup_steps + r * setup.train_steps : setup.warmup_steps + (r + 1) * setup.train_steps]
@@ -173,23 +178,9 @@ def profile_training(impl: str, setup: Setup) -> dict:
     """torch.profiler over a few training steps: where the time goes, and how busy the device is."""
     from torch.profiler import ProfilerActivity, profile
 
-    examples, _ = data(setup)
-    batches = book_batches(setup, examples)
-    model, loss_fn = build(impl, setup)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)
+    batches, step = _warm_training(impl, setup)
     on_cuda = setup.device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-
-    def step(x, y):
-        with _autocast(setup):
-            loss = loss_fn(x.to(setup.device), y.to(setup.device))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for x, y in batches[: setup.warmup_steps]:
-        step(x, y)
     profiled = batches[setup.warmup_steps : setup.warmup_steps + 5]
     _sync(setup.device)
     start = time.perf_counter()
@@ -297,16 +288,12 @@ def _task(task: str, impl: str, setup_fields: dict) -> dict:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     setup = Setup(**setup_fields)
-    if task == "recipe":
-        from benchmarks import recipe
+    from benchmarks.recipe import measure_recipe
 
-        fn = recipe.book_recipe if impl == "book" else recipe.full_recipe
-    elif task == "profile":
-        fn = profile_training
-    else:
-        fn = measure_training if task == "train" else measure_generation
+    fn = {"train": measure_training, "generate": measure_generation, "profile": profile_training,
+          "recipe": measure_recipe}[task]  # fmt: skip
     try:
-        with contextlib.redirect_stdout(open(os.devnull, "w")):  # the book's loop prints every evaluation
-            return json.loads(json.dumps(fn(impl, setup) if task != "recipe" else fn(setup)))
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # the book's loop prints every evaluation
+            return json.loads(json.dumps(fn(impl, setup)))
     except Exception as exc:  # noqa: BLE001  (reported in the results; the run goes on)
         return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}

@@ -33,6 +33,11 @@ def _curve(train: list[float], val: list[float]) -> dict:
             "last_train_loss": round(train[-1], 4), "last_val_loss": round(val[-1], 4)}  # fmt: skip
 
 
+def measure_recipe(impl: str, setup: Setup) -> dict:
+    """The book's recipe through ``impl``: our finetune stage, or the book's own code."""
+    return book_recipe(setup) if impl == "book" else full_recipe(setup)
+
+
 def full_recipe(setup: Setup) -> dict:
     """Ours: the finetune stage (bf16 on CUDA, fused AdamW) on the book's settings, its parts timed.
 
