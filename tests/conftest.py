@@ -89,3 +89,13 @@ def s3(moto_server, monkeypatch):
     }.items():  # fmt: skip
         monkeypatch.setenv(key, value)
     return boto3.client("s3", endpoint_url=moto_server)
+
+
+@pytest.fixture(scope="module")
+def ollama():
+    """A judge server speaking Ollama's wire protocol, one per test module (test_judge has one per test)."""
+    from tests.ollama_server import FakeOllama
+
+    server = FakeOllama().start()
+    yield server
+    server.stop()

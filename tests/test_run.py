@@ -13,16 +13,8 @@ from job.config import RunConfig
 from job.observability import Metrics
 from job.pipeline import run_pipeline
 from tests.helpers import cli, events, start_cli, wait_for_event
-from tests.ollama_server import FakeOllama
 
 STAGES = ["download", "finetune", "generate", "judge"]
-
-
-@pytest.fixture(scope="module")
-def ollama():
-    server = FakeOllama().start()
-    yield server
-    server.stop()
 
 
 def _args(tiny_model_dir, shared_data, ollama, tmp_path, output, *extra):

@@ -11,7 +11,6 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.helpers import REPO, cli, free_port, wait_until
-from tests.ollama_server import FakeOllama
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +24,6 @@ def slurm(tmp_path_factory):
     env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
     yield env
     subprocess.run(["bash", REPO / "tests/slurm/stop-cluster.sh", state])
-
-
-@pytest.fixture(scope="module")
-def ollama():
-    server = FakeOllama().start()
-    yield server
-    server.stop()
 
 
 def _config(tmp_path, tiny_model_dir, shared_data, **overrides) -> Path:
