@@ -18,25 +18,41 @@ from benchmarks.harness import Setup, run_isolated
 REPO = Path(__file__).resolve().parent.parent
 # The targets: (figure, at least / at most, bound). Ratios are ours / baseline in the same run.
 TARGETS = {
-    "cpu": [("ratio:train_vs_hf", ">=", 1.3), ("ratio:generate_vs_hf", ">=", 2.0), ("ratio:generate_vs_book", ">=", 20.0)],
-    "gpu": [("recipe/ours:loop_seconds", "<=", 15.0), ("train/ours/batch128:mfu", ">=", 0.40),
-            ("generate/ours:wall_seconds", "<=", 5.0)],
+    "cpu": [
+        ("ratio:train_vs_hf", ">=", 1.3),
+        ("ratio:generate_vs_hf", ">=", 2.0),
+        ("ratio:generate_vs_book", ">=", 20.0),
+    ],
+    "gpu": [
+        ("recipe/ours:loop_seconds", "<=", 15.0),
+        ("train/ours/batch128:mfu", ">=", 0.40),
+        ("generate/ours:wall_seconds", "<=", 5.0),
+    ],
 }
 
 
 def default_data_dir() -> str:
-    for candidate in (os.environ.get("SFT_JOB_TEST_DATA"), REPO.parent / "shared" / "data",
-                      Path.home() / ".cache" / "sft-job"):  # fmt: skip
+    for candidate in (
+        os.environ.get("SFT_JOB_TEST_DATA"),
+        REPO.parent / "shared" / "data",
+        Path.home() / ".cache" / "sft-job",
+    ):
         if candidate and (Path(candidate) / "instruction-data.json").is_file():
             return str(candidate)
     sys.exit("no data: run `sft-job download --model gpt2-small` first, or set SFT_JOB_TEST_DATA")
 
 
 def machine(device: str) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "threads": torch.get_num_threads()}  # fmt: skip
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
     try:
-        info["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        with open("/proc/cpuinfo") as cpuinfo:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     if device.startswith("cuda"):
@@ -47,11 +63,27 @@ def machine(device: str) -> dict:
 
 def setups(mode: str, quick: bool, data_dir: str, device: str | None) -> Setup:
     if mode == "cpu":
-        base = dict(size="gpt2-small", device="cpu", data_dir=data_dir, max_new_tokens=32, book_prompts=8,
-                    train_steps=6, repeats=3)  # fmt: skip
+        base = dict(
+            size="gpt2-small",
+            device="cpu",
+            data_dir=data_dir,
+            max_new_tokens=32,
+            book_prompts=8,
+            train_steps=6,
+            repeats=3,
+        )
     else:
-        base = dict(size="gpt2-medium", device="cuda", data_dir=data_dir, max_new_tokens=256, book_prompts=4,
-                    train_steps=20, repeats=3, precision="bf16", generate_batch_size=110)  # fmt: skip
+        base = dict(
+            size="gpt2-medium",
+            device="cuda",
+            data_dir=data_dir,
+            max_new_tokens=256,
+            book_prompts=4,
+            train_steps=20,
+            repeats=3,
+            precision="bf16",
+            generate_batch_size=110,
+        )
     if quick:  # a smoke test of the harness itself: a 2-layer model, few steps, the recipe on 120 entries
         base |= dict(n_layers=2, train_steps=2, repeats=1, max_new_tokens=4, book_prompts=2, recipe_entries=120)
     if device:
@@ -71,8 +103,9 @@ def plan(mode: str, setup: Setup, tasks: list[str]) -> list[tuple[str, str, Setu
     if mode == "gpu" and "train" in tasks:  # larger batches, for model FLOPs utilization
         runs += [(f"train/ours/batch{b}", "ours", same(batch_size=b, train_steps=10)) for b in (32, 128)]
     if "profile" in tasks:  # where ours spends a training step at the book's batch and at a large one
-        runs += [("profile/ours", "ours", setup)] + ([("profile/ours/batch128", "ours", same(batch_size=128))]
-                                                     if mode == "gpu" else [])  # fmt: skip
+        runs += [("profile/ours", "ours", setup)] + (
+            [("profile/ours/batch128", "ours", same(batch_size=128))] if mode == "gpu" else []
+        )
     if "recipe" in tasks:
         runs += [("recipe/ours", "ours", setup), ("recipe/book", "book", setup)]
     return runs
@@ -115,23 +148,40 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="JSON file for the figures (default benchmarks/results-MODE.json)")
     parser.add_argument("--data-dir", default=None, help="folder with instruction-data.json and gpt2/ tokenizer files")
     parser.add_argument("--only", choices=["train", "generate", "recipe", "profile"], action="append")
-    parser.add_argument("--select", action="append", metavar="KEY",
-                        help="run only these measurements (e.g. recipe/ours), in the order given")
+    parser.add_argument(
+        "--select",
+        action="append",
+        metavar="KEY",
+        help="run only these measurements (e.g. recipe/ours), in the order given",
+    )
     parser.add_argument("--device", help="run the mode's shapes on this device instead (e.g. cpu, to check gpu mode)")
-    parser.add_argument("--budget-seconds", type=float, default=None,
-                        help="start no new measurement after this many seconds (the rest are reported as skipped)")
+    parser.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=None,
+        help="start no new measurement after this many seconds (the rest are reported as skipped)",
+    )
     args = parser.parse_args(argv)
     setup = setups(args.mode, args.quick, args.data_dir or default_data_dir(), args.device)
     if setup.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu mode needs a CUDA device (or --device cpu to check the harness)")
     tasks = args.only or (["train", "generate"] + (["profile", "recipe"] if args.mode == "gpu" else []))
     out = args.out or REPO / "benchmarks" / f"results-{args.mode}{'-quick' if args.quick else ''}.json"
-    report = {"mode": args.mode, "quick": args.quick, "machine": machine(setup.device), "setup": setup.__dict__,
-              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": {}, "ratios": {}}  # fmt: skip
+    report = {
+        "mode": args.mode,
+        "quick": args.quick,
+        "machine": machine(setup.device),
+        "setup": setup.__dict__,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": {},
+        "ratios": {},
+    }
     began = time.perf_counter()
     runs = plan(args.mode, setup, tasks)
     if args.select:
-        by_key = {r[0]: r for r in plan(args.mode, setup, ["train", "generate", "profile", "recipe"]) + optional_runs(setup)}
+        by_key = {
+            r[0]: r for r in plan(args.mode, setup, ["train", "generate", "profile", "recipe"]) + optional_runs(setup)
+        }
         unknown = [k for k in args.select if k not in by_key]
         if unknown:
             sys.exit(f"--select: unknown measurement {unknown[0]!r}; one of {', '.join(by_key)}")
@@ -161,8 +211,10 @@ def _line(result: dict) -> str:
     if "error" in result:
         return "ERROR " + result["error"] + "\n" + result.get("traceback", "")
     if "table" in result:
-        return (f"{result['step_ms']:.1f} ms/step, device busy {result['device_busy_ms_per_step'] or 0:.1f} ms/step, "
-                f"{result['kernels_per_step'] or 0:.0f} kernels/step\n{result['table']}")  # fmt: skip
+        return (
+            f"{result['step_ms']:.1f} ms/step, device busy {result['device_busy_ms_per_step'] or 0:.1f} ms/step, "
+            f"{result['kernels_per_step'] or 0:.0f} kernels/step\n{result['table']}"
+        )
     if "tokens_per_second" in result:
         line = f"{result['tokens_per_second']:10.1f} tokens/s  peak {result['peak_memory_bytes'] / 2**20:8.0f} MiB"
         if "wall_seconds" in result:

@@ -88,7 +88,9 @@ def book_batches(setup: Setup, examples):
     batches = []
     epoch = 0
     while len(batches) < needed:
-        batches += [collate([examples[i] for i in b]) for b in epoch_batches(len(examples), setup.batch_size, 123, epoch)]
+        batches += [
+            collate([examples[i] for i in b]) for b in epoch_batches(len(examples), setup.batch_size, 123, epoch)
+        ]
         epoch += 1
     return batches[:needed]
 
@@ -106,9 +108,18 @@ def build(impl: str, setup: Setup):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         c = setup.model_config
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.context_length, n_embd=c.emb_dim,
-                                           n_layer=c.n_layers, n_head=c.n_heads, resid_pdrop=0.0, embd_pdrop=0.0,
-                                           attn_pdrop=0.0))  # fmt: skip
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=c.vocab_size,
+                n_positions=c.context_length,
+                n_embd=c.emb_dim,
+                n_layer=c.n_layers,
+                n_head=c.n_heads,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+        )
         model.load_state_dict(hf_state_dict(ours), strict=False)
         model.tie_weights()
 
@@ -120,8 +131,17 @@ def build(impl: str, setup: Setup):
         from llms_from_scratch.ch04 import GPTModel as BookGPT
 
         c = setup.model_config
-        model = BookGPT({"vocab_size": c.vocab_size, "context_length": c.context_length, "emb_dim": c.emb_dim,
-                         "n_heads": c.n_heads, "n_layers": c.n_layers, "drop_rate": 0.0, "qkv_bias": True})  # fmt: skip
+        model = BookGPT(
+            {
+                "vocab_size": c.vocab_size,
+                "context_length": c.context_length,
+                "emb_dim": c.emb_dim,
+                "n_heads": c.n_heads,
+                "n_layers": c.n_layers,
+                "drop_rate": 0.0,
+                "qkv_bias": True,
+            }
+        )
         model.load_state_dict(book_state_dict(ours))
 
         def loss(x, y):  # ch05.calc_loss_batch
@@ -170,8 +190,13 @@ def measure_training(impl: str, setup: Setup) -> dict:
         tokens = sum(step(x, y) for x, y in chunk)
         _sync(setup.device)
         rates.append(tokens / (time.perf_counter() - start))
-    return {"tokens_per_second": statistics.median(rates), "repeats": rates, "peak_memory_bytes": _peak(setup),
-            "mean_seq_len": statistics.fmean(lengths), "target_fraction": target_fraction}  # fmt: skip
+    return {
+        "tokens_per_second": statistics.median(rates),
+        "repeats": rates,
+        "peak_memory_bytes": _peak(setup),
+        "mean_seq_len": statistics.fmean(lengths),
+        "target_fraction": target_fraction,
+    }
 
 
 def profile_training(impl: str, setup: Setup) -> dict:
@@ -191,11 +216,18 @@ def profile_training(impl: str, setup: Setup) -> dict:
     wall = time.perf_counter() - start
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type.name == "CUDA" and not e.is_user_annotation] if on_cuda else []
-    return {"steps": len(profiled), "wall_seconds": wall, "step_ms": 1000 * wall / len(profiled),
-            "device_busy_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1000 / len(profiled),
-            "kernels_per_step": sum(e.count for e in kernels) / len(profiled),
-            "table": events.table(sort_by="self_device_time_total" if on_cuda else "self_cpu_time_total", row_limit=25,
-                                  max_name_column_width=60)}  # fmt: skip
+    return {
+        "steps": len(profiled),
+        "wall_seconds": wall,
+        "step_ms": 1000 * wall / len(profiled),
+        "device_busy_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1000 / len(profiled),
+        "kernels_per_step": sum(e.count for e in kernels) / len(profiled),
+        "table": events.table(
+            sort_by="self_device_time_total" if on_cuda else "self_cpu_time_total",
+            row_limit=25,
+            max_name_column_width=60,
+        ),
+    }
 
 
 @torch.no_grad()
@@ -207,8 +239,10 @@ def measure_generation(impl: str, setup: Setup) -> dict:
     model, _ = build(impl, setup)
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    batches = [[prompts[i] for i in order[j : j + setup.generate_batch_size]]
-               for j in range(0, len(order), setup.generate_batch_size)]  # fmt: skip
+    batches = [
+        [prompts[i] for i in order[j : j + setup.generate_batch_size]]
+        for j in range(0, len(order), setup.generate_batch_size)
+    ]
     run = {"ours": _generate_ours, "hf": _generate_hf, "book": _generate_book}[impl]
     run(model, batches[:1], setup, warmup=True)
     _reset_peak(setup)
@@ -220,8 +254,13 @@ def measure_generation(impl: str, setup: Setup) -> dict:
         _sync(setup.device)
         walls.append(time.perf_counter() - start)
     wall = statistics.median(walls)
-    return {"tokens_per_second": tokens / wall, "wall_seconds": wall, "prompts": len(prompts), "new_tokens": tokens,
-            "peak_memory_bytes": _peak(setup)}  # fmt: skip
+    return {
+        "tokens_per_second": tokens / wall,
+        "wall_seconds": wall,
+        "prompts": len(prompts),
+        "new_tokens": tokens,
+        "peak_memory_bytes": _peak(setup),
+    }
 
 
 def _generate_ours(model, batches, setup, warmup=False):
@@ -240,8 +279,15 @@ def _generate_hf(model, batches, setup, warmup=False):
         ids = torch.tensor([[50256] * (width - len(p)) + p for p in batch], device=setup.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=setup.device)
         with _autocast(setup):
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, pad_token_id=50256, use_cache=True)  # fmt: skip
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=50256,
+                use_cache=True,
+            )
         total += (out.shape[1] - width) * len(batch)
     return total
 
@@ -290,10 +336,17 @@ def _task(task: str, impl: str, setup_fields: dict) -> dict:
     setup = Setup(**setup_fields)
     from benchmarks.recipe import measure_recipe
 
-    fn = {"train": measure_training, "generate": measure_generation, "profile": profile_training,
-          "recipe": measure_recipe}[task]  # fmt: skip
+    fn = {
+        "train": measure_training,
+        "generate": measure_generation,
+        "profile": profile_training,
+        "recipe": measure_recipe,
+    }[task]
     try:
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # the book's loop prints every evaluation
+        with (
+            open(os.devnull, "w") as devnull,
+            contextlib.redirect_stdout(devnull),
+        ):  # the book's loop prints every evaluation
             return json.loads(json.dumps(fn(impl, setup)))
     except Exception as exc:  # noqa: BLE001  (reported in the results; the run goes on)
         return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}

@@ -29,8 +29,13 @@ def _entries(setup: Setup) -> list[dict]:
 
 
 def _curve(train: list[float], val: list[float]) -> dict:
-    return {"evaluations": len(val), "first_train_loss": round(train[0], 4), "first_val_loss": round(val[0], 4),
-            "last_train_loss": round(train[-1], 4), "last_val_loss": round(val[-1], 4)}  # fmt: skip
+    return {
+        "evaluations": len(val),
+        "first_train_loss": round(train[0], 4),
+        "first_val_loss": round(val[0], 4),
+        "last_train_loss": round(train[-1], 4),
+        "last_val_loss": round(val[-1], 4),
+    }
 
 
 def measure_recipe(impl: str, setup: Setup) -> dict:
@@ -48,9 +53,17 @@ def full_recipe(setup: Setup) -> dict:
         model_dir, data = Path(tmp) / "model", Path(tmp) / "data.json"
         save_hf(reference_model(setup).cpu(), model_dir)
         data.write_text(json.dumps(_entries(setup)))
-        cfg = FinetuneConfig(model_dir=str(model_dir), data=str(data), cache=setup.data_dir, output=str(Path(tmp) / "out"),
-                             precision=setup.precision, compile=setup.compile, checkpoint_every=10_000,
-                             keep_checkpoints=1, **RECIPE)  # fmt: skip
+        cfg = FinetuneConfig(
+            model_dir=str(model_dir),
+            data=str(data),
+            cache=setup.data_dir,
+            output=str(Path(tmp) / "out"),
+            precision=setup.precision,
+            compile=setup.compile,
+            checkpoint_every=10_000,
+            keep_checkpoints=1,
+            **RECIPE,
+        )
         started = time.perf_counter()
         trainer = Trainer(cfg, prepare(cfg), Metrics())
         ready = time.perf_counter()
@@ -71,11 +84,17 @@ def full_recipe(setup: Setup) -> dict:
         trainer.write_outputs()
         done = time.perf_counter()
         history = trainer.state.history
-    return {"loop_seconds": round(fitted - ready - checkpoint_seconds, 2),
-            "checkpoint_seconds": round(checkpoint_seconds, 2), "load_seconds": round(ready - started, 2),
-            "save_outputs_seconds": round(done - fitted, 2), "stage_seconds": round(done - started, 2),
-            "steps": trainer.state.step, "tokens_seen": trainer.state.tokens_seen, "compile": setup.compile,
-            **_curve([h["train_loss"] for h in history], [h["val_loss"] for h in history])}  # fmt: skip
+    return {
+        "loop_seconds": round(fitted - ready - checkpoint_seconds, 2),
+        "checkpoint_seconds": round(checkpoint_seconds, 2),
+        "load_seconds": round(ready - started, 2),
+        "save_outputs_seconds": round(done - fitted, 2),
+        "stage_seconds": round(done - started, 2),
+        "steps": trainer.state.step,
+        "tokens_seen": trainer.state.tokens_seen,
+        "compile": setup.compile,
+        **_curve([h["train_loss"] for h in history], [h["val_loss"] for h in history]),
+    }
 
 
 def book_recipe(setup: Setup) -> dict:
@@ -91,21 +110,45 @@ def book_recipe(setup: Setup) -> dict:
     model, _ = build("book", setup)
     collate = partial(custom_collate_fn, device=setup.device, allowed_max_length=1024)
     torch.manual_seed(123)
-    train_loader = DataLoader(InstructionDataset(train, tokenizer), batch_size=RECIPE["batch_size"], collate_fn=collate,
-                              shuffle=True, drop_last=True, num_workers=0)  # fmt: skip
-    val_loader = DataLoader(InstructionDataset(val, tokenizer), batch_size=RECIPE["batch_size"], collate_fn=collate,
-                            shuffle=False, drop_last=False, num_workers=0)  # fmt: skip
+    train_loader = DataLoader(
+        InstructionDataset(train, tokenizer),
+        batch_size=RECIPE["batch_size"],
+        collate_fn=collate,
+        shuffle=True,
+        drop_last=True,
+        num_workers=0,
+    )
+    val_loader = DataLoader(
+        InstructionDataset(val, tokenizer),
+        batch_size=RECIPE["batch_size"],
+        collate_fn=collate,
+        shuffle=False,
+        drop_last=False,
+        num_workers=0,
+    )
     _sync(setup.device)
     started = time.perf_counter()
     torch.manual_seed(123)
     optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
     train_losses, val_losses, _ = train_model_simple(
-        model, train_loader, val_loader, optimizer, setup.device, num_epochs=RECIPE["epochs"],
-        eval_freq=RECIPE["eval_freq"], eval_iter=RECIPE["eval_iter"], start_context=format_input(val[0]),
-        tokenizer=tokenizer)  # fmt: skip
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        setup.device,
+        num_epochs=RECIPE["epochs"],
+        eval_freq=RECIPE["eval_freq"],
+        eval_iter=RECIPE["eval_iter"],
+        start_context=format_input(val[0]),
+        tokenizer=tokenizer,
+    )
     _sync(setup.device)
-    return {"loop_seconds": round(time.perf_counter() - started, 2), "precision": "fp32 (the book's code has no autocast)",
-            "steps": RECIPE["epochs"] * len(train_loader), **_curve(train_losses, val_losses)}  # fmt: skip
+    return {
+        "loop_seconds": round(time.perf_counter() - started, 2),
+        "precision": "fp32 (the book's code has no autocast)",
+        "steps": RECIPE["epochs"] * len(train_loader),
+        **_curve(train_losses, val_losses),
+    }
 
 
 def mfu(result: dict, setup: Setup) -> float | None:

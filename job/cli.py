@@ -39,9 +39,13 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
 
 def config_option(f):
     return click.option(
-        "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
-        callback=_load_config_file, help="YAML file of option values (keys are the flags' names with underscores).",
-    )(f)  # fmt: skip
+        "--config",
+        type=click.Path(dir_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=_load_config_file,
+        help="YAML file of option values (keys are the flags' names with underscores).",
+    )(f)
 
 
 def dataclass_options(cls: type, exclude: tuple[str, ...] = ()):
@@ -63,12 +67,16 @@ def _option(field: dataclasses.Field, hint, help_text: str):
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
     args = typing.get_args(hint)
     if hint is bool:
-        return click.option(f"{flag}/--no-{flag[2:]}", default=default, envvar=envvar, show_default=True, help=help_text)
+        return click.option(
+            f"{flag}/--no-{flag[2:]}", default=default, envvar=envvar, show_default=True, help=help_text
+        )
     base = next((a for a in args if a is not type(None)), hint) if type(None) in args else hint
     if typing.get_origin(base) is typing.Literal:
         choice = click.Choice(typing.get_args(base))
         return click.option(flag, type=choice, default=default, envvar=envvar, show_default=True, help=help_text)
-    return click.option(flag, type=base, default=default, envvar=envvar, show_default=default is not None, help=help_text)
+    return click.option(
+        flag, type=base, default=default, envvar=envvar, show_default=default is not None, help=help_text
+    )
 
 
 def build(cls: type, params: dict):
@@ -81,8 +89,13 @@ def build(cls: type, params: dict):
 
 
 def _common(f):
-    f = click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto",
-                     show_default=True, help="JSON lines, or a readable console on a terminal.")(f)  # fmt: skip
+    f = click.option(
+        "--log-format",
+        type=click.Choice(["auto", "json", "console"]),
+        default="auto",
+        show_default=True,
+        help="JSON lines, or a readable console on a terminal.",
+    )(f)
     return config_option(f)
 
 

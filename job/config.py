@@ -33,7 +33,7 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         body = tree.body[0].body
-        for node, nxt in zip(body, body[1:]):
+        for node, nxt in zip(body, body[1:], strict=False):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)
@@ -62,7 +62,8 @@ class DownloadConfig:
     cache: str = DEFAULT_CACHE
     """Folder that holds downloaded weights, tokenizer files and the dataset."""
     base_url: str | None = None
-    """Mirror to fetch from instead of the public hosts: an http(s):// URL or s3://bucket/prefix laid out like the cache."""
+    """Mirror to fetch from instead of the public hosts: an http(s):// URL or s3://bucket/prefix laid out
+    like the cache."""
     dataset: bool = True
     """Also fetch the book's instruction dataset into the cache."""
     download_attempts: int = 5
@@ -83,13 +84,16 @@ class ModelSourceConfig:
     model: Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"] = "gpt2-medium"
     """Named GPT-2 size, downloaded through the cache (the book finetunes gpt2-medium, 355M)."""
     model_dir: str | None = None
-    """A local folder load_pretrained reads (OpenAI's checkpoint or config.json + model.safetensors); overrides --model."""
+    """A local folder load_pretrained reads (OpenAI's checkpoint or config.json + model.safetensors);
+    overrides --model."""
     source: Literal["openai", "hf"] = "openai"
-    """Where a named size comes from: OpenAI's TensorFlow checkpoint (needs the tf extra) or Hugging Face's safetensors."""
+    """Where a named size comes from: OpenAI's TensorFlow checkpoint (needs the tf extra) or Hugging Face's
+    safetensors."""
     cache: str = DEFAULT_CACHE
     """Folder that holds downloaded weights, tokenizer files and the dataset."""
     base_url: str | None = None
-    """Mirror to fetch from instead of the public hosts: an http(s):// URL or s3://bucket/prefix laid out like the cache."""
+    """Mirror to fetch from instead of the public hosts: an http(s):// URL or s3://bucket/prefix laid out
+    like the cache."""
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_NAMES:
@@ -100,7 +104,9 @@ class ModelSourceConfig:
 class DataConfig:
     """The instruction dataset and how its entries become training text."""
 
-    data: str = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+    data: str = (
+        "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+    )
     """Dataset: a local JSON/JSON Lines file, an http(s):// URL (fetched into the cache) or s3://bucket/key."""
     prompt_style: Literal["alpaca", "phi3"] = "alpaca"
     """Prompt template: the book's Alpaca text, or Phi-3's (exercise 7.1)."""
@@ -155,8 +161,17 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
     def __post_init__(self) -> None:
         ModelSourceConfig.__post_init__(self)
         DataConfig.__post_init__(self)
-        _positive(self, "epochs", "batch_size", "lr", "eval_freq", "eval_iter", "grad_accum", "checkpoint_every",
-                  "keep_checkpoints")  # fmt: skip
+        _positive(
+            self,
+            "epochs",
+            "batch_size",
+            "lr",
+            "eval_freq",
+            "eval_iter",
+            "grad_accum",
+            "checkpoint_every",
+            "keep_checkpoints",
+        )
         if self.max_steps is not None:
             _positive(self, "max_steps")
         if self.weight_decay < 0:
@@ -196,7 +211,8 @@ class GenerateConfig(DataConfig, DecodingSettings):
     cache: str = DEFAULT_CACHE
     """Folder that holds the tokenizer files and a downloaded dataset."""
     base_url: str | None = None
-    """Mirror to fetch the tokenizer and dataset from: an http(s):// URL or s3://bucket/prefix laid out like the cache."""
+    """Mirror to fetch the tokenizer and dataset from: an http(s):// URL or s3://bucket/prefix laid out like
+    the cache."""
     output: str = "runs/generate"
     """Folder instruction-data-with-response.json (and its progress file) is written to."""
     batch_size: int = 16
@@ -204,7 +220,8 @@ class GenerateConfig(DataConfig, DecodingSettings):
     seed: int = 123
     """Seed of sampling (each batch is seeded from it, so restarts sample the same)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Autocast dtype: auto is bf16 on CUDA devices that support it, fp32 elsewhere (bf16 on a CPU with AVX-512 BF16 is ~2.5x faster)."""
+    """Autocast dtype: auto is bf16 on CUDA devices that support it, fp32 elsewhere (bf16 on a CPU with
+    AVX-512 BF16 is ~2.5x faster)."""
 
     def __post_init__(self) -> None:
         DataConfig.__post_init__(self)

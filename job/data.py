@@ -196,5 +196,6 @@ class Collator:
 
     def __call__(self, examples: list[Example]):
         prompt_lengths = [e.prompt_length for e in examples] if self.mask_instruction else None
-        return collate([e.token_ids for e in examples], allowed_max_length=self.allowed_max_length,
-                       prompt_lengths=prompt_lengths)  # fmt: skip
+        return collate(
+            [e.token_ids for e in examples], allowed_max_length=self.allowed_max_length, prompt_lengths=prompt_lengths
+        )

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 import requests
@@ -102,7 +102,10 @@ def model_files(model: str, source: str, base_url: str | None = None) -> list[Re
     if source == "hf":
         repo = HF_REPOS[model]
         return [
-            RemoteFile(f"gpt2-hf/{model}/{name}", _urls(base_url, f"gpt2-hf/{model}/{name}", (f"{HF_BASE}/{repo}/resolve/main/{name}",)))
+            RemoteFile(
+                f"gpt2-hf/{model}/{name}",
+                _urls(base_url, f"gpt2-hf/{model}/{name}", (f"{HF_BASE}/{repo}/resolve/main/{name}",)),
+            )
             for name in HF_FILES
         ]
     raise DownloadError(f"--source {source!r} is not one of openai, hf")
@@ -172,7 +175,9 @@ class Downloader:
             actual = sha256_file(part)
             if actual != remote.sha256:
                 part.unlink()
-                raise DownloadError(f"{remote.relpath}: sha256 mismatch from {url}: got {actual}, expected {remote.sha256}")
+                raise DownloadError(
+                    f"{remote.relpath}: sha256 mismatch from {url}: got {actual}, expected {remote.sha256}"
+                )
 
     def _fetch_with_retries(self, url: str, part: Path, remote: RemoteFile) -> None:
         for attempt in range(1, self.attempts + 1):
@@ -183,7 +188,14 @@ class Downloader:
                 if attempt == self.attempts:
                     raise DownloadError(f"{remote.relpath}: giving up on {url} after {attempt} tries: {exc}") from None
                 wait = self.backoff_seconds * 2 ** (attempt - 1) * (0.5 + random.random())
-                log.warning("download_retry", file=remote.relpath, url=url, attempt=attempt, error=str(exc), wait_s=round(wait, 2))
+                log.warning(
+                    "download_retry",
+                    file=remote.relpath,
+                    url=url,
+                    attempt=attempt,
+                    error=str(exc),
+                    wait_s=round(wait, 2),
+                )
                 self.sleep(wait)
 
     def _fetch_once(self, url: str, part: Path, remote: RemoteFile) -> None:
@@ -208,7 +220,9 @@ class Downloader:
             raise TransientError(f"transfer ended at {size} of {expected_end} bytes")
         if expected_end is not None and size > expected_end:
             part.unlink()
-            raise DownloadError(f"{remote.relpath}: size mismatch from {url}: got {size} bytes, server said {expected_end}")
+            raise DownloadError(
+                f"{remote.relpath}: size mismatch from {url}: got {size} bytes, server said {expected_end}"
+            )
 
     def _open(self, url: str, offset: int) -> tuple[int | None, bool, Iterator[bytes]]:
         """(total size, whether the stream starts at ``offset``, the bytes)."""
@@ -240,7 +254,11 @@ class Downloader:
         length = resp.headers.get("Content-Length")
         if resumed:
             content_range = resp.headers.get("Content-Range", "")
-            total = int(content_range.rsplit("/", 1)[1]) if "/" in content_range and not content_range.endswith("*") else None
+            total = (
+                int(content_range.rsplit("/", 1)[1])
+                if "/" in content_range and not content_range.endswith("*")
+                else None
+            )
         else:
             total = int(length) if length is not None else None
         return total, resumed, resp.iter_content(CHUNK)

@@ -9,10 +9,10 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -20,7 +20,8 @@ import yaml
 from job.config import FinetuneConfig, resolve_precision
 from job.data import PROMPT_STYLES, Collator, Example, load_entries, resolve_data, split_entries, tokenize
 from job.decoding import generate
-from job.download import Downloader, model_dir as cached_model_dir, model_files, tokenizer_files
+from job.download import Downloader, model_files, tokenizer_files
+from job.download import model_dir as cached_model_dir
 from job.errors import JobError
 from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
 from job.observability import Metrics, get_logger
@@ -121,17 +122,27 @@ def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> li
 class Trainer:
     """The book's ``train_model_simple`` on an ``Accelerator``, with checkpoints and preemption."""
 
-    def __init__(self, cfg: FinetuneConfig, prep: Prepared, metrics: Metrics, saved_config: dict | None = None,
-                 on_checkpoint: Callable[[Path], None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        prep: Prepared,
+        metrics: Metrics,
+        saved_config: dict | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None,
+    ):
         from accelerate import Accelerator
 
         self.cfg, self.prep, self.metrics = cfg, prep, metrics
         self.saved_config = saved_config or dataclasses.asdict(cfg)
         self.on_checkpoint = on_checkpoint
-        self.accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.precision), cpu=not torch.cuda.is_available())
+        self.accelerator = Accelerator(
+            mixed_precision=_mixed_precision(cfg.precision), cpu=not torch.cuda.is_available()
+        )
         world = self.accelerator.num_processes
         if cfg.batch_size % (world * cfg.grad_accum):
-            raise JobError(f"--batch-size {cfg.batch_size} must divide by processes x --grad-accum ({world} x {cfg.grad_accum})")
+            raise JobError(
+                f"--batch-size {cfg.batch_size} must divide by processes x --grad-accum ({world} x {cfg.grad_accum})"
+            )
         self.micro = cfg.batch_size // (world * cfg.grad_accum)
         self.output = Path(cfg.output)
         self.checkpoints = self.output / "checkpoints"
@@ -239,13 +250,26 @@ class Trainer:
     def _evaluate(self) -> None:
         st = self.state
         train_loss, val_loss = self._loss(self.prep.train), self._loss(self.prep.val)
-        st.history.append({"step": st.step - 1, "epoch": st.epoch + 1, "tokens_seen": st.tokens_seen,
-                           "train_loss": train_loss, "val_loss": val_loss})  # fmt: skip
+        st.history.append(
+            {
+                "step": st.step - 1,
+                "epoch": st.epoch + 1,
+                "tokens_seen": st.tokens_seen,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+            }
+        )
         self.metrics.train_loss.set(train_loss)
         self.metrics.val_loss.set(val_loss)
         if self.is_main:
-            log.info("eval", step=st.step - 1, epoch=st.epoch + 1, train_loss=round(train_loss, 4),
-                     val_loss=round(val_loss, 4), tokens_seen=st.tokens_seen)  # fmt: skip
+            log.info(
+                "eval",
+                step=st.step - 1,
+                epoch=st.epoch + 1,
+                train_loss=round(train_loss, 4),
+                val_loss=round(val_loss, 4),
+                tokens_seen=st.tokens_seen,
+            )
 
     def _observe(self, tokens: int, started: float, tokens_at_start: int) -> None:
         st, m = self.state, self.metrics
@@ -271,8 +295,12 @@ class Trainer:
         # Decoding runs eagerly: its per-step shapes and cache writes would only make compiled blocks recompile.
         with self.accelerator.autocast(), torch.compiler.set_stance("force_eager"):
             [new] = generate(model, [prompt], max_new_tokens=50)
-        log.info("sample", epoch=self.state.epoch + 1, prompt=self.prep.sample_prompt,
-                 response=self.prep.tokenizer.decode(new))  # fmt: skip
+        log.info(
+            "sample",
+            epoch=self.state.epoch + 1,
+            prompt=self.prep.sample_prompt,
+            response=self.prep.tokenizer.decode(new),
+        )
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -360,8 +388,12 @@ def plot_losses(history: list[dict], epochs: int, path: Path) -> None:
     plt.close(fig)
 
 
-def run_finetune(cfg: FinetuneConfig, metrics: Metrics | None = None, saved_config: dict | None = None,
-                 on_checkpoint: Callable[[Path], None] | None = None) -> dict[str, Path]:  # fmt: skip
+def run_finetune(
+    cfg: FinetuneConfig,
+    metrics: Metrics | None = None,
+    saved_config: dict | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+) -> dict[str, Path]:
     """The stage: validate and load everything, then train (resuming if checkpoints exist), then save.
 
     ``saved_config`` is the resolved configuration written beside the outputs and into every
@@ -373,14 +405,25 @@ def run_finetune(cfg: FinetuneConfig, metrics: Metrics | None = None, saved_conf
     if trainer.is_main:
         trainer.output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(trainer.output / "config.yaml", yaml.safe_dump(trainer.saved_config, sort_keys=False))
-        log.info("finetune_start", model=prep.model_name, train_examples=len(prep.train), val_examples=len(prep.val),
-                 steps=trainer.total_steps, processes=trainer.accelerator.num_processes,
-                 precision=trainer.accelerator.mixed_precision, device=str(trainer.accelerator.device))  # fmt: skip
+        log.info(
+            "finetune_start",
+            model=prep.model_name,
+            train_examples=len(prep.train),
+            val_examples=len(prep.val),
+            steps=trainer.total_steps,
+            processes=trainer.accelerator.num_processes,
+            precision=trainer.accelerator.mixed_precision,
+            device=str(trainer.accelerator.device),
+        )
     trainer.fit()
     outputs = trainer.write_outputs()
     if trainer.is_main:
-        log.info("finetune_done", steps=trainer.state.step, tokens_seen=trainer.state.tokens_seen,
-                 final_val_loss=trainer.state.history[-1]["val_loss"] if trainer.state.history else None)  # fmt: skip
+        log.info(
+            "finetune_done",
+            steps=trainer.state.step,
+            tokens_seen=trainer.state.tokens_seen,
+            final_val_loss=trainer.state.history[-1]["val_loss"] if trainer.state.history else None,
+        )
     return outputs
 
 
@@ -410,5 +453,3 @@ def _install_preemption_handlers(accelerator, signalled: threading.Event):
             signal.signal(s, h)
 
     return restore
-
-

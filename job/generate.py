@@ -62,17 +62,31 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     done = {i: r["model_response"] for i, r in read_progress(progress_path).items()}
     batches = length_sorted_batches([len(p) for p in prompt_ids], cfg.batch_size)
     todo = [(b, batch) for b, batch in enumerate(batches) if not all(i in done for i in batch)]
-    log.info("generate_start", entries=len(test), already_done=len(done), to_decode=sum(len(x) for _, x in todo),
-             prompt_style=style.name, device=str(device), max_new_tokens=cfg.max_new_tokens, precision=precision)  # fmt: skip
+    log.info(
+        "generate_start",
+        entries=len(test),
+        already_done=len(done),
+        to_decode=sum(len(x) for _, x in todo),
+        prompt_style=style.name,
+        device=str(device),
+        max_new_tokens=cfg.max_new_tokens,
+        precision=precision,
+    )
 
     started, new_tokens, decoded = time.perf_counter(), 0, 0
     bar = _bar(len(test), len(done))
     with open(progress_path, "a") as progress, autocast:
         for b, batch in todo:
             generator = torch.Generator(device=device).manual_seed(cfg.seed + b)
-            outputs = generate(model, [prompt_ids[i] for i in batch], cfg.max_new_tokens,
-                               temperature=cfg.temperature, top_k=cfg.top_k, generator=generator)  # fmt: skip
-            for i, ids in zip(batch, outputs):
+            outputs = generate(
+                model,
+                [prompt_ids[i] for i in batch],
+                cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                generator=generator,
+            )
+            for i, ids in zip(batch, outputs, strict=True):
                 response = style.extract_response(prompts[i] + tokenizer.decode(ids), prompts[i])
                 progress.write(json.dumps({"index": i, "model_response": response}) + "\n")
                 done[i] = response
@@ -92,8 +106,14 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     progress_path.unlink()
     if bar is not None:
         bar.close()
-    log.info("generate_done", decoded=decoded, new_tokens=new_tokens, seconds=round(elapsed, 3),
-             tokens_per_second=round(tokens_per_second, 1), path=str(final))  # fmt: skip
+    log.info(
+        "generate_done",
+        decoded=decoded,
+        new_tokens=new_tokens,
+        seconds=round(elapsed, 3),
+        tokens_per_second=round(tokens_per_second, 1),
+        path=str(final),
+    )
     return final
 
 

@@ -97,15 +97,22 @@ class OllamaJudge:
                 bar.n = progress.completed or 0
                 bar.refresh()
             else:
-                log.info("judge_pull_progress", status=progress.status, completed=progress.completed, total=progress.total)
+                log.info(
+                    "judge_pull_progress", status=progress.status, completed=progress.completed, total=progress.total
+                )
         if bar is not None:
             bar.close()
         log.info("judge_pull_done", model=model)
 
     def ask(self, prompt: str) -> str:
         kwargs = {"format": SCORE_SCHEMA} if self.cfg.judge_format == "structured" else {}
-        reply = self._call(self.client.chat, model=self.cfg.judge_model,
-                           messages=[{"role": "user", "content": prompt}], options=self.options, **kwargs)  # fmt: skip
+        reply = self._call(
+            self.client.chat,
+            model=self.cfg.judge_model,
+            messages=[{"role": "user", "content": prompt}],
+            options=self.options,
+            **kwargs,
+        )
         return reply.message.content or ""
 
     @staticmethod
@@ -147,9 +154,14 @@ class OpenAIJudge:
         extra = {}
         if self.cfg.judge_format == "structured":
             extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "score", "schema": SCORE_SCHEMA}}
-        reply = self._call(self.client.chat.completions.create, model=self.cfg.judge_model,
-                           messages=[{"role": "user", "content": prompt}], temperature=self.cfg.judge_temperature,
-                           seed=self.cfg.judge_seed, **extra)  # fmt: skip
+        reply = self._call(
+            self.client.chat.completions.create,
+            model=self.cfg.judge_model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=self.cfg.judge_temperature,
+            seed=self.cfg.judge_seed,
+            **extra,
+        )
         return reply.choices[0].message.content or ""
 
     @staticmethod
@@ -276,14 +288,26 @@ def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge=None) -> d
     progress_path = output / PROGRESS_FILE
     records = read_progress(progress_path)
     todo = [i for i in range(len(entries)) if i not in records]
-    log.info("judge_start", entries=len(entries), already_scored=len(records), to_score=len(todo),
-             model=cfg.judge_model, host=judge.host, mode=cfg.judge_format)  # fmt: skip
+    log.info(
+        "judge_start",
+        entries=len(entries),
+        already_scored=len(records),
+        to_score=len(todo),
+        model=cfg.judge_model,
+        host=judge.host,
+        mode=cfg.judge_format,
+    )
     with open(progress_path, "a") as progress, ThreadPoolExecutor(cfg.judge_concurrency) as pool:
         futures = [pool.submit(score_one, judge, cfg, i, entries[i], metrics) for i in todo]
         for future in as_completed(futures):
             result = future.result()
-            record = {"index": result.index, "score": result.score, "judge_reply": result.judge_reply,
-                      "outcome": result.outcome, "error": result.error}  # fmt: skip
+            record = {
+                "index": result.index,
+                "score": result.score,
+                "judge_reply": result.judge_reply,
+                "outcome": result.outcome,
+                "error": result.error,
+            }
             metrics.judge_requests_total.labels(outcome=result.outcome).inc()
             if result.score is not None:
                 metrics.judge_score.observe(result.score)
@@ -295,7 +319,9 @@ def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge=None) -> d
             progress.write(json.dumps(record) + "\n")
             progress.flush()
             records[result.index] = record
-    scored = [{**e, "score": records[i]["score"], "judge_reply": records[i]["judge_reply"]} for i, e in enumerate(entries)]
+    scored = [
+        {**e, "score": records[i]["score"], "judge_reply": records[i]["judge_reply"]} for i, e in enumerate(entries)
+    ]
     summary = summarize(cfg, judge.host, entries, records)
     if summary["mean"] is not None:
         metrics.judge_score_mean.set(summary["mean"])
@@ -303,7 +329,13 @@ def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge=None) -> d
     atomic_write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     progress_path.unlink()
     average = f"{summary['mean']:.2f}" if summary["mean"] is not None else "n/a"
-    log.info("judge_summary", message=f"Number of scores: {summary['scored']} of {len(entries)}; Average score: {average}",
-             scored=summary["scored"], entries=len(entries), average=summary["mean"], unparsed=summary["unparsed"],
-             errors=summary["errors"])  # fmt: skip
+    log.info(
+        "judge_summary",
+        message=f"Number of scores: {summary['scored']} of {len(entries)}; Average score: {average}",
+        scored=summary["scored"],
+        entries=len(entries),
+        average=summary["mean"],
+        unparsed=summary["unparsed"],
+        errors=summary["errors"],
+    )
     return summary

@@ -163,8 +163,13 @@ class GPTModel(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied, as in OpenAI's release
         self.apply(_init_weights)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, valid: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None):  # fmt: skip
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        valid: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ):
         """Logits (B, T, vocab) for token ids ``idx`` (B, T); with ``targets``, the mean loss instead.
 
         Without ``cache`` this is the plain causal forward pass. With it, ``idx`` continues the

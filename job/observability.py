@@ -17,9 +17,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream=None
     stream = stream or sys.stdout
     if log_format == "auto":
         log_format = "console" if stream.isatty() else "json"
-    renderer = (
-        structlog.dev.ConsoleRenderer() if log_format == "console" else structlog.processors.JSONRenderer()
-    )
+    renderer = structlog.dev.ConsoleRenderer() if log_format == "console" else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -71,11 +69,11 @@ class Metrics:
         self.generate_tokens_total = Counter(p + "generate_tokens", "Tokens generated", registry=r)
         self.generate_tokens_per_second = Gauge(p + "generate_tokens_per_second", "Generation throughput", registry=r)
         self.judge_requests_total = Counter(p + "judge_requests", "Judge requests by outcome", ["outcome"], registry=r)
-        self.judge_score = Histogram(
-            p + "judge_score", "Judge scores", buckets=tuple(range(10, 101, 10)), registry=r
-        )
+        self.judge_score = Histogram(p + "judge_score", "Judge scores", buckets=tuple(range(10, 101, 10)), registry=r)
         self.judge_score_mean = Gauge(p + "judge_score_mean", "Mean judge score", registry=r)
-        self.artifact_bytes_uploaded_total = Counter(p + "artifact_bytes_uploaded", "Bytes written to storage", registry=r)
+        self.artifact_bytes_uploaded_total = Counter(
+            p + "artifact_bytes_uploaded", "Bytes written to storage", registry=r
+        )
         self.last_success_timestamp_seconds = Gauge(
             p + "last_success_timestamp_seconds", "When the job last finished successfully", registry=r
         )
@@ -90,12 +88,24 @@ class MetricsPublisher:
     """Serves the job's registry over HTTP for the whole run and pushes it to a Pushgateway
     (``pushadd``, grouping key job + run_id) at each stage's end and at exit, failure included."""
 
-    def __init__(self, metrics: Metrics, port: int = 0, pushgateway: str | None = None, run_id: str = "",
-                 address: str = "0.0.0.0"):  # fmt: skip
-        self.metrics, self.port, self.pushgateway, self.run_id, self.address = metrics, port, pushgateway, run_id, address
+    def __init__(
+        self,
+        metrics: Metrics,
+        port: int = 0,
+        pushgateway: str | None = None,
+        run_id: str = "",
+        address: str = "0.0.0.0",
+    ):
+        self.metrics, self.port, self.pushgateway, self.run_id, self.address = (
+            metrics,
+            port,
+            pushgateway,
+            run_id,
+            address,
+        )
         self.server = None
 
-    def __enter__(self) -> "MetricsPublisher":
+    def __enter__(self) -> MetricsPublisher:
         if self.port:
             from prometheus_client import start_http_server
 
@@ -109,8 +119,13 @@ class MetricsPublisher:
         from prometheus_client import pushadd_to_gateway
 
         try:
-            pushadd_to_gateway(self.pushgateway, job="sft-job", grouping_key={"run_id": self.run_id},
-                               registry=self.metrics.registry, timeout=10)  # fmt: skip
+            pushadd_to_gateway(
+                self.pushgateway,
+                job="sft-job",
+                grouping_key={"run_id": self.run_id},
+                registry=self.metrics.registry,
+                timeout=10,
+            )
         except OSError as exc:  # a missing gateway must not fail the job
             get_logger(__name__).warning("metrics_push_failed", pushgateway=self.pushgateway, error=str(exc))
 

@@ -22,11 +22,13 @@ import yaml
 from job import __version__
 from job.config import FinetuneConfig, GenerateConfig, JudgeConfig, RunConfig
 from job.data import load_entries, resolve_data
-from job.download import Downloader, dataset_file, model_dir as cached_model_dir, model_files, tokenizer_files
+from job.download import Downloader, dataset_file, model_files, tokenizer_files
+from job.download import model_dir as cached_model_dir
 from job.errors import JobError
 from job.finetune import Preempted, checkpoint_dirs, run_finetune
 from job.generate import RESPONSES_FILE, run_generate
-from job.judge import preflight as judge_preflight, run_judge
+from job.judge import preflight as judge_preflight
+from job.judge import run_judge
 from job.model import GPTConfig, GPTModel
 from job.observability import Metrics, MetricsPublisher, bind, get_logger
 from job.storage import LocalStorage, Storage, open_storage, sha256_file, upload_tree
@@ -87,8 +89,13 @@ class CheckpointUploader:
     def _upload(self, checkpoint: Path) -> None:
         started = time.perf_counter()
         keep = {p.name for p in checkpoint_dirs(checkpoint.parent)}
-        upload_tree(self.storage, checkpoint, f"checkpoints/{checkpoint.name}",
-                    on_bytes=self.metrics.artifact_bytes_uploaded_total.inc, last="trainer_state.json")  # fmt: skip
+        upload_tree(
+            self.storage,
+            checkpoint,
+            f"checkpoints/{checkpoint.name}",
+            on_bytes=self.metrics.artifact_bytes_uploaded_total.inc,
+            last="trainer_state.json",
+        )
         for key in self.storage.list("checkpoints/"):
             name = key.split("/")[1]
             if name not in keep and name != checkpoint.name:
@@ -167,14 +174,17 @@ class Pipeline:
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, Preempted) else "failed"
             m.stage_status.labels(stage=name).set(3)
-            self.manifest.record(name, status=status, end=_now(), error=str(exc).splitlines()[0] if str(exc) else status)
+            self.manifest.record(
+                name, status=status, end=_now(), error=str(exc).splitlines()[0] if str(exc) else status
+            )
             raise
         finally:
             m.stage_duration_seconds.labels(stage=name).set(time.perf_counter() - started)
         records = self._upload(artifacts)
         m.stage_status.labels(stage=name).set(2)
-        self.manifest.record(name, status="complete", end=_now(), duration_s=round(time.perf_counter() - started, 3),
-                             artifacts=records)  # fmt: skip
+        self.manifest.record(
+            name, status="complete", end=_now(), duration_s=round(time.perf_counter() - started, 3), artifacts=records
+        )
         log.info("stage_done", seconds=round(time.perf_counter() - started, 3), artifacts=len(records))
         if self.publisher is not None:
             self.publisher.push()
@@ -227,8 +237,12 @@ class Pipeline:
             overrides |= {"max_steps": 20}
         ft = FinetuneConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields} | overrides)
         try:
-            outputs = run_finetune(ft, self.metrics, saved_config=self.resolved,
-                                   on_checkpoint=uploader if self.state.is_main_process else None)  # fmt: skip
+            outputs = run_finetune(
+                ft,
+                self.metrics,
+                saved_config=self.resolved,
+                on_checkpoint=uploader if self.state.is_main_process else None,
+            )
         finally:
             if uploader is not None:
                 uploader.wait()  # also on preemption: the checkpoint must reach storage first
@@ -252,7 +266,9 @@ class Pipeline:
         local = self.work / "checkpoints"
         if checkpoint_dirs(local):
             return
-        complete = sorted({k.split("/")[1] for k in self.storage.list("checkpoints/") if k.endswith("/trainer_state.json")})
+        complete = sorted(
+            {k.split("/")[1] for k in self.storage.list("checkpoints/") if k.endswith("/trainer_state.json")}
+        )
         if not complete:
             return
         latest = complete[-1]
@@ -264,12 +280,26 @@ class Pipeline:
         cfg = self.cfg
         self._ensure_local(FINETUNE_ARTIFACTS[:2])
         limit, max_new = (8, 16) if cfg.smoke else (cfg.limit, cfg.max_new_tokens)
-        run_generate(GenerateConfig(
-            model_dir=str(self.work / "model"), data=cfg.data, prompt_style=cfg.prompt_style,
-            shuffle_seed=cfg.shuffle_seed, skip_invalid=cfg.skip_invalid, cache=cfg.cache, base_url=cfg.base_url,
-            output=str(self.work), max_new_tokens=max_new, batch_size=cfg.generate_batch_size,
-            temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed, limit=limit, precision=cfg.precision,
-        ), self.metrics)  # fmt: skip
+        run_generate(
+            GenerateConfig(
+                model_dir=str(self.work / "model"),
+                data=cfg.data,
+                prompt_style=cfg.prompt_style,
+                shuffle_seed=cfg.shuffle_seed,
+                skip_invalid=cfg.skip_invalid,
+                cache=cfg.cache,
+                base_url=cfg.base_url,
+                output=str(self.work),
+                max_new_tokens=max_new,
+                batch_size=cfg.generate_batch_size,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                seed=cfg.seed,
+                limit=limit,
+                precision=cfg.precision,
+            ),
+            self.metrics,
+        )
         return [RESPONSES_FILE]
 
     def judge_config(self) -> JudgeConfig:
@@ -296,8 +326,12 @@ def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:
     metrics = metrics or Metrics()
     pipeline = Pipeline(cfg, metrics)
     bind(run_id=pipeline.run_id)
-    publisher = MetricsPublisher(metrics, cfg.metrics_port if pipeline.state.is_main_process else 0,
-                                 cfg.pushgateway if pipeline.state.is_main_process else None, pipeline.run_id)  # fmt: skip
+    publisher = MetricsPublisher(
+        metrics,
+        cfg.metrics_port if pipeline.state.is_main_process else 0,
+        cfg.pushgateway if pipeline.state.is_main_process else None,
+        pipeline.run_id,
+    )
     pipeline.publisher = publisher
     with publisher:  # pushes at exit too, failure included
         result = pipeline.run()

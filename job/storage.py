@@ -8,8 +8,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 from job.errors import JobError
@@ -136,7 +136,9 @@ class LocalStorage(Storage):
         base = self._path(prefix)
         if not base.is_dir():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return sorted(
+            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")
+        )
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self._path(prefix), ignore_errors=True)
@@ -220,14 +222,16 @@ class S3Storage(Storage):
         return digest.hexdigest()
 
     def check_writable(self) -> None:
+        import boto3
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
 
-        import boto3
-
         # A quick client for the probe, so a wrong endpoint fails in seconds, not after long retries.
-        probe = boto3.client("s3", endpoint_url=self.endpoint_url,
-                             config=Config(retries={"max_attempts": 1}, connect_timeout=5, read_timeout=10))  # fmt: skip
+        probe = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            config=Config(retries={"max_attempts": 1}, connect_timeout=5, read_timeout=10),
+        )
         where = f"s3://{self.bucket}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
         try:
             probe.head_bucket(Bucket=self.bucket)
@@ -254,8 +258,13 @@ def open_storage(url: str, endpoint_url: str | None = None) -> Storage:
     return LocalStorage(url)
 
 
-def upload_tree(storage: Storage, local_root: Path, prefix: str, on_bytes: Callable[[int], None] | None = None,
-                last: str | None = None) -> list[str]:  # fmt: skip
+def upload_tree(
+    storage: Storage,
+    local_root: Path,
+    prefix: str,
+    on_bytes: Callable[[int], None] | None = None,
+    last: str | None = None,
+) -> list[str]:
     """Upload every file under ``local_root`` to ``prefix/``; ``last`` (a file name) goes up last,
     so its presence marks the whole tree as complete."""
     files = sorted(p for p in local_root.rglob("*") if p.is_file())

@@ -26,13 +26,19 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 _HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 # OpenAI variable -> our parameter, per block; "w" weights are (1, in, out) Conv1D kernels.
 _OPENAI_BLOCK = {
-    "ln_1/g": "ln_1.weight", "ln_1/b": "ln_1.bias",
-    "attn/c_attn/w": "attn.c_attn.weight", "attn/c_attn/b": "attn.c_attn.bias",
-    "attn/c_proj/w": "attn.c_proj.weight", "attn/c_proj/b": "attn.c_proj.bias",
-    "ln_2/g": "ln_2.weight", "ln_2/b": "ln_2.bias",
-    "mlp/c_fc/w": "mlp.c_fc.weight", "mlp/c_fc/b": "mlp.c_fc.bias",
-    "mlp/c_proj/w": "mlp.c_proj.weight", "mlp/c_proj/b": "mlp.c_proj.bias",
-}  # fmt: skip
+    "ln_1/g": "ln_1.weight",
+    "ln_1/b": "ln_1.bias",
+    "attn/c_attn/w": "attn.c_attn.weight",
+    "attn/c_attn/b": "attn.c_attn.bias",
+    "attn/c_proj/w": "attn.c_proj.weight",
+    "attn/c_proj/b": "attn.c_proj.bias",
+    "ln_2/g": "ln_2.weight",
+    "ln_2/b": "ln_2.bias",
+    "mlp/c_fc/w": "mlp.c_fc.weight",
+    "mlp/c_fc/b": "mlp.c_fc.bias",
+    "mlp/c_proj/w": "mlp.c_proj.weight",
+    "mlp/c_proj/b": "mlp.c_proj.bias",
+}
 _OPENAI_TOP = {"wte": "wte.weight", "wpe": "wpe.weight", "ln_f/g": "ln_f.weight", "ln_f/b": "ln_f.bias"}
 
 
@@ -217,14 +223,19 @@ def book_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     }
     for i in range(model.cfg.n_layers):
         p, b = f"h.{i}.", f"trf_blocks.{i}."
-        for kind, w, bias in zip(("query", "key", "value"),
-                                 sd[p + "attn.c_attn.weight"].chunk(3, dim=0),
-                                 sd[p + "attn.c_attn.bias"].chunk(3, dim=0)):  # fmt: skip
+        for kind, w, bias in zip(
+            ("query", "key", "value"),
+            sd[p + "attn.c_attn.weight"].chunk(3, dim=0),
+            sd[p + "attn.c_attn.bias"].chunk(3, dim=0),
+            strict=True,
+        ):
             out[f"{b}att.W_{kind}.weight"] = w.clone()
             out[f"{b}att.W_{kind}.bias"] = bias.clone()
         pairs = {
-            "att.out_proj": "attn.c_proj", "ff.layers.0": "mlp.c_fc", "ff.layers.2": "mlp.c_proj",
-        }  # fmt: skip
+            "att.out_proj": "attn.c_proj",
+            "ff.layers.0": "mlp.c_fc",
+            "ff.layers.2": "mlp.c_proj",
+        }
         for book, ours in pairs.items():
             out[f"{b}{book}.weight"] = sd[f"{p}{ours}.weight"]
             out[f"{b}{book}.bias"] = sd[f"{p}{ours}.bias"]

@@ -84,9 +84,11 @@ def s3(moto_server, monkeypatch):
     import boto3
 
     for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_server,
-    }.items():  # fmt: skip
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": moto_server,
+    }.items():
         monkeypatch.setenv(key, value)
     return boto3.client("s3", endpoint_url=moto_server)
 

@@ -71,8 +71,15 @@ class FakeOllama:
                 elif self.path == "/api/tags":
                     self._json(200, {"models": [server._tag(m) for m in server.models]})
                 elif self.path == "/v1/models":
-                    self._json(200, {"object": "list", "data": [
-                        {"id": m, "object": "model", "created": 0, "owned_by": "library"} for m in server.models]})  # fmt: skip
+                    self._json(
+                        200,
+                        {
+                            "object": "list",
+                            "data": [
+                                {"id": m, "object": "model", "created": 0, "owned_by": "library"} for m in server.models
+                            ],
+                        },
+                    )
                 else:
                     self._json(404, {"error": "not found"})
 
@@ -95,7 +102,7 @@ class FakeOllama:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> "FakeOllama":
+    def start(self) -> FakeOllama:
         self.httpd.server_bind()
         self.httpd.server_activate()
         self.port = self.httpd.server_port
@@ -113,9 +120,14 @@ class FakeOllama:
 
     @staticmethod
     def _tag(name: str) -> dict:
-        return {"name": name, "model": name, "modified_at": datetime.now(timezone.utc).isoformat(), "size": 4661224676,
-                "digest": "365c0bd3c000a25d28ddbf732fe1c6add414de7275464c4e4d1c3b5fcb5d8ad1",
-                "details": {"format": "gguf", "family": "llama", "parameter_size": "8.0B", "quantization_level": "Q4_0"}}  # fmt: skip
+        return {
+            "name": name,
+            "model": name,
+            "modified_at": datetime.now(timezone.utc).isoformat(),
+            "size": 4661224676,
+            "digest": "365c0bd3c000a25d28ddbf732fe1c6add414de7275464c4e4d1c3b5fcb5d8ad1",
+            "details": {"format": "gguf", "family": "llama", "parameter_size": "8.0B", "quantization_level": "Q4_0"},
+        }
 
     def _next_fault(self):
         with self.lock:
@@ -153,12 +165,29 @@ class FakeOllama:
             handler._json(status, {"error": f"scripted {status}"})
             return
         now = datetime.now(timezone.utc).isoformat()
-        final = {"model": body["model"], "created_at": now, "message": {"role": "assistant", "content": ""},
-                 "done": True, "done_reason": "stop", "total_duration": 1000, "eval_count": 1}  # fmt: skip
+        final = {
+            "model": body["model"],
+            "created_at": now,
+            "message": {"role": "assistant", "content": ""},
+            "done": True,
+            "done_reason": "stop",
+            "total_duration": 1000,
+            "eval_count": 1,
+        }
         if body.get("stream", True):
             pieces = [content[i : i + 3] for i in range(0, len(content), 3)]
-            handler._ndjson([{"model": body["model"], "created_at": now, "message": {"role": "assistant", "content": p},
-                              "done": False} for p in pieces] + [final])  # fmt: skip
+            handler._ndjson(
+                [
+                    {
+                        "model": body["model"],
+                        "created_at": now,
+                        "message": {"role": "assistant", "content": p},
+                        "done": False,
+                    }
+                    for p in pieces
+                ]
+                + [final]
+            )
         else:
             final["message"]["content"] = content
             handler._json(200, final)
@@ -170,17 +199,29 @@ class FakeOllama:
         if status != 200:
             handler._json(status, {"error": {"message": f"scripted {status}", "type": "api_error"}})
             return
-        handler._json(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                         "finish_reason": "stop"}],
-                            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})  # fmt: skip
+        handler._json(
+            200,
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            },
+        )
 
     def _pull(self, handler, body: dict) -> None:
         self.pulls.append(body)
         name = body["model"] if ":" in body["model"] else f"{body['model']}:latest"
         digest = "sha256:" + "ab" * 32
         lines = [{"status": "pulling manifest"}]
-        lines += [{"status": f"pulling {digest[7:19]}", "digest": digest, "total": 1000, "completed": c} for c in (0, 500, 1000)]
+        lines += [
+            {"status": f"pulling {digest[7:19]}", "digest": digest, "total": 1000, "completed": c}
+            for c in (0, 500, 1000)
+        ]
         lines += [{"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
         with self.lock:
             self.models.append(name)

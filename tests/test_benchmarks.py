@@ -14,24 +14,56 @@ from tests.helpers import REPO
 def test_gpu_mode_runs_on_cpu_at_tiny_shapes_and_writes_every_selected_figure(shared_data, tmp_path):
     out = tmp_path / "results.json"
     keys = ["train/ours", "generate/ours", "generate/hf", "recipe/ours"]
-    cmd = [sys.executable, "-m", "benchmarks", "gpu", "--quick", "--device", "cpu", "--data-dir", str(shared_data),
-           "--out", str(out)] + [a for k in keys for a in ("--select", k)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=os.environ | {"BENCH_THREADS": "2"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "gpu",
+        "--quick",
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(shared_data),
+        "--out",
+        str(out),
+    ] + [a for k in keys for a in ("--select", k)]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=os.environ | {"BENCH_THREADS": "2"}
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     results = report["results"]
     assert list(results) == keys
     assert not [k for k, v in results.items() if "error" in v], results
     assert results["train/ours"]["tokens_per_second"] > 0
-    assert results["generate/ours"]["new_tokens"] == results["generate/hf"]["new_tokens"] == 110 * 4  # all forced to full length
+    assert (
+        results["generate/ours"]["new_tokens"] == results["generate/hf"]["new_tokens"] == 110 * 4
+    )  # all forced to full length
     recipe = results["recipe/ours"]
-    assert recipe["evaluations"] == 5 and recipe["last_val_loss"] < recipe["first_val_loss"]  # 120 entries: 12 steps x 2 epochs
+    assert (
+        recipe["evaluations"] == 5 and recipe["last_val_loss"] < recipe["first_val_loss"]
+    )  # 120 entries: 12 steps x 2 epochs
     assert report["targets"]["generate/ours:wall_seconds"]["measured"] == results["generate/ours"]["wall_seconds"]
 
 
 def test_unknown_measurement_is_a_one_line_error(shared_data):
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "gpu", "--device", "cpu", "--data-dir", str(shared_data),
-                           "--select", "train/nobody"], cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "gpu",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(shared_data),
+            "--select",
+            "train/nobody",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("--select: unknown measurement 'train/nobody'")
-

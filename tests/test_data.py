@@ -1,11 +1,15 @@
 import json
 
 import pytest
-import torch
 
 from job.data import (
-    PROMPT_STYLES, DataError, collate, load_entries, split_entries, tokenize,
-)  # fmt: skip
+    PROMPT_STYLES,
+    DataError,
+    collate,
+    load_entries,
+    split_entries,
+    tokenize,
+)
 from job.tokenizer import load_tokenizer
 
 
@@ -46,7 +50,10 @@ def test_alpaca_is_the_books_text_and_phi3_the_exercise(book_data):
         f"\n\n### Response:\n{entry['output']}"
     )
     phi3 = PROMPT_STYLES["phi3"]
-    assert phi3.format_example(entry) == f"<|user|>\n{entry['instruction']}\n{entry['input']}\n<|assistant|>:\n{entry['output']}"
+    assert (
+        phi3.format_example(entry)
+        == f"<|user|>\n{entry['instruction']}\n{entry['input']}\n<|assistant|>:\n{entry['output']}"
+    )
     no_input = {"instruction": "Say hi.", "input": "", "output": "Hi."}
     assert phi3.format_input(no_input) == "<|user|>\nSay hi."
     prompt = alpaca.format_input(no_input)
@@ -64,14 +71,16 @@ def test_tokenized_entry_50_and_prompt_length(tokenizer_dir, book_data):
     "content, message",
     [
         ('[{"instruction": "a", "input": ""}]', r"entry 0: field 'output' is missing"),
-        ('[{"instruction": "a", "output": "b"}, {"instruction": 3, "output": "b"}]',
-         r"entry 1: field 'instruction' must be a string, got int"),
+        (
+            '[{"instruction": "a", "output": "b"}, {"instruction": 3, "output": "b"}]',
+            r"entry 1: field 'instruction' must be a string, got int",
+        ),
         ('[{"instruction": "a", "output": "b", "input": null}]', r"entry 0: field 'input' must be a string"),
         ("not json at all", r"is neither JSON nor JSON Lines"),
         ("", r"is empty"),
         ("[]", r"has no entries"),
     ],
-)  # fmt: skip
+)
 def test_bad_datasets_are_one_line_errors(tmp_path, content, message):
     path = tmp_path / "d.json"
     path.write_text(content)
@@ -82,7 +91,11 @@ def test_bad_datasets_are_one_line_errors(tmp_path, content, message):
 
 def test_json_lines_absent_input_and_skip_invalid(tmp_path):
     path = tmp_path / "d.jsonl"
-    lines = [{"instruction": "a", "output": "b"}, {"instruction": "c"}, {"instruction": "d", "input": "e", "output": "f"}]
+    lines = [
+        {"instruction": "a", "output": "b"},
+        {"instruction": "c"},
+        {"instruction": "d", "input": "e", "output": "f"},
+    ]
     path.write_text("\n".join(json.dumps(x) for x in lines))
     with pytest.raises(DataError, match="entry 1"):
         load_entries(path)

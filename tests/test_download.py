@@ -4,7 +4,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from job.download import DownloadError, Downloader, RemoteFile, model_files, tokenizer_files
+from job.download import Downloader, DownloadError, RemoteFile, model_files, tokenizer_files
 from tests.file_server import FileServer
 
 BLOB = os.urandom(3 * (1 << 20) + 123)  # bigger than one chunk, so a cut lands mid-transfer
@@ -40,7 +40,10 @@ def test_503_is_retried_with_backoff(tmp_path):
 def test_hash_mismatch_is_a_clear_error_and_leaves_nothing(tmp_path):
     with FileServer({"/f": b"tampered"}) as server:
         dl, _ = _downloader(tmp_path)
-        with pytest.raises(DownloadError, match=r"^f: sha256 mismatch from http://127\.0\.0\.1:\d+/f: got [0-9a-f]{64}, expected 0{64}$"):
+        with pytest.raises(
+            DownloadError,
+            match=r"^f: sha256 mismatch from http://127\.0\.0\.1:\d+/f: got [0-9a-f]{64}, expected 0{64}$",
+        ):
             dl.fetch(RemoteFile("f", (server.url + "/f",), sha256="0" * 64))
     assert list((tmp_path / "cache").iterdir()) == []
 
@@ -81,14 +84,20 @@ def test_giving_up_after_the_last_try_names_the_file(tmp_path):
 
 def test_catalog_urls_and_mirror_layout():
     files = model_files("gpt2-medium", "openai")
-    assert [f.relpath for f in files][:3] == ["gpt2/355M/checkpoint", "gpt2/355M/encoder.json", "gpt2/355M/hparams.json"]
+    assert [f.relpath for f in files][:3] == [
+        "gpt2/355M/checkpoint",
+        "gpt2/355M/encoder.json",
+        "gpt2/355M/hparams.json",
+    ]
     assert files[0].urls == (
         "https://openaipublic.blob.core.windows.net/gpt-2/models/355M/checkpoint",
         "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2/355M/checkpoint",
     )
     hf = model_files("gpt2-xl", "hf", base_url="s3://bucket/mirror/")
-    assert [f.urls for f in hf] == [("s3://bucket/mirror/gpt2-hf/gpt2-xl/config.json",),
-                                    ("s3://bucket/mirror/gpt2-hf/gpt2-xl/model.safetensors",)]  # fmt: skip
+    assert [f.urls for f in hf] == [
+        ("s3://bucket/mirror/gpt2-hf/gpt2-xl/config.json",),
+        ("s3://bucket/mirror/gpt2-hf/gpt2-xl/model.safetensors",),
+    ]
     assert model_files("gpt2-small", "hf")[1].urls == (
         "https://huggingface.co/openai-community/gpt2/resolve/main/model.safetensors",
     )
@@ -103,8 +112,18 @@ def test_cli_download_from_a_mirror_then_again_offline(tmp_path, tokenizer_dir):
     files = {f"/mirror/gpt2-hf/gpt2-small/{n}": n.encode() for n in ("config.json", "model.safetensors")}
     files |= {f"/mirror/gpt2/{n}": (tokenizer_dir / n).read_bytes() for n in ("encoder.json", "vocab.bpe")}
     with FileServer(files) as server:
-        args = ["download", "--model", "gpt2-small", "--source", "hf", "--cache", str(tmp_path),
-                "--base-url", server.url + "/mirror", "--no-dataset"]  # fmt: skip
+        args = [
+            "download",
+            "--model",
+            "gpt2-small",
+            "--source",
+            "hf",
+            "--cache",
+            str(tmp_path),
+            "--base-url",
+            server.url + "/mirror",
+            "--no-dataset",
+        ]
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
         assert len(server.requests) == 4
@@ -125,7 +144,9 @@ def test_s3_mirror_resumes_a_partial_file(tmp_path, s3):
     part = tmp_path / "cache/gpt2/124M/model.ckpt.index.part"
     part.parent.mkdir(parents=True)
     part.write_bytes(BLOB[:1000])  # left by an earlier, interrupted run
-    spec = [f for f in model_files("gpt2-small", "openai", base_url="s3://mirror/cache") if f.relpath.endswith("index")][0]
+    spec = [
+        f for f in model_files("gpt2-small", "openai", base_url="s3://mirror/cache") if f.relpath.endswith("index")
+    ][0]
     assert spec.urls == ("s3://mirror/cache/gpt2/124M/model.ckpt.index",)
     assert dl.fetch(spec).read_bytes() == BLOB
     assert not part.exists()

@@ -18,8 +18,13 @@ from tests.helpers import REPO, cli, events, free_port, start_cli, wait_for_even
 
 
 def _cfg(tiny_model_dir, shared_data, output, **kw) -> FinetuneConfig:
-    base = dict(model_dir=str(tiny_model_dir), data=str(shared_data / "instruction-data.json"),
-                cache=str(shared_data), output=str(output), lr=1e-3)  # fmt: skip
+    base = dict(
+        model_dir=str(tiny_model_dir),
+        data=str(shared_data / "instruction-data.json"),
+        cache=str(shared_data),
+        output=str(output),
+        lr=1e-3,
+    )
     return FinetuneConfig(**(base | kw))
 
 
@@ -55,7 +60,7 @@ def test_compiled_blocks_train_like_eager_and_save_the_same_parameter_names(tiny
         assert (out / "checkpoints" / "step-00000006" / "trainer_state.json").is_file()
     (eager_losses, eager), (compiled_losses, compiled) = runs[False], runs[True]
     assert eager.keys() == compiled.keys()  # no "_orig_mod." prefixes: checkpoints load either way
-    for a, b in zip(eager_losses, compiled_losses):
+    for a, b in zip(eager_losses, compiled_losses, strict=True):
         assert a["tokens_seen"] == b["tokens_seen"]
         assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-3)
     for name in eager:
@@ -63,26 +68,53 @@ def test_compiled_blocks_train_like_eager_and_save_the_same_parameter_names(tiny
 
 
 @pytest.mark.slow
-def test_overfits_eight_entries_until_greedy_decoding_returns_each_output(tiny_model_dir, shared_data, book_data, tmp_path):
+def test_overfits_eight_entries_until_greedy_decoding_returns_each_output(
+    tiny_model_dir, shared_data, book_data, tmp_path
+):
     short = [e for e in book_data if len(e["output"]) < 40][:10]  # 8 train, 1 test, 1 val
     (tmp_path / "d.json").write_text(json.dumps(short))
     out = tmp_path / "run"
-    cfg = _cfg(tiny_model_dir, shared_data, out, data=str(tmp_path / "d.json"), epochs=150, lr=3e-3,
-               eval_freq=1000, checkpoint_every=10_000, keep_checkpoints=1)  # fmt: skip
+    cfg = _cfg(
+        tiny_model_dir,
+        shared_data,
+        out,
+        data=str(tmp_path / "d.json"),
+        epochs=150,
+        lr=3e-3,
+        eval_freq=1000,
+        checkpoint_every=10_000,
+        keep_checkpoints=1,
+    )
     run_finetune(cfg)
     model = load_pretrained(out / "model").eval()
     tok, style = load_tokenizer(shared_data / "gpt2"), PROMPT_STYLES["alpaca"]
     prompts = [style.format_input(e) for e in short[:8]]
     new = generate(model, [encode(tok, p) for p in prompts], max_new_tokens=40)
-    responses = [style.extract_response(p + tok.decode(n), p) for p, n in zip(prompts, new)]
+    responses = [style.extract_response(p + tok.decode(n), p) for p, n in zip(prompts, new, strict=True)]
     assert responses == [e["output"] for e in short[:8]]
 
 
 @pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_gives_bitwise_the_uninterrupted_weights(tiny_model_dir, shared_data, tmp_path):
-    args = ["finetune", "--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data.json",
-            "--cache", shared_data, "--lr", "1e-3", "--max-steps", "24", "--eval-freq", "4",
-            "--checkpoint-every", "1000", "--log-format", "json"]  # fmt: skip
+    args = [
+        "finetune",
+        "--model-dir",
+        tiny_model_dir,
+        "--data",
+        shared_data / "instruction-data.json",
+        "--cache",
+        shared_data,
+        "--lr",
+        "1e-3",
+        "--max-steps",
+        "24",
+        "--eval-freq",
+        "4",
+        "--checkpoint-every",
+        "1000",
+        "--log-format",
+        "json",
+    ]
     straight = cli(*args, "--output", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
 
@@ -106,16 +138,50 @@ def test_sigterm_mid_epoch_then_resume_gives_bitwise_the_uninterrupted_weights(t
 
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tiny_model_dir, shared_data, tmp_path):
-    common = ["--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data.json", "--cache", shared_data,
-              "--max-steps", "6", "--eval-freq", "2", "--log-format", "json"]  # fmt: skip
+    common = [
+        "--model-dir",
+        tiny_model_dir,
+        "--data",
+        shared_data / "instruction-data.json",
+        "--cache",
+        shared_data,
+        "--max-steps",
+        "6",
+        "--eval-freq",
+        "2",
+        "--log-format",
+        "json",
+    ]
     launched = subprocess.run(
         # accelerate's --cpu flag alone starts one process (several need MPI); --multi_gpu launches
         # through torchrun, and with no GPU each process trains on the CPU over gloo.
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         "-m", "job.cli", "finetune", *map(str, common), "--output", str(tmp_path / "ddp")],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "job.cli",
+            "finetune",
+            *map(str, common),
+            "--output",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     starts = [e for e in events(launched.stdout) if e["event"] == "finetune_start"]
     assert len(starts) == 1 and starts[0]["processes"] == 2  # rank 0 alone logs
@@ -138,11 +204,22 @@ def test_accelerate_launch_two_cpu_processes(tiny_model_dir, shared_data, tmp_pa
         ("{not json", "is neither JSON nor JSON Lines"),
         ("", "is empty"),
     ],
-)  # fmt: skip
+)
 def test_bad_dataset_is_a_one_line_error_and_leaves_no_output(tiny_model_dir, shared_data, tmp_path, content, message):
     (tmp_path / "bad.json").write_text(content)
-    result = cli("finetune", "--model-dir", tiny_model_dir, "--data", tmp_path / "bad.json", "--cache", shared_data,
-                 "--output", tmp_path / "out", "--log-format", "json")  # fmt: skip
+    result = cli(
+        "finetune",
+        "--model-dir",
+        tiny_model_dir,
+        "--data",
+        tmp_path / "bad.json",
+        "--cache",
+        shared_data,
+        "--output",
+        tmp_path / "out",
+        "--log-format",
+        "json",
+    )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
     assert not (tmp_path / "out").exists()

@@ -51,7 +51,7 @@ def test_batched_kv_cache_is_token_identical_to_the_books_loop_on_all_110_prompt
     for i in range(0, 110, 16):
         ours += generate(model, prompts[i : i + 16], max_new_tokens=64)
     books = [books_generate(model, p, 64) for p in prompts]
-    mismatches = [i for i, (a, b) in enumerate(zip(ours, books)) if a != b]
+    mismatches = [i for i, (a, b) in enumerate(zip(ours, books, strict=True)) if a != b]
     assert mismatches == []
     assert sum(len(b) for b in books) > 110 * 32  # the comparison covered long continuations
 
@@ -71,8 +71,17 @@ def test_rows_stop_at_end_of_text_independently():
 
 def test_sampling_with_a_seed_is_reproducible(wide_context_model, tokenizer_dir, shared_data, tmp_path):
     _, path = wide_context_model
-    common = dict(model_dir=str(path), data=str(shared_data / "instruction-data.json"), cache=str(shared_data),
-                  max_new_tokens=8, limit=12, batch_size=5, temperature=1.0, top_k=50, seed=3)  # fmt: skip
+    common = dict(
+        model_dir=str(path),
+        data=str(shared_data / "instruction-data.json"),
+        cache=str(shared_data),
+        max_new_tokens=8,
+        limit=12,
+        batch_size=5,
+        temperature=1.0,
+        top_k=50,
+        seed=3,
+    )
     a = json.loads(run_generate(GenerateConfig(output=str(tmp_path / "a"), **common)).read_text())
     b = json.loads(run_generate(GenerateConfig(output=str(tmp_path / "b"), **common)).read_text())
     c = json.loads(run_generate(GenerateConfig(output=str(tmp_path / "c"), **common | {"seed": 4})).read_text())
@@ -82,8 +91,21 @@ def test_sampling_with_a_seed_is_reproducible(wide_context_model, tokenizer_dir,
 
 def test_output_is_the_test_split_with_responses(wide_context_model, shared_data, book_data, tmp_path):
     _, path = wide_context_model
-    result = cli("generate", "--model-dir", path, "--data", shared_data / "instruction-data.json", "--cache",
-                 shared_data, "--output", tmp_path, "--max-new-tokens", "4", "--log-format", "json")  # fmt: skip
+    result = cli(
+        "generate",
+        "--model-dir",
+        path,
+        "--data",
+        shared_data / "instruction-data.json",
+        "--cache",
+        shared_data,
+        "--output",
+        tmp_path,
+        "--max-new-tokens",
+        "4",
+        "--log-format",
+        "json",
+    )
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / RESPONSES_FILE).read_text())
     test = split_entries(book_data)[1]
@@ -92,13 +114,32 @@ def test_output_is_the_test_split_with_responses(wide_context_model, shared_data
     assert [p.name for p in tmp_path.iterdir()] == [RESPONSES_FILE]
     done = [e for e in events(result.stdout) if e["event"] == "generate_done"][0]
     assert done["decoded"] == 110 and done["tokens_per_second"] > 0
-    assert [e["precision"] for e in events(result.stdout) if e["event"] == "generate_start"] == ["fp32"]  # auto on a CPU
+    assert [e["precision"] for e in events(result.stdout) if e["event"] == "generate_start"] == [
+        "fp32"
+    ]  # auto on a CPU
 
 
-def test_bf16_on_request_decodes_in_bf16_and_a_bad_precision_is_a_usage_error(wide_context_model, shared_data, tmp_path):
+def test_bf16_on_request_decodes_in_bf16_and_a_bad_precision_is_a_usage_error(
+    wide_context_model, shared_data, tmp_path
+):
     _, path = wide_context_model
-    args = ["generate", "--model-dir", path, "--data", shared_data / "instruction-data.json", "--cache", shared_data,
-            "--output", tmp_path, "--max-new-tokens", "3", "--limit", "8", "--log-format", "json"]  # fmt: skip
+    args = [
+        "generate",
+        "--model-dir",
+        path,
+        "--data",
+        shared_data / "instruction-data.json",
+        "--cache",
+        shared_data,
+        "--output",
+        tmp_path,
+        "--max-new-tokens",
+        "3",
+        "--limit",
+        "8",
+        "--log-format",
+        "json",
+    ]
     result = cli(*args, "--precision", "bf16")
     assert result.returncode == 0, result.stderr
     assert [e["precision"] for e in events(result.stdout) if e["event"] == "generate_start"] == ["bf16"]
@@ -110,8 +151,21 @@ def test_bf16_on_request_decodes_in_bf16_and_a_bad_precision_is_a_usage_error(wi
 @pytest.mark.slow
 def test_restart_after_a_kill_decodes_only_the_missing_entries(wide_context_model, shared_data, tmp_path):
     _, path = wide_context_model
-    args = ["generate", "--model-dir", path, "--data", shared_data / "instruction-data.json", "--cache", shared_data,
-            "--max-new-tokens", "48", "--batch-size", "10", "--log-format", "json"]  # fmt: skip
+    args = [
+        "generate",
+        "--model-dir",
+        path,
+        "--data",
+        shared_data / "instruction-data.json",
+        "--cache",
+        shared_data,
+        "--max-new-tokens",
+        "48",
+        "--batch-size",
+        "10",
+        "--log-format",
+        "json",
+    ]
     proc = start_cli(*args, "--output", tmp_path / "cut")
     progress = wait_for_event(proc, lambda e: e.get("event") == "generate_progress" and e["done"] >= 30)
     proc.send_signal(signal.SIGKILL)

@@ -7,7 +7,7 @@ import pytest
 
 from job.config import JudgeConfig
 from job.judge import JudgeError, judge_prompt, parse_score, run_judge
-from tests.helpers import cli, events, free_port, start_cli, wait_for_event
+from tests.helpers import cli, events, free_port, start_cli
 from tests.ollama_server import FakeOllama, overlap_grade
 
 
@@ -48,8 +48,11 @@ def test_scores_the_books_110_responses_end_to_end(ollama, book_responses, tmp_p
 def test_structured_mode_sends_the_schema_and_options(ollama, book_responses, tmp_path):
     run_judge(_cfg(book_responses, tmp_path, ollama.url))
     body = ollama.chats[0]
-    assert body["format"] == {"type": "object", "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
-                              "required": ["score"]}  # fmt: skip
+    assert body["format"] == {
+        "type": "object",
+        "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
+        "required": ["score"],
+    }
     assert body["options"] == {"seed": 123, "temperature": 0.0, "num_ctx": 2048}
     assert body["model"] == "llama3"
 
@@ -73,9 +76,17 @@ def test_plain_mode_sends_the_books_prompt_byte_for_byte(ollama, book_responses,
 
 @pytest.mark.parametrize(
     "reply, structured, score",
-    [("I'd rate it 85/100", False, 85), ("eighty", False, None), ("", False, None), ("150", False, None),
-     ('{"score": 72}', True, 72), ('{"score": 101}', True, None), ("not json 40", True, 40), ("-5", False, None)],
-)  # fmt: skip
+    [
+        ("I'd rate it 85/100", False, 85),
+        ("eighty", False, None),
+        ("", False, None),
+        ("150", False, None),
+        ('{"score": 72}', True, 72),
+        ('{"score": 101}', True, None),
+        ("not json 40", True, 40),
+        ("-5", False, None),
+    ],
+)
 def test_parse_score(reply, structured, score):
     assert parse_score(reply, structured) == score
 
@@ -85,8 +96,12 @@ def test_odd_replies_are_recorded_unparsed_without_crashing(ollama, book_respons
         ollama.faults.append(("reply", text))
     summary = run_judge(_cfg(book_responses, tmp_path, ollama.url, judge_format="plain", judge_concurrency=1))
     scores = json.loads((tmp_path / "scores.json").read_text())
-    assert [(s["score"], s["judge_reply"]) for s in scores[:4]] == [(85, "I'd rate it 85/100"), (None, "eighty"),
-                                                                    (None, ""), (None, "150")]  # fmt: skip
+    assert [(s["score"], s["judge_reply"]) for s in scores[:4]] == [
+        (85, "I'd rate it 85/100"),
+        (None, "eighty"),
+        (None, ""),
+        (None, "150"),
+    ]
     assert summary["unparsed"] == 3 and summary["scored"] == 107
 
 
@@ -128,8 +143,18 @@ def test_missing_model_is_pulled(book_responses, tmp_path):
 def test_missing_model_without_pull_is_a_one_line_error(book_responses, tmp_path):
     server = FakeOllama(models=()).start()
     try:
-        result = cli("judge", "--responses", book_responses, "--output", tmp_path / "out", "--judge-url", server.url,
-                     "--no-judge-pull", "--log-format", "json")  # fmt: skip
+        result = cli(
+            "judge",
+            "--responses",
+            book_responses,
+            "--output",
+            tmp_path / "out",
+            "--judge-url",
+            server.url,
+            "--no-judge-pull",
+            "--log-format",
+            "json",
+        )
     finally:
         server.stop()
     assert result.returncode == 1
@@ -139,8 +164,19 @@ def test_missing_model_without_pull_is_a_one_line_error(book_responses, tmp_path
 
 def test_server_that_never_comes_up_fails_before_any_work(book_responses, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
-    result = cli("judge", "--responses", book_responses, "--output", tmp_path / "out", "--judge-url", url,
-                 "--judge-wait", "2s", "--log-format", "json")  # fmt: skip
+    result = cli(
+        "judge",
+        "--responses",
+        book_responses,
+        "--output",
+        tmp_path / "out",
+        "--judge-url",
+        url,
+        "--judge-wait",
+        "2s",
+        "--log-format",
+        "json",
+    )
     assert result.returncode == 1
     assert result.stderr.startswith(f"Error: judge at {url} did not answer within 2s (model llama3)")
     assert result.stderr.strip().count("\n") == 0
@@ -150,8 +186,19 @@ def test_server_that_never_comes_up_fails_before_any_work(book_responses, tmp_pa
 def test_restart_asks_only_for_entries_not_yet_scored(book_responses, tmp_path):
     server = FakeOllama().start()
     try:
-        args = ["judge", "--responses", book_responses, "--output", tmp_path, "--judge-url", server.url,
-                "--judge-concurrency", "1", "--log-format", "json"]  # fmt: skip
+        args = [
+            "judge",
+            "--responses",
+            book_responses,
+            "--output",
+            tmp_path,
+            "--judge-url",
+            server.url,
+            "--judge-concurrency",
+            "1",
+            "--log-format",
+            "json",
+        ]
         proc = start_cli(*args)
         assert server.wait_for_chats(30), "the stage never got going"
         proc.send_signal(signal.SIGKILL)
@@ -171,8 +218,16 @@ def test_restart_asks_only_for_entries_not_yet_scored(book_responses, tmp_path):
 
 def test_openai_backend_gives_the_same_scores(ollama, book_responses, tmp_path):
     a = run_judge(_cfg(book_responses, tmp_path / "ollama", ollama.url))
-    b = run_judge(_cfg(book_responses, tmp_path / "openai", ollama.url + "/v1", judge_backend="openai",
-                       judge_model="llama3:latest", judge_api_key="sk-test"))  # fmt: skip
+    b = run_judge(
+        _cfg(
+            book_responses,
+            tmp_path / "openai",
+            ollama.url + "/v1",
+            judge_backend="openai",
+            judge_model="llama3:latest",
+            judge_api_key="sk-test",
+        )
+    )
     assert b["scored"] == 110 and b["mean"] == a["mean"]
     body = ollama.chats[-1]
     assert body["response_format"]["json_schema"]["schema"]["required"] == ["score"]

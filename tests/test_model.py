@@ -15,9 +15,11 @@ def model():
 def test_the_books_four_sizes():
     shapes = {name: (c.emb_dim, c.n_layers, c.n_heads) for name, c in GPT2_SIZES.items()}
     assert shapes == {
-        "gpt2-small": (768, 12, 12), "gpt2-medium": (1024, 24, 16),
-        "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25),
-    }  # fmt: skip
+        "gpt2-small": (768, 12, 12),
+        "gpt2-medium": (1024, 24, 16),
+        "gpt2-large": (1280, 36, 20),
+        "gpt2-xl": (1600, 48, 25),
+    }
     for c in GPT2_SIZES.values():
         assert (c.vocab_size, c.context_length, c.qkv_bias, c.drop_rate) == (50257, 1024, True, 0.0)
 

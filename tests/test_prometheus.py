@@ -29,9 +29,15 @@ scrape_configs:
     honor_labels: true
     static_configs: [{{targets: ["127.0.0.1:{gateway_port}"]}}]
 """)
-    prometheus = _start(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-                         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
-                        "prometheus")  # fmt: skip
+    prometheus = _start(
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        "prometheus",
+    )
     api = f"http://127.0.0.1:{prom_port}/api/v1"
 
     def ready():
@@ -55,22 +61,56 @@ def _query(api: str, expr: str) -> list:
 def test_prometheus_scrapes_the_running_job_and_gets_the_final_push(monitoring, tiny_model_dir, shared_data, tmp_path):
     ollama = FakeOllama().start()
     try:
-        proc = start_cli("run", "--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data.json",
-                         "--cache", shared_data, "--output", tmp_path / "runs", "--run-id", "prom1",
-                         "--judge-url", ollama.url, "--max-steps", "80", "--eval-freq", "5", "--limit", "4",
-                         "--max-new-tokens", "4", "--metrics-port", monitoring["job_port"],
-                         "--pushgateway", monitoring["gateway"], "--log-format", "json")  # fmt: skip
+        proc = start_cli(
+            "run",
+            "--model-dir",
+            tiny_model_dir,
+            "--data",
+            shared_data / "instruction-data.json",
+            "--cache",
+            shared_data,
+            "--output",
+            tmp_path / "runs",
+            "--run-id",
+            "prom1",
+            "--judge-url",
+            ollama.url,
+            "--max-steps",
+            "80",
+            "--eval-freq",
+            "5",
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--metrics-port",
+            monitoring["job_port"],
+            "--pushgateway",
+            monitoring["gateway"],
+            "--log-format",
+            "json",
+        )
         wait_for_event(proc, lambda e: e.get("event") == "eval")
-        scraped = wait_until(lambda: proc.poll() is None and _query(monitoring["api"], 'sft_job_train_loss{job="sft-job"} > 0'),
-                             120, what="a scrape of sft_job_train_loss while the job runs")  # fmt: skip
+        scraped = wait_until(
+            lambda: proc.poll() is None and _query(monitoring["api"], 'sft_job_train_loss{job="sft-job"} > 0'),
+            120,
+            what="a scrape of sft_job_train_loss while the job runs",
+        )
         assert 0 < float(scraped[0]["value"][1]) < 20
         proc.communicate(timeout=600)
         assert proc.returncode == 0
     finally:
         ollama.stop()
-    pushed = wait_until(lambda: _query(monitoring["api"], 'sft_job_last_success_timestamp_seconds{run_id="prom1"}'),
-                        60, what="the pushed last-success timestamp")  # fmt: skip
+    pushed = wait_until(
+        lambda: _query(monitoring["api"], 'sft_job_last_success_timestamp_seconds{run_id="prom1"}'),
+        60,
+        what="the pushed last-success timestamp",
+    )
     assert pushed[0]["metric"]["job"] == "sft-job" and float(pushed[0]["value"][1]) > 1.7e9
     statuses = _query(monitoring["api"], 'sft_job_stage_status{run_id="prom1"}')
     assert {s["metric"]["stage"]: s["value"][1] for s in statuses} == {
-        "download": "2", "finetune": "2", "generate": "2", "judge": "2"}  # fmt: skip
+        "download": "2",
+        "finetune": "2",
+        "generate": "2",
+        "judge": "2",
+    }

@@ -18,10 +18,36 @@ STAGES = ["download", "finetune", "generate", "judge"]
 
 
 def _args(tiny_model_dir, shared_data, ollama, tmp_path, output, *extra):
-    return ["run", "--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data.json",
-            "--cache", shared_data, "--output", output, "--judge-url", ollama.url, "--scratch", tmp_path / "scratch",
-            "--max-steps", "12", "--eval-freq", "4", "--checkpoint-every", "4", "--limit", "6",
-            "--max-new-tokens", "8", "--metrics-port", "0", "--log-format", "json", *map(str, extra)]  # fmt: skip
+    return [
+        "run",
+        "--model-dir",
+        tiny_model_dir,
+        "--data",
+        shared_data / "instruction-data.json",
+        "--cache",
+        shared_data,
+        "--output",
+        output,
+        "--judge-url",
+        ollama.url,
+        "--scratch",
+        tmp_path / "scratch",
+        "--max-steps",
+        "12",
+        "--eval-freq",
+        "4",
+        "--checkpoint-every",
+        "4",
+        "--limit",
+        "6",
+        "--max-new-tokens",
+        "8",
+        "--metrics-port",
+        "0",
+        "--log-format",
+        "json",
+        *map(str, extra),
+    ]
 
 
 def _s3_object(s3, bucket, key) -> bytes:
@@ -41,8 +67,16 @@ def test_whole_run_into_s3_then_the_same_command_does_nothing(s3, tiny_model_dir
     manifest = json.loads(_s3_object(s3, "runs", "team/sft/r1/manifest.json"))
     assert [manifest["stages"][s]["status"] for s in STAGES] == ["complete"] * 4
     artifacts = {k: v for s in STAGES for k, v in manifest["stages"][s]["artifacts"].items()}
-    assert set(artifacts) == {"model/model.safetensors", "model/config.json", "gpt2-custom-sft.pth", "losses.json",
-                              "loss-plot.png", "instruction-data-with-response.json", "scores.json", "summary.json"}
+    assert set(artifacts) == {
+        "model/model.safetensors",
+        "model/config.json",
+        "gpt2-custom-sft.pth",
+        "losses.json",
+        "loss-plot.png",
+        "instruction-data-with-response.json",
+        "scores.json",
+        "summary.json",
+    }
     import hashlib
 
     for key, meta in artifacts.items():
@@ -64,12 +98,34 @@ def test_whole_run_into_s3_then_the_same_command_does_nothing(s3, tiny_model_dir
 def test_sigterm_mid_finetune_resumes_from_the_checkpoint_in_s3(s3, tiny_model_dir, shared_data, ollama, tmp_path):
     s3.create_bucket(Bucket="preempt")
     # 40 steps, so training is still going when the step-4 checkpoint has reached S3 (a later flag wins).
-    straight = cli(*_args(tiny_model_dir, shared_data, ollama, tmp_path / "a", "s3://preempt/runs", "--run-id", "straight",
-                          "--skip-judge", "--max-steps", "40"))  # fmt: skip
+    straight = cli(
+        *_args(
+            tiny_model_dir,
+            shared_data,
+            ollama,
+            tmp_path / "a",
+            "s3://preempt/runs",
+            "--run-id",
+            "straight",
+            "--skip-judge",
+            "--max-steps",
+            "40",
+        )
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    args = _args(tiny_model_dir, shared_data, ollama, tmp_path / "b", "s3://preempt/runs", "--run-id", "cut", "--skip-judge",
-                 "--max-steps", "40")  # fmt: skip
+    args = _args(
+        tiny_model_dir,
+        shared_data,
+        ollama,
+        tmp_path / "b",
+        "s3://preempt/runs",
+        "--run-id",
+        "cut",
+        "--skip-judge",
+        "--max-steps",
+        "40",
+    )
     proc = start_cli(*args)
     wait_for_event(proc, lambda e: e.get("event") == "checkpoint_uploaded" and e["checkpoint"] == "step-00000004")
     proc.send_signal(signal.SIGTERM)
@@ -92,7 +148,10 @@ def test_sigterm_mid_finetune_resumes_from_the_checkpoint_in_s3(s3, tiny_model_d
 def test_missing_bucket_fails_at_preflight_with_nothing_written(s3, tiny_model_dir, shared_data, ollama, tmp_path):
     result = cli(*_args(tiny_model_dir, shared_data, ollama, tmp_path, "s3://no-such-bucket/x", "--run-id", "r"))
     assert result.returncode == 1
-    assert result.stderr.strip() == "Error: output bucket s3://no-such-bucket at " + s3.meta.endpoint_url + " does not exist"
+    assert (
+        result.stderr.strip()
+        == "Error: output bucket s3://no-such-bucket at " + s3.meta.endpoint_url + " does not exist"
+    )
     assert not (tmp_path / "scratch").exists()
 
 
@@ -100,8 +159,10 @@ def test_unreachable_s3_endpoint_fails_at_preflight(tiny_model_dir, shared_data,
     from tests.helpers import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"
-    result = cli(*_args(tiny_model_dir, shared_data, ollama, tmp_path, "s3://b/x", "--s3-endpoint-url", endpoint),
-                 env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"})
+    result = cli(
+        *_args(tiny_model_dir, shared_data, ollama, tmp_path, "s3://b/x", "--s3-endpoint-url", endpoint),
+        env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"},
+    )
     assert result.returncode == 1
     assert result.stderr.strip() == f"Error: cannot reach output s3://b at {endpoint}: EndpointConnectionError"
     assert not (tmp_path / "scratch").exists()
@@ -127,19 +188,39 @@ def test_precedence_defaults_file_env_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(cli_module, "_run", lambda stage, runner, cfg, fmt: seen.setdefault("cfg", cfg))
     (tmp_path / "job.yaml").write_text("batch_size: 4\nlr: 0.001\nepochs: 3\njudge_model: qwen2\n")
     runner = click.testing.CliRunner()
-    result = runner.invoke(cli_module.main, ["run", "--config", str(tmp_path / "job.yaml"), "--epochs", "5"],
-                           env={"SFT_JOB_LR": "0.002", "SFT_JOB_EPOCHS": "4", "SFT_JOB_SEED": "7"})  # fmt: skip
+    result = runner.invoke(
+        cli_module.main,
+        ["run", "--config", str(tmp_path / "job.yaml"), "--epochs", "5"],
+        env={"SFT_JOB_LR": "0.002", "SFT_JOB_EPOCHS": "4", "SFT_JOB_SEED": "7"},
+    )
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
     assert isinstance(cfg, RunConfig)
-    assert (cfg.batch_size, cfg.lr, cfg.epochs, cfg.seed, cfg.judge_model, cfg.weight_decay) == (4, 0.002, 5, 7, "qwen2", 0.1)
+    assert (cfg.batch_size, cfg.lr, cfg.epochs, cfg.seed, cfg.judge_model, cfg.weight_decay) == (
+        4,
+        0.002,
+        5,
+        7,
+        "qwen2",
+        0.1,
+    )
 
 
 def test_metrics_registry_holds_exact_values_after_a_local_run(tiny_model_dir, shared_data, ollama, tmp_path):
     metrics = Metrics()
-    cfg = RunConfig(model_dir=str(tiny_model_dir), data=str(shared_data / "instruction-data.json"), cache=str(shared_data),
-                    output=str(tmp_path), run_id="m1", judge_url=ollama.url, max_steps=6, eval_freq=3, limit=4,
-                    max_new_tokens=5, metrics_port=0)  # fmt: skip
+    cfg = RunConfig(
+        model_dir=str(tiny_model_dir),
+        data=str(shared_data / "instruction-data.json"),
+        cache=str(shared_data),
+        output=str(tmp_path),
+        run_id="m1",
+        judge_url=ollama.url,
+        max_steps=6,
+        eval_freq=3,
+        limit=4,
+        max_new_tokens=5,
+        metrics_port=0,
+    )
     run_pipeline(cfg, metrics)
     value = metrics.value
     assert [value("sft_job_stage_status", {"stage": s}) for s in STAGES] == [2.0] * 4
@@ -155,17 +236,42 @@ def test_metrics_registry_holds_exact_values_after_a_local_run(tiny_model_dir, s
     assert value("sft_job_stage_duration_seconds", {"stage": "finetune"}) > 0
 
 
-def test_download_stage_is_redone_where_this_machines_cache_lacks_the_files(tiny_model_dir, shared_data, ollama, tmp_path):
+def test_download_stage_is_redone_where_this_machines_cache_lacks_the_files(
+    tiny_model_dir, shared_data, ollama, tmp_path
+):
     """The manifest travels with the run, the cache stays with the machine: a rerun on a machine
     whose cache is empty downloads again, and skips every stage whose artifacts verify."""
     from tests.file_server import FileServer
 
     files = {f"/mirror/gpt2/{n}": (shared_data / "gpt2" / n).read_bytes() for n in ("encoder.json", "vocab.bpe")}
     with FileServer(files) as mirror:
-        args = ["run", "--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data.json",
-                "--cache", tmp_path / "cache", "--base-url", mirror.url + "/mirror", "--output", tmp_path / "runs",
-                "--run-id", "moved", "--judge-url", ollama.url, "--max-steps", "2", "--limit", "2",
-                "--max-new-tokens", "2", "--metrics-port", "0", "--log-format", "json"]  # fmt: skip
+        args = [
+            "run",
+            "--model-dir",
+            tiny_model_dir,
+            "--data",
+            shared_data / "instruction-data.json",
+            "--cache",
+            tmp_path / "cache",
+            "--base-url",
+            mirror.url + "/mirror",
+            "--output",
+            tmp_path / "runs",
+            "--run-id",
+            "moved",
+            "--judge-url",
+            ollama.url,
+            "--max-steps",
+            "2",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--metrics-port",
+            "0",
+            "--log-format",
+            "json",
+        ]
         assert cli(*args).returncode == 0
         assert len(mirror.requests) == 2
         same_machine = cli(*args)

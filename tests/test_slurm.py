@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
 def slurm(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm")
     ports = [str(free_port()), str(free_port())]
-    started = subprocess.run(["bash", REPO / "tests/slurm/start-cluster.sh", state, *ports], capture_output=True, text=True)
+    started = subprocess.run(
+        ["bash", REPO / "tests/slurm/start-cluster.sh", state, *ports], capture_output=True, text=True
+    )
     assert started.returncode == 0, started.stdout + started.stderr
     env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
     yield env
@@ -27,10 +29,20 @@ def slurm(tmp_path_factory):
 
 
 def _config(tmp_path, tiny_model_dir, shared_data, **overrides) -> Path:
-    config = {"model_dir": str(tiny_model_dir), "data": str(shared_data / "instruction-data.json"),
-              "cache": str(shared_data), "output": str(tmp_path / "runs"), "scratch": str(tmp_path / "scratch"),
-              "max_steps": 12, "eval_freq": 4, "checkpoint_every": 4, "limit": 4, "max_new_tokens": 8,
-              "metrics_port": 0, "log_format": "json"} | overrides  # fmt: skip
+    config = {
+        "model_dir": str(tiny_model_dir),
+        "data": str(shared_data / "instruction-data.json"),
+        "cache": str(shared_data),
+        "output": str(tmp_path / "runs"),
+        "scratch": str(tmp_path / "scratch"),
+        "max_steps": 12,
+        "eval_freq": 4,
+        "checkpoint_every": 4,
+        "limit": 4,
+        "max_new_tokens": 8,
+        "metrics_port": 0,
+        "log_format": "json",
+    } | overrides
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -38,9 +50,20 @@ def _config(tmp_path, tiny_model_dir, shared_data, **overrides) -> Path:
 
 def _sbatch(slurm, ollama, config: Path, out: Path) -> str:
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--gres=none", "--cpus-per-task=1", f"--output={out}", "slurm/finetune.sbatch", config],
-        cwd=REPO, env={**slurm, "OLLAMA_HOST": ollama.url}, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            "sbatch",
+            "--parsable",
+            "--gres=none",
+            "--cpus-per-task=1",
+            f"--output={out}",
+            "slurm/finetune.sbatch",
+            config,
+        ],
+        cwd=REPO,
+        env={**slurm, "OLLAMA_HOST": ollama.url},
+        capture_output=True,
+        text=True,
+    )
     assert submitted.returncode == 0, submitted.stderr
     return submitted.stdout.strip().split(";")[0]
 
@@ -62,18 +85,24 @@ def test_sbatch_runs_the_whole_job_to_completed(slurm, ollama, tiny_model_dir, s
     run = tmp_path / "runs" / f"slurm-{job_id}"
     manifest = json.loads((run / "manifest.json").read_text())
     assert {s: v["status"] for s, v in manifest["stages"].items()} == dict.fromkeys(
-        ["download", "finetune", "generate", "judge"], "complete")  # fmt: skip
+        ["download", "finetune", "generate", "judge"], "complete"
+    )
     assert json.loads((run / "summary.json").read_text())["scored"] == 4
     assert (run / "model" / "model.safetensors").is_file()
 
 
-def test_usr1_checkpoints_requeues_and_completes_with_the_same_weights(slurm, ollama, tiny_model_dir, shared_data, tmp_path):
+def test_usr1_checkpoints_requeues_and_completes_with_the_same_weights(
+    slurm, ollama, tiny_model_dir, shared_data, tmp_path
+):
     config = _config(tmp_path, tiny_model_dir, shared_data, max_steps=60, checkpoint_every=5, skip_judge=True)
     out = tmp_path / "job.out"
     job_id = _sbatch(slurm, ollama, config, out)
-    wait_until(lambda: out.is_file() and '"event": "checkpoint"' in out.read_text(), 300, 0.2,
-               what="the first checkpoint")  # fmt: skip
-    signalled = subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm, capture_output=True, text=True)
+    wait_until(
+        lambda: out.is_file() and '"event": "checkpoint"' in out.read_text(), 300, 0.2, what="the first checkpoint"
+    )
+    signalled = subprocess.run(
+        ["scancel", "--signal=USR1", "--batch", job_id], env=slurm, capture_output=True, text=True
+    )
     assert signalled.returncode == 0, signalled.stderr
     job = wait_until(lambda: _finished(slurm, job_id), 900, 1, what=f"Slurm job {job_id} after requeue")
     log = out.read_text()

@@ -32,8 +32,12 @@ def test_safetensors_parity_with_transformers(hf_tiny):
 def test_openai_tf_checkpoint_parity_with_transformers(openai_tiny):
     hf_model, path = openai_tiny
     assert {p.name for p in path.iterdir()} >= {
-        "checkpoint", "hparams.json", "model.ckpt.index", "model.ckpt.meta", "model.ckpt.data-00000-of-00001"
-    }  # fmt: skip
+        "checkpoint",
+        "hparams.json",
+        "model.ckpt.index",
+        "model.ckpt.meta",
+        "model.ckpt.data-00000-of-00001",
+    }
     model = load_pretrained(path).eval()
     idx = _ids(seed=2)
     with torch.no_grad():
@@ -48,7 +52,7 @@ def test_saved_model_round_trips_and_transformers_reads_it(hf_tiny, tmp_path):
     model = load_pretrained(path).eval()
     save_hf(model, tmp_path)
     again = load_pretrained(tmp_path).eval()
-    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     theirs = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     idx = _ids(seed=3)
@@ -76,7 +80,9 @@ def test_wrong_shape_names_the_tensor_and_both_shapes(hf_tiny, tmp_path):
     tensors["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(64, 200)
     save_file(tensors, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
-    with pytest.raises(WeightsError, match=r"h\.1\.mlp\.c_fc\.weight has shape \(200, 64\), config expects \(256, 64\)"):
+    with pytest.raises(
+        WeightsError, match=r"h\.1\.mlp\.c_fc\.weight has shape \(200, 64\), config expects \(256, 64\)"
+    ):
         load_pretrained(tmp_path)
 
 
@@ -97,9 +103,7 @@ def test_config_comes_from_the_files_not_a_named_size(hf_tiny, tmp_path):
     config = json.loads((path / "config.json").read_text())
     assert (config["n_layer"], config["n_embd"]) == (2, 64)
     model = load_pretrained(path)
-    assert isinstance(model, GPTModel) and model.num_parameters() == sum(
-        p.numel() for p in model.parameters()
-    )
+    assert isinstance(model, GPTModel) and model.num_parameters() == sum(p.numel() for p in model.parameters())
 
 
 def test_openai_layout_without_tensorflow_says_how_to_install(openai_tiny, monkeypatch):

@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 
-def openai_variables(hf_model) -> dict[str, "np.ndarray"]:
+
+def openai_variables(hf_model) -> dict[str, np.ndarray]:
     """OpenAI's variable names and shapes, from a ``transformers`` GPT-2 (Conv1D weights are (in, out))."""
     sd = {k.removeprefix("transformer."): v.detach().numpy() for k, v in hf_model.state_dict().items()}
     cfg = hf_model.config
-    out = {"model/wte": sd["wte.weight"], "model/wpe": sd["wpe.weight"],
-           "model/ln_f/g": sd["ln_f.weight"], "model/ln_f/b": sd["ln_f.bias"]}  # fmt: skip
+    out = {
+        "model/wte": sd["wte.weight"],
+        "model/wpe": sd["wpe.weight"],
+        "model/ln_f/g": sd["ln_f.weight"],
+        "model/ln_f/b": sd["ln_f.bias"],
+    }
     for i in range(cfg.n_layer):
         for ln in ("ln_1", "ln_2"):
             out[f"model/h{i}/{ln}/g"] = sd[f"h.{i}.{ln}.weight"]
@@ -28,8 +34,13 @@ def write_openai_checkpoint(hf_model, directory: Path) -> None:
 
     directory = Path(directory)
     cfg = hf_model.config
-    hparams = {"n_vocab": cfg.vocab_size, "n_ctx": cfg.n_positions, "n_embd": cfg.n_embd,
-               "n_head": cfg.n_head, "n_layer": cfg.n_layer}  # fmt: skip
+    hparams = {
+        "n_vocab": cfg.vocab_size,
+        "n_ctx": cfg.n_positions,
+        "n_embd": cfg.n_embd,
+        "n_head": cfg.n_head,
+        "n_layer": cfg.n_layer,
+    }
     (directory / "hparams.json").write_text(json.dumps(hparams))
     graph = tf.Graph()
     with graph.as_default():
