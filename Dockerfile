@@ -1,5 +1,9 @@
 # sft-job: instruction-finetune GPT-2 on a GPU node. Build: docker build -t sft-job .
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# Every Python package comes from requirements/lock.txt through scripts/install.sh, the script CI
+# and the README use too, so the image runs the versions CI tests. torch is PyPI's CUDA 13 build
+# (its CUDA libraries come as wheels), so the base is plain Python; GPU nodes need an NVIDIA
+# driver >= 580. The Python minor version must match the lock's (the script checks).
+FROM python:3.11.13-slim-bookworm
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -10,19 +14,17 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /opt/sft-job
 
-# Dependencies first, from the project metadata alone, so a code change does not reinstall them.
-# torch comes with the base image; the package's range admits it, so pip keeps it.
-COPY pyproject.toml README.md ./
-# DL3013: this installs the project itself; its dependency ranges live in pyproject.toml.
-# hadolint ignore=DL3013
-RUN mkdir job && echo '__version__ = "0.0.0"' > job/__init__.py \
-    && pip install '.[tf]' \
-    && pip uninstall -y sft-job
+# Dependencies first, from the lock and the project metadata alone, so a code change does not
+# reinstall them. tests/test_image.py runs these RUN lines in a venv, word for word.
+COPY requirements/lock.txt requirements/lock.txt
+COPY scripts/install.sh scripts/install.sh
+COPY pyproject.toml README.md LICENSE ./
+RUN bash scripts/install.sh --deps-only tf
 
 COPY job ./job
-# hadolint ignore=DL3013
-RUN pip install --no-deps . \
-    && useradd --create-home --uid 1000 sft \
+RUN bash scripts/install.sh --project-only tf
+
+RUN useradd --create-home --uid 1000 sft \
     && mkdir -p /cache /runs \
     && chown sft:sft /cache /runs
 

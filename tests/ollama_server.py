@@ -12,7 +12,7 @@ import collections
 import json
 import re
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PROMPT_RE = re.compile(r"and correct output `(.*)`, score the model response `(.*)` on a scale from 0 to 100", re.S)
@@ -123,7 +123,7 @@ class FakeOllama:
         return {
             "name": name,
             "model": name,
-            "modified_at": datetime.now(timezone.utc).isoformat(),
+            "modified_at": datetime.now(UTC).isoformat(),
             "size": 4661224676,
             "digest": "365c0bd3c000a25d28ddbf732fe1c6add414de7275464c4e4d1c3b5fcb5d8ad1",
             "details": {"format": "gguf", "family": "llama", "parameter_size": "8.0B", "quantization_level": "Q4_0"},
@@ -164,7 +164,7 @@ class FakeOllama:
         if status != 200:
             handler._json(status, {"error": f"scripted {status}"})
             return
-        now = datetime.now(timezone.utc).isoformat()
+        now = datetime.now(UTC).isoformat()
         final = {
             "model": body["model"],
             "created_at": now,
