@@ -13,9 +13,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Setup, run_isolated
+from benchmarks.harness import Setup, measure_generation, measure_training, profile_training, run_isolated
+from benchmarks.recipe import measure_recipe, mfu
 
 REPO = Path(__file__).resolve().parent.parent
+# What each task's measurements run (each in a fresh process).
+TASKS = {
+    "train": measure_training,
+    "generate": measure_generation,
+    "profile": profile_training,
+    "recipe": measure_recipe,
+}
 # The targets: (figure, at least / at most, bound). Ratios are ours / baseline in the same run.
 TARGETS = {
     "cpu": [
@@ -192,11 +200,9 @@ def main(argv=None) -> int:
             continue
         started = time.perf_counter()
         task = key.split("/")[0]
-        result = run_isolated(task, impl, s)
+        result = run_isolated(TASKS[task], impl, s)
         result["measured_seconds"] = round(time.perf_counter() - started, 1)
         if task == "train" and args.mode == "gpu" and "error" not in result:
-            from benchmarks.recipe import mfu
-
             result["mfu"] = mfu(result, s)
         report["results"][key] = result
         print(f"{key:24s} {_line(result)}", flush=True)

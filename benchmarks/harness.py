@@ -11,6 +11,7 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,8 +317,12 @@ def _peak(setup: Setup) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole process: its own
 
 
-def run_isolated(task: str, impl: str, setup: Setup) -> dict:
-    """One measurement in a fresh process (spawned), so its peak memory and warm caches are its own.
+Measurement = Callable[[str, Setup], dict]
+
+
+def run_isolated(measure: Measurement, impl: str, setup: Setup) -> dict:
+    """``measure(impl, setup)`` in a fresh process (spawned), so its peak memory and warm caches are
+    its own. ``measure`` is a module-level function (the child imports it by name).
 
     A measurement that fails returns {"error": ...} so the others still run and are reported.
     """
@@ -325,28 +330,20 @@ def run_isolated(task: str, impl: str, setup: Setup) -> dict:
 
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(_task, (task, impl, setup.__dict__))
+        return pool.apply(_task, (measure, impl, setup.__dict__))
 
 
-def _task(task: str, impl: str, setup_fields: dict) -> dict:
+def _task(measure: Measurement, impl: str, setup_fields: dict) -> dict:
     import contextlib
     import traceback
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     setup = Setup(**setup_fields)
-    from benchmarks.recipe import measure_recipe
-
-    fn = {
-        "train": measure_training,
-        "generate": measure_generation,
-        "profile": profile_training,
-        "recipe": measure_recipe,
-    }[task]
     try:
         with (
             open(os.devnull, "w") as devnull,
             contextlib.redirect_stdout(devnull),
         ):  # the book's loop prints every evaluation
-            return json.loads(json.dumps(fn(impl, setup)))
+            return json.loads(json.dumps(measure(impl, setup)))
     except Exception as exc:  # noqa: BLE001  (reported in the results; the run goes on)
         return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}

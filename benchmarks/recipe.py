@@ -67,17 +67,6 @@ def full_recipe(setup: Setup) -> dict:
         started = time.perf_counter()
         trainer = Trainer(cfg, prepare(cfg), Metrics())
         ready = time.perf_counter()
-        checkpoint_seconds = 0.0
-        save = trainer.save_checkpoint
-
-        def timed_save():
-            nonlocal checkpoint_seconds
-            t = time.perf_counter()
-            path = save()
-            checkpoint_seconds += time.perf_counter() - t
-            return path
-
-        trainer.save_checkpoint = timed_save
         trainer.fit()
         _sync(setup.device)
         fitted = time.perf_counter()
@@ -85,8 +74,8 @@ def full_recipe(setup: Setup) -> dict:
         done = time.perf_counter()
         history = trainer.state.history
     return {
-        "loop_seconds": round(fitted - ready - checkpoint_seconds, 2),
-        "checkpoint_seconds": round(checkpoint_seconds, 2),
+        "loop_seconds": round(fitted - ready - trainer.checkpoint_seconds, 2),
+        "checkpoint_seconds": round(trainer.checkpoint_seconds, 2),
         "load_seconds": round(ready - started, 2),
         "save_outputs_seconds": round(done - fitted, 2),
         "stage_seconds": round(done - started, 2),

@@ -18,9 +18,8 @@ from typing import Literal
 import torch
 
 from job.errors import ConfigError
-from job.model import GPT2_SIZES
+from job.model import MODEL_NAMES, ModelName
 
-MODEL_NAMES = tuple(GPT2_SIZES)
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sft-job")
 
 
@@ -55,7 +54,7 @@ def _positive(obj, *names: str) -> None:
 class DownloadConfig:
     """What ``sft-job download`` fetches, and from where."""
 
-    model: Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"] = "gpt2-medium"
+    model: ModelName = "gpt2-medium"
     """Named GPT-2 size to fetch (the book finetunes gpt2-medium, 355M)."""
     source: Literal["openai", "hf"] = "openai"
     """OpenAI's TensorFlow checkpoint (as in the book; reading it needs the tf extra) or Hugging Face's safetensors."""
@@ -81,7 +80,7 @@ class DownloadConfig:
 class ModelSourceConfig:
     """Which pretrained GPT-2 a stage starts from."""
 
-    model: Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"] = "gpt2-medium"
+    model: ModelName = "gpt2-medium"
     """Named GPT-2 size, downloaded through the cache (the book finetunes gpt2-medium, 355M)."""
     model_dir: str | None = None
     """A local folder load_pretrained reads (OpenAI's checkpoint or config.json + model.safetensors);
@@ -157,6 +156,8 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
     """How many of the latest checkpoints to keep."""
     mask_instruction: bool = False
     """Leave the prompt's tokens out of the loss (exercise 7.2)."""
+    train_limit: int | None = None
+    """Train on only the first N entries of the training split (smoke runs); validation and test are unchanged."""
 
     def __post_init__(self) -> None:
         ModelSourceConfig.__post_init__(self)
@@ -172,8 +173,9 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
             "checkpoint_every",
             "keep_checkpoints",
         )
-        if self.max_steps is not None:
-            _positive(self, "max_steps")
+        for name in ("max_steps", "train_limit"):
+            if getattr(self, name) is not None:
+                _positive(self, name)
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
@@ -298,6 +300,11 @@ class JudgeConfig(JudgeSettings):
     """Field of each entry that holds the response to score."""
 
 
+# --smoke: few entries rather than few steps, so the run still crosses both epoch ends (with their
+# checkpoints and samples), the code that runs only at those moments.
+SMOKE_PRESET = {"train_limit": 40, "epochs": 2, "max_steps": None, "limit": 8, "max_new_tokens": 16}
+
+
 @dataclass
 class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings):
     """``sft-job run``: download, finetune, generate and judge in one job, into one run folder."""
@@ -311,7 +318,8 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings):
     skip_judge: bool = False
     """Stop after generating responses (no judge server needed)."""
     smoke: bool = False
-    """Plumbing check: a random 2-layer GPT-2 (no weight download), 20 steps, 8 test entries, 16 new tokens."""
+    """Plumbing check in a minute: a random 2-layer GPT-2 (no weight download) trained on 40 entries for 2 epochs
+    (each epoch's end, checkpoint and sample happen), 8 test entries, 16 new tokens."""
     require_gpu: bool = False
     """Fail at preflight unless a CUDA device is present."""
     s3_endpoint_url: str | None = None
@@ -324,6 +332,9 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings):
     """Pushgateway URL to push metrics to at each stage's end and at exit (for runs that end before a scrape)."""
 
     def __post_init__(self) -> None:
+        if self.smoke:  # the preset's values are the ones used, so config.yaml records them
+            for name, value in SMOKE_PRESET.items():
+                setattr(self, name, value)
         FinetuneConfig.__post_init__(self)
         DecodingSettings.__post_init__(self)
         JudgeSettings.__post_init__(self)

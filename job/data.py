@@ -188,7 +188,7 @@ def collate(
 
 
 class Collator:
-    """Picklable collate function for DataLoader workers."""
+    """The book's collate with the run's settings bound: a batch of examples in, (inputs, targets) out."""
 
     def __init__(self, allowed_max_length: int, mask_instruction: bool):
         self.allowed_max_length = allowed_max_length

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tiktoken
 import torch
 import yaml
 
@@ -60,7 +61,7 @@ class Prepared:
     """Everything the loop needs, loaded and validated before any output is written."""
 
     model: GPTModel
-    tokenizer: object
+    tokenizer: tiktoken.Encoding
     train: list[Example]
     val: list[Example]
     sample_prompt: str
@@ -73,6 +74,7 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     cache = Path(cfg.cache)
     entries = load_entries(resolve_data(cfg.data, cache, cfg.base_url), cfg.skip_invalid)
     train, _test, val = split_entries(entries, cfg.shuffle_seed)
+    train = train[: cfg.train_limit]
     if not train or not val:
         raise JobError(f"dataset of {len(entries)} entries is too small for the 85/10/5 split")
     Downloader(cache).fetch_all(tokenizer_files(cfg.base_url))
@@ -156,6 +158,8 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.state = TrainState()
         self._saved_step: int | None = None
+        self.checkpoint_seconds = 0.0
+        """Wall time spent writing checkpoints in this process (benchmarks subtract it from the loop)."""
         self._signalled = threading.Event()
         self.batches_per_epoch = len(prep.train) // cfg.batch_size
         if self.batches_per_epoch == 0:
@@ -328,6 +332,7 @@ class Trainer:
                 self.on_checkpoint(final)
         self.accelerator.wait_for_everyone()
         self._saved_step = self.state.step
+        self.checkpoint_seconds += time.perf_counter() - started
         return final
 
     def resume(self) -> None:

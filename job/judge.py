@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from job.config import JudgeConfig
 from job.data import PROMPT_STYLES
@@ -63,6 +64,25 @@ def parse_score(reply: str, structured: bool) -> int | None:
 
 
 # --- backends -------------------------------------------------------------------------------
+
+
+class JudgeBackend(Protocol):
+    """What the stage needs of a judge server, whatever API it speaks."""
+
+    host: str
+    """The server's URL, for messages and the summary."""
+
+    def ping(self) -> list[str]:
+        """Model names the server has; raises RetryableError while it does not answer."""
+        ...
+
+    def ensure_model(self, allow_pull: bool) -> None:
+        """Make sure the judge model is served (pulling it where the API can); JudgeError if not."""
+        ...
+
+    def ask(self, prompt: str) -> str:
+        """The judge's reply text; RetryableError for transient failures, JudgeError for the rest."""
+        ...
 
 
 class OllamaJudge:
@@ -178,11 +198,13 @@ class OpenAIJudge:
             raise JudgeError(f"judge answered HTTP {exc.status_code}: {exc.message}") from None
 
 
-def make_judge(cfg: JudgeConfig):
+def make_judge(cfg: JudgeConfig) -> JudgeBackend:
     return OllamaJudge(cfg) if cfg.judge_backend == "ollama" else OpenAIJudge(cfg)
 
 
-def preflight(cfg: JudgeConfig, judge=None, clock=time.monotonic, sleep=time.sleep):
+def preflight(
+    cfg: JudgeConfig, judge: JudgeBackend | None = None, clock=time.monotonic, sleep=time.sleep
+) -> JudgeBackend:
     """Wait for the server (up to ``--judge-wait``), then make sure the model is there."""
     judge = judge or make_judge(cfg)
     deadline = clock() + cfg.judge_wait_seconds
@@ -219,23 +241,26 @@ class Scored:
     error: str | None = None
 
 
-def score_one(judge, cfg: JudgeConfig, index: int, entry: dict, metrics: Metrics, sleep=time.sleep) -> Scored:
+def score_one(
+    judge: JudgeBackend, cfg: JudgeConfig, index: int, entry: dict, metrics: Metrics, sleep=time.sleep
+) -> Scored:
     """One entry: ask with retries (backoff with jitter on transient errors); never raises JobError."""
     prompt = judge_prompt(entry, cfg.response_key)
+    error = ""
     for attempt in range(cfg.judge_retries + 1):
+        if attempt:
+            sleep(0.5 * 2 ** (attempt - 1) * (0.5 + random.random()))
         try:
             reply = judge.ask(prompt)
         except RetryableError as exc:
             metrics.judge_requests_total.labels(outcome="retry").inc()
-            if attempt == cfg.judge_retries:
-                return Scored(index, None, None, "error", str(exc))
-            sleep(0.5 * 2**attempt * (0.5 + random.random()))
+            error = str(exc)
             continue
         except JudgeError as exc:  # 4xx: the request itself is wrong, so no retry
             return Scored(index, None, None, "error", str(exc))
         score = parse_score(reply, cfg.judge_format == "structured")
         return Scored(index, score, reply, "ok" if score is not None else "unparsed")
-    raise AssertionError("unreachable")
+    return Scored(index, None, None, "error", error)
 
 
 def load_responses(path: Path, key: str) -> list[dict]:
@@ -279,7 +304,7 @@ def summarize(cfg: JudgeConfig, host: str, entries: list[dict], records: dict[in
     }
 
 
-def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge=None) -> dict:
+def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge: JudgeBackend | None = None) -> dict:
     metrics = metrics or Metrics()
     entries = load_responses(Path(cfg.responses), cfg.response_key)
     judge = preflight(cfg, judge)  # before any scoring: a dead server fails here, with nothing written

@@ -5,11 +5,19 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-STAGE_STATUS = {"pending": 0, "running": 1, "done": 2, "failed": 3}
+
+class StageStatus(IntEnum):
+    """Values of the ``sft_job_stage_status`` gauge (the Grafana dashboard maps them to words)."""
+
+    PENDING = 0
+    RUNNING = 1
+    DONE = 2
+    FAILED = 3
 
 
 def configure_logging(log_format: str = "auto", level: str = "info", stream=None) -> None:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -30,19 +30,18 @@ from job.generate import RESPONSES_FILE, run_generate
 from job.judge import preflight as judge_preflight
 from job.judge import run_judge
 from job.model import GPTConfig, GPTModel
-from job.observability import Metrics, MetricsPublisher, bind, get_logger
+from job.observability import Metrics, MetricsPublisher, StageStatus, bind, get_logger
 from job.storage import LocalStorage, Storage, open_storage, sha256_file, upload_tree
 from job.weights import save_hf
 
 log = get_logger(__name__)
-STAGES = ("download", "finetune", "generate", "judge")
 SMOKE_MODEL = GPTConfig(n_layers=2, emb_dim=128, n_heads=4)
 FINETUNE_ARTIFACTS = ("model/model.safetensors", "model/config.json", "losses.json", "loss-plot.png")
 
 
 def default_run_id(cfg: RunConfig) -> str:
     digest = hashlib.sha256(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
-    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{digest}"
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{digest}"
 
 
 class Manifest:
@@ -163,17 +162,17 @@ class Pipeline:
         m = self.metrics
         if self.manifest.stage(name).get("status") == "complete" and (done or (lambda: self.manifest.verified(name)))():
             log.info("stage_skipped", reason="complete in manifest, artifacts verified")
-            m.stage_status.labels(stage=name).set(2)
+            m.stage_status.labels(stage=name).set(StageStatus.DONE)
             return
         started, start_iso = time.perf_counter(), _now()
-        m.stage_status.labels(stage=name).set(1)
+        m.stage_status.labels(stage=name).set(StageStatus.RUNNING)
         self.manifest.record(name, status="running", start=start_iso, end=None)
         log.info("stage_start")
         try:
             artifacts = body() or []
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, Preempted) else "failed"
-            m.stage_status.labels(stage=name).set(3)
+            m.stage_status.labels(stage=name).set(StageStatus.FAILED)
             self.manifest.record(
                 name, status=status, end=_now(), error=str(exc).splitlines()[0] if str(exc) else status
             )
@@ -181,7 +180,7 @@ class Pipeline:
         finally:
             m.stage_duration_seconds.labels(stage=name).set(time.perf_counter() - started)
         records = self._upload(artifacts)
-        m.stage_status.labels(stage=name).set(2)
+        m.stage_status.labels(stage=name).set(StageStatus.DONE)
         self.manifest.record(
             name, status="complete", end=_now(), duration_s=round(time.perf_counter() - started, 3), artifacts=records
         )
@@ -233,8 +232,6 @@ class Pipeline:
         uploader = None if isinstance(self.storage, LocalStorage) else CheckpointUploader(self.storage, self.metrics)
         fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
         overrides = {"output": str(self.work), "model_dir": self._start_model_dir()}
-        if cfg.smoke:
-            overrides |= {"max_steps": 20}
         ft = FinetuneConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields} | overrides)
         try:
             outputs = run_finetune(
@@ -279,7 +276,6 @@ class Pipeline:
     def generate(self) -> list[str]:
         cfg = self.cfg
         self._ensure_local(FINETUNE_ARTIFACTS[:2])
-        limit, max_new = (8, 16) if cfg.smoke else (cfg.limit, cfg.max_new_tokens)
         run_generate(
             GenerateConfig(
                 model_dir=str(self.work / "model"),
@@ -290,12 +286,12 @@ class Pipeline:
                 cache=cfg.cache,
                 base_url=cfg.base_url,
                 output=str(self.work),
-                max_new_tokens=max_new,
+                max_new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.generate_batch_size,
                 temperature=cfg.temperature,
                 top_k=cfg.top_k,
                 seed=cfg.seed,
-                limit=limit,
+                limit=cfg.limit,
                 precision=cfg.precision,
             ),
             self.metrics,
@@ -341,4 +337,4 @@ def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlparse
 
 from job.errors import JobError
@@ -64,46 +65,43 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-class Storage:
+class Storage(Protocol):
     """Keys are relative paths ("model/config.json") under one root (a folder or s3://bucket/prefix)."""
 
     url: str
 
     def put_file(self, local: Path, key: str) -> int:
         """Store ``local`` under ``key``; returns the bytes written."""
-        raise NotImplementedError
+        ...
 
-    def put_text(self, key: str, text: str) -> None:
-        raise NotImplementedError
+    def put_text(self, key: str, text: str) -> None: ...
 
     def get_text(self, key: str) -> str | None:
         """The text under ``key``, or None where there is none."""
-        raise NotImplementedError
+        ...
 
-    def get_file(self, key: str, local: Path) -> None:
-        raise NotImplementedError
+    def get_file(self, key: str, local: Path) -> None: ...
 
     def list(self, prefix: str) -> list[str]:
         """Keys under ``prefix``."""
-        raise NotImplementedError
+        ...
 
-    def delete_prefix(self, prefix: str) -> None:
-        raise NotImplementedError
+    def delete_prefix(self, prefix: str) -> None: ...
 
     def sha256(self, key: str) -> str | None:
         """The sha256 of what is stored under ``key`` (read back, not trusted from metadata), or None."""
-        raise NotImplementedError
+        ...
 
     def check_writable(self) -> None:
         """Write and remove a probe; a StorageError says why not."""
-        raise NotImplementedError
+        ...
 
     def is_local_path(self, local: Path, key: str) -> bool:
         """Whether ``key`` already is ``local`` (a local store working in place)."""
-        return False
+        ...
 
 
-class LocalStorage(Storage):
+class LocalStorage:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.url = str(self.root)
@@ -156,7 +154,7 @@ class LocalStorage(Storage):
             raise StorageError(f"output {self.root} is not writable: {exc.strerror or exc}") from None
 
 
-class S3Storage(Storage):
+class S3Storage:
     """S3 or any S3-compatible store (MinIO, Ceph): multipart transfers, botocore's standard retries."""
 
     def __init__(self, url: str, endpoint_url: str | None = None, client=None):
@@ -174,6 +172,9 @@ class S3Storage(Storage):
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    def is_local_path(self, local: Path, key: str) -> bool:
+        return False
 
     def put_file(self, local: Path, key: str) -> int:
         self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer)
