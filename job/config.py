@@ -302,7 +302,7 @@ class JudgeConfig(JudgeSettings):
 
 # --smoke: few entries rather than few steps, so the run still crosses both epoch ends (with their
 # checkpoints and samples), the code that runs only at those moments.
-SMOKE_PRESET = {"train_limit": 40, "epochs": 2, "max_steps": None, "limit": 8, "max_new_tokens": 16}
+SMOKE_PRESET = {"train_limit": 40, "epochs": 2, "limit": 8, "max_new_tokens": 16}
 
 
 @dataclass
@@ -319,7 +319,7 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings):
     """Stop after generating responses (no judge server needed)."""
     smoke: bool = False
     """Plumbing check in a minute: a random 2-layer GPT-2 (no weight download) trained on 40 entries for 2 epochs
-    (each epoch's end, checkpoint and sample happen), 8 test entries, 16 new tokens."""
+    (each epoch's end, checkpoint and sample happen), 8 test entries, 16 new tokens; options given by hand win."""
     require_gpu: bool = False
     """Fail at preflight unless a CUDA device is present."""
     s3_endpoint_url: str | None = None
@@ -332,9 +332,11 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings):
     """Pushgateway URL to push metrics to at each stage's end and at exit (for runs that end before a scrape)."""
 
     def __post_init__(self) -> None:
-        if self.smoke:  # the preset's values are the ones used, so config.yaml records them
+        if self.smoke:  # in place, so config.yaml records the values used; a value set by hand wins
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
             for name, value in SMOKE_PRESET.items():
-                setattr(self, name, value)
+                if getattr(self, name) == defaults[name]:
+                    setattr(self, name, value)
         FinetuneConfig.__post_init__(self)
         DecodingSettings.__post_init__(self)
         JudgeSettings.__post_init__(self)

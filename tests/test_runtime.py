@@ -186,3 +186,13 @@ def test_the_images_install_steps_in_a_fresh_venv_run_the_smoke(shared_data, tmp
     python = venv / "bin" / "python"
     version = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True)
     assert Version(version.stdout.strip()).base_version == _locked_version("torch")
+
+
+def test_the_smoke_preset_fills_in_only_the_options_left_at_their_defaults():
+    from job.config import RunConfig
+
+    preset = RunConfig(smoke=True)
+    assert (preset.train_limit, preset.epochs, preset.limit, preset.max_new_tokens) == (40, 2, 8, 16)
+    by_hand = RunConfig(smoke=True, train_limit=800, max_new_tokens=4)
+    assert (by_hand.train_limit, by_hand.epochs, by_hand.max_new_tokens) == (800, 2, 4)
+    assert RunConfig().train_limit is None and RunConfig().max_new_tokens == 256

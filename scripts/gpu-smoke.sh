@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The quickest check of a GPU node: `sft-job run --smoke` on CUDA (both epoch ends, their
+# checkpoints and samples, generation), then a preempted run (SIGUSR1 after its first checkpoint)
+# and its rerun, which must resume and complete. Prints one summary line per run.
+#   bash scripts/gpu-smoke.sh DATA_DIR OUT_DIR   (DATA_DIR: instruction-data.json and gpt2/ tokenizer files)
+set -uo pipefail
+data=${1:?data dir}; out=${2:?output dir}
+mkdir -p "$out"
+sft=(python3 -m job.cli run --smoke --skip-judge --require-gpu --data "$data/instruction-data.json" --cache "$data"
+     --output "$out/runs" --metrics-port 0 --log-format json)
+summary() {  # the events that matter, from a JSON log
+  python3 - "$1" <<'PY'
+import json, sys
+events = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+pick = {"finetune_start": ("precision", "device"), "sample": ("epoch",), "checkpoint": ("step", "seconds"),
+        "resumed": ("step",), "finetune_done": ("steps",), "stage_failed": ("error", "exit_code"),
+        "job_crashed": ("error",), "generate_done": ("seconds",), "run_complete": ()}
+for e in events:
+    if e["event"] in pick:
+        print("  ", e["event"], {k: e.get(k) for k in pick[e["event"]]})
+PY
+}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+
+start=$EPOCHREALTIME
+"${sft[@]}" --run-id smoke >"$out/smoke.jsonl" 2>"$out/smoke.err"
+rc=$?; echo "smoke: exit $rc in $(python3 -c "print(round($EPOCHREALTIME - $start, 1))") s"; summary "$out/smoke.jsonl"; tail -n 3 "$out/smoke.err"
+
+# 800 entries, a checkpoint every 20 steps: SIGUSR1 lands mid-epoch, after the first one.
+long=(--run-id preempt --train-limit 800 --checkpoint-every 20)
+"${sft[@]}" "${long[@]}" >"$out/preempt-1.jsonl" 2>"$out/preempt-1.err" &
+pid=$!
+for _ in $(seq 600); do grep -q '"event": "checkpoint"' "$out/preempt-1.jsonl" 2>/dev/null && break; sleep 0.1; done
+kill -USR1 $pid; wait $pid
+echo "preempted: exit $? (75 expected)"; summary "$out/preempt-1.jsonl"
+"${sft[@]}" "${long[@]}" >"$out/preempt-2.jsonl" 2>"$out/preempt-2.err"
+echo "rerun: exit $?"; summary "$out/preempt-2.jsonl"; tail -n 3 "$out/preempt-2.err"
