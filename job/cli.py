@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sys
 import typing
@@ -12,8 +13,17 @@ import click
 import yaml
 
 from job import __version__
-from job.config import DownloadConfig, FinetuneConfig, GenerateConfig, JudgeConfig, RunConfig, field_docs
-from job.errors import ConfigError, JobError
+from job.config import (
+    DownloadConfig,
+    FinetuneConfig,
+    GenerateConfig,
+    JudgeConfig,
+    RunConfig,
+    check_value,
+    field_docs,
+    field_names,
+)
+from job.errors import ConfigError, DiskFullError, ExitCode, JobError
 from job.observability import Metrics, bind, configure_logging, get_logger
 
 ENV_PREFIX = "SFT_JOB"
@@ -33,6 +43,12 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     unknown = sorted(set(data) - known)
     if unknown:
         raise click.BadParameter(f"{value}: unknown key {unknown[0]!r}", ctx, param)
+    # Checked against the fields' types here: click would turn 1.5 into 1 and true into 1.
+    cls = getattr(ctx.command.callback, "config_class", None)
+    try:
+        data = {k: check_value(cls, k, v) if cls and k in field_names(cls) else v for k, v in data.items()}
+    except ConfigError as exc:
+        raise click.BadParameter(f"{value}: {exc}", ctx, param) from None
     ctx.default_map = {**(ctx.default_map or {}), **data}
     return value
 
@@ -56,6 +72,7 @@ def dataclass_options(cls: type, exclude: tuple[str, ...] = ()):
         for field in reversed(dataclasses.fields(cls)):
             if field.name not in exclude:
                 f = _option(field, hints[field.name], docs.get(field.name, ""))(f)
+        f.config_class = cls  # for --config's type checks
         return f
 
     return decorate
@@ -100,19 +117,44 @@ def _common(f):
 
 
 def _run(stage: str, runner, cfg, log_format: str):
-    """Logs and metrics set up, then the stage; errors become one line (or one event with traceback)."""
+    """Logs and metrics set up, then the stage. Whatever fails ends as errors.py's contract says:
+    one line on stderr, one log event (with the traceback, for a bug), the table's exit code."""
     configure_logging(log_format)
     bind(stage=stage, rank=int(os.environ.get("RANK", "0")))
     log = get_logger("sft_job")
     try:
         return runner(cfg, Metrics())
-    except JobError as exc:
-        log.error("stage_failed", error=str(exc), exit_code=exc.exit_code)
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except Exception as exc:
-        log.exception("job_crashed", error=f"{type(exc).__name__}: {exc}")
-        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001  (every failure ends in one line and a code)
+        error = _as_job_error(exc)
+        if error is None:
+            log.exception("job_crashed", error=f"{type(exc).__name__}: {exc}", exit_code=ExitCode.INTERNAL)
+            _fail(
+                ExitCode.INTERNAL,
+                f"internal error in {stage}: {_one_line(exc)} (a bug: the log's job_crashed event has the traceback)",
+            )
+        log.error("stage_failed", error=str(error), exit_code=error.exit_code)
+        _fail(error.exit_code, str(error))
+
+
+def _as_job_error(exc: Exception) -> JobError | None:
+    """The contract's error for ``exc``: itself, a full disk (75), or None for a bug (70)."""
+    if isinstance(exc, JobError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = exc.filename or "the output"
+        return DiskFullError(
+            f"no space left on device writing {where}: free space (or point --output/--scratch elsewhere) and rerun"
+        )
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
+def _fail(code: int, message: str) -> typing.NoReturn:
+    click.echo(f"Error: {' '.join(message.split())}", err=True)
+    sys.exit(int(code))
 
 
 @click.group(context_settings={"show_default": True})
@@ -171,5 +213,18 @@ def run(log_format, **params):
     _run("run", run_pipeline, build(RunConfig, params), log_format)
 
 
+def entrypoint(argv: list[str] | None = None) -> None:
+    """``sft-job``: click's usage errors end like every other failure, as one line (exit 2)."""
+    try:
+        code = main.main(args=argv, prog_name="sft-job", standalone_mode=False)
+    except click.ClickException as exc:
+        configure_logging("auto")
+        get_logger("sft_job").error("usage_error", error=exc.format_message(), exit_code=ExitCode.BAD_CONFIG)
+        _fail(ExitCode.BAD_CONFIG, exc.format_message())
+    except click.Abort:
+        _fail(ExitCode.BAD_CONFIG, "aborted")
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    main()
+    entrypoint()

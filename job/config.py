@@ -11,15 +11,19 @@ import inspect
 import os
 import re
 import textwrap
+import types
+import typing
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
+from urllib.parse import urlparse
 
 import torch
 
 from job.errors import ConfigError
 from job.model import MODEL_NAMES, ModelName
 
+MIRROR_SCHEMES = ("http", "https", "s3")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sft-job")
 
 
@@ -42,6 +46,58 @@ def field_docs(cls: type) -> dict[str, str]:
             ):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def check_value(cls: type, key: str, value):
+    """A config file's ``value`` for field ``key`` of ``cls``, checked against the field's type
+    (no coercion: 1.5 is not an integer, true is not a number); a ConfigError names the key."""
+    hint = typing.get_type_hints(cls)[key]
+    if isinstance(value, int | float) and not isinstance(value, bool) and _accepts(hint, str):
+        value = str(value)  # YAML reads `judge_wait: 300` and `run_id: 42` as numbers
+    if not _matches(hint, value):
+        raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}")
+    return value
+
+
+def _accepts(hint, kind: type) -> bool:
+    return hint is kind or kind in typing.get_args(hint)
+
+
+def _matches(hint, value) -> bool:
+    if typing.get_origin(hint) is typing.Literal:
+        return value in typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_matches(arg, value) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_url(name: str, value: str | None, schemes: tuple[str, ...]) -> None:
+    """``value`` is None or a URL of one of ``schemes`` with a host (or an S3 bucket)."""
+    if value is None:
+        return
+    parsed = urlparse(value)
+    if parsed.scheme not in schemes or not parsed.netloc:
+        want = " or ".join(f"{s}://" for s in schemes)
+        raise ConfigError(f"{name} must be a {want} URL naming a host or bucket, got {value!r}")
 
 
 def _positive(obj, *names: str) -> None:
@@ -74,6 +130,7 @@ class DownloadConfig:
         if self.source not in ("openai", "hf"):
             raise ConfigError(f"source must be openai or hf, got {self.source!r}")
         _positive(self, "download_attempts")
+        _check_url("base_url", self.base_url, MIRROR_SCHEMES)
 
 
 @dataclass
@@ -97,6 +154,7 @@ class ModelSourceConfig:
     def __post_init__(self) -> None:
         if self.model not in MODEL_NAMES:
             raise ConfigError(f"model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
+        _check_url("base_url", self.base_url, MIRROR_SCHEMES)
 
 
 @dataclass
@@ -173,7 +231,7 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
             "checkpoint_every",
             "keep_checkpoints",
         )
-        for name in ("max_steps", "train_limit"):
+        for name in ("max_steps", "train_limit", "grad_clip"):
             if getattr(self, name) is not None:
                 _positive(self, name)
         if self.weight_decay < 0:
@@ -238,11 +296,11 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def parse_duration(text: str | float | int) -> float:
+def parse_duration(text: str | float | int, name: str = "duration") -> float:
     """Seconds from ``300``, ``300s``, ``5m`` or ``1h``."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
     if not match:
-        raise ConfigError(f"duration {text!r} must look like 300, 300s, 5m or 1h")
+        raise ConfigError(f"{name} {text!r} must look like 300, 300s, 5m or 1h")
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
 
 
@@ -281,7 +339,7 @@ class JudgeSettings:
         _positive(self, "judge_concurrency", "judge_timeout", "judge_num_ctx")
         if self.judge_retries < 0:
             raise ConfigError(f"judge_retries must be >= 0, got {self.judge_retries}")
-        parse_duration(self.judge_wait)
+        parse_duration(self.judge_wait, "judge_wait")
 
     @property
     def judge_wait_seconds(self) -> float:
@@ -298,6 +356,39 @@ class JudgeConfig(JudgeSettings):
     """Folder scores.json and summary.json are written to."""
     response_key: str = "model_response"
     """Field of each entry that holds the response to score."""
+
+
+# Options that change how a run runs, not its results: a rerun of a run id may change these (and only
+# these); config.yaml keeps the values the run was started with.
+OPERATIONAL_OPTIONS = frozenset(
+    {
+        "output",
+        "cache",
+        "scratch",
+        "base_url",
+        "metrics_port",
+        "pushgateway",
+        "require_gpu",
+        "skip_judge",
+        "s3_endpoint_url",
+        "s3_retry_timeout",
+        "lock_lease",
+        "judge_url",
+        "judge_api_key",
+        "judge_concurrency",
+        "judge_wait",
+        "judge_timeout",
+        "judge_retries",
+        "judge_pull",
+    }
+)
+
+
+def result_changes(saved: dict, current: dict) -> list[str]:
+    """Each option whose value differs between a run's saved config and ``current``, with both values,
+    leaving out the operational ones."""
+    keys = sorted((set(saved) | set(current)) - OPERATIONAL_OPTIONS)
+    return [f"{k} {saved.get(k)!r} (now {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
 
 
 # --smoke: few entries rather than few steps, so the run still crosses both epoch ends (with their
@@ -330,6 +421,11 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings):
     """Port of the Prometheus metrics endpoint for the whole run (0 turns it off)."""
     pushgateway: str | None = None
     """Pushgateway URL to push metrics to at each stage's end and at exit (for runs that end before a scrape)."""
+    s3_retry_timeout: str = "15m"
+    """How long uploads to the object store are retried (training goes on meanwhile) before the run exits
+    with 75, its checkpoints kept in the scratch folder."""
+    lock_lease: str = "10m"
+    """How long the run's lock outlives a run that died without releasing it (renewed while the run lives)."""
 
     def __post_init__(self) -> None:
         if self.smoke:  # in place, so config.yaml records the values used; a value set by hand wins
@@ -345,3 +441,9 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings):
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
             raise ConfigError(f"run_id {self.run_id!r} may hold only letters, digits, '.', '_' and '-'")
+        if "://" in self.output:
+            _check_url("output", self.output, ("s3",))
+        _check_url("s3_endpoint_url", self.s3_endpoint_url, ("http", "https"))
+        for name in ("s3_retry_timeout", "lock_lease"):
+            if parse_duration(getattr(self, name), name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")

@@ -47,16 +47,28 @@ def parse_entries(path: Path) -> list:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as whole:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError:
-            raise DataError(f"dataset {path} is neither JSON nor JSON Lines: {whole}") from None
+        data = _json_lines(path, text, whole)
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
         raise DataError(f"dataset {path} must be a JSON array of entries, got {type(data).__name__}")
     if not data:
         raise DataError(f"dataset {path} has no entries")
+    return data
+
+
+def _json_lines(path: Path, text: str, whole: json.JSONDecodeError) -> list:
+    """One object per line; a bad line is named by its line number in the file (1-based)."""
+    data = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if not data:  # the first line already fails: not JSON Lines either
+                raise DataError(f"dataset {path} is neither JSON nor JSON Lines: {whole}") from None
+            raise DataError(f"dataset {path}: line {number} is not JSON: {exc.msg}") from None
     return data
 
 

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import requests
 
-from job.errors import JobError
+from job.errors import JobError, TransientError
 from job.model import OPENAI_SIZE_NAMES
 from job.observability import Metrics, get_logger, stderr_is_terminal
 from job.storage import sha256_file
@@ -58,7 +58,11 @@ class DownloadError(JobError):
     """A file could not be fetched or did not verify; the message is one line."""
 
 
-class TransientError(Exception):
+class DownloadUnavailable(TransientError):
+    """Every source failed with transient errors (dropped connections, timeouts, 5xx) past the retries."""
+
+
+class Retryable(Exception):
     """Worth retrying: a dropped connection, a timeout, a 5xx or 429."""
 
 
@@ -147,7 +151,7 @@ class Downloader:
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
         part = final.with_name(final.name + ".part")
-        errors = []
+        errors, outages = [], 0
         for url in remote.urls:
             try:
                 self._fetch_with_retries(url, part, remote)
@@ -155,11 +159,12 @@ class Downloader:
                 os.replace(part, final)
                 log.info("download_done", file=remote.relpath, url=url, bytes=final.stat().st_size)
                 return final
-            except DownloadError as exc:
+            except (DownloadError, DownloadUnavailable) as exc:
                 errors.append(str(exc))
-                if part.exists() and "mismatch" in str(exc):
-                    part.unlink()
-        raise DownloadError(errors[-1] if len(errors) == 1 else "; ".join(errors))
+                outages += isinstance(exc, DownloadUnavailable)
+        # Only outages everywhere are worth a rerun (exit 75); a 404 or a bad hash is not.
+        kind = DownloadUnavailable if outages == len(errors) else DownloadError
+        raise kind(errors[-1] if len(errors) == 1 else "; ".join(errors))
 
     def _complete(self, path: Path, remote: RemoteFile) -> bool:
         if remote.size is not None and path.stat().st_size != remote.size:
@@ -184,9 +189,11 @@ class Downloader:
             try:
                 self._fetch_once(url, part, remote)
                 return
-            except TransientError as exc:
+            except Retryable as exc:
                 if attempt == self.attempts:
-                    raise DownloadError(f"{remote.relpath}: giving up on {url} after {attempt} tries: {exc}") from None
+                    raise DownloadUnavailable(
+                        f"{remote.relpath}: giving up on {url} after {attempt} tries: {exc}"
+                    ) from None
                 wait = self.backoff_seconds * 2 ** (attempt - 1) * (0.5 + random.random())
                 log.warning(
                     "download_retry",
@@ -214,10 +221,10 @@ class Downloader:
                     if self.metrics:
                         self.metrics.download_bytes_total.inc(len(chunk))
             except (requests.RequestException, OSError) as exc:
-                raise TransientError(f"transfer broke off: {type(exc).__name__}") from None
+                raise Retryable(f"transfer broke off: {type(exc).__name__}") from None
         size = part.stat().st_size
         if expected_end is not None and size < expected_end:
-            raise TransientError(f"transfer ended at {size} of {expected_end} bytes")
+            raise Retryable(f"transfer ended at {size} of {expected_end} bytes")
         if expected_end is not None and size > expected_end:
             part.unlink()
             raise DownloadError(
@@ -240,13 +247,13 @@ class Downloader:
         try:
             resp = requests.get(url, headers=headers, stream=True, timeout=self.timeout_seconds)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise TransientError(f"{type(exc).__name__} for {url}") from None
+            raise Retryable(f"{type(exc).__name__} for {url}") from None
         if resp.status_code == 416 and offset:  # the part file is already whole (or longer)
             resp.close()
             return offset, True, iter(())
         if resp.status_code in TRANSIENT_HTTP:
             resp.close()
-            raise TransientError(f"HTTP {resp.status_code} from {url}")
+            raise Retryable(f"HTTP {resp.status_code} from {url}")
         if resp.status_code not in (200, 206):
             resp.close()
             raise DownloadError(f"HTTP {resp.status_code} from {url}")
@@ -280,10 +287,10 @@ class Downloader:
             if code == "InvalidRange" and offset:
                 return offset, True, iter(())
             if status >= 500:
-                raise TransientError(f"S3 {code or status} for {url}") from None
+                raise Retryable(f"S3 {code or status} for {url}") from None
             raise DownloadError(f"S3 {code or status} for {url}") from None
         except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError) as exc:
-            raise TransientError(f"{type(exc).__name__} for {url}") from None
+            raise Retryable(f"{type(exc).__name__} for {url}") from None
         content_range = resp.get("ContentRange")
         total = int(content_range.rsplit("/", 1)[1]) if content_range else resp["ContentLength"]
         return total, bool(offset), resp["Body"].iter_chunks(CHUNK)

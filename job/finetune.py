@@ -23,7 +23,7 @@ from job.data import PROMPT_STYLES, Collator, Example, load_entries, resolve_dat
 from job.decoding import generate
 from job.download import Downloader, model_files, tokenizer_files
 from job.download import model_dir as cached_model_dir
-from job.errors import JobError
+from job.errors import JobError, TransientError
 from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
 from job.observability import Metrics, get_logger
 from job.storage import atomic_path, atomic_write_text
@@ -31,14 +31,11 @@ from job.tokenizer import load_tokenizer
 from job.weights import book_state_dict, load_pretrained, save_hf
 
 log = get_logger(__name__)
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; Slurm and Kubernetes requeue on it
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 
 
-class Preempted(JobError):
-    """SIGTERM/SIGUSR1 arrived: a checkpoint was written and the job should be requeued."""
-
-    exit_code = PREEMPTED_EXIT_CODE
+class Preempted(TransientError):
+    """SIGTERM/SIGUSR1 arrived: a checkpoint was written and the job should be requeued (exit 75)."""
 
 
 @dataclass
@@ -409,7 +406,8 @@ def run_finetune(
     trainer = Trainer(cfg, prep, metrics, saved_config, on_checkpoint)
     if trainer.is_main:
         trainer.output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(trainer.output / "config.yaml", yaml.safe_dump(trainer.saved_config, sort_keys=False))
+        if not (trainer.output / "config.yaml").is_file():  # a rerun keeps the record of how it started
+            atomic_write_text(trainer.output / "config.yaml", yaml.safe_dump(trainer.saved_config, sort_keys=False))
         log.info(
             "finetune_start",
             model=prep.model_name,

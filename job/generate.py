@@ -13,6 +13,7 @@ from job.config import GenerateConfig, resolve_precision
 from job.data import PROMPT_STYLES, load_entries, resolve_data, split_entries
 from job.decoding import generate
 from job.download import Downloader, tokenizer_files
+from job.errors import ConfigError
 from job.observability import Metrics, get_logger, stderr_is_terminal
 from job.storage import atomic_write_text, read_progress
 from job.tokenizer import encode, load_tokenizer
@@ -38,6 +39,16 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def check_room(max_new_tokens: int, longest_prompt: int, context_length: int) -> None:
+    """Every prompt and its new tokens must fit the model's context (else prompts would be cut)."""
+    if longest_prompt + max_new_tokens > context_length:
+        raise ConfigError(
+            f"--max-new-tokens {max_new_tokens} plus the longest test prompt ({longest_prompt} tokens) exceeds "
+            f"the model's context of {context_length} tokens: use --max-new-tokens {context_length - longest_prompt} "
+            "or fewer"
+        )
+
+
 def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     metrics = metrics or Metrics()
     cache, output = Path(cfg.cache), Path(cfg.output)
@@ -53,10 +64,7 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
 
     prompts = [style.format_input(e) for e in test]
     prompt_ids = [encode(tokenizer, p) for p in prompts]
-    room = model.cfg.context_length - cfg.max_new_tokens
-    cropped = sum(len(p) > room for p in prompt_ids)
-    if cropped:
-        log.warning("prompts_cropped", count=cropped, kept_tokens=max(room, 1))
+    check_room(cfg.max_new_tokens, max((len(p) for p in prompt_ids), default=0), model.cfg.context_length)
     output.mkdir(parents=True, exist_ok=True)
     progress_path = output / PROGRESS_FILE
     done = {i: r["model_response"] for i, r in read_progress(progress_path).items()}

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from job.config import JudgeConfig
 from job.data import PROMPT_STYLES
-from job.errors import JobError
+from job.errors import JobError, TransientError
 from job.observability import Metrics, get_logger, stderr_is_terminal
 from job.storage import atomic_write_text, read_progress
 
@@ -148,6 +148,8 @@ class OllamaJudge:
             raise JudgeError(f"judge answered HTTP {exc.status_code}: {exc.error}") from None
         except (ConnectionError, httpx.TransportError) as exc:
             raise RetryableError(f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
+        except ValueError as exc:  # a 200 whose body is not JSON, or not a chat reply: a failed request
+            raise RetryableError(f"unreadable reply ({type(exc).__name__})") from None
 
 
 class OpenAIJudge:
@@ -192,6 +194,8 @@ class OpenAIJudge:
             return fn(*args, **kwargs)
         except (openai.APIConnectionError, openai.APITimeoutError) as exc:
             raise RetryableError(f"{type(exc).__name__}") from None
+        except (openai.APIResponseValidationError, ValueError, AttributeError) as exc:  # not a chat reply
+            raise RetryableError(f"unreadable reply ({type(exc).__name__})") from None
         except openai.APIStatusError as exc:
             if exc.status_code >= 500 or exc.status_code == 429:
                 raise RetryableError(f"HTTP {exc.status_code}") from None
@@ -215,7 +219,7 @@ def preflight(
             break
         except RetryableError as exc:
             if clock() >= deadline:
-                raise JudgeError(
+                raise TransientError(
                     f"judge at {judge.host} did not answer within {cfg.judge_wait} (model {cfg.judge_model}): {exc}"
                 ) from None
             log.info("judge_waiting", host=judge.host, error=str(exc))
@@ -237,7 +241,7 @@ class Scored:
     index: int
     score: int | None
     judge_reply: str | None
-    outcome: str  # "ok", "unparsed" or "error"
+    outcome: str  # "ok", "unparsed", "failed" (retries spent) or "refused" (4xx)
     error: str | None = None
 
 
@@ -257,10 +261,10 @@ def score_one(
             error = str(exc)
             continue
         except JudgeError as exc:  # 4xx: the request itself is wrong, so no retry
-            return Scored(index, None, None, "error", str(exc))
+            return Scored(index, None, None, "refused", str(exc))
         score = parse_score(reply, cfg.judge_format == "structured")
         return Scored(index, score, reply, "ok" if score is not None else "unparsed")
-    return Scored(index, None, None, "error", error)
+    return Scored(index, None, None, "failed", error)
 
 
 def load_responses(path: Path, key: str) -> list[dict]:
@@ -295,7 +299,7 @@ def summarize(cfg: JudgeConfig, host: str, entries: list[dict], records: dict[in
         "entries": len(entries),
         "scored": len(scores),
         "unparsed": sum(1 for r in records.values() if r["outcome"] == "unparsed"),
-        "errors": sum(1 for r in records.values() if r["outcome"] == "error"),
+        "failed": 0,  # a summary is written only once every entry has a reply
         "mean": statistics.fmean(scores) if scores else None,
         "median": statistics.median(scores) if scores else None,
         "min": min(scores) if scores else None,
@@ -311,7 +315,8 @@ def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge: JudgeBack
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     progress_path = output / PROGRESS_FILE
-    records = read_progress(progress_path)
+    # Only replies are results; a failure recorded by an older version stays pending.
+    records = {i: r for i, r in read_progress(progress_path).items() if r.get("outcome") in ("ok", "unparsed")}
     todo = [i for i in range(len(entries)) if i not in records]
     log.info(
         "judge_start",
@@ -322,28 +327,9 @@ def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge: JudgeBack
         host=judge.host,
         mode=cfg.judge_format,
     )
-    with open(progress_path, "a") as progress, ThreadPoolExecutor(cfg.judge_concurrency) as pool:
-        futures = [pool.submit(score_one, judge, cfg, i, entries[i], metrics) for i in todo]
-        for future in as_completed(futures):
-            result = future.result()
-            record = {
-                "index": result.index,
-                "score": result.score,
-                "judge_reply": result.judge_reply,
-                "outcome": result.outcome,
-                "error": result.error,
-            }
-            metrics.judge_requests_total.labels(outcome=result.outcome).inc()
-            if result.score is not None:
-                metrics.judge_score.observe(result.score)
-            if result.outcome == "unparsed":
-                log.warning("judge_unparsed", index=result.index, reply=result.judge_reply)
-            elif result.outcome == "error":
-                log.warning("judge_request_failed", index=result.index, error=result.error)
-            # Only this thread writes: the workers just ask, and results arrive here one by one.
-            progress.write(json.dumps(record) + "\n")
-            progress.flush()
-            records[result.index] = record
+    failures = _score_all(judge, cfg, entries, todo, records, progress_path, metrics)
+    if failures:
+        raise _incomplete(failures, len(entries), judge.host)
     scored = [
         {**e, "score": records[i]["score"], "judge_reply": records[i]["judge_reply"]} for i, e in enumerate(entries)
     ]
@@ -361,6 +347,41 @@ def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge: JudgeBack
         entries=len(entries),
         average=summary["mean"],
         unparsed=summary["unparsed"],
-        errors=summary["errors"],
     )
     return summary
+
+
+def _score_all(judge, cfg, entries, todo, records, progress_path, metrics) -> list[Scored]:
+    """Ask for every entry in ``todo``; a reply (scored or not) is appended to the progress file and
+    ``records``, a failed request is not: it stays pending for a rerun. Returns the failures."""
+    failures = []
+    with open(progress_path, "a") as progress, ThreadPoolExecutor(cfg.judge_concurrency) as pool:
+        futures = [pool.submit(score_one, judge, cfg, i, entries[i], metrics) for i in todo]
+        for future in as_completed(futures):
+            result = future.result()
+            metrics.judge_requests_total.labels(outcome=result.outcome).inc()
+            if result.outcome in ("failed", "refused"):
+                log.warning("judge_request_failed", index=result.index, outcome=result.outcome, error=result.error)
+                failures.append(result)
+                continue
+            if result.score is not None:
+                metrics.judge_score.observe(result.score)
+            else:
+                log.warning("judge_unparsed", index=result.index, reply=result.judge_reply)
+            record = {"index": result.index, "score": result.score, "judge_reply": result.judge_reply}
+            record["outcome"] = result.outcome
+            # Only this thread writes: the workers just ask, and results arrive here one by one.
+            progress.write(json.dumps(record) + "\n")
+            progress.flush()
+            records[result.index] = record
+    return failures
+
+
+def _incomplete(failures: list[Scored], total: int, host: str) -> JobError:
+    """Entries without a reply: a refusal (4xx) needs a fix (exit 1); outages a rerun (exit 75)."""
+    refused = [f for f in failures if f.outcome == "refused"]
+    first = (refused or failures)[0].error
+    what = f"judge: {len(failures)} of {total} entries failed ({first} from {host})"
+    if refused:
+        return JudgeError(f"{what}: the judge refuses the requests; check --judge-model and --judge-url")
+    return TransientError(f"{what}: rerun to retry them (the {total - len(failures)} scored are kept)")

@@ -9,6 +9,7 @@ from enum import IntEnum
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from structlog.tracebacks import ExceptionDictTransformer
 
 
 class StageStatus(IntEnum):
@@ -31,7 +32,10 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream=None
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks if log_format == "json" else structlog.processors.format_exc_info,
+            # Tracebacks without frame locals: a local can hold a secret (an API key, a credential).
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+            if log_format == "json"
+            else structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

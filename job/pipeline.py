@@ -20,22 +20,24 @@ import torch
 import yaml
 
 from job import __version__
-from job.config import FinetuneConfig, GenerateConfig, JudgeConfig, RunConfig
+from job.config import FinetuneConfig, GenerateConfig, JudgeConfig, RunConfig, parse_duration, result_changes
 from job.data import load_entries, resolve_data
 from job.download import Downloader, dataset_file, model_files, tokenizer_files
 from job.download import model_dir as cached_model_dir
-from job.errors import JobError
+from job.errors import ConfigError, JobError
 from job.finetune import Preempted, checkpoint_dirs, run_finetune
 from job.generate import RESPONSES_FILE, run_generate
 from job.judge import preflight as judge_preflight
 from job.judge import run_judge
 from job.model import GPTConfig, GPTModel
 from job.observability import Metrics, MetricsPublisher, StageStatus, bind, get_logger
-from job.storage import LocalStorage, Storage, open_storage, sha256_file, upload_tree
+from job.runlock import run_lock
+from job.storage import LocalStorage, Storage, atomic_write_text, open_storage, sha256_file, upload_tree
 from job.weights import save_hf
 
 log = get_logger(__name__)
 SMOKE_MODEL = GPTConfig(n_layers=2, emb_dim=128, n_heads=4)
+FAILURE_RECORD_PATIENCE_S = 30.0  # how long a failed stage waits for the store to record its failure
 FINETUNE_ARTIFACTS = ("model/model.safetensors", "model/config.json", "losses.json", "loss-plot.png")
 
 
@@ -45,10 +47,11 @@ def default_run_id(cfg: RunConfig) -> str:
 
 
 class Manifest:
-    """``manifest.json``: each stage's status, times and artifacts (size, sha256)."""
+    """``manifest.json``: each stage's status, times and artifacts (size, sha256). For a remote run
+    a copy is kept in the scratch folder too, so a failure is on record even while the store is down."""
 
-    def __init__(self, storage: Storage, run_id: str):
-        self.storage = storage
+    def __init__(self, storage: Storage, run_id: str, local_copy: Path | None = None):
+        self.storage, self.local_copy = storage, local_copy
         text = storage.get_text("manifest.json")
         self.data = json.loads(text) if text else {"run_id": run_id, "version": __version__, "stages": {}}
 
@@ -69,7 +72,18 @@ class Manifest:
     def record(self, name: str, **fields) -> None:
         self.data["stages"][name] = {**self.stage(name), **fields}
         self.data["updated"] = _now()
-        self.storage.put_text("manifest.json", json.dumps(self.data, indent=2) + "\n")
+        text = json.dumps(self.data, indent=2) + "\n"
+        if self.local_copy is not None:
+            atomic_write_text(self.local_copy, text)
+        self.storage.put_text("manifest.json", text)
+
+    def record_failure(self, name: str, **fields) -> None:
+        """On the way out of a failed stage: a short wait for the store at most, never a new error."""
+        try:
+            with self.storage.patience(FAILURE_RECORD_PATIENCE_S):
+                self.record(name, **fields)
+        except Exception as exc:  # noqa: BLE001  (the stage's own error is the one to report)
+            log.error("manifest_write_failed", stage=name, error=f"{type(exc).__name__}: {exc}")
 
 
 class CheckpointUploader:
@@ -81,6 +95,7 @@ class CheckpointUploader:
         self.pending: list[Future] = []
 
     def __call__(self, checkpoint: Path) -> None:
+        self.raise_if_failed()  # an upload that gave up ends training at its next checkpoint
         # The log context (run_id, stage, rank) lives in contextvars, which threads do not inherit.
         context = contextvars.copy_context()
         self.pending.append(self.pool.submit(context.run, self._upload, checkpoint))
@@ -101,10 +116,22 @@ class CheckpointUploader:
                 self.storage.delete_prefix(f"checkpoints/{name}")
         log.info("checkpoint_uploaded", checkpoint=checkpoint.name, seconds=round(time.perf_counter() - started, 3))
 
-    def wait(self) -> None:
+    def raise_if_failed(self) -> None:
         for future in self.pending:
-            future.result()
-        self.pool.shutdown()
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+
+    def wait(self) -> None:
+        """Every upload finished; the first failure is raised."""
+        self.pool.shutdown(wait=True)
+        self.raise_if_failed()
+
+    def wait_quietly(self) -> None:
+        """Every upload finished (on the way out of a failed stage); failures are only logged."""
+        self.pool.shutdown(wait=True)
+        for future in self.pending:
+            if future.exception() is not None:
+                log.error("checkpoint_upload_failed", error=str(future.exception()))
 
 
 class Pipeline:
@@ -112,7 +139,8 @@ class Pipeline:
         self.cfg, self.metrics = cfg, metrics
         self.publisher: MetricsPublisher | None = None
         self.run_id = cfg.run_id or default_run_id(cfg)
-        self.storage = open_storage(f"{cfg.output.rstrip('/')}/{self.run_id}", cfg.s3_endpoint_url)
+        retry_timeout = parse_duration(cfg.s3_retry_timeout, "s3_retry_timeout")
+        self.storage = open_storage(f"{cfg.output.rstrip('/')}/{self.run_id}", cfg.s3_endpoint_url, retry_timeout)
         local = isinstance(self.storage, LocalStorage)
         scratch = Path(cfg.scratch) if cfg.scratch else Path(cfg.cache) / "scratch"
         self.work = self.storage.root if local else scratch / self.run_id
@@ -128,7 +156,6 @@ class Pipeline:
         cfg = self.cfg
         if cfg.require_gpu and not torch.cuda.is_available():
             raise JobError("--require-gpu was given but no CUDA device is visible")
-        self.storage.check_writable()
         load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
@@ -137,11 +164,39 @@ class Pipeline:
     # --- the stages ----------------------------------------------------------------------------
 
     def run(self) -> dict:
+        """The stages, with the run's lock held by the main process from start to end."""
+        if not self.state.is_main_process:
+            return self._run_stages()
+        self.storage.check_writable()
+        lock = run_lock(self.storage, self.run_id, parse_duration(self.cfg.lock_lease, "lock_lease"))
+        lock.acquire()
+        try:
+            return self._run_stages()
+        finally:
+            lock.release()
+
+    def _check_same_run(self) -> str | None:
+        """A rerun must ask for what the run was started with; returns the run's config.yaml."""
+        saved = self.storage.get_text("config.yaml")
+        if saved is None:
+            return None
+        changes = result_changes(yaml.safe_load(saved) or {}, self.resolved)
+        if changes:
+            raise ConfigError(
+                f"run {self.run_id} was started with other options: {'; '.join(changes)}. "
+                "Rerun with the run's options (its config.yaml), or give another --run-id"
+            )
+        return saved
+
+    def _run_stages(self) -> dict:
         if self.state.is_main_process:
+            saved = self._check_same_run()
             self.preflight()
             self.work.mkdir(parents=True, exist_ok=True)
-            self.manifest = Manifest(self.storage, self.run_id)
-            self.storage.put_text("config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
+            local = isinstance(self.storage, LocalStorage)
+            self.manifest = Manifest(self.storage, self.run_id, None if local else self.work / "manifest.json")
+            if saved is None:
+                self.storage.put_text("config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
             self.metrics.info.labels(version=__version__, model=self._model_label(), run_id=self.run_id).set(1)
             self._stage("download", self.download, done=self.cache_complete)
         self.state.wait_for_everyone()
@@ -169,17 +224,15 @@ class Pipeline:
         self.manifest.record(name, status="running", start=start_iso, end=None)
         log.info("stage_start")
         try:
-            artifacts = body() or []
+            records = self._upload(body() or [])
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, Preempted) else "failed"
             m.stage_status.labels(stage=name).set(StageStatus.FAILED)
-            self.manifest.record(
-                name, status=status, end=_now(), error=str(exc).splitlines()[0] if str(exc) else status
-            )
+            error = " ".join(str(exc).split()) or type(exc).__name__
+            self.manifest.record_failure(name, status=status, end=_now(), error=error)
             raise
         finally:
             m.stage_duration_seconds.labels(stage=name).set(time.perf_counter() - started)
-        records = self._upload(artifacts)
         m.stage_status.labels(stage=name).set(StageStatus.DONE)
         self.manifest.record(
             name, status="complete", end=_now(), duration_s=round(time.perf_counter() - started, 3), artifacts=records
@@ -240,9 +293,12 @@ class Pipeline:
                 saved_config=self.resolved,
                 on_checkpoint=uploader if self.state.is_main_process else None,
             )
-        finally:
+        except BaseException:
             if uploader is not None:
-                uploader.wait()  # also on preemption: the checkpoint must reach storage first
+                uploader.wait_quietly()  # also on preemption: the checkpoint must reach storage first
+            raise
+        if uploader is not None:
+            uploader.wait()
         if not self.state.is_main_process:
             return []
         return [*FINETUNE_ARTIFACTS, outputs["pth"].name]

@@ -6,20 +6,50 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
-from job.errors import JobError
+from job.errors import JobError, TransientError
+from job.observability import get_logger
+
+log = get_logger(__name__)
 
 CHUNK = 8 << 20
 
 
 class StorageError(JobError):
     """Output storage that cannot be used; the message names the location."""
+
+
+class StorageUnavailable(TransientError):
+    """The object store kept failing past ``--s3-retry-timeout``; a rerun continues (exit 75)."""
+
+
+TRANSIENT_S3_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling", "503", "500"}
+
+
+def transient_reason(exc: BaseException) -> str | None:
+    """Why ``exc`` is an outage worth waiting out (connection trouble, 5xx, throttling), or None."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
+        return type(exc).__name__
+    if isinstance(exc, ClientError):
+        error, meta = exc.response.get("Error", {}), exc.response.get("ResponseMetadata", {})
+        if error.get("Code") in TRANSIENT_S3_CODES or meta.get("HTTPStatusCode", 0) >= 500:
+            return f"{error.get('Code')} (HTTP {meta.get('HTTPStatusCode')})"
+        return None
+    if isinstance(exc, S3UploadFailedError) and exc.__context__ is not None:
+        return transient_reason(exc.__context__)
+    return None
 
 
 @contextlib.contextmanager
@@ -100,6 +130,10 @@ class Storage(Protocol):
         """Whether ``key`` already is ``local`` (a local store working in place)."""
         ...
 
+    def patience(self, seconds: float) -> contextlib.AbstractContextManager[None]:
+        """A block in which transient failures are retried for at most ``seconds``."""
+        ...
+
 
 class LocalStorage:
     def __init__(self, root: str | Path):
@@ -145,6 +179,9 @@ class LocalStorage:
         path = self._path(key)
         return sha256_file(path) if path.is_file() else None
 
+    def patience(self, seconds: float) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
     def check_writable(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -155,9 +192,11 @@ class LocalStorage:
 
 
 class S3Storage:
-    """S3 or any S3-compatible store (MinIO, Ceph): multipart transfers, botocore's standard retries."""
+    """S3 or any S3-compatible store (MinIO, Ceph): multipart transfers, botocore's standard retries,
+    and around every operation our own retries with backoff for up to ``retry_timeout`` seconds, so
+    an outage of minutes costs nothing; past that a StorageUnavailable (exit 75) names the store."""
 
-    def __init__(self, url: str, endpoint_url: str | None = None, client=None):
+    def __init__(self, url: str, endpoint_url: str | None = None, client=None, retry_timeout: float = 900.0):
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -166,61 +205,110 @@ class S3Storage:
         self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
         self.url = url.rstrip("/")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        self.retry_timeout = retry_timeout
         config = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10, read_timeout=120)
         self.client = client or boto3.client("s3", endpoint_url=self.endpoint_url, config=config)
         self.transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=8)
 
-    def _key(self, key: str) -> str:
+    @property
+    def where(self) -> str:
+        return f"s3://{self.bucket}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
+
+    def object_key(self, key: str) -> str:
+        """The bucket's key for a run-relative ``key``."""
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    @contextlib.contextmanager
+    def patience(self, seconds: float) -> Iterator[None]:
+        """Retry for at most ``seconds`` inside the block (the way out of a failed run must not wait long)."""
+        saved, self.retry_timeout = self.retry_timeout, min(seconds, self.retry_timeout)
+        try:
+            yield
+        finally:
+            self.retry_timeout = saved
+
+    def _retry(self, what: str, fn, *args, **kwargs):
+        deadline, delay = time.monotonic() + self.retry_timeout, 0.5
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                reason = transient_reason(exc)
+                if reason is None:
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise StorageUnavailable(
+                        f"object store {self.where} failed for {self.retry_timeout:.0f}s ({what}: {reason}); "
+                        "the work done is kept in the scratch folder: rerun to resume"
+                    ) from None
+                log.warning("storage_retry", operation=what, error=reason, wait_s=round(delay, 2))
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 30.0)
 
     def is_local_path(self, local: Path, key: str) -> bool:
         return False
 
     def put_file(self, local: Path, key: str) -> int:
-        self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer)
+        upload = self.client.upload_file
+        self._retry(f"upload {key}", upload, str(local), self.bucket, self.object_key(key), Config=self.transfer)
         return Path(local).stat().st_size
 
     def put_text(self, key: str, text: str) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=text.encode())
+        put = self.client.put_object
+        self._retry(f"put {key}", put, Bucket=self.bucket, Key=self.object_key(key), Body=text.encode())
 
     def get_text(self, key: str) -> str | None:
         from botocore.exceptions import ClientError
 
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read().decode()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise
+        def get():
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))["Body"].read().decode()
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+
+        return self._retry(f"get {key}", get)
 
     def get_file(self, key: str, local: Path) -> None:
-        with atomic_path(local) as tmp:
-            self.client.download_file(self.bucket, self._key(key), str(tmp), Config=self.transfer)
+        def download():
+            with atomic_path(local) as tmp:
+                self.client.download_file(self.bucket, self.object_key(key), str(tmp), Config=self.transfer)
+
+        self._retry(f"download {key}", download)
 
     def list(self, prefix: str) -> list[str]:
-        keys = []
-        start = self._key(prefix)
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
-            for obj in page.get("Contents", []):
-                keys.append(obj["Key"][len(self.prefix) + 1 :] if self.prefix else obj["Key"])
-        return sorted(keys)
+        def list_keys():
+            keys, start = [], self.object_key(prefix)
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+                for obj in page.get("Contents", []):
+                    keys.append(obj["Key"][len(self.prefix) + 1 :] if self.prefix else obj["Key"])
+            return sorted(keys)
+
+        return self._retry(f"list {prefix}", list_keys)
 
     def delete_prefix(self, prefix: str) -> None:
-        keys = [self._key(k) for k in self.list(prefix)]
+        keys = [self.object_key(k) for k in self.list(prefix)]
         for i in range(0, len(keys), 1000):
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
+            batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]]}
+            self._retry(f"delete {prefix}", self.client.delete_objects, Bucket=self.bucket, Delete=batch)
 
     def sha256(self, key: str) -> str | None:
         from botocore.exceptions import ClientError
 
-        try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-        except ClientError:
-            return None
-        digest = hashlib.sha256()
-        for block in body.iter_chunks(CHUNK):
-            digest.update(block)
-        return digest.hexdigest()
+        def read():
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))["Body"]
+            except ClientError as exc:
+                if transient_reason(exc):
+                    raise
+                return None
+            digest = hashlib.sha256()
+            for block in body.iter_chunks(CHUNK):
+                digest.update(block)
+            return digest.hexdigest()
+
+        return self._retry(f"read {key}", read)
 
     def check_writable(self) -> None:
         import boto3
@@ -233,10 +321,10 @@ class S3Storage:
             endpoint_url=self.endpoint_url,
             config=Config(retries={"max_attempts": 1}, connect_timeout=5, read_timeout=10),
         )
-        where = f"s3://{self.bucket}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
+        where = self.where
         try:
             probe.head_bucket(Bucket=self.bucket)
-            key = self._key(".sft-job-probe")
+            key = self.object_key(".sft-job-probe")
             probe.put_object(Bucket=self.bucket, Key=key, Body=b"")
             probe.delete_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
@@ -248,12 +336,12 @@ class S3Storage:
             raise StorageError(f"cannot reach output {where}: {type(exc).__name__}") from None
 
 
-def open_storage(url: str, endpoint_url: str | None = None) -> Storage:
+def open_storage(url: str, endpoint_url: str | None = None, retry_timeout: float = 900.0) -> Storage:
     """``s3://bucket/prefix`` or a local folder."""
     if url.startswith("s3://"):
         if not urlparse(url).netloc:
             raise StorageError(f"output {url!r} names no bucket")
-        return S3Storage(url, endpoint_url)
+        return S3Storage(url, endpoint_url, retry_timeout=retry_timeout)
     if "://" in url:
         raise StorageError(f"output {url!r} must be a local folder or s3://bucket/prefix")
     return LocalStorage(url)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import re
+import socket
 import threading
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +35,12 @@ class FakeOllama:
         self.chats: list[dict] = []  # every /api/chat (or /v1/chat/completions) body received
         self.pulls: list[dict] = []
         self.faults: collections.deque = collections.deque()  # "500", "404", or ("reply", text)
+        # How every chat request is answered while set: "ok", "500" (always), "hang" (no answer until
+        # ``release`` is set or 30 s pass), "drop" (the connection closed unanswered), "garbage" (a 200
+        # whose body is not JSON).
+        self.mode = "ok"
+        self.healthy_for = 0  # chat requests answered normally before ``mode`` applies
+        self.release = threading.Event()
         self.lock = threading.Lock()
         self.chat_arrived = threading.Condition(self.lock)
         server = self
@@ -112,6 +119,7 @@ class FakeOllama:
         return self
 
     def stop(self) -> None:
+        self.release.set()
         if self.thread is not None:
             self.httpd.shutdown()
         self.httpd.server_close()
@@ -153,10 +161,33 @@ class FakeOllama:
         with self.chat_arrived:
             return self.chat_arrived.wait_for(lambda: len(self.chats) >= count, timeout)
 
+    def _misbehave(self, handler) -> bool:
+        """Answer as ``mode`` says; False when the request is to be answered normally."""
+        if self.mode == "ok" or len(self.chats) <= self.healthy_for:
+            return False
+        if self.mode == "500":
+            handler._json(500, {"error": "internal server error"})
+        elif self.mode == "hang":
+            self.release.wait(30)
+            handler.close_connection = True
+        elif self.mode == "drop":
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        elif self.mode == "garbage":
+            data = b"<html><body>502 Bad Gateway</body></html>"
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/html")
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+        return True
+
     def _chat(self, handler, body: dict) -> None:
         with self.chat_arrived:
             self.chats.append(body)
             self.chat_arrived.notify_all()
+        if self._misbehave(handler):
+            return
         if body["model"] not in self.models and f"{body['model']}:latest" not in self.models:
             handler._json(404, {"error": f"model '{body['model']}' not found"})
             return
@@ -195,6 +226,8 @@ class FakeOllama:
     def _openai_chat(self, handler, body: dict) -> None:
         with self.lock:
             self.chats.append(body)
+        if self._misbehave(handler):
+            return
         content, status = self._grade(body)
         if status != 200:
             handler._json(status, {"error": {"message": f"scripted {status}", "type": "api_error"}})

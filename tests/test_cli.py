@@ -29,21 +29,37 @@ def _capture(monkeypatch):
     return out
 
 
-def test_uncaught_error_is_one_json_event_with_its_traceback(monkeypatch):
+def test_uncaught_error_is_exit_70_one_line_and_one_json_event_with_its_traceback_without_locals(monkeypatch, capsys):
     out = _capture(monkeypatch)
 
     def crash(cfg, metrics):
-        return {}["missing"]
+        secret = "hunter2"  # a frame local: never in the log
+        return {}[secret[:0] + "missing"]
 
     with pytest.raises(SystemExit) as exited:
         cli._run("finetune", crash, object(), "json")
-    assert exited.value.code == 1
+    assert exited.value.code == 70
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("Error: internal error in finetune: KeyError: 'missing' (a bug")
     [line] = out.getvalue().splitlines()
     event = json.loads(line)
     assert event["event"] == "job_crashed" and event["stage"] == "finetune" and event["level"] == "error"
-    assert event["error"] == "KeyError: 'missing'"
+    assert event["error"] == "KeyError: 'missing'" and event["exit_code"] == 70
     frames = event["exception"][0]["frames"]
-    assert frames[-1]["name"] == "crash"
+    assert frames[-1]["name"] == "crash" and "hunter2" not in line
+
+
+def test_a_full_disk_anywhere_is_exit_75_naming_the_file(monkeypatch, capsys):
+    _capture(monkeypatch)
+
+    def write(cfg, metrics):
+        raise OSError(28, "No space left on device", "/runs/r1/model/model.safetensors")
+
+    with pytest.raises(SystemExit) as exited:
+        cli._run("finetune", write, object(), "json")
+    assert exited.value.code == 75
+    [line] = capsys.readouterr().err.splitlines()
+    assert "no space left on device writing /runs/r1/model/model.safetensors" in line
 
 
 def test_job_error_is_one_line_on_stderr_with_its_exit_code(monkeypatch, capsys):

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from job.finetune import PREEMPTED_EXIT_CODE
+from job.errors import ExitCode
 from tests.helpers import REPO
 
 CHART = REPO / "helm" / "sft-job"
@@ -119,7 +119,7 @@ def test_gpu_s3_pvc_external_values_wire_everything():
     rules = job["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "Ignore",
-        "onExitCodes": {"containerName": "sft-job", "operator": "In", "values": [PREEMPTED_EXIT_CODE]},
+        "onExitCodes": {"containerName": "sft-job", "operator": "In", "values": [ExitCode.RETRY]},
     }
     assert rules[-1]["action"] == "FailJob" and rules[-1]["onExitCodes"]["values"] == [1, 2]
     assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 120

@@ -4,7 +4,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from job.download import Downloader, DownloadError, RemoteFile, model_files, tokenizer_files
+from job.download import Downloader, DownloadError, DownloadUnavailable, RemoteFile, model_files, tokenizer_files
 from tests.file_server import FileServer
 
 BLOB = os.urandom(3 * (1 << 20) + 123)  # bigger than one chunk, so a cut lands mid-transfer
@@ -74,12 +74,22 @@ def test_persistent_404_falls_back_to_the_backup_url(tmp_path):
         assert path.read_bytes() == b"data"
 
 
-def test_giving_up_after_the_last_try_names_the_file(tmp_path):
+def test_giving_up_after_the_last_try_names_the_file_and_asks_for_a_rerun(tmp_path):
     with FileServer({"/f": b"x"}) as server:
         server.faults["/f"].extend(["503"] * 3)
         dl, _ = _downloader(tmp_path, attempts=3)
-        with pytest.raises(DownloadError, match="^f: giving up on .* after 3 tries: HTTP 503"):
+        with pytest.raises(DownloadUnavailable, match="^f: giving up on .* after 3 tries: HTTP 503") as raised:
             dl.fetch(RemoteFile("f", (server.url + "/f",)))
+        assert raised.value.exit_code == 75  # an outage: worth a rerun, unlike a 404 or a bad hash
+
+
+def test_an_outage_on_one_source_and_a_404_on_the_other_is_not_worth_a_rerun(tmp_path):
+    with FileServer({"/f": b"x"}) as server:
+        server.faults["/f"].extend(["503"] * 2)
+        dl, _ = _downloader(tmp_path, attempts=2)
+        with pytest.raises(DownloadError, match="giving up .*; .*HTTP 404") as raised:
+            dl.fetch(RemoteFile("f", (server.url + "/f", server.url + "/missing")))
+        assert raised.value.exit_code == 1
 
 
 def test_catalog_urls_and_mirror_layout():

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from job.config import FinetuneConfig
 from job.data import PROMPT_STYLES
 from job.decoding import generate
-from job.finetune import PREEMPTED_EXIT_CODE, run_finetune
+from job.errors import ExitCode
+from job.finetune import run_finetune
 from job.tokenizer import encode, load_tokenizer
 from job.weights import load_pretrained
 from tests.helpers import REPO, cli, events, free_port, start_cli, wait_for_event
@@ -122,7 +123,7 @@ def test_sigterm_mid_epoch_then_resume_gives_bitwise_the_uninterrupted_weights(t
     wait_for_event(proc, lambda e: e.get("event") == "eval" and e["step"] >= 8)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=300)
-    assert proc.returncode == PREEMPTED_EXIT_CODE
+    assert proc.returncode == ExitCode.RETRY
     [ckpt] = (tmp_path / "cut" / "checkpoints").iterdir()
     stopped_at = json.loads((ckpt / "trainer_state.json").read_text())["step"]
     assert 9 <= stopped_at < 24 and not (tmp_path / "cut" / "model").exists()

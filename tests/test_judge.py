@@ -32,7 +32,7 @@ def test_scores_the_books_110_responses_end_to_end(ollama, book_responses, tmp_p
     summary = run_judge(_cfg(book_responses, tmp_path, ollama.url))
     expected = [overlap_grade(e["output"], e["model_response"]) for e in entries]
     assert len(expected) == 110
-    assert summary["scored"] == 110 and summary["unparsed"] == 0 and summary["errors"] == 0
+    assert summary["scored"] == 110 and summary["unparsed"] == 0 and summary["failed"] == 0
     assert summary["mean"] == pytest.approx(statistics.fmean(expected))
     assert summary["median"] == statistics.median(expected)
     assert (summary["min"], summary["max"]) == (min(expected), max(expected))
@@ -108,14 +108,19 @@ def test_odd_replies_are_recorded_unparsed_without_crashing(ollama, book_respons
 def test_500_twice_then_an_answer_is_retried(ollama, book_responses, tmp_path):
     ollama.faults.extend(["500", "500"])
     summary = run_judge(_cfg(book_responses, tmp_path, ollama.url, judge_concurrency=1))
-    assert summary["scored"] == 110 and summary["errors"] == 0
+    assert summary["scored"] == 110 and summary["failed"] == 0
     assert len(ollama.chats) == 112
 
 
-def test_4xx_is_not_retried(ollama, book_responses, tmp_path):
+def test_4xx_is_not_retried_and_is_never_written_as_a_result(ollama, book_responses, tmp_path):
     ollama.faults.append("404")
+    with pytest.raises(JudgeError, match=r"^judge: 1 of 110 entries failed \(judge answered HTTP 404") as raised:
+        run_judge(_cfg(book_responses, tmp_path, ollama.url, judge_concurrency=1))
+    assert raised.value.exit_code == 1 and len(ollama.chats) == 110
+    assert not (tmp_path / "scores.json").exists() and not (tmp_path / "summary.json").exists()
+    # The 109 replies are kept; a rerun asks for the one refused entry only.
     summary = run_judge(_cfg(book_responses, tmp_path, ollama.url, judge_concurrency=1))
-    assert summary["errors"] == 1 and summary["scored"] == 109 and len(ollama.chats) == 110
+    assert summary["scored"] == 110 and len(ollama.chats) == 111
 
 
 def test_server_that_starts_three_seconds_after_the_stage(book_responses, tmp_path):
@@ -177,7 +182,7 @@ def test_server_that_never_comes_up_fails_before_any_work(book_responses, tmp_pa
         "--log-format",
         "json",
     )
-    assert result.returncode == 1
+    assert result.returncode == 75  # an outage past the wait: worth a rerun
     assert result.stderr.startswith(f"Error: judge at {url} did not answer within 2s (model llama3)")
     assert result.stderr.strip().count("\n") == 0
     assert not (tmp_path / "out").exists()
@@ -237,3 +242,39 @@ def test_openai_backend_gives_the_same_scores(ollama, book_responses, tmp_path):
 def test_openai_backend_unknown_model_is_a_clear_error(ollama, book_responses, tmp_path):
     with pytest.raises(JudgeError, match="judge model 'gpt-x' is not served by"):
         run_judge(_cfg(book_responses, tmp_path, ollama.url + "/v1", judge_backend="openai", judge_model="gpt-x"))
+
+
+@pytest.fixture
+def eight_responses(book_responses, tmp_path):
+    path = tmp_path / "eight.json"
+    path.write_text(json.dumps(json.loads(book_responses.read_text())[:8]))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["500", "hang", "drop", "garbage"])
+def test_a_failing_judge_is_never_a_result_exit_75_and_a_rerun_asks_only_for_the_failed(
+    mode, eight_responses, tmp_path
+):
+    server = FakeOllama().start()
+    out = tmp_path / "out"
+    args = ["judge", "--responses", eight_responses, "--output", out, "--judge-url", server.url, "--judge-wait", "5s"]
+    args += ["--judge-retries", "1", "--judge-timeout", "1", "--judge-concurrency", "1", "--log-format", "json"]
+    try:
+        server.mode, server.healthy_for = mode, 3  # three entries answered, then every request misbehaves
+        failed = cli(*args, timeout=120)
+        assert failed.returncode == 75, failed.stderr
+        [line] = failed.stderr.splitlines()
+        assert line.startswith("Error: judge: 5 of 8 entries failed (") and f"from {server.url}): rerun" in line
+        assert not (out / "scores.json").exists() and not (out / "summary.json").exists()
+        assert len(server.chats) == 3 + 5 * 2  # each failing entry tried twice (--judge-retries 1)
+        server.mode = "ok"
+        done = cli(*args, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert len(server.chats) == 13 + 5  # exactly the failed entries, once each
+        summary = json.loads((out / "summary.json").read_text())
+        assert (summary["scored"], summary["failed"]) == (8, 0)
+        assert [s["score"] for s in json.loads((out / "scores.json").read_text())] == [
+            overlap_grade(e["output"], e["model_response"]) for e in json.loads(eight_responses.read_text())
+        ]
+    finally:
+        server.stop()

@@ -174,7 +174,7 @@ def test_config_file_unknown_key_and_wrong_type_are_one_line_errors(tmp_path):
     assert result.returncode == 2 and "unknown key 'batch_sise'" in result.stderr
     (tmp_path / "job.yaml").write_text("batch_size: eight\n")
     result = cli("run", "--config", tmp_path / "job.yaml", "--output", tmp_path / "out")
-    assert result.returncode == 2 and "Invalid value for '--batch-size'" in result.stderr
+    assert result.returncode == 2 and "job.yaml: batch_size must be an integer, got 'eight'" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
