@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -111,7 +112,9 @@ def test_torch_and_python_versions_agree_across_lock_image_ci_readme_and_this_en
 
 def test_every_installed_distribution_that_the_lock_names_is_at_the_locked_version():
     checked, wrong = 0, []
-    for dist in importlib.metadata.distributions():
+    # The environment's own site-packages only: setuptools puts its vendored copies on sys.path.
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    for dist in importlib.metadata.distributions(path=site):
         locked = _locked_version(dist.metadata["Name"])
         if locked is None:
             continue
