@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import re
 import shutil
@@ -23,10 +24,10 @@ from job.data import PROMPT_STYLES, Collator, Example, load_entries, resolve_dat
 from job.decoding import generate
 from job.download import Downloader, model_files, tokenizer_files
 from job.download import model_dir as cached_model_dir
-from job.errors import JobError, TransientError
+from job.errors import DiskFullError, JobError, TransientError
 from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
 from job.observability import Metrics, get_logger
-from job.storage import atomic_path, atomic_write_text
+from job.storage import atomic_path, atomic_write_text, ensure_room, tree_bytes
 from job.tokenizer import load_tokenizer
 from job.weights import book_state_dict, load_pretrained, save_hf
 
@@ -155,6 +156,7 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.state = TrainState()
         self._saved_step: int | None = None
+        self._checkpoint_bytes = 0  # the last checkpoint's size: the room the next one needs
         self.checkpoint_seconds = 0.0
         """Wall time spent writing checkpoints in this process (benchmarks subtract it from the loop)."""
         self._signalled = threading.Event()
@@ -306,20 +308,31 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """model, optimizer and every RNG (accelerate's save_state) plus the TrainState, atomically."""
+        """model, optimizer and every RNG (accelerate's save_state) plus the TrainState, atomically.
+        A disk without room for it fails before writing (DiskFullError, exit 75), leaving no partial
+        checkpoint and the earlier ones intact."""
         started = time.perf_counter()
         final = self.checkpoints / f"step-{self.state.step:08d}"
         tmp = self.checkpoints / f".step-{self.state.step:08d}.tmp"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            ensure_room(self.checkpoints, self._checkpoint_bytes or self._state_bytes(), f"checkpoint {final.name}")
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp), safe_serialization=False)
+        try:
+            self.accelerator.save_state(str(tmp), safe_serialization=False)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(f"disk full writing checkpoint {final}: free space and rerun") from None
+            raise
         self.accelerator.wait_for_everyone()
         if self.is_main:
             (tmp / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(self.state)))
             (tmp / "config.yaml").write_text(yaml.safe_dump(self.saved_config, sort_keys=False))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
+            self._checkpoint_bytes = tree_bytes(final)
             for old in sorted(checkpoint_dirs(self.checkpoints))[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
             seconds = time.perf_counter() - started
@@ -331,6 +344,10 @@ class Trainer:
         self._saved_step = self.state.step
         self.checkpoint_seconds += time.perf_counter() - started
         return final
+
+    def _state_bytes(self) -> int:
+        """About what a first checkpoint takes: the parameters and AdamW's two moments."""
+        return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def resume(self) -> None:
         dirs = sorted(checkpoint_dirs(self.checkpoints))
@@ -352,6 +369,7 @@ class Trainer:
             return {}
         model = self.accelerator.unwrap_model(self.model)
         out = self.output
+        ensure_room(out, 2 * self._state_bytes() // 3, "the final model (safetensors and the book's .pth)")
         save_hf(model, out / "model", extra_config={"sft_job": {"prompt_style": self.cfg.prompt_style}})
         pth = out / f"{self.prep.model_name}-sft.pth"
         with atomic_path(pth) as tmp:

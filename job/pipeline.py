@@ -103,13 +103,20 @@ class CheckpointUploader:
     def _upload(self, checkpoint: Path) -> None:
         started = time.perf_counter()
         keep = {p.name for p in checkpoint_dirs(checkpoint.parent)}
-        upload_tree(
-            self.storage,
-            checkpoint,
-            f"checkpoints/{checkpoint.name}",
-            on_bytes=self.metrics.artifact_bytes_uploaded_total.inc,
-            last="trainer_state.json",
-        )
+        try:
+            upload_tree(
+                self.storage,
+                checkpoint,
+                f"checkpoints/{checkpoint.name}",
+                on_bytes=self.metrics.artifact_bytes_uploaded_total.inc,
+                last="trainer_state.json",
+            )
+        except FileNotFoundError:
+            if checkpoint.exists():
+                raise
+            # Rotated away while the store was slow: a newer checkpoint is queued behind this one.
+            log.info("checkpoint_upload_skipped", checkpoint=checkpoint.name, reason="superseded")
+            return
         for key in self.storage.list("checkpoints/"):
             name = key.split("/")[1]
             if name not in keep and name != checkpoint.name:

@@ -3,7 +3,8 @@
 A local output holds an ``flock`` on ``{run}/.lock`` (the kernel drops it when the process dies).
 On S3 the lock is the object ``{run}/.lock``, created with a conditional write (``If-None-Match:
 *``) and holding its holder and an expiry; a thread renews it (``If-Match`` its own ETag) while the
-run lives, and a lock past its expiry (a run that died without releasing it) may be taken over.
+run lives, and a lock past its expiry (a run that died without releasing it), or one held by a
+process of this host that is gone, may be taken over.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class S3RunLock:
 
         current = self.client.get_object(Bucket=self.bucket, Key=self.key)
         record = _parse(current["Body"].read())
-        if _timestamp(record.get("expires")) > time.time():
+        if _timestamp(record.get("expires")) > time.time() and _alive(record):
             raise RunLocked(
                 f"run {self.run_id} is already running ({describe(record)} holds {self.where} until "
                 f"{record.get('expires')}): wait for it to finish, or delete the lock if that run is gone"
@@ -154,6 +155,20 @@ def run_lock(storage: Storage, run_id: str, lease_s: float) -> LocalRunLock | S3
     if isinstance(storage, LocalStorage):
         return LocalRunLock(storage.root, run_id)
     return S3RunLock(storage, run_id, lease_s)
+
+
+def _alive(record: dict) -> bool:
+    """Whether the holder may still run: on another host we cannot tell (the lease decides); on this
+    host a holder whose process is gone (a requeued job on the same node) is not."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return True
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _precondition_failed(exc) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
-from job.errors import JobError, TransientError
+from job.errors import DiskFullError, JobError, TransientError
 from job.observability import get_logger
 
 log = get_logger(__name__)
@@ -85,6 +85,20 @@ def read_progress(path: Path) -> dict[int, dict]:
                 continue
             done[record["index"]] = record
     return done
+
+
+def ensure_room(folder: Path, needed: int, what: str) -> None:
+    """Fail before writing ``what`` (about ``needed`` bytes) into ``folder`` where it cannot fit."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise DiskFullError(
+            f"disk full: {folder} has {free / 1e6:.0f} MB free and {what} needs about {needed / 1e6:.0f} MB: "
+            "free space (or point --output/--scratch elsewhere) and rerun"
+        )
+
+
+def tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 def sha256_file(path: str | Path) -> str:

@@ -241,3 +241,17 @@ def test_dashboard_queries_only_metrics_the_job_exports(tiny_model_dir, shared_d
     datasource = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert datasource["datasources"][0]["uid"] == "prometheus"
     assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {"prometheus"}
+
+
+@pytest.mark.parametrize("values", [None, GPU_S3_PVC_EXTERNAL], ids=["defaults", "gpu-s3-pvc-external"])
+def test_pod_failure_policy_follows_the_exit_code_contract(values):
+    docs, _ = _render(values)
+    rules = _by_kind(docs)["Job"]["spec"]["podFailurePolicy"]["rules"]
+    by_code = {}
+    for rule in rules:
+        for code in rule.get("onExitCodes", {}).get("values", []):
+            assert rule["onExitCodes"]["operator"] == "In"
+            by_code.setdefault(code, set()).add(rule["action"])
+    assert by_code == {ExitCode.BAD_DATA: {"FailJob"}, ExitCode.BAD_CONFIG: {"FailJob"}, ExitCode.RETRY: {"Ignore"}}
+    assert ExitCode.INTERNAL not in by_code  # a bug counts against backoffLimit
+    assert {"type": "DisruptionTarget", "status": "True"} in [c for r in rules for c in r.get("onPodConditions", [])]

@@ -1,0 +1,113 @@
+"""Every value is checked where it enters: a bad flag, YAML value or environment variable is one stderr
+line naming the key, exit 2, and nothing written."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from job import cli
+
+FLAGS = [
+    ("epochs", ["--epochs", "0"]),
+    ("epochs", ["--epochs", "1.5"]),
+    ("batch_size", ["--batch-size", "-8"]),
+    ("lr", ["--lr", "0"]),
+    ("lr", ["--lr", "fast"]),
+    ("weight_decay", ["--weight-decay", "-0.1"]),
+    ("eval_freq", ["--eval-freq", "0"]),
+    ("eval_iter", ["--eval-iter", "0"]),
+    ("grad_accum", ["--grad-accum", "0"]),
+    ("grad_clip", ["--grad-clip", "-1"]),
+    ("grad_clip", ["--grad-clip", "0"]),
+    ("max_steps", ["--max-steps", "0"]),
+    ("checkpoint_every", ["--checkpoint-every", "0"]),
+    ("keep_checkpoints", ["--keep-checkpoints", "0"]),
+    ("precision", ["--precision", "fp8"]),
+    ("model", ["--model", "gpt2-huge"]),
+    ("max_new_tokens", ["--max-new-tokens", "0"]),
+    ("temperature", ["--temperature", "-1"]),
+    ("top_k", ["--top-k", "0"]),
+    ("generate_batch_size", ["--generate-batch-size", "0"]),
+    ("metrics_port", ["--metrics-port", "70000"]),
+    ("run_id", ["--run-id", "../elsewhere"]),
+    ("output", ["--output", "s3://"]),
+    ("output", ["--output", "http://host/runs"]),
+    ("s3_endpoint_url", ["--s3-endpoint-url", "notaurl"]),
+    ("judge_wait", ["--judge-wait", "soon"]),
+    ("judge_concurrency", ["--judge-concurrency", "0"]),
+    ("judge_timeout", ["--judge-timeout", "0"]),
+    ("judge_retries", ["--judge-retries", "-1"]),
+    ("judge_format", ["--judge-format", "xml"]),
+    ("s3_retry_timeout", ["--s3-retry-timeout", "0"]),
+    ("lock_lease", ["--lock-lease", "never"]),
+    ("base_url", ["--base-url", "ftp://mirror/cache"]),
+    ("allowed_max_length", ["--allowed-max-length", "0"]),
+    ("train_limit", ["--train-limit", "0"]),
+]
+YAML = [
+    ("batch_size", "batch_size: [8]"),
+    ("epochs", "epochs: null"),
+    ("epochs", "epochs: 1.5"),
+    ("eval_freq", "eval_freq: true"),
+    ("lr", "lr: fast"),
+    ("smoke", "smoke: 'yes'"),
+    ("model", "model: {name: gpt2}"),
+    ("precision", "precision: fp8"),
+    ("judge_num_ctx", "judge_num_ctx: 2048.5"),
+    ("batch_sise", "batch_sise: 8"),
+    ("grad_clip", "grad_clip: -1"),
+    ("s3_endpoint_url", "s3_endpoint_url: notaurl"),
+]
+ENV = [
+    ("epochs", {"SFT_JOB_EPOCHS": "two"}),
+    ("metrics_port", {"SFT_JOB_METRICS_PORT": "-1"}),
+]
+
+
+def _run(argv, capsys) -> tuple[int, list[str]]:
+    with pytest.raises(SystemExit) as exited:
+        cli.entrypoint(argv)
+    return exited.value.code, capsys.readouterr().err.splitlines()
+
+
+def _check(key: str, code: int, err: list[str], out) -> None:
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("Error: ") and len(err[0]) < 300, err
+    assert re.search(key.replace("_", "[-_]"), err[0]), err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("key", "flags"), FLAGS, ids=[" ".join(f) for _, f in FLAGS])
+def test_a_bad_flag(key, flags, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = _run(["run", "--output", str(out), *flags], capsys)
+    _check(key, code, err, out)
+
+
+@pytest.mark.parametrize(("key", "text"), YAML, ids=[t for _, t in YAML])
+def test_a_bad_yaml_value(key, text, tmp_path, capsys):
+    (tmp_path / "job.yaml").write_text(text + "\n")
+    out = tmp_path / "out"
+    code, err = _run(["run", "--config", str(tmp_path / "job.yaml"), "--output", str(out)], capsys)
+    _check(key, code, err, out)
+
+
+@pytest.mark.parametrize(("key", "env"), ENV, ids=list(map(str, ENV)))
+def test_a_bad_environment_value(key, env, tmp_path, capsys, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    code, err = _run(["run", "--output", str(out)], capsys)
+    _check(key, code, err, out)
+
+
+def test_good_values_of_the_same_kinds_are_accepted(tmp_path):
+    from job.config import RunConfig, check_value
+
+    assert check_value(RunConfig, "lr", 1) == 1  # an integer is a number
+    assert check_value(RunConfig, "judge_wait", 300) == "300"  # YAML's number for a duration
+    assert check_value(RunConfig, "max_steps", None) is None
+    assert check_value(RunConfig, "precision", "bf16") == "bf16"
+    RunConfig(output="s3://bucket/runs", s3_endpoint_url="http://127.0.0.1:9000", grad_clip=1.0)
