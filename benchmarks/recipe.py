@@ -74,8 +74,8 @@ def full_recipe(setup: Setup) -> dict:
         done = time.perf_counter()
         history = trainer.state.history
     return {
-        "loop_seconds": round(fitted - ready - trainer.checkpoint_seconds, 2),
-        "checkpoint_seconds": round(trainer.checkpoint_seconds, 2),
+        "loop_seconds": round(fitted - ready - trainer.checkpointer.seconds, 2),
+        "checkpoint_seconds": round(trainer.checkpointer.seconds, 2),
         "load_seconds": round(ready - started, 2),
         "save_outputs_seconds": round(done - fitted, 2),
         "stage_seconds": round(done - started, 2),

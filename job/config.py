@@ -24,6 +24,8 @@ from job.errors import ConfigError
 from job.model import MODEL_NAMES, ModelName
 
 MIRROR_SCHEMES = ("http", "https", "s3")
+SECRET = {"secret": True}  # field metadata: the value never leaves memory (config.yaml, logs, checkpoints)
+REDACTED = "<redacted>"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sft-job")
 
 
@@ -46,6 +48,15 @@ def field_docs(cls: type) -> dict[str, str]:
             ):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def redacted(cfg) -> dict:
+    """``cfg`` as a dict for writing anywhere: every secret field that is set reads ``<redacted>``."""
+    values = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("secret") and values[f.name] is not None:
+            values[f.name] = REDACTED
+    return values
 
 
 def field_names(cls: type) -> set[str]:
@@ -312,8 +323,11 @@ class JudgeSettings:
     """Ollama's API through the ollama client, or an OpenAI-compatible chat API (vLLM, llama.cpp, hosted)."""
     judge_url: str | None = None
     """Judge server; defaults to OLLAMA_HOST or http://localhost:11434 (ollama), OPENAI_BASE_URL (openai)."""
-    judge_api_key: str | None = None
-    """API key for the openai backend; defaults to OPENAI_API_KEY."""
+    judge_api_key: str | None = dataclasses.field(default=None, metadata=SECRET)
+    """API key for the openai backend; defaults to OPENAI_API_KEY. Prefer the variable or --judge-api-key-file:
+    a flag shows in the process list."""
+    judge_api_key_file: str | None = None
+    """File holding the judge's API key (a Kubernetes Secret mounted as a file); read when the judge is asked."""
     judge_model: str = "llama3"
     """Judge model tag (the book's llama3; any tag works)."""
     judge_format: Literal["structured", "plain"] = "structured"
@@ -375,6 +389,7 @@ OPERATIONAL_OPTIONS = frozenset(
         "lock_lease",
         "judge_url",
         "judge_api_key",
+        "judge_api_key_file",
         "judge_concurrency",
         "judge_wait",
         "judge_timeout",

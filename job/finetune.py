@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
-import re
-import shutil
 import signal
 import threading
 import time
@@ -19,20 +16,20 @@ import tiktoken
 import torch
 import yaml
 
-from job.config import FinetuneConfig, resolve_precision
+from job.checkpoint import CheckpointManager
+from job.config import FinetuneConfig, redacted, resolve_precision
 from job.data import PROMPT_STYLES, Collator, Example, load_entries, resolve_data, split_entries, tokenize
 from job.decoding import generate
 from job.download import Downloader, model_files, tokenizer_files
 from job.download import model_dir as cached_model_dir
-from job.errors import DiskFullError, JobError, TransientError
+from job.errors import JobError, TransientError
 from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
 from job.observability import Metrics, get_logger
-from job.storage import atomic_path, atomic_write_text, ensure_room, tree_bytes
+from job.storage import atomic_path, atomic_write_text, ensure_room
 from job.tokenizer import load_tokenizer
 from job.weights import book_state_dict, load_pretrained, save_hf
 
 log = get_logger(__name__)
-CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 
 
 class Preempted(TransientError):
@@ -133,8 +130,7 @@ class Trainer:
         from accelerate import Accelerator
 
         self.cfg, self.prep, self.metrics = cfg, prep, metrics
-        self.saved_config = saved_config or dataclasses.asdict(cfg)
-        self.on_checkpoint = on_checkpoint
+        self.saved_config = saved_config or redacted(cfg)
         self.accelerator = Accelerator(
             mixed_precision=_mixed_precision(cfg.precision), cpu=not torch.cuda.is_available()
         )
@@ -156,9 +152,9 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.state = TrainState()
         self._saved_step: int | None = None
-        self._checkpoint_bytes = 0  # the last checkpoint's size: the room the next one needs
-        self.checkpoint_seconds = 0.0
-        """Wall time spent writing checkpoints in this process (benchmarks subtract it from the loop)."""
+        self.checkpointer = CheckpointManager(
+            self.checkpoints, self.accelerator, self.model, self.optimizer, cfg.keep_checkpoints, metrics, on_checkpoint
+        )
         self._signalled = threading.Event()
         self.batches_per_epoch = len(prep.train) // cfg.batch_size
         if self.batches_per_epoch == 0:
@@ -308,57 +304,19 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """model, optimizer and every RNG (accelerate's save_state) plus the TrainState, atomically.
-        A disk without room for it fails before writing (DiskFullError, exit 75), leaving no partial
-        checkpoint and the earlier ones intact."""
-        started = time.perf_counter()
-        final = self.checkpoints / f"step-{self.state.step:08d}"
-        tmp = self.checkpoints / f".step-{self.state.step:08d}.tmp"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-            ensure_room(self.checkpoints, self._checkpoint_bytes or self._state_bytes(), f"checkpoint {final.name}")
-        self.accelerator.wait_for_everyone()
-        try:
-            self.accelerator.save_state(str(tmp), safe_serialization=False)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if exc.errno == errno.ENOSPC:
-                raise DiskFullError(f"disk full writing checkpoint {final}: free space and rerun") from None
-            raise
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            (tmp / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(self.state)))
-            (tmp / "config.yaml").write_text(yaml.safe_dump(self.saved_config, sort_keys=False))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            self._checkpoint_bytes = tree_bytes(final)
-            for old in sorted(checkpoint_dirs(self.checkpoints))[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-            seconds = time.perf_counter() - started
-            self.metrics.checkpoint_seconds.set(seconds)
-            log.info("checkpoint", step=self.state.step, path=str(final), seconds=round(seconds, 3))
-            if self.on_checkpoint is not None:
-                self.on_checkpoint(final)
-        self.accelerator.wait_for_everyone()
+        path = self.checkpointer.save(self.state.step, dataclasses.asdict(self.state), self.saved_config)
         self._saved_step = self.state.step
-        self.checkpoint_seconds += time.perf_counter() - started
-        return final
-
-    def _state_bytes(self) -> int:
-        """About what a first checkpoint takes: the parameters and AdamW's two moments."""
-        return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return path
 
     def resume(self) -> None:
-        dirs = sorted(checkpoint_dirs(self.checkpoints))
-        if not dirs:
+        found = self.checkpointer.latest()
+        if found is None:
             return
-        latest = dirs[-1]
-        self.accelerator.load_state(str(latest))
-        self.state = TrainState(**json.loads((latest / "trainer_state.json").read_text()))
+        path, files = found
+        self.state = TrainState(**self.checkpointer.load(path, files))
         self._saved_step = self.state.step
         if self.is_main:
-            log.info("resumed", step=self.state.step, epoch=self.state.epoch + 1, checkpoint=str(latest))
+            log.info("resumed", step=self.state.step, epoch=self.state.epoch + 1, checkpoint=str(path))
 
     # --- outputs -----------------------------------------------------------------------------
 
@@ -369,7 +327,8 @@ class Trainer:
             return {}
         model = self.accelerator.unwrap_model(self.model)
         out = self.output
-        ensure_room(out, 2 * self._state_bytes() // 3, "the final model (safetensors and the book's .pth)")
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        ensure_room(out, 2 * params, "the final model (safetensors and the book's .pth)")
         save_hf(model, out / "model", extra_config={"sft_job": {"prompt_style": self.cfg.prompt_style}})
         pth = out / f"{self.prep.model_name}-sft.pth"
         with atomic_path(pth) as tmp:
@@ -451,13 +410,6 @@ def run_finetune(
 def _mixed_precision(precision: str) -> str:
     """accelerate's name for ``precision``."""
     return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[resolve_precision(precision)]
-
-
-def checkpoint_dirs(folder: Path) -> list[Path]:
-    """The complete checkpoints in ``folder`` (those whose trainer_state.json was written)."""
-    if not folder.is_dir():
-        return []
-    return [p for p in folder.iterdir() if CHECKPOINT_RE.match(p.name) and (p / "trainer_state.json").is_file()]
 
 
 def _install_preemption_handlers(accelerator, signalled: threading.Event):

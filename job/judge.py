@@ -160,9 +160,11 @@ class OpenAIJudge:
 
         self.cfg = cfg
         self.host = cfg.judge_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-        api_key = cfg.judge_api_key or os.environ.get("OPENAI_API_KEY") or "unused"
+        api_key = cfg.judge_api_key or _key_from_file(cfg.judge_api_key_file) or os.environ.get("OPENAI_API_KEY")
         # Retries are ours (same policy for both backends), so the client's own are off.
-        self.client = openai.OpenAI(base_url=self.host, api_key=api_key, timeout=cfg.judge_timeout, max_retries=0)
+        self.client = openai.OpenAI(
+            base_url=self.host, api_key=api_key or "unused", timeout=cfg.judge_timeout, max_retries=0
+        )
 
     def ping(self) -> list[str]:
         return [m.id for m in self._call(self.client.models.list)]
@@ -200,6 +202,15 @@ class OpenAIJudge:
             if exc.status_code >= 500 or exc.status_code == 429:
                 raise RetryableError(f"HTTP {exc.status_code}") from None
             raise JudgeError(f"judge answered HTTP {exc.status_code}: {exc.message}") from None
+
+
+def _key_from_file(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError as exc:
+        raise JudgeError(f"--judge-api-key-file {path}: {exc.strerror}") from None
 
 
 def make_judge(cfg: JudgeConfig) -> JudgeBackend:

@@ -20,19 +20,36 @@ import torch
 import yaml
 
 from job import __version__
-from job.config import FinetuneConfig, GenerateConfig, JudgeConfig, RunConfig, parse_duration, result_changes
+from job.checkpoint import CHECKPOINT_RE, INDEX, checkpoint_dirs
+from job.config import (
+    FinetuneConfig,
+    GenerateConfig,
+    JudgeConfig,
+    RunConfig,
+    parse_duration,
+    redacted,
+    result_changes,
+)
 from job.data import load_entries, resolve_data
 from job.download import Downloader, dataset_file, model_files, tokenizer_files
 from job.download import model_dir as cached_model_dir
 from job.errors import ConfigError, JobError
-from job.finetune import Preempted, checkpoint_dirs, run_finetune
+from job.finetune import Preempted, run_finetune
 from job.generate import RESPONSES_FILE, run_generate
 from job.judge import preflight as judge_preflight
 from job.judge import run_judge
 from job.model import GPTConfig, GPTModel
 from job.observability import Metrics, MetricsPublisher, StageStatus, bind, get_logger
 from job.runlock import run_lock
-from job.storage import LocalStorage, Storage, atomic_write_text, open_storage, sha256_file, upload_tree
+from job.storage import (
+    LocalStorage,
+    Storage,
+    atomic_write_text,
+    contained_path,
+    open_storage,
+    sha256_file,
+    upload_tree,
+)
 from job.weights import save_hf
 
 log = get_logger(__name__)
@@ -42,7 +59,7 @@ FINETUNE_ARTIFACTS = ("model/model.safetensors", "model/config.json", "losses.js
 
 
 def default_run_id(cfg: RunConfig) -> str:
-    digest = hashlib.sha256(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(yaml.safe_dump(redacted(cfg), sort_keys=True).encode()).hexdigest()[:8]
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{digest}"
 
 
@@ -109,7 +126,7 @@ class CheckpointUploader:
                 checkpoint,
                 f"checkpoints/{checkpoint.name}",
                 on_bytes=self.metrics.artifact_bytes_uploaded_total.inc,
-                last="trainer_state.json",
+                last=INDEX,  # uploaded last: its presence marks the checkpoint complete
             )
         except FileNotFoundError:
             if checkpoint.exists():
@@ -151,7 +168,7 @@ class Pipeline:
         local = isinstance(self.storage, LocalStorage)
         scratch = Path(cfg.scratch) if cfg.scratch else Path(cfg.cache) / "scratch"
         self.work = self.storage.root if local else scratch / self.run_id
-        self.resolved = dataclasses.asdict(cfg) | {"run_id": self.run_id}
+        self.resolved = redacted(cfg) | {"run_id": self.run_id}  # what config.yaml and checkpoints hold
         from accelerate import PartialState
 
         self.state = PartialState()
@@ -326,14 +343,17 @@ class Pipeline:
         local = self.work / "checkpoints"
         if checkpoint_dirs(local):
             return
-        complete = sorted(
-            {k.split("/")[1] for k in self.storage.list("checkpoints/") if k.endswith("/trainer_state.json")}
-        )
+        names = {k.split("/")[1] for k in self.storage.list("checkpoints/") if k.endswith(f"/{INDEX}")}
+        complete = sorted(n for n in names if CHECKPOINT_RE.match(n))
         if not complete:
             return
         latest = complete[-1]
-        for key in self.storage.list(f"checkpoints/{latest}/"):
-            self.storage.get_file(key, self.work / key)
+        # The bucket is not trusted: every key must map inside the scratch folder, all checked before
+        # anything is written. The files' hashes are checked against the index before loading.
+        keys = [k for k in self.storage.list(f"checkpoints/{latest}/") if not k.endswith("/")]
+        targets = [(key, contained_path(self.work, key)) for key in keys]
+        for key, path in targets:
+            self.storage.get_file(key, path)
         log.info("checkpoint_downloaded", checkpoint=latest, source=self.storage.url)
 
     def generate(self) -> list[str]:

@@ -87,6 +87,27 @@ def read_progress(path: Path) -> dict[int, dict]:
     return done
 
 
+class UnsafeKeyError(JobError):
+    """A key read from storage that would be written outside its folder (exit 1, nothing written)."""
+
+
+def contained_path(root: Path, key: str) -> Path:
+    """``root / key`` for a ``key`` read from outside (a bucket's listing). A key with an absolute,
+    empty, ``.`` or ``..`` part, a backslash or a NUL, or whose path passes through a symlink, would
+    leave ``root`` or could: it is refused, naming the key."""
+    parts = key.split("/")
+    bad = key.startswith("/") or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts)
+    path = Path(root)
+    for part in parts:
+        if bad:
+            break
+        path = path / part
+        bad = path.is_symlink()
+    if bad:
+        raise UnsafeKeyError(f"refusing storage key {key!r}: it would be written outside {root}")
+    return path
+
+
 def ensure_room(folder: Path, needed: int, what: str) -> None:
     """Fail before writing ``what`` (about ``needed`` bytes) into ``folder`` where it cannot fit."""
     free = shutil.disk_usage(folder).free

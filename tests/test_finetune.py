@@ -194,7 +194,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_model_dir, shared_data, tmp_pa
     assert len(ddp_losses) == len(one_losses) == 3
     assert [h["tokens_seen"] for h in ddp_losses] == [h["tokens_seen"] for h in one_losses]
     ckpt = tmp_path / "ddp" / "checkpoints" / "step-00000006"
-    assert sorted(p.name for p in ckpt.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in ckpt.glob("rng-*.safetensors")) == ["rng-0.safetensors", "rng-1.safetensors"]
 
 
 @pytest.mark.parametrize(

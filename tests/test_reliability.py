@@ -21,8 +21,23 @@ from tests.ollama_server import FakeOllama
 
 
 def _smoke(shared_data: Path, output, run_id: str, *extra) -> list:
-    return ["run", "--smoke", "--data", shared_data / "instruction-data.json", "--cache", shared_data,
-            "--output", output, "--run-id", run_id, "--metrics-port", "0", "--log-format", "json", *extra]  # fmt: skip
+    return [
+        "run",
+        "--smoke",
+        "--data",
+        shared_data / "instruction-data.json",
+        "--cache",
+        shared_data,
+        "--output",
+        output,
+        "--run-id",
+        run_id,
+        "--metrics-port",
+        "0",
+        "--log-format",
+        "json",
+        *extra,
+    ]
 
 
 def _manifest(run_dir: Path) -> dict:
@@ -133,8 +148,13 @@ def test_two_runs_with_the_same_id_into_s3_and_a_stale_lock_is_taken_over(s3_out
     assert "runs/same/.lock" not in keys  # released at exit
 
     # A lock whose holder died without releasing it, its lease run out: the next run takes it over.
-    stale = {"run_id": "other", "host": "gone-node", "pid": 1, "started": "2026-01-01T00:00:00+00:00",
-             "expires": "2026-01-01T00:10:00+00:00"}  # fmt: skip
+    stale = {
+        "run_id": "other",
+        "host": "gone-node",
+        "pid": 1,
+        "started": "2026-01-01T00:00:00+00:00",
+        "expires": "2026-01-01T00:10:00+00:00",
+    }
     s3_outage.client.put_object(Bucket="locks", Key="runs/other/.lock", Body=json.dumps(stale).encode())
     taken = cli(*_smoke(shared_data, "s3://locks/runs", "other", "--skip-judge", "--scratch", tmp_path / "s2"))
     assert taken.returncode == 0, taken.stderr
@@ -250,9 +270,25 @@ def test_a_full_disk_is_one_line_exit_75_with_no_partial_checkpoint_and_the_earl
     small_disk, tiny_model_dir, shared_data
 ):
     out = small_disk / "ft"
-    args = ["finetune", "--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data.json",
-            "--cache", shared_data, "--output", out, "--max-steps", "12", "--checkpoint-every", "4",
-            "--eval-freq", "4", "--log-format", "json"]  # fmt: skip
+    args = [
+        "finetune",
+        "--model-dir",
+        tiny_model_dir,
+        "--data",
+        shared_data / "instruction-data.json",
+        "--cache",
+        shared_data,
+        "--output",
+        out,
+        "--max-steps",
+        "12",
+        "--checkpoint-every",
+        "4",
+        "--eval-freq",
+        "4",
+        "--log-format",
+        "json",
+    ]
     full = cli(*args)
     assert full.returncode == 75
     [line] = full.stderr.splitlines()
