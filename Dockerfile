@@ -10,6 +10,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SFT_JOB_CACHE=/cache \
     SFT_JOB_OUTPUT=/runs \
+    HOME=/tmp \
     MPLCONFIGDIR=/tmp/matplotlib
 
 WORKDIR /opt/sft-job
@@ -28,6 +29,8 @@ RUN useradd --create-home --uid 1000 sft \
     && mkdir -p /cache /runs \
     && chown sft:sft /cache /runs
 
+# Non-root, and the root filesystem may be read-only: what the job writes goes to /cache, /runs and
+# /tmp (HOME too), e.g. docker run --read-only --tmpfs /tmp -v cache:/cache sft-job run --smoke.
 USER 1000:1000
 VOLUME ["/cache", "/runs"]
 EXPOSE 9100

@@ -381,6 +381,7 @@ OPERATIONAL_OPTIONS = frozenset(
         "scratch",
         "base_url",
         "metrics_port",
+        "metrics_address",
         "pushgateway",
         "require_gpu",
         "skip_judge",
@@ -434,6 +435,9 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings):
     """Local working folder for S3 runs (checkpoints are written here first); default {cache}/scratch."""
     metrics_port: int = 9100
     """Port of the Prometheus metrics endpoint for the whole run (0 turns it off)."""
+    metrics_address: str = "127.0.0.1"
+    """Interface the metrics endpoint listens on: this machine only by default; 0.0.0.0 in a pod or container,
+    where Prometheus scrapes it from outside."""
     pushgateway: str | None = None
     """Pushgateway URL to push metrics to at each stage's end and at exit (for runs that end before a scrape)."""
     s3_retry_timeout: str = "15m"

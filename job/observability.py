@@ -106,7 +106,7 @@ class MetricsPublisher:
         port: int = 0,
         pushgateway: str | None = None,
         run_id: str = "",
-        address: str = "0.0.0.0",
+        address: str = "127.0.0.1",
     ):
         self.metrics, self.port, self.pushgateway, self.run_id, self.address = (
             metrics,
@@ -122,7 +122,7 @@ class MetricsPublisher:
             from prometheus_client import start_http_server
 
             self.server, _thread = start_http_server(self.port, addr=self.address, registry=self.metrics.registry)
-            get_logger(__name__).info("metrics_serving", port=self.port)
+            get_logger(__name__).info("metrics_serving", address=self.address, port=self.port)
         return self
 
     def push(self) -> None:

@@ -410,6 +410,7 @@ def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:
         cfg.metrics_port if pipeline.state.is_main_process else 0,
         cfg.pushgateway if pipeline.state.is_main_process else None,
         pipeline.run_id,
+        address=cfg.metrics_address,
     )
     pipeline.publisher = publisher
     with publisher:  # pushes at exit too, failure included
