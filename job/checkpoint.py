@@ -2,7 +2,9 @@
 
     checkpoints/step-00000012/
       model.safetensors        the model's parameters (tied tensors once)
-      optimizer.safetensors    the optimizer's per-parameter state, as ``{index}.{name}``
+      optimizer-{name}.safetensors  the optimizer's per-parameter state, one file per kind (exp_avg,
+                               exp_avg_sq, step), keyed by the parameter's index: files of similar
+                               size, hashed side by side
       optimizer.json           its param_groups (the hyperparameters)
       rng-{rank}.safetensors   each process's torch CPU and CUDA generator states
       rng-{rank}.json          and Python's ``random`` state
@@ -33,7 +35,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from job.errors import DiskFullError
 from job.observability import Metrics, get_logger
-from job.storage import ensure_room, sha256_file, tree_bytes
+from job.storage import ensure_room, sha256_files, tree_bytes
 
 log = get_logger(__name__)
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
@@ -55,11 +57,13 @@ def verified_files(path: Path) -> dict[str, str] | None:
     except (OSError, ValueError, KeyError, TypeError):
         log.warning("checkpoint_skipped", checkpoint=path.name, reason=f"{INDEX} is unreadable")
         return None
-    for name, digest in files.items():
+    for name in files:
         if "/" in name or name.startswith(".") or not (path / name).is_file():
             log.warning("checkpoint_skipped", checkpoint=path.name, file=name, reason="missing or not a plain name")
             return None
-        if sha256_file(path / name) != digest:
+    actual = sha256_files([path / name for name in files])
+    for (name, digest), found in zip(files.items(), actual, strict=True):
+        if found != digest:
             log.warning("checkpoint_skipped", checkpoint=path.name, file=name, reason="sha256 differs from the index")
             return None
     return files
@@ -124,10 +128,12 @@ class CheckpointManager:
     def _write_main(self, tmp: Path, trainer_state: dict, config: dict) -> None:
         save_model(self.accelerator.unwrap_model(self.model), str(tmp / "model.safetensors"))
         state = self.optimizer.state_dict()
-        tensors = {
-            f"{i}.{name}": t.detach().cpu().contiguous() for i, s in state["state"].items() for name, t in s.items()
-        }
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        by_kind: dict[str, dict[str, torch.Tensor]] = {}
+        for index, per_param in state["state"].items():
+            for kind, tensor in per_param.items():
+                by_kind.setdefault(kind, {})[str(index)] = tensor.detach().cpu().contiguous()
+        for kind, tensors in by_kind.items():
+            save_file(tensors, str(tmp / f"optimizer-{kind}.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"]}))
         if self.accelerator.scaler is not None:
             (tmp / "scaler.json").write_text(json.dumps(self.accelerator.scaler.state_dict()))
@@ -144,7 +150,8 @@ class CheckpointManager:
         (tmp / f"rng-{rank}.json").write_text(json.dumps({"python": [version, list(internal), gauss]}))
 
     def _finish(self, tmp: Path, final: Path, started: float) -> None:
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        paths = sorted(p for p in tmp.iterdir() if p.is_file())
+        files = dict(zip((p.name for p in paths), sha256_files(paths), strict=True))
         (tmp / INDEX).write_text(json.dumps({"files": files}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -178,9 +185,10 @@ class CheckpointManager:
         model = self.accelerator.unwrap_model(self.model)
         load_model(model, listed("model.safetensors"), strict=True, device=str(self.accelerator.device))
         state: dict = {"state": {}, **json.loads(listed("optimizer.json").read_text())}
-        for key, tensor in load_file(listed("optimizer.safetensors")).items():
-            index, name = key.split(".", 1)
-            state["state"].setdefault(int(index), {})[name] = tensor
+        for name in sorted(files):
+            kind = re.fullmatch(r"optimizer-(\w+)\.safetensors", name)
+            for index, tensor in load_file(listed(name)).items() if kind else ():
+                state["state"].setdefault(int(index), {})[kind.group(1)] = tensor
         for group in state["param_groups"]:
             group["betas"] = tuple(group["betas"])
         self.optimizer.load_state_dict(state)

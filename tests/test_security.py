@@ -99,20 +99,22 @@ def test_an_altered_checkpoint_is_skipped_and_the_previous_one_resumes(tiny_mode
     assert sorted(json.loads((latest / "index.json").read_text())["files"]) == [
         "config.yaml",
         "model.safetensors",
+        "optimizer-exp_avg.safetensors",
+        "optimizer-exp_avg_sq.safetensors",
+        "optimizer-step.safetensors",
         "optimizer.json",
-        "optimizer.safetensors",
         "rng-0.json",
         "rng-0.safetensors",
         "trainer_state.json",
     ]
-    data = bytearray((latest / "optimizer.safetensors").read_bytes())
+    data = bytearray((latest / "optimizer-exp_avg_sq.safetensors").read_bytes())
     data[-1] ^= 0xFF  # one bit of the optimizer's state changed after the checkpoint was written
-    (latest / "optimizer.safetensors").write_bytes(bytes(data))
+    (latest / "optimizer-exp_avg_sq.safetensors").write_bytes(bytes(data))
 
     resumed = cli(*args, "--max-steps", "12")
     assert resumed.returncode == 0, resumed.stderr
     [skipped] = [e for e in events(resumed.stdout) if e["event"] == "checkpoint_skipped"]
-    assert skipped["checkpoint"] == "step-00000008" and skipped["file"] == "optimizer.safetensors"
+    assert skipped["checkpoint"] == "step-00000008" and skipped["file"] == "optimizer-exp_avg_sq.safetensors"
     assert [e["step"] for e in events(resumed.stdout) if e["event"] == "resumed"] == [4]
 
 
