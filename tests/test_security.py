@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO, cli, events
 from tests.ollama_server import FakeOllama
 
@@ -34,23 +36,23 @@ def _smoke(shared_data: Path, output, run_id: str, *extra) -> list:
 # --- the bucket -----------------------------------------------------------------------------------
 
 
-def test_keys_planted_in_the_bucket_cannot_write_outside_the_scratch_folder(s3, shared_data, tmp_path):
-    s3.create_bucket(Bucket="shared")
+@pytest.mark.parametrize("escape", ["../../../../canary.txt", "ABSOLUTE"], ids=["dot-dot", "absolute"])
+def test_keys_planted_in_the_bucket_cannot_write_outside_the_scratch_folder(escape, s3, shared_data, tmp_path):
+    bucket = f"planted-{'abs' if escape == 'ABSOLUTE' else 'dots'}"  # the moto server outlives the test
+    s3.create_bucket(Bucket=bucket)
     canary = tmp_path / "canary.txt"
     canary.write_text("untouched\n")
+    escape = str(canary) if escape == "ABSOLUTE" else escape  # scratch/r/ + 4 levels up is tmp_path
     prefix = "runs/r/checkpoints/step-00000004"
-    planted = {
-        f"{prefix}/index.json": b'{"files": {}}',
-        f"{prefix}/model.safetensors": b"x",
-        f"{prefix}/../../../../canary.txt": b"overwritten\n",  # scratch/r/ + 4 levels up = tmp_path
-    }
+    planted = {f"{prefix}/index.json": b'{"files": {}}', f"{prefix}/model.safetensors": b"x"}
+    planted[f"{prefix}/{escape}"] = b"overwritten\n"
     for key, body in planted.items():
-        s3.put_object(Bucket="shared", Key=key, Body=body)
-    done = cli(*_smoke(shared_data, "s3://shared/runs", "r", "--scratch", tmp_path / "scratch"))
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    done = cli(*_smoke(shared_data, f"s3://{bucket}/runs", "r", "--scratch", tmp_path / "scratch"))
     assert done.returncode == 1
     [line] = done.stderr.splitlines()
     assert line == (
-        f"Error: refusing storage key '{prefix[len('runs/r/') :]}/../../../../canary.txt': "
+        f"Error: refusing storage key '{prefix[len('runs/r/') :]}/{escape}': "
         f"it would be written outside {tmp_path / 'scratch' / 'r'}"
     )
     assert canary.read_text() == "untouched\n"
