@@ -73,3 +73,10 @@ def wait_until(predicate, deadline_s: float = 60, interval_s: float = 0.2, what:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {deadline_s}s waiting for {what}")
         pause.wait(interval_s)
+
+
+def smoke_run(shared_data: Path, output, run_id: str, *extra) -> list:
+    """``sft-job run --smoke`` arguments on the reference data, logging JSON, no metrics port."""
+    data = shared_data / "instruction-data.json"
+    common = ["--data", data, "--cache", shared_data, "--output", output, "--run-id", run_id]
+    return ["run", "--smoke", *common, "--metrics-port", "0", "--log-format", "json", *extra]

@@ -16,28 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.helpers import cli, events, free_port, start_cli, wait_for_event, wait_until
+from tests.helpers import cli, events, free_port, smoke_run, start_cli, wait_for_event, wait_until
 from tests.ollama_server import FakeOllama
-
-
-def _smoke(shared_data: Path, output, run_id: str, *extra) -> list:
-    return [
-        "run",
-        "--smoke",
-        "--data",
-        shared_data / "instruction-data.json",
-        "--cache",
-        shared_data,
-        "--output",
-        output,
-        "--run-id",
-        run_id,
-        "--metrics-port",
-        "0",
-        "--log-format",
-        "json",
-        *extra,
-    ]
 
 
 def _manifest(run_dir: Path) -> dict:
@@ -92,7 +72,7 @@ def _s3_manifest(s3, bucket: str, prefix: str) -> dict:
 def test_a_rerun_with_another_lr_is_refused_and_one_with_another_metrics_port_skips_the_done_stages(
     shared_data, tmp_path
 ):
-    args = _smoke(shared_data, tmp_path / "runs", "r1", "--skip-judge")
+    args = smoke_run(shared_data, tmp_path / "runs", "r1", "--skip-judge")
     first = cli(*args)
     assert first.returncode == 0, first.stderr
     config = (tmp_path / "runs" / "r1" / "config.yaml").read_bytes()
@@ -127,7 +107,7 @@ def _second_writer_is_refused(first_args: list, shared_data: Path) -> tuple[subp
 
 
 def test_two_runs_with_the_same_id_into_a_local_folder(shared_data, tmp_path):
-    args = _smoke(shared_data, tmp_path / "runs", "same", "--skip-judge", "--train-limit", "400")
+    args = smoke_run(shared_data, tmp_path / "runs", "same", "--skip-judge", "--train-limit", "400")
     first, _ = _second_writer_is_refused(args, shared_data)
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
@@ -137,7 +117,7 @@ def test_two_runs_with_the_same_id_into_a_local_folder(shared_data, tmp_path):
 
 def test_two_runs_with_the_same_id_into_s3_and_a_stale_lock_is_taken_over(s3_outage, shared_data, tmp_path):
     s3_outage.client.create_bucket(Bucket="locks")
-    args = _smoke(shared_data, "s3://locks/runs", "same", "--skip-judge", "--train-limit", "400")
+    args = smoke_run(shared_data, "s3://locks/runs", "same", "--skip-judge", "--train-limit", "400")
     args += ["--scratch", tmp_path / "scratch"]
     first, line = _second_writer_is_refused(args, shared_data)
     assert "s3://locks/runs/same/.lock" in line
@@ -156,7 +136,7 @@ def test_two_runs_with_the_same_id_into_s3_and_a_stale_lock_is_taken_over(s3_out
         "expires": "2026-01-01T00:10:00+00:00",
     }
     s3_outage.client.put_object(Bucket="locks", Key="runs/other/.lock", Body=json.dumps(stale).encode())
-    taken = cli(*_smoke(shared_data, "s3://locks/runs", "other", "--skip-judge", "--scratch", tmp_path / "s2"))
+    taken = cli(*smoke_run(shared_data, "s3://locks/runs", "other", "--skip-judge", "--scratch", tmp_path / "s2"))
     assert taken.returncode == 0, taken.stderr
     [event] = [e for e in events(taken.stdout) if e["event"] == "run_lock_taken_over"]
     assert "gone-node" in event["stale_holder"]
@@ -169,7 +149,7 @@ def test_a_judge_answering_500_fails_the_run_with_75_and_a_rerun_asks_only_for_t
     server = FakeOllama().start()
     try:
         server.mode, server.healthy_for = "500", 3  # 3 of the smoke's 8 entries answered, then 500s
-        args = _smoke(shared_data, tmp_path / "runs", "j", "--judge-url", server.url, "--judge-retries", "1")
+        args = smoke_run(shared_data, tmp_path / "runs", "j", "--judge-url", server.url, "--judge-retries", "1")
         failed = cli(*args)
         assert failed.returncode == 75
         [line] = failed.stderr.splitlines()
@@ -204,7 +184,7 @@ def _all_in_the_bucket(s3, bucket: str, prefix: str) -> None:
 
 def test_an_object_store_down_for_20_seconds_mid_training_costs_nothing(s3_outage, shared_data, tmp_path):
     s3_outage.client.create_bucket(Bucket="flaky")
-    args = _smoke(shared_data, "s3://flaky/runs", "r", "--skip-judge", "--train-limit", "200")
+    args = smoke_run(shared_data, "s3://flaky/runs", "r", "--skip-judge", "--train-limit", "200")
     proc = start_cli(*args, "--checkpoint-every", "5", "--scratch", tmp_path / "scratch")
     wait_for_event(proc, lambda e: e.get("event") == "checkpoint", deadline_s=120)
     s3_outage.stop()
@@ -226,10 +206,12 @@ def test_an_outage_past_the_retry_timeout_exits_75_and_a_rerun_finishes_the_same
 ):
     s3_outage.client.create_bucket(Bucket="down")
     common = ["--skip-judge", "--train-limit", "200", "--checkpoint-every", "5"]
-    straight = cli(*_smoke(shared_data, "s3://down/runs", "straight", *common, "--scratch", tmp_path / "a"))
+    straight = cli(*smoke_run(shared_data, "s3://down/runs", "straight", *common, "--scratch", tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr
 
-    args = _smoke(shared_data, "s3://down/runs", "cut", *common, "--scratch", tmp_path / "b", "--s3-retry-timeout", "3")
+    args = smoke_run(
+        shared_data, "s3://down/runs", "cut", *common, "--scratch", tmp_path / "b", "--s3-retry-timeout", "3"
+    )
     proc = start_cli(*args)
     wait_for_event(proc, lambda e: e.get("event") == "checkpoint", deadline_s=120)
     s3_outage.stop()

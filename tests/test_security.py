@@ -8,29 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, cli, events
+from tests.helpers import REPO, cli, events, smoke_run
 from tests.ollama_server import FakeOllama
 
 
-def _smoke(shared_data: Path, output, run_id: str, *extra) -> list:
-    return [
-        "run",
-        "--smoke",
-        "--skip-judge",
-        "--data",
-        shared_data / "instruction-data.json",
-        "--cache",
-        shared_data,
-        "--output",
-        output,
-        "--run-id",
-        run_id,
-        "--metrics-port",
-        "0",
-        "--log-format",
-        "json",
-        *extra,
-    ]
+def _smoke_skip_judge(shared_data: Path, output, run_id: str, *extra) -> list:
+    return smoke_run(shared_data, output, run_id, "--skip-judge", *extra)
 
 
 # --- the bucket -----------------------------------------------------------------------------------
@@ -48,7 +31,7 @@ def test_keys_planted_in_the_bucket_cannot_write_outside_the_scratch_folder(esca
     planted[f"{prefix}/{escape}"] = b"overwritten\n"
     for key, body in planted.items():
         s3.put_object(Bucket=bucket, Key=key, Body=body)
-    done = cli(*_smoke(shared_data, f"s3://{bucket}/runs", "r", "--scratch", tmp_path / "scratch"))
+    done = cli(*_smoke_skip_judge(shared_data, f"s3://{bucket}/runs", "r", "--scratch", tmp_path / "scratch"))
     assert done.returncode == 1
     [line] = done.stderr.splitlines()
     assert line == (
@@ -69,7 +52,7 @@ def test_a_symlink_in_the_scratch_folder_is_not_followed(s3, shared_data, tmp_pa
     # A checkpoint folder in the scratch that is really a link to somewhere else.
     (tmp_path / "scratch" / "r" / "checkpoints").mkdir(parents=True)
     (tmp_path / "scratch" / "r" / "checkpoints" / "step-00000004").symlink_to(elsewhere)
-    done = cli(*_smoke(shared_data, "s3://links/runs", "r", "--scratch", tmp_path / "scratch"))
+    done = cli(*_smoke_skip_judge(shared_data, "s3://links/runs", "r", "--scratch", tmp_path / "scratch"))
     assert done.returncode == 1 and "refusing storage key 'checkpoints/step-00000004/" in done.stderr
     assert list(elsewhere.iterdir()) == []
 
@@ -164,11 +147,7 @@ def test_secrets_are_in_no_byte_the_run_writes_through_a_crash_and_a_finish(s3, 
     server = FakeOllama().start()
     try:
         judge = ["--judge-backend", "openai", "--judge-url", f"{server.url}/v1", "--judge-model", "llama3:latest"]
-        args = [
-            a
-            for a in _smoke(shared_data, "s3://secret/runs", "s", "--scratch", tmp_path / "scratch")
-            if a != "--skip-judge"
-        ]
+        args = smoke_run(shared_data, "s3://secret/runs", "s", "--scratch", tmp_path / "scratch")
         hook = tmp_path / "hook"
         hook.mkdir()
         (hook / "sitecustomize.py").write_text(CRASH)
