@@ -191,8 +191,10 @@ class Downloader:
                 return
             except Retryable as exc:
                 if attempt == self.attempts:
+                    host, reason = urlparse(url).netloc or url, str(exc).split(" for ")[0].split(" from ")[0]
                     raise DownloadUnavailable(
-                        f"{remote.relpath}: giving up on {url} after {attempt} tries: {exc}"
+                        f"{remote.relpath}: giving up on {host} after {attempt} tries ({reason}); "
+                        "without internet, use --base-url URL (a mirror of the cache) or local files"
                     ) from None
                 wait = self.backoff_seconds * 2 ** (attempt - 1) * (0.5 + random.random())
                 log.warning(

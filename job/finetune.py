@@ -336,12 +336,13 @@ class Trainer:
         losses = out / "losses.json"
         atomic_write_text(losses, json.dumps(self.state.history, indent=2) + "\n")
         plot = out / "loss-plot.png"
-        plot_losses(self.state.history, self.cfg.epochs, plot)
+        plot_losses(self.state.history, self.state.step / (self.batches_per_epoch / self.cfg.grad_accum), plot)
         return {"model": out / "model", "pth": pth, "losses": losses, "plot": plot}
 
 
-def plot_losses(history: list[dict], epochs: int, path: Path) -> None:
-    """The book's ``plot_losses``: losses against epochs, tokens seen on a second x-axis."""
+def plot_losses(history: list[dict], epochs: float, path: Path) -> None:
+    """The book's ``plot_losses``: losses against the epochs trained (a fraction where training
+    stopped early), tokens seen on a second x-axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -357,7 +358,7 @@ def plot_losses(history: list[dict], epochs: int, path: Path) -> None:
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel("Loss")
     ax1.legend(loc="upper right")
-    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=epochs >= 1))
     ax2 = ax1.twiny()
     ax2.plot([h["tokens_seen"] for h in history], train, alpha=0)
     ax2.set_xlabel("Tokens seen")

@@ -171,7 +171,7 @@ class OpenAIJudge:
 
     def ensure_model(self, allow_pull: bool) -> None:
         names = self.ping()
-        if self.cfg.judge_model not in names:
+        if self.cfg.judge_model not in names and f"{self.cfg.judge_model}:latest" not in names:
             raise JudgeError(f"judge model {self.cfg.judge_model!r} is not served by {self.host}")
 
     def ask(self, prompt: str) -> str:
@@ -223,7 +223,8 @@ def preflight(
     """Wait for the server (up to ``--judge-wait``), then make sure the model is there."""
     judge = judge or make_judge(cfg)
     deadline = clock() + cfg.judge_wait_seconds
-    delay = 0.25
+    delay, logged = 0.25, None
+    hint = "start it, point --judge-url (or OLLAMA_HOST) at it, or pass --skip-judge"
     while True:
         try:
             judge.ping()
@@ -231,9 +232,14 @@ def preflight(
         except RetryableError as exc:
             if clock() >= deadline:
                 raise TransientError(
-                    f"judge at {judge.host} did not answer within {cfg.judge_wait} (model {cfg.judge_model}): {exc}"
+                    f"judge at {judge.host} did not answer within {cfg.judge_wait} ({exc}): {hint}"
                 ) from None
-            log.info("judge_waiting", host=judge.host, error=str(exc))
+            if logged is None:  # said at once, then every 30 s while waiting
+                log.warning("judge_not_answering", host=judge.host, error=str(exc), waiting=cfg.judge_wait, hint=hint)
+                logged = clock()
+            elif clock() - logged >= 30:
+                log.info("judge_waiting", host=judge.host, error=str(exc), seconds_left=round(deadline - clock()))
+                logged = clock()
             sleep(min(delay, max(deadline - clock(), 0.01)))
             delay = min(delay * 2, 5.0)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -10,6 +11,8 @@ from enum import IntEnum
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from structlog.tracebacks import ExceptionDictTransformer
+
+from job.errors import ConfigError
 
 
 class StageStatus(IntEnum):
@@ -121,7 +124,15 @@ class MetricsPublisher:
         if self.port:
             from prometheus_client import start_http_server
 
-            self.server, _thread = start_http_server(self.port, addr=self.address, registry=self.metrics.registry)
+            try:
+                self.server, _thread = start_http_server(self.port, addr=self.address, registry=self.metrics.registry)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                raise ConfigError(
+                    f"metrics port {self.port} on {self.address} is in use: choose another with --metrics-port, "
+                    "or 0 to turn the endpoint off"
+                ) from None
             get_logger(__name__).info("metrics_serving", address=self.address, port=self.port)
         return self
 

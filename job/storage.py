@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -63,9 +64,17 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and some writers) make 0600; give the usual mode
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(final: str | Path, text: str) -> None:
@@ -356,7 +365,7 @@ class S3Storage:
     def check_writable(self) -> None:
         import boto3
         from botocore.config import Config
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         # A quick client for the probe, so a wrong endpoint fails in seconds, not after long retries.
         probe = boto3.client(
@@ -375,6 +384,10 @@ class S3Storage:
             if code in ("404", "NoSuchBucket"):
                 raise StorageError(f"output bucket {where} does not exist") from None
             raise StorageError(f"output {where} is not writable: {code or exc}") from None
+        except NoCredentialsError:
+            raise StorageError(
+                f"no credentials for output {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+            ) from None
         except BotoCoreError as exc:
             raise StorageError(f"cannot reach output {where}: {type(exc).__name__}") from None
 

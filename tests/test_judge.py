@@ -183,7 +183,10 @@ def test_server_that_never_comes_up_fails_before_any_work(book_responses, tmp_pa
         "json",
     )
     assert result.returncode == 75  # an outage past the wait: worth a rerun
-    assert result.stderr.startswith(f"Error: judge at {url} did not answer within 2s (model llama3)")
+    assert result.stderr.startswith(f"Error: judge at {url} did not answer within 2s (")
+    assert result.stderr.rstrip().endswith("point --judge-url (or OLLAMA_HOST) at it, or pass --skip-judge")
+    waited = [e["event"] for e in events(result.stdout) if e["event"].startswith("judge_")]
+    assert waited == ["judge_not_answering"]  # said at the first failed attempt; then every 30 s at most
     assert result.stderr.strip().count("\n") == 0
     assert not (tmp_path / "out").exists()
 

@@ -1,0 +1,80 @@
+"""What a new user meets first: errors that say what to do, files with the usual modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+
+from tests.helpers import cli, events, smoke_run
+from tests.ollama_server import FakeOllama
+
+
+def _one_line(result) -> str:
+    [line] = result.stderr.splitlines()
+    assert len(line) < 200, line
+    return line
+
+
+def test_a_busy_metrics_port_names_the_flag(shared_data, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli(*smoke_run(shared_data, tmp_path / "runs", "p", "--skip-judge", "--metrics-port", port))
+    assert result.returncode == 2
+    line = _one_line(result)
+    assert f"metrics port {port} on 127.0.0.1 is in use" in line and "--metrics-port" in line and "0 to turn" in line
+
+
+def test_s3_without_credentials_names_the_variables(s3, shared_data, tmp_path, monkeypatch):
+    s3.create_bucket(Bucket="nocreds")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    env = {
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    result = cli(*smoke_run(shared_data, "s3://nocreds/runs", "c", "--skip-judge"), env=env)
+    assert result.returncode == 1
+    line = _one_line(result)
+    assert "no credentials for output s3://nocreds" in line
+    assert all(v in line for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"))
+
+
+def test_outputs_have_the_usual_file_mode_and_the_plot_shows_the_epochs_trained(shared_data, tmp_path):
+    os.umask(0o022)
+    result = cli(*smoke_run(shared_data, tmp_path / "runs", "m", "--skip-judge", "--max-steps", "3"))
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "m"
+    for name in ("config.yaml", "manifest.json", "losses.json", "loss-plot.png", "model/model.safetensors"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o644, name
+    assert json.loads((run / "losses.json").read_text())  # 3 of the smoke's 10 steps: 0.6 epochs
+
+
+def test_the_openai_compatible_backend_accepts_a_name_for_name_latest(tmp_path, shared_data):
+    server = FakeOllama(models=("llama3:latest",)).start()
+    try:
+        entries = json.loads((shared_data / "seed-eval" / "instruction-data-with-response.json").read_text())[:2]
+        (tmp_path / "r.json").write_text(json.dumps(entries))
+        result = cli(
+            "judge",
+            "--responses",
+            tmp_path / "r.json",
+            "--output",
+            tmp_path / "out",
+            "--judge-backend",
+            "openai",
+            "--judge-url",
+            f"{server.url}/v1",
+            "--judge-model",
+            "llama3",
+            "--log-format",
+            "json",
+        )
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr
+    assert [e for e in events(result.stdout) if e["event"] == "judge_summary"][0]["scored"] == 2
