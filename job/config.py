@@ -214,7 +214,7 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Mixed precision: auto is bf16 on CUDA devices that support it, fp32 elsewhere."""
     grad_accum: int = 1
-    """Batches whose gradients add up to one optimizer step."""
+    """Micro-batches each process splits its share of a --batch-size batch into (less memory, the same step)."""
     grad_clip: float | None = None
     """Clip the gradient norm to this value (off by default, as in the book)."""
     compile: bool = False

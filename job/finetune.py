@@ -18,7 +18,16 @@ import yaml
 
 from job.checkpoint import CheckpointManager
 from job.config import FinetuneConfig, redacted, resolve_precision
-from job.data import PROMPT_STYLES, Collator, Example, load_entries, resolve_data, split_entries, tokenize
+from job.data import (
+    IGNORE_INDEX,
+    PROMPT_STYLES,
+    Collator,
+    Example,
+    load_entries,
+    resolve_data,
+    split_entries,
+    tokenize,
+)
 from job.decoding import generate
 from job.download import Downloader, model_files, tokenizer_files
 from job.download import model_dir as cached_model_dir
@@ -143,6 +152,8 @@ class Trainer:
         self.output = Path(cfg.output)
         self.checkpoints = self.output / "checkpoints"
         self.collate = Collator(prep.max_length, cfg.mask_instruction)
+        # Targets each training example contributes (not -100): independent of what it is batched with.
+        self.target_counts = [int((self.collate([e])[1] != IGNORE_INDEX).sum()) for e in prep.train]
         torch.manual_seed(cfg.seed)
         model = prep.model
         if cfg.compile:
@@ -159,7 +170,7 @@ class Trainer:
         self.batches_per_epoch = len(prep.train) // cfg.batch_size
         if self.batches_per_epoch == 0:
             raise JobError(f"training split of {len(prep.train)} entries is smaller than --batch-size {cfg.batch_size}")
-        self.total_steps = cfg.epochs * self.batches_per_epoch // cfg.grad_accum
+        self.total_steps = cfg.epochs * self.batches_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
@@ -183,10 +194,9 @@ class Trainer:
         started, tokens_at_start = time.perf_counter(), st.tokens_seen
         while st.epoch < cfg.epochs and st.step < self.total_steps:
             batches = epoch_batches(len(self.prep.train), cfg.batch_size, cfg.seed, st.epoch)
-            while st.batch_in_epoch + cfg.grad_accum <= len(batches) and st.step < self.total_steps:
-                group = batches[st.batch_in_epoch : st.batch_in_epoch + cfg.grad_accum]
-                tokens = self._train_step(group)
-                st.batch_in_epoch += cfg.grad_accum
+            while st.batch_in_epoch < len(batches) and st.step < self.total_steps:
+                tokens = self._train_step(batches[st.batch_in_epoch])
+                st.batch_in_epoch += 1
                 st.step += 1
                 st.tokens_seen += tokens
                 self._observe(tokens, started, tokens_at_start)
@@ -197,7 +207,7 @@ class Trainer:
                     raise Preempted(f"preempted at step {st.step}; checkpoint written, rerun to resume")
                 if st.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
-            if st.batch_in_epoch + cfg.grad_accum > len(batches):  # the epoch is done
+            if st.batch_in_epoch == len(batches):  # the epoch is done
                 self._log_sample()
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
                 self.save_checkpoint()
@@ -211,20 +221,27 @@ class Trainer:
             return self._signalled.is_set()
         return self.accelerator.check_trigger()
 
-    def _train_step(self, group: list[list[int]]) -> int:
-        """One optimizer step over ``group`` (grad_accum global batches); returns tokens trained on."""
+    def _train_step(self, global_batch: list[int]) -> int:
+        """One optimizer step over ``global_batch`` (--batch-size examples): this process's share, in
+        --grad-accum micro-batches; returns the tokens trained on."""
         self.model.train()
         tokens = 0
-        rank = self.accelerator.process_index
-        for i, global_batch in enumerate(group):
-            mine = global_batch[rank * self.micro : (rank + 1) * self.micro]
-            inputs, targets = self.collate([self.prep.train[j] for j in mine])
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        share = self.cfg.batch_size // world
+        mine = global_batch[rank * share : (rank + 1) * share]
+        micro_batches = [mine[i : i + self.micro] for i in range(0, share, self.micro)]
+        # The book's loss is the mean over the batch's targets. Each micro-batch's sum divided by the
+        # batch's count (every process knows it: each holds the data) gives that same mean whatever
+        # the split into processes and --grad-accum; DDP averages gradients, hence x world.
+        counted = sum(self.target_counts[j] for j in global_batch)
+        for i, micro in enumerate(micro_batches):
+            inputs, targets = self.collate([self.prep.train[j] for j in micro])
             inputs, targets = inputs.to(self.accelerator.device), targets.to(self.accelerator.device)
-            last = i == len(group) - 1
+            last = i == len(micro_batches) - 1
             with self.accelerator.no_sync(self.model) if not last else nullcontext():
                 with self.accelerator.autocast():
-                    loss = self.model(inputs, targets=targets)
-                self.accelerator.backward(loss / len(group))
+                    loss = self.model(inputs, targets=targets, reduction="sum")
+                self.accelerator.backward(loss * (world / counted))
             tokens += inputs.numel() * self.accelerator.num_processes
         if self.cfg.grad_clip is not None:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -336,7 +353,7 @@ class Trainer:
         losses = out / "losses.json"
         atomic_write_text(losses, json.dumps(self.state.history, indent=2) + "\n")
         plot = out / "loss-plot.png"
-        plot_losses(self.state.history, self.state.step / (self.batches_per_epoch / self.cfg.grad_accum), plot)
+        plot_losses(self.state.history, self.state.step / self.batches_per_epoch, plot)
         return {"model": out / "model", "pth": pth, "losses": losses, "plot": plot}
 
 

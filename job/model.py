@@ -177,8 +177,10 @@ class GPTModel(nn.Module):
         cache: KVCache | None = None,
         valid: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        reduction: str = "mean",
     ):
-        """Logits (B, T, vocab) for token ids ``idx`` (B, T); with ``targets``, the mean loss instead.
+        """Logits (B, T, vocab) for token ids ``idx`` (B, T); with ``targets``, the loss instead (the
+        mean over targets != -100, or their ``reduction="sum"``).
 
         Without ``cache`` this is the plain causal forward pass. With it, ``idx`` continues the
         cached sequences and ``valid`` (B, T, bool) marks real tokens (False for left padding).
@@ -189,7 +191,7 @@ class GPTModel(nn.Module):
         # The book's cross entropy over targets != -100. On CPUs the head (the costliest matmul)
         # runs only for those positions: the same mean, less work. On GPUs selecting them would
         # stop the host for the mask's count every step, which costs more than the skipped work.
-        return head_loss(self.lm_head, x, targets, select_targets=not idx.is_cuda)
+        return head_loss(self.lm_head, x, targets, select_targets=not idx.is_cuda, reduction=reduction)
 
     def hidden_states(self, idx, cache: KVCache | None = None, valid=None):
         """Final-LayerNorm output (B, T, C): everything but the output head."""
@@ -243,19 +245,23 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
 
-def head_loss(head: nn.Linear, x: torch.Tensor, targets: torch.Tensor, select_targets: bool) -> torch.Tensor:
-    """Mean cross entropy of ``head(x)`` (B, T, C) against ``targets`` (B, T) where they are not -100.
+def head_loss(
+    head: nn.Linear, x: torch.Tensor, targets: torch.Tensor, select_targets: bool, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross entropy of ``head(x)`` (B, T, C) against ``targets`` (B, T) where they are not -100:
+    their mean, or with ``reduction="sum"`` their sum.
 
     ``select_targets`` runs the head only at those positions (less work, a data-dependent shape);
     otherwise at every position, with the -100 ones ignored. Both give the same mean.
     """
     if select_targets:
         keep = targets != -100  # (B, T)
-        return F.cross_entropy(head(x[keep]).float(), targets[keep])  # (N, vocab) -> ()
+        return F.cross_entropy(head(x[keep]).float(), targets[keep], reduction=reduction)  # (N, vocab) -> ()
     # 50,257 rows leave the logits misaligned for the GPU's matrix units (cuBLAS fell back to
     # Turing-era kernels: 27 of 100 ms per step at batch 128 on an H100); rows padded to a
     # multiple of 64 cost one copy of the weight, and the padding's logits are sliced off.
     vocab = head.weight.shape[0]
     weight = F.pad(head.weight, (0, 0, 0, -vocab % 64))  # (vocab + pad, C)
     logits = F.linear(x, weight)[..., :vocab]  # (B, T, vocab)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)  # (B*T, vocab) -> ()
+    flat_logits, flat_targets = logits.flatten(0, 1).float(), targets.flatten()  # (B*T, vocab), (B*T,)
+    return F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction=reduction)  # -> ()

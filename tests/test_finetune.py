@@ -193,6 +193,8 @@ def test_accelerate_launch_two_cpu_processes(tiny_model_dir, shared_data, tmp_pa
     one_losses = json.loads((tmp_path / "one" / "losses.json").read_text())
     assert len(ddp_losses) == len(one_losses) == 3
     assert [h["tokens_seen"] for h in ddp_losses] == [h["tokens_seen"] for h in one_losses]
+    ddp, one = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")  # each shard's targets differ in count
+    assert max((ddp[k] - one[k]).abs().max().item() for k in one) < 1e-6
     ckpt = tmp_path / "ddp" / "checkpoints" / "step-00000006"
     assert sorted(p.name for p in ckpt.glob("rng-*.safetensors")) == ["rng-0.safetensors", "rng-1.safetensors"]
 
@@ -232,3 +234,17 @@ def test_bad_flag_is_a_usage_error(tmp_path):
     result = cli("finetune", "--lr", "-1", "--output", tmp_path / "out")
     assert result.returncode == 2 and "lr must be positive" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_grad_accum_splits_give_the_same_step_as_one_batch(tiny_model_dir, shared_data, tmp_path):
+    """The loss is a sum over targets divided by the step's count, so micro-batches whose target
+    counts differ (the book's batches do) add up to the whole batch's mean, as the book computes it.
+    (At the book's learning rate: at 1e-3 Adam turns summation-order rounding into ~4e-6.)"""
+    weights = {}
+    for accum in (1, 4):
+        out = tmp_path / f"accum{accum}"
+        cfg = _cfg(tiny_model_dir, shared_data, out, max_steps=6, eval_freq=100, grad_accum=accum, lr=5e-5)
+        run_finetune(cfg)
+        weights[accum] = _weights(out)
+    differences = {k: (weights[1][k] - weights[4][k]).abs().max().item() for k in weights[1]}
+    assert max(differences.values()) < 1e-6, max(differences.items(), key=lambda kv: kv[1])
