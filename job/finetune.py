@@ -33,7 +33,7 @@ from job.download import Downloader, model_files, tokenizer_files
 from job.download import model_dir as cached_model_dir
 from job.errors import JobError, TransientError
 from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
-from job.observability import Metrics, get_logger
+from job.observability import Metrics, Progress, get_logger
 from job.storage import atomic_path, atomic_write_text, ensure_room
 from job.tokenizer import load_tokenizer
 from job.weights import book_state_dict, load_pretrained, save_hf
@@ -183,10 +183,14 @@ class Trainer:
     def fit(self) -> TrainState:
         self.resume()
         restore = _install_preemption_handlers(self.accelerator, self._signalled)
+        self.progress = Progress(
+            "train", self.total_steps, self.state.step, "step", self.metrics, terminal=None if self.is_main else False
+        )
         try:
             self._loop()
         finally:
             restore()
+            self.progress.close()
         return self.state
 
     def _loop(self) -> None:
@@ -294,8 +298,11 @@ class Trainer:
         m.learning_rate.set(self.optimizer.param_groups[0]["lr"])
         m.train_tokens_total.inc(tokens)
         elapsed = time.perf_counter() - started
-        if elapsed > 0:
-            m.train_tokens_per_second.set((st.tokens_seen - tokens_at_start) / elapsed)
+        rate = (st.tokens_seen - tokens_at_start) / elapsed if elapsed > 0 else 0.0
+        m.train_tokens_per_second.set(rate)
+        if self.is_main:
+            loss = st.history[-1]["val_loss"] if st.history else None
+            self.progress.update(1, epoch=st.epoch + 1, val_loss=loss and round(loss, 3), tokens_per_s=round(rate))
         if torch.cuda.is_available():
             m.gpu_memory_allocated_bytes.set(torch.cuda.memory_allocated())
 

@@ -14,7 +14,7 @@ from job.data import PROMPT_STYLES, load_entries, resolve_data, split_entries
 from job.decoding import generate
 from job.download import Downloader, tokenizer_files
 from job.errors import ConfigError
-from job.observability import Metrics, get_logger, stderr_is_terminal
+from job.observability import Metrics, Progress, get_logger
 from job.storage import atomic_write_text, read_progress
 from job.tokenizer import encode, load_tokenizer
 from job.weights import load_pretrained
@@ -82,7 +82,8 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     )
 
     started, new_tokens, decoded = time.perf_counter(), 0, 0
-    bar = _bar(len(test), len(done))
+    # every 0 s: one event per batch off a terminal (a batch takes seconds), which restarts rely on
+    bar = Progress("generate", len(test), len(done), "response", metrics, every_s=0.0)
     with open(progress_path, "a") as progress, autocast:
         for b, batch in todo:
             generator = torch.Generator(device=device).manual_seed(cfg.seed + b)
@@ -103,7 +104,7 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
             new_tokens += batch_tokens
             decoded += len(batch)
             metrics.generate_tokens_total.inc(batch_tokens)
-            _report(bar, len(batch), len(done), len(test))
+            bar.update(len(batch))
 
     elapsed = time.perf_counter() - started
     tokens_per_second = new_tokens / elapsed if elapsed > 0 else 0.0
@@ -112,8 +113,7 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     final = output / RESPONSES_FILE
     atomic_write_text(final, json.dumps(results, indent=4) + "\n")
     progress_path.unlink()
-    if bar is not None:
-        bar.close()
+    bar.close()
     log.info(
         "generate_done",
         decoded=decoded,
@@ -123,18 +123,3 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
         path=str(final),
     )
     return final
-
-
-def _bar(total: int, initial: int):
-    if not stderr_is_terminal():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="response", desc="generate")
-
-
-def _report(bar, n: int, done: int, total: int) -> None:
-    if bar is not None:
-        bar.update(n)
-    else:
-        log.info("generate_progress", done=done, total=total)

@@ -16,7 +16,7 @@ from typing import Protocol
 from job.config import JudgeConfig
 from job.data import PROMPT_STYLES
 from job.errors import JobError, TransientError
-from job.observability import Metrics, get_logger, stderr_is_terminal
+from job.observability import Metrics, Progress, get_logger, stderr_is_terminal
 from job.storage import atomic_write_text, read_progress
 
 log = get_logger(__name__)
@@ -371,7 +371,8 @@ def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge: JudgeBack
 def _score_all(judge, cfg, entries, todo, records, progress_path, metrics) -> list[Scored]:
     """Ask for every entry in ``todo``; a reply (scored or not) is appended to the progress file and
     ``records``, a failed request is not: it stays pending for a rerun. Returns the failures."""
-    failures = []
+    failures, scores = [], [r["score"] for r in records.values() if r["score"] is not None]
+    bar = Progress("judge", len(entries), len(records), "entry", metrics)
     with open(progress_path, "a") as progress, ThreadPoolExecutor(cfg.judge_concurrency) as pool:
         futures = [pool.submit(score_one, judge, cfg, i, entries[i], metrics) for i in todo]
         for future in as_completed(futures):
@@ -391,6 +392,9 @@ def _score_all(judge, cfg, entries, todo, records, progress_path, metrics) -> li
             progress.write(json.dumps(record) + "\n")
             progress.flush()
             records[result.index] = record
+            scores += [result.score] if result.score is not None else []
+            bar.update(1, mean_score=round(statistics.fmean(scores), 1) if scores else None)
+    bar.close()
     return failures
 
 

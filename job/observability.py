@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -61,6 +62,68 @@ def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
+class Progress:
+    """A long loop's progress: a tqdm bar on a terminal; off it, a ``progress`` event (``fraction``,
+    ``eta_s`` and the loop's own fields) at most every ``every_s`` seconds and at the end. Either
+    way the ``sft_job_progress_fraction`` and ``sft_job_eta_seconds`` gauges follow it."""
+
+    def __init__(
+        self,
+        stage: str,
+        total: int,
+        done: int = 0,
+        unit: str = "it",
+        metrics: Metrics | None = None,
+        every_s: float = 10.0,
+        clock=time.monotonic,
+        terminal: bool | None = None,
+    ):
+        self.stage, self.total, self.done, self.metrics, self.every_s, self.clock = (
+            stage,
+            total,
+            done,
+            metrics,
+            every_s,
+            clock,
+        )
+        self.started, self.start_done, self.last_event = clock(), done, None
+        self.bar = None
+        if stderr_is_terminal() if terminal is None else terminal:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit=unit, desc=stage, dynamic_ncols=True, leave=True)
+
+    def update(self, n: int = 1, **fields) -> None:
+        self.done += n
+        elapsed, made = self.clock() - self.started, self.done - self.start_done
+        eta = elapsed / made * (self.total - self.done) if made > 0 else None
+        fraction = self.done / self.total if self.total else 1.0
+        if self.metrics is not None:
+            self.metrics.progress_fraction.labels(stage=self.stage).set(fraction)
+            if eta is not None:
+                self.metrics.eta_seconds.labels(stage=self.stage).set(eta)
+        if self.bar is not None:
+            self.bar.set_postfix(fields, refresh=False)
+            self.bar.update(n)
+            return
+        now, finished = self.clock(), self.done >= self.total
+        if finished or self.last_event is None or now - self.last_event >= self.every_s:
+            self.last_event = now
+            get_logger(__name__).info(
+                "progress",
+                stage=self.stage,
+                done=self.done,
+                total=self.total,
+                fraction=round(fraction, 4),
+                eta_s=None if eta is None else round(eta, 1),
+                **fields,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @dataclass
 class Metrics:
     """Every metric the job exports, in a registry of its own (tests read exact values)."""
@@ -93,6 +156,8 @@ class Metrics:
             p + "last_success_timestamp_seconds", "When the job last finished successfully", registry=r
         )
         self.info = Gauge(p + "info", "Job identity", ["version", "model", "run_id"], registry=r)
+        self.progress_fraction = Gauge(p + "progress_fraction", "Share of a stage's loop done", ["stage"], registry=r)
+        self.eta_seconds = Gauge(p + "eta_seconds", "Estimated seconds left in a stage's loop", ["stage"], registry=r)
 
     def value(self, name: str, labels: dict | None = None) -> float | None:
         """A sample's current value, by its full exported name (for tests and summaries)."""

@@ -78,3 +78,67 @@ def test_the_openai_compatible_backend_accepts_a_name_for_name_latest(tmp_path, 
         server.stop()
     assert result.returncode == 0, result.stderr
     assert [e for e in events(result.stdout) if e["event"] == "judge_summary"][0]["scored"] == 2
+
+
+def test_progress_events_off_a_terminal_come_at_most_every_10_seconds_with_fraction_and_eta(capsys):
+    import io
+
+    from job.observability import Metrics, Progress, configure_logging
+
+    out = io.StringIO()
+    configure_logging("json", stream=out)
+    now = [0.0]
+    metrics = Metrics()
+    progress = Progress("train", 100, 0, "step", metrics, every_s=10.0, clock=lambda: now[0], terminal=False)
+    for _ in range(100):
+        now[0] += 0.5  # a step every half second: 50 s in all
+        progress.update(1, epoch=1)
+    logged = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["done"] for e in logged] == [1, 21, 41, 61, 81, 100]  # the first, one per 10 s, the last
+    assert {e["event"] for e in logged} == {"progress"} and all(e["stage"] == "train" for e in logged)
+    assert logged[1]["fraction"] == 0.21 and logged[1]["eta_s"] == 39.5 and logged[-1]["eta_s"] == 0.0
+    assert metrics.value("sft_job_progress_fraction", {"stage": "train"}) == 1.0
+
+
+def test_a_terminal_sees_the_training_and_judge_bars(shared_data, tmp_path):
+    """stderr on a pseudo-terminal, as a person running the job sees it."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import time
+
+    from tests.helpers import REPO
+
+    server = FakeOllama().start()
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
+    try:
+        args = smoke_run(shared_data, tmp_path / "runs", "tty", "--judge-url", server.url)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "job.cli", *map(str, args)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+            env={**os.environ, "COLUMNS": "120"},
+        )
+        os.close(secondary)
+        seen, deadline = b"", time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the terminal closed: the job is done
+                break
+            if not chunk:
+                break
+            seen += chunk
+        proc.wait(timeout=60)
+    finally:
+        server.stop()
+        os.close(primary)
+    assert proc.returncode == 0
+    text = seen.decode(errors="replace")
+    assert "train: 100%" in text and "10/10" in text and "val_loss=" in text
+    assert "judge: 100%" in text and "8/8" in text and "mean_score=" in text

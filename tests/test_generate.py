@@ -167,7 +167,9 @@ def test_restart_after_a_kill_decodes_only_the_missing_entries(wide_context_mode
         "json",
     ]
     proc = start_cli(*args, "--output", tmp_path / "cut")
-    progress = wait_for_event(proc, lambda e: e.get("event") == "generate_progress" and e["done"] >= 30)
+    progress = wait_for_event(
+        proc, lambda e: e.get("event") == "progress" and e["stage"] == "generate" and e["done"] >= 30
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert not (tmp_path / "cut" / RESPONSES_FILE).exists()
