@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 
 import click
+import cloup
 import yaml
 
 from job import __version__
@@ -53,7 +54,7 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     return value
 
 
-def config_option(f):
+def _config_option():
     return click.option(
         "--config",
         type=click.Path(dir_okay=False),
@@ -61,17 +62,62 @@ def config_option(f):
         expose_value=False,
         callback=_load_config_file,
         help="YAML file of option values (keys are the flags' names with underscores).",
-    )(f)
+    )
 
 
-def dataclass_options(cls: type, exclude: tuple[str, ...] = ()):
-    """A click option for every field of a config dataclass, help text from its docstring."""
+def _log_format_option():
+    return click.option(
+        "--log-format",
+        type=click.Choice(["auto", "json", "console"]),
+        default="auto",
+        show_default=True,
+        help="JSON lines, or a readable console on a terminal.",
+    )
+
+
+# --help's sections, in order: what people use first, then by concern. A field not named here goes
+# to the section of the dataclass that declares it.
+COMMON = ("output", "run_id", "smoke", "skip_judge", "model", "model_dir", "responses", "data")  # in this order
+SECTIONS = {
+    "Storage": ("cache", "base_url", "scratch", "s3_endpoint_url", "s3_retry_timeout", "lock_lease", "source"),
+    "Observability": ("metrics_port", "metrics_address", "pushgateway", "require_gpu"),
+}
+DECLARED_IN = {
+    "ModelSourceConfig": "Finetune",
+    "DataConfig": "Data",
+    "FinetuneConfig": "Finetune",
+    "DecodingSettings": "Generate",
+    "GenerateConfig": "Generate",
+    "JudgeSettings": "Judge",
+    "JudgeConfig": "Judge",
+    "RunConfig": "Run",
+    "DownloadConfig": "Download",
+}
+
+
+def _section(cls: type, name: str) -> str:
+    if name in COMMON:
+        return "Common"
+    named = next((title for title, names in SECTIONS.items() if name in names), None)
+    declaring = next(k for k in reversed(cls.__mro__) if name in getattr(k, "__annotations__", {}))
+    return named or DECLARED_IN.get(declaring.__name__, "Options")
+
+
+def dataclass_options(cls: type):
+    """A click option for every field of a config dataclass, help text from its docstring, each
+    naming its SFT_JOB_* variable, in --help sections (common options first; cloup's option groups)."""
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
 
     def decorate(f):
-        for field in reversed(dataclasses.fields(cls)):
-            if field.name not in exclude:
-                f = _option(field, hints[field.name], docs.get(field.name, ""))(f)
+        sections: dict[str, list] = {"Common": [_config_option()]}
+        common_first = sorted(dataclasses.fields(cls), key=lambda f: COMMON.index(f.name) if f.name in COMMON else 99)
+        for field in common_first:
+            option = _option(field, hints[field.name], docs.get(field.name, ""))
+            sections.setdefault(_section(cls, field.name), []).append(option)
+        sections.setdefault("Observability", []).append(_log_format_option())
+        order = ["Common", *sorted(set(sections) - {"Common", "Storage", "Observability"}), "Storage", "Observability"]
+        for title in reversed([t for t in order if t in sections]):
+            f = cloup.option_group(f"{title} options", *sections[title])(f)
         f.config_class = cls  # for --config's type checks
         return f
 
@@ -85,14 +131,22 @@ def _option(field: dataclasses.Field, hint, help_text: str):
     args = typing.get_args(hint)
     if hint is bool:
         return click.option(
-            f"{flag}/--no-{flag[2:]}", default=default, envvar=envvar, show_default=True, help=help_text
+            f"{flag}/--no-{flag[2:]}",
+            default=default,
+            envvar=envvar,
+            show_default=True,
+            show_envvar=True,
+            help=help_text,
         )
     base = next((a for a in args if a is not type(None)), hint) if type(None) in args else hint
     if typing.get_origin(base) is typing.Literal:
         choice = click.Choice(typing.get_args(base))
-        return click.option(flag, type=choice, default=default, envvar=envvar, show_default=True, help=help_text)
+        return click.option(
+            flag, type=choice, default=default, envvar=envvar, show_default=True, show_envvar=True, help=help_text
+        )
+    shown = default is not None
     return click.option(
-        flag, type=base, default=default, envvar=envvar, show_default=default is not None, help=help_text
+        flag, type=base, default=default, envvar=envvar, show_default=shown, show_envvar=True, help=help_text
     )
 
 
@@ -103,17 +157,6 @@ def build(cls: type, params: dict):
         return cls(**{k: v for k, v in params.items() if k in names})
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-
-
-def _common(f):
-    f = click.option(
-        "--log-format",
-        type=click.Choice(["auto", "json", "console"]),
-        default="auto",
-        show_default=True,
-        help="JSON lines, or a readable console on a terminal.",
-    )(f)
-    return config_option(f)
 
 
 def _run(stage: str, runner, cfg, log_format: str):
@@ -163,9 +206,8 @@ def main():
     """Instruction-finetune GPT-2 as in chapter 7 of Build a Large Language Model (From Scratch)."""
 
 
-@main.command()
+@main.command(cls=cloup.Command)
 @dataclass_options(DownloadConfig)
-@_common
 def download(log_format, **params):
     """Fetch GPT-2 weights, the tokenizer and the dataset into the cache."""
     from job.download import run_download
@@ -173,9 +215,8 @@ def download(log_format, **params):
     _run("download", run_download, build(DownloadConfig, params), log_format)
 
 
-@main.command()
+@main.command(cls=cloup.Command)
 @dataclass_options(FinetuneConfig)
-@_common
 def finetune(log_format, **params):
     """Finetune GPT-2 on the instruction data (accelerate; resumes from the output's checkpoints)."""
     from job.finetune import run_finetune
@@ -183,9 +224,8 @@ def finetune(log_format, **params):
     _run("finetune", run_finetune, build(FinetuneConfig, params), log_format)
 
 
-@main.command()
+@main.command(cls=cloup.Command)
 @dataclass_options(GenerateConfig)
-@_common
 def generate(log_format, **params):
     """Generate responses for the test split (batched KV-cache decoding; resumes where it stopped)."""
     from job.generate import run_generate
@@ -193,9 +233,8 @@ def generate(log_format, **params):
     _run("generate", run_generate, build(GenerateConfig, params), log_format)
 
 
-@main.command()
+@main.command(cls=cloup.Command)
 @dataclass_options(JudgeConfig)
-@_common
 def judge(log_format, **params):
     """Score responses 0-100 with an LLM judge (Ollama sidecar or OpenAI-compatible server)."""
     from job.judge import run_judge
@@ -203,9 +242,8 @@ def judge(log_format, **params):
     _run("judge", run_judge, build(JudgeConfig, params), log_format)
 
 
-@main.command()
+@main.command(cls=cloup.Command)
 @dataclass_options(RunConfig)
-@_common
 def run(log_format, **params):
     """Preflight, then download, finetune, generate and judge into one run folder (local or S3)."""
     from job.pipeline import run_pipeline

@@ -10,23 +10,28 @@ import dataclasses
 import inspect
 import os
 import re
-import textwrap
 import types
 import typing
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-import torch
-
 from job.errors import ConfigError
-from job.model import MODEL_NAMES, ModelName
+from job.sizes import MODEL_NAMES, ModelName
 
 MIRROR_SCHEMES = ("http", "https", "s3")
 SECRET = {"secret": True}  # field metadata: the value never leaves memory (config.yaml, logs, checkpoints)
 REDACTED = "<redacted>"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sft-job")
+
+
+@cache
+def _class_bodies(path: str) -> dict[str, list[ast.stmt]]:
+    """Every class body in a source file, parsed once (inspect.getsource per class costs ~15 ms)."""
+    tree = ast.parse(Path(path).read_text())
+    return {node.name: node.body for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
 
 
 @cache
@@ -36,8 +41,7 @@ def field_docs(cls: type) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        body = tree.body[0].body
+        body = _class_bodies(inspect.getsourcefile(klass))[klass.__name__]
         for node, nxt in zip(body, body[1:], strict=False):
             if (
                 isinstance(node, ast.AnnAssign)
@@ -304,6 +308,8 @@ def resolve_precision(precision: str) -> str:
     """``precision`` with auto made concrete: bf16 on a CUDA device that supports it, else fp32."""
     if precision != "auto":
         return precision
+    import torch  # here, not at the top: `sft-job --help` must not wait for torch
+
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 

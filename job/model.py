@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from job.sizes import MODEL_NAMES, OPENAI_SIZE_NAMES, ModelName  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -50,20 +51,11 @@ class GPTConfig:
 
 
 # The book's four sizes (section 7.5), keyed by the names users type.
-ModelName = Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"]
-MODEL_NAMES: tuple[ModelName, ...] = get_args(ModelName)
 GPT2_SIZES: dict[ModelName, GPTConfig] = {
     "gpt2-small": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),
     "gpt2-medium": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),
     "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),
     "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),
-}
-# OpenAI's folder names for the same sizes.
-OPENAI_SIZE_NAMES: dict[ModelName, str] = {
-    "gpt2-small": "124M",
-    "gpt2-medium": "355M",
-    "gpt2-large": "774M",
-    "gpt2-xl": "1558M",
 }
 
 
