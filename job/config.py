@@ -415,7 +415,8 @@ def result_changes(saved: dict, current: dict) -> list[str]:
 
 # --smoke: few entries rather than few steps, so the run still crosses both epoch ends (with their
 # checkpoints and samples), the code that runs only at those moments.
-SMOKE_PRESET = {"train_limit": 40, "epochs": 2, "limit": 8, "max_new_tokens": 16}
+# It samples (temperature 1, top-k 50), so the judge sees text: a random model's greedy answer is empty.
+SMOKE_PRESET = {"train_limit": 40, "epochs": 2, "limit": 8, "max_new_tokens": 16, "temperature": 1.0, "top_k": 50}
 
 
 @dataclass
@@ -432,7 +433,8 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings):
     """Stop after generating responses (no judge server needed)."""
     smoke: bool = False
     """Plumbing check in a minute: a random 2-layer GPT-2 (no weight download) trained on 40 entries for 2 epochs
-    (each epoch's end, checkpoint and sample happen), 8 test entries, 16 new tokens; options given by hand win."""
+    (each epoch's end, checkpoint and sample happen), 8 test entries, 16 sampled new tokens; options given by hand
+    win."""
     require_gpu: bool = False
     """Fail at preflight unless a CUDA device is present."""
     s3_endpoint_url: str | None = None

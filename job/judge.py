@@ -146,8 +146,8 @@ class OllamaJudge:
             if exc.status_code >= 500 or exc.status_code == 429:
                 raise RetryableError(f"HTTP {exc.status_code}: {exc.error}") from None
             raise JudgeError(f"judge answered HTTP {exc.status_code}: {exc.error}") from None
-        except (ConnectionError, httpx.TransportError) as exc:
-            raise RetryableError(f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
+        except (ConnectionError, httpx.TransportError) as exc:  # the client's own text is a paragraph
+            raise RetryableError(type(exc).__name__) from None
         except ValueError as exc:  # a 200 whose body is not JSON, or not a chat reply: a failed request
             raise RetryableError(f"unreadable reply ({type(exc).__name__})") from None
 

@@ -11,6 +11,7 @@ import contextvars
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -191,13 +192,17 @@ class Pipeline:
         """The stages, with the run's lock held by the main process from start to end."""
         if not self.state.is_main_process:
             return self._run_stages()
+        local = isinstance(self.storage, LocalStorage)
+        fresh = local and not self.storage.root.exists()
         self.storage.check_writable()
         lock = run_lock(self.storage, self.run_id, parse_duration(self.cfg.lock_lease, "lock_lease"))
-        lock.acquire()
         try:
+            lock.acquire()
             return self._run_stages()
         finally:
             lock.release()
+            if fresh and not hasattr(self, "manifest"):  # failed before any stage: leave nothing behind
+                shutil.rmtree(self.storage.root, ignore_errors=True)
 
     def _check_same_run(self) -> str | None:
         """A rerun must ask for what the run was started with; returns the run's config.yaml."""

@@ -7,7 +7,7 @@ import os
 import socket
 import stat
 
-from tests.helpers import cli, events, smoke_run
+from tests.helpers import cli, events, free_port, smoke_run
 from tests.ollama_server import FakeOllama
 
 
@@ -142,3 +142,12 @@ def test_a_terminal_sees_the_training_and_judge_bars(shared_data, tmp_path):
     text = seen.decode(errors="replace")
     assert "train: 100%" in text and "10/10" in text and "val_loss=" in text
     assert "judge: 100%" in text and "8/8" in text and "mean_score=" in text
+
+
+def test_a_failed_preflight_leaves_no_run_folder_behind(shared_data, tmp_path):
+    missing = cli(*smoke_run(shared_data, tmp_path / "runs", "gone", "--skip-judge", "--data", tmp_path / "no.json"))
+    assert missing.returncode == 1 and "does not exist" in _one_line(missing)
+    dead_judge = f"http://127.0.0.1:{free_port()}"
+    silent = cli(*smoke_run(shared_data, tmp_path / "runs", "gone", "--judge-url", dead_judge, "--judge-wait", "1s"))
+    assert silent.returncode == 75 and "--skip-judge" in _one_line(silent)
+    assert not (tmp_path / "runs" / "gone").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -145,7 +146,8 @@ def assert_smoke_crossed_every_boundary(stdout: str, run_dir: Path) -> None:
     assert (config["train_limit"], config["epochs"], config["limit"], config["max_new_tokens"]) == (40, 2, 8, 16)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000005", "step-00000010"]
     assert (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "loss-plot.png").is_file()
-    assert (run_dir / "instruction-data-with-response.json").is_file()
+    responses = json.loads((run_dir / "instruction-data-with-response.json").read_text())
+    assert len(responses) == 8 and all(r["model_response"] for r in responses)  # sampled: text for the judge
 
 
 def test_smoke_run_crosses_an_epoch_end_its_checkpoint_and_sample(shared_data, tmp_path):
