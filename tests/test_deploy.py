@@ -270,15 +270,15 @@ def test_dashboard_queries_only_metrics_the_job_exports(tiny_model_dir, shared_d
     exported = {s.name for family in metrics.registry.collect() for s in family.samples}
     dashboard = json.loads((REPO / "deploy/grafana/dashboards/sft-job.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    exprs.append(dashboard["templating"]["list"][0]["query"]["query"])
+    exprs += [v["query"]["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
     used = {name for e in exprs for name in re.findall(r"\bsft_job_[a-z_]+", e)}
     assert used and used <= exported, used - exported
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for topic in ("loss", "tokens per second", "stage", "gpu memory", "generation", "judge score", "judge requests"):
         assert topic in titles
     datasource = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
-    assert datasource["datasources"][0]["uid"] == "prometheus"
-    assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {"prometheus"}
+    assert datasource["datasources"][0]["type"] == "prometheus"  # what the dashboard's variable offers
+    assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {"${datasource}"}
 
 
 @pytest.mark.parametrize("values", [None, GPU_S3_PVC_EXTERNAL], ids=["defaults", "gpu-s3-pvc-external"])
@@ -430,3 +430,33 @@ def test_the_judge_key_comes_only_from_a_secret_and_the_network_policy_allows_dn
     assert policy["ingress"][0]["ports"] == [{"port": 9100, "protocol": "TCP"}]
     assert "NetworkPolicy" not in _by_kind(_render(None)[0])  # opt-in
     assert yaml.safe_load(kinds["ConfigMap"]["data"]["job.yaml"])["metrics_address"] == "0.0.0.0"
+
+
+@pytest.mark.parametrize("name", ["values-gpu.yaml", "values-s3.yaml"])
+def test_example_values_render_valid_restricted_pods(name):
+    values = yaml.safe_load((REPO / "examples" / name).read_text())
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE}")
+    assert report["errors"] == [] and not [m for m in report["messages"] if m["severity"] >= 2], report
+    docs, _ = _render(values)
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE, strict=True)
+    pod = _by_kind(docs)["Job"]["spec"]["template"]["spec"]
+    assert [rule for rule, holds in RESTRICTED if not holds(pod)] == []
+
+
+@pytest.mark.parametrize("name", ["book.yaml", "smoke.yaml"])
+def test_example_job_files_are_valid_configs_and_the_book_file_is_the_default_recipe(name):
+    from job.config import RunConfig, check_value
+
+    data = yaml.safe_load((REPO / "examples" / name).read_text())
+    cfg = RunConfig(**{k: check_value(RunConfig, k, v) for k, v in data.items()})
+    if name == "book.yaml":
+        assert all(getattr(cfg, k) == getattr(RunConfig(), k) for k in data)  # the defaults are the book's
+
+
+def test_the_dashboard_asks_for_its_datasource_instead_of_naming_one():
+    text = (REPO / "deploy" / "grafana" / "dashboards" / "sft-job.json").read_text()
+    dashboard = json.loads(text)
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert '"uid": "prometheus"' not in text and text.count('"uid": "${datasource}"') >= len(dashboard["panels"])
