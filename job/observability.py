@@ -78,14 +78,8 @@ class Progress:
         clock=time.monotonic,
         terminal: bool | None = None,
     ):
-        self.stage, self.total, self.done, self.metrics, self.every_s, self.clock = (
-            stage,
-            total,
-            done,
-            metrics,
-            every_s,
-            clock,
-        )
+        self.stage, self.total, self.done, self.metrics = stage, total, done, metrics
+        self.every_s, self.clock = every_s, clock
         self.started, self.start_done, self.last_event = clock(), done, None
         self.bar = None
         if stderr_is_terminal() if terminal is None else terminal:

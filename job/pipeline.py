@@ -170,6 +170,7 @@ class Pipeline:
         scratch = Path(cfg.scratch) if cfg.scratch else Path(cfg.cache) / "scratch"
         self.work = self.storage.root if local else scratch / self.run_id
         self.resolved = redacted(cfg) | {"run_id": self.run_id}  # what config.yaml and checkpoints hold
+        self.manifest: Manifest | None = None  # set once the preflight passed
         from accelerate import PartialState
 
         self.state = PartialState()
@@ -201,7 +202,7 @@ class Pipeline:
             return self._run_stages()
         finally:
             lock.release()
-            if fresh and not hasattr(self, "manifest"):  # failed before any stage: leave nothing behind
+            if fresh and self.manifest is None:  # failed before any stage: leave nothing behind
                 shutil.rmtree(self.storage.root, ignore_errors=True)
 
     def _check_same_run(self) -> str | None:
