@@ -80,3 +80,9 @@ def smoke_run(shared_data: Path, output, run_id: str, *extra) -> list:
     data = shared_data / "instruction-data.json"
     common = ["--data", data, "--cache", shared_data, "--output", output, "--run-id", run_id]
     return ["run", "--smoke", *common, "--metrics-port", "0", "--log-format", "json", *extra]
+
+
+def finetune_run(model_dir: Path, shared_data: Path, output, *extra) -> list:
+    """``sft-job finetune`` arguments on the reference data, logging JSON."""
+    common = ["--data", shared_data / "instruction-data.json", "--cache", shared_data, "--output", output]
+    return ["finetune", "--model-dir", model_dir, *common, "--log-format", "json", *extra]

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.helpers import cli, events, free_port, smoke_run, start_cli, wait_for_event, wait_until
+from tests.helpers import cli, events, finetune_run, free_port, smoke_run, start_cli, wait_for_event, wait_until
 from tests.ollama_server import FakeOllama
 
 
@@ -252,25 +252,9 @@ def test_a_full_disk_is_one_line_exit_75_with_no_partial_checkpoint_and_the_earl
     small_disk, tiny_model_dir, shared_data
 ):
     out = small_disk / "ft"
-    args = [
-        "finetune",
-        "--model-dir",
-        tiny_model_dir,
-        "--data",
-        shared_data / "instruction-data.json",
-        "--cache",
-        shared_data,
-        "--output",
-        out,
-        "--max-steps",
-        "12",
-        "--checkpoint-every",
-        "4",
-        "--eval-freq",
-        "4",
-        "--log-format",
-        "json",
-    ]
+    args = finetune_run(
+        tiny_model_dir, shared_data, out, "--max-steps", "12", "--checkpoint-every", "4", "--eval-freq", "4"
+    )
     full = cli(*args)
     assert full.returncode == 75
     [line] = full.stderr.splitlines()

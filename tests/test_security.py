@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, cli, events, smoke_run
+from tests.helpers import REPO, cli, events, finetune_run, smoke_run
 from tests.ollama_server import FakeOllama
 
 
@@ -61,23 +61,7 @@ def test_a_symlink_in_the_scratch_folder_is_not_followed(s3, shared_data, tmp_pa
 
 
 def test_an_altered_checkpoint_is_skipped_and_the_previous_one_resumes(tiny_model_dir, shared_data, tmp_path):
-    args = [
-        "finetune",
-        "--model-dir",
-        tiny_model_dir,
-        "--data",
-        shared_data / "instruction-data.json",
-        "--cache",
-        shared_data,
-        "--output",
-        tmp_path / "ft",
-        "--checkpoint-every",
-        "4",
-        "--eval-freq",
-        "4",
-        "--log-format",
-        "json",
-    ]
+    args = finetune_run(tiny_model_dir, shared_data, tmp_path / "ft", "--checkpoint-every", "4", "--eval-freq", "4")
     first = cli(*args, "--max-steps", "8")
     assert first.returncode == 0, first.stderr
     latest = tmp_path / "ft" / "checkpoints" / "step-00000008"
