@@ -152,7 +152,7 @@ def _option(field: dataclasses.Field, hint, help_text: str):
 
 def build(cls: type, params: dict):
     """The config dataclass from parsed flags; a failed check is a one-line usage error."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = field_names(cls)
     try:
         return cls(**{k: v for k, v in params.items() if k in names})
     except ConfigError as exc:

@@ -384,15 +384,14 @@ def _score_all(judge, cfg, entries, todo, records, progress_path, metrics) -> li
                 continue
             if result.score is not None:
                 metrics.judge_score.observe(result.score)
+                scores.append(result.score)
             else:
                 log.warning("judge_unparsed", index=result.index, reply=result.judge_reply)
-            record = {"index": result.index, "score": result.score, "judge_reply": result.judge_reply}
-            record["outcome"] = result.outcome
+            record = {k: getattr(result, k) for k in ("index", "score", "judge_reply", "outcome")}
             # Only this thread writes: the workers just ask, and results arrive here one by one.
             progress.write(json.dumps(record) + "\n")
             progress.flush()
             records[result.index] = record
-            scores += [result.score] if result.score is not None else []
             bar.update(1, mean_score=round(statistics.fmean(scores), 1) if scores else None)
     bar.close()
     return failures

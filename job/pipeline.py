@@ -27,6 +27,7 @@ from job.config import (
     GenerateConfig,
     JudgeConfig,
     RunConfig,
+    field_names,
     parse_duration,
     redacted,
     result_changes,
@@ -166,9 +167,9 @@ class Pipeline:
         self.run_id = cfg.run_id or default_run_id(cfg)
         retry_timeout = parse_duration(cfg.s3_retry_timeout, "s3_retry_timeout")
         self.storage = open_storage(f"{cfg.output.rstrip('/')}/{self.run_id}", cfg.s3_endpoint_url, retry_timeout)
-        local = isinstance(self.storage, LocalStorage)
+        self.remote = not isinstance(self.storage, LocalStorage)  # S3: work in a local scratch folder
         scratch = Path(cfg.scratch) if cfg.scratch else Path(cfg.cache) / "scratch"
-        self.work = self.storage.root if local else scratch / self.run_id
+        self.work = scratch / self.run_id if self.remote else self.storage.root
         self.resolved = redacted(cfg) | {"run_id": self.run_id}  # what config.yaml and checkpoints hold
         self.manifest: Manifest | None = None  # set once the preflight passed
         from accelerate import PartialState
@@ -193,8 +194,7 @@ class Pipeline:
         """The stages, with the run's lock held by the main process from start to end."""
         if not self.state.is_main_process:
             return self._run_stages()
-        local = isinstance(self.storage, LocalStorage)
-        fresh = local and not self.storage.root.exists()
+        fresh = not self.remote and not self.storage.root.exists()
         self.storage.check_writable()
         lock = run_lock(self.storage, self.run_id, parse_duration(self.cfg.lock_lease, "lock_lease"))
         try:
@@ -223,8 +223,7 @@ class Pipeline:
             saved = self._check_same_run()
             self.preflight()
             self.work.mkdir(parents=True, exist_ok=True)
-            local = isinstance(self.storage, LocalStorage)
-            self.manifest = Manifest(self.storage, self.run_id, None if local else self.work / "manifest.json")
+            self.manifest = Manifest(self.storage, self.run_id, self.work / "manifest.json" if self.remote else None)
             if saved is None:
                 self.storage.put_text("config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
             self.metrics.info.labels(version=__version__, model=self._model_label(), run_id=self.run_id).set(1)
@@ -309,11 +308,11 @@ class Pipeline:
     def finetune(self) -> list[str]:
         cfg = self.cfg
         # Each node resumes from its own scratch folder, so the first process of every node fetches.
-        if self.state.is_local_main_process and not isinstance(self.storage, LocalStorage):
+        if self.state.is_local_main_process and self.remote:
             self._fetch_remote_checkpoint()
         self.state.wait_for_everyone()
-        uploader = None if isinstance(self.storage, LocalStorage) else CheckpointUploader(self.storage, self.metrics)
-        fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        uploader = CheckpointUploader(self.storage, self.metrics) if self.remote else None
+        fields = field_names(FinetuneConfig)
         overrides = {"output": str(self.work), "model_dir": self._start_model_dir()}
         ft = FinetuneConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields} | overrides)
         try:
@@ -388,7 +387,7 @@ class Pipeline:
         return [RESPONSES_FILE]
 
     def judge_config(self) -> JudgeConfig:
-        fields = {f.name for f in dataclasses.fields(JudgeConfig)}
+        fields = field_names(JudgeConfig)
         settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k in fields and k != "output"}
         return JudgeConfig(**settings, responses=str(self.work / RESPONSES_FILE), output=str(self.work))
 

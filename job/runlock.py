@@ -142,6 +142,8 @@ class S3RunLock:
     def release(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        if self.etag is None:  # never acquired: the lock (if any) is another process's
+            return
         self.stop.set()
         if self.renewer is not None:
             self.renewer.join()

@@ -105,16 +105,10 @@ def contained_path(root: Path, key: str) -> Path:
     empty, ``.`` or ``..`` part, a backslash or a NUL, or whose path passes through a symlink, would
     leave ``root`` or could: it is refused, naming the key."""
     parts = key.split("/")
-    bad = key.startswith("/") or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts)
-    path = Path(root)
-    for part in parts:
-        if bad:
-            break
-        path = path / part
-        bad = path.is_symlink()
-    if bad:
+    unsafe = key.startswith("/") or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts)
+    if unsafe or any(Path(root).joinpath(*parts[:n]).is_symlink() for n in range(1, len(parts) + 1)):
         raise UnsafeKeyError(f"refusing storage key {key!r}: it would be written outside {root}")
-    return path
+    return Path(root).joinpath(*parts)
 
 
 def ensure_room(folder: Path, needed: int, what: str) -> None:
