@@ -61,6 +61,8 @@ def full_recipe(setup: Setup) -> dict:
             precision=setup.precision,
             compile=setup.compile,
             checkpoint_every=10_000,
+            data_order="book",
+            untie_head=True,  # the book's batches and its untied head: the book's loss curve
             keep_checkpoints=1,
             **RECIPE,
         )

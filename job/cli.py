@@ -65,14 +65,22 @@ def _config_option():
     )
 
 
-def _log_format_option():
-    return click.option(
-        "--log-format",
-        type=click.Choice(["auto", "json", "console"]),
-        default="auto",
-        show_default=True,
-        help="JSON lines, or a readable console on a terminal.",
-    )
+def _log_options():
+    return [
+        click.option(
+            "--log-format",
+            type=click.Choice(["auto", "json", "console", "book"]),
+            default="auto",
+            show_default=True,
+            help="JSON lines, a readable console (auto on a terminal), or book: only the lines the book's code "
+            "prints (Ep 1 (Step 000000): Train loss ..., the epoch samples, the training time).",
+        ),
+        click.option(
+            "--log-file",
+            type=click.Path(dir_okay=False),
+            help="Also append every event to this file as JSON lines, whatever --log-format shows.",
+        ),
+    ]
 
 
 # --help's sections, in order: what people use first, then by concern. A field not named here goes
@@ -114,7 +122,7 @@ def dataclass_options(cls: type):
         for field in common_first:
             option = _option(field, hints[field.name], docs.get(field.name, ""))
             sections.setdefault(_section(cls, field.name), []).append(option)
-        sections.setdefault("Observability", []).append(_log_format_option())
+        sections.setdefault("Observability", []).extend(_log_options())
         order = ["Common", *sorted(set(sections) - {"Common", "Storage", "Observability"}), "Storage", "Observability"]
         for title in reversed([t for t in order if t in sections]):
             f = cloup.option_group(f"{title} options", *sections[title])(f)
@@ -159,10 +167,13 @@ def build(cls: type, params: dict):
         raise click.UsageError(str(exc)) from None
 
 
-def _run(stage: str, runner, cfg, log_format: str):
+def _run(stage: str, runner, cfg, log_format: str, log_file: str | None = None):
     """Logs and metrics set up, then the stage. Whatever fails ends as errors.py's contract says:
     one line on stderr, one log event (with the traceback, for a bug), the table's exit code."""
-    configure_logging(log_format)
+    try:
+        configure_logging(log_format, log_file=log_file)
+    except OSError as exc:
+        _fail(ExitCode.BAD_CONFIG, f"--log-file {log_file}: {exc.strerror or exc}")
     bind(stage=stage, rank=int(os.environ.get("RANK", "0")))
     log = get_logger("sft_job")
     try:
@@ -208,47 +219,47 @@ def main():
 
 @main.command(cls=cloup.Command)
 @dataclass_options(DownloadConfig)
-def download(log_format, **params):
+def download(log_format, log_file, **params):
     """Fetch GPT-2 weights, the tokenizer and the dataset into the cache."""
     from job.download import run_download
 
-    _run("download", run_download, build(DownloadConfig, params), log_format)
+    _run("download", run_download, build(DownloadConfig, params), log_format, log_file)
 
 
 @main.command(cls=cloup.Command)
 @dataclass_options(FinetuneConfig)
-def finetune(log_format, **params):
+def finetune(log_format, log_file, **params):
     """Finetune GPT-2 on the instruction data (accelerate; resumes from the output's checkpoints)."""
     from job.finetune import run_finetune
 
-    _run("finetune", run_finetune, build(FinetuneConfig, params), log_format)
+    _run("finetune", run_finetune, build(FinetuneConfig, params), log_format, log_file)
 
 
 @main.command(cls=cloup.Command)
 @dataclass_options(GenerateConfig)
-def generate(log_format, **params):
+def generate(log_format, log_file, **params):
     """Generate responses for the test split (batched KV-cache decoding; resumes where it stopped)."""
     from job.generate import run_generate
 
-    _run("generate", run_generate, build(GenerateConfig, params), log_format)
+    _run("generate", run_generate, build(GenerateConfig, params), log_format, log_file)
 
 
 @main.command(cls=cloup.Command)
 @dataclass_options(JudgeConfig)
-def judge(log_format, **params):
+def judge(log_format, log_file, **params):
     """Score responses 0-100 with an LLM judge (Ollama sidecar or OpenAI-compatible server)."""
     from job.judge import run_judge
 
-    _run("judge", run_judge, build(JudgeConfig, params), log_format)
+    _run("judge", run_judge, build(JudgeConfig, params), log_format, log_file)
 
 
 @main.command(cls=cloup.Command)
 @dataclass_options(RunConfig)
-def run(log_format, **params):
+def run(log_format, log_file, **params):
     """Preflight, then download, finetune, generate and judge into one run folder (local or S3)."""
     from job.pipeline import run_pipeline
 
-    _run("run", run_pipeline, build(RunConfig, params), log_format)
+    _run("run", run_pipeline, build(RunConfig, params), log_format, log_file)
 
 
 def entrypoint(argv: list[str] | None = None) -> None:

@@ -231,6 +231,12 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
     """Leave the prompt's tokens out of the loss (exercise 7.2)."""
     train_limit: int | None = None
     """Train on only the first N entries of the training split (smoke runs); validation and test are unchanged."""
+    data_order: Literal["book", "seeded"] = "book"
+    """book: exactly the batches and training-loss estimates of the book's train_model_simple after
+    torch.manual_seed(seed) (its DataLoaders' draws replayed); seeded: one shuffle per epoch from the seed."""
+    untie_head: bool = False
+    """Train the output head as its own copy of the token embeddings, as the book's load_weights_into_gpt
+    leaves it (with --data-order book, the book's numbers exactly); the saved model then has both."""
 
     def __post_init__(self) -> None:
         ModelSourceConfig.__post_init__(self)

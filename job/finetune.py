@@ -34,6 +34,7 @@ from job.download import model_dir as cached_model_dir
 from job.errors import JobError, TransientError
 from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
 from job.observability import Metrics, Progress, get_logger
+from job.order import data_order
 from job.storage import atomic_path, atomic_write_text, ensure_room
 from job.tokenizer import load_tokenizer
 from job.weights import book_state_dict, load_pretrained, save_hf
@@ -56,7 +57,9 @@ class TrainState:
     batch_in_epoch: int = 0
     """Global batches of the current epoch already consumed."""
     tokens_seen: int = 0
-    """Input tokens (padding included, as the book counts) trained on."""
+    """Input tokens of the global batches trained on, padding included, as the book counts them
+    (``input_batch.numel()``): the same however the batch is split into processes and micro-batches."""
+
     history: list[dict] = field(default_factory=list)
 
 
@@ -119,12 +122,6 @@ def compile_blocks(model: GPTModel) -> None:
         block.compile(dynamic=True)
 
 
-def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The epoch's shuffled global batches (drop_last), the same on every process and every rerun."""
-    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [order[i : i + batch_size] for i in range(0, n_examples - batch_size + 1, batch_size)]
-
-
 class Trainer:
     """The book's ``train_model_simple`` on an ``Accelerator``, with checkpoints and preemption."""
 
@@ -156,6 +153,8 @@ class Trainer:
         self.target_counts = [int((self.collate([e])[1] != IGNORE_INDEX).sum()) for e in prep.train]
         torch.manual_seed(cfg.seed)
         model = prep.model
+        if cfg.untie_head:
+            model.untie_head()
         if cfg.compile:
             compile_blocks(model)
         # The fused kernel (CUDA and CPU) does the whole update in one pass over the parameters.
@@ -163,11 +162,15 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.state = TrainState()
         self._saved_step: int | None = None
+        self.loop_seconds = 0.0
         self.checkpointer = CheckpointManager(
             self.checkpoints, self.accelerator, self.model, self.optimizer, cfg.keep_checkpoints, metrics, on_checkpoint
         )
         self._signalled = threading.Event()
         self.batches_per_epoch = len(prep.train) // cfg.batch_size
+        self.order = data_order(
+            cfg.data_order, len(prep.train), cfg.batch_size, cfg.epochs, cfg.eval_freq, cfg.eval_iter, cfg.seed
+        )
         if self.batches_per_epoch == 0:
             raise JobError(f"training split of {len(prep.train)} entries is smaller than --batch-size {cfg.batch_size}")
         self.total_steps = cfg.epochs * self.batches_per_epoch
@@ -186,9 +189,12 @@ class Trainer:
         self.progress = Progress(
             "train", self.total_steps, self.state.step, "step", self.metrics, terminal=None if self.is_main else False
         )
+        started, checkpointing = time.perf_counter(), self.checkpointer.seconds
         try:
             self._loop()
         finally:
+            # What the book times (its loop, evaluations and samples), without our checkpoints.
+            self.loop_seconds = time.perf_counter() - started - (self.checkpointer.seconds - checkpointing)
             restore()
             self.progress.close()
         return self.state
@@ -197,7 +203,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         started, tokens_at_start = time.perf_counter(), st.tokens_seen
         while st.epoch < cfg.epochs and st.step < self.total_steps:
-            batches = epoch_batches(len(self.prep.train), cfg.batch_size, cfg.seed, st.epoch)
+            batches = self.order.epoch_batches(st.epoch)
             while st.batch_in_epoch < len(batches) and st.step < self.total_steps:
                 tokens = self._train_step(batches[st.batch_in_epoch])
                 st.batch_in_epoch += 1
@@ -229,8 +235,8 @@ class Trainer:
         """One optimizer step over ``global_batch`` (--batch-size examples): this process's share, in
         --grad-accum micro-batches; returns the tokens trained on."""
         self.model.train()
-        tokens = 0
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        examples = [self.prep.train[j] for j in global_batch]
         share = self.cfg.batch_size // world
         mine = global_batch[rank * share : (rank + 1) * share]
         micro_batches = [mine[i : i + self.micro] for i in range(0, share, self.micro)]
@@ -246,20 +252,18 @@ class Trainer:
                 with self.accelerator.autocast():
                     loss = self.model(inputs, targets=targets, reduction="sum")
                 self.accelerator.backward(loss * (world / counted))
-            tokens += inputs.numel() * self.accelerator.num_processes
         if self.cfg.grad_clip is not None:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return tokens
+        # The book's count: the global batch padded to its longest example (capped), whatever the split.
+        return len(examples) * min(max(len(e.token_ids) for e in examples), self.prep.max_length)
 
     @torch.no_grad()
-    def _loss(self, examples: list[Example]) -> float:
-        """Mean of the first ``eval_iter`` batches' losses (the book's ``calc_loss_loader``)."""
+    def _loss(self, batches: list[list[Example]]) -> float:
+        """Mean of the batches' losses (the book's ``calc_loss_loader`` over its first ``eval_iter``)."""
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        n = self.cfg.batch_size
-        batches = [examples[i : i + n] for i in range(0, len(examples), n)][: self.cfg.eval_iter]
         total = torch.zeros((), device=self.accelerator.device)
         for batch in batches:
             inputs, targets = self.collate(batch)
@@ -268,8 +272,10 @@ class Trainer:
         return total.item() / len(batches)  # one device sync per evaluation, not one per batch
 
     def _evaluate(self) -> None:
-        st = self.state
-        train_loss, val_loss = self._loss(self.prep.train), self._loss(self.prep.val)
+        st, n = self.state, self.cfg.batch_size
+        estimate = [[self.prep.train[j] for j in batch] for batch in self.order.estimate_batches(st.step - 1)]
+        val = [self.prep.val[i : i + n] for i in range(0, len(self.prep.val), n)][: self.cfg.eval_iter]
+        train_loss, val_loss = self._loss(estimate), self._loss(val)
         st.history.append(
             {
                 "step": st.step - 1,
@@ -286,8 +292,8 @@ class Trainer:
                 "eval",
                 step=st.step - 1,
                 epoch=st.epoch + 1,
-                train_loss=round(train_loss, 4),
-                val_loss=round(val_loss, 4),
+                train_loss=train_loss,
+                val_loss=val_loss,
                 tokens_seen=st.tokens_seen,
             )
 
@@ -307,22 +313,25 @@ class Trainer:
             m.gpu_memory_allocated_bytes.set(torch.cuda.memory_allocated())
 
     def _log_sample(self) -> None:
-        """The book's sample after each epoch: greedy response to the first validation prompt."""
+        """The book's sample after each epoch: 50 greedy tokens after the first validation prompt
+        (``generated``, past any end-of-text as the book decodes; ``response``, up to it)."""
         if not self.is_main:
             return
-        from job.tokenizer import encode
+        from job.tokenizer import END_OF_TEXT_ID, encode
 
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         prompt = encode(self.prep.tokenizer, self.prep.sample_prompt)
         # Decoding runs eagerly: its per-step shapes and cache writes would only make compiled blocks recompile.
         with self.accelerator.autocast(), torch.compiler.set_stance("force_eager"):
-            [new] = generate(model, [prompt], max_new_tokens=50)
+            [new] = generate(model, [prompt], max_new_tokens=50, eos_id=None)
+        end = new.index(END_OF_TEXT_ID) if END_OF_TEXT_ID in new else len(new)
         log.info(
             "sample",
             epoch=self.state.epoch + 1,
             prompt=self.prep.sample_prompt,
-            response=self.prep.tokenizer.decode(new),
+            response=self.prep.tokenizer.decode(new[:end]),
+            generated=self.prep.tokenizer.decode(new),
         )
 
     # --- checkpoints -------------------------------------------------------------------------
@@ -427,6 +436,7 @@ def run_finetune(
             "finetune_done",
             steps=trainer.state.step,
             tokens_seen=trainer.state.tokens_seen,
+            loop_seconds=round(trainer.loop_seconds, 2),
             final_val_loss=trainer.state.history[-1]["val_loss"] if trainer.state.history else None,
         )
     return outputs

@@ -149,7 +149,8 @@ class Block(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """GPT-2: token + position embeddings, pre-LayerNorm blocks, final LayerNorm, tied output head."""
+    """GPT-2: token + position embeddings, pre-LayerNorm blocks, final LayerNorm, output head tied
+    to the token embeddings (``untie_head`` gives it its own copy, as the book's weight loading does)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -221,6 +222,16 @@ class GPTModel(nn.Module):
         own = k_slot == q_slot
         mask = (causal & keys) | own  # (B, T, S)
         return positions, mask[:, None]  # (B, 1, T, S)
+
+    @property
+    def head_tied(self) -> bool:
+        return self.lm_head.weight is self.wte.weight
+
+    def untie_head(self) -> None:
+        """Give the output head its own copy of the token embeddings, trained apart from them: the
+        book's ``load_weights_into_gpt`` assigns OpenAI's ``wte`` to both as separate parameters."""
+        if self.head_tied:
+            self.lm_head.weight = nn.Parameter(self.wte.weight.detach().clone())
 
     def num_parameters(self, tied: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())

@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
+from pathlib import Path
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -25,12 +26,15 @@ class StageStatus(IntEnum):
     FAILED = 3
 
 
-def configure_logging(log_format: str = "auto", level: str = "info", stream=None) -> None:
-    """JSON lines on stdout, or a readable console renderer on a terminal / when asked."""
+def configure_logging(log_format: str = "auto", level: str = "info", stream=None, log_file: str | None = None) -> None:
+    """Events on stdout as JSON lines, a readable console (on a terminal, or when asked) or the book's
+    printed lines (``book``: the evaluations, epoch samples and training time, nothing else); with
+    ``log_file`` every event also goes to that file as JSON, whatever stdout shows."""
     stream = stream or sys.stdout
     if log_format == "auto":
         log_format = "console" if stream.isatty() else "json"
-    renderer = structlog.dev.ConsoleRenderer() if log_format == "console" else structlog.processors.JSONRenderer()
+    renderers = {"console": structlog.dev.ConsoleRenderer, "json": structlog.processors.JSONRenderer}
+    renderer = renderers[log_format]() if log_format in renderers else book_line
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -38,14 +42,44 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream=None
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             # Tracebacks without frame locals: a local can hold a secret (an API key, a credential).
             structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
-            if log_format == "json"
+            if log_format == "json" or log_file
             else structlog.processors.format_exc_info,
+            *([JsonFileCopy(log_file)] if log_file else []),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+
+
+class JsonFileCopy:
+    """A processor that appends each event to a file as a JSON line and passes it on unchanged."""
+
+    def __init__(self, path: str):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115  (open for the process's life)
+        self.render = structlog.processors.JSONRenderer()
+
+    def __call__(self, logger, method: str, event_dict: dict) -> dict:
+        self.file.write(self.render(logger, method, dict(event_dict)) + "\n")
+        return event_dict
+
+
+def book_line(logger, method: str, event_dict: dict) -> str:
+    """The line the book's code prints for the events it prints (``train_model_simple``'s evaluations
+    and epoch samples, the chapter's training time); every other event is dropped from stdout."""
+    event = event_dict["event"]
+    if event == "eval":
+        return (
+            f"Ep {event_dict['epoch']} (Step {event_dict['step']:06d}): "
+            f"Train loss {event_dict['train_loss']:.3f}, Val loss {event_dict['val_loss']:.3f}"
+        )
+    if event == "sample":  # generate_and_print_sample: prompt and continuation on one line
+        return (event_dict["prompt"] + event_dict["generated"]).replace("\n", " ")
+    if event == "finetune_done":
+        return f"Training completed in {event_dict['loop_seconds'] / 60:.2f} minutes."
+    raise structlog.DropEvent
 
 
 def bind(**fields) -> None:

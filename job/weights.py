@@ -64,13 +64,15 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> GPT
     else:
         cfg, tensors = _read_openai(path)
     model = GPTModel(cfg)
+    if "lm_head.weight" in tensors:  # saved untied (the book's way of training, or a merged LoRA head)
+        model.untie_head()
     assign_weights(model, tensors, source=str(path))
     return model.to(dtype)
 
 
 def assign_weights(model: GPTModel, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``tensors`` (our names) into ``model``, checking that every weight is present and fits."""
-    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.head_tied}
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise WeightsError(f"{source}: missing tensor {missing[0]} ({len(missing)} missing in all)")
@@ -125,11 +127,12 @@ def _read_hf(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
 
     cfg = _config(path / "config.json", config_from_hf)
     raw = load_file(str(path / "model.safetensors"))
+    tied = _read_json(path / "config.json").get("tie_word_embeddings", True)
     tensors = {}
     for name, tensor in raw.items():
         name = name.removeprefix("transformer.")
-        if name.endswith(_HF_BUFFERS) or name == "lm_head.weight":
-            continue  # causal-mask buffers; the head is tied to wte
+        if name.endswith(_HF_BUFFERS) or (name == "lm_head.weight" and tied):
+            continue  # causal-mask buffers; a tied head is wte
         if name.endswith(_CONV1D):
             tensor = tensor.t()
         tensors[name] = tensor
@@ -165,7 +168,7 @@ def _read_openai(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     return cfg, tensors
 
 
-def hf_config(cfg: GPTConfig) -> dict:
+def hf_config(cfg: GPTConfig, tied: bool = True) -> dict:
     """``config.json`` in Hugging Face's format, so ``transformers`` can read our saved models too."""
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -180,15 +183,17 @@ def hf_config(cfg: GPTConfig) -> dict:
         "n_layer": cfg.n_layers,
         "bos_token_id": 50256,
         "eos_token_id": 50256,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": tied,
     }
 
 
 def hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
-    """Our weights under Hugging Face's names and Conv1D orientation (head left out: it is tied)."""
+    """Our weights under Hugging Face's names and Conv1D orientation (the head only if untied)."""
     out = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
+            if not model.head_tied:
+                out[name] = tensor.detach().to("cpu", torch.float32).contiguous()
             continue
         tensor = tensor.detach().to("cpu", torch.float32)
         out[f"transformer.{name}"] = (tensor.t() if name.endswith(_CONV1D) else tensor).contiguous()
@@ -203,7 +208,7 @@ def save_hf(model: GPTModel, directory: str | Path, extra_config: dict | None = 
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(hf_state_dict(model), str(tmp), metadata={"format": "pt"})
-    config = hf_config(model.cfg) | (extra_config or {})
+    config = hf_config(model.cfg, model.head_tied) | (extra_config or {})
     with atomic_path(directory / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
 
@@ -219,7 +224,7 @@ def book_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
         "pos_emb.weight": sd["wpe.weight"],
         "final_norm.scale": sd["ln_f.weight"],
         "final_norm.shift": sd["ln_f.bias"],
-        "out_head.weight": sd["wte.weight"].clone(),
+        "out_head.weight": sd["lm_head.weight"].clone(),
     }
     for i in range(model.cfg.n_layers):
         p, b = f"h.{i}.", f"trf_blocks.{i}."

@@ -8,7 +8,8 @@
 # --deps-only     torch, then the dependencies of the project and the extras (the image's cached layer)
 # --project-only  the project itself, without dependencies (after --deps-only)
 # --editable      install the project with `pip install -e` (a working checkout)
-# EXTRA           optional groups of pyproject.toml: tf (OpenAI's checkpoints), test
+# EXTRA           optional groups of pyproject.toml: tf (OpenAI's checkpoints), test (with the
+#                 book's own code from requirements/book.txt)
 #
 # torch goes first and alone, at the lock's version: pip takes the wheel it finds for this machine
 # (the CUDA build from PyPI on Linux, a CPU wheel where pip is configured to find one) before
@@ -61,6 +62,9 @@ print("\n".join(out))
 PY
   )
   "${pip[@]}" -c "$lock" "${requirements[@]}"
+  if [[ ",$extras," == *,test,* ]]; then  # the book's code for the parity tests; see the file
+    "${pip[@]}" --no-deps --require-hashes -r requirements/book.txt
+  fi
 fi
 if [ "$project" = 1 ]; then
   "${pip[@]}" --no-deps $editable ".${extras:+[$extras]}"

@@ -25,7 +25,7 @@ def test_every_flag_has_help_from_the_field_docstrings():
 def _capture(monkeypatch):
     out = io.StringIO()
     real = cli.configure_logging
-    monkeypatch.setattr(cli, "configure_logging", lambda fmt: real(fmt, stream=out))
+    monkeypatch.setattr(cli, "configure_logging", lambda fmt, **kw: real(fmt, stream=out, **kw))
     return out
 
 
