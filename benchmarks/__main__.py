@@ -106,6 +106,8 @@ def plan(mode: str, setup: Setup, tasks: list[str]) -> list[tuple[str, str, Setu
     for task in ("generate", "train"):
         if task in tasks:
             runs += [(f"{task}/{impl}", impl, setup) for impl in ("ours", "hf", "book")]
+            if task == "train":  # LoRA (the book's exercise 7.4) against full finetuning
+                runs += [("train/lora", "lora", setup)]
             if mode == "cpu":  # the book's code has no bf16 path; ours and HF's also in bf16 autocast
                 runs += [(f"{task}/{impl}/bf16", impl, same(precision="bf16")) for impl in ("ours", "hf")]
     if mode == "gpu" and "train" in tasks:  # larger batches, for model FLOPs utilization
@@ -137,6 +139,10 @@ def summarize(report: dict, mode: str) -> None:
                 theirs = r.get(f"{task}/{base}{suffix}", {}).get("tokens_per_second")
                 if ours and theirs:
                     ratios[f"{task}{suffix.replace('/', '_')}_vs_{base}"] = ratio(ours, theirs)
+    full, lora = (r.get(f"train/{k}", {}) for k in ("ours", "lora"))
+    if full.get("tokens_per_second") and lora.get("tokens_per_second"):
+        ratios["train_lora_vs_full"] = ratio(lora["tokens_per_second"], full["tokens_per_second"])
+        ratios["train_lora_vs_full_peak_memory"] = ratio(lora["peak_memory_bytes"], full["peak_memory_bytes"])
     book = r.get("recipe/book", {}).get("loop_seconds")
     for key in ("recipe/ours", "recipe/ours/compiled"):
         if book and r.get(key, {}).get("loop_seconds"):

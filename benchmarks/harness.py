@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from job.data import PROMPT_STYLES, Collator, load_entries, split_entries, tokenize
+from job.lora import LAYERS, add_adapters
 from job.model import GPT2_SIZES, GPTConfig, GPTModel
 from job.order import SeededOrder
 from job.tokenizer import encode, load_tokenizer
@@ -102,9 +103,11 @@ def book_batches(setup: Setup, examples):
 def build(impl: str, setup: Setup):
     """(model, loss function of (inputs, targets)) for ``impl``, all with the reference weights."""
     ours = reference_model(setup)
-    if impl == "ours":
+    if impl in ("ours", "lora"):
         model = ours
         loss = lambda x, y: model(x, targets=y)  # noqa: E731  (the head only where targets count)
+        if impl == "lora":  # the book's exercise 7.4: rank 16, alpha 16, every linear layer
+            add_adapters(model, 16, 16.0, set(LAYERS), dropout=0.0, seed=123)
     elif impl == "hf":
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -161,7 +164,9 @@ def _warm_training(impl: str, setup: Setup):
     model, loss_fn = build(impl, setup)
     model.train()
     # Ours as the finetune stage runs it (fused AdamW); the baselines as their code does (torch's default).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True if impl == "ours" else None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    fused = True if impl in ("ours", "lora") else None
+    optimizer = torch.optim.AdamW(trainable, lr=5e-5, weight_decay=0.1, fused=fused)
     _reset_peak(setup)
 
     def step(x, y) -> int:

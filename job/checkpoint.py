@@ -1,7 +1,8 @@
 """Resumable checkpoints that load without unpickling anything, owned by one ``CheckpointManager``.
 
     checkpoints/step-00000012/
-      model.safetensors        the model's parameters (tied tensors once)
+      model.safetensors        the parameters that train (all of them, tied tensors once; with LoRA
+                               the adapters alone: the frozen base comes from the model folder)
       optimizer-{name}.safetensors  the optimizer's per-parameter state, one file per kind (exp_avg,
                                exp_avg_sq, step), keyed by the parameter's index: files of similar
                                size, hashed side by side
@@ -31,15 +32,20 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
-from job.errors import DiskFullError
+from job.errors import ConfigError, DiskFullError
 from job.observability import Metrics, get_logger
 from job.storage import ensure_room, sha256_files, tree_bytes
 
 log = get_logger(__name__)
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 INDEX = "index.json"
+
+
+def trained_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name (a tied tensor once), on the CPU."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def checkpoint_dirs(folder: Path) -> list[Path]:
@@ -123,10 +129,10 @@ class CheckpointManager:
 
     def _state_bytes(self) -> int:
         """About what a first checkpoint takes: the parameters and AdamW's two moments."""
-        return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
 
     def _write_main(self, tmp: Path, trainer_state: dict, config: dict) -> None:
-        save_model(self.accelerator.unwrap_model(self.model), str(tmp / "model.safetensors"))
+        save_file(trained_parameters(self.accelerator.unwrap_model(self.model)), str(tmp / "model.safetensors"))
         state = self.optimizer.state_dict()
         by_kind: dict[str, dict[str, torch.Tensor]] = {}
         for index, per_param in state["state"].items():
@@ -183,7 +189,17 @@ class CheckpointManager:
             return path / name
 
         model = self.accelerator.unwrap_model(self.model)
-        load_model(model, listed("model.safetensors"), strict=True, device=str(self.accelerator.device))
+        saved = load_file(listed("model.safetensors"), device=str(self.accelerator.device))
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if saved.keys() != params.keys():
+            differ = sorted(saved.keys() ^ params.keys())[0]
+            raise ConfigError(
+                f"checkpoint {path} was written by a differently configured run (parameter {differ}): "
+                "resume with its options or use another --output"
+            )
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved[name])
         state: dict = {"state": {}, **json.loads(listed("optimizer.json").read_text())}
         for name in sorted(files):
             kind = re.fullmatch(r"optimizer-(\w+)\.safetensors", name)

@@ -234,9 +234,22 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
     data_order: Literal["book", "seeded"] = "book"
     """book: exactly the batches and training-loss estimates of the book's train_model_simple after
     torch.manual_seed(seed) (its DataLoaders' draws replayed); seeded: one shuffle per epoch from the seed."""
-    untie_head: bool = False
+    untie_head: bool = True
     """Train the output head as its own copy of the token embeddings, as the book's load_weights_into_gpt
-    leaves it (with --data-order book, the book's numbers exactly); the saved model then has both."""
+    leaves it (with --data-order book, the book's numbers exactly; the saved model then has both);
+    --no-untie-head keeps GPT-2's tied head, as Hugging Face trains it (smaller checkpoints). With LoRA
+    the frozen head stays tied: it computes the same either way."""
+    lora_rank: int | None = None
+    """Train low-rank adapters of this rank instead of every weight (the book's exercise 7.4 uses 16); the
+    base stays frozen, checkpoints hold only the adapters, and the outputs are the merged model plus adapter/."""
+    lora_alpha: float = 16.0
+    """Scale of the adapters' output, as the book's appendix E applies it (alpha * x @ A @ B; PEFT's
+    lora_alpha is this times the rank)."""
+    lora_targets: str = "all"
+    """Layers that get adapters: all (every linear layer, as the book), or a comma list of attn, mlp, head,
+    or Hugging Face's names c_attn, c_proj (both), attn.c_proj, mlp.c_proj, c_fc, lm_head."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (PEFT's lora_dropout; the book has none)."""
 
     def __post_init__(self) -> None:
         ModelSourceConfig.__post_init__(self)
@@ -257,6 +270,11 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
                 _positive(self, name)
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.lora_rank is not None:
+            _positive(self, "lora_rank", "lora_alpha")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        lora_layers(self.lora_targets)  # refuses an unknown name before anything loads
 
 
 @dataclass
@@ -308,6 +326,32 @@ class GenerateConfig(DataConfig, DecodingSettings):
         DataConfig.__post_init__(self)
         DecodingSettings.__post_init__(self)
         _positive(self, "batch_size")
+
+
+# --lora-targets' words -> the layers' names within a block (and the head), as job/lora.py names them.
+LORA_GROUPS = {
+    "all": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"),
+    "attn": ("attn.c_attn", "attn.c_proj"),
+    "mlp": ("mlp.c_fc", "mlp.c_proj"),
+    "head": ("lm_head",),
+    "c_attn": ("attn.c_attn",),
+    "c_proj": ("attn.c_proj", "mlp.c_proj"),
+    "attn.c_proj": ("attn.c_proj",),
+    "mlp.c_proj": ("mlp.c_proj",),
+    "c_fc": ("mlp.c_fc",),
+    "lm_head": ("lm_head",),
+}
+
+
+def lora_layers(targets: str) -> set[str]:
+    """The layers ``--lora-targets`` names."""
+    words = [w.strip() for w in targets.split(",") if w.strip()]
+    unknown = [w for w in words if w not in LORA_GROUPS]
+    if unknown or not words:
+        raise ConfigError(
+            f"lora_targets: unknown {unknown[0] if unknown else 'empty'} (one of {', '.join(LORA_GROUPS)})"
+        )
+    return {layer for w in words for layer in LORA_GROUPS[w]}
 
 
 def resolve_precision(precision: str) -> str:

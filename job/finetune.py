@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from job.checkpoint import CheckpointManager
-from job.config import FinetuneConfig, redacted, resolve_precision
+from job.config import FinetuneConfig, lora_layers, redacted, resolve_precision
 from job.data import (
     IGNORE_INDEX,
     PROMPT_STYLES,
@@ -32,6 +32,7 @@ from job.decoding import generate
 from job.download import Downloader, model_files, tokenizer_files
 from job.download import model_dir as cached_model_dir
 from job.errors import JobError, TransientError
+from job.lora import add_adapters, merge_adapters, save_peft_adapter
 from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
 from job.observability import Metrics, Progress, get_logger
 from job.order import data_order
@@ -153,12 +154,20 @@ class Trainer:
         self.target_counts = [int((self.collate([e])[1] != IGNORE_INDEX).sum()) for e in prep.train]
         torch.manual_seed(cfg.seed)
         model = prep.model
-        if cfg.untie_head:
+        if cfg.untie_head and not cfg.lora_rank:
             model.untie_head()
+        if cfg.lora_rank:
+            layers = lora_layers(cfg.lora_targets)
+            add_adapters(model, cfg.lora_rank, cfg.lora_alpha, layers, cfg.lora_dropout, cfg.seed)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        total = sum(p.numel() for p in model.parameters())
+        self.parameter_counts = {"total": total, "trainable": sum(p.numel() for p in trainable)}
+        for kind, count in self.parameter_counts.items():
+            metrics.parameters.labels(kind).set(count)
         if cfg.compile:
             compile_blocks(model)
         # The fused kernel (CUDA and CPU) does the whole update in one pass over the parameters.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.state = TrainState()
         self._saved_step: int | None = None
@@ -354,12 +363,17 @@ class Trainer:
     # --- outputs -----------------------------------------------------------------------------
 
     def write_outputs(self) -> dict[str, Path]:
-        """The final model (safetensors + config, and the book's .pth), losses JSON and plot."""
+        """The final model (safetensors + config, and the book's .pth), losses JSON and plot; with
+        LoRA the adapter alone in PEFT's layout first, then the model with the adapters merged."""
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return {}
         model = self.accelerator.unwrap_model(self.model)
         out = self.output
+        written = {}
+        if self.cfg.lora_rank:
+            written["adapter"] = save_peft_adapter(model, out / "adapter", self._base_name(), self.cfg.lora_dropout)
+            merge_adapters(model)
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         ensure_room(out, 2 * params, "the final model (safetensors and the book's .pth)")
         save_hf(model, out / "model", extra_config={"sft_job": {"prompt_style": self.cfg.prompt_style}})
@@ -370,7 +384,14 @@ class Trainer:
         atomic_write_text(losses, json.dumps(self.state.history, indent=2) + "\n")
         plot = out / "loss-plot.png"
         plot_losses(self.state.history, self.state.step / self.batches_per_epoch, plot)
-        return {"model": out / "model", "pth": pth, "losses": losses, "plot": plot}
+        return written | {"model": out / "model", "pth": pth, "losses": losses, "plot": plot}
+
+    def _base_name(self) -> str:
+        """The adapter's base model as PEFT records it: the folder, or Hugging Face's id for the size."""
+        downloaded = cached_model_dir(self.cfg.cache, self.cfg.model, self.cfg.source)
+        if self.cfg.model_dir and Path(self.cfg.model_dir) != Path(downloaded):
+            return str(self.cfg.model_dir)
+        return "openai-community/" + self.cfg.model.replace("gpt2-small", "gpt2")
 
 
 def plot_losses(history: list[dict], epochs: float, path: Path) -> None:
@@ -425,6 +446,8 @@ def run_finetune(
             train_examples=len(prep.train),
             val_examples=len(prep.val),
             steps=trainer.total_steps,
+            parameters=trainer.parameter_counts["total"],
+            trainable_parameters=trainer.parameter_counts["trainable"],
             processes=trainer.accelerator.num_processes,
             precision=trainer.accelerator.mixed_precision,
             device=str(trainer.accelerator.device),

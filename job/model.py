@@ -225,7 +225,7 @@ class GPTModel(nn.Module):
 
     @property
     def head_tied(self) -> bool:
-        return self.lm_head.weight is self.wte.weight
+        return getattr(self.lm_head, "weight", None) is self.wte.weight
 
     def untie_head(self) -> None:
         """Give the output head its own copy of the token embeddings, trained apart from them: the
@@ -249,7 +249,7 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def head_loss(
-    head: nn.Linear, x: torch.Tensor, targets: torch.Tensor, select_targets: bool, reduction: str = "mean"
+    head: nn.Module, x: torch.Tensor, targets: torch.Tensor, select_targets: bool, reduction: str = "mean"
 ) -> torch.Tensor:
     """Cross entropy of ``head(x)`` (B, T, C) against ``targets`` (B, T) where they are not -100:
     their mean, or with ``reduction="sum"`` their sum.
@@ -263,8 +263,11 @@ def head_loss(
     # 50,257 rows leave the logits misaligned for the GPU's matrix units (cuBLAS fell back to
     # Turing-era kernels: 27 of 100 ms per step at batch 128 on an H100); rows padded to a
     # multiple of 64 cost one copy of the weight, and the padding's logits are sliced off.
-    vocab = head.weight.shape[0]
-    weight = F.pad(head.weight, (0, 0, 0, -vocab % 64))  # (vocab + pad, C)
-    logits = F.linear(x, weight)[..., :vocab]  # (B, T, vocab)
+    if isinstance(head, nn.Linear):
+        vocab = head.weight.shape[0]
+        weight = F.pad(head.weight, (0, 0, 0, -vocab % 64))  # (vocab + pad, C)
+        logits = F.linear(x, weight)[..., :vocab]  # (B, T, vocab)
+    else:  # a head with an adapter (job/lora.py)
+        logits = head(x)  # (B, T, vocab)
     flat_logits, flat_targets = logits.flatten(0, 1).float(), targets.flatten()  # (B*T, vocab), (B*T,)
     return F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction=reduction)  # -> ()

@@ -170,6 +170,7 @@ class Metrics:
         self.train_tokens_per_second = Gauge(p + "train_tokens_per_second", "Training throughput", registry=r)
         self.learning_rate = Gauge(p + "learning_rate", "Optimizer learning rate", registry=r)
         self.gpu_memory_allocated_bytes = Gauge(p + "gpu_memory_allocated_bytes", "CUDA memory allocated", registry=r)
+        self.parameters = Gauge(p + "parameters", "Model parameters: total, and those that train", ["kind"], registry=r)
         self.checkpoint_seconds = Gauge(p + "checkpoint_seconds", "Time to write the last checkpoint", registry=r)
         self.download_bytes_total = Counter(p + "download_bytes", "Bytes downloaded into the cache", registry=r)
         self.generate_tokens_total = Counter(p + "generate_tokens", "Tokens generated", registry=r)

@@ -20,6 +20,17 @@ def pytest_configure(config):
         raise pytest.UsageError(f"reference data not found at {SHARED_DATA}; set SFT_JOB_TEST_DATA")
 
 
+@pytest.fixture(autouse=True)
+def _logs_to_the_real_stdout():
+    """Each test starts with logs on the process's stdout: a CLI test run in this process may have
+    pointed them at a capture stream that is closed by now."""
+    import sys
+
+    from job.observability import configure_logging
+
+    configure_logging("json", stream=sys.__stdout__)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return SHARED_DATA

@@ -45,6 +45,11 @@ FLAGS = [
     ("base_url", ["--base-url", "ftp://mirror/cache"]),
     ("allowed_max_length", ["--allowed-max-length", "0"]),
     ("train_limit", ["--train-limit", "0"]),
+    ("data_order", ["--data-order", "random"]),
+    ("lora_rank", ["--lora-rank", "0"]),
+    ("lora_alpha", ["--lora-rank", "8", "--lora-alpha", "0"]),
+    ("lora_dropout", ["--lora-dropout", "1"]),
+    ("lora_targets", ["--lora-targets", "attn,q_proj"]),
 ]
 YAML = [
     ("batch_size", "batch_size: [8]"),
@@ -58,6 +63,7 @@ YAML = [
     ("judge_num_ctx", "judge_num_ctx: 2048.5"),
     ("batch_sise", "batch_sise: 8"),
     ("grad_clip", "grad_clip: -1"),
+    ("lora_targets", "lora_targets: [attn]"),
     ("s3_endpoint_url", "s3_endpoint_url: notaurl"),
 ]
 ENV = [

@@ -274,7 +274,8 @@ def test_dashboard_queries_only_metrics_the_job_exports(tiny_model_dir, shared_d
     used = {name for e in exprs for name in re.findall(r"\bsft_job_[a-z_]+", e)}
     assert used and used <= exported, used - exported
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("loss", "tokens per second", "stage", "gpu memory", "generation", "judge score", "judge requests"):
+    topics = ("loss", "tokens per second", "stage", "gpu memory", "generation", "judge score", "judge requests")
+    for topic in (*topics, "parameters"):
         assert topic in titles
     datasource = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert datasource["datasources"][0]["type"] == "prometheus"  # what the dashboard's variable offers

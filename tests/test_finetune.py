@@ -138,8 +138,10 @@ def test_sigterm_mid_epoch_then_resume_gives_bitwise_the_uninterrupted_weights(t
 
 
 @pytest.mark.slow
-def test_accelerate_launch_two_cpu_processes(tiny_model_dir, shared_data, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+def test_accelerate_launch_two_cpu_processes(tiny_model_dir, shared_data, tmp_path, extra):
     common = [
+        *extra,
         "--model-dir",
         tiny_model_dir,
         "--data",
@@ -195,6 +197,10 @@ def test_accelerate_launch_two_cpu_processes(tiny_model_dir, shared_data, tmp_pa
     assert [h["tokens_seen"] for h in ddp_losses] == [h["tokens_seen"] for h in one_losses]
     ddp, one = _weights(tmp_path / "ddp"), _weights(tmp_path / "one")  # each shard's targets differ in count
     assert max((ddp[k] - one[k]).abs().max().item() for k in one) < 1e-6
+    if extra:  # the merged adapters moved the weights, and both runs wrote the same adapter
+        assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").is_file()
+        start = load_pretrained(tiny_model_dir).state_dict()["h.0.attn.c_attn.weight"]
+        assert not torch.equal(ddp["transformer.h.0.attn.c_attn.weight"].t(), start)
     ckpt = tmp_path / "ddp" / "checkpoints" / "step-00000006"
     assert sorted(p.name for p in ckpt.glob("rng-*.safetensors")) == ["rng-0.safetensors", "rng-1.safetensors"]
 

@@ -240,10 +240,10 @@ def test_an_outage_past_the_retry_timeout_exits_75_and_a_rerun_finishes_the_same
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 60 MB tmpfs: room for one checkpoint of the tiny model (~40 MB), not two."""
+    """A 110 MB tmpfs: room for one checkpoint of the tiny model (~78 MB with its own head), not two."""
     mount = tmp_path / "small"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=110m", "tmpfs", str(mount)], check=True)
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
 
