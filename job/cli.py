@@ -65,6 +65,12 @@ def _config_option():
     )
 
 
+def _with_log_options(f):
+    for option in reversed(_log_options()):
+        f = option(f)
+    return f
+
+
 def _log_options():
     return [
         click.option(
@@ -260,6 +266,23 @@ def run(log_format, log_file, **params):
     from job.pipeline import run_pipeline
 
     _run("run", run_pipeline, build(RunConfig, params), log_format, log_file)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write the report here instead of into the run.")
+@click.option(
+    "--s3-endpoint-url",
+    envvar=f"{ENV_PREFIX}_S3_ENDPOINT_URL",
+    show_envvar=True,
+    help="S3-compatible endpoint (MinIO, Ceph); AWS when unset.",
+)
+@_with_log_options
+def report(source, output, s3_endpoint_url, log_format, log_file):
+    """Rebuild a run's report.html from its folder or s3:// prefix (RUN_DIR_OR_S3_URL)."""
+    from job.report import run_report
+
+    _run("report", lambda _cfg, _metrics: run_report(source, s3_endpoint_url, output), None, log_format, log_file)
 
 
 def entrypoint(argv: list[str] | None = None) -> None:

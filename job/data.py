@@ -16,6 +16,7 @@ from job.tokenizer import END_OF_TEXT_ID, encode
 
 log = get_logger(__name__)
 IGNORE_INDEX = -100
+RESPONSES_FILE = "instruction-data-with-response.json"  # the book's name for the test split with responses
 
 
 class DataError(JobError):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from job.config import GenerateConfig, resolve_precision
-from job.data import PROMPT_STYLES, load_entries, resolve_data, split_entries
+from job.data import PROMPT_STYLES, RESPONSES_FILE, load_entries, resolve_data, split_entries
 from job.decoding import generate
 from job.download import Downloader, tokenizer_files
 from job.errors import ConfigError
@@ -20,7 +20,6 @@ from job.tokenizer import encode, load_tokenizer
 from job.weights import load_pretrained
 
 log = get_logger(__name__)
-RESPONSES_FILE = "instruction-data-with-response.json"  # the book's name
 PROGRESS_FILE = "instruction-data-with-response.progress.jsonl"
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

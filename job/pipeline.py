@@ -42,6 +42,7 @@ from job.judge import preflight as judge_preflight
 from job.judge import run_judge
 from job.model import GPTConfig, GPTModel
 from job.observability import Metrics, MetricsPublisher, StageStatus, bind, get_logger
+from job.report import REPORT, fetch_inputs, write_report
 from job.runlock import run_lock
 from job.storage import (
     LocalStorage,
@@ -57,6 +58,7 @@ from job.weights import save_hf
 log = get_logger(__name__)
 SMOKE_MODEL = GPTConfig(n_layers=2, emb_dim=128, n_heads=4)
 FAILURE_RECORD_PATIENCE_S = 30.0  # how long a failed stage waits for the store to record its failure
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # with --lora-rank, PEFT's layout
 FINETUNE_ARTIFACTS = ("model/model.safetensors", "model/config.json", "losses.json", "loss-plot.png")
 
 
@@ -236,6 +238,7 @@ class Pipeline:
         if not self.cfg.skip_judge:
             self._stage("judge", self.judge)
         bind(stage="run")
+        self.report()
         log.info("run_complete", run_id=self.run_id, output=self.storage.url)
         return self.manifest.data
 
@@ -330,7 +333,8 @@ class Pipeline:
             uploader.wait()
         if not self.state.is_main_process:
             return []
-        return [*FINETUNE_ARTIFACTS, outputs["pth"].name]
+        adapter = [f"adapter/{name}" for name in ADAPTER_FILES] if "adapter" in outputs else []
+        return [*FINETUNE_ARTIFACTS, outputs["pth"].name, *adapter]
 
     def _start_model_dir(self) -> str:
         cfg = self.cfg
@@ -395,6 +399,15 @@ class Pipeline:
         self._ensure_local([RESPONSES_FILE])
         run_judge(self.judge_config(), self.metrics)
         return ["scores.json", "summary.json"]
+
+    def report(self) -> None:
+        """``report.html`` from the run's files, beside them."""
+        if self.remote:
+            fetch_inputs(self.storage, self.work)
+        path = write_report(self.work)
+        if self.remote:
+            self.storage.put_file(path, REPORT)
+        log.info("report_written", path=f"{self.storage.url}/{REPORT}")
 
     def _ensure_local(self, keys) -> None:
         """Artifacts of a skipped stage, brought back from storage when this machine lacks them."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System services the tests run for real (Debian's packages): Prometheus and its Pushgateway,
-# and Slurm with munge for a single-node cluster on localhost.
+# Slurm with munge for a single-node cluster on localhost, and Chromium, which Playwright drives
+# to open the run report (Playwright's own browser downloads are not used).
 # Installs only what is missing; needs root (or sudo).
 set -euo pipefail
 packages=()
@@ -8,6 +9,7 @@ command -v prometheus >/dev/null || packages+=(prometheus)
 command -v prometheus-pushgateway >/dev/null || packages+=(prometheus-pushgateway)
 command -v slurmctld >/dev/null || packages+=(slurm-wlm)
 command -v munged >/dev/null || packages+=(munge)
+command -v chromium >/dev/null || packages+=(chromium)
 if [ ${#packages[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -93,6 +93,14 @@ def test_whole_run_into_s3_then_the_same_command_does_nothing(s3, tiny_model_dir
     assert skipped == STAGES
     assert not [e for e in events(again.stdout) if e["event"] in ("eval", "generate_start", "judge_start")]
 
+    # the report, written at the end of each run; rebuilt from the bucket alone by `sft-job report`
+    report = _s3_object(s3, "runs", "team/sft/r1/report.html")
+    assert b"data:image/png;base64," in report and report.count(b"<tr") >= 6
+    s3.delete_object(Bucket="runs", Key="team/sft/r1/report.html")
+    rebuilt = cli("report", "s3://runs/team/sft/r1", "--log-format", "json")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert _s3_object(s3, "runs", "team/sft/r1/report.html") == report
+
 
 @pytest.mark.slow
 def test_sigterm_mid_finetune_resumes_from_the_checkpoint_in_s3(s3, tiny_model_dir, shared_data, ollama, tmp_path):
@@ -180,14 +188,14 @@ def test_config_file_unknown_key_and_wrong_type_are_one_line_errors(tmp_path):
 
 def test_precedence_defaults_file_env_flags(tmp_path, monkeypatch):
     """defaults < --config file < SFT_JOB_* environment < flags, read back from the resolved config."""
-    import click
+    from click.testing import CliRunner
 
     from job import cli as cli_module
 
     seen = {}
-    monkeypatch.setattr(cli_module, "_run", lambda stage, runner, cfg, fmt: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(cli_module, "_run", lambda stage, runner, cfg, *logging: seen.setdefault("cfg", cfg))
     (tmp_path / "job.yaml").write_text("batch_size: 4\nlr: 0.001\nepochs: 3\njudge_model: qwen2\n")
-    runner = click.testing.CliRunner()
+    runner = CliRunner()
     result = runner.invoke(
         cli_module.main,
         ["run", "--config", str(tmp_path / "job.yaml"), "--epochs", "5"],

@@ -1,0 +1,214 @@
+"""``report.html``: one self-contained page per run, built from the run's own files.
+
+The configuration, the loss plot, the judge-score histogram, every test entry with its expected
+output, response and score in a table that sorts by any column (the 5 best and 5 worst marked),
+the stages' durations and the run's figures. Images are embedded as data URIs and the sorting is a
+few lines of inline script, so the page opens anywhere without a network.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from job.data import RESPONSES_FILE
+from job.errors import ConfigError
+from job.observability import get_logger
+from job.storage import LocalStorage, Storage, atomic_write_text, open_storage
+
+log = get_logger(__name__)
+
+REPORT = "report.html"
+INPUTS = ("config.yaml", "manifest.json", "losses.json", "loss-plot.png", "summary.json", "scores.json", RESPONSES_FILE)
+HIGHLIGHTED = 5  # best and worst entries marked in the table
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; width: 100%; }
+td, th { border: 1px solid #ddd; padding: 4px 6px; vertical-align: top; }
+th[data-sort] { cursor: pointer; background: #f4f4f4; } th[data-sort]:hover { background: #e8e8e8; }
+tr.best td { background: #e6f4ea; } tr.worst td { background: #fce8e6; }
+td.text { white-space: pre-wrap; max-width: 28em; } td.num { text-align: right; }
+pre { background: #f8f8f8; padding: 1em; overflow-x: auto; } .figures td:first-child { font-weight: 600; }
+.plots img { max-width: 48%; margin-right: 1%; }
+"""
+
+# Click a header: sort by that column (numbers by data-value), again to reverse.
+SCRIPT = """
+document.querySelectorAll("th[data-sort]").forEach(function (th) {
+  th.addEventListener("click", function () {
+    var body = th.closest("table").tBodies[0], col = th.cellIndex, numeric = th.dataset.sort === "number";
+    var dir = th.dataset.dir === "asc" ? -1 : 1;
+    th.dataset.dir = dir === 1 ? "asc" : "desc";
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = a.cells[col].dataset.value, y = b.cells[col].dataset.value;
+      return dir * (numeric ? parseFloat(x) - parseFloat(y) : x.localeCompare(y));
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+  });
+});
+"""
+
+
+def _read(folder: Path, name: str):
+    path = folder / name
+    if not path.is_file():
+        return None
+    if name.endswith(".png"):
+        return path.read_bytes()
+    text = path.read_text()
+    return yaml.safe_load(text) if name.endswith(".yaml") else json.loads(text)
+
+
+def _png(data: bytes, alt: str) -> str:
+    return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def score_histogram(scores: list[int]) -> bytes:
+    """The judge's scores in ten bins of 0-100, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(scores, bins=range(0, 101, 10), edgecolor="white")
+    ax.set_xlabel("Judge score")
+    ax.set_ylabel("Entries")
+    ax.set_xlim(0, 100)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _entries_table(entries: list[dict]) -> str:
+    scored = sorted((i for i, e in enumerate(entries) if e.get("score") is not None), key=lambda i: entries[i]["score"])
+    varied = len({entries[i]["score"] for i in scored}) > 1
+    n = min(HIGHLIGHTED, len(scored) // 2) if varied else 0
+    marks = {i: "worst" for i in scored[:n]} | {i: "best" for i in scored[len(scored) - n :]}
+    rows = []
+    for i, entry in enumerate(entries):
+        instruction = entry.get("instruction", "") + (f"\n\n{entry['input']}" if entry.get("input") else "")
+        score = entry.get("score")
+        cells = [
+            f'<td class="num" data-value="{i}">{i + 1}</td>',
+            *(
+                f'<td class="text" data-value="{html.escape(text, quote=True)}">{html.escape(text)}</td>'
+                for text in (instruction, entry.get("output", ""), entry.get("model_response", ""))
+            ),
+            f'<td class="num" data-value="{score if score is not None else -1}">'
+            f"{score if score is not None else '&ndash;'}</td>",
+        ]
+        mark = f' class="{marks[i]}"' if i in marks else ""
+        rows.append(f"<tr{mark}>{''.join(cells)}</tr>")
+    head = "".join(
+        f'<th data-sort="{kind}">{name}</th>'
+        for name, kind in (("#", "number"), ("Instruction", "text"), ("Expected", "text"), ("Response", "text"))
+    )
+    head += '<th data-sort="number">Score</th>'
+    return f'<table id="entries"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _figures(manifest, losses, summary, entries) -> list[tuple[str, str]]:
+    figures = [("Run", (manifest or {}).get("run_id", "")), ("Test entries", str(len(entries)))]
+    if losses:
+        figures += [
+            ("Evaluations", str(len(losses))),
+            ("First / last validation loss", f"{losses[0]['val_loss']:.3f} / {losses[-1]['val_loss']:.3f}"),
+            ("Last training loss", f"{losses[-1]['train_loss']:.3f}"),
+            ("Tokens seen", f"{losses[-1]['tokens_seen']:,}"),
+        ]
+    if summary:
+        mean = "n/a" if summary["mean"] is None else f"{summary['mean']:.2f}"
+        figures += [
+            ("Judge", f"{summary['judge_model']} ({summary['judge_backend']})"),
+            ("Scored", f"{summary['scored']} of {summary['entries']} ({summary['unparsed']} unparsed)"),
+            ("Mean / median score", f"{mean} / {summary['median']}"),
+        ]
+    return figures
+
+
+def _stages(manifest) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(s.get('status', '')))}</td>"
+        f'<td class="num">{s.get("duration_s", "")}</td></tr>'
+        for name, s in (manifest or {}).get("stages", {}).items()
+    )
+    return f"<table><tr><th>Stage</th><th>Status</th><th>Seconds</th></tr>{rows}</table>"
+
+
+def render(folder: Path) -> str:
+    """The report's HTML from the run files found in ``folder`` (sections without their files say so)."""
+    data = {name: _read(folder, name) for name in INPUTS}
+    entries = data["scores.json"] or data[RESPONSES_FILE] or []
+    scores = [e["score"] for e in entries if e.get("score") is not None]
+    plots = []
+    if data["loss-plot.png"]:
+        plots.append(_png(data["loss-plot.png"], "Training and validation loss"))
+    if scores:
+        plots.append(_png(score_histogram(scores), "Judge score histogram"))
+    figures = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
+        for k, v in _figures(data["manifest.json"], data["losses.json"], data["summary.json"], entries)
+    )
+    config = yaml.safe_dump(data["config.yaml"], sort_keys=False) if data["config.yaml"] else "(no config.yaml)"
+    title = f"sft-job run {html.escape(str((data['manifest.json'] or {}).get('run_id', folder.name)))}"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head>
+<body><h1>{title}</h1>
+<h2>Figures</h2><table class="figures">{figures}</table>
+<h2>Plots</h2><div class="plots">{"".join(plots) or "<p>No loss history or scores yet.</p>"}</div>
+<h2>Stages</h2>{_stages(data["manifest.json"])}
+<h2>Responses and scores</h2>
+<p>Click a column's header to sort by it. Green rows are the {HIGHLIGHTED} best scores, red the {HIGHLIGHTED} worst.</p>
+{_entries_table(entries) if entries else "<p>No responses yet.</p>"}
+<h2>Configuration</h2><pre>{html.escape(config)}</pre>
+<script>{SCRIPT}</script>
+</body></html>
+"""
+
+
+def fetch_inputs(storage: Storage, folder: Path) -> None:
+    """The report's input files that ``storage`` holds and ``folder`` lacks, copied in. The names are
+    fixed: no key read from the bucket becomes a path."""
+    present = set(storage.list(""))
+    for name in INPUTS:
+        if name in present and not (folder / name).is_file():
+            storage.get_file(name, folder / name)
+
+
+def write_report(folder: Path, output: Path | None = None) -> Path:
+    """``report.html`` (into ``folder`` unless ``output`` names another file), written atomically."""
+    path = output or folder / REPORT
+    atomic_write_text(path, render(folder))
+    return path
+
+
+def run_report(source: str, endpoint_url: str | None = None, output: str | None = None) -> str:
+    """``sft-job report``: rebuild a run's report from its folder or its ``s3://`` prefix. The report
+    goes back into the run (or to ``output``); returns where it was written."""
+    storage = open_storage(source, endpoint_url)
+    if not storage.get_text("manifest.json"):
+        raise ConfigError(f"{source} holds no manifest.json: give the folder or s3:// prefix of one run")
+    if isinstance(storage, LocalStorage):  # a local run folder: read in place
+        path = write_report(storage.root, Path(output) if output else None)
+        log.info("report_written", path=str(path))
+        return str(path)
+    with tempfile.TemporaryDirectory(prefix="sft-job-report-") as tmp:
+        fetch_inputs(storage, Path(tmp))
+        path = write_report(Path(tmp), Path(output) if output else None)
+        if output is None:
+            storage.put_file(path, REPORT)
+            path = f"{storage.url}/{REPORT}"
+    log.info("report_written", path=str(path))
+    return str(path)
