@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream=None
     stream = stream or sys.stdout
     if log_format == "auto":
         log_format = "console" if stream.isatty() else "json"
-    renderers = {"console": structlog.dev.ConsoleRenderer, "json": structlog.processors.JSONRenderer}
+    renderers = {"console": FittedConsoleRenderer, "json": structlog.processors.JSONRenderer}
     renderer = renderers[log_format]() if log_format in renderers else book_line
     structlog.configure(
         processors=[
@@ -48,9 +50,58 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream=None
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=lambda *args: BarSafeLogger(stream),
         cache_logger_on_first_use=False,
     )
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def fit_line(line: str, width: int) -> str:
+    """``line`` cut to ``width`` visible columns (ANSI colour codes take none), ending in an ellipsis."""
+    if len(ANSI.sub("", line)) <= width:
+        return line
+    out, visible = [], 0
+    for part in re.split(f"({ANSI.pattern})", line):
+        if ANSI.fullmatch(part):
+            out.append(part)
+            continue
+        room = width - 1 - visible
+        out.append(part[: max(room, 0)])
+        visible += min(len(part), max(room, 0))
+    return "".join(out) + "\u2026\x1b[0m"
+
+
+class FittedConsoleRenderer:
+    """structlog's console renderer, each event on one line that fits the terminal (at most 120
+    columns): a person reads the gist, the JSON (``--log-format json`` or ``--log-file``) has it all."""
+
+    def __init__(self):
+        self.render = structlog.dev.ConsoleRenderer()
+
+    def __call__(self, logger, method: str, event_dict: dict) -> str:
+        width = min(shutil.get_terminal_size((120, 24)).columns, 120)
+        flat = {k: " ".join(v.split()) if isinstance(v, str) and k != "exception" else v for k, v in event_dict.items()}
+        rendered = self.render(logger, method, flat)
+        first, _, rest = rendered.partition("\n")  # a traceback stays whole below its line
+        return fit_line(first, width) + (f"\n{rest}" if rest else "")
+
+
+class BarSafeLogger:
+    """Prints each event line through ``tqdm.write``: a progress bar on the same terminal is cleared
+    first and redrawn after, instead of the line landing at the end of the bar."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def msg(self, message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=self.file)
+        self.file.flush()
+
+    debug = info = warning = warn = error = critical = exception = fatal = failure = log = msg
 
 
 class JsonFileCopy:

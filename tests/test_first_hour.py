@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 
@@ -100,7 +101,7 @@ def test_progress_events_off_a_terminal_come_at_most_every_10_seconds_with_fract
     assert metrics.value("sft_job_progress_fraction", {"stage": "train"}) == 1.0
 
 
-def test_a_terminal_sees_the_training_and_judge_bars(shared_data, tmp_path):
+def test_a_terminal_sees_the_bars_and_console_lines_that_fit_120_columns(shared_data, tmp_path):
     """stderr on a pseudo-terminal, as a person running the job sees it."""
     import fcntl
     import pty
@@ -116,11 +117,11 @@ def test_a_terminal_sees_the_training_and_judge_bars(shared_data, tmp_path):
     primary, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
     try:
-        args = smoke_run(shared_data, tmp_path / "runs", "tty", "--judge-url", server.url)
+        args = smoke_run(shared_data, tmp_path / "runs", "tty", "--judge-url", server.url, "--log-format", "auto")
         proc = subprocess.Popen(
             [sys.executable, "-m", "job.cli", *map(str, args)],
             cwd=REPO,
-            stdout=subprocess.PIPE,
+            stdout=secondary,
             stderr=secondary,
             env={**os.environ, "COLUMNS": "120"},
         )
@@ -142,6 +143,10 @@ def test_a_terminal_sees_the_training_and_judge_bars(shared_data, tmp_path):
     text = seen.decode(errors="replace")
     assert "train: 100%" in text and "10/10" in text and "val_loss=" in text
     assert "judge: 100%" in text and "8/8" in text and "mean_score=" in text
+    # the readable console (auto on a terminal): every line and bar redraw fits the 120 columns
+    assert "run_complete" in text and '{"' not in text
+    lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", part) for part in re.split(r"[\r\n]+", text)]
+    assert max(len(line) for line in lines) <= 120, max(lines, key=len)
 
 
 def test_a_failed_preflight_leaves_no_run_folder_behind(shared_data, tmp_path):
