@@ -19,7 +19,7 @@ from job.model import GPT2_SIZES, GPTConfig, GPTModel
 from job.observability import Metrics
 from job.storage import tree_bytes
 from job.weights import book_state_dict, load_pretrained
-from tests.helpers import cli, events, finetune_run, start_cli, wait_for_event
+from tests.helpers import cli, events, finetune_run, smoke_run, start_cli, wait_for_event
 
 SMALL = GPTConfig(vocab_size=96, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
 
@@ -192,3 +192,16 @@ def test_finetune_with_lora_writes_the_adapter_and_merged_model_and_resumes_bitw
     assert torch.equal(after["h.0.attn.c_attn.bias"], base["h.0.attn.c_attn.bias"])
     assert not torch.equal(after["h.0.attn.c_attn.weight"], base["h.0.attn.c_attn.weight"])
     assert not merged.head_tied and not torch.equal(after["lm_head.weight"], base["wte.weight"])
+
+
+def test_a_smoke_run_with_lora_in_bf16_and_grad_accum_records_the_adapter(shared_data, tmp_path):
+    extra = ["--skip-judge", "--lora-rank", "4", "--precision", "bf16", "--grad-accum", "2"]
+    result = cli(*smoke_run(shared_data, tmp_path, "lora", *extra))
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "lora"
+    manifest = json.loads((run / "manifest.json").read_text())
+    artifacts = manifest["stages"]["finetune"]["artifacts"]
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(artifacts)
+    assert (run / "report.html").is_file() and (run / "instruction-data-with-response.json").is_file()
+    start = next(e for e in events(result.stdout) if e["event"] == "finetune_start")
+    assert start["precision"] == "bf16" and start["trainable_parameters"] < start["parameters"]
