@@ -189,7 +189,7 @@ class CheckpointManager:
             return path / name
 
         model = self.accelerator.unwrap_model(self.model)
-        saved = load_file(listed("model.safetensors"), device=str(self.accelerator.device))
+        saved = load_file(listed("model.safetensors"))  # on the CPU; copy_ moves each to its parameter's device
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if saved.keys() != params.keys():
             differ = sorted(saved.keys() ^ params.keys())[0]

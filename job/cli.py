@@ -24,7 +24,7 @@ from job.config import (
     field_docs,
     field_names,
 )
-from job.errors import ConfigError, DiskFullError, ExitCode, JobError
+from job.errors import ConfigError, DiskFullError, ExitCode, JobError, TransientError
 from job.observability import Metrics, bind, configure_logging, get_logger
 
 ENV_PREFIX = "SFT_JOB"
@@ -200,6 +200,11 @@ def _as_job_error(exc: Exception) -> JobError | None:
     """The contract's error for ``exc``: itself, a full disk (75), or None for a bug (70)."""
     if isinstance(exc, JobError):
         return exc
+    if _lost_peer(exc):
+        return TransientError(
+            f"lost contact with another process of the group ({_one_line(exc)[:120]}): "
+            "rerun every node to resume from the last checkpoint"
+        )
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         where = exc.filename or "the output"
         return DiskFullError(
@@ -208,12 +213,28 @@ def _as_job_error(exc: Exception) -> JobError | None:
     return None
 
 
+# gloo reports a peer that died as a plain RuntimeError with one of these; NCCL and the c10d store
+# raise torch.distributed.DistError subclasses.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+
+
+def _lost_peer(exc: Exception) -> bool:
+    """A collective failed because another process (another node) is gone: the group must restart."""
+    torch = sys.modules.get("torch")  # only a run that imported torch can have lost a peer
+    if torch is not None and isinstance(exc, torch.distributed.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in PEER_LOST)
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
 def _fail(code: int, message: str) -> typing.NoReturn:
     click.echo(f"Error: {' '.join(message.split())}", err=True)
+    exits = os.environ.get("SFT_JOB_EXIT_DIR")  # under job.launch: the code the launcher cannot pass on
+    if exits:
+        Path(exits, f"rank-{os.environ.get('RANK', '0')}").write_text(str(int(code)))
     sys.exit(int(code))
 
 

@@ -176,7 +176,9 @@ class Pipeline:
         self.manifest: Manifest | None = None  # set once the preflight passed
         from accelerate import PartialState
 
-        self.state = PartialState()
+        # cpu=True where there is no GPU: accelerate then forms the group over gloo (without it every
+        # process of a CPU launch would take itself for the only one, and the main one).
+        self.state = PartialState(cpu=not torch.cuda.is_available())
 
     # --- before anything ---------------------------------------------------------------------
 
@@ -230,6 +232,8 @@ class Pipeline:
                 self.storage.put_text("config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
             self.metrics.info.labels(version=__version__, model=self._model_label(), run_id=self.run_id).set(1)
             self._stage("download", self.download, done=self.cache_complete)
+        elif self.state.is_local_main_process and not self.cache_complete():
+            self.download()  # another node: the cache is this machine's (the main one records the stage)
         self.state.wait_for_everyone()
         self._finetune_all_ranks()
         if not self.state.is_main_process:
@@ -310,7 +314,8 @@ class Pipeline:
 
     def finetune(self) -> list[str]:
         cfg = self.cfg
-        # Each node resumes from its own scratch folder, so the first process of every node fetches.
+        # Each node resumes from its own scratch folder, so the first process of every node fetches;
+        # no process starts (and loads a checkpoint) before every node's fetch is complete.
         if self.state.is_local_main_process and self.remote:
             self._fetch_remote_checkpoint()
         self.state.wait_for_everyone()
@@ -340,7 +345,8 @@ class Pipeline:
         cfg = self.cfg
         if cfg.smoke:
             path = self.work / "smoke-model"
-            if self.state.is_main_process and not (path / "model.safetensors").is_file():
+            # every node's first process makes it in its own scratch folder: the same seed, the same weights
+            if self.state.is_local_main_process and not (path / "model.safetensors").is_file():
                 torch.manual_seed(cfg.seed)
                 save_hf(GPTModel(SMOKE_MODEL), path)
             self.state.wait_for_everyone()

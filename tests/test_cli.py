@@ -63,6 +63,28 @@ def test_a_full_disk_anywhere_is_exit_75_naming_the_file(monkeypatch, capsys):
     assert "no space left on device writing /runs/r1/model/model.safetensors" in line
 
 
+@pytest.mark.parametrize("kind", ["gloo", "nccl"])
+def test_a_lost_peer_process_is_exit_75_and_writes_the_code_for_the_launcher(kind, monkeypatch, capsys, tmp_path):
+    """A collective that failed because another node went away: the group restarts from its checkpoint."""
+    import torch.distributed
+
+    _capture(monkeypatch)
+    monkeypatch.setenv("SFT_JOB_EXIT_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "3")
+
+    def collective(cfg, metrics):
+        if kind == "gloo":  # what gloo raises when the peer's connection closes
+            raise RuntimeError("[pair.cc:553] Connection closed by peer [10.0.0.7]:16016. This is typically ...")
+        raise torch.distributed.DistBackendError("NCCL communicator was aborted")
+
+    with pytest.raises(SystemExit) as exited:
+        cli._run("run", collective, object(), "json")
+    assert exited.value.code == 75
+    [line] = capsys.readouterr().err.splitlines()
+    assert "lost contact with another process of the group" in line and "rerun every node" in line
+    assert (tmp_path / "rank-3").read_text() == "75"
+
+
 def test_job_error_is_one_line_on_stderr_with_its_exit_code(monkeypatch, capsys):
     out = _capture(monkeypatch)
 

@@ -103,7 +103,8 @@ def test_gpu_s3_pvc_external_values_wire_everything():
     assert "initContainers" not in pod and "PersistentVolumeClaim" not in kinds
     [main] = pod["containers"]
     assert (
-        main["command"][:4] == ["accelerate", "launch", "--multi_gpu", "--num_processes"] and main["command"][4] == "4"
+        main["command"][:5] == ["python", "-m", "job.launch", "--multi_gpu", "--num_processes"]
+        and main["command"][5] == "4"
     )
     assert main["resources"]["limits"]["nvidia.com/gpu"] == 4
     env = {e["name"]: e for e in main["env"]}
@@ -461,3 +462,60 @@ def test_the_dashboard_asks_for_its_datasource_instead_of_naming_one():
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     assert '"uid": "prometheus"' not in text and text.count('"uid": "${datasource}"') >= len(dashboard["panels"])
+
+
+MULTI_NODE = {
+    "nodes": 4,
+    "gpus": 8,
+    "config": {"model": "gpt2-xl", "output": "s3://team-runs/sft"},
+    "s3": {"existingSecret": "s3-credentials"},
+    "ollama": {"sidecar": False, "externalUrl": "http://ollama.llm:11434"},
+}
+
+
+def test_several_nodes_render_an_indexed_job_that_meets_at_pod_zero():
+    report = helm.lint(CHART, MULTI_NODE, strict=True, kube_version=f"v{KUBE}")
+    assert report["errors"] == [] and not [m for m in report["messages"] if m["severity"] >= 2], report
+    docs, _ = _render(MULTI_NODE)
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE, strict=True)
+    kinds = _by_kind(docs)
+    assert "PersistentVolumeClaim" not in kinds  # a ReadWriteOnce claim cannot follow pods onto 4 nodes
+    job, service = kinds["Job"], kinds["Service"]
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
+    assert spec["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
+    pod = spec["template"]
+    # the headless Service names the Job's pods: its selector matches them, the pods name it as subdomain
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+    [container] = pod["spec"]["containers"]
+    command = container["command"]
+    flag = lambda name: command[command.index(name) + 1]  # noqa: E731
+    assert command[:4] == ["python", "-m", "job.launch", "--multi_gpu"] and command[-2:] == ["-m", "job.cli"]
+    assert (flag("--num_machines"), flag("--num_processes")) == ("4", "32")
+    # the completion index reaches the node rank: an env var defined before the args use $(...) of it
+    assert flag("--machine_rank") == "$(JOB_COMPLETION_INDEX)"
+    [index] = [e for e in container["env"] if e["name"] == "JOB_COMPLETION_INDEX"]
+    assert (
+        index["valueFrom"]["fieldRef"]["fieldPath"]
+        == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+    # pod 0 of an Indexed Job is named <job>-0; with the subdomain it resolves as <job>-0.<service>
+    assert flag("--main_process_ip") == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    rendezvous = [p for p in container["ports"] if p["name"] == "rendezvous"]
+    assert rendezvous == [{"name": "rendezvous", "containerPort": int(flag("--main_process_port"))}]
+    assert service["spec"]["ports"][0]["port"] == int(flag("--main_process_port"))
+    assert "initContainers" not in pod["spec"]  # no Ollama on every node
+    [cache] = [v for v in pod["spec"]["volumes"] if v["name"] == "cache"]
+    assert "ephemeral" in cache
+    assert [rule for rule, holds in RESTRICTED if not holds(pod["spec"])] == []
+
+    single, _ = _render(None)
+    assert "Service" not in _by_kind(single) and "completionMode" not in _by_kind(single)["Job"]["spec"]
+
+
+def test_several_nodes_with_the_ollama_sidecar_is_refused_with_the_values_to_set():
+    with pytest.raises(Exception, match="ollama.sidecar=false with ollama.externalUrl"):
+        _render({"nodes": 2})

@@ -23,6 +23,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-cache" (include "sft-job.fullname" .)) .Values.cache.existingClaim -}}
 {{- end -}}
 
+{{- define "sft-job.nodesService" -}}
+{{- printf "%s-nodes" (include "sft-job.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "sft-job.judgeUrl" -}}
 {{- if .Values.ollama.sidecar -}}
 http://localhost:11434

@@ -1,0 +1,84 @@
+"""``python -m job.launch ARGS``: ``accelerate launch ARGS`` with the exit-code contract kept.
+
+accelerate launch runs torchrun's agent, which exits 1 whatever its workers exit with, so a pod or
+a Slurm step would read "bad data" where a worker meant "try again" (75). On SIGTERM the agent
+also kills its workers after a short grace. This wrapper starts the launcher, passes SIGTERM and
+SIGUSR1 to the training processes themselves (each finishes its step, writes the checkpoint and
+exits 75), and exits with the most telling code its workers reported (each writes its code to
+``SFT_JOB_EXIT_DIR`` on the way out): bad config (2), bad data (1), try again (75), a bug (70).
+A launcher that failed with no worker's code (a worker killed by the kernel, say) is a 70.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil  # accelerate's own dependency
+
+from job.errors import ExitCode
+
+# The order in which a worker's code speaks for the group: a config or data error fails the whole
+# job whoever saw it first; "try again" beats a bug elsewhere (a peer lost mid-collective).
+PRIORITY = (ExitCode.BAD_CONFIG, ExitCode.BAD_DATA, ExitCode.RETRY, ExitCode.INTERNAL)
+
+
+def group_exit_code(launcher_code: int, worker_codes: list[int], signalled: bool = False) -> int:
+    if launcher_code == 0:
+        return 0
+    for code in PRIORITY:
+        if code in worker_codes:
+            return int(code)
+    # stopped before any worker could checkpoint (still starting): the rerun starts over, try again
+    return int(ExitCode.RETRY if signalled else ExitCode.INTERNAL)
+
+
+def _workers(launcher: subprocess.Popen) -> list:
+    """The training processes under the launcher (not torchrun's agent): those running job.cli."""
+    try:
+        children = psutil.Process(launcher.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in children if _is_worker(p)]
+
+
+def _is_worker(process) -> bool:
+    try:
+        return "job.cli" in process.cmdline()
+    except psutil.Error:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    with tempfile.TemporaryDirectory(prefix="sft-job-exit-") as exits:
+        env = {**os.environ, "SFT_JOB_EXIT_DIR": exits}
+        launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *args], env=env)
+
+        signalled = []
+
+        def forward(signum, frame):
+            signalled.append(signum)
+            workers = _workers(launcher)
+            for process in workers or [launcher]:  # no worker yet: stop the launcher itself
+                try:
+                    process.send_signal(signum)
+                except (OSError, psutil.Error):
+                    pass  # gone already
+
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, forward)
+        code = launcher.wait()
+        reported = [int(p.read_text()) for p in Path(exits).glob("rank-*")]
+    result = group_exit_code(code, reported, bool(signalled))
+    if result != code:
+        print(f"sft-job: launcher exit {code}, workers {sorted(set(reported))}: exit {result}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
