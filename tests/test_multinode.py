@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,57 @@ def test_two_nodes_share_one_run_and_resume_it_from_s3_after_one_node_is_stopped
     cut = _weights(s3, "cut")
     assert cut.keys() == two.keys() and all(torch.equal(cut[k], two[k]) for k in two)
     print(f"two nodes: {two_nodes_s:.1f} s, rank 0 uploaded {uploaded / 2**20:.1f} MiB of artifacts, rank 1 none")
+
+
+@pytest.mark.slow
+def test_the_slurm_scripts_launch_line_on_two_nodes_runs_one_job_into_s3(s3, tiny_model_dir, shared_data, tmp_path):
+    """slurm/finetune.sbatch as Slurm runs it on a two-node allocation: its srun step started once per
+    node with SLURM_NODEID (this Slurm runs one slurmd per host, so srun is a stand-in that starts the
+    step's command twice), each node with its own scratch and cache."""
+    import os
+
+    s3.create_bucket(Bucket="slurm-two")
+    nodes = tmp_path / "nodes"
+    for node in (0, 1):
+        shutil.copytree(shared_data / "gpt2", nodes / f"node{node}" / "cache" / "gpt2")
+    config = {
+        "model_dir": str(tiny_model_dir),
+        "data": str(shared_data / "instruction-data.json"),
+        "output": "s3://slurm-two/runs",
+        "max_steps": 8,
+        "eval_freq": 4,
+        "checkpoint_every": 4,
+        "limit": 2,
+        "max_new_tokens": 4,
+        "metrics_port": 0,
+        "log_format": "json",
+        "skip_judge": True,
+    }
+    (tmp_path / "job.yaml").write_text(json.dumps(config))
+    stand_ins = REPO / "tests" / "slurm" / "two-nodes"
+    env = {
+        **os.environ,
+        "PATH": f"{stand_ins}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "TWO_NODES": str(nodes),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "node[0-1]",
+        "SFT_JOB_MAIN_PORT": str(free_port()),
+        "SFT_JOB_SKIP_JUDGE": "true",
+    }
+    done = subprocess.run(
+        ["bash", "slurm/finetune.sbatch", str(tmp_path / "job.yaml")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    node0, node1 = ((nodes / f"node{n}.out").read_text() for n in (0, 1))
+    assert done.returncode == 0, done.stderr + node0[-2000:] + node1[-2000:]
+    manifest = json.loads(s3.get_object(Bucket="slurm-two", Key="runs/slurm-4242/manifest.json")["Body"].read())
+    assert [manifest["stages"][s]["status"] for s in ("download", "finetune", "generate")] == ["complete"] * 3
+    log0, log1 = events(node0), events(node1)
+    assert [e["checkpoint"] for e in log0 if e["event"] == "checkpoint_uploaded"] == ["step-00000004", "step-00000008"]
+    assert all(e["rank"] == 1 for e in log1) and not [e for e in log1 if e["event"] == "checkpoint_uploaded"]
+    assert any(e["event"] == "finetune_start" and e["processes"] == 2 for e in log0)
