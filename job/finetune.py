@@ -60,7 +60,6 @@ class TrainState:
     tokens_seen: int = 0
     """Input tokens of the global batches trained on, padding included, as the book counts them
     (``input_batch.numel()``): the same however the batch is split into processes and micro-batches."""
-
     history: list[dict] = field(default_factory=list)
 
 
@@ -154,16 +153,7 @@ class Trainer:
         self.target_counts = [int((self.collate([e])[1] != IGNORE_INDEX).sum()) for e in prep.train]
         torch.manual_seed(cfg.seed)
         model = prep.model
-        if cfg.untie_head and not cfg.lora_rank:
-            model.untie_head()
-        if cfg.lora_rank:
-            layers = lora_layers(cfg.lora_targets)
-            add_adapters(model, cfg.lora_rank, cfg.lora_alpha, layers, cfg.lora_dropout, cfg.seed)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        total = sum(p.numel() for p in model.parameters())
-        self.parameter_counts = {"total": total, "trainable": sum(p.numel() for p in trainable)}
-        for kind, count in self.parameter_counts.items():
-            metrics.parameters.labels(kind).set(count)
+        trainable = self._choose_trained(model)
         if cfg.compile:
             compile_blocks(model)
         # The fused kernel (CUDA and CPU) does the whole update in one pass over the parameters.
@@ -189,6 +179,21 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def _choose_trained(self, model: GPTModel) -> list[torch.nn.Parameter]:
+        """What trains: every weight (the head untied, as the book's), or LoRA's adapters alone."""
+        cfg = self.cfg
+        if cfg.untie_head and not cfg.lora_rank:
+            model.untie_head()
+        if cfg.lora_rank:
+            layers = lora_layers(cfg.lora_targets)
+            add_adapters(model, cfg.lora_rank, cfg.lora_alpha, layers, cfg.lora_dropout, cfg.seed)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        total = sum(p.numel() for p in model.parameters())
+        self.parameter_counts = {"total": total, "trainable": sum(p.numel() for p in trainable)}
+        for kind, count in self.parameter_counts.items():
+            self.metrics.parameters.labels(kind).set(count)
+        return trainable
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -245,7 +250,6 @@ class Trainer:
         --grad-accum micro-batches; returns the tokens trained on."""
         self.model.train()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        examples = [self.prep.train[j] for j in global_batch]
         share = self.cfg.batch_size // world
         mine = global_batch[rank * share : (rank + 1) * share]
         micro_batches = [mine[i : i + self.micro] for i in range(0, share, self.micro)]
@@ -266,7 +270,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # The book's count: the global batch padded to its longest example (capped), whatever the split.
-        return len(examples) * min(max(len(e.token_ids) for e in examples), self.prep.max_length)
+        longest = max(len(self.prep.train[j].token_ids) for j in global_batch)
+        return len(global_batch) * min(longest, self.prep.max_length)
 
     @torch.no_grad()
     def _loss(self, batches: list[list[Example]]) -> float:
