@@ -1,4 +1,6 @@
-"""``python -m job.launch ARGS``: ``accelerate launch ARGS`` with the exit-code contract kept.
+"""``python -m job.launch ARGS``: ``accelerate launch ARGS`` with the exit-code contract kept
+(``python -m job.launch --torchrun ARGS``: ``torchrun ARGS``, which reads its rendezvous from the
+``PET_*`` variables that Kubeflow Trainer sets).
 
 accelerate launch runs torchrun's agent, which exits 1 whatever its workers exit with, so a pod or
 a Slurm step would read "bad data" where a worker meant "try again" (75). On SIGTERM the agent
@@ -55,9 +57,12 @@ def _is_worker(process) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    module = "accelerate.commands.launch"
+    if args[:1] == ["--torchrun"]:
+        module, args = "torch.distributed.run", args[1:]
     with tempfile.TemporaryDirectory(prefix="sft-job-exit-") as exits:
         env = {**os.environ, "SFT_JOB_EXIT_DIR": exits}
-        launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *args], env=env)
+        launcher = subprocess.Popen([sys.executable, "-m", module, *args], env=env)
 
         signalled = []
 

@@ -519,3 +519,34 @@ def test_several_nodes_render_an_indexed_job_that_meets_at_pod_zero():
 def test_several_nodes_with_the_ollama_sidecar_is_refused_with_the_values_to_set():
     with pytest.raises(Exception, match="ollama.sidecar=false with ollama.externalUrl"):
         _render({"nodes": 2})
+
+
+def test_the_trainjob_alternative_is_a_valid_kubeflow_trainer_v2_trainjob():
+    """Checked against Kubeflow Trainer's own API models (kubeflow-trainer-api, generated from its CRDs):
+    every field known (a round trip through the models keeps the document whole) and of its type."""
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    values = MULTI_NODE | {"trainJob": {"enabled": True}}
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE}")
+    assert report["errors"] == [] and not [m for m in report["messages"] if m["severity"] >= 2], report
+    docs, _ = _render(values)
+    kinds = _by_kind(docs)
+    assert "Job" not in kinds and "Service" not in kinds and "PersistentVolumeClaim" not in kinds
+    for kind, doc in kinds.items():
+        if kind != "TrainJob":
+            kubernetes_validate.validate(doc, KUBE, strict=True)
+    train_job = kinds["TrainJob"]
+    parsed = TrainerV1alpha1TrainJob.from_dict(train_job)
+    assert parsed.to_dict() == train_job
+    trainer = train_job["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (4, 8)
+    assert trainer["command"] == ["python", "-m", "job.launch", "--torchrun", "--module", "job.cli"]
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
+    assert {e["name"] for e in trainer["env"]} >= {"SFT_JOB_CACHE", "OLLAMA_HOST", "AWS_ACCESS_KEY_ID"}
+    [patch] = train_job["spec"]["runtimePatches"]
+    [node] = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    pod = node["template"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert {m["name"] for m in container["volumeMounts"]} == {v["name"] for v in pod["volumes"]}
+    patched_pod = pod | {"containers": [container | {"resources": {"limits": trainer["resourcesPerNode"]["limits"]}}]}
+    assert [rule for rule, holds in RESTRICTED if not holds(patched_pod)] == []

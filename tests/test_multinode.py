@@ -184,3 +184,26 @@ def test_the_slurm_scripts_launch_line_on_two_nodes_runs_one_job_into_s3(s3, tin
     assert [e["checkpoint"] for e in log0 if e["event"] == "checkpoint_uploaded"] == ["step-00000004", "step-00000008"]
     assert all(e["rank"] == 1 for e in log1) and not [e for e in log1 if e["event"] == "checkpoint_uploaded"]
     assert any(e["event"] == "finetune_start" and e["processes"] == 2 for e in log0)
+
+
+def test_torchrun_through_the_launcher_takes_its_rendezvous_from_kubeflow_trainers_variables(
+    tiny_model_dir, shared_data, tmp_path
+):
+    """The TrainJob's command (job.launch --torchrun) with the PET_* variables Trainer's torch runtime sets."""
+    import os
+
+    pet = {"PET_NNODES": "1", "PET_NODE_RANK": "0", "PET_NPROC_PER_NODE": "2"}
+    pet |= {"PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(free_port())}
+    args = ["finetune", "--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data.json"]
+    args += ["--cache", shared_data, "--output", tmp_path / "ft", "--max-steps", "2", "--log-format", "json"]
+    done = subprocess.run(
+        [sys.executable, "-m", "job.launch", "--torchrun", "--module", "job.cli", *map(str, args)],
+        cwd=REPO,
+        env={**os.environ, **pet},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [start] = [e for e in events(done.stdout) if e["event"] == "finetune_start"]
+    assert start["processes"] == 2 and (tmp_path / "ft" / "model" / "model.safetensors").is_file()

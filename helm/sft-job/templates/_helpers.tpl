@@ -34,3 +34,88 @@ http://localhost:11434
 {{- required "ollama.externalUrl is required when ollama.sidecar is false" .Values.ollama.externalUrl -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The job container's environment (the Job's pods and the TrainJob's nodes alike). */}}
+{{- define "sft-job.env" -}}
+- name: HOME                   # caches (matplotlib, torch.compile) go to the writable /tmp
+  value: /tmp
+- name: OLLAMA_HOST
+  value: {{ include "sft-job.judgeUrl" . | quote }}
+- name: SFT_JOB_CACHE
+  value: /cache
+{{- with .Values.s3.endpointUrl }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+- name: AWS_DEFAULT_REGION
+  value: {{ .Values.s3.region | quote }}
+{{- if .Values.s3.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.s3.existingSecret }}
+      key: {{ .Values.s3.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.s3.existingSecret }}
+      key: {{ .Values.s3.secretAccessKeyKey }}
+{{- end }}
+{{- if .Values.judge.existingSecret }}
+- name: SFT_JOB_JUDGE_API_KEY_FILE
+  value: /var/run/secrets/sft-job/judge/{{ .Values.judge.apiKeyKey }}
+{{- end }}
+{{- end -}}
+
+{{/* The job container's mounts. */}}
+{{- define "sft-job.volumeMounts" -}}
+- name: config
+  mountPath: /etc/sft-job
+  readOnly: true
+- name: cache
+  mountPath: /cache
+- name: shm
+  mountPath: /dev/shm
+- name: tmp
+  mountPath: /tmp
+{{- if .Values.judge.existingSecret }}
+- name: judge-secret
+  mountPath: /var/run/secrets/sft-job/judge
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The pod's volumes for the job container (not the Ollama sidecar's). */}}
+{{- define "sft-job.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "sft-job.fullname" . }}
+- name: cache
+  {{- if or (eq (int .Values.nodes) 1) .Values.cache.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ include "sft-job.claimName" . }}
+  {{- else }}
+  # several nodes: a volume of its own for each pod (a shared claim needs ReadWriteMany: cache.existingClaim)
+  ephemeral:
+    volumeClaimTemplate:
+      spec:
+        accessModes: [ReadWriteOnce]
+        resources:
+          requests:
+            storage: {{ .Values.cache.size }}
+        {{- with .Values.cache.storageClassName }}
+        storageClassName: {{ . }}
+        {{- end }}
+  {{- end }}
+- name: shm
+  emptyDir:
+    medium: Memory
+- name: tmp
+  emptyDir: {}
+{{- if .Values.judge.existingSecret }}
+- name: judge-secret
+  secret:
+    secretName: {{ .Values.judge.existingSecret }}
+    defaultMode: 0400
+{{- end }}
+{{- end -}}
