@@ -201,14 +201,26 @@ def collate(
 
 
 class Collator:
-    """The book's collate with the run's settings bound: a batch of examples in, (inputs, targets) out."""
+    """The book's collate with the run's settings bound: a batch of examples in, (inputs, targets) out.
 
-    def __init__(self, allowed_max_length: int, mask_instruction: bool):
+    ``pad_to_multiple`` rounds each batch's length up (within ``allowed_max_length``) with padding
+    whose targets are ignored, after every real token: causal attention keeps the real positions
+    as they were, so the loss is the same, and a GPU sees a few shapes instead of one per batch.
+    """
+
+    def __init__(self, allowed_max_length: int, mask_instruction: bool, pad_to_multiple: int | None = None):
         self.allowed_max_length = allowed_max_length
         self.mask_instruction = mask_instruction
+        self.pad_to_multiple = pad_to_multiple
 
     def __call__(self, examples: list[Example]):
         prompt_lengths = [e.prompt_length for e in examples] if self.mask_instruction else None
-        return collate(
+        inputs, targets = collate(
             [e.token_ids for e in examples], allowed_max_length=self.allowed_max_length, prompt_lengths=prompt_lengths
         )
+        if self.pad_to_multiple:
+            width = inputs.shape[1]
+            extra = min(-width % self.pad_to_multiple, self.allowed_max_length - width)
+            inputs = torch.nn.functional.pad(inputs, (0, extra), value=END_OF_TEXT_ID)  # (B, T + extra)
+            targets = torch.nn.functional.pad(targets, (0, extra), value=IGNORE_INDEX)
+        return inputs, targets

@@ -148,7 +148,7 @@ class Trainer:
         self.micro = cfg.batch_size // (world * cfg.grad_accum)
         self.output = Path(cfg.output)
         self.checkpoints = self.output / "checkpoints"
-        self.collate = Collator(prep.max_length, cfg.mask_instruction)
+        self.collate = Collator(prep.max_length, cfg.mask_instruction, cfg.pad_to_multiple)
         # Targets each training example contributes (not -100): independent of what it is batched with.
         self.target_counts = [int((self.collate([e])[1] != IGNORE_INDEX).sum()) for e in prep.train]
         torch.manual_seed(cfg.seed)

@@ -46,6 +46,7 @@ FLAGS = [
     ("allowed_max_length", ["--allowed-max-length", "0"]),
     ("train_limit", ["--train-limit", "0"]),
     ("data_order", ["--data-order", "random"]),
+    ("pad_to_multiple", ["--pad-to-multiple", "0"]),
     ("lora_rank", ["--lora-rank", "0"]),
     ("lora_alpha", ["--lora-rank", "8", "--lora-alpha", "0"]),
     ("lora_dropout", ["--lora-dropout", "1"]),

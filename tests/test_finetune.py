@@ -254,3 +254,27 @@ def test_grad_accum_splits_give_the_same_step_as_one_batch(tiny_model_dir, share
         weights[accum] = _weights(out)
     differences = {k: (weights[1][k] - weights[4][k]).abs().max().item() for k in weights[1]}
     assert max(differences.values()) < 1e-6, max(differences.items(), key=lambda kv: kv[1])
+
+
+def test_batches_padded_to_a_multiple_of_16_train_as_the_books_shapes_do(tiny_model_dir, shared_data, tmp_path):
+    """Few shapes for a GPU (issue 18's first lever): the same losses, weights and tokens in fp32 on the CPU."""
+    from job.data import Collator, Example
+
+    examples = [Example(list(range(1, n + 1)), 3) for n in (5, 23, 9)]
+    inputs, targets = Collator(100, False, pad_to_multiple=16)(examples)
+    plain_inputs, plain_targets = Collator(100, False)(examples)
+    assert inputs.shape == (3, 32) and plain_inputs.shape == (3, 23)
+    assert torch.equal(inputs[:, :23], plain_inputs) and torch.equal(targets[:, :23], plain_targets)
+    assert (targets[:, 23:] == -100).all()
+
+    runs = {}
+    for name, extra in (("plain", {}), ("padded", {"pad_to_multiple": 16})):
+        out = tmp_path / name
+        cfg = _cfg(tiny_model_dir, shared_data, out, lr=5e-5, max_steps=20, eval_freq=5, precision="fp32", **extra)
+        run_finetune(cfg)
+        runs[name] = (json.loads((out / "losses.json").read_text()), _weights(out))
+    (plain, plain_w), (padded, padded_w) = runs["plain"], runs["padded"]
+    assert [h["tokens_seen"] for h in padded] == [h["tokens_seen"] for h in plain]  # counted as the book counts
+    for key in ("train_loss", "val_loss"):
+        assert [h[key] for h in padded] == pytest.approx([h[key] for h in plain], abs=1e-5)
+    assert max((padded_w[k] - plain_w[k]).abs().max().item() for k in plain_w) < 1e-5
