@@ -292,12 +292,17 @@ class DecodingSettings:
     """Sample only among the k most likely tokens."""
     limit: int | None = None
     """Answer only the first N test entries (smoke runs)."""
+    eos_check_every: int | None = None
+    """Greedy decoding with each batch's shape fixed: finished rows stay in (masked) and the end is checked
+    every N steps, not after each (the same tokens; for GPUs, off until measured there)."""
 
     def __post_init__(self) -> None:
         _positive(self, "max_new_tokens")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        for name in ("top_k", "limit"):
+        if self.eos_check_every is not None and self.temperature > 0:
+            raise ConfigError("eos_check_every needs greedy decoding (temperature 0)")
+        for name in ("top_k", "limit", "eos_check_every"):
             if getattr(self, name) is not None:
                 _positive(self, name)
 

@@ -69,3 +69,41 @@ def generate(
             rows = [rows[i] for i in keep]
         logits = model(chosen[:, None], cache=cache)[:, -1]
     return outputs
+
+
+@torch.no_grad()
+def generate_fixed_batch(
+    model: GPTModel, prompts: list[list[int]], max_new_tokens: int, eos_id: int = END_OF_TEXT_ID, check_every: int = 16
+) -> list[list[int]]:
+    """Greedy decoding with the batch's shape fixed (issue 18's graph-ready decoder): finished rows
+    stay in the batch, masked, instead of being dropped, and whether all are done is read from the
+    device every ``check_every`` steps instead of after each one. Token for token what ``generate``
+    returns greedily: a row's tokens depend on its own row alone.
+    """
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    room = max(cfg.context_length - max_new_tokens, 1)
+    prompts = [p[-room:] for p in prompts]
+    max_new_tokens = min(max_new_tokens, cfg.context_length - max(len(p) for p in prompts))
+    width = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), width), END_OF_TEXT_ID, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        idx[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        valid[row, width - len(p) :] = True
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else next(model.parameters()).dtype
+    cache = KVCache(cfg, len(prompts), width + max_new_tokens, device=device, dtype=dtype)
+    logits = model.lm_head(model.hidden_states(idx.to(device), cache, valid.to(device))[:, -1])  # (B, vocab)
+    tokens = torch.full((len(prompts), max_new_tokens), eos_id, dtype=torch.long, device=device)  # (B, N)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # (B,)
+    for step in range(max_new_tokens):
+        chosen = torch.argmax(logits.float(), dim=-1)  # (B,)
+        chosen = torch.where(finished, eos_id, chosen)  # a finished row only repeats the end token
+        tokens[:, step] = chosen
+        finished |= chosen == eos_id
+        if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(finished.all())):
+            break
+        logits = model(chosen[:, None], cache=cache)[:, -1]
+    rows = tokens.tolist()  # one copy to the host for the whole batch
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]

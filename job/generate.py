@@ -11,7 +11,7 @@ import torch
 
 from job.config import GenerateConfig, resolve_precision
 from job.data import PROMPT_STYLES, RESPONSES_FILE, load_entries, resolve_data, split_entries
-from job.decoding import generate
+from job.decoding import generate, generate_fixed_batch
 from job.download import Downloader, tokenizer_files
 from job.errors import ConfigError
 from job.observability import Metrics, Progress, get_logger
@@ -86,14 +86,18 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     with open(progress_path, "a") as progress, autocast:
         for b, batch in todo:
             generator = torch.Generator(device=device).manual_seed(cfg.seed + b)
-            outputs = generate(
-                model,
-                [prompt_ids[i] for i in batch],
-                cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                generator=generator,
-            )
+            batch_ids = [prompt_ids[i] for i in batch]
+            if cfg.eos_check_every:
+                outputs = generate_fixed_batch(model, batch_ids, cfg.max_new_tokens, check_every=cfg.eos_check_every)
+            else:
+                outputs = generate(
+                    model,
+                    batch_ids,
+                    cfg.max_new_tokens,
+                    temperature=cfg.temperature,
+                    top_k=cfg.top_k,
+                    generator=generator,
+                )
             for i, ids in zip(batch, outputs, strict=True):
                 response = style.extract_response(prompts[i] + tokenizer.decode(ids), prompts[i])
                 progress.write(json.dumps({"index": i, "model_response": response}) + "\n")

@@ -390,6 +390,7 @@ class Pipeline:
                 top_k=cfg.top_k,
                 seed=cfg.seed,
                 limit=cfg.limit,
+                eos_check_every=cfg.eos_check_every,
                 precision=cfg.precision,
             ),
             self.metrics,

@@ -47,6 +47,7 @@ FLAGS = [
     ("train_limit", ["--train-limit", "0"]),
     ("data_order", ["--data-order", "random"]),
     ("pad_to_multiple", ["--pad-to-multiple", "0"]),
+    ("eos_check_every", ["--eos-check-every", "16", "--temperature", "0.7"]),
     ("lora_rank", ["--lora-rank", "0"]),
     ("lora_alpha", ["--lora-rank", "8", "--lora-alpha", "0"]),
     ("lora_dropout", ["--lora-dropout", "1"]),

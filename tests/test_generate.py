@@ -1,3 +1,4 @@
+import collections
 import json
 import signal
 
@@ -117,6 +118,10 @@ def test_output_is_the_test_split_with_responses(wide_context_model, shared_data
     assert [e["precision"] for e in events(result.stdout) if e["event"] == "generate_start"] == [
         "fp32"
     ]  # auto on a CPU
+    # the fixed-batch decoder through the stage: the same file
+    fixed = cli("generate", *result.args[4:-2], "--output", tmp_path / "fixed", "--eos-check-every", "2")
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads((tmp_path / "fixed" / RESPONSES_FILE).read_text()) == saved
 
 
 def test_bf16_on_request_decodes_in_bf16_and_a_bad_precision_is_a_usage_error(
@@ -183,3 +188,31 @@ def test_restart_after_a_kill_decodes_only_the_missing_entries(wide_context_mode
     straight = cli(*args, "--output", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
     assert (tmp_path / "cut" / RESPONSES_FILE).read_text() == (tmp_path / "straight" / RESPONSES_FILE).read_text()
+
+
+def test_the_fixed_batch_decoder_is_token_for_token_the_greedy_decoder_on_the_110_test_prompts(
+    tiny_model_dir, shared_data
+):
+    """Finished rows kept and masked, the end checked every 16 steps (issue 18's graph-ready decoding)."""
+    from job.data import PROMPT_STYLES, load_entries, split_entries
+    from job.decoding import generate, generate_fixed_batch
+    from job.tokenizer import encode, load_tokenizer
+    from job.weights import load_pretrained
+
+    model = load_pretrained(tiny_model_dir).eval()
+    tokenizer = load_tokenizer(shared_data / "gpt2")
+    _train, test, _val = split_entries(load_entries(shared_data / "instruction-data.json"))
+    prompts = [encode(tokenizer, PROMPT_STYLES["alpaca"].format_input(e))[-60:] for e in test]
+    assert len(prompts) == 110
+    batches = [prompts[start : start + 16] for start in range(0, 110, 16)]
+    # a random tiny model rarely says end-of-text: let its most frequent token end the responses instead,
+    # so rows finish at different steps and the masking is exercised
+    unbounded = [row for batch in batches for row in generate(model, batch, max_new_tokens=40, eos_id=None)]
+    end = collections.Counter(t for row in unbounded for t in row).most_common(1)[0][0]
+    expected, got = [], []
+    for batch in batches:
+        expected += generate(model, batch, max_new_tokens=40, eos_id=end)
+        got += generate_fixed_batch(model, batch, max_new_tokens=40, eos_id=end, check_every=16)
+    assert got == expected
+    lengths = {len(t) for t in expected}
+    assert len(lengths) > 1, lengths  # rows ended at different steps, so the masking was exercised
