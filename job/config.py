@@ -234,6 +234,9 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
     pad_to_multiple: int | None = None
     """Pad each batch's length up to a multiple of this (16 leaves the book's batches 3 shapes): the same
     loss, fewer shapes for a GPU's kernels and compiled graphs; off (the book's shapes) by default."""
+    batched_eval: bool = False
+    """Each evaluation's training and validation batches in one forward pass, their per-batch means taken
+    from per-token losses (the book's numbers; fewer launches for a GPU, off until measured there)."""
     data_order: Literal["book", "seeded"] = "book"
     """book: exactly the batches and training-loss estimates of the book's train_model_simple after
     torch.manual_seed(seed) (its DataLoaders' draws replayed); seeded: one shuffle per epoch from the seed."""

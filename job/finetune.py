@@ -14,6 +14,7 @@ from pathlib import Path
 
 import tiktoken
 import torch
+import torch.nn.functional as F
 import yaml
 
 from job.checkpoint import CheckpointManager
@@ -37,7 +38,7 @@ from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
 from job.observability import Metrics, Progress, get_logger
 from job.order import data_order
 from job.storage import atomic_path, atomic_write_text, ensure_room
-from job.tokenizer import load_tokenizer
+from job.tokenizer import END_OF_TEXT_ID, encode, load_tokenizer
 from job.weights import book_state_dict, load_pretrained, save_hf
 
 log = get_logger(__name__)
@@ -274,22 +275,41 @@ class Trainer:
         return len(global_batch) * min(longest, self.prep.max_length)
 
     @torch.no_grad()
-    def _loss(self, batches: list[list[Example]]) -> float:
-        """Mean of the batches' losses (the book's ``calc_loss_loader`` over its first ``eval_iter``)."""
+    def _batch_losses(self, batches: list[list[Example]]) -> torch.Tensor:
+        """Each batch's mean loss (the terms of the book's ``calc_loss_loader``), (n,) on the device:
+        a forward per batch, or with --batched-eval one forward for all of them."""
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        total = torch.zeros((), device=self.accelerator.device)
-        for batch in batches:
-            inputs, targets = self.collate(batch)
-            with self.accelerator.autocast():
-                total += model(inputs.to(self.accelerator.device), targets=targets.to(self.accelerator.device)).float()
-        return total.item() / len(batches)  # one device sync per evaluation, not one per batch
+        device = self.accelerator.device
+        collated = [self.collate(batch) for batch in batches]
+        if not self.cfg.batched_eval:
+            losses = []
+            for inputs, targets in collated:
+                with self.accelerator.autocast():
+                    losses.append(model(inputs.to(device), targets=targets.to(device)).float())
+            return torch.stack(losses)
+        width = max(x.shape[1] for x, _ in collated)
+        # Every batch padded to the longest, after its real tokens (targets ignored): one (R, T) forward.
+        inputs = torch.cat([F.pad(x, (0, width - x.shape[1]), value=END_OF_TEXT_ID) for x, _ in collated])
+        targets = torch.cat([F.pad(y, (0, width - y.shape[1]), value=IGNORE_INDEX) for _, y in collated])
+        rows = torch.cat([torch.full((len(x),), i) for i, (x, _) in enumerate(collated)])  # (R,) batch of each row
+        inputs, targets, rows = inputs.to(device), targets.to(device), rows.to(device)
+        keep = targets != IGNORE_INDEX  # (R, T)
+        with self.accelerator.autocast():
+            hidden = model.hidden_states(inputs)[keep]  # (N, C): the positions whose target counts
+            per_target = F.cross_entropy(model.lm_head(hidden).float(), targets[keep], reduction="none")  # (N,)
+        owner = rows[:, None].expand_as(targets)[keep]  # (N,) the batch of each target
+        sums = torch.zeros(len(batches), device=device).index_add_(0, owner, per_target)
+        counts = torch.zeros(len(batches), device=device).index_add_(0, owner, torch.ones_like(per_target))
+        return sums / counts
 
     def _evaluate(self) -> None:
         st, n = self.state, self.cfg.batch_size
         estimate = [[self.prep.train[j] for j in batch] for batch in self.order.estimate_batches(st.step - 1)]
         val = [self.prep.val[i : i + n] for i in range(0, len(self.prep.val), n)][: self.cfg.eval_iter]
-        train_loss, val_loss = self._loss(estimate), self._loss(val)
+        losses = self._batch_losses(estimate + val).tolist()  # one device sync per evaluation
+        train_loss = sum(losses[: len(estimate)]) / len(estimate)
+        val_loss = sum(losses[len(estimate) :]) / len(val)
         st.history.append(
             {
                 "step": st.step - 1,
@@ -331,8 +351,6 @@ class Trainer:
         (``generated``, past any end-of-text as the book decodes; ``response``, up to it)."""
         if not self.is_main:
             return
-        from job.tokenizer import END_OF_TEXT_ID, encode
-
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         prompt = encode(self.prep.tokenizer, self.prep.sample_prompt)

@@ -278,3 +278,16 @@ def test_batches_padded_to_a_multiple_of_16_train_as_the_books_shapes_do(tiny_mo
     for key in ("train_loss", "val_loss"):
         assert [h[key] for h in padded] == pytest.approx([h[key] for h in plain], abs=1e-5)
     assert max((padded_w[k] - plain_w[k]).abs().max().item() for k in plain_w) < 1e-5
+
+
+def test_one_forward_per_evaluation_gives_the_per_batch_losses(tiny_model_dir, shared_data, tmp_path):
+    """--batched-eval (issue 18's second lever): the 5 + 5 batches of an evaluation in one forward pass."""
+    histories = {}
+    for name, batched in (("eager", False), ("batched", True)):
+        out = tmp_path / name
+        run_finetune(_cfg(tiny_model_dir, shared_data, out, max_steps=6, eval_freq=2, batched_eval=batched))
+        histories[name] = json.loads((out / "losses.json").read_text())
+    eager, batched = histories["eager"], histories["batched"]
+    assert len(eager) == len(batched) == 3
+    for key in ("train_loss", "val_loss"):
+        assert [h[key] for h in batched] == pytest.approx([h[key] for h in eager], abs=1e-5)
