@@ -44,6 +44,7 @@ class Setup:
     precision: str = "fp32"  # or bf16 (autocast)
     recipe_entries: int | None = None  # the full recipe on the dataset's first N entries (quick checks)
     compile: bool = False  # the full recipe with torch.compile'd blocks
+    levers: bool = False  # issue 18's: batches padded to multiples of 16, batched evaluations, fixed-batch decoding
 
     @property
     def model_config(self) -> GPTConfig:
@@ -270,10 +271,12 @@ def measure_generation(impl: str, setup: Setup) -> dict:
 
 
 def _generate_ours(model, batches, setup, warmup=False):
-    from job.decoding import generate
+    from job.decoding import generate, generate_fixed_batch
 
     n = 2 if warmup else setup.max_new_tokens
     with _autocast(setup):
+        if setup.levers:  # no token is -1: every row runs to full length, as eos_id=None does
+            return sum(len(o) for b in batches for o in generate_fixed_batch(model, b, n, eos_id=-1, check_every=16))
         return sum(len(o) for b in batches for o in generate(model, b, n, eos_id=None))
 
 

@@ -63,6 +63,8 @@ def full_recipe(setup: Setup) -> dict:
             checkpoint_every=10_000,
             data_order="book",
             untie_head=True,  # the book's batches and its untied head: the book's loss curve
+            pad_to_multiple=16 if setup.levers else None,
+            batched_eval=setup.levers,
             keep_checkpoints=1,
             **RECIPE,
         )
@@ -84,6 +86,7 @@ def full_recipe(setup: Setup) -> dict:
         "steps": trainer.state.step,
         "tokens_seen": trainer.state.tokens_seen,
         "compile": setup.compile,
+        "levers": setup.levers,
         **_curve([h["train_loss"] for h in history], [h["val_loss"] for h in history]),
     }
 

@@ -13,7 +13,7 @@ from tests.helpers import REPO
 @pytest.mark.slow
 def test_gpu_mode_runs_on_cpu_at_tiny_shapes_and_writes_every_selected_figure(shared_data, tmp_path):
     out = tmp_path / "results.json"
-    keys = ["train/ours", "generate/ours", "generate/hf", "recipe/ours"]
+    keys = ["train/ours", "generate/ours", "generate/hf", "recipe/ours", "recipe/ours/levers", "generate/ours/levers"]
     cmd = [
         sys.executable,
         "-m",
@@ -44,6 +44,10 @@ def test_gpu_mode_runs_on_cpu_at_tiny_shapes_and_writes_every_selected_figure(sh
         recipe["evaluations"] == 5 and recipe["last_val_loss"] < recipe["first_val_loss"]
     )  # 120 entries: 12 steps x 2 epochs
     assert report["targets"]["generate/ours:wall_seconds"]["measured"] == results["generate/ours"]["wall_seconds"]
+    levers = results["recipe/ours/levers"]  # padded batches and one-forward evaluations: the same curve
+    assert levers["levers"] and levers["tokens_seen"] == recipe["tokens_seen"]
+    assert abs(levers["last_val_loss"] - recipe["last_val_loss"]) < 1e-3
+    assert results["generate/ours/levers"]["new_tokens"] == 110 * 4
 
 
 def test_unknown_measurement_is_a_one_line_error(shared_data):
