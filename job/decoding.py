@@ -19,22 +19,10 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, gen
     return torch.argmax(logits, dim=-1)
 
 
-@torch.no_grad()
-def generate(
-    model: GPTModel,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    eos_id: int | None = END_OF_TEXT_ID,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """New tokens for each prompt (end-of-text not included), decoded together.
-
-    Prompts are left-padded into one batch; each row stops at ``eos_id`` and is dropped from
-    the cache, so finished rows cost nothing. Prompts longer than the room the context leaves
-    are cropped from the left, as the book crops its context.
-    """
+def _prefill(model: GPTModel, prompts: list[list[int]], max_new_tokens: int) -> tuple[torch.Tensor, KVCache, int]:
+    """The prompts left-padded into one batch and run through the model once: (the last position's
+    logits (B, vocab), the filled cache, the new tokens the context leaves room for). Prompts longer
+    than the room the context leaves are cropped from the left, as the book crops its context."""
     cfg = model.cfg
     device = next(model.parameters()).device
     room = max(cfg.context_length - max_new_tokens, 1)
@@ -51,7 +39,27 @@ def generate(
     dtype = torch.get_autocast_dtype(device.type) if autocast else next(model.parameters()).dtype
     cache = KVCache(cfg, len(prompts), width + max_new_tokens, device=device, dtype=dtype)
     hidden = model.hidden_states(idx.to(device), cache, valid.to(device))  # (B, T, C)
-    logits = model.lm_head(hidden[:, -1])  # (B, vocab): only the last position is needed
+    return model.lm_head(hidden[:, -1]), cache, max_new_tokens  # only the last position is needed
+
+
+@torch.no_grad()
+def generate(
+    model: GPTModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int | None = END_OF_TEXT_ID,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """New tokens for each prompt (end-of-text not included), decoded together.
+
+    Prompts are left-padded into one batch; each row stops at ``eos_id`` and is dropped from
+    the cache, so finished rows cost nothing. Prompts longer than the room the context leaves
+    are cropped from the left, as the book crops its context.
+    """
+    logits, cache, max_new_tokens = _prefill(model, prompts, max_new_tokens)
+    device = logits.device
     outputs: list[list[int]] = [[] for _ in prompts]
     rows = list(range(len(prompts)))  # original index of each row still in the batch
     for step in range(max_new_tokens):
@@ -80,21 +88,8 @@ def generate_fixed_batch(
     device every ``check_every`` steps instead of after each one. Token for token what ``generate``
     returns greedily: a row's tokens depend on its own row alone.
     """
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    room = max(cfg.context_length - max_new_tokens, 1)
-    prompts = [p[-room:] for p in prompts]
-    max_new_tokens = min(max_new_tokens, cfg.context_length - max(len(p) for p in prompts))
-    width = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), width), END_OF_TEXT_ID, dtype=torch.long)
-    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
-    for row, p in enumerate(prompts):
-        idx[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        valid[row, width - len(p) :] = True
-    autocast = torch.is_autocast_enabled(device.type)
-    dtype = torch.get_autocast_dtype(device.type) if autocast else next(model.parameters()).dtype
-    cache = KVCache(cfg, len(prompts), width + max_new_tokens, device=device, dtype=dtype)
-    logits = model.lm_head(model.hidden_states(idx.to(device), cache, valid.to(device))[:, -1])  # (B, vocab)
+    logits, cache, max_new_tokens = _prefill(model, prompts, max_new_tokens)
+    device = logits.device
     tokens = torch.full((len(prompts), max_new_tokens), eos_id, dtype=torch.long, device=device)  # (B, N)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # (B,)
     for step in range(max_new_tokens):
