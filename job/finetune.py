@@ -34,7 +34,7 @@ from job.download import Downloader, model_files, tokenizer_files
 from job.download import model_dir as cached_model_dir
 from job.errors import JobError, TransientError
 from job.lora import add_adapters, merge_adapters, save_peft_adapter
-from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
+from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel, head_loss
 from job.observability import Metrics, Progress, get_logger
 from job.order import data_order
 from job.storage import atomic_path, atomic_write_text, ensure_room
@@ -295,9 +295,8 @@ class Trainer:
         rows = torch.cat([torch.full((len(x),), i) for i, (x, _) in enumerate(collated)])  # (R,) batch of each row
         inputs, targets, rows = inputs.to(device), targets.to(device), rows.to(device)
         keep = targets != IGNORE_INDEX  # (R, T)
-        with self.accelerator.autocast():
-            hidden = model.hidden_states(inputs)[keep]  # (N, C): the positions whose target counts
-            per_target = F.cross_entropy(model.lm_head(hidden).float(), targets[keep], reduction="none")  # (N,)
+        with self.accelerator.autocast():  # the head only where a target counts: (N,) losses in keep's order
+            per_target = head_loss(model.lm_head, model.hidden_states(inputs), targets, True, reduction="none")
         owner = rows[:, None].expand_as(targets)[keep]  # (N,) the batch of each target
         sums = torch.zeros(len(batches), device=device).index_add_(0, owner, per_target)
         counts = torch.zeros(len(batches), device=device).index_add_(0, owner, torch.ones_like(per_target))

@@ -120,8 +120,9 @@ def save_peft_adapter(model: GPTModel, directory: str | Path, base_model: str, d
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     found = adapters(model)
+    first = next(iter(found.values()))  # every adapter has the run's rank and alpha
+    rank, alpha = first.A.shape[2], first.alpha
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
-    rank = alpha = None
     for name, lora in found.items():
         splits, in_f, r = lora.A.shape
         out_split = lora.B.shape[2]
@@ -131,7 +132,6 @@ def save_peft_adapter(model: GPTModel, directory: str | Path, base_model: str, d
             b[s * out_split : (s + 1) * out_split, s * r : (s + 1) * r] = lora.B[s].detach().float().cpu().t()
         key = HF_PREFIX + _hf_name(name)
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a.contiguous(), b.contiguous()
-        rank, alpha = r, lora.alpha
         if splits > 1:
             rank_pattern[name.rpartition(".")[2]] = splits * r
             alpha_pattern[name.rpartition(".")[2]] = lora.alpha * splits * r

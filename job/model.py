@@ -252,7 +252,8 @@ def head_loss(
     head: nn.Module, x: torch.Tensor, targets: torch.Tensor, select_targets: bool, reduction: str = "mean"
 ) -> torch.Tensor:
     """Cross entropy of ``head(x)`` (B, T, C) against ``targets`` (B, T) where they are not -100:
-    their mean, or with ``reduction="sum"`` their sum.
+    their mean, with ``reduction="sum"`` their sum, with ``"none"`` each (N,), in row-major order
+    (``select_targets`` only).
 
     ``select_targets`` runs the head only at those positions (less work, a data-dependent shape);
     otherwise at every position, with the -100 ones ignored. Both give the same mean.
