@@ -11,7 +11,6 @@ from pathlib import Path
 
 import click
 import cloup
-import yaml
 
 from job import __version__
 from job.config import (
@@ -20,7 +19,7 @@ from job.config import (
     GenerateConfig,
     JudgeConfig,
     RunConfig,
-    check_value,
+    config_file_values,
     field_docs,
     field_names,
 )
@@ -34,22 +33,11 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     """``--config job.yaml``: its keys become the command's defaults (flags and env still win)."""
     if value is None:
         return None
-    try:
-        data = yaml.safe_load(Path(value).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise click.BadParameter(f"cannot read {value}: {exc}".splitlines()[0], ctx, param) from None
-    if not isinstance(data, dict):
-        raise click.BadParameter(f"{value} must hold a mapping of option names to values", ctx, param)
     known = {p.name for p in ctx.command.params}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise click.BadParameter(f"{value}: unknown key {unknown[0]!r}", ctx, param)
-    # Checked against the fields' types here: click would turn 1.5 into 1 and true into 1.
-    cls = getattr(ctx.command.callback, "config_class", None)
     try:
-        data = {k: check_value(cls, k, v) if cls and k in field_names(cls) else v for k, v in data.items()}
+        data = config_file_values(value, getattr(ctx.command.callback, "config_class", None), known)
     except ConfigError as exc:
-        raise click.BadParameter(f"{value}: {exc}", ctx, param) from None
+        raise click.BadParameter(str(exc), ctx, param) from None
     ctx.default_map = {**(ctx.default_map or {}), **data}
     return value
 

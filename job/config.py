@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import re
 import types
@@ -19,6 +20,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from job.errors import ConfigError
+from job.parsing import finite, short
 from job.sizes import MODEL_NAMES, ModelName
 
 MIRROR_SCHEMES = ("http", "https", "s3")
@@ -74,8 +76,36 @@ def check_value(cls: type, key: str, value):
     if isinstance(value, int | float) and not isinstance(value, bool) and _accepts(hint, str):
         value = str(value)  # YAML reads `judge_wait: 300` and `run_id: 42` as numbers
     if not _matches(hint, value):
-        raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}")
+        raise ConfigError(f"{key} must be {_describe(hint)}, got {short(value)}")
     return value
+
+
+def config_file_values(path: str, cls: type | None, known: set[str]) -> dict:
+    """The values of a ``--config`` file: a YAML mapping of option names (``known``) to values, each
+    checked against ``cls``'s field type. Any other file is a ConfigError naming it, short."""
+    from job.parsing import MAX_YAML_BYTES, ParseError, load_yaml
+
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_YAML_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = load_yaml(text, path)
+    except ParseError as exc:
+        raise ConfigError(str(exc)) from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of option names to values")
+    unknown = sorted(short(k) for k in set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]}")
+    # Checked against the fields' types here: click would turn 1.5 into 1 and true into 1.
+    names = field_names(cls) if cls else set()
+    try:
+        return {k: check_value(cls, k, v) if k in names else v for k, v in data.items()}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def _accepts(hint, kind: type) -> bool:
@@ -109,10 +139,32 @@ def _check_url(name: str, value: str | None, schemes: tuple[str, ...]) -> None:
     """``value`` is None or a URL of one of ``schemes`` with a host (or an S3 bucket)."""
     if value is None:
         return
-    parsed = urlparse(value)
+    try:
+        parsed = urlparse(value)
+    except ValueError:  # an unbalanced [ in the host
+        parsed = urlparse("")
     if parsed.scheme not in schemes or not parsed.netloc:
         want = " or ".join(f"{s}://" for s in schemes)
-        raise ConfigError(f"{name} must be a {want} URL naming a host or bucket, got {value!r}")
+        raise ConfigError(f"{name} must be a {want} URL naming a host or bucket, got {short(value)}")
+    if parsed.scheme == "s3" and not BUCKET_RE.fullmatch(parsed.netloc):
+        raise ConfigError(
+            f"{name}: {short(parsed.netloc)} is not an S3 bucket name (3-63 lowercase letters, digits, '.' and '-', "
+            "starting and ending with a letter or digit)"
+        )
+
+
+# S3's rules for bucket names (no IP addresses either); MinIO and Ceph refuse the same.
+BUCKET_RE = re.compile(r"(?!\d+\.\d+\.\d+\.\d+$)(?!.*\.\.)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_finite(obj) -> None:
+    """Every number of a config is finite: NaN and infinities pass every comparison check (nan <= 0
+    is false) and would train a NaN model or never time out; click and YAML both accept them."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not finite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
 
 
 def _positive(obj, *names: str) -> None:
@@ -140,8 +192,9 @@ class DownloadConfig:
     """Tries per file for transient errors (dropped connections, 5xx); each resumes the partial file."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.model not in MODEL_NAMES:
-            raise ConfigError(f"model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
+            raise ConfigError(f"model must be one of {', '.join(MODEL_NAMES)}, got {short(self.model)}")
         if self.source not in ("openai", "hf"):
             raise ConfigError(f"source must be openai or hf, got {self.source!r}")
         _positive(self, "download_attempts")
@@ -167,8 +220,9 @@ class ModelSourceConfig:
     like the cache."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if self.model not in MODEL_NAMES:
-            raise ConfigError(f"model must be one of {', '.join(MODEL_NAMES)}, got {self.model!r}")
+            raise ConfigError(f"model must be one of {', '.join(MODEL_NAMES)}, got {short(self.model)}")
         _check_url("base_url", self.base_url, MIRROR_SCHEMES)
 
 
@@ -190,7 +244,10 @@ class DataConfig:
     """Longest training sequence in tokens; longer ones are truncated (and counted in the log)."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         _positive(self, "allowed_max_length")
+        if urlparse(self.data).scheme == "s3":
+            _check_url("data", self.data, ("s3",))
 
 
 @dataclass
@@ -300,6 +357,7 @@ class DecodingSettings:
     every N steps, not after each (the same tokens; for GPUs, off until measured there)."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         _positive(self, "max_new_tokens")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
@@ -417,6 +475,7 @@ class JudgeSettings:
     """Pull the judge model when the server lacks it (ollama backend)."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         _positive(self, "judge_concurrency", "judge_timeout", "judge_num_ctx")
         if self.judge_retries < 0:
             raise ConfigError(f"judge_retries must be >= 0, got {self.judge_retries}")
@@ -469,9 +528,23 @@ OPERATIONAL_OPTIONS = frozenset(
 
 def result_changes(saved: dict, current: dict) -> list[str]:
     """Each option whose value differs between a run's saved config and ``current``, with both values,
-    leaving out the operational ones."""
-    keys = sorted((set(saved) | set(current)) - OPERATIONAL_OPTIONS)
-    return [f"{k} {saved.get(k)!r} (now {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
+    leaving out the operational ones. A value is the same as itself (NaN included)."""
+    keys = sorted((set(saved) | set(current)) - OPERATIONAL_OPTIONS, key=str)
+    return [
+        f"{k} {short(saved.get(k))} (now {short(current.get(k))})"
+        for k in keys
+        if not _same(saved.get(k), current.get(k))
+    ]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b or (_number(a) and _number(b) and a == b)
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 # --smoke: few entries rather than few steps, so the run still crosses both epoch ends (with their
@@ -527,8 +600,11 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings):
         _positive(self, "generate_batch_size")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
-        if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.run_id):
-            raise ConfigError(f"run_id {self.run_id!r} may hold only letters, digits, '.', '_' and '-'")
+        if self.run_id is not None and not RUN_ID_RE.fullmatch(self.run_id):
+            raise ConfigError(
+                f"run_id {short(self.run_id)} ({len(self.run_id)} characters) must be 1 to 128 letters, digits, "
+                "'.', '_' and '-', starting with a letter or digit"
+            )
         if "://" in self.output:
             _check_url("output", self.output, ("s3",))
         _check_url("s3_endpoint_url", self.s3_endpoint_url, ("http", "https"))

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from job.bounded_http import ReplyError, bounded_transport
 from job.config import JudgeConfig
 from job.data import PROMPT_STYLES
 from job.errors import JobError, TransientError
 from job.observability import Metrics, Progress, get_logger, stderr_is_terminal
+from job.parsing import ParseError, load_json
 from job.storage import atomic_write_text, read_progress
 
 log = get_logger(__name__)
@@ -33,7 +35,18 @@ class JudgeError(JobError):
 
 
 class RetryableError(Exception):
-    """A connection error, timeout or 5xx: worth another try."""
+    """A connection error, timeout or 5xx: worth another try (after ``retry_after`` seconds where the
+    server said so)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+KEPT_REPLY_CHARS = 4096  # of a reply without a score: enough to see why, bounded in scores.json
+CHAT_PATHS = ("/api/chat", "/chat/completions")  # the requests the reply bounds apply to
+# The book's rule for a plain reply: the integer alone (whitespace and a final period allowed).
+PLAIN_SCORE = re.compile(r"\s*([0-9]{1,3})\.?\s*", re.ASCII)
 
 
 def judge_prompt(entry: dict, response_key: str = "model_response") -> str:
@@ -48,19 +61,22 @@ def judge_prompt(entry: dict, response_key: str = "model_response") -> str:
 
 
 def parse_score(reply: str, structured: bool) -> int | None:
-    """The score in 0..100 that a reply gives, or None (never raises)."""
+    """The score a reply gives: an integer 0..100, or None (never raises).
+
+    Structured: the JSON object's ``score``, a JSON integer (72.9, "72", true and 1e9 are no score); a
+    reply that is not JSON at all (a server ignoring the schema) is read as plain. Plain: the book's
+    instruction, "the integer number only": the reply is that integer, nothing else.
+    """
     if structured:
         try:
-            value = json.loads(reply).get("score")
-        except (json.JSONDecodeError, AttributeError):
+            value = load_json(reply, "reply", max_depth=4)
+        except ParseError:
             value = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value if 0 <= value <= 100 else None
-    match = re.search(r"-?\d+", reply)
-    if match is None:
-        return None
-    value = int(match.group())
-    return value if 0 <= value <= 100 else None
+        if isinstance(value, dict):
+            score = value.get("score")
+            return score if isinstance(score, int) and not isinstance(score, bool) and 0 <= score <= 100 else None
+    match = PLAIN_SCORE.fullmatch(reply)
+    return int(match.group(1)) if match and int(match.group(1)) <= 100 else None
 
 
 # --- backends -------------------------------------------------------------------------------
@@ -89,11 +105,13 @@ class OllamaJudge:
     """Ollama's API through the official ``ollama`` client."""
 
     def __init__(self, cfg: JudgeConfig):
+        import httpx
         import ollama
 
         self.cfg = cfg
         self.host = cfg.judge_url or os.environ.get("OLLAMA_HOST") or "http://localhost:11434"
-        self.client = ollama.Client(host=self.host, timeout=cfg.judge_timeout)
+        transport = bounded_transport(httpx, cfg.judge_timeout, CHAT_PATHS)
+        self.client = ollama.Client(host=self.host, timeout=cfg.judge_timeout, transport=transport)
         self.options = {"seed": cfg.judge_seed, "temperature": cfg.judge_temperature, "num_ctx": cfg.judge_num_ctx}
 
     def ping(self) -> list[str]:
@@ -142,6 +160,8 @@ class OllamaJudge:
 
         try:
             return fn(*args, **kwargs)
+        except ReplyError as exc:  # too large, too slow, or asked to come back later
+            raise RetryableError(str(exc), exc.retry_after) from None
         except ollama.ResponseError as exc:
             if exc.status_code >= 500 or exc.status_code == 429:
                 raise RetryableError(f"HTTP {exc.status_code}: {exc.error}") from None
@@ -156,14 +176,16 @@ class OpenAIJudge:
     """An OpenAI-compatible chat API (vLLM, llama.cpp's server, Ollama's /v1, hosted APIs)."""
 
     def __init__(self, cfg: JudgeConfig):
+        import httpx2
         import openai
 
         self.cfg = cfg
         self.host = cfg.judge_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
         api_key = cfg.judge_api_key or _key_from_file(cfg.judge_api_key_file) or os.environ.get("OPENAI_API_KEY")
         # Retries are ours (same policy for both backends), so the client's own are off.
+        http = httpx2.Client(transport=bounded_transport(httpx2, cfg.judge_timeout, CHAT_PATHS))
         self.client = openai.OpenAI(
-            base_url=self.host, api_key=api_key or "unused", timeout=cfg.judge_timeout, max_retries=0
+            base_url=self.host, api_key=api_key or "unused", timeout=cfg.judge_timeout, max_retries=0, http_client=http
         )
 
     def ping(self) -> list[str]:
@@ -194,7 +216,12 @@ class OpenAIJudge:
 
         try:
             return fn(*args, **kwargs)
+        except ReplyError as exc:  # raised while the client reads the body
+            raise RetryableError(str(exc), exc.retry_after) from None
         except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ReplyError):  # the client wraps what the transport raised
+                raise RetryableError(str(cause), cause.retry_after) from None
             raise RetryableError(f"{type(exc).__name__}") from None
         except (openai.APIResponseValidationError, ValueError, AttributeError) as exc:  # not a chat reply
             raise RetryableError(f"unreadable reply ({type(exc).__name__})") from None
@@ -267,30 +294,28 @@ def score_one(
 ) -> Scored:
     """One entry: ask with retries (backoff with jitter on transient errors); never raises JobError."""
     prompt = judge_prompt(entry, cfg.response_key)
-    error = ""
+    error, asked_wait = "", None
     for attempt in range(cfg.judge_retries + 1):
-        if attempt:
-            sleep(0.5 * 2 ** (attempt - 1) * (0.5 + random.random()))
+        if attempt:  # backoff with jitter, or the wait the server asked for if longer
+            sleep(max(0.5 * 2 ** (attempt - 1) * (0.5 + random.random()), asked_wait or 0.0))
         try:
             reply = judge.ask(prompt)
         except RetryableError as exc:
             metrics.judge_requests_total.labels(outcome="retry").inc()
-            error = str(exc)
+            error, asked_wait = str(exc), exc.retry_after
             continue
         except JudgeError as exc:  # 4xx: the request itself is wrong, so no retry
             return Scored(index, None, None, "refused", str(exc))
         score = parse_score(reply, cfg.judge_format == "structured")
-        return Scored(index, score, reply, "ok" if score is not None else "unparsed")
+        return Scored(index, score, reply[:KEPT_REPLY_CHARS], "ok" if score is not None else "unparsed")
     return Scored(index, None, None, "failed", error)
 
 
 def load_responses(path: Path, key: str) -> list[dict]:
     try:
-        entries = json.loads(path.read_text())
+        entries = load_json(path.read_bytes(), f"--responses {path}")
     except FileNotFoundError:
         raise JobError(f"--responses {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise JobError(f"--responses {path} is not JSON: {exc}") from None
     if not isinstance(entries, list) or not entries:
         raise JobError(f"--responses {path} must be a non-empty JSON array of entries")
     for i, entry in enumerate(entries):

@@ -13,6 +13,7 @@ import json
 import re
 import socket
 import threading
+import time
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -29,6 +30,15 @@ def overlap_grade(output: str, response: str) -> int:
     return round(100 * len(expected & words(response)) / len(expected)) if expected else 0
 
 
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A client that hung up on a reply it refused (too large, too slow) is expected here."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class FakeOllama:
     def __init__(self, port: int = 0, models: tuple[str, ...] = ("llama3:latest",)):
         self.models = list(models)
@@ -37,8 +47,13 @@ class FakeOllama:
         self.faults: collections.deque = collections.deque()  # "500", "404", or ("reply", text)
         # How every chat request is answered while set: "ok", "500" (always), "hang" (no answer until
         # ``release`` is set or 30 s pass), "drop" (the connection closed unanswered), "garbage" (a 200
-        # whose body is not JSON).
+        # whose body is not JSON), "huge" (a 200 whose reply is ``huge_bytes`` long), "trickle" (a
+        # correct reply sent one byte every ``trickle_s``).
         self.mode = "ok"
+        self.huge_bytes = 2 << 20
+        self.trickle_s = 0.25
+        self.chat_times: list[float] = []  # time.monotonic() of every chat request
+        self.trickled: list[int] = []  # bytes of each trickled reply sent before the client hung up
         self.healthy_for = 0  # chat requests answered normally before ``mode`` applies
         self.release = threading.Event()
         self.lock = threading.Lock()
@@ -51,9 +66,11 @@ class FakeOllama:
             def log_message(self, *args):
                 pass
 
-            def _json(self, status: int, body) -> None:
+            def _json(self, status: int, body, retry_after: str | None = None) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
+                if retry_after is not None:
+                    self.send_header("Retry-After", retry_after)
                 self.send_header("Content-Type", "application/json; charset=utf-8")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -101,7 +118,7 @@ class FakeOllama:
                 else:
                     self._json(404, {"error": "not found"})
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler, bind_and_activate=False)
+        self.httpd = QuietServer(("127.0.0.1", port), Handler, bind_and_activate=False)
         self.httpd.allow_reuse_address = True
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -146,12 +163,14 @@ class FakeOllama:
         fault = self._next_fault()
         if fault in ("500", "503"):
             return None, int(fault)
+        if isinstance(fault, tuple) and fault[0] in ("429", "503"):  # (status, Retry-After value)
+            return fault[1], int(fault[0])
         if fault == "404":
             return None, 404
         prompt = body["messages"][-1]["content"]
         match = PROMPT_RE.search(prompt)
         score = overlap_grade(match.group(1), match.group(2)) if match else 0
-        if isinstance(fault, tuple):
+        if isinstance(fault, tuple) and fault[0] == "reply":
             return fault[1], 200
         structured = body.get("format") not in (None, "") or "response_format" in body
         return (json.dumps({"score": score}) if structured else str(score)), 200
@@ -173,6 +192,10 @@ class FakeOllama:
         elif self.mode == "drop":
             handler.close_connection = True
             handler.connection.shutdown(socket.SHUT_RDWR)
+        elif self.mode == "huge":
+            handler._json(200, {"message": {"role": "assistant", "content": "9" * self.huge_bytes}, "done": True})
+        elif self.mode == "trickle":
+            self._trickle(handler, json.dumps({"message": {"role": "assistant", "content": "50"}, "done": True}))
         elif self.mode == "garbage":
             data = b"<html><body>502 Bad Gateway</body></html>"
             handler.send_response(200)
@@ -182,8 +205,28 @@ class FakeOllama:
             handler.wfile.write(data)
         return True
 
+    def _trickle(self, handler, text: str) -> None:
+        data = text.encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.flush()
+        sent = 0
+        try:
+            while sent < len(data) and not self.release.wait(self.trickle_s):
+                handler.wfile.write(data[sent : sent + 1])
+                handler.wfile.flush()
+                sent += 1
+        except OSError:  # the client gave up and closed the connection
+            pass
+        with self.lock:
+            self.trickled.append(sent)
+        handler.close_connection = True
+
     def _chat(self, handler, body: dict) -> None:
         with self.chat_arrived:
+            self.chat_times.append(time.monotonic())
             self.chats.append(body)
             self.chat_arrived.notify_all()
         if self._misbehave(handler):
@@ -193,7 +236,7 @@ class FakeOllama:
             return
         content, status = self._grade(body)
         if status != 200:
-            handler._json(status, {"error": f"scripted {status}"})
+            handler._json(status, {"error": f"scripted {status}"}, retry_after=content)
             return
         now = datetime.now(UTC).isoformat()
         final = {
@@ -230,7 +273,8 @@ class FakeOllama:
             return
         content, status = self._grade(body)
         if status != 200:
-            handler._json(status, {"error": {"message": f"scripted {status}", "type": "api_error"}})
+            error = {"error": {"message": f"scripted {status}", "type": "api_error"}}
+            handler._json(status, error, retry_after=content)
             return
         handler._json(
             200,

@@ -77,14 +77,30 @@ def test_plain_mode_sends_the_books_prompt_byte_for_byte(ollama, book_responses,
 @pytest.mark.parametrize(
     "reply, structured, score",
     [
-        ("I'd rate it 85/100", False, 85),
+        ("85", False, 85),
+        (" 85.\n", False, 85),  # the integer alone: surrounding whitespace and a final period allowed
+        ("100", False, 100),
+        ("0", False, 0),
+        ("I'd rate it 85/100", False, None),  # the book asks for the integer only: prose is no score
+        ("On a scale of 1 to 10 ... 9, so 90 out of 100", False, None),
         ("eighty", False, None),
         ("", False, None),
         ("150", False, None),
+        ("-5", False, None),
+        ("85.5", False, None),
+        ("\u0668\u0665", False, None),  # Arabic-Indic digits: not the ASCII integer asked for
         ('{"score": 72}', True, 72),
         ('{"score": 101}', True, None),
-        ("not json 40", True, 40),
-        ("-5", False, None),
+        ('{"score": 72.9}', True, None),  # a JSON number with a fraction is no integer score
+        ('{"score": 72.0}', True, None),
+        ('{"score": 1e9}', True, None),
+        ('{"score": "72"}', True, None),
+        ('{"score": true}', True, None),
+        ('{"grade": 72}', True, None),
+        ('{"score": ' + "9" * 5000 + "}", True, None),
+        ("[" * 10000, True, None),
+        ("88", True, 88),  # a server that ignored the schema and answered plainly
+        ("not json 40", True, None),
     ],
 )
 def test_parse_score(reply, structured, score):
@@ -97,12 +113,12 @@ def test_odd_replies_are_recorded_unparsed_without_crashing(ollama, book_respons
     summary = run_judge(_cfg(book_responses, tmp_path, ollama.url, judge_format="plain", judge_concurrency=1))
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert [(s["score"], s["judge_reply"]) for s in scores[:4]] == [
-        (85, "I'd rate it 85/100"),
+        (None, "I'd rate it 85/100"),
         (None, "eighty"),
         (None, ""),
         (None, "150"),
     ]
-    assert summary["unparsed"] == 3 and summary["scored"] == 107
+    assert summary["unparsed"] == 4 and summary["scored"] == 106
 
 
 def test_500_twice_then_an_answer_is_retried(ollama, book_responses, tmp_path):
