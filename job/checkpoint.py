@@ -15,8 +15,11 @@
       index.json               every file above with its sha256; written last, it marks the checkpoint complete
 
 A checkpoint is written into a hidden temporary folder and renamed into place. Loading opens only the
-files its index lists, after checking every file's sha256; one that fails is skipped with a warning
-naming the file, and the previous checkpoint is used.
+files its index lists, after ``checkpoint_files.checkpoint_problem`` passed (every sha256, every file's
+shape, the index's HMAC with ``--checkpoint-key-file``); one that fails is skipped with a warning naming
+the file, and the previous checkpoint is used; it is never counted among the checkpoints kept, so no
+good one is rotated away because of it. Where checkpoints exist and none passes, the job stops (exit 1)
+rather than start again from step 0.
 """
 
 from __future__ import annotations
@@ -34,13 +37,16 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from job.errors import ConfigError, DiskFullError
+from job.checkpoint_files import INDEX, checkpoint_dirs, checkpoint_problem, index_text
+from job.errors import ConfigError, DiskFullError, JobError
 from job.observability import Metrics, get_logger
 from job.storage import ensure_room, sha256_files, tree_bytes
 
 log = get_logger(__name__)
-CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
-INDEX = "index.json"
+
+
+class CheckpointError(JobError):
+    """Checkpoints that cannot be resumed from (exit 1): none verifies, or one fits no model of this run."""
 
 
 def trained_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -48,31 +54,24 @@ def trained_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def checkpoint_dirs(folder: Path) -> list[Path]:
-    """The complete checkpoints in ``folder`` (those whose index was written), oldest first."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if CHECKPOINT_RE.match(p.name) and (p / INDEX).is_file())
-
-
-def verified_files(path: Path) -> dict[str, str] | None:
-    """The checkpoint's index (file name -> sha256) when every listed file is there with its hash,
-    else None with a warning naming the file."""
-    try:
-        files = json.loads((path / INDEX).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        log.warning("checkpoint_skipped", checkpoint=path.name, reason=f"{INDEX} is unreadable")
+def verified_files(path: Path, key: bytes | None = None) -> dict[str, str] | None:
+    """The checkpoint's index (file name -> sha256) when it passes every check, else None with a
+    warning naming the file."""
+    rejected = checkpoint_problem(path, key)
+    if rejected is not None:
+        log.warning("checkpoint_skipped", checkpoint=path.name, file=rejected.file, reason=rejected.reason)
         return None
-    for name in files:
-        if "/" in name or name.startswith(".") or not (path / name).is_file():
-            log.warning("checkpoint_skipped", checkpoint=path.name, file=name, reason="missing or not a plain name")
-            return None
-    actual = sha256_files([path / name for name in files])
-    for (name, digest), found in zip(files.items(), actual, strict=True):
-        if found != digest:
-            log.warning("checkpoint_skipped", checkpoint=path.name, file=name, reason="sha256 differs from the index")
-            return None
-    return files
+    return json.loads((path / INDEX).read_text())["files"]
+
+
+def _check_fits(path: Path, saved: dict[str, torch.Tensor], shapes: dict[str, torch.Size], what: str) -> None:
+    """The checkpoint's tensors are exactly this run's (names and shapes)."""
+    differ = sorted(saved.keys() ^ shapes.keys()) or sorted(n for n in shapes if saved[n].shape != shapes[n])
+    if differ:
+        raise ConfigError(
+            f"checkpoint {path} was written by a differently configured run ({what} {differ[0]}): "
+            "resume with its options or use another --output"
+        )
 
 
 class CheckpointManager:
@@ -88,9 +87,11 @@ class CheckpointManager:
         keep: int,
         metrics: Metrics,
         on_checkpoint: Callable[[Path], None] | None = None,
+        key: bytes | None = None,
     ):
         self.folder, self.accelerator, self.model, self.optimizer = folder, accelerator, model, optimizer
-        self.keep, self.metrics, self.on_checkpoint = keep, metrics, on_checkpoint
+        self.keep, self.metrics, self.on_checkpoint, self.key = keep, metrics, on_checkpoint, key
+        self.rejected: set[str] = set()  # checkpoints that failed their checks: never among those kept
         self.last_bytes = 0  # the last checkpoint's size: the room the next one needs
         self.seconds = 0.0
         """Wall time spent writing checkpoints in this process (benchmarks subtract it from the loop)."""
@@ -158,11 +159,13 @@ class CheckpointManager:
     def _finish(self, tmp: Path, final: Path, started: float) -> None:
         paths = sorted(p for p in tmp.iterdir() if p.is_file())
         files = dict(zip((p.name for p in paths), sha256_files(paths), strict=True))
-        (tmp / INDEX).write_text(json.dumps({"files": files}, indent=1))
+        (tmp / INDEX).write_text(index_text(files, self.key))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        self.rejected.discard(final.name)
         self.last_bytes = tree_bytes(final)
-        for old in checkpoint_dirs(self.folder)[: -self.keep]:
+        good = [p for p in checkpoint_dirs(self.folder) if p.name not in self.rejected]
+        for old in good[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         seconds = time.perf_counter() - started
         self.metrics.checkpoint_seconds.set(seconds)
@@ -173,15 +176,25 @@ class CheckpointManager:
     # --- loading ---------------------------------------------------------------------------------
 
     def latest(self) -> tuple[Path, dict[str, str]] | None:
-        """The newest checkpoint whose files all match their index (older ones where one does not)."""
-        for path in reversed(checkpoint_dirs(self.folder)):
-            files = verified_files(path)
+        """The newest checkpoint that passes every check (older ones where one does not); None where
+        there is none at all; a CheckpointError where there are some and none passes."""
+        found = checkpoint_dirs(self.folder)
+        for path in reversed(found):
+            files = verified_files(path, self.key)
             if files is not None:
                 return path, files
+            self.rejected.add(path.name)
+        if found:
+            newest = checkpoint_problem(found[-1], self.key)
+            raise CheckpointError(
+                f"none of the {len(found)} checkpoints in {self.folder} can be resumed from ({found[-1].name}: "
+                f"{newest}): restore them, or move them away to train from the start"
+            )
         return None
 
     def load(self, path: Path, files: dict[str, str]) -> dict:
-        """Every process's state from a verified checkpoint; returns the trainer state."""
+        """Every process's state from a verified checkpoint; returns the trainer state. Every tensor is
+        checked against this run's model and optimizer before any is applied."""
 
         def listed(name: str) -> Path:
             if name not in files:
@@ -189,29 +202,40 @@ class CheckpointManager:
             return path / name
 
         model = self.accelerator.unwrap_model(self.model)
-        saved = load_file(listed("model.safetensors"))  # on the CPU; copy_ moves each to its parameter's device
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if saved.keys() != params.keys():
-            differ = sorted(saved.keys() ^ params.keys())[0]
-            raise ConfigError(
-                f"checkpoint {path} was written by a differently configured run (parameter {differ}): "
-                "resume with its options or use another --output"
-            )
+        saved = load_file(listed("model.safetensors"))  # on the CPU; copy_ moves each to its parameter's device
+        _check_fits(path, saved, {n: p.shape for n, p in params.items()}, "parameter")
+        state = self._optimizer_state(path, files, [p.shape for p in params.values()])
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(saved[name])
-        state: dict = {"state": {}, **json.loads(listed("optimizer.json").read_text())}
-        for name in sorted(files):
-            kind = re.fullmatch(r"optimizer-(\w+)\.safetensors", name)
-            for index, tensor in load_file(listed(name)).items() if kind else ():
-                state["state"].setdefault(int(index), {})[kind.group(1)] = tensor
-        for group in state["param_groups"]:
-            group["betas"] = tuple(group["betas"])
         self.optimizer.load_state_dict(state)
         if self.accelerator.scaler is not None and "scaler.json" in files:
             self.accelerator.scaler.load_state_dict(json.loads(listed("scaler.json").read_text()))
         self._load_rng(path, files)
         return json.loads(listed("trainer_state.json").read_text())
+
+    def _optimizer_state(self, path: Path, files: dict[str, str], shapes: list[torch.Size]) -> dict:
+        """The optimizer's state dict from the checkpoint, its groups and tensors checked against ours."""
+        state: dict = {"state": {}, **json.loads((path / "optimizer.json").read_text())}
+        ours = self.optimizer.state_dict()["param_groups"]
+        if [g["params"] for g in state["param_groups"]] != [g["params"] for g in ours]:
+            raise ConfigError(
+                f"checkpoint {path} was written by a differently configured run (its optimizer's parameter "
+                "groups differ): resume with its options or use another --output"
+            )
+        for name in sorted(files):
+            kind = re.fullmatch(r"optimizer-(\w+)\.safetensors", name)
+            for index, tensor in load_file(path / name).items() if kind else ():
+                i = int(index) if index.isdigit() else -1
+                want = torch.Size([]) if kind.group(1) == "step" else shapes[i] if 0 <= i < len(shapes) else None
+                if want is None or tensor.shape != want:
+                    shape = list(tensor.shape)
+                    raise CheckpointError(f"checkpoint {path}: {name} holds {index[:20]!r} of shape {shape}")
+                state["state"].setdefault(i, {})[kind.group(1)] = tensor
+        for group in state["param_groups"]:
+            group["betas"] = tuple(group["betas"])
+        return state
 
     def _load_rng(self, path: Path, files: dict[str, str]) -> None:
         rank = self.accelerator.process_index
@@ -219,7 +243,11 @@ class CheckpointManager:
             log.warning("checkpoint_rng_missing", checkpoint=path.name, rank=rank)
             return
         tensors = load_file(path / f"rng-{rank}.safetensors")
-        torch.set_rng_state(tensors["torch"])
+        ours = torch.get_rng_state()
+        theirs = tensors.get("torch")
+        if theirs is None or theirs.dtype != ours.dtype or theirs.shape != ours.shape:
+            raise CheckpointError(f"checkpoint {path}: rng-{rank}.safetensors holds no CPU generator state")
+        torch.set_rng_state(theirs)
         if torch.cuda.is_available():
             cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
             if len(cuda) == torch.cuda.device_count():

@@ -23,7 +23,15 @@ from job.config import (
     field_docs,
     field_names,
 )
-from job.errors import ConfigError, DiskFullError, ExitCode, JobError, TransientError
+from job.errors import (
+    ConfigError,
+    DiskFullError,
+    ExitCode,
+    Interrupted,
+    JobError,
+    TransientError,
+    raise_on_stop_signals,
+)
 from job.observability import Metrics, bind, configure_logging, get_logger
 
 ENV_PREFIX = "SFT_JOB"
@@ -295,15 +303,21 @@ def report(source, output, s3_endpoint_url, log_format, log_file):
 
 
 def entrypoint(argv: list[str] | None = None) -> None:
-    """``sft-job``: click's usage errors end like every other failure, as one line (exit 2)."""
+    """``sft-job``: click's usage errors end like every other failure, as one line (exit 2); a stop
+    signal at any moment ends it with 75."""
+    restore = raise_on_stop_signals()
     try:
         code = main.main(args=argv, prog_name="sft-job", standalone_mode=False)
+    except Interrupted as exc:  # before any stage started (parsing, imports)
+        _fail(ExitCode.RETRY, str(exc))
     except click.ClickException as exc:
         configure_logging("auto")
         get_logger("sft_job").error("usage_error", error=exc.format_message(), exit_code=ExitCode.BAD_CONFIG)
         _fail(ExitCode.BAD_CONFIG, exc.format_message())
-    except click.Abort:
-        _fail(ExitCode.BAD_CONFIG, "aborted")
+    except click.Abort:  # click's own prompts only: SIGINT raises Interrupted
+        _fail(ExitCode.RETRY, "aborted")
+    finally:
+        restore()
     sys.exit(code if isinstance(code, int) else 0)
 
 

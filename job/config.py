@@ -313,6 +313,10 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
     or Hugging Face's names c_attn, c_proj (both), attn.c_proj, mlp.c_proj, c_fc, lm_head."""
     lora_dropout: float = 0.0
     """Dropout on the adapters' input (PEFT's lora_dropout; the book has none)."""
+    checkpoint_key_file: str | None = None
+    """File holding a key (16 bytes or more; a mounted Secret) that signs each checkpoint's index
+    (HMAC-SHA256): with it, a checkpoint without a valid signature is never resumed from, so a bucket
+    writer without the key cannot forge one."""
 
     def __post_init__(self) -> None:
         ModelSourceConfig.__post_init__(self)
@@ -514,6 +518,7 @@ OPERATIONAL_OPTIONS = frozenset(
         "s3_endpoint_url",
         "s3_retry_timeout",
         "lock_lease",
+        "checkpoint_key_file",
         "judge_url",
         "judge_api_key",
         "judge_api_key_file",

@@ -146,9 +146,12 @@ class Downloader:
 
     def fetch(self, remote: RemoteFile) -> Path:
         final = self.cache / remote.relpath
-        if final.is_file() and self._complete(final, remote):
+        damaged = final.is_file() and not self._complete(final, remote)
+        if final.is_file() and not damaged:
             log.debug("download_skipped", file=remote.relpath, reason="complete")
             return final
+        if damaged:  # kept in place until a good copy replaces it, so a rerun offline names it again
+            log.warning("cache_file_damaged", file=str(final), reason="size or sha256 differs from the known file")
         final.parent.mkdir(parents=True, exist_ok=True)
         part = final.with_name(final.name + ".part")
         errors, outages = [], 0
@@ -162,6 +165,11 @@ class Downloader:
             except (DownloadError, DownloadUnavailable) as exc:
                 errors.append(str(exc))
                 outages += isinstance(exc, DownloadUnavailable)
+        if damaged:  # no rerun fixes this offline: the file must be replaced by hand or from a mirror
+            raise DownloadError(
+                f"cached {final} is damaged (its sha256 is not the known file's) and no good copy could be fetched "
+                f"({errors[-1][:160]}): replace it, or pass --base-url with a mirror"
+            )
         # Only outages everywhere are worth a rerun (exit 75); a 404 or a bad hash is not.
         kind = DownloadUnavailable if outages == len(errors) else DownloadError
         raise kind(errors[-1] if len(errors) == 1 else "; ".join(errors))

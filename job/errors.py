@@ -9,8 +9,11 @@
 | 75 | try again: preempted after a checkpoint, or an outage past the retries | rerun | Ignore | requeue |
 
 Every non-zero exit prints exactly one line on stderr (``Error: ...``) and logs one event.
+SIGTERM, SIGUSR1 and SIGINT end any stage with 75: what was complete is kept, the manifest says where
+the run stopped, and a rerun of the same command continues.
 """
 
+import signal
 from enum import IntEnum
 
 
@@ -43,3 +46,43 @@ class TransientError(JobError):
 
 class DiskFullError(TransientError):
     """No room for a write; the partial file is removed and earlier checkpoints are intact."""
+
+
+class Interrupted(TransientError):
+    """SIGTERM, SIGUSR1 or SIGINT ended the job outside the training loop (exit 75): what was complete
+    is kept; ``where`` is the stage it stopped in, where one was running."""
+
+    def __init__(self, signum: int, where: str | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signal_name, self.where = signal.Signals(signum).name, where
+
+    def __str__(self) -> str:
+        where = f" in stage {self.where}" if self.where else ""
+        return f"stopped by {self.signal_name}{where}: what was complete is kept; rerun the same command to continue"
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def raise_on_stop_signals():
+    """From now on SIGTERM, SIGUSR1 and SIGINT raise ``Interrupted`` in the main thread, wherever it is
+    (a download, a decoding batch, a wait for the judge or the store); the training loop installs its
+    own handlers, which checkpoint first. Only the first signal raises; later ones are ignored, so the
+    way out (manifest, one line) is not cut short. Returns a function that puts the previous handlers
+    back (where no signal came: after one, the process is on its way out and keeps ignoring them)."""
+    fired = []
+
+    def handler(signum, frame):
+        fired.append(signum)
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+    def restore() -> None:
+        if not fired:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    return restore

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import yaml
 
 from job.checkpoint import CheckpointManager
+from job.checkpoint_files import read_key
 from job.config import FinetuneConfig, lora_layers, redacted, resolve_precision
 from job.data import (
     IGNORE_INDEX,
@@ -32,7 +33,7 @@ from job.data import (
 from job.decoding import generate
 from job.download import Downloader, model_files, tokenizer_files
 from job.download import model_dir as cached_model_dir
-from job.errors import JobError, TransientError
+from job.errors import STOP_SIGNALS, ConfigError, JobError, TransientError
 from job.lora import add_adapters, merge_adapters, save_peft_adapter
 from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel, head_loss
 from job.observability import Metrics, Progress, get_logger
@@ -101,6 +102,24 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     )
 
 
+def check_batches(cfg: FinetuneConfig, world: int, train_examples: int) -> None:
+    """--batch-size splits evenly into processes x --grad-accum micro-batches, and the training split
+    holds at least one batch (the run's preflight checks this before anything is written)."""
+    parts = world * cfg.grad_accum
+    if cfg.batch_size % parts:
+        fitting = -(-cfg.batch_size // parts) * parts
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} must divide by processes x --grad-accum ({world} x {cfg.grad_accum}): "
+            f"use --batch-size {fitting}, or a --grad-accum that divides {cfg.batch_size // world or 1}"
+        )
+    if train_examples < cfg.batch_size:
+        limited = " (--train-limit)" if cfg.train_limit is not None else ""
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is larger than the training split of {train_examples} entries{limited}: "
+            "use a smaller --batch-size or more data"
+        )
+
+
 def load_model(cfg: FinetuneConfig) -> tuple[GPTModel, str]:
     """The starting model and the book-style name of its size (``gpt2-medium355M``)."""
     if cfg.model_dir:
@@ -142,10 +161,7 @@ class Trainer:
             mixed_precision=_mixed_precision(cfg.precision), cpu=not torch.cuda.is_available()
         )
         world = self.accelerator.num_processes
-        if cfg.batch_size % (world * cfg.grad_accum):
-            raise JobError(
-                f"--batch-size {cfg.batch_size} must divide by processes x --grad-accum ({world} x {cfg.grad_accum})"
-            )
+        check_batches(cfg, world, len(prep.train))
         self.micro = cfg.batch_size // (world * cfg.grad_accum)
         self.output = Path(cfg.output)
         self.checkpoints = self.output / "checkpoints"
@@ -164,15 +180,20 @@ class Trainer:
         self._saved_step: int | None = None
         self.loop_seconds = 0.0
         self.checkpointer = CheckpointManager(
-            self.checkpoints, self.accelerator, self.model, self.optimizer, cfg.keep_checkpoints, metrics, on_checkpoint
+            self.checkpoints,
+            self.accelerator,
+            self.model,
+            self.optimizer,
+            cfg.keep_checkpoints,
+            metrics,
+            on_checkpoint,
+            key=read_key(cfg.checkpoint_key_file),
         )
         self._signalled = threading.Event()
         self.batches_per_epoch = len(prep.train) // cfg.batch_size
         self.order = data_order(
             cfg.data_order, len(prep.train), cfg.batch_size, cfg.epochs, cfg.eval_freq, cfg.eval_iter, cfg.seed
         )
-        if self.batches_per_epoch == 0:
-            raise JobError(f"training split of {len(prep.train)} entries is smaller than --batch-size {cfg.batch_size}")
         self.total_steps = cfg.epochs * self.batches_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -493,13 +514,14 @@ def _mixed_precision(precision: str) -> str:
 
 
 def _install_preemption_handlers(accelerator, signalled: threading.Event):
-    """SIGTERM/SIGUSR1 set ``signalled`` and accelerate's trigger; the loop checkpoints and exits after the step."""
+    """SIGTERM/SIGUSR1/SIGINT set ``signalled`` and accelerate's trigger; the loop checkpoints and exits
+    after the step."""
 
     def handler(signum, frame):
         signalled.set()
         accelerator.set_trigger()
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
 
     def restore():
         for s, h in previous.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from job.config import GenerateConfig, resolve_precision
-from job.data import PROMPT_STYLES, RESPONSES_FILE, load_entries, resolve_data, split_entries
+from job.data import PROMPT_STYLES, RESPONSES_FILE, DataError, load_entries, resolve_data, split_entries
 from job.decoding import generate, generate_fixed_batch
 from job.download import Downloader, tokenizer_files
 from job.errors import ConfigError
@@ -38,14 +38,34 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def check_room(max_new_tokens: int, longest_prompt: int, context_length: int) -> None:
-    """Every prompt and its new tokens must fit the model's context (else prompts would be cut)."""
-    if longest_prompt + max_new_tokens > context_length:
-        raise ConfigError(
-            f"--max-new-tokens {max_new_tokens} plus the longest test prompt ({longest_prompt} tokens) exceeds "
-            f"the model's context of {context_length} tokens: use --max-new-tokens {context_length - longest_prompt} "
-            "or fewer"
+def check_room(max_new_tokens: int, longest_prompt: int, context_length: int, entry: int | None = None) -> None:
+    """Every prompt and its new tokens must fit the model's context (else prompts would be cut); the
+    hint is a value that works, or where none does, the entry to shorten."""
+    if longest_prompt + max_new_tokens <= context_length:
+        return
+    which = f" (test entry {entry})" if entry is not None else ""
+    if longest_prompt >= context_length:
+        raise DataError(
+            f"the longest test prompt{which} has {longest_prompt} tokens, more than the model's context of "
+            f"{context_length} leaves for a response: shorten or drop that entry"
         )
+    raise ConfigError(
+        f"--max-new-tokens {max_new_tokens} plus the longest test prompt{which} ({longest_prompt} tokens) exceeds "
+        f"the model's context of {context_length} tokens: use --max-new-tokens {context_length - longest_prompt} "
+        "or fewer"
+    )
+
+
+def longest_prompt(prompt_ids: list[list[int]]) -> tuple[int, int | None]:
+    """(tokens, index) of the longest of the test split's prompts."""
+    if not prompt_ids:
+        return 0, None
+    index = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    return len(prompt_ids[index]), index
+
+
+def _response(record: dict, entries: int) -> bool:
+    return 0 <= record["index"] < entries and isinstance(record.get("model_response"), str)
 
 
 def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
@@ -63,10 +83,11 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
 
     prompts = [style.format_input(e) for e in test]
     prompt_ids = [encode(tokenizer, p) for p in prompts]
-    check_room(cfg.max_new_tokens, max((len(p) for p in prompt_ids), default=0), model.cfg.context_length)
+    longest, which = longest_prompt(prompt_ids)
+    check_room(cfg.max_new_tokens, longest, model.cfg.context_length, which)
     output.mkdir(parents=True, exist_ok=True)
     progress_path = output / PROGRESS_FILE
-    done = {i: r["model_response"] for i, r in read_progress(progress_path).items()}
+    done = {i: r["model_response"] for i, r in read_progress(progress_path).items() if _response(r, len(test))}
     batches = length_sorted_batches([len(p) for p in prompt_ids], cfg.batch_size)
     todo = [(b, batch) for b, batch in enumerate(batches) if not all(i in done for i in batch)]
     log.info(

@@ -357,8 +357,7 @@ def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge: JudgeBack
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
     progress_path = output / PROGRESS_FILE
-    # Only replies are results; a failure recorded by an older version stays pending.
-    records = {i: r for i, r in read_progress(progress_path).items() if r.get("outcome") in ("ok", "unparsed")}
+    records = {i: r for i, r in read_progress(progress_path).items() if _reply_record(r, len(entries))}
     todo = [i for i in range(len(entries)) if i not in records]
     log.info(
         "judge_start",
@@ -393,31 +392,46 @@ def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge: JudgeBack
     return summary
 
 
+def _reply_record(record: dict, entries: int) -> bool:
+    """A progress line that holds a reply (a failure recorded by an older version stays pending)."""
+    score, reply = record.get("score"), record.get("judge_reply")
+    return (
+        0 <= record["index"] < entries
+        and record.get("outcome") in ("ok", "unparsed")
+        and (score is None or (type(score) is int and 0 <= score <= 100))
+        and (reply is None or isinstance(reply, str))
+    )
+
+
 def _score_all(judge, cfg, entries, todo, records, progress_path, metrics) -> list[Scored]:
     """Ask for every entry in ``todo``; a reply (scored or not) is appended to the progress file and
     ``records``, a failed request is not: it stays pending for a rerun. Returns the failures."""
     failures, scores = [], [r["score"] for r in records.values() if r["score"] is not None]
     bar = Progress("judge", len(entries), len(records), "entry", metrics)
-    with open(progress_path, "a") as progress, ThreadPoolExecutor(cfg.judge_concurrency) as pool:
-        futures = [pool.submit(score_one, judge, cfg, i, entries[i], metrics) for i in todo]
-        for future in as_completed(futures):
-            result = future.result()
-            metrics.judge_requests_total.labels(outcome=result.outcome).inc()
-            if result.outcome in ("failed", "refused"):
-                log.warning("judge_request_failed", index=result.index, outcome=result.outcome, error=result.error)
-                failures.append(result)
-                continue
-            if result.score is not None:
-                metrics.judge_score.observe(result.score)
-                scores.append(result.score)
-            else:
-                log.warning("judge_unparsed", index=result.index, reply=result.judge_reply)
-            record = {k: getattr(result, k) for k in ("index", "score", "judge_reply", "outcome")}
-            # Only this thread writes: the workers just ask, and results arrive here one by one.
-            progress.write(json.dumps(record) + "\n")
-            progress.flush()
-            records[result.index] = record
-            bar.update(1, mean_score=round(statistics.fmean(scores), 1) if scores else None)
+    pool = ThreadPoolExecutor(cfg.judge_concurrency)
+    try:
+        with open(progress_path, "a") as progress:
+            futures = [pool.submit(score_one, judge, cfg, i, entries[i], metrics) for i in todo]
+            for future in as_completed(futures):
+                result = future.result()
+                metrics.judge_requests_total.labels(outcome=result.outcome).inc()
+                if result.outcome in ("failed", "refused"):
+                    log.warning("judge_request_failed", index=result.index, outcome=result.outcome, error=result.error)
+                    failures.append(result)
+                    continue
+                if result.score is not None:
+                    metrics.judge_score.observe(result.score)
+                    scores.append(result.score)
+                else:
+                    log.warning("judge_unparsed", index=result.index, reply=result.judge_reply)
+                record = {k: getattr(result, k) for k in ("index", "score", "judge_reply", "outcome")}
+                # Only this thread writes: the workers just ask, and results arrive here one by one.
+                progress.write(json.dumps(record) + "\n")
+                progress.flush()
+                records[result.index] = record
+                bar.update(1, mean_score=round(statistics.fmean(scores), 1) if scores else None)
+    finally:  # on a stop signal the queued requests are dropped; those in flight end within --judge-timeout
+        pool.shutdown(wait=False, cancel_futures=True)
     bar.close()
     return failures
 

@@ -164,12 +164,12 @@ def _check_expanded(root: yaml.Node, what: str) -> None:
 
 
 def validated(model, value: Any, what: str):
-    """``value`` as the pydantic ``model`` (strict: no coercion); a ParseError names the first field
-    that does not fit and the value found there."""
+    """``value`` as ``model`` (a pydantic model or any type pydantic validates; strict: no coercion);
+    a ParseError names the first field that does not fit and the value found there."""
     import pydantic
 
     try:
-        return model.model_validate(value, strict=True)
+        return pydantic.TypeAdapter(model).validate_python(value, strict=True)
     except pydantic.ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in error["loc"]) or "the document"

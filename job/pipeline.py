@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import hashlib
-import json
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +20,8 @@ import torch
 import yaml
 
 from job import __version__
-from job.checkpoint import CHECKPOINT_RE, INDEX, checkpoint_dirs
+from job.checkpoint import CheckpointError
+from job.checkpoint_files import CHECKPOINT_RE, INDEX, checkpoint_dirs, checkpoint_problem, read_key
 from job.config import (
     FinetuneConfig,
     GenerateConfig,
@@ -32,32 +32,33 @@ from job.config import (
     redacted,
     result_changes,
 )
-from job.data import load_entries, resolve_data
+from job.data import PROMPT_STYLES, load_entries, resolve_data, split_entries
 from job.download import Downloader, dataset_file, model_files, tokenizer_files
 from job.download import model_dir as cached_model_dir
-from job.errors import ConfigError, JobError
-from job.finetune import Preempted, run_finetune
-from job.generate import RESPONSES_FILE, run_generate
+from job.errors import ConfigError, Interrupted, JobError
+from job.finetune import Preempted, check_batches, run_finetune
+from job.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate
 from job.judge import preflight as judge_preflight
 from job.judge import run_judge
-from job.model import GPTConfig, GPTModel
+from job.manifest import Manifest, now
+from job.model import GPT2_SIZES, GPTConfig, GPTModel
 from job.observability import Metrics, MetricsPublisher, StageStatus, bind, get_logger
+from job.parsing import ParseError, load_yaml
 from job.report import REPORT, fetch_inputs, write_report
 from job.runlock import run_lock
 from job.storage import (
     LocalStorage,
     Storage,
-    atomic_write_text,
     contained_path,
     open_storage,
     sha256_file,
     upload_tree,
 )
-from job.weights import save_hf
+from job.tokenizer import encode, load_tokenizer
+from job.weights import read_config, save_hf
 
 log = get_logger(__name__)
 SMOKE_MODEL = GPTConfig(n_layers=2, emb_dim=128, n_heads=4)
-FAILURE_RECORD_PATIENCE_S = 30.0  # how long a failed stage waits for the store to record its failure
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # with --lora-rank, PEFT's layout
 FINETUNE_ARTIFACTS = ("model/model.safetensors", "model/config.json", "losses.json", "loss-plot.png")
 
@@ -65,46 +66,6 @@ FINETUNE_ARTIFACTS = ("model/model.safetensors", "model/config.json", "losses.js
 def default_run_id(cfg: RunConfig) -> str:
     digest = hashlib.sha256(yaml.safe_dump(redacted(cfg), sort_keys=True).encode()).hexdigest()[:8]
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{digest}"
-
-
-class Manifest:
-    """``manifest.json``: each stage's status, times and artifacts (size, sha256). For a remote run
-    a copy is kept in the scratch folder too, so a failure is on record even while the store is down."""
-
-    def __init__(self, storage: Storage, run_id: str, local_copy: Path | None = None):
-        self.storage, self.local_copy = storage, local_copy
-        text = storage.get_text("manifest.json")
-        self.data = json.loads(text) if text else {"run_id": run_id, "version": __version__, "stages": {}}
-
-    def stage(self, name: str) -> dict:
-        return self.data["stages"].get(name, {})
-
-    def verified(self, name: str) -> bool:
-        """Complete, and every artifact still there with its recorded sha256."""
-        entry = self.stage(name)
-        if entry.get("status") != "complete":
-            return False
-        for key, meta in entry.get("artifacts", {}).items():
-            if self.storage.sha256(key) != meta["sha256"]:
-                log.warning("artifact_changed", stage=name, artifact=key)
-                return False
-        return True
-
-    def record(self, name: str, **fields) -> None:
-        self.data["stages"][name] = {**self.stage(name), **fields}
-        self.data["updated"] = _now()
-        text = json.dumps(self.data, indent=2) + "\n"
-        if self.local_copy is not None:
-            atomic_write_text(self.local_copy, text)
-        self.storage.put_text("manifest.json", text)
-
-    def record_failure(self, name: str, **fields) -> None:
-        """On the way out of a failed stage: a short wait for the store at most, never a new error."""
-        try:
-            with self.storage.patience(FAILURE_RECORD_PATIENCE_S):
-                self.record(name, **fields)
-        except Exception as exc:  # noqa: BLE001  (the stage's own error is the one to report)
-            log.error("manifest_write_failed", stage=name, error=f"{type(exc).__name__}: {exc}")
 
 
 class CheckpointUploader:
@@ -174,6 +135,8 @@ class Pipeline:
         self.work = scratch / self.run_id if self.remote else self.storage.root
         self.resolved = redacted(cfg) | {"run_id": self.run_id}  # what config.yaml and checkpoints hold
         self.manifest: Manifest | None = None  # set once the preflight passed
+        self.current: str | None = None  # the stage running now
+        self.last_done: str | None = None  # the last stage done (or skipped as done)
         from accelerate import PartialState
 
         # cpu=True where there is no GPU: accelerate then forms the group over gloo (without it every
@@ -187,10 +150,29 @@ class Pipeline:
         cfg = self.cfg
         if cfg.require_gpu and not torch.cuda.is_available():
             raise JobError("--require-gpu was given but no CUDA device is visible")
-        load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
+        read_key(cfg.checkpoint_key_file)
+        entries = load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
+        train, test, _val = split_entries(entries, cfg.shuffle_seed)
+        check_batches(cfg, self.state.num_processes, len(train[: cfg.train_limit]))
+        self._check_prompts_fit(test[: cfg.limit])
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))
+
+    def _check_prompts_fit(self, test: list[dict]) -> None:
+        """The longest test prompt and --max-new-tokens fit the model's context (known before training)."""
+        cfg, cache = self.cfg, Path(self.cfg.cache)
+        Downloader(cache).fetch_all(tokenizer_files(cfg.base_url))
+        tokenizer = load_tokenizer(cache / "gpt2")
+        style = PROMPT_STYLES[cfg.prompt_style]
+        longest, which = longest_prompt([encode(tokenizer, style.format_input(e)) for e in test])
+        if cfg.smoke:
+            context = SMOKE_MODEL.context_length
+        else:
+            context = (
+                read_config(cfg.model_dir).context_length if cfg.model_dir else GPT2_SIZES[cfg.model].context_length
+            )
+        check_room(cfg.max_new_tokens, longest, context, which)
 
     # --- the stages ----------------------------------------------------------------------------
 
@@ -204,6 +186,9 @@ class Pipeline:
         try:
             lock.acquire()
             return self._run_stages()
+        except BaseException as exc:
+            self._record_stop(exc)
+            raise
         finally:
             lock.release()
             if fresh and self.manifest is None:  # failed before any stage: leave nothing behind
@@ -214,7 +199,11 @@ class Pipeline:
         saved = self.storage.get_text("config.yaml")
         if saved is None:
             return None
-        changes = result_changes(yaml.safe_load(saved) or {}, self.resolved)
+        what = f"config.yaml of run {self.run_id} ({self.storage.url})"
+        options = load_yaml(saved, what)
+        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+            raise ParseError(f"{what} is not a mapping of option names to values: not a file this job wrote")
+        changes = result_changes(options, self.resolved)
         if changes:
             raise ConfigError(
                 f"run {self.run_id} was started with other options: {'; '.join(changes)}. "
@@ -230,6 +219,8 @@ class Pipeline:
             self.manifest = Manifest(self.storage, self.run_id, self.work / "manifest.json" if self.remote else None)
             if saved is None:
                 self.storage.put_text("config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
+            self.manifest.data.pop("stopped", None)
+            self.manifest.record(status="running")
             self.metrics.info.labels(version=__version__, model=self._model_label(), run_id=self.run_id).set(1)
             self._stage("download", self.download, done=self.cache_complete)
         elif self.state.is_local_main_process and not self.cache_complete():
@@ -242,9 +233,20 @@ class Pipeline:
         if not self.cfg.skip_judge:
             self._stage("judge", self.judge)
         bind(stage="run")
+        self.current = "report"
         self.report()
+        self.current, self.last_done = None, "report"
+        self.manifest.record(status="complete")
         log.info("run_complete", run_id=self.run_id, output=self.storage.url)
         return self.manifest.data
+
+    def _record_stop(self, exc: BaseException) -> None:
+        """The manifest says where the run stopped and why (a signal: interrupted; else failed)."""
+        if self.manifest is None:
+            return
+        where = {"stage": self.current} if self.current else {"after": self.last_done}
+        stopped = {**where, "error": " ".join(str(exc).split()) or type(exc).__name__, "at": now()}
+        self.manifest.record_failure(status="interrupted" if _interrupted(exc) else "failed", stopped=stopped)
 
     def _stage(self, name: str, body, done=None) -> None:
         """Run one stage unless the manifest marks it complete and ``done`` (default: its
@@ -254,24 +256,29 @@ class Pipeline:
         if self.manifest.stage(name).get("status") == "complete" and (done or (lambda: self.manifest.verified(name)))():
             log.info("stage_skipped", reason="complete in manifest, artifacts verified")
             m.stage_status.labels(stage=name).set(StageStatus.DONE)
+            self.last_done = name
             return
-        started, start_iso = time.perf_counter(), _now()
+        started, start_iso = time.perf_counter(), now()
         m.stage_status.labels(stage=name).set(StageStatus.RUNNING)
+        self.current = name
         self.manifest.record(name, status="running", start=start_iso, end=None)
         log.info("stage_start")
         try:
             records = self._upload(body() or [])
         except BaseException as exc:
-            status = "interrupted" if isinstance(exc, Preempted) else "failed"
+            if isinstance(exc, Interrupted) and exc.where is None:
+                exc.where = name
+            status = "interrupted" if _interrupted(exc) else "failed"
             m.stage_status.labels(stage=name).set(StageStatus.FAILED)
             error = " ".join(str(exc).split()) or type(exc).__name__
-            self.manifest.record_failure(name, status=status, end=_now(), error=error)
+            self.manifest.record_failure(name, status=status, end=now(), error=error)
             raise
         finally:
             m.stage_duration_seconds.labels(stage=name).set(time.perf_counter() - started)
         m.stage_status.labels(stage=name).set(StageStatus.DONE)
+        self.current, self.last_done = None, name
         self.manifest.record(
-            name, status="complete", end=_now(), duration_s=round(time.perf_counter() - started, 3), artifacts=records
+            name, status="complete", end=now(), duration_s=round(time.perf_counter() - started, 3), artifacts=records
         )
         log.info("stage_done", seconds=round(time.perf_counter() - started, 3), artifacts=len(records))
         if self.publisher is not None:
@@ -354,22 +361,43 @@ class Pipeline:
         return cfg.model_dir or str(cached_model_dir(cfg.cache, cfg.model, cfg.source))
 
     def _fetch_remote_checkpoint(self) -> None:
-        """Resume from storage when this machine has no checkpoint (a new pod, another node)."""
+        """Resume from storage when this machine has no checkpoint (a new pod, another node): the
+        newest one in the bucket that passes every check, older ones where it does not."""
         local = self.work / "checkpoints"
         if checkpoint_dirs(local):
             return
         names = {k.split("/")[1] for k in self.storage.list("checkpoints/") if k.endswith(f"/{INDEX}")}
-        complete = sorted(n for n in names if CHECKPOINT_RE.match(n))
-        if not complete:
-            return
-        latest = complete[-1]
-        # The bucket is not trusted: every key must map inside the scratch folder, all checked before
-        # anything is written. The files' hashes are checked against the index before loading.
-        keys = [k for k in self.storage.list(f"checkpoints/{latest}/") if not k.endswith("/")]
-        targets = [(key, contained_path(self.work, key)) for key in keys]
-        for key, path in targets:
-            self.storage.get_file(key, path)
-        log.info("checkpoint_downloaded", checkpoint=latest, source=self.storage.url)
+        complete = sorted((n for n in names if CHECKPOINT_RE.match(n)), reverse=True)
+        key = read_key(self.cfg.checkpoint_key_file)
+        for name in complete:
+            if self._fetch_checkpoint(name, local, key):
+                log.info("checkpoint_downloaded", checkpoint=name, source=self.storage.url)
+                return
+        if complete:
+            raise CheckpointError(
+                f"none of the {len(complete)} checkpoints in {self.storage.url}/checkpoints can be resumed from "
+                "(see the checkpoint_skipped events): restore them, or move them away to train from the start"
+            )
+
+    def _fetch_checkpoint(self, name: str, local: Path, key: bytes | None) -> bool:
+        """Checkpoint ``name`` into a hidden folder beside its place, renamed into place if it passes.
+        The bucket is not trusted: every key must map inside the scratch folder, all checked before
+        anything is written."""
+        prefix = f"checkpoints/{name}/"
+        keys = [k for k in self.storage.list(prefix) if not k.endswith("/")]
+        for key_name in keys:
+            contained_path(self.work, key_name)
+        fetched = local / f".{name}.fetch"
+        shutil.rmtree(fetched, ignore_errors=True)
+        for key_name in keys:
+            self.storage.get_file(key_name, contained_path(fetched, key_name[len(prefix) :]))
+        rejected = checkpoint_problem(fetched, key)
+        if rejected is not None:
+            log.warning("checkpoint_skipped", checkpoint=name, file=rejected.file, reason=rejected.reason)
+            shutil.rmtree(fetched, ignore_errors=True)
+            return False
+        fetched.rename(local / name)
+        return True
 
     def generate(self) -> list[str]:
         cfg = self.cfg
@@ -426,6 +454,10 @@ class Pipeline:
         return "smoke" if self.cfg.smoke else (self.cfg.model_dir or self.cfg.model)
 
 
+def _interrupted(exc: BaseException) -> bool:
+    return isinstance(exc, Interrupted | Preempted)
+
+
 def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:
     metrics = metrics or Metrics()
     pipeline = Pipeline(cfg, metrics)
@@ -443,7 +475,3 @@ def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:
         if pipeline.state.is_main_process:
             metrics.last_success_timestamp_seconds.set_to_current_time()
     return result
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")

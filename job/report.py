@@ -11,15 +11,18 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict
 
 from job.data import RESPONSES_FILE
 from job.errors import ConfigError
+from job.manifest import ManifestFile
 from job.observability import get_logger
+from job.parsing import load_json, load_yaml, validated
 from job.storage import LocalStorage, Storage, atomic_write_text, open_storage
 
 log = get_logger(__name__)
@@ -58,14 +61,55 @@ document.querySelectorAll("th[data-sort]").forEach(function (th) {
 """
 
 
+class LossRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    train_loss: float
+    val_loss: float
+    tokens_seen: int
+
+
+class Summary(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    judge_model: str
+    judge_backend: str
+    entries: int
+    scored: int
+    unparsed: int
+    mean: float | None
+    median: float | None
+
+
+class Entry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    instruction: str = ""
+    input: str = ""
+    output: str = ""
+    model_response: str = ""
+    score: int | None = None
+
+
+# What each input must hold before the page is built from it (a run read back from a bucket may
+# have been changed by someone else): anything else is exit 1 naming the file and the field.
+SHAPES = {
+    "manifest.json": ManifestFile,
+    "losses.json": list[LossRecord],
+    "summary.json": Summary,
+    "scores.json": list[Entry],
+    RESPONSES_FILE: list[Entry],
+    "config.yaml": dict[str, Any],
+}
+
+
 def _read(folder: Path, name: str):
     path = folder / name
     if not path.is_file():
         return None
     if name.endswith(".png"):
         return path.read_bytes()
-    text = path.read_text()
-    return yaml.safe_load(text) if name.endswith(".yaml") else json.loads(text)
+    data = path.read_bytes()
+    value = load_yaml(data, name) if name.endswith(".yaml") else load_json(data, name)
+    validated(SHAPES[name], value, name)
+    return value
 
 
 def _png(data: bytes, alt: str) -> str:

@@ -19,12 +19,16 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, field_validator
+
 from job.errors import JobError
 from job.observability import get_logger
+from job.parsing import ParseError, load_json, validated
 from job.storage import LocalStorage, S3Storage, Storage
 
 log = get_logger(__name__)
 LOCK_KEY = ".lock"
+MAX_LOCK_BYTES = 64 << 10
 
 
 class RunLocked(JobError):
@@ -105,8 +109,8 @@ class S3RunLock:
         from botocore.exceptions import ClientError
 
         current = self.client.get_object(Bucket=self.bucket, Key=self.key)
-        record = _parse(current["Body"].read())
-        if _timestamp(record.get("expires")) > time.time() and _alive(record):
+        record = self._record(current["Body"].read(MAX_LOCK_BYTES + 1))
+        if _timestamp(record["expires"]) > time.time() and _alive(record):
             raise RunLocked(
                 f"run {self.run_id} is already running ({describe(record)} holds {self.where} until "
                 f"{record.get('expires')}): wait for it to finish, or delete the lock if that run is gone"
@@ -122,6 +126,19 @@ class S3RunLock:
         log.warning(
             "run_lock_taken_over", lock=self.where, stale_holder=describe(record), expired=record.get("expires")
         )
+
+    def _record(self, data: bytes) -> dict:
+        """The lock object's holder record; anything else is refused (exit 1) rather than guessed at."""
+        what = f"lock {self.where}"
+        hint = f": not a lock this job wrote; delete it if no run of {self.run_id} is running"
+        try:
+            if len(data) > MAX_LOCK_BYTES:
+                raise ParseError(f"{what} holds more than {MAX_LOCK_BYTES} bytes")
+            record = load_json(data, what)
+            validated(LockRecord, record, what)
+        except ParseError as exc:
+            raise ParseError(f"{exc}{hint}") from None
+        return record
 
     def _renew(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -151,6 +168,23 @@ class S3RunLock:
             self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
         except (BotoCoreError, ClientError) as exc:  # the lease runs out by itself
             log.warning("run_lock_release_failed", lock=self.where, error=type(exc).__name__)
+
+
+class LockRecord(BaseModel):
+    """The lock object's body (written by ``holder``)."""
+
+    model_config = ConfigDict(extra="allow")
+    run_id: str
+    host: str
+    pid: int
+    started: str
+    expires: str
+
+    @field_validator("started", "expires")
+    @classmethod
+    def _a_time(cls, text: str) -> str:
+        datetime.fromisoformat(text)  # a ValueError names the field
+        return text
 
 
 def run_lock(storage: Storage, run_id: str, lease_s: float) -> LocalRunLock | S3RunLock:
@@ -190,8 +224,7 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
 
 
-def _timestamp(text: str | None) -> float:
-    try:
-        return datetime.fromisoformat(text).timestamp() if text else 0.0
-    except ValueError:
-        return 0.0
+def _timestamp(text: str) -> float:
+    """A checked record's time in seconds (a time without a zone is UTC)."""
+    when = datetime.fromisoformat(text)
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()

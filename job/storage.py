@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 from job.errors import DiskFullError, JobError, TransientError
 from job.observability import get_logger
+from job.parsing import ParseError
 
 log = get_logger(__name__)
 
@@ -83,30 +84,48 @@ def atomic_write_text(final: str | Path, text: str) -> None:
 
 
 def read_progress(path: Path) -> dict[int, dict]:
-    """A stage's JSON Lines progress file, keyed by each record's ``index``; a line torn by a kill
-    is ignored (its entry is simply done again)."""
+    """A stage's JSON Lines progress file, keyed by each record's ``index``; a line torn by a kill (or
+    not a record at all) is ignored: its entry is simply done again."""
     done: dict[int, dict] = {}
     if Path(path).is_file():
         for line in Path(path).read_text().splitlines():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError, ValueError):
                 continue
-            done[record["index"]] = record
+            if isinstance(record, dict) and type(record.get("index")) is int:
+                done[record["index"]] = record
     return done
+
+
+MAX_TEXT_BYTES = 16 << 20  # a manifest, config or lock read back from storage: ours are KBs
+
+
+def _text(data: bytes, where: str) -> str:
+    if len(data) > MAX_TEXT_BYTES:
+        raise ParseError(f"{where} holds more than {MAX_TEXT_BYTES >> 20} MB: not a file this job wrote")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ParseError(f"{where} is not UTF-8 text: not a file this job wrote") from None
 
 
 class UnsafeKeyError(JobError):
     """A key read from storage that would be written outside its folder (exit 1, nothing written)."""
 
 
-def contained_path(root: Path, key: str) -> Path:
-    """``root / key`` for a ``key`` read from outside (a bucket's listing). A key with an absolute,
-    empty, ``.`` or ``..`` part, a backslash or a NUL, or whose path passes through a symlink, would
-    leave ``root`` or could: it is refused, naming the key."""
+def unsafe_key(key: str) -> bool:
+    """Whether a key read from outside could name a place outside its folder: an absolute, empty,
+    ``.`` or ``..`` part, a backslash or a NUL."""
     parts = key.split("/")
-    unsafe = key.startswith("/") or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts)
-    if unsafe or any(Path(root).joinpath(*parts[:n]).is_symlink() for n in range(1, len(parts) + 1)):
+    return key.startswith("/") or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts)
+
+
+def contained_path(root: Path, key: str) -> Path:
+    """``root / key`` for a ``key`` read from outside (a bucket's listing). An ``unsafe_key``, or one
+    whose path passes through a symlink, would leave ``root`` or could: it is refused, naming the key."""
+    parts = key.split("/")
+    if unsafe_key(key) or any(Path(root).joinpath(*parts[:n]).is_symlink() for n in range(1, len(parts) + 1)):
         raise UnsafeKeyError(f"refusing storage key {key!r}: it would be written outside {root}")
     return Path(root).joinpath(*parts)
 
@@ -153,7 +172,8 @@ class Storage(Protocol):
     def put_text(self, key: str, text: str) -> None: ...
 
     def get_text(self, key: str) -> str | None:
-        """The text under ``key``, or None where there is none."""
+        """The text under ``key``, or None where there is none; a ParseError names a key that holds more
+        than ``MAX_TEXT_BYTES`` or no UTF-8 text."""
         ...
 
     def get_file(self, key: str, local: Path) -> None: ...
@@ -203,7 +223,10 @@ class LocalStorage:
 
     def get_text(self, key: str) -> str | None:
         path = self._path(key)
-        return path.read_text() if path.is_file() else None
+        if not path.is_file():
+            return None
+        with open(path, "rb") as f:
+            return _text(f.read(MAX_TEXT_BYTES + 1), f"{self.url}/{key}")
 
     def get_file(self, key: str, local: Path) -> None:
         if not self.is_local_path(local, key):
@@ -308,13 +331,18 @@ class S3Storage:
 
         def get():
             try:
-                return self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))["Body"].read().decode()
+                body = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))["Body"]
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                     return None
                 raise
+            try:
+                return body.read(MAX_TEXT_BYTES + 1)
+            finally:
+                body.close()
 
-        return self._retry(f"get {key}", get)
+        data = self._retry(f"get {key}", get)
+        return None if data is None else _text(data, f"{self.url}/{key}")
 
     def get_file(self, key: str, local: Path) -> None:
         def download():

@@ -13,6 +13,7 @@ import torch
 
 from job.errors import JobError
 from job.model import GPTConfig, GPTModel
+from job.parsing import ParseError, load_json, load_safetensors
 from job.storage import atomic_path
 
 
@@ -54,6 +55,14 @@ def detect_layout(path: str | Path) -> str:
     raise WeightsError(
         f"{path} holds neither config.json + model.safetensors (Hugging Face) nor hparams.json + checkpoint (OpenAI)"
     )
+
+
+def read_config(path: str | Path) -> GPTConfig:
+    """The model's shape from a local folder in either layout, without reading its weights."""
+    path = Path(path)
+    if detect_layout(path) == "hf":
+        return _config(path / "config.json", config_from_hf)
+    return _config(path / "hparams.json", config_from_hparams)
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> GPTModel:
@@ -108,9 +117,14 @@ def config_from_hparams(hparams: dict) -> GPTConfig:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{path}: not readable JSON ({exc})") from None
+        value = load_json(path.read_bytes(), str(path))
+    except OSError as exc:
+        raise WeightsError(f"{path}: not readable ({exc.strerror or exc})") from None
+    except ParseError as exc:
+        raise WeightsError(str(exc)) from None
+    if not isinstance(value, dict):
+        raise WeightsError(f"{path}: not a JSON object")
+    return value
 
 
 def _config(path: Path, reader) -> GPTConfig:
@@ -118,15 +132,16 @@ def _config(path: Path, reader) -> GPTConfig:
         return reader(_read_json(path))
     except KeyError as exc:
         raise WeightsError(f"{path}: missing key {exc.args[0]}") from None
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise WeightsError(f"{path}: {exc}") from None
 
 
 def _read_hf(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
     cfg = _config(path / "config.json", config_from_hf)
-    raw = load_file(str(path / "model.safetensors"))
+    try:
+        raw = load_safetensors(path / "model.safetensors")
+    except ParseError as exc:
+        raise WeightsError(str(exc)) from None
     tied = _read_json(path / "config.json").get("tie_word_embeddings", True)
     tensors = {}
     for name, tensor in raw.items():
