@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from job.errors import JobError
 from job.observability import get_logger
+from job.parsing import ParseError, load_json
 from job.tokenizer import END_OF_TEXT_ID, encode
 
 log = get_logger(__name__)
@@ -36,7 +36,7 @@ def resolve_data(source: str, cache: str | Path, base_url: str | None = None) ->
 
 
 def parse_entries(path: Path) -> list:
-    """A JSON array, or JSON Lines (one object per line)."""
+    """A JSON array, or JSON Lines (one object per line), parsed with bounds (job/parsing.py)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -46,8 +46,8 @@ def parse_entries(path: Path) -> list:
     if not text.strip():
         raise DataError(f"dataset {path} is empty")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as whole:
+        data = load_json(text, f"dataset {path}")
+    except ParseError as whole:
         data = _json_lines(path, text, whole)
     if isinstance(data, dict):
         data = [data]
@@ -58,18 +58,19 @@ def parse_entries(path: Path) -> list:
     return data
 
 
-def _json_lines(path: Path, text: str, whole: json.JSONDecodeError) -> list:
+def _json_lines(path: Path, text: str, whole: ParseError) -> list:
     """One object per line; a bad line is named by its line number in the file (1-based)."""
     data = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            data.append(json.loads(line))
-        except json.JSONDecodeError as exc:
+            data.append(load_json(line, f"dataset {path}: line {number}"))
+        except ParseError as exc:
             if not data:  # the first line already fails: not JSON Lines either
-                raise DataError(f"dataset {path} is neither JSON nor JSON Lines: {whole}") from None
-            raise DataError(f"dataset {path}: line {number} is not JSON: {exc.msg}") from None
+                reason = str(whole).removeprefix(f"dataset {path}")
+                raise DataError(f"dataset {path} is neither JSON nor JSON Lines:{reason}") from None
+            raise DataError(str(exc)) from None
     return data
 
 

@@ -166,9 +166,10 @@ class Downloader:
                 errors.append(str(exc))
                 outages += isinstance(exc, DownloadUnavailable)
         if damaged:  # no rerun fixes this offline: the file must be replaced by hand or from a mirror
+            reason = errors[-1].split(";")[0].removeprefix(f"{remote.relpath}: ")[:100]
             raise DownloadError(
-                f"cached {final} is damaged (its sha256 is not the known file's) and no good copy could be fetched "
-                f"({errors[-1][:160]}): replace it, or pass --base-url with a mirror"
+                f"cached {final} is damaged (not the known file's sha256) and no good copy could be fetched "
+                f"({reason}): replace it, or pass --base-url with a mirror"
             )
         # Only outages everywhere are worth a rerun (exit 75); a 404 or a bad hash is not.
         kind = DownloadUnavailable if outages == len(errors) else DownloadError

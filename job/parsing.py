@@ -46,9 +46,10 @@ class ParseError(JobError):
 def short(value: Any) -> str:
     """``repr(value)``, cut so a message stays one short line whatever the value is."""
     try:
-        return _short.repr(value)
+        text = _short.repr(value)
     except Exception:  # noqa: BLE001  (a repr that fails must not hide the real error)
         return f"<{type(value).__name__}>"
+    return text if len(text) <= 2 * MESSAGE_VALUE_CHARS else text[: 2 * MESSAGE_VALUE_CHARS - 3] + "..."
 
 
 # --- JSON -------------------------------------------------------------------------------------------
@@ -117,7 +118,9 @@ def load_yaml(text: str | bytes, what: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         raise ParseError(f"{what} is not YAML we can read: {short(problem)[1:-1]}{where}") from None
-    except (RecursionError, ValueError, TypeError, OverflowError) as exc:  # a timestamp like 2020-99-99, a huge int
+    except RecursionError:  # PyYAML composes recursively: a document nested ~1,000 deep
+        raise ParseError(f"{what}: nested deeper than {MAX_DEPTH} levels") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a timestamp like 2020-99-99, a huge int
         raise ParseError(f"{what}: a value cannot be read ({type(exc).__name__}: {short(str(exc))[1:-1]})") from None
     finally:
         if loader is not None:

@@ -109,7 +109,7 @@ class S3RunLock:
         from botocore.exceptions import ClientError
 
         current = self.client.get_object(Bucket=self.bucket, Key=self.key)
-        record = self._record(current["Body"].read(MAX_LOCK_BYTES + 1))
+        record = parse_lock_record(current["Body"].read(MAX_LOCK_BYTES + 1), self.where, self.run_id)
         if _timestamp(record["expires"]) > time.time() and _alive(record):
             raise RunLocked(
                 f"run {self.run_id} is already running ({describe(record)} holds {self.where} until "
@@ -126,19 +126,6 @@ class S3RunLock:
         log.warning(
             "run_lock_taken_over", lock=self.where, stale_holder=describe(record), expired=record.get("expires")
         )
-
-    def _record(self, data: bytes) -> dict:
-        """The lock object's holder record; anything else is refused (exit 1) rather than guessed at."""
-        what = f"lock {self.where}"
-        hint = f": not a lock this job wrote; delete it if no run of {self.run_id} is running"
-        try:
-            if len(data) > MAX_LOCK_BYTES:
-                raise ParseError(f"{what} holds more than {MAX_LOCK_BYTES} bytes")
-            record = load_json(data, what)
-            validated(LockRecord, record, what)
-        except ParseError as exc:
-            raise ParseError(f"{exc}{hint}") from None
-        return record
 
     def _renew(self) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -185,6 +172,22 @@ class LockRecord(BaseModel):
     def _a_time(cls, text: str) -> str:
         datetime.fromisoformat(text)  # a ValueError names the field
         return text
+
+
+def parse_lock_record(data: bytes, where: str, run_id: str) -> dict:
+    """A lock object's holder record; anything else is refused (exit 1) rather than guessed at."""
+    hint = f": not a lock this job wrote; delete it if no run of {run_id} is running"
+    try:
+        if len(data) > MAX_LOCK_BYTES:
+            raise ParseError(f"lock {where} holds more than {MAX_LOCK_BYTES} bytes")
+        record = load_json(data, f"lock {where}")
+        validated(LockRecord, record, f"lock {where}")
+        _timestamp(record["expires"])
+    except ParseError as exc:
+        raise ParseError(f"{exc}{hint}") from None
+    except (ValueError, OverflowError, OSError):  # a time outside what the platform represents
+        raise ParseError(f"lock {where}: expires is not a usable time{hint}") from None
+    return record
 
 
 def run_lock(storage: Storage, run_id: str, lease_s: float) -> LocalRunLock | S3RunLock:

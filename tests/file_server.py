@@ -12,13 +12,15 @@ class FileServer:
     """Serves ``files`` (url path -> bytes) with Range support.
 
     Faults, consumed in order per path: ``"503"`` answers 503; ``"cut"`` sends the full
-    Content-Length but closes the connection after half of the body.
+    Content-Length but closes the connection after half of the body; ``"stall"`` sends half of the
+    body and then nothing until ``release`` is set (or 60 s pass).
     """
 
     def __init__(self, files: dict[str, bytes]):
         self.files = dict(files)
         self.faults: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,9 +53,11 @@ class FileServer:
                 payload = body[start:]
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                if fault == "cut":
+                if fault in ("cut", "stall"):
                     self.wfile.write(payload[: len(payload) // 2])
                     self.wfile.flush()
+                    if fault == "stall":
+                        server.release.wait(60)
                     self.close_connection = True
                     return
                 self.wfile.write(payload)
@@ -67,6 +71,7 @@ class FileServer:
         return self
 
     def __exit__(self, *exc):
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load
 
 from job.config import RunConfig
+from job.download import HF_FILES
 from job.observability import Metrics
 from job.pipeline import run_pipeline
 from tests.helpers import cli, events, start_cli, wait_for_event
@@ -168,11 +169,11 @@ def test_unreachable_s3_endpoint_fails_at_preflight(tiny_model_dir, shared_data,
 
     endpoint = f"http://127.0.0.1:{free_port()}"
     result = cli(
-        *_args(tiny_model_dir, shared_data, ollama, tmp_path, "s3://b/x", "--s3-endpoint-url", endpoint),
+        *_args(tiny_model_dir, shared_data, ollama, tmp_path, "s3://bucket/x", "--s3-endpoint-url", endpoint),
         env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"},
     )
     assert result.returncode == 1
-    assert result.stderr.strip() == f"Error: cannot reach output s3://b at {endpoint}: EndpointConnectionError"
+    assert result.stderr.strip() == f"Error: cannot reach output s3://bucket at {endpoint}: EndpointConnectionError"
     assert not (tmp_path / "scratch").exists()
 
 
@@ -248,15 +249,19 @@ def test_download_stage_is_redone_where_this_machines_cache_lacks_the_files(
     tiny_model_dir, shared_data, ollama, tmp_path
 ):
     """The manifest travels with the run, the cache stays with the machine: a rerun on a machine
-    whose cache is empty downloads again, and skips every stage whose artifacts verify."""
+    whose cache is empty downloads again (the tokenizer in the preflight, which measures the test
+    prompts with it; the weights in the download stage), and skips every stage whose artifacts verify."""
     from tests.file_server import FileServer
 
     files = {f"/mirror/gpt2/{n}": (shared_data / "gpt2" / n).read_bytes() for n in ("encoder.json", "vocab.bpe")}
+    files |= {f"/mirror/gpt2-hf/gpt2-small/{n}": (tiny_model_dir / n).read_bytes() for n in HF_FILES}
     with FileServer(files) as mirror:
         args = [
             "run",
-            "--model-dir",
-            tiny_model_dir,
+            "--model",
+            "gpt2-small",
+            "--source",
+            "hf",
             "--data",
             shared_data / "instruction-data.json",
             "--cache",
@@ -281,12 +286,12 @@ def test_download_stage_is_redone_where_this_machines_cache_lacks_the_files(
             "json",
         ]
         assert cli(*args).returncode == 0
-        assert len(mirror.requests) == 2
+        assert len(mirror.requests) == 4
         same_machine = cli(*args)
         assert [e["stage"] for e in events(same_machine.stdout) if e["event"] == "stage_skipped"] == STAGES
-        assert len(mirror.requests) == 2
+        assert len(mirror.requests) == 4
         shutil.rmtree(tmp_path / "cache")  # another machine: same output, empty cache
         other_machine = cli(*args)
         assert other_machine.returncode == 0, other_machine.stderr[-2000:]
         assert [e["stage"] for e in events(other_machine.stdout) if e["event"] == "stage_skipped"] == STAGES[1:]
-        assert len(mirror.requests) == 4 and (tmp_path / "cache" / "gpt2" / "vocab.bpe").is_file()
+        assert len(mirror.requests) == 8 and (tmp_path / "cache" / "gpt2-hf" / "gpt2-small" / "config.json").is_file()
