@@ -37,10 +37,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from job.checkpoint_files import INDEX, checkpoint_dirs, checkpoint_problem, index_text
+from job.checkpoint_files import CHECKPOINT_RE, INDEX, checkpoint_dirs, checkpoint_problem, index_text
 from job.errors import ConfigError, DiskFullError, JobError
 from job.observability import Metrics, get_logger
-from job.storage import ensure_room, sha256_files, tree_bytes
+from job.storage import Storage, contained_path, ensure_room, sha256_files, tree_bytes
 
 log = get_logger(__name__)
 
@@ -255,3 +255,44 @@ class CheckpointManager:
         if f"rng-{rank}.json" in files:
             version, internal, gauss = json.loads((path / f"rng-{rank}.json").read_text())["python"]
             random.setstate((version, tuple(internal), gauss))
+
+
+def fetch_checkpoint(storage: Storage, work: Path, key: bytes | None) -> None:
+    """Into ``work/checkpoints``, when it holds none (a new pod, another node), the newest checkpoint
+    in ``storage`` that passes every check, older ones where it does not; a CheckpointError where
+    there are some and none passes."""
+    local = work / "checkpoints"
+    if checkpoint_dirs(local):
+        return
+    names = {k.split("/")[1] for k in storage.list("checkpoints/") if k.endswith(f"/{INDEX}")}
+    complete = sorted((n for n in names if CHECKPOINT_RE.match(n)), reverse=True)
+    for name in complete:
+        if _fetch_one(storage, work, name, key):
+            log.info("checkpoint_downloaded", checkpoint=name, source=storage.url)
+            return
+    if complete:
+        raise CheckpointError(
+            f"none of the {len(complete)} checkpoints in {storage.url}/checkpoints can be resumed from "
+            "(see the checkpoint_skipped events): restore them, or move them away to train from the start"
+        )
+
+
+def _fetch_one(storage: Storage, work: Path, name: str, key: bytes | None) -> bool:
+    """Checkpoint ``name`` into a hidden folder beside its place, renamed into place if it passes.
+    The bucket is not trusted: every key must map inside ``work``, all checked before anything is
+    written."""
+    prefix = f"checkpoints/{name}/"
+    keys = [k for k in storage.list(prefix) if not k.endswith("/")]
+    for object_key in keys:
+        contained_path(work, object_key)
+    fetched = work / "checkpoints" / f".{name}.fetch"
+    shutil.rmtree(fetched, ignore_errors=True)
+    for object_key in keys:
+        storage.get_file(object_key, contained_path(fetched, object_key[len(prefix) :]))
+    rejected = checkpoint_problem(fetched, key)
+    if rejected is not None:
+        log.warning("checkpoint_skipped", checkpoint=name, file=rejected.file, reason=rejected.reason)
+        shutil.rmtree(fetched, ignore_errors=True)
+        return False
+    fetched.rename(work / "checkpoints" / name)
+    return True

@@ -246,6 +246,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         _positive(self, "allowed_max_length")
+        _seed(self, "shuffle_seed")
         if urlparse(self.data).scheme == "s3":
             _check_url("data", self.data, ("s3",))
 
@@ -337,6 +338,11 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
                 _positive(self, name)
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        _seed(self, "seed")
+        if self.pad_to_multiple is not None and self.pad_to_multiple > self.allowed_max_length:
+            raise ConfigError(
+                f"pad_to_multiple {self.pad_to_multiple} must be at most allowed_max_length {self.allowed_max_length}"
+            )
         if self.lora_rank is not None:
             _positive(self, "lora_rank", "lora_alpha")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -399,6 +405,7 @@ class GenerateConfig(DataConfig, DecodingSettings):
         DataConfig.__post_init__(self)
         DecodingSettings.__post_init__(self)
         _positive(self, "batch_size")
+        _seed(self, "seed")
 
 
 # --lora-targets' words -> the layers' names within a block (and the head), as job/lora.py names them.
@@ -436,12 +443,28 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
+MAX_DURATION_S = 30 * 86400.0  # a wait or lease past a month is a typo (and would overflow a socket timeout)
+
+
 def parse_duration(text: str | float | int, name: str = "duration") -> float:
-    """Seconds from ``300``, ``300s``, ``5m`` or ``1h``."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    """Seconds from ``300``, ``300s``, ``5m`` or ``1h``, at most 30 days."""
+    match = re.fullmatch(r"\s*(\d{1,12}(?:\.\d{1,9})?)\s*([smh]?)\s*", str(text))
     if not match:
-        raise ConfigError(f"{name} {text!r} must look like 300, 300s, 5m or 1h")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+        raise ConfigError(f"{name} {short(text)} must look like 300, 300s, 5m or 1h")
+    seconds = float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    if seconds > MAX_DURATION_S:
+        raise ConfigError(f"{name} {short(text)} is longer than 30 days")
+    return seconds
+
+
+MAX_SEED = 2**63 - 1  # torch's generators and Ollama take 64-bit seeds
+
+
+def _seed(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not 0 <= value <= MAX_SEED:
+            raise ConfigError(f"{name} must be in 0..{MAX_SEED}, got {short(value)}")
 
 
 @dataclass
@@ -481,6 +504,9 @@ class JudgeSettings:
     def __post_init__(self) -> None:
         check_finite(self)
         _positive(self, "judge_concurrency", "judge_timeout", "judge_num_ctx")
+        _seed(self, "judge_seed")
+        if self.judge_timeout > 86400:
+            raise ConfigError(f"judge_timeout must be at most 86400 seconds, got {self.judge_timeout}")
         if self.judge_retries < 0:
             raise ConfigError(f"judge_retries must be >= 0, got {self.judge_retries}")
         parse_duration(self.judge_wait, "judge_wait")

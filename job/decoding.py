@@ -11,7 +11,7 @@ from job.tokenizer import END_OF_TEXT_ID
 def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
     """The book's choice of the next token from (B, vocab) logits: top-k filter, then greedy or sampled."""
     if top_k is not None:
-        top_logits, _ = torch.topk(logits, top_k)
+        top_logits, _ = torch.topk(logits, min(top_k, logits.shape[-1]))  # k past the vocabulary keeps all
         logits = torch.where(logits < top_logits[:, -1:], torch.tensor(float("-inf"), device=logits.device), logits)
     if temperature > 0.0:
         probs = torch.softmax(logits / temperature, dim=-1)

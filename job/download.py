@@ -124,6 +124,13 @@ def _urls(base_url: str | None, relpath: str, defaults: tuple[str, ...]) -> tupl
     return (f"{base_url.rstrip('/')}/{relpath}",) if base_url else defaults
 
 
+def _damaged(final: Path, reason: str) -> DownloadError:
+    return DownloadError(
+        f"cached {final} is damaged (not the known file's sha256) and no good copy could be fetched "
+        f"({reason[:100]}): replace it, or pass --base-url with a mirror"
+    )
+
+
 @dataclass
 class Downloader:
     """Fetches ``RemoteFile``s into ``cache``; a file already complete there is never fetched again."""
@@ -151,7 +158,7 @@ class Downloader:
             log.debug("download_skipped", file=remote.relpath, reason="complete")
             return final
         if damaged:  # kept in place until a good copy replaces it, so a rerun offline names it again
-            log.warning("cache_file_damaged", file=str(final), reason="size or sha256 differs from the known file")
+            log.warning("cache_file_damaged", file=str(final))
         final.parent.mkdir(parents=True, exist_ok=True)
         part = final.with_name(final.name + ".part")
         errors, outages = [], 0
@@ -166,11 +173,7 @@ class Downloader:
                 errors.append(str(exc))
                 outages += isinstance(exc, DownloadUnavailable)
         if damaged:  # no rerun fixes this offline: the file must be replaced by hand or from a mirror
-            reason = errors[-1].split(";")[0].removeprefix(f"{remote.relpath}: ")[:100]
-            raise DownloadError(
-                f"cached {final} is damaged (not the known file's sha256) and no good copy could be fetched "
-                f"({reason}): replace it, or pass --base-url with a mirror"
-            )
+            raise _damaged(final, errors[-1].split(";")[0].removeprefix(f"{remote.relpath}: "))
         # Only outages everywhere are worth a rerun (exit 75); a 404 or a bad hash is not.
         kind = DownloadUnavailable if outages == len(errors) else DownloadError
         raise kind(errors[-1] if len(errors) == 1 else "; ".join(errors))

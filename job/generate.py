@@ -15,6 +15,7 @@ from job.decoding import generate, generate_fixed_batch
 from job.download import Downloader, tokenizer_files
 from job.errors import ConfigError
 from job.observability import Metrics, Progress, get_logger
+from job.parsing import ParseError, load_json
 from job.storage import atomic_write_text, read_progress
 from job.tokenizer import encode, load_tokenizer
 from job.weights import load_pretrained
@@ -25,11 +26,18 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def saved_prompt_style(model_dir: str | Path) -> str | None:
-    """The prompt style the finetune stage recorded in the model's config.json, if any."""
+    """The prompt style the finetune stage recorded in the model's config.json, if any (a config.json
+    read back from the bucket: anything but a known style is none)."""
     config = Path(model_dir) / "config.json"
-    if config.is_file():
-        return json.loads(config.read_text()).get("sft_job", {}).get("prompt_style")
-    return None
+    if not config.is_file():
+        return None
+    try:
+        recorded = load_json(config.read_bytes(), str(config))
+    except ParseError:
+        return None  # load_pretrained names what is wrong with it
+    ours = recorded.get("sft_job") if isinstance(recorded, dict) else None
+    style = ours.get("prompt_style") if isinstance(ours, dict) else None
+    return style if style in PROMPT_STYLES else None
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

@@ -20,8 +20,8 @@ import torch
 import yaml
 
 from job import __version__
-from job.checkpoint import CheckpointError
-from job.checkpoint_files import CHECKPOINT_RE, INDEX, checkpoint_dirs, checkpoint_problem, read_key
+from job.checkpoint import fetch_checkpoint
+from job.checkpoint_files import INDEX, checkpoint_dirs, read_key
 from job.config import (
     FinetuneConfig,
     GenerateConfig,
@@ -49,7 +49,6 @@ from job.runlock import run_lock
 from job.storage import (
     LocalStorage,
     Storage,
-    contained_path,
     open_storage,
     sha256_file,
     upload_tree,
@@ -154,25 +153,10 @@ class Pipeline:
         entries = load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
         train, test, _val = split_entries(entries, cfg.shuffle_seed)
         check_batches(cfg, self.state.num_processes, len(train[: cfg.train_limit]))
-        self._check_prompts_fit(test[: cfg.limit])
+        check_model_fit(cfg, test[: cfg.limit])
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))
-
-    def _check_prompts_fit(self, test: list[dict]) -> None:
-        """The longest test prompt and --max-new-tokens fit the model's context (known before training)."""
-        cfg, cache = self.cfg, Path(self.cfg.cache)
-        Downloader(cache).fetch_all(tokenizer_files(cfg.base_url))
-        tokenizer = load_tokenizer(cache / "gpt2")
-        style = PROMPT_STYLES[cfg.prompt_style]
-        longest, which = longest_prompt([encode(tokenizer, style.format_input(e)) for e in test])
-        if cfg.smoke:
-            context = SMOKE_MODEL.context_length
-        else:
-            context = (
-                read_config(cfg.model_dir).context_length if cfg.model_dir else GPT2_SIZES[cfg.model].context_length
-            )
-        check_room(cfg.max_new_tokens, longest, context, which)
 
     # --- the stages ----------------------------------------------------------------------------
 
@@ -361,43 +345,8 @@ class Pipeline:
         return cfg.model_dir or str(cached_model_dir(cfg.cache, cfg.model, cfg.source))
 
     def _fetch_remote_checkpoint(self) -> None:
-        """Resume from storage when this machine has no checkpoint (a new pod, another node): the
-        newest one in the bucket that passes every check, older ones where it does not."""
-        local = self.work / "checkpoints"
-        if checkpoint_dirs(local):
-            return
-        names = {k.split("/")[1] for k in self.storage.list("checkpoints/") if k.endswith(f"/{INDEX}")}
-        complete = sorted((n for n in names if CHECKPOINT_RE.match(n)), reverse=True)
-        key = read_key(self.cfg.checkpoint_key_file)
-        for name in complete:
-            if self._fetch_checkpoint(name, local, key):
-                log.info("checkpoint_downloaded", checkpoint=name, source=self.storage.url)
-                return
-        if complete:
-            raise CheckpointError(
-                f"none of the {len(complete)} checkpoints in {self.storage.url}/checkpoints can be resumed from "
-                "(see the checkpoint_skipped events): restore them, or move them away to train from the start"
-            )
-
-    def _fetch_checkpoint(self, name: str, local: Path, key: bytes | None) -> bool:
-        """Checkpoint ``name`` into a hidden folder beside its place, renamed into place if it passes.
-        The bucket is not trusted: every key must map inside the scratch folder, all checked before
-        anything is written."""
-        prefix = f"checkpoints/{name}/"
-        keys = [k for k in self.storage.list(prefix) if not k.endswith("/")]
-        for key_name in keys:
-            contained_path(self.work, key_name)
-        fetched = local / f".{name}.fetch"
-        shutil.rmtree(fetched, ignore_errors=True)
-        for key_name in keys:
-            self.storage.get_file(key_name, contained_path(fetched, key_name[len(prefix) :]))
-        rejected = checkpoint_problem(fetched, key)
-        if rejected is not None:
-            log.warning("checkpoint_skipped", checkpoint=name, file=rejected.file, reason=rejected.reason)
-            shutil.rmtree(fetched, ignore_errors=True)
-            return False
-        fetched.rename(local / name)
-        return True
+        """Resume from storage when this machine has no checkpoint (a new pod, another node)."""
+        fetch_checkpoint(self.storage, self.work, read_key(self.cfg.checkpoint_key_file))
 
     def generate(self) -> list[str]:
         cfg = self.cfg
@@ -452,6 +401,23 @@ class Pipeline:
 
     def _model_label(self) -> str:
         return "smoke" if self.cfg.smoke else (self.cfg.model_dir or self.cfg.model)
+
+
+def check_model_fit(cfg: RunConfig, test: list[dict]) -> None:
+    """What depends on the model's shape, known before training: the longest test prompt and
+    --max-new-tokens fit its context; a LoRA rank is at most its width."""
+    if cfg.smoke:
+        shape = SMOKE_MODEL
+    else:
+        shape = read_config(cfg.model_dir) if cfg.model_dir else GPT2_SIZES[cfg.model]
+    if cfg.lora_rank is not None and cfg.lora_rank > shape.emb_dim:
+        raise ConfigError(f"--lora-rank {cfg.lora_rank} is more than the model's width of {shape.emb_dim}")
+    cache = Path(cfg.cache)
+    Downloader(cache).fetch_all(tokenizer_files(cfg.base_url))
+    tokenizer = load_tokenizer(cache / "gpt2")
+    style = PROMPT_STYLES[cfg.prompt_style]
+    longest, which = longest_prompt([encode(tokenizer, style.format_input(e)) for e in test])
+    check_room(cfg.max_new_tokens, longest, shape.context_length, which)
 
 
 def _interrupted(exc: BaseException) -> bool:

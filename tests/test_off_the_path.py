@@ -63,6 +63,23 @@ def test_nan_and_infinities_from_yaml_are_refused(text, key, capsys, tmp_path):
     assert code == 2 and f"{key} must be a finite number" in line and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["run", "--seed", "-1"], "seed must be in 0..9223372036854775807"),
+        (["run", "--seed", str(2**70)], "seed must be in 0.."),
+        (["run", "--judge-seed", str(2**64)], "judge_seed must be in 0.."),
+        (["run", "--judge-wait", "9" * 13], "judge_wait '9999999999999' must look like"),
+        (["run", "--lock-lease", "800h"], "lock_lease '800h' is longer than 30 days"),
+        (["run", "--judge-timeout", "1e300"], "judge_timeout must be at most 86400 seconds"),
+        (["run", "--pad-to-multiple", "5000"], "pad_to_multiple 5000 must be at most allowed_max_length 1024"),
+    ],
+)
+def test_values_too_large_to_work_are_refused_by_their_bound(argv, words, capsys, tmp_path):
+    code, line = _in_process([*argv, "--output", tmp_path / "out"], capsys)
+    assert code == 2 and words in line and not (tmp_path / "out").exists()
+
+
 def test_a_long_run_id_and_a_bad_bucket_name_are_config_errors_that_say_the_rule(capsys, tmp_path):
     code, line = _in_process(["run", "--run-id", "a" * 300, "--output", tmp_path], capsys)
     assert code == 2 and "(300 characters) must be 1 to 128 letters" in line and len(line) < 250
@@ -91,6 +108,12 @@ def test_max_new_tokens_past_the_context_fails_the_preflight_with_a_value_that_w
     line = _one_line(run_cli(*args), 2)
     hint = int(re.search(r"use --max-new-tokens (-?\d+) or fewer", line).group(1))
     assert 0 < hint < 1020 and not (tmp_path / "runs" / "m").exists()
+
+
+def test_a_lora_rank_wider_than_the_model_fails_the_preflight(shared_data, tmp_path):
+    args = smoke_run(shared_data, tmp_path / "runs", "l", "--skip-judge", "--lora-rank", "100000")
+    assert "--lora-rank 100000 is more than the model's width of 128" in _one_line(run_cli(*args), 2)
+    assert not (tmp_path / "runs" / "l").exists()
 
 
 def test_a_test_prompt_longer_than_the_context_is_found_before_training(shared_data, tmp_path):

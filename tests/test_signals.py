@@ -42,8 +42,10 @@ def uninterrupted(shared_data, tmp_path_factory) -> dict[str, str]:
         server.stop()
 
 
-def _stopped(proc: subprocess.Popen, signum: int) -> str:
+def _stopped(proc: subprocess.Popen, signum: int, then=None) -> str:
     proc.send_signal(signum)
+    if then is not None:
+        then()
     _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err
     [line] = err.splitlines()
@@ -61,10 +63,12 @@ def _wait_then_stop(proc, server: FakeOllama, where: str, signum: int) -> str:
     elif where == "judge":
         server.mode, server.healthy_for = "hang", 3  # three answers, then the fourth request hangs
         assert server.wait_for_chats(4, timeout=300)
-    line = _stopped(proc, signum)
-    server.mode = "ok"
-    server.release.set()
-    return line
+
+    def answer_again():  # the request in flight ends at once instead of waiting out its timeout
+        server.mode = "ok"
+        server.release.set()
+
+    return _stopped(proc, signum, then=answer_again)
 
 
 @pytest.mark.slow
