@@ -54,16 +54,6 @@ def trained_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def verified_files(path: Path, key: bytes | None = None) -> dict[str, str] | None:
-    """The checkpoint's index (file name -> sha256) when it passes every check, else None with a
-    warning naming the file."""
-    rejected = checkpoint_problem(path, key)
-    if rejected is not None:
-        log.warning("checkpoint_skipped", checkpoint=path.name, file=rejected.file, reason=rejected.reason)
-        return None
-    return json.loads((path / INDEX).read_text())["files"]
-
-
 def _check_fits(path: Path, saved: dict[str, torch.Tensor], shapes: dict[str, torch.Size], what: str) -> None:
     """The checkpoint's tensors are exactly this run's (names and shapes)."""
     differ = sorted(saved.keys() ^ shapes.keys()) or sorted(n for n in shapes if saved[n].shape != shapes[n])
@@ -178,17 +168,18 @@ class CheckpointManager:
     def latest(self) -> tuple[Path, dict[str, str]] | None:
         """The newest checkpoint that passes every check (older ones where one does not); None where
         there is none at all; a CheckpointError where there are some and none passes."""
-        found = checkpoint_dirs(self.folder)
+        found, newest = checkpoint_dirs(self.folder), None
         for path in reversed(found):
-            files = verified_files(path, self.key)
-            if files is not None:
-                return path, files
+            rejected = checkpoint_problem(path, self.key)
+            if rejected is None:
+                return path, json.loads((path / INDEX).read_text())["files"]
+            log.warning("checkpoint_skipped", checkpoint=path.name, file=rejected.file, reason=rejected.reason)
             self.rejected.add(path.name)
+            newest = newest or f"{path.name}: {rejected}"
         if found:
-            newest = checkpoint_problem(found[-1], self.key)
             raise CheckpointError(
-                f"none of the {len(found)} checkpoints in {self.folder} can be resumed from ({found[-1].name}: "
-                f"{newest}): restore them, or move them away to train from the start"
+                f"none of the {len(found)} checkpoints in {self.folder} can be resumed from ({newest}): "
+                "restore them, or move them away to train from the start"
             )
         return None
 

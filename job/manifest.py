@@ -88,12 +88,16 @@ class Manifest:
                 return False
         return True
 
-    def record(self, name: str | None = None, **fields) -> None:
-        """Update stage ``name`` with ``fields`` (or, without a name, the run's top-level fields) and write."""
+    def update(self, name: str | None = None, **fields) -> None:
+        """Update stage ``name`` with ``fields`` (or, without a name, the run's top-level fields), in memory."""
         if name is None:
             self.data.update(fields)
         else:
             self.data["stages"][name] = {**self.stage(name), **fields}
+
+    def record(self, name: str | None = None, **fields) -> None:
+        """``update``, then write the manifest."""
+        self.update(name, **fields)
         self.data["updated"] = now()
         text = json.dumps(self.data, indent=2) + "\n"
         if self.local_copy is not None:

@@ -225,7 +225,8 @@ class Pipeline:
         return self.manifest.data
 
     def _record_stop(self, exc: BaseException) -> None:
-        """The manifest says where the run stopped and why (a signal: interrupted; else failed)."""
+        """The manifest says where the run stopped and why (a signal: interrupted; else failed), and the
+        stage it stopped in (one write, with a short wait for the store at most)."""
         if self.manifest is None:
             return
         where = {"stage": self.current} if self.current else {"after": self.last_done}
@@ -255,7 +256,7 @@ class Pipeline:
             status = "interrupted" if _interrupted(exc) else "failed"
             m.stage_status.labels(stage=name).set(StageStatus.FAILED)
             error = " ".join(str(exc).split()) or type(exc).__name__
-            self.manifest.record_failure(name, status=status, end=now(), error=error)
+            self.manifest.update(name, status=status, end=now(), error=error)  # written with the run's stop
             raise
         finally:
             m.stage_duration_seconds.labels(stage=name).set(time.perf_counter() - started)

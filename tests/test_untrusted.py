@@ -42,20 +42,12 @@ def _json_text(value) -> str:
 # --- the bounded parsers ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("parse", [load_json, load_yaml])
 @FUZZ
-@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
-def test_load_json_returns_a_value_or_a_parse_error(data):
+@given(data=st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_the_parsers_return_a_value_or_a_parse_error(parse, data):
     try:
-        load_json(data, "input")
-    except ParseError as exc:
-        assert str(exc).startswith("input") and "\n" not in str(exc) and len(str(exc)) < 200
-
-
-@FUZZ
-@given(st.text(max_size=300))
-def test_load_yaml_returns_a_value_or_a_parse_error(text):
-    try:
-        load_yaml(text, "input")
+        parse(data, "input")
     except ParseError as exc:
         assert str(exc).startswith("input") and "\n" not in str(exc) and len(str(exc)) < 200
 
