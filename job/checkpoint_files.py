@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from job.errors import ConfigError
-from job.parsing import ParseError, load_json, safetensors_header, validated
+from job.parsing import ParseError, load_json, read_bounded, safetensors_header, validated
 from job.storage import sha256_files
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
@@ -86,9 +86,11 @@ def read_key(path: str | None) -> bytes | None:
     if path is None:
         return None
     try:
-        key = Path(path).read_bytes().strip()
+        key = read_bounded(path, 64 << 10, f"--checkpoint-key-file {path}").strip()
     except OSError as exc:
         raise ConfigError(f"--checkpoint-key-file {path}: {exc.strerror or exc}") from None
+    except ParseError as exc:
+        raise ConfigError(str(exc)) from None
     if len(key) < 16:
         raise ConfigError(f"--checkpoint-key-file {path} holds {len(key)} bytes: use a key of at least 16")
     return key

@@ -474,7 +474,8 @@ class JudgeSettings:
     judge_backend: Literal["ollama", "openai"] = "ollama"
     """Ollama's API through the ollama client, or an OpenAI-compatible chat API (vLLM, llama.cpp, hosted)."""
     judge_url: str | None = None
-    """Judge server; defaults to OLLAMA_HOST or http://localhost:11434 (ollama), OPENAI_BASE_URL (openai)."""
+    """Judge server, an http(s):// URL; defaults to OLLAMA_HOST or http://localhost:11434 (ollama),
+    OPENAI_BASE_URL (openai)."""
     judge_api_key: str | None = dataclasses.field(default=None, metadata=SECRET)
     """API key for the openai backend; defaults to OPENAI_API_KEY. Prefer the variable or --judge-api-key-file:
     a flag shows in the process list."""
@@ -505,6 +506,7 @@ class JudgeSettings:
         check_finite(self)
         _positive(self, "judge_concurrency", "judge_timeout", "judge_num_ctx")
         _seed(self, "judge_seed")
+        _check_url("judge_url", self.judge_url, ("http", "https"))
         if self.judge_timeout > 86400:
             raise ConfigError(f"judge_timeout must be at most 86400 seconds, got {self.judge_timeout}")
         if self.judge_retries < 0:

@@ -11,11 +11,12 @@ import torch
 
 from job.errors import JobError
 from job.observability import get_logger
-from job.parsing import ParseError, load_json
+from job.parsing import ParseError, load_json, read_bounded
 from job.tokenizer import END_OF_TEXT_ID, encode
 
 log = get_logger(__name__)
 IGNORE_INDEX = -100
+MAX_DATASET_BYTES = 1 << 30  # the book's is 0.8 MB, Alpaca's 52k entries 40 MB
 RESPONSES_FILE = "instruction-data-with-response.json"  # the book's name for the test split with responses
 
 
@@ -38,7 +39,7 @@ def resolve_data(source: str, cache: str | Path, base_url: str | None = None) ->
 def parse_entries(path: Path) -> list:
     """A JSON array, or JSON Lines (one object per line), parsed with bounds (job/parsing.py)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, MAX_DATASET_BYTES, f"dataset {path}").decode("utf-8")
     except FileNotFoundError:
         raise DataError(f"dataset {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -15,10 +15,10 @@ from typing import Protocol
 
 from job.bounded_http import ReplyError, bounded_transport
 from job.config import JudgeConfig
-from job.data import PROMPT_STYLES
-from job.errors import JobError, TransientError
+from job.data import MAX_DATASET_BYTES, PROMPT_STYLES
+from job.errors import ConfigError, JobError, TransientError
 from job.observability import Metrics, Progress, get_logger, stderr_is_terminal
-from job.parsing import ParseError, load_json
+from job.parsing import ParseError, load_json, read_bounded, short
 from job.storage import atomic_write_text, read_progress
 
 log = get_logger(__name__)
@@ -106,12 +106,16 @@ class OllamaJudge:
 
     def __init__(self, cfg: JudgeConfig):
         import httpx
-        import ollama
 
         self.cfg = cfg
         self.host = cfg.judge_url or os.environ.get("OLLAMA_HOST") or "http://localhost:11434"
         transport = bounded_transport(httpx, cfg.judge_timeout, CHAT_PATHS)
-        self.client = ollama.Client(host=self.host, timeout=cfg.judge_timeout, transport=transport)
+        try:  # the ollama package makes a client from OLLAMA_HOST as it is imported
+            import ollama
+
+            self.client = ollama.Client(host=self.host, timeout=cfg.judge_timeout, transport=transport)
+        except ValueError:  # OLLAMA_HOST is read as it is: --judge-url is checked with the other options
+            raise ConfigError(f"OLLAMA_HOST {short(os.environ.get('OLLAMA_HOST'))} is not a host or URL") from None
         self.options = {"seed": cfg.judge_seed, "temperature": cfg.judge_temperature, "num_ctx": cfg.judge_num_ctx}
 
     def ping(self) -> list[str]:
@@ -184,9 +188,16 @@ class OpenAIJudge:
         api_key = cfg.judge_api_key or _key_from_file(cfg.judge_api_key_file) or os.environ.get("OPENAI_API_KEY")
         # Retries are ours (same policy for both backends), so the client's own are off.
         http = httpx2.Client(transport=bounded_transport(httpx2, cfg.judge_timeout, CHAT_PATHS))
-        self.client = openai.OpenAI(
-            base_url=self.host, api_key=api_key or "unused", timeout=cfg.judge_timeout, max_retries=0, http_client=http
-        )
+        try:
+            self.client = openai.OpenAI(
+                base_url=self.host,
+                api_key=api_key or "unused",
+                timeout=cfg.judge_timeout,
+                max_retries=0,
+                http_client=http,
+            )
+        except (ValueError, httpx2.InvalidURL):  # OPENAI_BASE_URL as it is; --judge-url is checked with the options
+            raise ConfigError(f"judge URL {short(self.host)} is not a URL") from None
 
     def ping(self) -> list[str]:
         return [m.id for m in self._call(self.client.models.list)]
@@ -235,9 +246,9 @@ def _key_from_file(path: str | None) -> str | None:
     if path is None:
         return None
     try:
-        return Path(path).read_text().strip() or None
-    except OSError as exc:
-        raise JudgeError(f"--judge-api-key-file {path}: {exc.strerror}") from None
+        return read_bounded(path, 64 << 10, f"--judge-api-key-file {path}").decode().strip() or None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JudgeError(f"--judge-api-key-file {path}: {getattr(exc, 'strerror', None) or 'not text'}") from None
 
 
 def make_judge(cfg: JudgeConfig) -> JudgeBackend:
@@ -313,7 +324,7 @@ def score_one(
 
 def load_responses(path: Path, key: str) -> list[dict]:
     try:
-        entries = load_json(path.read_bytes(), f"--responses {path}")
+        entries = load_json(read_bounded(path, MAX_DATASET_BYTES, f"--responses {path}"), f"--responses {path}")
     except FileNotFoundError:
         raise JobError(f"--responses {path} does not exist") from None
     if not isinstance(entries, list) or not entries:

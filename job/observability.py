@@ -271,12 +271,11 @@ class MetricsPublisher:
 
             try:
                 self.server, _thread = start_http_server(self.port, addr=self.address, registry=self.metrics.registry)
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
+            except OSError as exc:  # in use, an address that is not this machine's, a name that does not resolve
+                reason = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be served ({exc.strerror or exc})"
                 raise ConfigError(
-                    f"metrics port {self.port} on {self.address} is in use: choose another with --metrics-port, "
-                    "or 0 to turn the endpoint off"
+                    f"metrics port {self.port} on {self.address} {reason}: choose another --metrics-port or "
+                    "--metrics-address, or --metrics-port 0 to turn the endpoint off"
                 ) from None
             get_logger(__name__).info("metrics_serving", address=self.address, port=self.port)
         return self

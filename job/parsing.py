@@ -52,6 +52,16 @@ def short(value: Any) -> str:
     return text if len(text) <= 2 * MESSAGE_VALUE_CHARS else text[: 2 * MESSAGE_VALUE_CHARS - 3] + "..."
 
 
+def read_bounded(path: str | Path, limit: int, what: str) -> bytes:
+    """At most ``limit`` bytes of a file (a named pipe or /dev/zero never ends); more is a ParseError.
+    OSError passes through for the caller to name."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ParseError(f"{what} is larger than {limit >> 20 or limit} {'MB' if limit >> 20 else 'bytes'}")
+    return data
+
+
 # --- JSON -------------------------------------------------------------------------------------------
 
 

@@ -73,6 +73,8 @@ def test_nan_and_infinities_from_yaml_are_refused(text, key, capsys, tmp_path):
         (["run", "--lock-lease", "800h"], "lock_lease '800h' is longer than 30 days"),
         (["run", "--judge-timeout", "1e300"], "judge_timeout must be at most 86400 seconds"),
         (["run", "--pad-to-multiple", "5000"], "pad_to_multiple 5000 must be at most allowed_max_length 1024"),
+        (["judge", "--judge-url", "http://[::1"], "judge_url must be a http:// or https:// URL"),
+        (["judge", "--judge-url", "localhost"], "judge_url must be a http:// or https:// URL"),
     ],
 )
 def test_values_too_large_to_work_are_refused_by_their_bound(argv, words, capsys, tmp_path):
@@ -108,6 +110,31 @@ def test_max_new_tokens_past_the_context_fails_the_preflight_with_a_value_that_w
     line = _one_line(run_cli(*args), 2)
     hint = int(re.search(r"use --max-new-tokens (-?\d+) or fewer", line).group(1))
     assert 0 < hint < 1020 and not (tmp_path / "runs" / "m").exists()
+
+
+@pytest.mark.parametrize(
+    "backend, variable, words",
+    [
+        ("ollama", "OLLAMA_HOST", "OLLAMA_HOST 'http://[::1' is not a host or URL"),
+        ("openai", "OPENAI_BASE_URL", "is not a URL"),
+    ],
+)
+def test_a_judge_host_from_the_environment_that_is_no_url_is_a_config_error(
+    backend, variable, words, shared_data, capsys, monkeypatch, tmp_path
+):
+    monkeypatch.setenv(variable, "http://[::1")
+    responses = shared_data / "seed-eval" / "instruction-data-with-response.json"
+    argv = ["judge", "--judge-backend", backend, "--responses", responses, "--output", tmp_path / "j"]
+    code, line = _in_process(argv, capsys)
+    assert code == 2 and words in line and not (tmp_path / "j").exists()
+
+
+def test_a_metrics_address_that_cannot_be_served_is_a_config_error(shared_data, tmp_path):
+    args = smoke_run(shared_data, tmp_path / "runs", "x", "--skip-judge", "--metrics-address", "not-an-ip")
+    args[args.index("--metrics-port") + 1] = str(free_port())
+    line = _one_line(run_cli(*args), 2)
+    assert "on not-an-ip cannot be served" in line and "--metrics-address" in line
+    assert not (tmp_path / "runs" / "x").exists()
 
 
 def test_a_lora_rank_wider_than_the_model_fails_the_preflight(shared_data, tmp_path):
