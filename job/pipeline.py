@@ -229,6 +229,8 @@ class Pipeline:
         stage it stopped in (one write, with a short wait for the store at most)."""
         if self.manifest is None:
             return
+        if isinstance(exc, Interrupted) and exc.where is None:
+            exc.where = self.current  # the report, which is no stage of the manifest's
         where = {"stage": self.current} if self.current else {"after": self.last_done}
         stopped = {**where, "error": " ".join(str(exc).split()) or type(exc).__name__, "at": now()}
         self.manifest.record_failure(status="interrupted" if _interrupted(exc) else "failed", stopped=stopped)
@@ -251,8 +253,6 @@ class Pipeline:
         try:
             records = self._upload(body() or [])
         except BaseException as exc:
-            if isinstance(exc, Interrupted) and exc.where is None:
-                exc.where = name
             status = "interrupted" if _interrupted(exc) else "failed"
             m.stage_status.labels(stage=name).set(StageStatus.FAILED)
             error = " ".join(str(exc).split()) or type(exc).__name__
