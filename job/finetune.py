@@ -251,8 +251,8 @@ class Trainer:
                 if self._preemption_requested():
                     self.save_checkpoint()
                     raise Preempted(f"preempted at step {st.step}; checkpoint written, rerun to resume")
-                if st.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
+                if st.step % cfg.checkpoint_every == 0 and st.batch_in_epoch < len(batches):
+                    self.save_checkpoint()  # (at an epoch's last step the epoch's own checkpoint follows)
             if st.batch_in_epoch == len(batches):  # the epoch is done
                 self._log_sample()
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0

@@ -79,9 +79,9 @@ class CheckpointUploader:
         self.raise_if_failed()  # an upload that gave up ends training at its next checkpoint
         # The log context (run_id, stage, rank) lives in contextvars, which threads do not inherit.
         context = contextvars.copy_context()
-        self.pending.append(self.pool.submit(context.run, self._upload, checkpoint))
+        self.pending.append(self.pool.submit(context.run, self._upload, checkpoint, checkpoint.stat().st_ino))
 
-    def _upload(self, checkpoint: Path) -> None:
+    def _upload(self, checkpoint: Path, inode: int) -> None:
         started = time.perf_counter()
         keep = {p.name for p in checkpoint_dirs(checkpoint.parent)}
         try:
@@ -93,9 +93,9 @@ class CheckpointUploader:
                 last=INDEX,  # uploaded last: its presence marks the checkpoint complete
             )
         except FileNotFoundError:
-            if checkpoint.exists():
+            if checkpoint.exists() and checkpoint.stat().st_ino == inode:
                 raise
-            # Rotated away while the store was slow: a newer checkpoint is queued behind this one.
+            # Rotated away (or written again) while the store was slow: a newer one is queued behind it.
             log.info("checkpoint_upload_skipped", checkpoint=checkpoint.name, reason="superseded")
             return
         for key in self.storage.list("checkpoints/"):
