@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import statistics
 import time
@@ -13,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from job import retry
 from job.bounded_http import ReplyError, bounded_transport
 from job.config import JudgeConfig
 from job.data import MAX_DATASET_BYTES, PROMPT_STYLES
 from job.errors import ConfigError, JobError, TransientError
 from job.observability import Metrics, Progress, get_logger, stderr_is_terminal
 from job.parsing import ParseError, load_json, read_bounded, short
+from job.retry import Policy, Retried
 from job.storage import atomic_write_text, read_progress
 
 log = get_logger(__name__)
@@ -255,37 +256,36 @@ def make_judge(cfg: JudgeConfig) -> JudgeBackend:
     return OllamaJudge(cfg) if cfg.judge_backend == "ollama" else OpenAIJudge(cfg)
 
 
-def preflight(
-    cfg: JudgeConfig, judge: JudgeBackend | None = None, clock=time.monotonic, sleep=time.sleep
-) -> JudgeBackend:
+def preflight(cfg: JudgeConfig, judge: JudgeBackend | None = None, sleep=time.sleep) -> JudgeBackend:
     """Wait for the server (up to ``--judge-wait``), then make sure the model is there."""
     judge = judge or make_judge(cfg)
-    deadline = clock() + cfg.judge_wait_seconds
-    delay, logged = 0.25, None
     hint = "start it, point --judge-url (or OLLAMA_HOST) at it, or pass --skip-judge"
-    while True:
-        try:
-            judge.ping()
-            break
-        except RetryableError as exc:
-            if clock() >= deadline:
-                raise TransientError(
-                    f"judge at {judge.host} did not answer within {cfg.judge_wait} ({exc}): {hint}"
-                ) from None
-            if logged is None:  # said at once, then every 30 s while waiting
-                log.warning("judge_not_answering", host=judge.host, error=str(exc), waiting=cfg.judge_wait, hint=hint)
-                logged = clock()
-            elif clock() - logged >= 30:
-                log.info("judge_waiting", host=judge.host, error=str(exc), seconds_left=round(deadline - clock()))
-                logged = clock()
-            sleep(min(delay, max(deadline - clock(), 0.01)))
-            delay = min(delay * 2, 5.0)
+    said: list[float] = []  # when the wait was last logged: at once, then every 30 s
+
+    def on_retry(last: Retried) -> None:
+        if not said:
+            log.warning("judge_not_answering", host=judge.host, error=last.reason, waiting=cfg.judge_wait, hint=hint)
+        elif time.monotonic() - said[-1] >= 30:
+            log.info("judge_waiting", host=judge.host, error=last.reason, tries=last.tries)
+        else:
+            return
+        said.append(time.monotonic())
+
+    def give_up(last: Retried) -> TransientError:
+        return TransientError(f"judge at {judge.host} did not answer within {cfg.judge_wait} ({last.reason}): {hint}")
+
+    policy = Policy(first_s=0.25, cap_s=5.0, within_s=cfg.judge_wait_seconds)
+    retry.call(judge.ping, policy, _retryable, give_up, on_retry, sleep)
     try:
         judge.ensure_model(cfg.judge_pull)
     except RetryableError as exc:
         raise JudgeError(f"judge at {judge.host} failed while checking model {cfg.judge_model}: {exc}") from None
     log.info("judge_ready", host=judge.host, model=cfg.judge_model, backend=cfg.judge_backend)
     return judge
+
+
+def _retryable(exc: BaseException) -> str | None:
+    return str(exc) if isinstance(exc, RetryableError) else None
 
 
 # --- scoring --------------------------------------------------------------------------------
@@ -303,23 +303,27 @@ class Scored:
 def score_one(
     judge: JudgeBackend, cfg: JudgeConfig, index: int, entry: dict, metrics: Metrics, sleep=time.sleep
 ) -> Scored:
-    """One entry: ask with retries (backoff with jitter on transient errors); never raises JobError."""
+    """One entry: asked with the retry policy on transient errors; never raises JobError."""
     prompt = judge_prompt(entry, cfg.response_key)
-    error, asked_wait = "", None
-    for attempt in range(cfg.judge_retries + 1):
-        if attempt:  # backoff with jitter, or the wait the server asked for if longer
-            sleep(max(0.5 * 2 ** (attempt - 1) * (0.5 + random.random()), asked_wait or 0.0))
-        try:
-            reply = judge.ask(prompt)
-        except RetryableError as exc:
-            metrics.judge_requests_total.labels(outcome="retry").inc()
-            error, asked_wait = str(exc), exc.retry_after
-            continue
-        except JudgeError as exc:  # 4xx: the request itself is wrong, so no retry
-            return Scored(index, None, None, "refused", str(exc))
-        score = parse_score(reply, cfg.judge_format == "structured")
-        return Scored(index, score, reply[:KEPT_REPLY_CHARS], "ok" if score is not None else "unparsed")
-    return Scored(index, None, None, "failed", error)
+
+    def on_retry(last: Retried) -> None:
+        metrics.judge_requests_total.labels(outcome="retry").inc()
+
+    policy = Policy(first_s=0.5, cap_s=30.0, attempts=cfg.judge_retries + 1)
+    try:
+        reply = retry.call(lambda: judge.ask(prompt), policy, _retryable, _RetriesSpent, on_retry, sleep)
+    except _RetriesSpent as spent:
+        return Scored(index, None, None, "failed", spent.last.reason)
+    except JudgeError as exc:  # 4xx: the request itself is wrong, so no retry
+        return Scored(index, None, None, "refused", str(exc))
+    score = parse_score(reply, cfg.judge_format == "structured")
+    return Scored(index, score, reply[:KEPT_REPLY_CHARS], "ok" if score is not None else "unparsed")
+
+
+class _RetriesSpent(Exception):
+    def __init__(self, last: Retried):
+        super().__init__(last.reason)
+        self.last = last
 
 
 def load_responses(path: Path, key: str) -> list[dict]:

@@ -7,18 +7,18 @@ import functools
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
+from job import retry
 from job.errors import DiskFullError, JobError, TransientError
 from job.observability import get_logger
 from job.parsing import ParseError
+from job.retry import BOTOCORE_RETRIES, Policy, Retried
 
 log = get_logger(__name__)
 
@@ -275,7 +275,7 @@ class S3Storage:
         self.url = url.rstrip("/")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         self.retry_timeout = retry_timeout
-        config = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10, read_timeout=120)
+        config = Config(retries=BOTOCORE_RETRIES, connect_timeout=10, read_timeout=120)
         self.client = client or boto3.client("s3", endpoint_url=self.endpoint_url, config=config)
         self.transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=8)
 
@@ -297,22 +297,17 @@ class S3Storage:
             self.retry_timeout = saved
 
     def _retry(self, what: str, fn, *args, **kwargs):
-        deadline, delay = time.monotonic() + self.retry_timeout, 0.5
-        while True:
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:
-                reason = transient_reason(exc)
-                if reason is None:
-                    raise
-                if time.monotonic() + delay > deadline:
-                    raise StorageUnavailable(
-                        f"object store {self.where} failed for {self.retry_timeout:.0f}s ({what}: {reason}); "
-                        "the work done is kept in the scratch folder: rerun to resume"
-                    ) from None
-                log.warning("storage_retry", operation=what, error=reason, wait_s=round(delay, 2))
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 30.0)
+        def give_up(last: Retried) -> StorageUnavailable:
+            return StorageUnavailable(
+                f"object store {self.where} failed for {self.retry_timeout:.0f}s ({what}: {last.reason}); "
+                "the work done is kept in the scratch folder: rerun to resume"
+            )
+
+        def on_retry(last: Retried) -> None:
+            log.warning("storage_retry", operation=what, error=last.reason, wait_s=round(last.wait_s, 2))
+
+        policy = Policy(first_s=0.5, cap_s=30.0, within_s=self.retry_timeout)
+        return retry.call(lambda: fn(*args, **kwargs), policy, transient_reason, give_up, on_retry)
 
     def is_local_path(self, local: Path, key: str) -> bool:
         return False
