@@ -13,10 +13,11 @@ import torch
 from benchmarks.harness import Setup, _sync, build, reference_model
 from job.config import FinetuneConfig
 from job.data import load_entries, split_entries
-from job.finetune import Trainer, prepare
+from job.finetune import prepare, save_outputs, sft_task
 from job.model import GPTModel
 from job.observability import Metrics
 from job.tokenizer import load_tokenizer
+from job.trainer import Trainer
 from job.weights import save_hf
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # dense, per card
@@ -69,12 +70,13 @@ def full_recipe(setup: Setup) -> dict:
             **RECIPE,
         )
         started = time.perf_counter()
-        trainer = Trainer(cfg, prepare(cfg), Metrics())
+        prep = prepare(cfg)
+        trainer = Trainer(cfg, sft_task(cfg, prep), Metrics())
         ready = time.perf_counter()
         trainer.fit()
         _sync(setup.device)
         fitted = time.perf_counter()
-        trainer.write_outputs()
+        save_outputs(trainer, cfg, prep.model_name)
         done = time.perf_counter()
         history = trainer.state.history
     return {

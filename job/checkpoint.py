@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from job.checkpoint_files import CHECKPOINT_RE, INDEX, checkpoint_dirs, checkpoint_problem, index_text
 from job.errors import ConfigError, DiskFullError, JobError
 from job.observability import Metrics, get_logger
+from job.roles import Roles
 from job.storage import Storage, contained_path, ensure_room, sha256_files, tree_bytes
 
 log = get_logger(__name__)
@@ -80,15 +81,12 @@ class CheckpointManager:
         key: bytes | None = None,
     ):
         self.folder, self.accelerator, self.model, self.optimizer = folder, accelerator, model, optimizer
+        self.roles = Roles(accelerator)
         self.keep, self.metrics, self.on_checkpoint, self.key = keep, metrics, on_checkpoint, key
         self.rejected: set[str] = set()  # checkpoints that failed their checks: never among those kept
         self.last_bytes = 0  # the last checkpoint's size: the room the next one needs
         self.seconds = 0.0
         """Wall time spent writing checkpoints in this process (benchmarks subtract it from the loop)."""
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
 
     # --- saving ----------------------------------------------------------------------------------
 
@@ -96,25 +94,25 @@ class CheckpointManager:
         """Every process's state at ``step``, atomically (collective: every process calls it)."""
         started = time.perf_counter()
         final, tmp = self.folder / f"step-{step:08d}", self.folder / f".step-{step:08d}.tmp"
-        if self.is_main:
+        if self.roles.keeps_run:
             shutil.rmtree(tmp, ignore_errors=True)
             self.folder.mkdir(parents=True, exist_ok=True)
             ensure_room(self.folder, self.last_bytes or self._state_bytes(), f"checkpoint {final.name}")
-        self.accelerator.wait_for_everyone()
+        self.roles.together()
         try:
             tmp.mkdir(parents=True, exist_ok=True)
-            self._write_rng(tmp, self.accelerator.process_index)
-            if self.is_main:
+            self._write_rng(tmp, self.roles.rank)
+            if self.roles.keeps_run:
                 self._write_main(tmp, trainer_state, config)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if exc.errno == errno.ENOSPC:
                 raise DiskFullError(f"disk full writing checkpoint {final}: free space and rerun") from None
             raise
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
+        self.roles.together()
+        if self.roles.keeps_run:
             self._finish(tmp, final, started)
-        self.accelerator.wait_for_everyone()
+        self.roles.together()
         self.seconds += time.perf_counter() - started
         return final
 
@@ -229,7 +227,7 @@ class CheckpointManager:
         return state
 
     def _load_rng(self, path: Path, files: dict[str, str]) -> None:
-        rank = self.accelerator.process_index
+        rank = self.roles.rank
         if f"rng-{rank}.safetensors" not in files:  # fewer processes wrote it than read it now
             log.warning("checkpoint_rng_missing", checkpoint=path.name, rank=rank)
             return
@@ -248,42 +246,43 @@ class CheckpointManager:
             random.setstate((version, tuple(internal), gauss))
 
 
-def fetch_checkpoint(storage: Storage, work: Path, key: bytes | None) -> None:
-    """Into ``work/checkpoints``, when it holds none (a new pod, another node), the newest checkpoint
-    in ``storage`` that passes every check, older ones where it does not; a CheckpointError where
-    there are some and none passes."""
-    local = work / "checkpoints"
+def fetch_checkpoint(storage: Storage, work: Path, key: bytes | None, folder: str = "checkpoints") -> None:
+    """Into ``work/{folder}``, when it holds none (a new pod, another node), the newest checkpoint under
+    ``folder`` in ``storage`` that passes every check, older ones where it does not; a CheckpointError
+    where there are some and none passes."""
+    local = work / folder
     if checkpoint_dirs(local):
         return
-    names = {k.split("/")[1] for k in storage.list("checkpoints/") if k.endswith(f"/{INDEX}")}
+    names = {k[len(folder) + 1 :].split("/")[0] for k in storage.list(f"{folder}/") if k.endswith(f"/{INDEX}")}
     complete = sorted((n for n in names if CHECKPOINT_RE.match(n)), reverse=True)
     for name in complete:
-        if _fetch_one(storage, work, name, key):
+        if _fetch_one(storage, work, f"{folder}/{name}", key):
             log.info("checkpoint_downloaded", checkpoint=name, source=storage.url)
             return
     if complete:
         raise CheckpointError(
-            f"none of the {len(complete)} checkpoints in {storage.url}/checkpoints can be resumed from "
+            f"none of the {len(complete)} checkpoints in {storage.url}/{folder} can be resumed from "
             "(see the checkpoint_skipped events): restore them, or move them away to train from the start"
         )
 
 
-def _fetch_one(storage: Storage, work: Path, name: str, key: bytes | None) -> bool:
-    """Checkpoint ``name`` into a hidden folder beside its place, renamed into place if it passes.
-    The bucket is not trusted: every key must map inside ``work``, all checked before anything is
-    written."""
-    prefix = f"checkpoints/{name}/"
+def _fetch_one(storage: Storage, work: Path, where: str, key: bytes | None) -> bool:
+    """Checkpoint ``where`` (``checkpoints/step-...``) into a hidden folder beside its place, renamed into
+    place if it passes. The bucket is not trusted: every key must map inside ``work``, all checked before
+    anything is written."""
+    prefix = f"{where}/"
     keys = [k for k in storage.list(prefix) if not k.endswith("/")]
     for object_key in keys:
         contained_path(work, object_key)
-    fetched = work / "checkpoints" / f".{name}.fetch"
+    final = work / where
+    fetched = final.with_name(f".{final.name}.fetch")
     shutil.rmtree(fetched, ignore_errors=True)
     for object_key in keys:
         storage.get_file(object_key, contained_path(fetched, object_key[len(prefix) :]))
     rejected = checkpoint_problem(fetched, key)
     if rejected is not None:
-        log.warning("checkpoint_skipped", checkpoint=name, file=rejected.file, reason=rejected.reason)
+        log.warning("checkpoint_skipped", checkpoint=final.name, file=rejected.file, reason=rejected.reason)
         shutil.rmtree(fetched, ignore_errors=True)
         return False
-    fetched.rename(work / "checkpoints" / name)
+    fetched.rename(final)
     return True

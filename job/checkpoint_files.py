@@ -35,16 +35,22 @@ class IndexFile(BaseModel):
 
 
 class EvalRecord(BaseModel):
+    """One evaluation: the losses, and with DPO the chosen and rejected rewards of each split."""
+
     model_config = ConfigDict(extra="forbid")
     step: int = Field(ge=0)
     epoch: int = Field(ge=1)
     tokens_seen: int = Field(ge=0)
     train_loss: float
     val_loss: float
+    train_chosen_reward: float | None = None
+    train_rejected_reward: float | None = None
+    val_chosen_reward: float | None = None
+    val_rejected_reward: float | None = None
 
 
 class TrainStateFile(BaseModel):
-    """``trainer_state.json``: exactly the fields of finetune's ``TrainState``."""
+    """``trainer_state.json``: exactly the fields of the trainer's ``TrainState``."""
 
     model_config = ConfigDict(extra="forbid")
     step: int = Field(ge=0)

@@ -15,6 +15,7 @@ import cloup
 from job import __version__
 from job.config import (
     DownloadConfig,
+    DPOConfig,
     FinetuneConfig,
     GenerateConfig,
     JudgeConfig,
@@ -85,17 +86,16 @@ def _log_options():
     ]
 
 
-# --help's sections, in order: what people use first, then by concern. A field not named here goes
-# to the section of the dataclass that declares it.
+# --help's sections, in order: what people use first, then by concern: a field's ``section`` metadata,
+# else the section of the dataclass that declares it.
 COMMON = ("output", "run_id", "smoke", "skip_judge", "model", "model_dir", "responses", "data")  # in this order
-SECTIONS = {
-    "Storage": ("cache", "base_url", "scratch", "s3_endpoint_url", "s3_retry_timeout", "lock_lease", "source"),
-    "Observability": ("metrics_port", "metrics_address", "pushgateway", "require_gpu"),
-}
 DECLARED_IN = {
     "ModelSourceConfig": "Finetune",
     "DataConfig": "Data",
+    "TrainConfig": "Finetune",
     "FinetuneConfig": "Finetune",
+    "DPOConfig": "DPO",
+    "DPOSettings": "DPO",
     "DecodingSettings": "Generate",
     "GenerateConfig": "Generate",
     "JudgeSettings": "Judge",
@@ -105,12 +105,11 @@ DECLARED_IN = {
 }
 
 
-def _section(cls: type, name: str) -> str:
-    if name in COMMON:
+def _section(cls: type, field: dataclasses.Field) -> str:
+    if field.name in COMMON:
         return "Common"
-    named = next((title for title, names in SECTIONS.items() if name in names), None)
-    declaring = next(k for k in reversed(cls.__mro__) if name in getattr(k, "__annotations__", {}))
-    return named or DECLARED_IN.get(declaring.__name__, "Options")
+    declaring = next(k for k in reversed(cls.__mro__) if field.name in getattr(k, "__annotations__", {}))
+    return field.metadata.get("section") or DECLARED_IN.get(declaring.__name__, "Options")
 
 
 def dataclass_options(cls: type):
@@ -123,7 +122,7 @@ def dataclass_options(cls: type):
         common_first = sorted(dataclasses.fields(cls), key=lambda f: COMMON.index(f.name) if f.name in COMMON else 99)
         for field in common_first:
             option = _option(field, hints[field.name], docs.get(field.name, ""))
-            sections.setdefault(_section(cls, field.name), []).append(option)
+            sections.setdefault(_section(cls, field), []).append(option)
         sections.setdefault("Observability", []).extend(_log_options())
         order = ["Common", *sorted(set(sections) - {"Common", "Storage", "Observability"}), "Storage", "Observability"]
         for title in reversed([t for t in order if t in sections]):
@@ -256,6 +255,15 @@ def finetune(log_format, log_file, **params):
     from job.finetune import run_finetune
 
     _run("finetune", run_finetune, build(FinetuneConfig, params), log_format, log_file)
+
+
+@main.command(cls=cloup.Command)
+@dataclass_options(DPOConfig)
+def dpo(log_format, log_file, **params):
+    """Preference-tune a finetuned model with DPO (the book's ch07/04; resumes from the output's checkpoints)."""
+    from job.dpo import run_dpo
+
+    _run("dpo", run_dpo, build(DPOConfig, params), log_format, log_file)
 
 
 @main.command(cls=cloup.Command)

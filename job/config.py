@@ -24,8 +24,11 @@ from job.parsing import finite, short
 from job.sizes import MODEL_NAMES, ModelName
 
 MIRROR_SCHEMES = ("http", "https", "s3")
-SECRET = {"secret": True}  # field metadata: the value never leaves memory (config.yaml, logs, checkpoints)
 REDACTED = "<redacted>"
+PREFERENCE_DATA = (  # the book's preference data (ch07/04), as job/download.py knows it
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
+    "instruction-data-with-preference.json"
+)
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sft-job")
 
 
@@ -54,6 +57,53 @@ def field_docs(cls: type) -> dict[str, str]:
             ):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def option(
+    default,
+    *,
+    operational: bool = False,
+    secret: bool = False,
+    section: str | None = None,
+    feeds: tuple[str, str] | None = None,
+):
+    """A field's default and what the job must know of it, declared once, where the field is (as metadata):
+
+    - ``operational``: changes how a run runs, not its results; a rerun of a run id may change it (any other
+      change is refused, exit 2), and config.yaml keeps the value the run started with.
+    - ``secret``: the value never leaves memory (config.yaml, logs, checkpoints read ``<redacted>``); a secret
+      is operational.
+    - ``section``: the ``--help`` section, where it is not the declaring dataclass's.
+    - ``feeds``: ``(stage, field)``: ``sft-job run`` passes this value to that stage's field of another name
+      (``generate_batch_size`` is generate's ``batch_size``); every other field passes to the stage field of
+      its own name.
+    """
+    metadata = {"operational": operational or secret, "secret": secret, "section": section, "feeds": feeds}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def operational_options(cls: type) -> set[str]:
+    """The fields of ``cls`` a rerun may change."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("operational")}
+
+
+def stage_values(run_cfg, stage: str, stage_cls: type, **overrides) -> dict:
+    """The values ``sft-job run`` gives stage ``stage``'s config ``stage_cls``: each field the run's value of
+    the same name, or of the run field that ``feeds`` it; then ``overrides`` (the run folder's paths)."""
+    run_fields = dataclasses.fields(run_cfg)
+    renamed = {f.metadata["feeds"][1]: f.name for f in run_fields if (f.metadata.get("feeds") or ("",))[0] == stage}
+    names = {f.name for f in run_fields}
+    values = {}
+    for f in dataclasses.fields(stage_cls):
+        source = renamed.get(f.name, f.name)
+        if source in names:
+            values[f.name] = getattr(run_cfg, source)
+    return values | overrides
+
+
+def stage_config(run_cfg, stage: str, stage_cls: type, **overrides):
+    """``stage_cls`` built from ``stage_values``."""
+    return stage_cls(**stage_values(run_cfg, stage, stage_cls, **overrides))
 
 
 def redacted(cfg) -> dict:
@@ -179,11 +229,11 @@ class DownloadConfig:
 
     model: ModelName = "gpt2-medium"
     """Named GPT-2 size to fetch (the book finetunes gpt2-medium, 355M)."""
-    source: Literal["openai", "hf"] = "openai"
+    source: Literal["openai", "hf"] = option("openai", section="Storage")
     """OpenAI's TensorFlow checkpoint (as in the book; reading it needs the tf extra) or Hugging Face's safetensors."""
-    cache: str = DEFAULT_CACHE
+    cache: str = option(DEFAULT_CACHE, operational=True, section="Storage")
     """Folder that holds downloaded weights, tokenizer files and the dataset."""
-    base_url: str | None = None
+    base_url: str | None = option(None, operational=True, section="Storage")
     """Mirror to fetch from instead of the public hosts: an http(s):// URL or s3://bucket/prefix laid out
     like the cache."""
     dataset: bool = True
@@ -210,12 +260,12 @@ class ModelSourceConfig:
     model_dir: str | None = None
     """A local folder load_pretrained reads (OpenAI's checkpoint or config.json + model.safetensors);
     overrides --model."""
-    source: Literal["openai", "hf"] = "openai"
+    source: Literal["openai", "hf"] = option("openai", section="Storage")
     """Where a named size comes from: OpenAI's TensorFlow checkpoint (needs the tf extra) or Hugging Face's
     safetensors."""
-    cache: str = DEFAULT_CACHE
+    cache: str = option(DEFAULT_CACHE, operational=True, section="Storage")
     """Folder that holds downloaded weights, tokenizer files and the dataset."""
-    base_url: str | None = None
+    base_url: str | None = option(None, operational=True, section="Storage")
     """Mirror to fetch from instead of the public hosts: an http(s):// URL or s3://bucket/prefix laid out
     like the cache."""
 
@@ -252,10 +302,10 @@ class DataConfig:
 
 
 @dataclass
-class FinetuneConfig(ModelSourceConfig, DataConfig):
-    """``sft-job finetune``: the book's recipe (section 7.6) on accelerate, resumable."""
+class TrainConfig(ModelSourceConfig, DataConfig):
+    """What every training stage shares: the loop, its checkpoints, LoRA (``finetune`` and ``dpo``)."""
 
-    output: str = "runs/finetune"
+    output: str = option("runs/finetune", operational=True)
     """Folder the model, losses, plot, checkpoints and resolved config are written to."""
     epochs: int = 2
     """Passes over the training split."""
@@ -285,16 +335,8 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
     """Write a resumable checkpoint every this many steps (and at each epoch's end and on SIGTERM/SIGUSR1)."""
     keep_checkpoints: int = 2
     """How many of the latest checkpoints to keep."""
-    mask_instruction: bool = False
-    """Leave the prompt's tokens out of the loss (exercise 7.2)."""
     train_limit: int | None = None
     """Train on only the first N entries of the training split (smoke runs); validation and test are unchanged."""
-    pad_to_multiple: int | None = None
-    """Pad each batch's length up to a multiple of this (16 leaves the book's batches 3 shapes): the same
-    loss, fewer shapes for a GPU's kernels and compiled graphs; off (the book's shapes) by default."""
-    batched_eval: bool = False
-    """Each evaluation's training and validation batches in one forward pass, their per-batch means taken
-    from per-token losses (the book's numbers; fewer launches for a GPU, off until measured there)."""
     data_order: Literal["book", "seeded"] = "book"
     """book: exactly the batches and training-loss estimates of the book's train_model_simple after
     torch.manual_seed(seed) (its DataLoaders' draws replayed); seeded: one shuffle per epoch from the seed."""
@@ -314,7 +356,7 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
     or Hugging Face's names c_attn, c_proj (both), attn.c_proj, mlp.c_proj, c_fc, lm_head."""
     lora_dropout: float = 0.0
     """Dropout on the adapters' input (PEFT's lora_dropout; the book has none)."""
-    checkpoint_key_file: str | None = None
+    checkpoint_key_file: str | None = option(None, operational=True)
     """File holding a key (16 bytes or more; a mounted Secret) that signs each checkpoint's index
     (HMAC-SHA256): with it, a checkpoint without a valid signature is never resumed from, so a bucket
     writer without the key cannot forge one."""
@@ -333,21 +375,67 @@ class FinetuneConfig(ModelSourceConfig, DataConfig):
             "checkpoint_every",
             "keep_checkpoints",
         )
-        for name in ("max_steps", "train_limit", "grad_clip", "pad_to_multiple"):
+        for name in ("max_steps", "train_limit", "grad_clip"):
             if getattr(self, name) is not None:
                 _positive(self, name)
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         _seed(self, "seed")
-        if self.pad_to_multiple is not None and self.pad_to_multiple > self.allowed_max_length:
-            raise ConfigError(
-                f"pad_to_multiple {self.pad_to_multiple} must be at most allowed_max_length {self.allowed_max_length}"
-            )
         if self.lora_rank is not None:
             _positive(self, "lora_rank", "lora_alpha")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         lora_layers(self.lora_targets)  # refuses an unknown name before anything loads
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """``sft-job finetune``: the book's recipe (section 7.6) on accelerate, resumable."""
+
+    mask_instruction: bool = False
+    """Leave the prompt's tokens out of the loss (exercise 7.2)."""
+    pad_to_multiple: int | None = None
+    """Pad each batch's length up to a multiple of this (16 leaves the book's batches 3 shapes): the same
+    loss, fewer shapes for a GPU's kernels and compiled graphs; off (the book's shapes) by default."""
+    batched_eval: bool = False
+    """Each evaluation's training and validation batches in one forward pass, their per-batch means taken
+    from per-token losses (the book's numbers; fewer launches for a GPU, off until measured there)."""
+
+    def __post_init__(self) -> None:
+        TrainConfig.__post_init__(self)
+        if self.pad_to_multiple is not None:
+            _positive(self, "pad_to_multiple")
+            limit = self.allowed_max_length
+            if self.pad_to_multiple > limit:
+                raise ConfigError(f"pad_to_multiple {self.pad_to_multiple} must be at most allowed_max_length {limit}")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """``sft-job dpo``: preference tuning with DPO as the book's ch07/04, from the finetuned model."""
+
+    data: str = PREFERENCE_DATA
+    """Preference dataset (entries with chosen and rejected responses): a local JSON/JSON Lines file, an
+    http(s):// URL (fetched into the cache) or s3://bucket/key; the book's by default."""
+    output: str = option("runs/dpo", operational=True)
+    """Folder the model, losses, plots, checkpoints and resolved config are written to."""
+    epochs: int = 1
+    """Passes over the training split (the book's 1: DPO is prone to collapse)."""
+    lr: float = 5e-6
+    """AdamW learning rate (the book's 5e-6)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (the book's 0.01)."""
+    beta: float = 0.1
+    """How far the policy may move from the reference (the book's 0.1; larger keeps it closer)."""
+    logprob_reduction: Literal["mean", "sum"] = "mean"
+    """A response's log-probability: the mean over its tokens (the book's) or their sum (TRL's and the DPO
+    paper's)."""
+
+    def __post_init__(self) -> None:
+        TrainConfig.__post_init__(self)
+        _positive(self, "beta")
+        if self.logprob_reduction not in ("mean", "sum"):
+            raise ConfigError(f"logprob_reduction must be mean or sum, got {short(self.logprob_reduction)}")
 
 
 @dataclass
@@ -386,12 +474,12 @@ class GenerateConfig(DataConfig, DecodingSettings):
     """The finetuned model: the finetune stage's model/ folder or any folder load_pretrained reads."""
     prompt_style: Literal["alpaca", "phi3"] | None = None
     """Prompt template; by default the one the model was finetuned with (saved in its config.json), else alpaca."""
-    cache: str = DEFAULT_CACHE
+    cache: str = option(DEFAULT_CACHE, operational=True, section="Storage")
     """Folder that holds the tokenizer files and a downloaded dataset."""
-    base_url: str | None = None
+    base_url: str | None = option(None, operational=True, section="Storage")
     """Mirror to fetch the tokenizer and dataset from: an http(s):// URL or s3://bucket/prefix laid out like
     the cache."""
-    output: str = "runs/generate"
+    output: str = option("runs/generate", operational=True)
     """Folder instruction-data-with-response.json (and its progress file) is written to."""
     batch_size: int = 16
     """Prompts decoded together."""
@@ -473,13 +561,13 @@ class JudgeSettings:
 
     judge_backend: Literal["ollama", "openai"] = "ollama"
     """Ollama's API through the ollama client, or an OpenAI-compatible chat API (vLLM, llama.cpp, hosted)."""
-    judge_url: str | None = None
+    judge_url: str | None = option(None, operational=True)
     """Judge server, an http(s):// URL; defaults to OLLAMA_HOST or http://localhost:11434 (ollama),
     OPENAI_BASE_URL (openai)."""
-    judge_api_key: str | None = dataclasses.field(default=None, metadata=SECRET)
+    judge_api_key: str | None = option(None, secret=True)
     """API key for the openai backend; defaults to OPENAI_API_KEY. Prefer the variable or --judge-api-key-file:
     a flag shows in the process list."""
-    judge_api_key_file: str | None = None
+    judge_api_key_file: str | None = option(None, operational=True)
     """File holding the judge's API key (a Kubernetes Secret mounted as a file); read when the judge is asked."""
     judge_model: str = "llama3"
     """Judge model tag (the book's llama3; any tag works)."""
@@ -491,15 +579,15 @@ class JudgeSettings:
     """Judge temperature (the book's 0)."""
     judge_num_ctx: int = 2048
     """Judge context window, Ollama's num_ctx (the book's)."""
-    judge_concurrency: int = 4
+    judge_concurrency: int = option(4, operational=True)
     """Requests in flight at once."""
-    judge_timeout: float = 120.0
+    judge_timeout: float = option(120.0, operational=True)
     """Seconds one request may take before it counts as failed (and is retried)."""
-    judge_retries: int = 4
+    judge_retries: int = option(4, operational=True)
     """Retries of a request after connection errors, timeouts and 5xx answers (exponential backoff, jitter)."""
-    judge_wait: str = "300s"
+    judge_wait: str = option("300s", operational=True)
     """How long to wait for the judge server to answer at start (the sidecar may start after the job)."""
-    judge_pull: bool = True
+    judge_pull: bool = option(True, operational=True)
     """Pull the judge model when the server lacks it (ollama backend)."""
 
     def __post_init__(self) -> None:
@@ -524,45 +612,16 @@ class JudgeConfig(JudgeSettings):
 
     responses: str = "runs/generate/instruction-data-with-response.json"
     """File of entries with responses to score, like the generate stage's output."""
-    output: str = "runs/judge"
+    output: str = option("runs/judge", operational=True)
     """Folder scores.json and summary.json are written to."""
     response_key: str = "model_response"
     """Field of each entry that holds the response to score."""
 
 
-# Options that change how a run runs, not its results: a rerun of a run id may change these (and only
-# these); config.yaml keeps the values the run was started with.
-OPERATIONAL_OPTIONS = frozenset(
-    {
-        "output",
-        "cache",
-        "scratch",
-        "base_url",
-        "metrics_port",
-        "metrics_address",
-        "pushgateway",
-        "require_gpu",
-        "skip_judge",
-        "s3_endpoint_url",
-        "s3_retry_timeout",
-        "lock_lease",
-        "checkpoint_key_file",
-        "judge_url",
-        "judge_api_key",
-        "judge_api_key_file",
-        "judge_concurrency",
-        "judge_wait",
-        "judge_timeout",
-        "judge_retries",
-        "judge_pull",
-    }
-)
-
-
-def result_changes(saved: dict, current: dict) -> list[str]:
+def result_changes(saved: dict, current: dict, cls: type) -> list[str]:
     """Each option whose value differs between a run's saved config and ``current``, with both values,
-    leaving out the operational ones. A value is the same as itself (NaN included)."""
-    keys = sorted((set(saved) | set(current)) - OPERATIONAL_OPTIONS, key=str)
+    leaving out ``cls``'s operational ones. A value is the same as itself (NaN included)."""
+    keys = sorted((set(saved) | set(current)) - operational_options(cls), key=str)
     return [
         f"{k} {short(saved.get(k))} (now {short(current.get(k))})"
         for k in keys
@@ -587,38 +646,69 @@ SMOKE_PRESET = {"train_limit": 40, "epochs": 2, "limit": 8, "max_new_tokens": 16
 
 
 @dataclass
-class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings):
+class DPOSettings:
+    """The DPO stage of ``sft-job run --dpo``: the options whose names finetune already uses, for DPO
+    (every other training option is the same for both stages)."""
+
+    dpo: bool = False
+    """Preference-tune the finetuned model with DPO (the book's ch07/04) before generating; generate and judge
+    then read the DPO model."""
+    dpo_data: str = option(PREFERENCE_DATA, feeds=("dpo", "data"))
+    """Preference dataset for --dpo (chosen and rejected responses): a local file, an http(s):// URL or
+    s3://bucket/key; the book's by default."""
+    dpo_epochs: int = option(1, feeds=("dpo", "epochs"))
+    """Passes over the preference data (the book's 1)."""
+    dpo_lr: float = option(5e-6, feeds=("dpo", "lr"))
+    """DPO's AdamW learning rate (the book's 5e-6)."""
+    dpo_weight_decay: float = option(0.01, feeds=("dpo", "weight_decay"))
+    """DPO's AdamW weight decay (the book's 0.01)."""
+    dpo_beta: float = option(0.1, feeds=("dpo", "beta"))
+    """DPO's beta (the book's 0.1)."""
+    dpo_logprob_reduction: Literal["mean", "sum"] = option("mean", feeds=("dpo", "logprob_reduction"))
+    """A response's log-probability for DPO: the mean over its tokens (the book's) or their sum (TRL's)."""
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        _positive(self, "dpo_epochs", "dpo_lr", "dpo_beta")
+        if self.dpo_weight_decay < 0:
+            raise ConfigError(f"dpo_weight_decay must be >= 0, got {self.dpo_weight_decay}")
+        if urlparse(self.dpo_data).scheme == "s3":
+            _check_url("dpo_data", self.dpo_data, ("s3",))
+
+
+@dataclass
+class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
     """``sft-job run``: download, finetune, generate and judge in one job, into one run folder."""
 
-    output: str = "runs"
+    output: str = option("runs", operational=True)
     """Where runs go: a local folder or s3://bucket/prefix; each run is the subfolder {run_id}/."""
     run_id: str | None = None
     """Name of the run; the same id again skips finished stages and resumes finetuning. Default: time + config hash."""
-    generate_batch_size: int = 16
+    generate_batch_size: int = option(16, feeds=("generate", "batch_size"))
     """Prompts decoded together in the generate stage."""
-    skip_judge: bool = False
+    skip_judge: bool = option(False, operational=True)
     """Stop after generating responses (no judge server needed)."""
     smoke: bool = False
     """Plumbing check in a minute: a random 2-layer GPT-2 (no weight download) trained on 40 entries for 2 epochs
     (each epoch's end, checkpoint and sample happen), 8 test entries, 16 sampled new tokens; options given by hand
     win."""
-    require_gpu: bool = False
+    require_gpu: bool = option(False, operational=True, section="Observability")
     """Fail at preflight unless a CUDA device is present."""
-    s3_endpoint_url: str | None = None
+    s3_endpoint_url: str | None = option(None, operational=True, section="Storage")
     """S3-compatible endpoint (MinIO, Ceph...); defaults to AWS_ENDPOINT_URL, else AWS."""
-    scratch: str | None = None
+    scratch: str | None = option(None, operational=True, section="Storage")
     """Local working folder for S3 runs (checkpoints are written here first); default {cache}/scratch."""
-    metrics_port: int = 9100
+    metrics_port: int = option(9100, operational=True, section="Observability")
     """Port of the Prometheus metrics endpoint for the whole run (0 turns it off)."""
-    metrics_address: str = "127.0.0.1"
+    metrics_address: str = option("127.0.0.1", operational=True, section="Observability")
     """Interface the metrics endpoint listens on: this machine only by default; 0.0.0.0 in a pod or container,
     where Prometheus scrapes it from outside."""
-    pushgateway: str | None = None
+    pushgateway: str | None = option(None, operational=True, section="Observability")
     """Pushgateway URL to push metrics to at each stage's end and at exit (for runs that end before a scrape)."""
-    s3_retry_timeout: str = "15m"
+    s3_retry_timeout: str = option("15m", operational=True, section="Storage")
     """How long uploads to the object store are retried (training goes on meanwhile) before the run exits
     with 75, its checkpoints kept in the scratch folder."""
-    lock_lease: str = "10m"
+    lock_lease: str = option("10m", operational=True, section="Storage")
     """How long the run's lock outlives a run that died without releasing it (renewed while the run lives)."""
 
     def __post_init__(self) -> None:
@@ -630,6 +720,7 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings):
         FinetuneConfig.__post_init__(self)
         DecodingSettings.__post_init__(self)
         JudgeSettings.__post_init__(self)
+        DPOSettings.__post_init__(self)
         _positive(self, "generate_batch_size")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")

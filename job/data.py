@@ -89,11 +89,12 @@ def entry_problem(entry) -> str | None:
     return None
 
 
-def load_entries(path: Path, skip_invalid: bool = False) -> list[dict]:
-    """Validated entries (``input`` filled in as "" where absent); a bad one is an error naming it."""
+def load_entries(path: Path, skip_invalid: bool = False, check=entry_problem) -> list[dict]:
+    """Validated entries (``input`` filled in as "" where absent); a bad one is an error naming it.
+    ``check`` says what is wrong with an entry (preference data asks for more fields)."""
     entries, skipped = [], 0
     for index, entry in enumerate(parse_entries(path)):
-        problem = entry_problem(entry)
+        problem = check(entry)
         if problem is None:
             entries.append({**entry, "input": entry.get("input", "")})
         elif skip_invalid:

@@ -11,7 +11,6 @@ Cache layout (a mirror given by ``--base-url`` is a copy of a cache, with the sa
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,9 +19,11 @@ from urllib.parse import urlparse
 
 import requests
 
+from job import retry
 from job.errors import JobError, TransientError
 from job.model import OPENAI_SIZE_NAMES
 from job.observability import Metrics, get_logger, stderr_is_terminal
+from job.retry import BOTOCORE_RETRIES, Policy, Retried
 from job.storage import sha256_file
 from job.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256
 
@@ -32,12 +33,20 @@ OPENAI_BASES = (
     "https://openaipublic.blob.core.windows.net/gpt-2/models",
     "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2",  # the book's backup
 )
-HF_BASE = "https://huggingface.co/openai-community"
+HF_BASE = "https://huggingface.co"
 TOKENIZER_BASE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
 DATASET_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
 )
 DATASET_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+PREFERENCE_URL = (  # the book's preference data for DPO (ch07/04): the 1,100 entries with chosen and rejected
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
+    "instruction-data-with-preference.json"
+)
+KNOWN_DATASETS = {
+    DATASET_URL: DATASET_SHA256,
+    PREFERENCE_URL: "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
+}
 OPENAI_FILES = (
     "checkpoint",
     "encoder.json",
@@ -48,7 +57,12 @@ OPENAI_FILES = (
     "vocab.bpe",
 )
 HF_FILES = ("config.json", "model.safetensors")
-HF_REPOS = {"gpt2-small": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large", "gpt2-xl": "gpt2-xl"}
+HF_REPOS = {  # each size's Hugging Face repository (the id a PEFT adapter names as its base)
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
 KNOWN_SHA256 = {"encoder.json": ENCODER_JSON_SHA256, "vocab.bpe": VOCAB_BPE_SHA256}
 CHUNK = 1 << 20
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
@@ -64,6 +78,10 @@ class DownloadUnavailable(TransientError):
 
 class Retryable(Exception):
     """Worth retrying: a dropped connection, a timeout, a 5xx or 429."""
+
+
+def _retryable(exc: BaseException) -> str | None:
+    return str(exc) if isinstance(exc, Retryable) else None
 
 
 @dataclass(frozen=True)
@@ -85,7 +103,7 @@ def tokenizer_files(base_url: str | None = None) -> list[RemoteFile]:
 
 def dataset_file(url: str = DATASET_URL, base_url: str | None = None) -> RemoteFile:
     name = Path(urlparse(url).path).name
-    sha = DATASET_SHA256 if url == DATASET_URL else None
+    sha = KNOWN_DATASETS.get(url)
     return RemoteFile(name, _urls(base_url, name, (url,)), sha)
 
 
@@ -113,6 +131,11 @@ def model_files(model: str, source: str, base_url: str | None = None) -> list[Re
             for name in HF_FILES
         ]
     raise DownloadError(f"--source {source!r} is not one of openai, hf")
+
+
+def hf_repo_id(model: str) -> str:
+    """Hugging Face's repository of a named size (``openai-community/gpt2-medium``)."""
+    return HF_REPOS[model]
 
 
 def model_dir(cache: str | Path, model: str, source: str) -> Path:
@@ -197,27 +220,27 @@ class Downloader:
                 )
 
     def _fetch_with_retries(self, url: str, part: Path, remote: RemoteFile) -> None:
-        for attempt in range(1, self.attempts + 1):
-            try:
-                self._fetch_once(url, part, remote)
-                return
-            except Retryable as exc:
-                if attempt == self.attempts:
-                    host, reason = urlparse(url).netloc or url, str(exc).split(" for ")[0].split(" from ")[0]
-                    raise DownloadUnavailable(
-                        f"{remote.relpath}: giving up on {host} after {attempt} tries ({reason}); "
-                        "without internet, use --base-url URL (a mirror of the cache) or local files"
-                    ) from None
-                wait = self.backoff_seconds * 2 ** (attempt - 1) * (0.5 + random.random())
-                log.warning(
-                    "download_retry",
-                    file=remote.relpath,
-                    url=url,
-                    attempt=attempt,
-                    error=str(exc),
-                    wait_s=round(wait, 2),
-                )
-                self.sleep(wait)
+        """Tries resume the partial file; an outage past ``attempts`` is DownloadUnavailable (exit 75)."""
+
+        def give_up(last: Retried) -> DownloadUnavailable:
+            host, reason = urlparse(url).netloc or url, last.reason.split(" for ")[0].split(" from ")[0]
+            return DownloadUnavailable(
+                f"{remote.relpath}: giving up on {host} after {last.tries} tries ({reason}); "
+                "without internet, use --base-url URL (a mirror of the cache) or local files"
+            )
+
+        def on_retry(last: Retried) -> None:
+            log.warning(
+                "download_retry",
+                file=remote.relpath,
+                url=url,
+                attempt=last.tries,
+                error=last.reason,
+                wait_s=round(last.wait_s, 2),
+            )
+
+        policy = Policy(first_s=self.backoff_seconds, cap_s=60.0, attempts=self.attempts)
+        retry.call(lambda: self._fetch_once(url, part, remote), policy, _retryable, give_up, on_retry, self.sleep)
 
     def _fetch_once(self, url: str, part: Path, remote: RemoteFile) -> None:
         offset = part.stat().st_size if part.exists() else 0
@@ -327,7 +350,7 @@ class Downloader:
             import boto3
             from botocore.config import Config
 
-            self._s3 = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+            self._s3 = boto3.client("s3", config=Config(retries=BOTOCORE_RETRIES))
         return self._s3
 
     def _progress(self, name: str, total: int | None, initial: int):

@@ -61,6 +61,16 @@ class Interrupted(TransientError):
         return f"stopped by {self.signal_name}{where}: what was complete is kept; rerun the same command to continue"
 
 
+class Preempted(TransientError):
+    """SIGTERM/SIGUSR1/SIGINT arrived during training: a checkpoint was written and the job should be
+    requeued (exit 75)."""
+
+
+def stopped_by_signal(exc: BaseException) -> bool:
+    """Whether ``exc`` is a stop signal's (the manifest says interrupted, not failed)."""
+    return isinstance(exc, Interrupted | Preempted)
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 

@@ -76,16 +76,41 @@ def _response(record: dict, entries: int) -> bool:
     return 0 <= record["index"] < entries and isinstance(record.get("model_response"), str)
 
 
-def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
-    metrics = metrics or Metrics()
-    cache, output = Path(cfg.cache), Path(cfg.output)
+def _decode(model, batch_ids: list[list[int]], cfg: GenerateConfig, device: torch.device, seed: int) -> list[list[int]]:
+    """One batch's new tokens: greedy with a fixed shape (--eos-check-every), or the book's sampling, seeded
+    per batch so a restart samples the same."""
+    if cfg.eos_check_every:
+        return generate_fixed_batch(model, batch_ids, cfg.max_new_tokens, check_every=cfg.eos_check_every)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return generate(
+        model, batch_ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=generator
+    )
+
+
+def _load(cfg: GenerateConfig):
+    """The test split (the dataset first: a bad one fails before the model loads), its prompt style, the
+    tokenizer and the model on the device."""
+    cache = Path(cfg.cache)
     entries = load_entries(resolve_data(cfg.data, cache, cfg.base_url), cfg.skip_invalid)
     test = split_entries(entries, cfg.shuffle_seed)[1][: cfg.limit]
     style = PROMPT_STYLES[cfg.prompt_style or saved_prompt_style(cfg.model_dir) or "alpaca"]
     Downloader(cache).fetch_all(tokenizer_files(cfg.base_url))
     tokenizer = load_tokenizer(cache / "gpt2")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_pretrained(cfg.model_dir).to(device).eval()
+    return test, style, tokenizer, load_pretrained(cfg.model_dir).to(device).eval(), device
+
+
+def _write_responses(final: Path, test: list[dict], responses: dict[int, str]) -> Path:
+    """The test entries with their responses, as the book's instruction-data-with-response.json."""
+    atomic_write_text(
+        final, json.dumps([{**e, "model_response": responses[i]} for i, e in enumerate(test)], indent=4) + "\n"
+    )
+    return final
+
+
+def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
+    metrics, output = metrics or Metrics(), Path(cfg.output)
+    test, style, tokenizer, model, device = _load(cfg)
     precision = resolve_precision(cfg.precision)
     autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision != "fp32" else nullcontext()
 
@@ -114,19 +139,7 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     bar = Progress("generate", len(test), len(done), "response", metrics, every_s=0.0)
     with open(progress_path, "a") as progress, autocast:
         for b, batch in todo:
-            generator = torch.Generator(device=device).manual_seed(cfg.seed + b)
-            batch_ids = [prompt_ids[i] for i in batch]
-            if cfg.eos_check_every:
-                outputs = generate_fixed_batch(model, batch_ids, cfg.max_new_tokens, check_every=cfg.eos_check_every)
-            else:
-                outputs = generate(
-                    model,
-                    batch_ids,
-                    cfg.max_new_tokens,
-                    temperature=cfg.temperature,
-                    top_k=cfg.top_k,
-                    generator=generator,
-                )
+            outputs = _decode(model, [prompt_ids[i] for i in batch], cfg, device, seed=cfg.seed + b)
             for i, ids in zip(batch, outputs, strict=True):
                 response = style.extract_response(prompts[i] + tokenizer.decode(ids), prompts[i])
                 progress.write(json.dumps({"index": i, "model_response": response}) + "\n")
@@ -141,17 +154,16 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     elapsed = time.perf_counter() - started
     tokens_per_second = new_tokens / elapsed if elapsed > 0 else 0.0
     metrics.generate_tokens_per_second.set(tokens_per_second)
-    results = [{**entry, "model_response": done[i]} for i, entry in enumerate(test)]
-    final = output / RESPONSES_FILE
-    atomic_write_text(final, json.dumps(results, indent=4) + "\n")
+    final = _write_responses(output / RESPONSES_FILE, test, done)
     progress_path.unlink()
     bar.close()
+    rate, seconds = round(tokens_per_second, 1), round(elapsed, 3)
     log.info(
         "generate_done",
         decoded=decoded,
         new_tokens=new_tokens,
-        seconds=round(elapsed, 3),
-        tokens_per_second=round(tokens_per_second, 1),
+        seconds=seconds,
+        tokens_per_second=rate,
         path=str(final),
     )
     return final

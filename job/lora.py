@@ -9,8 +9,10 @@ book's three do. PEFT sees that as one adapter of rank 3 x rank whose ``B`` is b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +35,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, splits: int, generator=None):
         super().__init__()
         self.base, self.alpha, self.splits = base, alpha, splits
+        self.disabled = False  # the base alone (DPO's reference: the model before its adapters trained)
         self.dropout = nn.Dropout(dropout)
         self.A = nn.Parameter(torch.empty(splits, base.in_features, rank, device=base.weight.device))
         self.B = nn.Parameter(torch.zeros(splits, rank, base.out_features // splits, device=base.weight.device))
@@ -41,6 +44,8 @@ class LoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
 
     def forward(self, x):  # (..., in) -> (..., out)
+        if self.disabled:
+            return self.base(x)
         low = torch.einsum("...i,sir->...sr", self.dropout(x), self.A)  # (..., splits, rank)
         delta = torch.einsum("...sr,sro->...so", low, self.B).flatten(-2)  # (..., out)
         return self.base(x) + self.alpha * delta
@@ -49,6 +54,19 @@ class LoRALinear(nn.Module):
         """What merging adds to the base's (out, in) weight."""
         blocks = [(a @ b).t() for a, b in zip(self.A, self.B, strict=True)]  # splits x (out / splits, in)
         return self.alpha * torch.cat(blocks, dim=0)
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block ``model`` computes as its frozen base, without a second copy of the weights."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def _suffix(name: str) -> str:

@@ -122,13 +122,17 @@ def book_line(logger, method: str, event_dict: dict) -> str:
     and epoch samples, the chapter's training time); every other event is dropped from stdout."""
     event = event_dict["event"]
     if event == "eval":
-        return (
+        line = (
             f"Ep {event_dict['epoch']} (Step {event_dict['step']:06d}): "
             f"Train loss {event_dict['train_loss']:.3f}, Val loss {event_dict['val_loss']:.3f}"
         )
+        if "train_chosen_reward" in event_dict:  # train_model_dpo_simple's line
+            margins = [event_dict[f"{s}_chosen_reward"] - event_dict[f"{s}_rejected_reward"] for s in ("train", "val")]
+            line += f", Train reward margins {margins[0]:.3f}, Val reward margins {margins[1]:.3f}"
+        return line
     if event == "sample":  # generate_and_print_sample: prompt and continuation on one line
         return (event_dict["prompt"] + event_dict["generated"]).replace("\n", " ")
-    if event == "finetune_done":
+    if event in ("finetune_done", "dpo_done"):
         return f"Training completed in {event_dict['loop_seconds'] / 60:.2f} minutes."
     raise structlog.DropEvent
 
@@ -238,6 +242,18 @@ class Metrics:
         self.info = Gauge(p + "info", "Job identity", ["version", "model", "run_id"], registry=r)
         self.progress_fraction = Gauge(p + "progress_fraction", "Share of a stage's loop done", ["stage"], registry=r)
         self.eta_seconds = Gauge(p + "eta_seconds", "Estimated seconds left in a stage's loop", ["stage"], registry=r)
+        self.dpo_reward_margin = Gauge(
+            p + "dpo_reward_margin", "Latest evaluated DPO reward margin (chosen - rejected)", ["split"], registry=r
+        )
+
+    def observe_evaluation(self, figures: dict[str, float]) -> None:
+        """An evaluation's figures: the losses, and with DPO's rewards the reward margins."""
+        self.train_loss.set(figures["train_loss"])
+        self.val_loss.set(figures["val_loss"])
+        for split in ("train", "val"):
+            if f"{split}_chosen_reward" in figures:
+                margin = figures[f"{split}_chosen_reward"] - figures[f"{split}_rejected_reward"]
+                self.dpo_reward_margin.labels(split).set(margin)
 
     def value(self, name: str, labels: dict | None = None) -> float | None:
         """A sample's current value, by its full exported name (for tests and summaries)."""

@@ -8,7 +8,6 @@ at something missing; a rerun with the same run id skips stages whose artifacts 
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import hashlib
 import shutil
 import time
@@ -23,37 +22,36 @@ from job import __version__
 from job.checkpoint import fetch_checkpoint
 from job.checkpoint_files import INDEX, checkpoint_dirs, read_key
 from job.config import (
+    DPOConfig,
     FinetuneConfig,
     GenerateConfig,
     JudgeConfig,
     RunConfig,
-    field_names,
     parse_duration,
     redacted,
     result_changes,
+    stage_config,
 )
 from job.data import PROMPT_STYLES, load_entries, resolve_data, split_entries
 from job.download import Downloader, dataset_file, model_files, tokenizer_files
 from job.download import model_dir as cached_model_dir
-from job.errors import ConfigError, Interrupted, JobError
-from job.finetune import Preempted, check_batches, run_finetune
+from job.dpo import run_dpo
+from job.errors import ConfigError, JobError
+from job.finetune import run_finetune
 from job.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate
 from job.judge import preflight as judge_preflight
 from job.judge import run_judge
-from job.manifest import Manifest, now
+from job.manifest import Manifest
 from job.model import GPT2_SIZES, GPTConfig, GPTModel
-from job.observability import Metrics, MetricsPublisher, StageStatus, bind, get_logger
+from job.observability import Metrics, MetricsPublisher, bind, get_logger
 from job.parsing import ParseError, load_yaml
 from job.report import REPORT, fetch_inputs, write_report
+from job.roles import Roles
 from job.runlock import run_lock
-from job.storage import (
-    LocalStorage,
-    Storage,
-    open_storage,
-    sha256_file,
-    upload_tree,
-)
+from job.stage_record import StageRecorder
+from job.storage import LocalStorage, Storage, open_storage, upload_tree
 from job.tokenizer import encode, load_tokenizer
+from job.trainer import check_batches
 from job.weights import read_config, save_hf
 
 log = get_logger(__name__)
@@ -70,8 +68,8 @@ def default_run_id(cfg: RunConfig) -> str:
 class CheckpointUploader:
     """Uploads each checkpoint in the background while training goes on; ``wait`` before exit."""
 
-    def __init__(self, storage: Storage, metrics: Metrics):
-        self.storage, self.metrics = storage, metrics
+    def __init__(self, storage: Storage, metrics: Metrics, folder: str = "checkpoints"):
+        self.storage, self.metrics, self.folder = storage, metrics, folder
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self.pending: list[Future] = []
 
@@ -88,7 +86,7 @@ class CheckpointUploader:
             upload_tree(
                 self.storage,
                 checkpoint,
-                f"checkpoints/{checkpoint.name}",
+                f"{self.folder}/{checkpoint.name}",
                 on_bytes=self.metrics.artifact_bytes_uploaded_total.inc,
                 last=INDEX,  # uploaded last: its presence marks the checkpoint complete
             )
@@ -98,10 +96,10 @@ class CheckpointUploader:
             # Rotated away (or written again) while the store was slow: a newer one is queued behind it.
             log.info("checkpoint_upload_skipped", checkpoint=checkpoint.name, reason="superseded")
             return
-        for key in self.storage.list("checkpoints/"):
-            name = key.split("/")[1]
+        for key in self.storage.list(f"{self.folder}/"):
+            name = key[len(self.folder) + 1 :].split("/")[0]
             if name not in keep and name != checkpoint.name:
-                self.storage.delete_prefix(f"checkpoints/{name}")
+                self.storage.delete_prefix(f"{self.folder}/{name}")
         log.info("checkpoint_uploaded", checkpoint=checkpoint.name, seconds=round(time.perf_counter() - started, 3))
 
     def raise_if_failed(self) -> None:
@@ -124,8 +122,9 @@ class CheckpointUploader:
 
 class Pipeline:
     def __init__(self, cfg: RunConfig, metrics: Metrics):
+        from accelerate import PartialState
+
         self.cfg, self.metrics = cfg, metrics
-        self.publisher: MetricsPublisher | None = None
         self.run_id = cfg.run_id or default_run_id(cfg)
         retry_timeout = parse_duration(cfg.s3_retry_timeout, "s3_retry_timeout")
         self.storage = open_storage(f"{cfg.output.rstrip('/')}/{self.run_id}", cfg.s3_endpoint_url, retry_timeout)
@@ -133,14 +132,11 @@ class Pipeline:
         scratch = Path(cfg.scratch) if cfg.scratch else Path(cfg.cache) / "scratch"
         self.work = scratch / self.run_id if self.remote else self.storage.root
         self.resolved = redacted(cfg) | {"run_id": self.run_id}  # what config.yaml and checkpoints hold
-        self.manifest: Manifest | None = None  # set once the preflight passed
-        self.current: str | None = None  # the stage running now
-        self.last_done: str | None = None  # the last stage done (or skipped as done)
-        from accelerate import PartialState
-
+        self.stages: StageRecorder | None = None  # the main process's, once the preflight passed
+        self.publisher: MetricsPublisher | None = None
         # cpu=True where there is no GPU: accelerate then forms the group over gloo (without it every
         # process of a CPU launch would take itself for the only one, and the main one).
-        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.roles = Roles(PartialState(cpu=not torch.cuda.is_available()))
 
     # --- before anything ---------------------------------------------------------------------
 
@@ -152,31 +148,11 @@ class Pipeline:
         read_key(cfg.checkpoint_key_file)
         entries = load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
         train, test, _val = split_entries(entries, cfg.shuffle_seed)
-        check_batches(cfg, self.state.num_processes, len(train[: cfg.train_limit]))
+        check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
         check_model_fit(cfg, test[: cfg.limit])
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))
-
-    # --- the stages ----------------------------------------------------------------------------
-
-    def run(self) -> dict:
-        """The stages, with the run's lock held by the main process from start to end."""
-        if not self.state.is_main_process:
-            return self._run_stages()
-        fresh = not self.remote and not self.storage.root.exists()
-        self.storage.check_writable()
-        lock = run_lock(self.storage, self.run_id, parse_duration(self.cfg.lock_lease, "lock_lease"))
-        try:
-            lock.acquire()
-            return self._run_stages()
-        except BaseException as exc:
-            self._record_stop(exc)
-            raise
-        finally:
-            lock.release()
-            if fresh and self.manifest is None:  # failed before any stage: leave nothing behind
-                shutil.rmtree(self.storage.root, ignore_errors=True)
 
     def _check_same_run(self) -> str | None:
         """A rerun must ask for what the run was started with; returns the run's config.yaml."""
@@ -187,7 +163,7 @@ class Pipeline:
         options = load_yaml(saved, what)
         if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
             raise ParseError(f"{what} is not a mapping of option names to values: not a file this job wrote")
-        changes = result_changes(options, self.resolved)
+        changes = result_changes(options, self.resolved, type(self.cfg))
         if changes:
             raise ConfigError(
                 f"run {self.run_id} was started with other options: {'; '.join(changes)}. "
@@ -195,190 +171,131 @@ class Pipeline:
             )
         return saved
 
-    def _run_stages(self) -> dict:
-        if self.state.is_main_process:
-            saved = self._check_same_run()
-            self.preflight()
-            self.work.mkdir(parents=True, exist_ok=True)
-            self.manifest = Manifest(self.storage, self.run_id, self.work / "manifest.json" if self.remote else None)
-            if saved is None:
-                self.storage.put_text("config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
-            self.manifest.data.pop("stopped", None)
-            self.manifest.record(status="running")
-            self.metrics.info.labels(version=__version__, model=self._model_label(), run_id=self.run_id).set(1)
-            self._stage("download", self.download, done=self.cache_complete)
-        elif self.state.is_local_main_process and not self.cache_complete():
-            self.download()  # another node: the cache is this machine's (the main one records the stage)
-        self.state.wait_for_everyone()
-        self._finetune_all_ranks()
-        if not self.state.is_main_process:
-            return {}
-        self._stage("generate", self.generate)
-        if not self.cfg.skip_judge:
-            self._stage("judge", self.judge)
-        bind(stage="run")
-        self.current = "report"
-        self.report()
-        self.current, self.last_done = None, "report"
-        self.manifest.record(status="complete")
-        log.info("run_complete", run_id=self.run_id, output=self.storage.url)
-        return self.manifest.data
+    def _start(self) -> StageRecorder:
+        """The main process: the same run's options, the preflight, then the run's records."""
+        saved = self._check_same_run()
+        self.preflight()
+        self.work.mkdir(parents=True, exist_ok=True)
+        manifest = Manifest(self.storage, self.run_id, self.work / "manifest.json" if self.remote else None)
+        if saved is None:
+            self.storage.put_text("config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
+        manifest.data.pop("stopped", None)
+        manifest.record(status="running")
+        self.metrics.info.labels(version=__version__, model=self._model_label(), run_id=self.run_id).set(1)
+        return StageRecorder(manifest, self.storage, self.work, self.metrics)
 
-    def _record_stop(self, exc: BaseException) -> None:
-        """The manifest says where the run stopped and why (a signal: interrupted; else failed), and the
-        stage it stopped in (one write, with a short wait for the store at most)."""
-        if self.manifest is None:
-            return
-        if isinstance(exc, Interrupted) and exc.where is None:
-            exc.where = self.current  # the report, which is no stage of the manifest's
-        where = {"stage": self.current} if self.current else {"after": self.last_done}
-        stopped = {**where, "error": " ".join(str(exc).split()) or type(exc).__name__, "at": now()}
-        self.manifest.record_failure(status="interrupted" if _interrupted(exc) else "failed", stopped=stopped)
+    # --- the stages ----------------------------------------------------------------------------
 
-    def _stage(self, name: str, body, done=None) -> None:
-        """Run one stage unless the manifest marks it complete and ``done`` (default: its
-        artifacts' sha256 still match) confirms it; then upload its artifacts and record them."""
-        bind(stage=name)
-        m = self.metrics
-        if self.manifest.stage(name).get("status") == "complete" and (done or (lambda: self.manifest.verified(name)))():
-            log.info("stage_skipped", reason="complete in manifest, artifacts verified")
-            m.stage_status.labels(stage=name).set(StageStatus.DONE)
-            self.last_done = name
-            return
-        started, start_iso = time.perf_counter(), now()
-        m.stage_status.labels(stage=name).set(StageStatus.RUNNING)
-        self.current = name
-        self.manifest.record(name, status="running", start=start_iso, end=None)
-        log.info("stage_start")
+    def run(self) -> dict:
+        """The stages, with the run's lock held by the main process from start to end."""
+        if not self.roles.keeps_run:
+            return self._run_stages()
+        fresh = not self.remote and not self.storage.root.exists()
+        self.storage.check_writable()
+        lock = run_lock(self.storage, self.run_id, parse_duration(self.cfg.lock_lease, "lock_lease"))
         try:
-            records = self._upload(body() or [])
+            lock.acquire()
+            return self._run_stages()
         except BaseException as exc:
-            status = "interrupted" if _interrupted(exc) else "failed"
-            m.stage_status.labels(stage=name).set(StageStatus.FAILED)
-            error = " ".join(str(exc).split()) or type(exc).__name__
-            self.manifest.update(name, status=status, end=now(), error=error)  # written with the run's stop
+            if self.stages is not None:
+                self.stages.record_stop(exc)
             raise
         finally:
-            m.stage_duration_seconds.labels(stage=name).set(time.perf_counter() - started)
-        m.stage_status.labels(stage=name).set(StageStatus.DONE)
-        self.current, self.last_done = None, name
-        self.manifest.record(
-            name, status="complete", end=now(), duration_s=round(time.perf_counter() - started, 3), artifacts=records
-        )
-        log.info("stage_done", seconds=round(time.perf_counter() - started, 3), artifacts=len(records))
-        if self.publisher is not None:
-            self.publisher.push()
+            lock.release()
+            if fresh and self.stages is None:  # failed before any stage: leave nothing behind
+                shutil.rmtree(self.storage.root, ignore_errors=True)
 
-    def _upload(self, keys: list[str]) -> dict:
-        records = {}
-        for key in keys:
-            local = self.work / key
-            written = self.storage.put_file(local, key)
-            if not self.storage.is_local_path(local, key):
-                self.metrics.artifact_bytes_uploaded_total.inc(written)
-            records[key] = {"size": local.stat().st_size, "sha256": sha256_file(local)}
-        return records
-
-    def download_files(self) -> list:
-        """What the run needs in the cache: tokenizer, the named model's weights, a remote dataset."""
-        cfg = self.cfg
-        files = tokenizer_files(cfg.base_url)
-        if not (cfg.smoke or cfg.model_dir):
-            files += model_files(cfg.model, cfg.source, cfg.base_url)
-        if cfg.data.startswith(("http://", "https://", "s3://")):
-            files.append(dataset_file(cfg.data, cfg.base_url))
-        return files
+    def _run_stages(self) -> dict:
+        if self.roles.keeps_run:
+            self.stages = self._start()
+            self.stages.publisher = self.publisher
+            self.stages.run("download", self.download, done=self.cache_complete)
+        elif self.roles.prepares_node and not self.cache_complete():
+            self.download()  # another node: the cache is this machine's (the main one records the stage)
+        self.roles.together()
+        if not self.roles.keeps_run:  # every process trains; the main one records the stages
+            self.finetune()
+            if self.cfg.dpo:
+                self.dpo()
+            return {}
+        self.stages.run("finetune", self.finetune)
+        if self.cfg.dpo:
+            self.stages.run("dpo", self.dpo)
+        self.stages.run("generate", self.generate)
+        if not self.cfg.skip_judge:
+            self.stages.run("judge", self.judge)
+        bind(stage="run")
+        with self.stages.step("report"):
+            self.report()
+        self.stages.manifest.record(status="complete")
+        log.info("run_complete", run_id=self.run_id, output=self.storage.url)
+        return self.stages.manifest.data
 
     def download(self) -> list[str]:
-        Downloader(Path(self.cfg.cache), metrics=self.metrics).fetch_all(self.download_files())
+        Downloader(Path(self.cfg.cache), metrics=self.metrics).fetch_all(run_files(self.cfg))
         return []
 
     def cache_complete(self) -> bool:
         """The cache is this machine's: the download stage counts as done only where its files are."""
-        return all((Path(self.cfg.cache) / f.relpath).is_file() for f in self.download_files())
-
-    def _finetune_all_ranks(self) -> None:
-        """Every process trains; the main one records the stage (others just take part)."""
-        if self.state.is_main_process:
-            self._stage("finetune", self.finetune)
-        else:
-            self.finetune()
+        return all((Path(self.cfg.cache) / f.relpath).is_file() for f in run_files(self.cfg))
 
     def finetune(self) -> list[str]:
-        cfg = self.cfg
-        # Each node resumes from its own scratch folder, so the first process of every node fetches;
-        # no process starts (and loads a checkpoint) before every node's fetch is complete.
-        if self.state.is_local_main_process and self.remote:
-            self._fetch_remote_checkpoint()
-        self.state.wait_for_everyone()
-        uploader = CheckpointUploader(self.storage, self.metrics) if self.remote else None
-        fields = field_names(FinetuneConfig)
-        overrides = {"output": str(self.work), "model_dir": self._start_model_dir()}
-        ft = FinetuneConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in fields} | overrides)
+        start = self._start_model_dir()
+        cfg = stage_config(self.cfg, "finetune", FinetuneConfig, output=str(self.work), model_dir=start)
+        return _artifacts(self._train(run_finetune, cfg, "checkpoints"), "")
+
+    def dpo(self) -> list[str]:
+        """DPO from the finetuned model (each node's first process brings it back where this machine lacks it)."""
+        self.roles.together()  # the main process has uploaded the finetune stage's model
+        if self.roles.prepares_node:
+            self._ensure_local(FINETUNE_ARTIFACTS[:2])
+        start, out = str(self.work / "model"), str(self.work / "dpo")
+        cfg = stage_config(self.cfg, "dpo", DPOConfig, output=out, model_dir=start)
+        outputs = self._train(run_dpo, cfg, "dpo/checkpoints")
+        return [*_artifacts(outputs, "dpo/"), "dpo/reward-margins-plot.png"] if outputs else []
+
+    def _train(self, runner, cfg, folder: str) -> dict:
+        """A training stage on every process: each node resumes from its own scratch folder, so the first
+        process of every node fetches the newest checkpoint, and none starts before every fetch is done."""
+        if self.roles.prepares_node and self.remote:
+            fetch_checkpoint(self.storage, self.work, read_key(self.cfg.checkpoint_key_file), folder)
+        self.roles.together()
+        uploads = self.remote and self.roles.keeps_run
+        uploader = CheckpointUploader(self.storage, self.metrics, folder) if uploads else None
         try:
-            outputs = run_finetune(
-                ft,
-                self.metrics,
-                saved_config=self.resolved,
-                on_checkpoint=uploader if self.state.is_main_process else None,
-            )
+            outputs = runner(cfg, self.metrics, saved_config=self.resolved, on_checkpoint=uploader)
         except BaseException:
             if uploader is not None:
                 uploader.wait_quietly()  # also on preemption: the checkpoint must reach storage first
             raise
         if uploader is not None:
             uploader.wait()
-        if not self.state.is_main_process:
-            return []
-        adapter = [f"adapter/{name}" for name in ADAPTER_FILES] if "adapter" in outputs else []
-        return [*FINETUNE_ARTIFACTS, outputs["pth"].name, *adapter]
+        return outputs
 
     def _start_model_dir(self) -> str:
         cfg = self.cfg
-        if cfg.smoke:
-            path = self.work / "smoke-model"
-            # every node's first process makes it in its own scratch folder: the same seed, the same weights
-            if self.state.is_local_main_process and not (path / "model.safetensors").is_file():
-                torch.manual_seed(cfg.seed)
-                save_hf(GPTModel(SMOKE_MODEL), path)
-            self.state.wait_for_everyone()
-            return str(path)
-        return cfg.model_dir or str(cached_model_dir(cfg.cache, cfg.model, cfg.source))
-
-    def _fetch_remote_checkpoint(self) -> None:
-        """Resume from storage when this machine has no checkpoint (a new pod, another node)."""
-        fetch_checkpoint(self.storage, self.work, read_key(self.cfg.checkpoint_key_file))
+        if not cfg.smoke:
+            return cfg.model_dir or str(cached_model_dir(cfg.cache, cfg.model, cfg.source))
+        path = self.work / "smoke-model"
+        # every node's first process makes it in its own scratch folder: the same seed, the same weights
+        if self.roles.prepares_node and not (path / "model.safetensors").is_file():
+            torch.manual_seed(cfg.seed)
+            save_hf(GPTModel(SMOKE_MODEL), path)
+        self.roles.together()
+        return str(path)
 
     def generate(self) -> list[str]:
-        cfg = self.cfg
-        self._ensure_local(FINETUNE_ARTIFACTS[:2])
-        run_generate(
-            GenerateConfig(
-                model_dir=str(self.work / "model"),
-                data=cfg.data,
-                prompt_style=cfg.prompt_style,
-                shuffle_seed=cfg.shuffle_seed,
-                skip_invalid=cfg.skip_invalid,
-                cache=cfg.cache,
-                base_url=cfg.base_url,
-                output=str(self.work),
-                max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.generate_batch_size,
-                temperature=cfg.temperature,
-                top_k=cfg.top_k,
-                seed=cfg.seed,
-                limit=cfg.limit,
-                eos_check_every=cfg.eos_check_every,
-                precision=cfg.precision,
-            ),
-            self.metrics,
-        )
+        """Responses of the last model trained: the finetuned one, or with --dpo the DPO one."""
+        trained = "dpo/" if self.cfg.dpo else ""
+        self._ensure_local([f"{trained}{key}" for key in FINETUNE_ARTIFACTS[:2]])
+        work = str(self.work)
+        cfg = stage_config(self.cfg, "generate", GenerateConfig, model_dir=f"{work}/{trained}model", output=work)
+        run_generate(cfg, self.metrics)
         return [RESPONSES_FILE]
 
     def judge_config(self) -> JudgeConfig:
-        fields = field_names(JudgeConfig)
-        settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k in fields and k != "output"}
-        return JudgeConfig(**settings, responses=str(self.work / RESPONSES_FILE), output=str(self.work))
+        responses = str(self.work / RESPONSES_FILE)
+        return stage_config(self.cfg, "judge", JudgeConfig, responses=responses, output=str(self.work))
 
     def judge(self) -> list[str]:
         self._ensure_local([RESPONSES_FILE])
@@ -404,6 +321,24 @@ class Pipeline:
         return "smoke" if self.cfg.smoke else (self.cfg.model_dir or self.cfg.model)
 
 
+def _artifacts(outputs: dict, prefix: str) -> list[str]:
+    """The keys of a training stage's outputs in the run folder (none on the processes that wrote none)."""
+    if not outputs:
+        return []
+    adapter = [f"adapter/{name}" for name in ADAPTER_FILES] if "adapter" in outputs else []
+    return [f"{prefix}{key}" for key in (*FINETUNE_ARTIFACTS, outputs["pth"].name, *adapter)]
+
+
+def run_files(cfg: RunConfig) -> list:
+    """What the run needs in the cache: tokenizer, the named model's weights, a remote dataset."""
+    files = tokenizer_files(cfg.base_url)
+    if not (cfg.smoke or cfg.model_dir):
+        files += model_files(cfg.model, cfg.source, cfg.base_url)
+    datasets = [cfg.data, cfg.dpo_data] if cfg.dpo else [cfg.data]
+    files += [dataset_file(d, cfg.base_url) for d in datasets if d.startswith(("http://", "https://", "s3://"))]
+    return files
+
+
 def check_model_fit(cfg: RunConfig, test: list[dict]) -> None:
     """What depends on the model's shape, known before training: the longest test prompt and
     --max-new-tokens fit its context; a LoRA rank is at most its width."""
@@ -421,24 +356,21 @@ def check_model_fit(cfg: RunConfig, test: list[dict]) -> None:
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)
 
 
-def _interrupted(exc: BaseException) -> bool:
-    return isinstance(exc, Interrupted | Preempted)
-
-
 def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:
     metrics = metrics or Metrics()
     pipeline = Pipeline(cfg, metrics)
     bind(run_id=pipeline.run_id)
+    main = pipeline.roles.keeps_run
     publisher = MetricsPublisher(
         metrics,
-        cfg.metrics_port if pipeline.state.is_main_process else 0,
-        cfg.pushgateway if pipeline.state.is_main_process else None,
+        cfg.metrics_port if main else 0,
+        cfg.pushgateway if main else None,
         pipeline.run_id,
         address=cfg.metrics_address,
     )
     pipeline.publisher = publisher
     with publisher:  # pushes at exit too, failure included
         result = pipeline.run()
-        if pipeline.state.is_main_process:
+        if main:
             metrics.last_success_timestamp_seconds.set_to_current_time()
     return result

@@ -1,0 +1,92 @@
+"""The DPO stage (the book's ch07/04, "Direct Preference Optimization from scratch"): the finetuned model
+preference-tuned on chosen and rejected responses, trained by the same ``Trainer`` as finetuning with the
+DPO objective; the reference is a frozen copy of the starting model, or with LoRA its own base."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+from job.config import DPOConfig
+from job.data import PROMPT_STYLES, DataError, load_entries, resolve_data, split_entries
+from job.download import Downloader, tokenizer_files
+from job.finetune import load_model, save_outputs, write_config_once
+from job.objectives import DPOEvaluator, DPOObjective, Reference
+from job.observability import Metrics, get_logger
+from job.preference import preference_problem, tokenize_pairs
+from job.tokenizer import load_tokenizer
+from job.train_outputs import plot_reward_margins
+from job.trainer import Task, Trainer
+
+log = get_logger(__name__)
+
+
+def dpo_task(cfg: DPOConfig) -> tuple[Task, str]:
+    """The dataset first (a bad one fails before any model loads), then the tokenizer and the model; the
+    task, and the book-style name of the model's size."""
+    cache = Path(cfg.cache)
+    entries = load_entries(resolve_data(cfg.data, cache, cfg.base_url), cfg.skip_invalid, preference_problem)
+    train, _test, val = split_entries(entries, cfg.shuffle_seed)
+    train = train[: cfg.train_limit]
+    if not train or not val:
+        raise DataError(f"preference dataset of {len(entries)} entries is too small for the 85/10/5 split")
+    Downloader(cache).fetch_all(tokenizer_files(cfg.base_url))
+    tokenizer = load_tokenizer(cache / "gpt2")
+    model, name = load_model(cfg)
+    style = PROMPT_STYLES[cfg.prompt_style]
+    max_length = min(cfg.allowed_max_length, model.cfg.context_length)
+    pairs, val_pairs = (tokenize_pairs(split, tokenizer, style, max_length) for split in (train, val))
+    # Full DPO holds the starting model, frozen; with LoRA the reference is the base under the adapters.
+    reference = Reference(None if cfg.lora_rank else copy.deepcopy(model))
+    objective = DPOObjective(pairs, max_length, cfg.beta, cfg.logprob_reduction, reference)
+    task = Task(
+        model=model,
+        objective=objective,
+        evaluator=DPOEvaluator(objective, val_pairs, cfg.batch_size, cfg.eval_iter),
+        train_size=len(pairs),
+        tokenizer=tokenizer,
+        sample_prompt=style.format_input(val[min(2, len(val) - 1)]),  # the book's sample: val_data[2]
+    )
+    return task, name
+
+
+def run_dpo(
+    cfg: DPOConfig,
+    metrics: Metrics | None = None,
+    saved_config: dict | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+) -> dict[str, Path]:
+    """The stage, as ``run_finetune``: validate and load, train (resuming from checkpoints), save; the
+    outputs also hold the book's reward-margin plot."""
+    metrics = metrics or Metrics()
+    task, name = dpo_task(cfg)  # may fail: nothing has been written yet
+    trainer = Trainer(cfg, task, metrics, saved_config, on_checkpoint)
+    if trainer.roles.keeps_run:
+        write_config_once(trainer)
+        log.info(
+            "dpo_start",
+            model=name,
+            train_pairs=task.train_size,
+            steps=trainer.total_steps,
+            trainable_parameters=trainer.parameter_counts["trainable"],
+            reference="base without adapters" if cfg.lora_rank else "frozen copy",
+            beta=cfg.beta,
+            logprob_reduction=cfg.logprob_reduction,
+        )
+    trainer.fit()
+    outputs = save_outputs(trainer, cfg, name, kind="dpo")
+    if trainer.roles.keeps_run:
+        margins = trainer.output / "reward-margins-plot.png"
+        plot_reward_margins(trainer.state.history, trainer.state.step / trainer.batches_per_epoch, margins)
+        outputs["margins_plot"] = margins
+        last = trainer.state.history[-1] if trainer.state.history else {}
+        log.info(
+            "dpo_done",
+            steps=trainer.state.step,
+            tokens_seen=trainer.state.tokens_seen,
+            loop_seconds=round(trainer.loop_seconds, 2),
+            final_val_loss=last.get("val_loss"),
+            final_val_reward_margin=last and last["val_chosen_reward"] - last["val_rejected_reward"],
+        )
+    return outputs

@@ -1,0 +1,76 @@
+"""Preference data for DPO, as the book's ch07/04 makes it: entries with a ``chosen`` and a ``rejected``
+response, tokenized as its ``PreferenceDataset``, batched as its ``custom_collate_fn``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from job.data import PromptStyle, entry_problem
+from job.observability import get_logger
+from job.tokenizer import END_OF_TEXT_ID, encode
+
+log = get_logger(__name__)
+RESPONSE_KEYS = ("chosen", "rejected")
+
+
+def preference_problem(entry) -> str | None:
+    """Why an entry cannot be a preference pair (an instruction entry with both responses as text), or None."""
+    problem = entry_problem(entry)
+    if problem is not None:
+        return problem
+    for name in RESPONSE_KEYS:
+        if name not in entry:
+            return f"field {name!r} is missing (preference data needs chosen and rejected responses)"
+        if not isinstance(entry[name], str):
+            return f"field {name!r} must be a string, got {type(entry[name]).__name__}"
+    return None
+
+
+@dataclass
+class Pair:
+    """One entry's token ids: the prompt's length, and prompt + response header + each response."""
+
+    prompt_length: int
+    chosen: list[int]
+    rejected: list[int]
+
+
+def tokenize_pairs(entries: list[dict], tokenizer, style: PromptStyle, max_length: int) -> list[Pair]:
+    """The book's ``PreferenceDataset``: ``f"{prompt}\n\n### Response:\n{response}"`` for each response
+    (Alpaca's; the style's header for others), no end token appended; longer than ``max_length``: cut. A pair
+    with no response token left within ``max_length`` has nothing to compare and is left out (counted)."""
+    pairs, truncated, empty = [], 0, 0
+    for entry in entries:
+        prompt = style.format_input(entry)
+        chosen, rejected = (encode(tokenizer, prompt + style.response_header + entry[k]) for k in RESPONSE_KEYS)
+        pair = Pair(len(encode(tokenizer, prompt)), chosen, rejected)
+        truncated += max(len(chosen), len(rejected)) + 1 > max_length
+        if min(len(chosen), len(rejected), max_length) <= pair.prompt_length + 2:
+            empty += 1
+            continue
+        pairs.append(pair)
+    if truncated:
+        log.warning("sequences_truncated", count=truncated, max_length=max_length)
+    if empty:
+        log.warning("pairs_without_response_left_out", count=empty, max_length=max_length)
+    return pairs
+
+
+def collate_pairs(pairs: list[Pair], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen, rejected, chosen_mask, rejected_mask), each (B, T): both padded with end-of-text to the
+    batch's longest chosen-or-rejected + 1; a mask is False on padding and on the prompt's tokens + 2 (the
+    two newlines before ``### Response:``); all cut to ``max_length``."""
+    width = max(max(len(p.chosen), len(p.rejected)) + 1 for p in pairs)
+    out: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "chosen_mask": [], "rejected_mask": []}
+    for pair in pairs:
+        for key in RESPONSE_KEYS:
+            sequence = getattr(pair, key)
+            mask = torch.ones(width, dtype=torch.bool)
+            mask[len(sequence) :] = False
+            mask[: pair.prompt_length + 2] = False
+            out[key].append(torch.tensor(sequence + [END_OF_TEXT_ID] * (width - len(sequence))))
+            out[f"{key}_mask"].append(mask)
+    chosen, rejected, chosen_mask, rejected_mask = (torch.stack(out[k])[:, :max_length] for k in out)
+    return chosen, rejected, chosen_mask, rejected_mask

@@ -1,0 +1,102 @@
+"""What training leaves behind: the model (safetensors + config, and the book's ``.pth``), with LoRA the
+adapter in PEFT's layout, the losses as JSON and the book's loss plot. Each file is written under a
+temporary name and renamed, so a reader never sees half of one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from job.lora import merge_adapters, save_peft_adapter
+from job.model import GPTModel
+from job.storage import atomic_path, atomic_write_text, ensure_room
+from job.weights import book_state_dict, save_hf
+
+
+def write_outputs(
+    model: GPTModel,
+    out: Path,
+    history: list[dict],
+    epochs: float,
+    book_name: str,
+    prompt_style: str,
+    adapter_base: str | None = None,
+    lora_dropout: float = 0.0,
+    kind: str = "sft",
+) -> dict[str, Path]:
+    """The outputs of a trained ``model`` into ``out``; with ``adapter_base`` (LoRA) the adapter alone
+    first, naming that base model, then the model with the adapters merged. ``epochs``: how many were
+    trained (a fraction where training stopped early), the plot's x-axis; ``kind`` names the ``.pth``
+    (``gpt2-medium355M-sft.pth``, ``-dpo.pth``)."""
+    written = {}
+    if adapter_base is not None:
+        written["adapter"] = save_peft_adapter(model, out / "adapter", adapter_base, lora_dropout)
+        merge_adapters(model)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    ensure_room(out, 2 * params, "the final model (safetensors and the book's .pth)")
+    save_hf(model, out / "model", extra_config={"sft_job": {"prompt_style": prompt_style}})
+    pth = out / f"{book_name}-{kind}.pth"
+    with atomic_path(pth) as tmp:
+        torch.save(book_state_dict(model), tmp)
+    losses = out / "losses.json"
+    atomic_write_text(losses, json.dumps(history, indent=2) + "\n")
+    plot = out / "loss-plot.png"
+    plot_losses(history, epochs, plot)
+    return written | {"model": out / "model", "pth": pth, "losses": losses, "plot": plot}
+
+
+def plot_losses(history: list[dict], epochs: float, path: Path) -> None:
+    """The book's ``plot_losses``: losses against the epochs trained (a fraction where training
+    stopped early), tokens seen on a second x-axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    train = [h["train_loss"] for h in history]
+    val = [h["val_loss"] for h in history]
+    epochs_seen = torch.linspace(0, epochs, len(history)).tolist()
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+    ax1.plot(epochs_seen, train, label="Training loss")
+    ax1.plot(epochs_seen, val, linestyle="-.", label="Validation loss")
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel("Loss")
+    ax1.legend(loc="upper right")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=epochs >= 1))
+    ax2 = ax1.twiny()
+    ax2.plot([h["tokens_seen"] for h in history], train, alpha=0)
+    ax2.set_xlabel("Tokens seen")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def plot_reward_margins(history: list[dict], epochs: float, path: Path) -> None:
+    """The book's DPO plot: the training and validation reward margins (chosen minus rejected reward)
+    against the epochs trained."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs_seen = torch.linspace(0, epochs, len(history)).tolist()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for split, style in (("train", "-"), ("val", "-.")):
+        margins = [h[f"{split}_chosen_reward"] - h[f"{split}_rejected_reward"] for h in history]
+        ax.plot(
+            epochs_seen,
+            margins,
+            linestyle=style,
+            label=f"{'Training' if split == 'train' else 'Validation'} reward margin",
+        )
+    ax.set_xlabel("Epochs")
+    ax.set_ylabel("Reward margin")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,0 +1,258 @@
+"""Preference tuning with DPO, point for point with the book's ch07/04 ("DPO from scratch"): its collate
+and masks, its log-probabilities and loss (a reference written here from the notebook's formulas), its
+printed example batch, the loss at the start, and the stage end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from job.config import DPOConfig
+from job.data import PROMPT_STYLES
+from job.dpo import dpo_task, run_dpo
+from job.errors import ExitCode
+from job.lora import adapters_off, add_adapters
+from job.model import GPTConfig, GPTModel
+from job.objectives import Reference, dpo_losses, sequence_logprobs
+from job.preference import Pair, collate_pairs, tokenize_pairs
+from job.tokenizer import END_OF_TEXT_ID, load_tokenizer
+from tests.helpers import cli
+
+ALPACA = PROMPT_STYLES["alpaca"]
+
+
+@pytest.fixture(scope="module")
+def preference_data(shared_data):
+    return json.loads((shared_data / "instruction-data-with-preference.json").read_text())
+
+
+def _book_collate(batch: list[dict], pad=END_OF_TEXT_ID, allowed_max_length=None):
+    """The notebook's ``custom_collate_fn`` (mask_prompt_tokens=True), as it reads."""
+    width = max(max(len(item["chosen"]) + 1, len(item["rejected"]) + 1) for item in batch)
+    out = {"chosen": [], "rejected": [], "chosen_mask": [], "rejected_mask": []}
+    for item in batch:
+        for key in ("chosen", "rejected"):
+            sequence = item[key]
+            mask = torch.ones(width).bool()
+            mask[len(sequence) :] = False
+            mask[: len(item["prompt"]) + 2] = False
+            out[key].append(torch.tensor(sequence + [pad] * (width - len(sequence))))
+            out[f"{key}_mask"].append(mask)
+    return {k: torch.stack(v)[:, :allowed_max_length] for k, v in out.items()}
+
+
+def _book_items(entries, tokenizer):
+    """The notebook's ``PreferenceDataset`` items."""
+    items = []
+    for entry in entries:
+        prompt = ALPACA.format_input(entry)
+        items.append(
+            {
+                "prompt": tokenizer.encode(prompt),
+                "chosen": tokenizer.encode(f"{prompt}\n\n### Response:\n{entry['chosen']}"),
+                "rejected": tokenizer.encode(f"{prompt}\n\n### Response:\n{entry['rejected']}"),
+            }
+        )
+    return items
+
+
+def test_the_books_example_batch_is_collated_as_the_notebook_prints_it(preference_data, tokenizer_dir):
+    """The notebook's first two entries: an (2, 81) batch whose first chosen mask is 50 False, 24 True, 7 False."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    pairs = tokenize_pairs(preference_data[:2], tokenizer, ALPACA, 1024)
+    chosen, rejected, chosen_mask, rejected_mask = collate_pairs(pairs, 1024)
+    assert chosen.shape == rejected.shape == (2, 81)
+    assert chosen_mask[0].tolist() == [False] * 50 + [True] * 24 + [False] * 7
+    assert chosen[0, :5].tolist() == [21106, 318, 281, 12064, 326] and chosen[0, -7:].tolist() == [END_OF_TEXT_ID] * 7
+    assert tokenizer.decode(chosen[0][chosen_mask[0]].tolist()) == (
+        '### Response:\nThe spelling of the given phrase "freind" is incorrect, the correct spelling is "friend".'
+    )
+
+
+@pytest.mark.parametrize("limit", [1024, 60])
+def test_collate_and_masks_equal_the_notebooks_on_the_books_data(preference_data, tokenizer_dir, limit):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    entries = preference_data[100:116]
+    ours = collate_pairs(tokenize_pairs(entries, tokenizer, ALPACA, 1024), limit)
+    book = _book_collate(_book_items(entries, tokenizer), allowed_max_length=limit)
+    for got, key in zip(ours, ("chosen", "rejected", "chosen_mask", "rejected_mask"), strict=True):
+        assert torch.equal(got, book[key]), key
+
+
+def _book_logprobs(logits, labels, selection_mask):
+    """The notebook's ``compute_logprobs``."""
+    labels = labels[:, 1:].clone()
+    logits = logits[:, :-1, :]
+    log_probs = F.log_softmax(logits, dim=-1)
+    selected = torch.gather(input=log_probs, dim=-1, index=labels.unsqueeze(-1)).squeeze(-1)
+    mask = selection_mask[:, 1:].clone()
+    selected = selected * mask
+    return selected.sum(-1) / mask.sum(-1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    width=st.integers(3, 12),
+    seed=st.integers(0, 2**31),
+    beta=st.floats(0.01, 1.0),
+)
+def test_logprobs_and_loss_follow_the_notebooks_formulas(rows, width, seed, beta):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 17, (rows, width), generator=g)
+    mask = torch.rand(rows, width, generator=g) > 0.4
+    mask[:, -1] = True  # at least one masked-in target per row
+    logits = [torch.randn(rows, width, 17, generator=g) for _ in range(4)]
+    ours = [sequence_logprobs(x, tokens, mask, "mean") for x in logits]
+    book = [_book_logprobs(x, tokens, mask) for x in logits]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ours, book, strict=True))
+    summed = sequence_logprobs(logits[0], tokens, mask, "sum")
+    assert torch.allclose(summed, book[0] * mask[:, 1:].sum(-1), atol=1e-5)
+    losses, chosen, rejected = dpo_losses(*ours, beta)
+    # compute_dpo_loss: -logsigmoid(beta * ((pc - pr) - (rc - rr))), rewards p - r
+    pc, pr, rc, rr = book
+    assert torch.allclose(losses, -F.logsigmoid(beta * ((pc - pr) - (rc - rr))), atol=1e-6)
+    assert torch.allclose(chosen, pc - rc, atol=1e-6) and torch.allclose(rejected, pr - rr, atol=1e-6)
+
+
+def test_pairs_with_no_response_left_within_the_context_are_left_out(preference_data, tokenizer_dir):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    pairs = tokenize_pairs(preference_data[:20], tokenizer, ALPACA, 1024)
+    short = tokenize_pairs(preference_data[:20], tokenizer, ALPACA, 46)
+    kept = [p for p in pairs if p.prompt_length + 2 < min(len(p.chosen), len(p.rejected), 46)]
+    assert [p.prompt_length for p in short] == [p.prompt_length for p in kept] and 0 < len(short) < 20
+    _, _, chosen_mask, rejected_mask = collate_pairs(short, 46)
+    assert (chosen_mask[:, 1:].sum(-1) > 0).all() and (rejected_mask[:, 1:].sum(-1) > 0).all()  # no 0/0
+
+
+def _dpo_cfg(model_dir, shared_data, out, **kw) -> DPOConfig:
+    settings = dict(train_limit=40, eval_freq=2, eval_iter=2, precision="fp32", batch_size=4)
+    return DPOConfig(
+        model_dir=str(model_dir),
+        data=str(shared_data / "instruction-data-with-preference.json"),
+        cache=str(shared_data),
+        output=str(out),
+        **settings | kw,
+    )
+
+
+def test_before_any_update_the_loss_is_ln2_and_the_margins_zero(tiny_model_dir, shared_data, tmp_path):
+    task, _ = dpo_task(_dpo_cfg(tiny_model_dir, shared_data, tmp_path))
+    figures = task.evaluator(task.model.eval(), [[0, 1, 2, 3], [4, 5, 6, 7]])
+    assert figures["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert figures["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for split in ("train", "val"):
+        assert figures[f"{split}_chosen_reward"] == figures[f"{split}_rejected_reward"] == 0.0
+
+
+def test_a_lora_reference_is_the_base_without_its_adapters():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=4, n_layers=2)).eval()
+    inputs = torch.randint(0, 64, (2, 10))
+    base = model(inputs)
+    add_adapters(model, 4, 16.0, {"attn.c_attn", "mlp.c_fc", "lm_head"}, 0.0, seed=1)
+    for name, p in model.named_parameters():
+        if name.endswith(".B"):
+            p.data.normal_()  # adapters that change the output
+    assert not torch.allclose(model(inputs), base)
+    with adapters_off(model):
+        assert torch.equal(model(inputs), base)
+    model.train()
+    assert torch.equal(Reference(None).logits(model, inputs), base) and model.training
+    assert not torch.allclose(model.eval()(inputs), base)  # switched back on
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_grows_the_reward_margin_and_writes_the_outputs(tiny_model_dir, shared_data, tmp_path, lora):
+    """Eight pairs, two batches an epoch: every evaluation's training estimate is all eight, so the margin on
+    them moves only by training."""
+    extra = {"lora_rank": 8, "lr": 2e-2} if lora else {"lr": 2e-3}
+    cfg = _dpo_cfg(tiny_model_dir, shared_data, tmp_path, train_limit=8, epochs=6, eval_freq=4, **extra)
+    outputs = run_dpo(cfg)
+    history = json.loads((tmp_path / "losses.json").read_text())
+    assert [h["step"] for h in history] == [0, 4, 8]
+    margins = [h["train_chosen_reward"] - h["train_rejected_reward"] for h in history]
+    assert margins[-1] > margins[0] and history[-1]["train_loss"] < history[0]["train_loss"]
+    expected = {"model", "pth", "losses", "plot", "margins_plot"} | ({"adapter"} if lora else set())
+    assert set(outputs) == expected and all(p.exists() for p in outputs.values())
+    assert outputs["pth"].name == "gpt2-custom-dpo.pth"
+    assert (tmp_path / "reward-margins-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_resumed_run_ends_with_the_same_weights_as_a_straight_one(tiny_model_dir, shared_data, tmp_path):
+    from safetensors.torch import load_file
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_dpo(_dpo_cfg(tiny_model_dir, shared_data, straight, lr=1e-3, max_steps=6))
+    run_dpo(_dpo_cfg(tiny_model_dir, shared_data, resumed, lr=1e-3, max_steps=3))  # checkpointed at 3
+    run_dpo(_dpo_cfg(tiny_model_dir, shared_data, resumed, lr=1e-3, max_steps=6))  # resumes from step 3
+    a, b = (load_file(str(p / "model" / "model.safetensors")) for p in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((straight / "losses.json").read_text()) == json.loads((resumed / "losses.json").read_text())
+
+
+def test_an_entry_without_a_rejected_response_is_exit_1_naming_it(tiny_model_dir, shared_data, tmp_path):
+    entries = json.loads((shared_data / "instruction-data-with-preference.json").read_text())[:30]
+    del entries[7]["rejected"]
+    data = tmp_path / "pref.json"
+    data.write_text(json.dumps(entries))
+    result = cli("dpo", "--model-dir", tiny_model_dir, "--data", data, "--cache", shared_data, "--output", tmp_path)
+    assert result.returncode == ExitCode.BAD_DATA, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Error: dataset {data}: entry 7: field 'rejected' is missing (preference data needs chosen and rejected "
+        "responses) (--skip-invalid drops such entries)"
+    ]
+    assert not (tmp_path / "model").exists()
+
+
+def test_book_log_format_prints_the_notebooks_lines(tiny_model_dir, shared_data, tmp_path):
+    args = ["--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data-with-preference.json"]
+    result = cli(
+        "dpo", *args, "--cache", shared_data, "--output", tmp_path, "--train-limit", "16", "--batch-size", "4",
+        "--max-steps", "2", "--eval-freq", "1", "--precision", "fp32", "--log-format", "book",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    number = r"-?\d\.\d{3}"
+    pattern = (
+        rf"Ep 1 \(Step 00000[01]\): Train loss {number}, Val loss {number}, "
+        rf"Train reward margins {number}, Val reward margins {number}"
+    )
+    assert [bool(re.fullmatch(pattern, line)) for line in lines[:2]] == [True, True]
+    assert lines[-1].startswith("Training completed in ")
+
+
+def test_pairs_are_the_unit_of_the_loss_whatever_the_micro_batches(tiny_model_dir, shared_data, tmp_path):
+    """--grad-accum splits a batch into micro-batches: the same mean over pairs, the same step (within fp32)."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for accum in (1, 2, 4):
+        out = tmp_path / f"accum{accum}"
+        run_dpo(_dpo_cfg(tiny_model_dir, shared_data, out, lr=1e-3, max_steps=3, grad_accum=accum))
+        runs[accum] = load_file(str(out / "model" / "model.safetensors"))
+    for accum in (2, 4):
+        assert max((runs[accum][k] - runs[1][k]).abs().max().item() for k in runs[1]) < 1e-5
+
+
+def _pair(prompt: int, chosen: int, rejected: int) -> Pair:
+    return Pair(prompt, list(range(1, chosen + 1)), list(range(1, rejected + 1)))
+
+
+@given(st.lists(st.tuples(st.integers(1, 20), st.integers(0, 30), st.integers(0, 30)), min_size=1, max_size=6))
+def test_any_batch_pads_to_its_longest_plus_one_and_masks_prompt_and_padding(shapes):
+    pairs = [_pair(p, p + 2 + c, p + 2 + r) for p, c, r in shapes]
+    chosen, rejected, chosen_mask, rejected_mask = collate_pairs(pairs, 1024)
+    width = max(max(len(x.chosen), len(x.rejected)) for x in pairs) + 1
+    assert chosen.shape == rejected.shape == chosen_mask.shape == (len(pairs), width)
+    for row, pair in enumerate(pairs):
+        for seq, mask in ((pair.chosen, chosen_mask[row]), (pair.rejected, rejected_mask[row])):
+            want = [pair.prompt_length + 2 <= i < len(seq) for i in range(width)]
+            assert mask.tolist() == want
