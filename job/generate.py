@@ -125,6 +125,7 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     todo = [(b, batch) for b, batch in enumerate(batches) if not all(i in done for i in batch)]
     log.info(
         "generate_start",
+        model_dir=cfg.model_dir,
         entries=len(test),
         already_done=len(done),
         to_decode=sum(len(x) for _, x in todo),

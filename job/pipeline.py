@@ -181,7 +181,7 @@ class Pipeline:
             self.storage.put_text("config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
         manifest.data.pop("stopped", None)
         manifest.record(status="running")
-        self.metrics.info.labels(version=__version__, model=self._model_label(), run_id=self.run_id).set(1)
+        self.metrics.info.labels(version=__version__, model=_model_label(self.cfg), run_id=self.run_id).set(1)
         return StageRecorder(manifest, self.storage, self.work, self.metrics)
 
     # --- the stages ----------------------------------------------------------------------------
@@ -226,7 +226,7 @@ class Pipeline:
             self.stages.run("judge", self.judge)
         bind(stage="run")
         with self.stages.step("report"):
-            self.report()
+            report(self.storage, self.work, self.remote)
         self.stages.manifest.record(status="complete")
         log.info("run_complete", run_id=self.run_id, output=self.storage.url)
         return self.stages.manifest.data
@@ -302,23 +302,25 @@ class Pipeline:
         run_judge(self.judge_config(), self.metrics)
         return ["scores.json", "summary.json"]
 
-    def report(self) -> None:
-        """``report.html`` from the run's files, beside them."""
-        if self.remote:
-            fetch_inputs(self.storage, self.work)
-        path = write_report(self.work)
-        if self.remote:
-            self.storage.put_file(path, REPORT)
-        log.info("report_written", path=f"{self.storage.url}/{REPORT}")
-
     def _ensure_local(self, keys) -> None:
         """Artifacts of a skipped stage, brought back from storage when this machine lacks them."""
         for key in keys:
             if not (self.work / key).is_file():
                 self.storage.get_file(key, self.work / key)
 
-    def _model_label(self) -> str:
-        return "smoke" if self.cfg.smoke else (self.cfg.model_dir or self.cfg.model)
+
+def report(storage: Storage, work: Path, remote: bool) -> None:
+    """``report.html`` from the run's files, beside them."""
+    if remote:
+        fetch_inputs(storage, work)
+    path = write_report(work)
+    if remote:
+        storage.put_file(path, REPORT)
+    log.info("report_written", path=f"{storage.url}/{REPORT}")
+
+
+def _model_label(cfg: RunConfig) -> str:
+    return "smoke" if cfg.smoke else (cfg.model_dir or cfg.model)
 
 
 def _artifacts(outputs: dict, prefix: str) -> list[str]:

@@ -29,6 +29,7 @@ log = get_logger(__name__)
 
 REPORT = "report.html"
 INPUTS = ("config.yaml", "manifest.json", "losses.json", "loss-plot.png", "summary.json", "scores.json", RESPONSES_FILE)
+DPO_INPUTS = ("dpo/losses.json", "dpo/loss-plot.png", "dpo/reward-margins-plot.png")  # with run --dpo
 HIGHLIGHTED = 5  # best and worst entries marked in the table
 
 STYLE = """
@@ -68,6 +69,13 @@ class LossRecord(BaseModel):
     tokens_seen: int
 
 
+class DPORecord(LossRecord):
+    train_chosen_reward: float
+    train_rejected_reward: float
+    val_chosen_reward: float
+    val_rejected_reward: float
+
+
 class Summary(BaseModel):
     model_config = ConfigDict(extra="allow")
     judge_model: str
@@ -93,6 +101,7 @@ class Entry(BaseModel):
 SHAPES = {
     "manifest.json": ManifestFile,
     "losses.json": list[LossRecord],
+    "dpo/losses.json": list[DPORecord],
     "summary.json": Summary,
     "scores.json": list[Entry],
     RESPONSES_FILE: list[Entry],
@@ -163,7 +172,7 @@ def _entries_table(entries: list[dict]) -> str:
     return f'<table id="entries"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def _figures(manifest, losses, summary, entries) -> list[tuple[str, str]]:
+def _figures(manifest, losses, summary, entries, dpo=None) -> list[tuple[str, str]]:
     figures = [("Run", (manifest or {}).get("run_id", "")), ("Test entries", str(len(entries)))]
     if losses:
         figures += [
@@ -171,6 +180,13 @@ def _figures(manifest, losses, summary, entries) -> list[tuple[str, str]]:
             ("First / last validation loss", f"{losses[0]['val_loss']:.3f} / {losses[-1]['val_loss']:.3f}"),
             ("Last training loss", f"{losses[-1]['train_loss']:.3f}"),
             ("Tokens seen", f"{losses[-1]['tokens_seen']:,}"),
+        ]
+    if dpo:
+        margin = dpo[-1]["val_chosen_reward"] - dpo[-1]["val_rejected_reward"]
+        figures += [
+            ("DPO evaluations", str(len(dpo))),
+            ("DPO first / last validation loss", f"{dpo[0]['val_loss']:.3f} / {dpo[-1]['val_loss']:.3f}"),
+            ("DPO last validation reward margin", f"{margin:.3f}"),
         ]
     if summary:
         mean = "n/a" if summary["mean"] is None else f"{summary['mean']:.2f}"
@@ -193,17 +209,22 @@ def _stages(manifest) -> str:
 
 def render(folder: Path) -> str:
     """The report's HTML from the run files found in ``folder`` (sections without their files say so)."""
-    data = {name: _read(folder, name) for name in INPUTS}
+    data = {name: _read(folder, name) for name in INPUTS + DPO_INPUTS}
     entries = data["scores.json"] or data[RESPONSES_FILE] or []
     scores = [e["score"] for e in entries if e.get("score") is not None]
-    plots = []
-    if data["loss-plot.png"]:
-        plots.append(_png(data["loss-plot.png"], "Training and validation loss"))
+    shown = (
+        ("loss-plot.png", "Training and validation loss"),
+        ("dpo/loss-plot.png", "DPO: training and validation loss"),
+        ("dpo/reward-margins-plot.png", "DPO: training and validation reward margins"),
+    )
+    plots = [_png(data[name], alt) for name, alt in shown if data[name]]
     if scores:
         plots.append(_png(score_histogram(scores), "Judge score histogram"))
     figures = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
-        for k, v in _figures(data["manifest.json"], data["losses.json"], data["summary.json"], entries)
+        for k, v in _figures(
+            data["manifest.json"], data["losses.json"], data["summary.json"], entries, data["dpo/losses.json"]
+        )
     )
     config = yaml.safe_dump(data["config.yaml"], sort_keys=False) if data["config.yaml"] else "(no config.yaml)"
     title = f"sft-job run {html.escape(str((data['manifest.json'] or {}).get('run_id', folder.name)))}"
@@ -226,7 +247,7 @@ def fetch_inputs(storage: Storage, folder: Path) -> None:
     """The report's input files that ``storage`` holds and ``folder`` lacks, copied in. The names are
     fixed: no key read from the bucket becomes a path."""
     present = set(storage.list(""))
-    for name in INPUTS:
+    for name in INPUTS + DPO_INPUTS:
         if name in present and not (folder / name).is_file():
             storage.get_file(name, folder / name)
 

@@ -55,14 +55,14 @@ class TrainState:
 @dataclass
 class Task:
     """What is trained and on what: the model, the objective and evaluator over ``train_size`` examples,
-    and the prompt of the book's sample after each epoch."""
+    and the prompt of the book's sample after each epoch (None: no sample)."""
 
     model: GPTModel
     objective: Objective
     evaluator: Evaluator
     train_size: int
-    tokenizer: tiktoken.Encoding
-    sample_prompt: str
+    tokenizer: tiktoken.Encoding | None
+    sample_prompt: str | None
 
 
 def check_batches(cfg: TrainConfig, world: int, train_examples: int) -> None:
@@ -261,7 +261,7 @@ class Trainer:
     def _log_sample(self) -> None:
         """The book's sample after each epoch: 50 greedy tokens after the sample prompt
         (``generated``, past any end-of-text as the book decodes; ``response``, up to it)."""
-        if not self.roles.keeps_run:
+        if not self.roles.keeps_run or self.task.sample_prompt is None:
             return
         model, tokenizer, prompt = self.trained_model(), self.task.tokenizer, self.task.sample_prompt
         model.eval()

@@ -256,3 +256,46 @@ def test_any_batch_pads_to_its_longest_plus_one_and_masks_prompt_and_padding(sha
         for seq, mask in ((pair.chosen, chosen_mask[row]), (pair.rejected, rejected_mask[row])):
             want = [pair.prompt_length + 2 <= i < len(seq) for i in range(width)]
             assert mask.tolist() == want
+
+
+def test_run_dpo_into_s3_trains_dpo_after_finetune_and_generates_from_the_dpo_model(
+    s3, tiny_model_dir, shared_data, tmp_path
+):
+    from tests.helpers import events
+
+    s3.create_bucket(Bucket="runs")
+    args = [
+        "run", "--dpo", "--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data.json",
+        "--dpo-data", shared_data / "instruction-data-with-preference.json", "--cache", shared_data,
+        "--output", "s3://runs/p", "--run-id", "d1", "--scratch", tmp_path / "scratch", "--skip-judge",
+        "--train-limit", "16", "--batch-size", "4", "--max-steps", "4", "--eval-freq", "2", "--checkpoint-every", "2",
+        "--limit", "4", "--max-new-tokens", "4", "--metrics-port", "0", "--log-format", "json",
+    ]  # fmt: skip
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    manifest = json.loads(s3.get_object(Bucket="runs", Key="p/d1/manifest.json")["Body"].read())
+    assert list(manifest["stages"]) == ["download", "finetune", "dpo", "generate"]
+    assert all(s["status"] == "complete" for s in manifest["stages"].values())
+    dpo_artifacts = set(manifest["stages"]["dpo"]["artifacts"])
+    assert dpo_artifacts == {
+        "dpo/model/model.safetensors",
+        "dpo/model/config.json",
+        "dpo/losses.json",
+        "dpo/loss-plot.png",
+        "dpo/reward-margins-plot.png",
+        "dpo/gpt2-custom-dpo.pth",
+    }
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="runs", Prefix="p/d1/")["Contents"]}
+    assert any(k.startswith("p/d1/dpo/checkpoints/step-00000004/") for k in keys)  # apart from finetune's
+    assert any(k.startswith("p/d1/checkpoints/step-00000004/") for k in keys)
+    [start] = [e for e in events(first.stdout) if e["event"] == "generate_start"]
+    assert start["model_dir"].endswith("/d1/dpo/model")
+    dpo_losses = json.loads(s3.get_object(Bucket="runs", Key="p/d1/dpo/losses.json")["Body"].read())
+    assert [h["step"] for h in dpo_losses] == [0, 2] and "val_chosen_reward" in dpo_losses[0]
+    report = s3.get_object(Bucket="runs", Key="p/d1/report.html")["Body"].read().decode()
+    assert "DPO: training and validation reward margins" in report and "DPO last validation reward margin" in report
+
+    again = cli(*args)  # the same command: every stage verified and skipped
+    assert again.returncode == 0, again.stderr[-3000:]
+    skipped = [e["stage"] for e in events(again.stdout) if e["event"] == "stage_skipped"]
+    assert skipped == ["download", "finetune", "dpo", "generate"]
