@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.dpo import measure_dpo
 from benchmarks.harness import Setup, measure_generation, measure_training, profile_training, run_isolated
 from benchmarks.recipe import measure_recipe, mfu
 
@@ -23,6 +24,7 @@ TASKS = {
     "generate": measure_generation,
     "profile": profile_training,
     "recipe": measure_recipe,
+    "dpo": measure_dpo,
 }
 # The targets: (figure, at least / at most, bound). Ratios are ours / baseline in the same run.
 TARGETS = {
@@ -118,6 +120,8 @@ def plan(mode: str, setup: Setup, tasks: list[str]) -> list[tuple[str, str, Setu
         )
     if "recipe" in tasks:
         runs += [("recipe/ours", "ours", setup), ("recipe/book", "book", setup)]
+    if "dpo" in tasks:  # preference tuning's step, full and LoRA, beside the SFT step of the same shapes
+        runs += [("dpo/ours", "ours", setup), ("dpo/lora", "lora", setup)]
     return runs
 
 
@@ -148,6 +152,11 @@ def summarize(report: dict, mode: str) -> None:
     if full.get("tokens_per_second") and lora.get("tokens_per_second"):
         ratios["train_lora_vs_full"] = ratio(lora["tokens_per_second"], full["tokens_per_second"])
         ratios["train_lora_vs_full_peak_memory"] = ratio(lora["peak_memory_bytes"], full["peak_memory_bytes"])
+    for kind in ("ours", "lora"):  # a DPO step against the SFT step of the same kind (tokens/s, peak memory)
+        dpo, sft = r.get(f"dpo/{kind}", {}), r.get(f"train/{kind}", {})
+        if dpo.get("tokens_per_second") and sft.get("tokens_per_second"):
+            ratios[f"dpo_{kind}_vs_sft_{kind}"] = ratio(dpo["tokens_per_second"], sft["tokens_per_second"])
+            ratios[f"dpo_{kind}_vs_sft_{kind}_peak_memory"] = ratio(dpo["peak_memory_bytes"], sft["peak_memory_bytes"])
     book = r.get("recipe/book", {}).get("loop_seconds")
     for key in ("recipe/ours", "recipe/ours/compiled", "recipe/ours/levers"):
         if book and r.get(key, {}).get("loop_seconds"):
@@ -166,7 +175,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the harness, not the speed")
     parser.add_argument("--out", type=Path, help="JSON file for the figures (default benchmarks/results-MODE.json)")
     parser.add_argument("--data-dir", default=None, help="folder with instruction-data.json and gpt2/ tokenizer files")
-    parser.add_argument("--only", choices=["train", "generate", "recipe", "profile"], action="append")
+    parser.add_argument("--only", choices=["train", "generate", "recipe", "profile", "dpo"], action="append")
     parser.add_argument(
         "--select",
         action="append",
@@ -199,7 +208,8 @@ def main(argv=None) -> int:
     runs = plan(args.mode, setup, tasks)
     if args.select:
         by_key = {
-            r[0]: r for r in plan(args.mode, setup, ["train", "generate", "profile", "recipe"]) + optional_runs(setup)
+            r[0]: r
+            for r in plan(args.mode, setup, ["train", "generate", "profile", "recipe", "dpo"]) + optional_runs(setup)
         }
         unknown = [k for k in args.select if k not in by_key]
         if unknown:

@@ -299,3 +299,38 @@ def test_run_dpo_into_s3_trains_dpo_after_finetune_and_generates_from_the_dpo_mo
     assert again.returncode == 0, again.stderr[-3000:]
     skipped = [e["stage"] for e in events(again.stdout) if e["event"] == "stage_skipped"]
     assert skipped == ["download", "finetune", "dpo", "generate"]
+
+
+def test_sigterm_mid_dpo_exits_75_and_the_rerun_ends_with_the_uninterrupted_weights(
+    tiny_model_dir, shared_data, tmp_path
+):
+    """With LoRA (the reference is the base under the adapters): preempted, checkpointed, resumed, bit for bit."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from tests.helpers import events, start_cli, wait_for_event
+
+    args = [
+        "dpo", "--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data-with-preference.json",
+        "--cache", shared_data, "--lora-rank", "4", "--lr", "1e-3", "--batch-size", "4", "--train-limit", "64",
+        "--eval-freq", "2", "--eval-iter", "1", "--max-steps", "14", "--checkpoint-every", "1000",
+        "--precision", "fp32", "--log-format", "json",
+    ]  # fmt: skip
+    straight = cli(*args, "--output", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    proc = start_cli(*args, "--output", tmp_path / "cut")
+    wait_for_event(proc, lambda e: e.get("event") == "eval" and e["step"] >= 4)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    assert proc.returncode == ExitCode.RETRY
+    [checkpoint] = (tmp_path / "cut" / "checkpoints").iterdir()
+    stopped_at = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    assert 5 <= stopped_at < 14 and not (tmp_path / "cut" / "model").exists()
+    resumed = cli(*args, "--output", tmp_path / "cut")
+    assert resumed.returncode == 0, resumed.stderr
+    assert any(e["event"] == "resumed" and e["step"] == stopped_at for e in events(resumed.stdout))
+    for name in ("model/model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = (load_file(str(tmp_path / run / name)) for run in ("straight", "cut"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (tmp_path / "cut" / "losses.json").read_text() == (tmp_path / "straight" / "losses.json").read_text()
