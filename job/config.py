@@ -643,6 +643,11 @@ def _number(value) -> bool:
 # checkpoints and samples), the code that runs only at those moments.
 # It samples (temperature 1, top-k 50), so the judge sees text: a random model's greedy answer is empty.
 SMOKE_PRESET = {"train_limit": 40, "epochs": 2, "limit": 8, "max_new_tokens": 16, "temperature": 1.0, "top_k": 50}
+SMOKE_DATA = ("smoke", "instruction-data.json")  # in the cache: the smoke's own data (job/smoke.py), no download
+
+
+def smoke_data(cache: str) -> str:
+    return os.path.join(cache, *SMOKE_DATA)
 
 
 @dataclass
@@ -717,6 +722,9 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
             for name, value in SMOKE_PRESET.items():
                 if getattr(self, name) == defaults[name]:
                     setattr(self, name, value)
+            for name in ("data", "dpo_data"):  # the smoke's own data where none is named: no network
+                if getattr(self, name) == defaults[name]:
+                    setattr(self, name, smoke_data(self.cache))
         FinetuneConfig.__post_init__(self)
         DecodingSettings.__post_init__(self)
         JudgeSettings.__post_init__(self)

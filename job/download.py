@@ -25,7 +25,8 @@ from job.model import OPENAI_SIZE_NAMES
 from job.observability import Metrics, get_logger, stderr_is_terminal
 from job.retry import BOTOCORE_RETRIES, Policy, Retried
 from job.storage import sha256_file
-from job.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256
+from job.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, ByteTokenizer, load_tokenizer
+from job.weights import recorded_settings
 
 log = get_logger(__name__)
 
@@ -131,6 +132,15 @@ def model_files(model: str, source: str, base_url: str | None = None) -> list[Re
             for name in HF_FILES
         ]
     raise DownloadError(f"--source {source!r} is not one of openai, hf")
+
+
+def model_tokenizer(model_dir: str | Path | None, cache: str | Path, base_url: str | None = None):
+    """The tokenizer a model was trained with: the smoke's byte tokenizer where its config.json says so
+    (nothing to fetch), else GPT-2's, fetched into the cache where it is missing."""
+    if model_dir and recorded_settings(model_dir).get("tokenizer") == ByteTokenizer.name:
+        return ByteTokenizer()
+    Downloader(Path(cache)).fetch_all(tokenizer_files(base_url))
+    return load_tokenizer(Path(cache) / "gpt2")
 
 
 def hf_repo_id(model: str) -> str:

@@ -10,12 +10,11 @@ from pathlib import Path
 
 from job.config import DPOConfig
 from job.data import PROMPT_STYLES, DataError, load_entries, resolve_data, split_entries
-from job.download import Downloader, tokenizer_files
+from job.download import model_tokenizer
 from job.finetune import load_model, save_outputs, write_config_once
 from job.objectives import DPOEvaluator, DPOObjective, Reference
 from job.observability import Metrics, get_logger
 from job.preference import preference_problem, tokenize_pairs
-from job.tokenizer import load_tokenizer
 from job.train_outputs import plot_reward_margins
 from job.trainer import Task, Trainer
 
@@ -31,8 +30,7 @@ def dpo_task(cfg: DPOConfig) -> tuple[Task, str]:
     train = train[: cfg.train_limit]
     if not train or not val:
         raise DataError(f"preference dataset of {len(entries)} entries is too small for the 85/10/5 split")
-    Downloader(cache).fetch_all(tokenizer_files(cfg.base_url))
-    tokenizer = load_tokenizer(cache / "gpt2")
+    tokenizer = model_tokenizer(cfg.model_dir, cache, cfg.base_url)
     model, name = load_model(cfg)
     style = PROMPT_STYLES[cfg.prompt_style]
     max_length = min(cfg.allowed_max_length, model.cfg.context_length)

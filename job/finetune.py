@@ -7,19 +7,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import tiktoken
 import yaml
 
 from job.config import FinetuneConfig, TrainConfig
 from job.data import PROMPT_STYLES, Collator, Example, load_entries, resolve_data, split_entries, tokenize
-from job.download import Downloader, hf_repo_id, model_files, tokenizer_files
+from job.download import Downloader, hf_repo_id, model_files, model_tokenizer
 from job.download import model_dir as cached_model_dir
 from job.errors import JobError
 from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
 from job.objectives import SFTEvaluator, SFTObjective
 from job.observability import Metrics, get_logger
 from job.storage import atomic_write_text
-from job.tokenizer import load_tokenizer
+from job.tokenizer import Tokenizer
 from job.train_outputs import write_outputs
 from job.trainer import Task, Trainer
 from job.weights import load_pretrained
@@ -32,7 +31,7 @@ class Prepared:
     """The stage's inputs, loaded and validated before any output is written."""
 
     model: GPTModel
-    tokenizer: tiktoken.Encoding
+    tokenizer: Tokenizer
     train: list[Example]
     val: list[Example]
     sample_prompt: str
@@ -48,8 +47,7 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     train = train[: cfg.train_limit]
     if not train or not val:
         raise JobError(f"dataset of {len(entries)} entries is too small for the 85/10/5 split")
-    Downloader(cache).fetch_all(tokenizer_files(cfg.base_url))
-    tokenizer = load_tokenizer(cache / "gpt2")
+    tokenizer = model_tokenizer(cfg.model_dir, cache, cfg.base_url)
     model, name = load_model(cfg)
     style = PROMPT_STYLES[cfg.prompt_style]
     max_length = min(cfg.allowed_max_length, model.cfg.context_length)
@@ -111,6 +109,7 @@ def save_outputs(trainer: Trainer, cfg: TrainConfig, model_name: str, kind: str 
         adapter_base(cfg) if cfg.lora_rank else None,
         cfg.lora_dropout,
         kind,
+        getattr(trainer.task.tokenizer, "name", "gpt2"),
     )
 
 

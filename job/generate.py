@@ -12,13 +12,12 @@ import torch
 from job.config import GenerateConfig, resolve_precision
 from job.data import PROMPT_STYLES, RESPONSES_FILE, DataError, load_entries, resolve_data, split_entries
 from job.decoding import generate, generate_fixed_batch
-from job.download import Downloader, tokenizer_files
+from job.download import model_tokenizer
 from job.errors import ConfigError
 from job.observability import Metrics, Progress, get_logger
-from job.parsing import ParseError, load_json
 from job.storage import atomic_write_text, read_progress
-from job.tokenizer import encode, load_tokenizer
-from job.weights import load_pretrained
+from job.tokenizer import encode
+from job.weights import load_pretrained, recorded_settings
 
 log = get_logger(__name__)
 PROGRESS_FILE = "instruction-data-with-response.progress.jsonl"
@@ -26,17 +25,8 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def saved_prompt_style(model_dir: str | Path) -> str | None:
-    """The prompt style the finetune stage recorded in the model's config.json, if any (a config.json
-    read back from the bucket: anything but a known style is none)."""
-    config = Path(model_dir) / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        recorded = load_json(config.read_bytes(), str(config))
-    except ParseError:
-        return None  # load_pretrained names what is wrong with it
-    ours = recorded.get("sft_job") if isinstance(recorded, dict) else None
-    style = ours.get("prompt_style") if isinstance(ours, dict) else None
+    """The prompt style the finetune stage recorded in the model's config.json, if a known one."""
+    style = recorded_settings(model_dir).get("prompt_style")
     return style if style in PROMPT_STYLES else None
 
 
@@ -94,8 +84,7 @@ def _load(cfg: GenerateConfig):
     entries = load_entries(resolve_data(cfg.data, cache, cfg.base_url), cfg.skip_invalid)
     test = split_entries(entries, cfg.shuffle_seed)[1][: cfg.limit]
     style = PROMPT_STYLES[cfg.prompt_style or saved_prompt_style(cfg.model_dir) or "alpaca"]
-    Downloader(cache).fetch_all(tokenizer_files(cfg.base_url))
-    tokenizer = load_tokenizer(cache / "gpt2")
+    tokenizer = model_tokenizer(cfg.model_dir, cache, cfg.base_url)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return test, style, tokenizer, load_pretrained(cfg.model_dir).to(device).eval(), device
 

@@ -30,10 +30,11 @@ from job.config import (
     parse_duration,
     redacted,
     result_changes,
+    smoke_data,
     stage_config,
 )
 from job.data import PROMPT_STYLES, load_entries, resolve_data, split_entries
-from job.download import Downloader, dataset_file, model_files, tokenizer_files
+from job.download import Downloader, dataset_file, model_files, model_tokenizer, tokenizer_files
 from job.download import model_dir as cached_model_dir
 from job.dpo import run_dpo
 from job.errors import ConfigError, JobError
@@ -48,9 +49,10 @@ from job.parsing import ParseError, load_yaml
 from job.report import REPORT, fetch_inputs, write_report
 from job.roles import Roles
 from job.runlock import run_lock
+from job.smoke import write_smoke_data
 from job.stage_record import StageRecorder
 from job.storage import LocalStorage, Storage, open_storage, upload_tree
-from job.tokenizer import encode, load_tokenizer
+from job.tokenizer import ByteTokenizer, encode
 from job.trainer import check_batches
 from job.weights import read_config, save_hf
 
@@ -146,6 +148,7 @@ class Pipeline:
         if cfg.require_gpu and not torch.cuda.is_available():
             raise JobError("--require-gpu was given but no CUDA device is visible")
         read_key(cfg.checkpoint_key_file)
+        prepare_smoke_data(cfg)
         entries = load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
         train, test, _val = split_entries(entries, cfg.shuffle_seed)
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
@@ -232,12 +235,14 @@ class Pipeline:
         return self.stages.manifest.data
 
     def download(self) -> list[str]:
+        prepare_smoke_data(self.cfg)
         Downloader(Path(self.cfg.cache), metrics=self.metrics).fetch_all(run_files(self.cfg))
         return []
 
     def cache_complete(self) -> bool:
         """The cache is this machine's: the download stage counts as done only where its files are."""
-        return all((Path(self.cfg.cache) / f.relpath).is_file() for f in run_files(self.cfg))
+        files = [Path(self.cfg.cache) / f.relpath for f in run_files(self.cfg)] + smoke_data_used(self.cfg)
+        return all(path.is_file() for path in files)
 
     def finetune(self) -> list[str]:
         start = self._start_model_dir()
@@ -280,7 +285,7 @@ class Pipeline:
         # every node's first process makes it in its own scratch folder: the same seed, the same weights
         if self.roles.prepares_node and not (path / "model.safetensors").is_file():
             torch.manual_seed(cfg.seed)
-            save_hf(GPTModel(SMOKE_MODEL), path)
+            save_hf(GPTModel(SMOKE_MODEL), path, extra_config={"sft_job": {"tokenizer": ByteTokenizer.name}})
         self.roles.together()
         return str(path)
 
@@ -331,9 +336,21 @@ def _artifacts(outputs: dict, prefix: str) -> list[str]:
     return [f"{prefix}{key}" for key in (*FINETUNE_ARTIFACTS, outputs["pth"].name, *adapter)]
 
 
+def smoke_data_used(cfg: RunConfig) -> list[Path]:
+    """The smoke's own dataset, where the run reads it (no --data or --dpo-data named)."""
+    path = smoke_data(cfg.cache)
+    return [Path(path)] if cfg.smoke and path in (cfg.data, cfg.dpo_data) else []
+
+
+def prepare_smoke_data(cfg: RunConfig) -> None:
+    for path in smoke_data_used(cfg):
+        write_smoke_data(path)
+
+
 def run_files(cfg: RunConfig) -> list:
-    """What the run needs in the cache: tokenizer, the named model's weights, a remote dataset."""
-    files = tokenizer_files(cfg.base_url)
+    """What the run needs in the cache: GPT-2's tokenizer (the smoke's is made in memory), the named model's
+    weights, a remote dataset."""
+    files = [] if cfg.smoke else tokenizer_files(cfg.base_url)
     if not (cfg.smoke or cfg.model_dir):
         files += model_files(cfg.model, cfg.source, cfg.base_url)
     datasets = [cfg.data, cfg.dpo_data] if cfg.dpo else [cfg.data]
@@ -350,9 +367,7 @@ def check_model_fit(cfg: RunConfig, test: list[dict]) -> None:
         shape = read_config(cfg.model_dir) if cfg.model_dir else GPT2_SIZES[cfg.model]
     if cfg.lora_rank is not None and cfg.lora_rank > shape.emb_dim:
         raise ConfigError(f"--lora-rank {cfg.lora_rank} is more than the model's width of {shape.emb_dim}")
-    cache = Path(cfg.cache)
-    Downloader(cache).fetch_all(tokenizer_files(cfg.base_url))
-    tokenizer = load_tokenizer(cache / "gpt2")
+    tokenizer = ByteTokenizer() if cfg.smoke else model_tokenizer(cfg.model_dir, cfg.cache, cfg.base_url)
     style = PROMPT_STYLES[cfg.prompt_style]
     longest, which = longest_prompt([encode(tokenizer, style.format_input(e)) for e in test])
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)

@@ -62,6 +62,29 @@ def _tiktoken_cache_disabled():
             os.environ["TIKTOKEN_CACHE_DIR"] = previous
 
 
-def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
+class ByteTokenizer:
+    """The smoke's tokenizer, made in memory (no file, no network): each UTF-8 byte is its own token, and
+    ``<|endoftext|>`` is GPT-2's end token, so every model of GPT-2's vocabulary takes its ids."""
+
+    name = "bytes"
+    n_vocab = 50257
+
+    def encode(self, text: str, allowed_special=frozenset()) -> list[int]:
+        parts = text.split(END_OF_TEXT) if END_OF_TEXT in allowed_special else [text]
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            ids += ([END_OF_TEXT_ID] if i else []) + list(part.encode("utf-8"))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of the byte tokens; a character cut at the end (or an id that is no byte) is dropped."""
+        data = bytes(i for i in ids if i < 256)
+        return data.decode("utf-8", errors="ignore")
+
+
+Tokenizer = tiktoken.Encoding | ByteTokenizer
+
+
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids of ``text``; ``<|endoftext|>`` in the text is the special token, as in the book."""
     return tokenizer.encode(text, allowed_special={END_OF_TEXT})

@@ -25,18 +25,21 @@ def write_outputs(
     adapter_base: str | None = None,
     lora_dropout: float = 0.0,
     kind: str = "sft",
+    tokenizer: str = "gpt2",
 ) -> dict[str, Path]:
     """The outputs of a trained ``model`` into ``out``; with ``adapter_base`` (LoRA) the adapter alone
     first, naming that base model, then the model with the adapters merged. ``epochs``: how many were
     trained (a fraction where training stopped early), the plot's x-axis; ``kind`` names the ``.pth``
-    (``gpt2-medium355M-sft.pth``, ``-dpo.pth``)."""
+    (``gpt2-medium355M-sft.pth``, ``-dpo.pth``); a ``tokenizer`` other than GPT-2's (the smoke's bytes) is
+    recorded in config.json, where the next stage reads it."""
     written = {}
     if adapter_base is not None:
         written["adapter"] = save_peft_adapter(model, out / "adapter", adapter_base, lora_dropout)
         merge_adapters(model)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     ensure_room(out, 2 * params, "the final model (safetensors and the book's .pth)")
-    save_hf(model, out / "model", extra_config={"sft_job": {"prompt_style": prompt_style}})
+    recorded = {"prompt_style": prompt_style} | ({"tokenizer": tokenizer} if tokenizer != "gpt2" else {})
+    save_hf(model, out / "model", extra_config={"sft_job": recorded})
     pth = out / f"{book_name}-{kind}.pth"
     with atomic_path(pth) as tmp:
         torch.save(book_state_dict(model), tmp)

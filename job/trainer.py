@@ -17,7 +17,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tiktoken
 import torch
 
 from job.checkpoint import CheckpointManager
@@ -31,7 +30,7 @@ from job.objectives import Evaluator, Objective
 from job.observability import Metrics, Progress, get_logger
 from job.order import data_order
 from job.roles import Roles
-from job.tokenizer import END_OF_TEXT_ID, encode
+from job.tokenizer import END_OF_TEXT_ID, Tokenizer, encode
 
 log = get_logger(__name__)
 
@@ -61,7 +60,7 @@ class Task:
     objective: Objective
     evaluator: Evaluator
     train_size: int
-    tokenizer: tiktoken.Encoding | None
+    tokenizer: Tokenizer | None
     sample_prompt: str | None
 
 

@@ -57,6 +57,21 @@ def detect_layout(path: str | Path) -> str:
     )
 
 
+def recorded_settings(model_dir: str | Path) -> dict:
+    """What sft-job recorded in a model folder's config.json (``sft_job``: the prompt style it was
+    finetuned with, the smoke's tokenizer), or {} (a config.json read back from a bucket may hold anything:
+    load_pretrained names what is wrong with it)."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        recorded = load_json(config.read_bytes(), str(config))
+    except ParseError:
+        return {}
+    ours = recorded.get("sft_job") if isinstance(recorded, dict) else None
+    return ours if isinstance(ours, dict) else {}
+
+
 def read_config(path: str | Path) -> GPTConfig:
     """The model's shape from a local folder in either layout, without reading its weights."""
     path = Path(path)

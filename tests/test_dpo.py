@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -334,3 +335,35 @@ def test_sigterm_mid_dpo_exits_75_and_the_rerun_ends_with_the_uninterrupted_weig
         a, b = (load_file(str(tmp_path / run / name)) for run in ("straight", "cut"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert (tmp_path / "cut" / "losses.json").read_text() == (tmp_path / "straight" / "losses.json").read_text()
+
+
+def test_run_smoke_dpo_needs_no_network_and_no_cache(tmp_path):
+    """The smoke makes what it needs (its model, its data with chosen and rejected, its byte tokenizer): with
+    an empty cache and every proxy pointing at a closed port, `run --smoke --dpo` completes."""
+    from tests.helpers import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {
+        "HTTP_PROXY": dead,
+        "HTTPS_PROXY": dead,
+        "http_proxy": dead,
+        "https_proxy": dead,
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    result = cli(
+        "run", "--smoke", "--dpo", "--skip-judge", "--cache", cache, "--output", runs, "--run-id", "offline",
+        "--metrics-port", "0", "--log-format", "json", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = runs / "offline"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["download", "finetune", "dpo", "generate"] and manifest["status"] == "complete"
+    assert [p.name for p in cache.iterdir()] == ["smoke"]  # nothing downloaded: only the smoke's own data
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["data"] == config["dpo_data"] == str(cache / "smoke" / "instruction-data.json")
+    responses = json.loads((run / "instruction-data-with-response.json").read_text())
+    assert len(responses) == 8 and all(isinstance(r["model_response"], str) for r in responses)
+    report = (run / "report.html").read_text()
+    assert "DPO: training and validation reward margins" in report

@@ -28,6 +28,7 @@ LAYERS = {
     "weights": 2,
     "data": 2,
     "preference": 2,
+    "smoke": 2,
     "order": 2,
     "lora": 2,
     "download": 2,

@@ -1,8 +1,10 @@
 import shutil
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from job.tokenizer import END_OF_TEXT_ID, TokenizerError, encode, load_tokenizer
+from job.tokenizer import END_OF_TEXT_ID, ByteTokenizer, TokenizerError, encode, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +40,19 @@ def test_tampered_or_missing_files_are_refused(tokenizer_dir, tmp_path):
     (tmp_path / "vocab.bpe").write_text("#version: 0.2\n")
     with pytest.raises(TokenizerError, match="vocab.bpe has sha256"):
         load_tokenizer(tmp_path)
+
+
+@given(st.text())
+def test_the_smokes_byte_tokenizer_gives_back_any_text(text):
+    tokenizer = ByteTokenizer()
+    ids = encode(tokenizer, text)
+    assert tokenizer.decode(ids) == text.replace("<|endoftext|>", "")
+    assert all(0 <= i < 256 or i == END_OF_TEXT_ID for i in ids)
+    assert ids.count(END_OF_TEXT_ID) == text.count("<|endoftext|>")
+
+
+def test_the_byte_tokenizer_drops_a_character_cut_at_the_end():
+    tokenizer = ByteTokenizer()
+    ids = tokenizer.encode("naïve €")
+    assert tokenizer.decode(ids[:-1]) == "naïve " and tokenizer.decode(ids) == "naïve €"
+    assert tokenizer.encode("a<|endoftext|>b") == list(b"a<|endoftext|>b")  # special only where allowed
