@@ -216,14 +216,15 @@ class Pipeline:
         elif self.roles.prepares_node and not self.cache_complete():
             self.download()  # another node: the cache is this machine's (the main one records the stage)
         self.roles.together()
+        training = ["finetune", "dpo"] if self.cfg.dpo else ["finetune"]
+        done = self.roles.main_decides(lambda: {name: self.stages.is_done(name) for name in training})
         if not self.roles.keeps_run:  # every process trains; the main one records the stages
-            self.finetune()
-            if self.cfg.dpo:
-                self.dpo()
+            for name in training:
+                if not done[name]:
+                    getattr(self, name)()
             return {}
-        self.stages.run("finetune", self.finetune)
-        if self.cfg.dpo:
-            self.stages.run("dpo", self.dpo)
+        for name in training:  # as decided for every process
+            self.stages.run(name, getattr(self, name), done=lambda name=name: done[name])
         self.stages.run("generate", self.generate)
         if not self.cfg.skip_judge:
             self.stages.run("judge", self.judge)

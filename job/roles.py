@@ -17,12 +17,18 @@ process among them), every process.
   uploads it, logs evaluations and samples, records the stage and writes the outputs.
 - generate, judge, report: the main process alone; the others return once training's outputs are written.
 - metrics: the main process serves /metrics and pushes to the Pushgateway.
+
+Whether a training stage runs is the main process's to say (its manifest may mark it done): it tells
+every process (``main_decides``), so a rerun of a finished run does not leave the others training alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Group(Protocol):
@@ -65,3 +71,14 @@ class Roles:
     def together(self) -> None:
         """The barrier: no process goes on before every process got here."""
         self.group.wait_for_everyone()
+
+    def main_decides(self, decide: Callable[[], T]) -> T:
+        """``decide()`` on the main process, its answer given to every process (a collective): what only the
+        main process can know (the manifest) but every process must act on (whether a stage runs)."""
+        if self.world == 1:
+            return decide()
+        from accelerate.utils import broadcast_object_list
+
+        box = [decide() if self.keeps_run else None]
+        broadcast_object_list(box, from_process=0)
+        return box[0]

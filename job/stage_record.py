@@ -26,12 +26,18 @@ class StageRecorder:
         self.current: str | None = None  # the stage (or step) running now
         self.last_done: str | None = None  # the last one done, or skipped as done
 
+    def is_done(self, name: str, done: Callable[[], bool] | None = None) -> bool:
+        """The manifest marks the stage complete and ``done`` (default: its artifacts' sha256 still match)
+        confirms it."""
+        return (
+            self.manifest.stage(name).get("status") == "complete" and (done or (lambda: self.manifest.verified(name)))()
+        )
+
     def run(self, name: str, body: Callable[[], list[str] | None], done: Callable[[], bool] | None = None) -> None:
-        """``body`` (which returns its artifacts' keys) unless the manifest marks the stage complete and
-        ``done`` (default: its artifacts' sha256 still match) confirms it."""
+        """``body`` (which returns its artifacts' keys) unless ``is_done`` says the stage is done."""
         bind(stage=name)
         m = self.metrics
-        if self.manifest.stage(name).get("status") == "complete" and (done or (lambda: self.manifest.verified(name)))():
+        if self.is_done(name, done):
             log.info("stage_skipped", reason="complete in manifest, artifacts verified")
             m.stage_status.labels(stage=name).set(StageStatus.DONE)
             self.last_done = name

@@ -101,6 +101,14 @@ def test_two_nodes_share_one_run_and_resume_it_from_s3_after_one_node_is_stopped
     assert [manifest["stages"][s]["status"] for s in ("download", "finetune", "generate")] == ["complete"] * 3
     uploaded = sum(meta["size"] for s in manifest["stages"].values() for meta in s.get("artifacts", {}).values())
 
+    # the same command again on both nodes: the main process finds every stage done and says so to the
+    # others, so no process trains alone and waits for the rest (it used to hang in the outputs' barrier)
+    again = _finish(_start_nodes(tiny_model_dir, shared_data, tmp_path, "two"))
+    assert [code for code, _, _ in again] == [0, 0], [e[-2000:] for _, _, e in again]
+    skipped = [e["stage"] for e in events(again[0][1]) if e["event"] == "stage_skipped"]
+    assert skipped == ["download", "finetune", "generate"]
+    assert not [e for _, out, _ in again for e in events(out) if e["event"] in ("eval", "finetune_start")]
+
     # the same global batch on one node and one process
     one_args = _node_args(tiny_model_dir, shared_data, tmp_path / "one", "one")
     single = cli(*one_args)
