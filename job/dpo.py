@@ -9,9 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from job.config import DPOConfig
-from job.data import PROMPT_STYLES, DataError, load_entries, resolve_data, split_entries
-from job.download import model_tokenizer
-from job.finetune import load_model, save_outputs, write_config_once
+from job.finetune import load_inputs, save_outputs, write_config_once
 from job.objectives import DPOEvaluator, DPOObjective, Reference
 from job.observability import Metrics, get_logger
 from job.preference import preference_problem, tokenize_pairs
@@ -24,17 +22,9 @@ log = get_logger(__name__)
 def dpo_task(cfg: DPOConfig) -> tuple[Task, str]:
     """The dataset first (a bad one fails before any model loads), then the tokenizer and the model; the
     task, and the book-style name of the model's size."""
-    cache = Path(cfg.cache)
-    entries = load_entries(resolve_data(cfg.data, cache, cfg.base_url), cfg.skip_invalid, preference_problem)
-    train, _test, val = split_entries(entries, cfg.shuffle_seed)
-    train = train[: cfg.train_limit]
-    if not train or not val:
-        raise DataError(f"preference dataset of {len(entries)} entries is too small for the 85/10/5 split")
-    tokenizer = model_tokenizer(cfg.model_dir, cache, cfg.base_url)
-    model, name = load_model(cfg)
-    style = PROMPT_STYLES[cfg.prompt_style]
-    max_length = min(cfg.allowed_max_length, model.cfg.context_length)
-    pairs, val_pairs = (tokenize_pairs(split, tokenizer, style, max_length) for split in (train, val))
+    inputs = load_inputs(cfg, preference_problem)
+    model, tokenizer, style, max_length = inputs.model, inputs.tokenizer, inputs.style, inputs.max_length
+    pairs, val_pairs = (tokenize_pairs(split, tokenizer, style, max_length) for split in (inputs.train, inputs.val))
     # Full DPO holds the starting model, frozen; with LoRA the reference is the base under the adapters.
     reference = Reference(None if cfg.lora_rank else copy.deepcopy(model))
     objective = DPOObjective(pairs, max_length, cfg.beta, cfg.logprob_reduction, reference)
@@ -44,9 +34,9 @@ def dpo_task(cfg: DPOConfig) -> tuple[Task, str]:
         evaluator=DPOEvaluator(objective, val_pairs, cfg.batch_size, cfg.eval_iter),
         train_size=len(pairs),
         tokenizer=tokenizer,
-        sample_prompt=style.format_input(val[min(2, len(val) - 1)]),  # the book's sample: val_data[2]
+        sample_prompt=style.format_input(inputs.val[min(2, len(inputs.val) - 1)]),  # the book's: val_data[2]
     )
-    return task, name
+    return task, inputs.model_name
 
 
 def run_dpo(

@@ -10,10 +10,20 @@ from pathlib import Path
 import yaml
 
 from job.config import FinetuneConfig, TrainConfig
-from job.data import PROMPT_STYLES, Collator, Example, load_entries, resolve_data, split_entries, tokenize
+from job.data import (
+    PROMPT_STYLES,
+    Collator,
+    DataError,
+    Example,
+    PromptStyle,
+    entry_problem,
+    load_entries,
+    resolve_data,
+    split_entries,
+    tokenize,
+)
 from job.download import Downloader, hf_repo_id, model_files, model_tokenizer
 from job.download import model_dir as cached_model_dir
-from job.errors import JobError
 from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
 from job.objectives import SFTEvaluator, SFTObjective
 from job.observability import Metrics, get_logger
@@ -39,25 +49,46 @@ class Prepared:
     max_length: int
 
 
-def prepare(cfg: FinetuneConfig) -> Prepared:
-    """Dataset first (a bad one fails before any model loads), then tokenizer and model."""
+@dataclass
+class Inputs:
+    """A training stage's inputs before tokenizing: its splits (the book's 85/10/5), tokenizer, model (and
+    the book-style name of its size), prompt style and the longest sequence it trains on."""
+
+    train: list[dict]
+    val: list[dict]
+    tokenizer: Tokenizer
+    model: GPTModel
+    model_name: str
+    style: PromptStyle
+    max_length: int
+
+
+def load_inputs(cfg: TrainConfig, check=entry_problem) -> Inputs:
+    """The dataset first (a bad one fails before any model loads; ``check`` says what a bad entry is), then
+    the tokenizer and the model."""
     cache = Path(cfg.cache)
-    entries = load_entries(resolve_data(cfg.data, cache, cfg.base_url), cfg.skip_invalid)
+    entries = load_entries(resolve_data(cfg.data, cache, cfg.base_url), cfg.skip_invalid, check)
     train, _test, val = split_entries(entries, cfg.shuffle_seed)
     train = train[: cfg.train_limit]
     if not train or not val:
-        raise JobError(f"dataset of {len(entries)} entries is too small for the 85/10/5 split")
+        raise DataError(f"dataset of {len(entries)} entries is too small for the 85/10/5 split")
     tokenizer = model_tokenizer(cfg.model_dir, cache, cfg.base_url)
     model, name = load_model(cfg)
-    style = PROMPT_STYLES[cfg.prompt_style]
     max_length = min(cfg.allowed_max_length, model.cfg.context_length)
+    return Inputs(train, val, tokenizer, model, name, PROMPT_STYLES[cfg.prompt_style], max_length)
+
+
+def prepare(cfg: FinetuneConfig) -> Prepared:
+    """The stage's inputs, the examples tokenized."""
+    inputs = load_inputs(cfg)
+    tokenizer, style, max_length = inputs.tokenizer, inputs.style, inputs.max_length
     return Prepared(
-        model=model,
+        model=inputs.model,
         tokenizer=tokenizer,
-        train=tokenize(train, tokenizer, style, max_length),
-        val=tokenize(val, tokenizer, style, max_length),
-        sample_prompt=style.format_input(val[0]),
-        model_name=name,
+        train=tokenize(inputs.train, tokenizer, style, max_length),
+        val=tokenize(inputs.val, tokenizer, style, max_length),
+        sample_prompt=style.format_input(inputs.val[0]),
+        model_name=inputs.model_name,
         max_length=max_length,
     )
 

@@ -367,3 +367,18 @@ def test_run_smoke_dpo_needs_no_network_and_no_cache(tmp_path):
     assert len(responses) == 8 and all(isinstance(r["model_response"], str) for r in responses)
     report = (run / "report.html").read_text()
     assert "DPO: training and validation reward margins" in report
+
+
+@pytest.mark.parametrize("stage", ["finetune", "dpo"])
+def test_a_dataset_too_small_for_the_split_fails_before_any_model_loads(stage, preference_data, shared_data, tmp_path):
+    from job.config import FinetuneConfig
+    from job.data import DataError
+    from job.finetune import load_inputs
+    from job.preference import preference_problem
+
+    data = tmp_path / "one.json"
+    data.write_text(json.dumps(preference_data[:1]))  # no training entry in 85 % of one
+    cls, check = (FinetuneConfig, None) if stage == "finetune" else (DPOConfig, preference_problem)
+    cfg = cls(model_dir=str(tmp_path / "no-model"), data=str(data), cache=str(shared_data), output=str(tmp_path))
+    with pytest.raises(DataError, match=r"^dataset of 1 entries is too small for the 85/10/5 split$"):
+        load_inputs(cfg, check) if check else load_inputs(cfg)
