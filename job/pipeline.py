@@ -291,28 +291,41 @@ class Pipeline:
         return str(path)
 
     def generate(self) -> list[str]:
-        """Responses of the last model trained: the finetuned one, or with --dpo the DPO one."""
-        trained = "dpo/" if self.cfg.dpo else ""
-        self._ensure_local([f"{trained}{key}" for key in FINETUNE_ARTIFACTS[:2]])
-        work = str(self.work)
-        cfg = stage_config(self.cfg, "generate", GenerateConfig, model_dir=f"{work}/{trained}model", output=work)
-        run_generate(cfg, self.metrics)
-        return [RESPONSES_FILE]
+        """Responses of the last model trained; with --dpo also the finetuned model's, under sft/."""
+        keys = []
+        for trained, out in generated_from(self.cfg):
+            self._ensure_local([f"{trained}{key}" for key in FINETUNE_ARTIFACTS[:2]])
+            model, folder = str(self.work / trained / "model"), str(self.work / out)
+            run_generate(
+                stage_config(self.cfg, "generate", GenerateConfig, model_dir=model, output=folder), self.metrics
+            )
+            keys.append(f"{out}{RESPONSES_FILE}")
+        return keys
 
-    def judge_config(self) -> JudgeConfig:
-        responses = str(self.work / RESPONSES_FILE)
-        return stage_config(self.cfg, "judge", JudgeConfig, responses=responses, output=str(self.work))
+    def judge_config(self, out: str = "") -> JudgeConfig:
+        folder = self.work / out
+        return stage_config(self.cfg, "judge", JudgeConfig, responses=str(folder / RESPONSES_FILE), output=str(folder))
 
     def judge(self) -> list[str]:
-        self._ensure_local([RESPONSES_FILE])
-        run_judge(self.judge_config(), self.metrics)
-        return ["scores.json", "summary.json"]
+        keys = []
+        for _trained, out in generated_from(self.cfg):
+            self._ensure_local([f"{out}{RESPONSES_FILE}"])
+            run_judge(self.judge_config(out), self.metrics)
+            keys += [f"{out}scores.json", f"{out}summary.json"]
+        return keys
 
     def _ensure_local(self, keys) -> None:
         """Artifacts of a skipped stage, brought back from storage when this machine lacks them."""
         for key in keys:
             if not (self.work / key).is_file():
                 self.storage.get_file(key, self.work / key)
+
+
+def generated_from(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(model folder, output folder) in the run for each model generate and judge answer with: the model
+    trained; with --dpo first the finetuned one (its files under sft/), then the DPO one, as the book's
+    notebook sets the reference's responses beside the policy's. The last one's are the run's results."""
+    return [("", "sft/"), ("dpo/", "")] if cfg.dpo else [("", "")]
 
 
 def report(storage: Storage, work: Path, remote: bool) -> None:

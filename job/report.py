@@ -29,7 +29,13 @@ log = get_logger(__name__)
 
 REPORT = "report.html"
 INPUTS = ("config.yaml", "manifest.json", "losses.json", "loss-plot.png", "summary.json", "scores.json", RESPONSES_FILE)
-DPO_INPUTS = ("dpo/losses.json", "dpo/loss-plot.png", "dpo/reward-margins-plot.png")  # with run --dpo
+DPO_INPUTS = (  # with run --dpo: the DPO stage's curves, and the finetuned model's responses and scores
+    "dpo/losses.json",
+    "dpo/loss-plot.png",
+    "dpo/reward-margins-plot.png",
+    "sft/scores.json",
+    f"sft/{RESPONSES_FILE}",
+)
 HIGHLIGHTED = 5  # best and worst entries marked in the table
 
 STYLE = """
@@ -105,6 +111,8 @@ SHAPES = {
     "summary.json": Summary,
     "scores.json": list[Entry],
     RESPONSES_FILE: list[Entry],
+    "sft/scores.json": list[Entry],
+    f"sft/{RESPONSES_FILE}": list[Entry],
     "config.yaml": dict[str, Any],
 }
 
@@ -172,6 +180,27 @@ def _entries_table(entries: list[dict]) -> str:
     return f'<table id="entries"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
+def _side_by_side(finetuned: list[dict], tuned: list[dict]) -> str:
+    """With --dpo: each test entry's response and score from the finetuned model beside the DPO model's."""
+    if not finetuned:
+        return ""
+
+    def cell(text) -> str:
+        return f"<td>{html.escape(str(text))}</td>"
+
+    rows = "".join(
+        f"<tr>{cell(i + 1)}{cell(a.get('instruction', ''))}{cell(a.get('model_response', ''))}"
+        f"{cell(_score(a))}{cell(b.get('model_response', ''))}{cell(_score(b))}</tr>"
+        for i, (a, b) in enumerate(zip(finetuned, tuned, strict=False))
+    )
+    head = "".join(f"<th>{h}</th>" for h in ("#", "Instruction", "Finetuned", "Score", "After DPO", "Score"))
+    return f'<h2>Finetuned and after DPO</h2><table id="compared"><tr>{head}</tr>{rows}</table>'
+
+
+def _score(entry: dict) -> str:
+    return "–" if entry.get("score") is None else str(entry["score"])
+
+
 def _figures(manifest, losses, summary, entries, dpo=None) -> list[tuple[str, str]]:
     figures = [("Run", (manifest or {}).get("run_id", "")), ("Test entries", str(len(entries)))]
     if losses:
@@ -234,6 +263,7 @@ def render(folder: Path) -> str:
 <h2>Figures</h2><table class="figures">{figures}</table>
 <h2>Plots</h2><div class="plots">{"".join(plots) or "<p>No loss history or scores yet.</p>"}</div>
 <h2>Stages</h2>{_stages(data["manifest.json"])}
+{_side_by_side(data["sft/scores.json"] or data[f"sft/{RESPONSES_FILE}"] or [], entries)}
 <h2>Responses and scores</h2>
 <p>Click a column's header to sort by it. Green rows are the {HIGHLIGHTED} best scores, red the {HIGHLIGHTED} worst.</p>
 {_entries_table(entries) if entries else "<p>No responses yet.</p>"}

@@ -259,8 +259,8 @@ def test_any_batch_pads_to_its_longest_plus_one_and_masks_prompt_and_padding(sha
             assert mask.tolist() == want
 
 
-def test_run_dpo_into_s3_trains_dpo_after_finetune_and_generates_from_the_dpo_model(
-    s3, tiny_model_dir, shared_data, tmp_path
+def test_run_dpo_into_s3_trains_dpo_after_finetune_and_judges_both_models(
+    s3, tiny_model_dir, shared_data, ollama, tmp_path
 ):
     from tests.helpers import events
 
@@ -268,15 +268,26 @@ def test_run_dpo_into_s3_trains_dpo_after_finetune_and_generates_from_the_dpo_mo
     args = [
         "run", "--dpo", "--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data.json",
         "--dpo-data", shared_data / "instruction-data-with-preference.json", "--cache", shared_data,
-        "--output", "s3://runs/p", "--run-id", "d1", "--scratch", tmp_path / "scratch", "--skip-judge",
+        "--output", "s3://runs/p", "--run-id", "d1", "--scratch", tmp_path / "scratch", "--judge-url", ollama.url,
         "--train-limit", "16", "--batch-size", "4", "--max-steps", "4", "--eval-freq", "2", "--checkpoint-every", "2",
         "--limit", "4", "--max-new-tokens", "4", "--metrics-port", "0", "--log-format", "json",
     ]  # fmt: skip
     first = cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     manifest = json.loads(s3.get_object(Bucket="runs", Key="p/d1/manifest.json")["Body"].read())
-    assert list(manifest["stages"]) == ["download", "finetune", "dpo", "generate"]
+    assert list(manifest["stages"]) == ["download", "finetune", "dpo", "generate", "judge"]
     assert all(s["status"] == "complete" for s in manifest["stages"].values())
+    # the finetuned model's responses and scores beside the DPO model's (the run's results at the top)
+    assert set(manifest["stages"]["generate"]["artifacts"]) == {
+        "sft/instruction-data-with-response.json",
+        "instruction-data-with-response.json",
+    }
+    assert set(manifest["stages"]["judge"]["artifacts"]) == {
+        "sft/scores.json",
+        "sft/summary.json",
+        "scores.json",
+        "summary.json",
+    }
     dpo_artifacts = set(manifest["stages"]["dpo"]["artifacts"])
     assert dpo_artifacts == {
         "dpo/model/model.safetensors",
@@ -289,17 +300,19 @@ def test_run_dpo_into_s3_trains_dpo_after_finetune_and_generates_from_the_dpo_mo
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="runs", Prefix="p/d1/")["Contents"]}
     assert any(k.startswith("p/d1/dpo/checkpoints/step-00000004/") for k in keys)  # apart from finetune's
     assert any(k.startswith("p/d1/checkpoints/step-00000004/") for k in keys)
-    [start] = [e for e in events(first.stdout) if e["event"] == "generate_start"]
-    assert start["model_dir"].endswith("/d1/dpo/model")
+    starts = [e["model_dir"] for e in events(first.stdout) if e["event"] == "generate_start"]
+    assert [d.rsplit("/d1/", 1)[1] for d in starts] == ["model", "dpo/model"]
     dpo_losses = json.loads(s3.get_object(Bucket="runs", Key="p/d1/dpo/losses.json")["Body"].read())
     assert [h["step"] for h in dpo_losses] == [0, 2] and "val_chosen_reward" in dpo_losses[0]
     report = s3.get_object(Bucket="runs", Key="p/d1/report.html")["Body"].read().decode()
     assert "DPO: training and validation reward margins" in report and "DPO last validation reward margin" in report
+    compared = report.split('<table id="compared">')[1].split("</table>")[0]
+    assert compared.count("<tr>") == 1 + 4 and "After DPO" in compared  # the header and the 4 test entries
 
     again = cli(*args)  # the same command: every stage verified and skipped
     assert again.returncode == 0, again.stderr[-3000:]
     skipped = [e["stage"] for e in events(again.stdout) if e["event"] == "stage_skipped"]
-    assert skipped == ["download", "finetune", "dpo", "generate"]
+    assert skipped == ["download", "finetune", "dpo", "generate", "judge"]
 
 
 def test_sigterm_mid_dpo_exits_75_and_the_rerun_ends_with_the_uninterrupted_weights(
