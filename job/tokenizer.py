@@ -77,9 +77,18 @@ class ByteTokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        """The text of the byte tokens; a character cut at the end (or an id that is no byte) is dropped."""
-        data = bytes(i for i in ids if i < 256)
-        return data.decode("utf-8", errors="ignore")
+        """The text of the tokens: runs of bytes as UTF-8 (a character cut short is dropped), the end token as
+        ``<|endoftext|>`` (as tiktoken writes it), and an id of the vocabulary that is no byte (a random model
+        samples them) as U+FFFD, so it still shows as text."""
+        parts, run = [], bytearray()
+        for i in ids:
+            if i < 256:
+                run.append(i)
+                continue
+            parts.append(run.decode("utf-8", errors="ignore"))
+            parts.append(END_OF_TEXT if i == END_OF_TEXT_ID else "\ufffd")
+            run = bytearray()
+        return "".join(parts) + run.decode("utf-8", errors="ignore")
 
 
 Tokenizer = tiktoken.Encoding | ByteTokenizer

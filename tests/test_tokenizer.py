@@ -46,7 +46,7 @@ def test_tampered_or_missing_files_are_refused(tokenizer_dir, tmp_path):
 def test_the_smokes_byte_tokenizer_gives_back_any_text(text):
     tokenizer = ByteTokenizer()
     ids = encode(tokenizer, text)
-    assert tokenizer.decode(ids) == text.replace("<|endoftext|>", "")
+    assert tokenizer.decode(ids) == text
     assert all(0 <= i < 256 or i == END_OF_TEXT_ID for i in ids)
     assert ids.count(END_OF_TEXT_ID) == text.count("<|endoftext|>")
 
@@ -56,3 +56,4 @@ def test_the_byte_tokenizer_drops_a_character_cut_at_the_end():
     ids = tokenizer.encode("naïve €")
     assert tokenizer.decode(ids[:-1]) == "naïve " and tokenizer.decode(ids) == "naïve €"
     assert tokenizer.encode("a<|endoftext|>b") == list(b"a<|endoftext|>b")  # special only where allowed
+    assert tokenizer.decode([104, 105, 300, END_OF_TEXT_ID]) == "hi\ufffd<|endoftext|>"  # no byte: shown, not lost
