@@ -275,6 +275,7 @@ def test_any_checkpoint_file_passes_its_checks_or_is_named(name, value):
 def test_any_report_input_is_read_or_refused_naming_it(name, value):
     with tempfile.TemporaryDirectory() as tmp:
         data = value if isinstance(value, bytes) else _json_text(value).encode()
+        (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)  # dpo/ and sft/ of a run --dpo
         (Path(tmp) / name).write_bytes(data)
         try:
             _read(Path(tmp), name)
