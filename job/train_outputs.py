@@ -53,11 +53,9 @@ def write_outputs(
 def plot_losses(history: list[dict], epochs: float, path: Path) -> None:
     """The book's ``plot_losses``: losses against the epochs trained (a fraction where training
     stopped early), tokens seen on a second x-axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
 
     train = [h["train_loss"] for h in history]
     val = [h["val_loss"] for h in history]
@@ -72,20 +70,13 @@ def plot_losses(history: list[dict], epochs: float, path: Path) -> None:
     ax2 = ax1.twiny()
     ax2.plot([h["tokens_seen"] for h in history], train, alpha=0)
     ax2.set_xlabel("Tokens seen")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_reward_margins(history: list[dict], epochs: float, path: Path) -> None:
     """The book's DPO plot: the training and validation reward margins (chosen minus rejected reward)
     against the epochs trained."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     epochs_seen = torch.linspace(0, epochs, len(history)).tolist()
     fig, ax = plt.subplots(figsize=(5, 3))
     for split, style in (("train", "-"), ("val", "-.")):
@@ -99,6 +90,21 @@ def plot_reward_margins(history: list[dict], epochs: float, path: Path) -> None:
     ax.set_xlabel("Epochs")
     ax.set_ylabel("Reward margin")
     ax.legend(loc="upper left")
+    _save(plt, fig, path)
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on a cluster node)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written under a temporary name and renamed."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
