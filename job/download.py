@@ -11,6 +11,7 @@ Cache layout (a mirror given by ``--base-url`` is a copy of a cache, with the sa
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ HF_REPOS = {  # each size's Hugging Face repository (the id a PEFT adapter names
     "gpt2-xl": "openai-community/gpt2-xl",
 }
 KNOWN_SHA256 = {"encoder.json": ENCODER_JSON_SHA256, "vocab.bpe": VOCAB_BPE_SHA256}
+WEIGHTS_WAY_IN = "--model-dir DIR (a folder of GPT-2 weights: Hugging Face's or OpenAI's files)"
 CHUNK = 1 << 20
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 
@@ -73,12 +75,34 @@ class DownloadError(JobError):
     """A file could not be fetched or did not verify; the message is one line."""
 
 
+class HostNotFound(DownloadError):
+    """A host's name did not resolve past the retries: this machine has no internet (exit 1)."""
+
+
 class DownloadUnavailable(TransientError):
     """Every source failed with transient errors (dropped connections, timeouts, 5xx) past the retries."""
 
 
 class Retryable(Exception):
     """Worth retrying: a dropped connection, a timeout, a 5xx or 429."""
+
+
+class HostUnknown(Retryable):
+    """The host's name does not resolve. Retried (a DNS blip passes), but past the retries it is a machine
+    without internet, not an outage to wait out: exit 1 naming the ways in, so Slurm does not requeue it."""
+
+
+def _name_unresolved(exc: BaseException | None) -> bool:
+    """Whether a connection error comes from a name that does not resolve (``socket.gaierror`` below
+    requests' and urllib3's wrappers)."""
+    for _ in range(10):
+        if exc is None:
+            return False
+        if isinstance(exc, socket.gaierror):
+            return True
+        nested = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
+        exc = getattr(exc, "reason", None) or exc.__cause__ or nested or exc.__context__
+    return False
 
 
 def _retryable(exc: BaseException) -> str | None:
@@ -93,6 +117,8 @@ class RemoteFile:
     urls: tuple[str, ...]
     sha256: str | None = None
     size: int | None = None
+    way_in: str = ""
+    """The option that replaces this download (``--data FILE``), named when it cannot be fetched."""
 
 
 def tokenizer_files(base_url: str | None = None) -> list[RemoteFile]:
@@ -105,7 +131,8 @@ def tokenizer_files(base_url: str | None = None) -> list[RemoteFile]:
 def dataset_file(url: str = DATASET_URL, base_url: str | None = None) -> RemoteFile:
     name = Path(urlparse(url).path).name
     sha = KNOWN_DATASETS.get(url)
-    return RemoteFile(name, _urls(base_url, name, (url,)), sha)
+    way_in = "--dpo-data FILE" if url == PREFERENCE_URL else "--data FILE"
+    return RemoteFile(name, _urls(base_url, name, (url,)), sha, way_in=way_in)
 
 
 def model_files(model: str, source: str, base_url: str | None = None) -> list[RemoteFile]:
@@ -119,6 +146,7 @@ def model_files(model: str, source: str, base_url: str | None = None) -> list[Re
                 f"gpt2/{size}/{name}",
                 _urls(base_url, f"gpt2/{size}/{name}", tuple(f"{b}/{size}/{name}" for b in OPENAI_BASES)),
                 KNOWN_SHA256.get(name),
+                way_in=WEIGHTS_WAY_IN,
             )
             for name in OPENAI_FILES
         ]
@@ -128,6 +156,7 @@ def model_files(model: str, source: str, base_url: str | None = None) -> list[Re
             RemoteFile(
                 f"gpt2-hf/{model}/{name}",
                 _urls(base_url, f"gpt2-hf/{model}/{name}", (f"{HF_BASE}/{repo}/resolve/main/{name}",)),
+                way_in=WEIGHTS_WAY_IN,
             )
             for name in HF_FILES
         ]
@@ -194,7 +223,7 @@ class Downloader:
             log.warning("cache_file_damaged", file=str(final))
         final.parent.mkdir(parents=True, exist_ok=True)
         part = final.with_name(final.name + ".part")
-        errors, outages = [], 0
+        errors, outages, unreachable = [], 0, 0
         for url in remote.urls:
             try:
                 self._fetch_with_retries(url, part, remote)
@@ -205,11 +234,19 @@ class Downloader:
             except (DownloadError, DownloadUnavailable) as exc:
                 errors.append(str(exc))
                 outages += isinstance(exc, DownloadUnavailable)
+                unreachable += isinstance(exc, DownloadUnavailable | HostNotFound)
         if damaged:  # no rerun fixes this offline: the file must be replaced by hand or from a mirror
             raise _damaged(final, errors[-1].split(";")[0].removeprefix(f"{remote.relpath}: "))
-        # Only outages everywhere are worth a rerun (exit 75); a 404 or a bad hash is not.
+        # Only outages everywhere are worth a rerun (exit 75); a 404, a bad hash or no DNS is not.
         kind = DownloadUnavailable if outages == len(errors) else DownloadError
-        raise kind(errors[-1] if len(errors) == 1 else "; ".join(errors))
+        ways_in = f"; {self._ways_in(remote)}" if unreachable else ""
+        raise kind("; ".join(errors) + ways_in)
+
+    def _ways_in(self, remote: RemoteFile) -> str:
+        """Every way to run without this download, for the one line a failed fetch ends with."""
+        ways = [remote.way_in] if remote.way_in else []
+        ways += ["--base-url URL (a mirror of the cache)", f"the file copied to {self.cache / remote.relpath}"]
+        return f"without internet, use {', '.join(ways[:-1])} or {ways[-1]}"
 
     def _complete(self, path: Path, remote: RemoteFile) -> bool:
         if remote.size is not None and path.stat().st_size != remote.size:
@@ -232,12 +269,11 @@ class Downloader:
     def _fetch_with_retries(self, url: str, part: Path, remote: RemoteFile) -> None:
         """Tries resume the partial file; an outage past ``attempts`` is DownloadUnavailable (exit 75)."""
 
-        def give_up(last: Retried) -> DownloadUnavailable:
+        def give_up(last: Retried) -> JobError:
             host, reason = urlparse(url).netloc or url, last.reason.split(" for ")[0].split(" from ")[0]
-            return DownloadUnavailable(
-                f"{remote.relpath}: giving up on {host} after {last.tries} tries ({reason}); "
-                "without internet, use --base-url URL (a mirror of the cache) or local files"
-            )
+            if isinstance(last.error, HostUnknown):
+                return HostNotFound(f"{remote.relpath}: host {host} not found after {last.tries} tries")
+            return DownloadUnavailable(f"{remote.relpath}: giving up on {host} after {last.tries} tries ({reason})")
 
         def on_retry(last: Retried) -> None:
             log.warning(
@@ -294,7 +330,8 @@ class Downloader:
         try:
             resp = requests.get(url, headers=headers, stream=True, timeout=self.timeout_seconds)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise Retryable(f"{type(exc).__name__} for {url}") from None
+            kind = HostUnknown if _name_unresolved(exc) else Retryable
+            raise kind(f"{type(exc).__name__} for {url}") from None
         if resp.status_code == 416 and offset:  # the part file is already whole (or longer)
             resp.close()
             return offset, True, iter(())
@@ -337,7 +374,8 @@ class Downloader:
                 raise Retryable(f"S3 {code or status} for {url}") from None
             raise DownloadError(f"S3 {code or status} for {url}") from None
         except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError) as exc:
-            raise Retryable(f"{type(exc).__name__} for {url}") from None
+            kind = HostUnknown if _name_unresolved(exc) else Retryable
+            raise kind(f"{type(exc).__name__} for {url}") from None
         content_range = resp.get("ContentRange")
         total = int(content_range.rsplit("/", 1)[1]) if content_range else resp["ContentLength"]
         return total, bool(offset), resp["Body"].iter_chunks(CHUNK)

@@ -3,10 +3,10 @@
 | code | meaning | what to do | Helm podFailurePolicy | Slurm script |
 |---|---|---|---|---|
 | 0 | done | | | |
-| 1 | bad input data or an unusable environment | fix the data | FailJob | fail |
+| 1 | bad input data or an unusable environment (no internet: a host that does not resolve) | fix it | FailJob | fail |
 | 2 | a bad flag or config value | fix the command | FailJob | fail |
 | 70 | an internal error (a bug) | report it | counts against backoffLimit | requeue, bounded |
-| 75 | try again: preempted after a checkpoint, or an outage past the retries | rerun | Ignore | requeue |
+| 75 | try again: preempted after a checkpoint, or an outage past the retries | rerun | Ignore | requeue, bounded |
 
 Every non-zero exit prints exactly one line on stderr (``Error: ...``) and logs one event.
 SIGTERM, SIGUSR1 and SIGINT end any stage with 75: what was complete is kept, the manifest says where

@@ -1,11 +1,24 @@
 import hashlib
 import os
+import socket
 
 import pytest
 from click.testing import CliRunner
 
-from job.download import Downloader, DownloadError, DownloadUnavailable, RemoteFile, model_files, tokenizer_files
+from job.download import (
+    DATASET_URL,
+    PREFERENCE_URL,
+    WEIGHTS_WAY_IN,
+    Downloader,
+    DownloadError,
+    DownloadUnavailable,
+    RemoteFile,
+    dataset_file,
+    model_files,
+    tokenizer_files,
+)
 from tests.file_server import FileServer
+from tests.helpers import cli, free_port
 
 BLOB = os.urandom(3 * (1 << 20) + 123)  # bigger than one chunk, so a cut lands mid-transfer
 
@@ -96,6 +109,69 @@ def test_an_outage_on_one_source_and_a_404_on_the_other_is_not_worth_a_rerun(tmp
         with pytest.raises(DownloadError, match="giving up .*; .*HTTP 404") as raised:
             dl.fetch(RemoteFile("f", (server.url + "/f", server.url + "/missing")))
         assert raised.value.exit_code == 1
+
+
+@pytest.mark.parametrize(
+    "remote, way_in",
+    [
+        (dataset_file(DATASET_URL), "--data FILE, "),
+        (dataset_file(PREFERENCE_URL), "--dpo-data FILE, "),
+        (model_files("gpt2-small", "hf")[1], f"{WEIGHTS_WAY_IN}, "),
+        (model_files("gpt2-medium", "openai")[3], f"{WEIGHTS_WAY_IN}, "),
+        (tokenizer_files()[0], ""),
+    ],
+    ids=["dataset", "preference data", "hf weights", "openai weights", "tokenizer"],
+)
+def test_a_host_whose_name_does_not_resolve_is_no_internet_exit_1_naming_every_way_in(
+    tmp_path, monkeypatch, remote, way_in
+):
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    dl, waits = _downloader(tmp_path, attempts=3)
+    with pytest.raises(DownloadError) as raised:
+        dl.fetch(remote)
+    message = str(raised.value)
+    # Retried like any blip (3 tries on each of the file's hosts), but then not an outage worth a requeue.
+    assert raised.value.exit_code == 1 and len(waits) == 2 * len(remote.urls)
+    assert "--model-dir" in WEIGHTS_WAY_IN
+    assert message.startswith(f"{remote.relpath}: host ") and " not found after 3 tries" in message
+    copied = tmp_path / "cache" / remote.relpath
+    ways_in = f"; without internet, use {way_in}--base-url URL (a mirror of the cache) or the file copied to {copied}"
+    assert message.endswith(ways_in), message
+    assert "\n" not in message and not copied.exists()
+
+
+def test_a_host_that_refuses_connections_is_an_outage_worth_a_rerun_naming_the_ways_in(tmp_path):
+    dl, waits = _downloader(tmp_path, attempts=2)
+    remote = dataset_file(f"http://127.0.0.1:{free_port()}/instruction-data.json")
+    with pytest.raises(
+        DownloadUnavailable, match=r"giving up on 127\.0\.0\.1:\d+ after 2 tries .*--data FILE"
+    ) as raised:
+        dl.fetch(remote)
+    assert raised.value.exit_code == 75 and len(waits) == 1
+
+
+def test_a_first_run_offline_ends_at_once_with_one_line_naming_the_flag(tmp_path):
+    # ".invalid" never resolves (RFC 6761): what a site without internet sees for every download host.
+    done = cli(
+        "run",
+        "--data",
+        "http://sft-job.invalid/instruction-data.json",
+        "--skip-judge",
+        "--output",
+        tmp_path / "runs",
+        "--cache",
+        tmp_path / "cache",
+        "--metrics-port",
+        0,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "host sft-job.invalid not found" in last
+    assert "--data FILE" in last and "--base-url URL" in last, last
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_catalog_urls_and_mirror_layout():

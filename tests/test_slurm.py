@@ -48,7 +48,7 @@ def _config(tmp_path, tiny_model_dir, shared_data, **overrides) -> Path:
     return path
 
 
-def _sbatch(slurm, ollama, config: Path, out: Path) -> str:
+def _sbatch(slurm, ollama, config: Path, out: Path, **env: str) -> str:
     submitted = subprocess.run(
         [
             "sbatch",
@@ -60,7 +60,7 @@ def _sbatch(slurm, ollama, config: Path, out: Path) -> str:
             config,
         ],
         cwd=REPO,
-        env={**slurm, "OLLAMA_HOST": ollama.url},
+        env={**slurm, "OLLAMA_HOST": ollama.url, **env},
         capture_output=True,
         text=True,
     )
@@ -75,6 +75,9 @@ def _job(slurm, job_id: str) -> dict:
 
 def _finished(slurm, job_id):
     job = _job(slurm, job_id)
+    if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime" and int(job.get("Restarts", 0)):
+        # Slurm holds a requeued job for a while before it may start again (its policy, not ours): let it go.
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, capture_output=True)
     return job if job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
 
 
@@ -119,3 +122,41 @@ def test_usr1_checkpoints_requeues_and_completes_with_the_same_weights(
     a = load_file(str(tmp_path / "runs" / "straight" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "runs" / f"slurm-{job_id}" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _exit_code(job: dict) -> int:
+    return int(job["ExitCode"].split(":")[0])
+
+
+def test_an_origin_that_stays_unreachable_is_requeued_at_most_max_requeues_then_ends_with_75(
+    slurm, ollama, tiny_model_dir, shared_data, tmp_path
+):
+    # The dataset's host refuses every connection (a firewall, a mirror down): an outage, exit 75, which
+    # the script requeues, but only SFT_JOB_MAX_REQUEUES times, then the job ends with 75.
+    unreachable = f"http://127.0.0.1:{free_port()}/instruction-data.json"
+    config = _config(tmp_path, tiny_model_dir, shared_data, data=unreachable, cache=str(tmp_path / "cache"))
+    out = tmp_path / "job.out"
+    job_id = _sbatch(slurm, ollama, config, out, SFT_JOB_MAX_REQUEUES="1")
+    job = wait_until(lambda: _finished(slurm, job_id), 600, 1, what=f"Slurm job {job_id}")
+    log = out.read_text()
+    assert job["JobState"] == "FAILED" and _exit_code(job) == 75 and int(job["Restarts"]) == 1, log[-3000:]
+    assert log.count("requeueing job") == 1 and "after 1 requeues (SFT_JOB_MAX_REQUEUES); not requeueing" in log
+    assert log.count("Error: instruction-data.json: giving up on 127.0.0.1") == 2 and "--data FILE" in log
+
+
+def test_an_internal_error_is_requeued_at_most_max_restarts_with_the_venv_it_names(slurm, ollama, tmp_path):
+    # SFT_JOB_VENV is activated on the node; its python stands in for a job that hits a bug (exit 70).
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:$PATH"\n')
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\necho "attempt ${{SLURM_RESTART_COUNT:-0}}" >> {tmp_path}/attempts\nexit 70\n')
+    python.chmod(0o755)
+    config = tmp_path / "job.yaml"
+    config.write_text("skip_judge: true\n")
+    out = tmp_path / "job.out"
+    job_id = _sbatch(slurm, ollama, config, out, SFT_JOB_VENV=str(venv), SFT_JOB_MAX_RESTARTS="1")
+    job = wait_until(lambda: _finished(slurm, job_id), 600, 1, what=f"Slurm job {job_id}")
+    assert job["JobState"] == "FAILED" and _exit_code(job) == 70, out.read_text()[-3000:]
+    assert int(job["Restarts"]) == 1 and (tmp_path / "attempts").read_text() == "attempt 0\nattempt 1\n"
+    assert out.read_text().count("internal error (exit 70); requeueing") == 1
