@@ -4,6 +4,11 @@ Endpoints: GET /api/version, GET /api/tags, POST /api/pull (streamed progress), 
 (streamed NDJSON or one JSON object; honours ``format`` and records ``options``), and the
 OpenAI-compatible GET /v1/models and POST /v1/chat/completions that Ollama also serves.
 Replies come from a deterministic grader; ``faults`` scripts failures and odd replies.
+
+On its own, to try the judge path without Ollama (Ctrl-C or SIGTERM stops it)::
+
+    python -m tests.ollama_server --port 11434 [--model llama3]
+    sft-job run --smoke --judge-url http://127.0.0.1:11434
 """
 
 from __future__ import annotations
@@ -303,3 +308,25 @@ class FakeOllama:
         with self.lock:
             self.models.append(name)
         handler._ndjson(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m tests.ollama_server", description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, default=11434, help="port on 127.0.0.1 (default 11434, Ollama's)")
+    parser.add_argument("--model", action="append", help="a model it already has (default llama3; repeatable)")
+    args = parser.parse_args(argv)
+    models = tuple(m if ":" in m else f"{m}:latest" for m in (args.model or ["llama3"]))
+    server = FakeOllama(args.port, models=models).start()
+    stopped = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopped.set())
+    print(f"Ollama stand-in listening on {server.url} with {', '.join(models)}", flush=True)
+    stopped.wait()
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,15 @@
 import json
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 
 import pytest
 
 from job.config import JudgeConfig
 from job.judge import JudgeError, judge_prompt, parse_score, run_judge
-from tests.helpers import cli, events, free_port, start_cli
+from tests.helpers import REPO, cli, events, free_port, start_cli
 from tests.ollama_server import FakeOllama, overlap_grade
 
 
@@ -297,3 +299,26 @@ def test_a_failing_judge_is_never_a_result_exit_75_and_a_rerun_asks_only_for_the
         ]
     finally:
         server.stop()
+
+
+def test_the_ollama_stand_in_runs_on_its_own_for_a_judge_without_ollama(book_responses, tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.ollama_server", "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout.readline().strip() == (
+            f"Ollama stand-in listening on http://127.0.0.1:{port} with llama3:latest"
+        )
+        judged = cli(
+            "judge", "--responses", book_responses, "--output", tmp_path, "--judge-url", f"http://127.0.0.1:{port}"
+        )
+        assert judged.returncode == 0, judged.stderr[-2000:]
+        assert json.loads((tmp_path / "summary.json").read_text())["scored"] == 110
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    finally:
+        server.kill()
