@@ -193,6 +193,28 @@ def _damaged(final: Path, reason: str) -> DownloadError:
     )
 
 
+def _ways_in(cache: Path, remote: RemoteFile) -> str:
+    """Every way to run without this download, for the one line a failed fetch ends with."""
+    ways = [remote.way_in] if remote.way_in else []
+    ways += ["--base-url URL (a mirror of the cache)", f"the file copied to {cache / remote.relpath}"]
+    return f"without internet, use {', '.join(ways[:-1])} or {ways[-1]}"
+
+
+def _open_file(path: str, offset: int):
+    """A local file (a mirror on a shared disk) as ``Downloader._open`` returns a stream."""
+    if not os.path.isfile(path):
+        raise DownloadError(f"no file at {path}")
+    total = os.path.getsize(path)
+
+    def chunks():
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while block := f.read(CHUNK):
+                yield block
+
+    return total, True, chunks()
+
+
 @dataclass
 class Downloader:
     """Fetches ``RemoteFile``s into ``cache``; a file already complete there is never fetched again."""
@@ -239,14 +261,8 @@ class Downloader:
             raise _damaged(final, errors[-1].split(";")[0].removeprefix(f"{remote.relpath}: "))
         # Only outages everywhere are worth a rerun (exit 75); a 404, a bad hash or no DNS is not.
         kind = DownloadUnavailable if outages == len(errors) else DownloadError
-        ways_in = f"; {self._ways_in(remote)}" if unreachable else ""
+        ways_in = f"; {_ways_in(self.cache, remote)}" if unreachable else ""
         raise kind("; ".join(errors) + ways_in)
-
-    def _ways_in(self, remote: RemoteFile) -> str:
-        """Every way to run without this download, for the one line a failed fetch ends with."""
-        ways = [remote.way_in] if remote.way_in else []
-        ways += ["--base-url URL (a mirror of the cache)", f"the file copied to {self.cache / remote.relpath}"]
-        return f"without internet, use {', '.join(ways[:-1])} or {ways[-1]}"
 
     def _complete(self, path: Path, remote: RemoteFile) -> bool:
         if remote.size is not None and path.stat().st_size != remote.size:
@@ -322,7 +338,7 @@ class Downloader:
         if scheme == "s3":
             return self._open_s3(url, offset)
         if scheme in ("", "file"):
-            return self._open_file(urlparse(url).path if scheme else url, offset)
+            return _open_file(urlparse(url).path if scheme else url, offset)
         raise DownloadError(f"unsupported URL scheme in {url}")
 
     def _open_http(self, url: str, offset: int):
@@ -379,19 +395,6 @@ class Downloader:
         content_range = resp.get("ContentRange")
         total = int(content_range.rsplit("/", 1)[1]) if content_range else resp["ContentLength"]
         return total, bool(offset), resp["Body"].iter_chunks(CHUNK)
-
-    def _open_file(self, path: str, offset: int):
-        if not os.path.isfile(path):
-            raise DownloadError(f"no file at {path}")
-        total = os.path.getsize(path)
-
-        def chunks():
-            with open(path, "rb") as f:
-                f.seek(offset)
-                while block := f.read(CHUNK):
-                    yield block
-
-        return total, True, chunks()
 
     def _s3_client(self):
         if self._s3 is None:

@@ -141,6 +141,7 @@ def save_outputs(trainer: Trainer, cfg: TrainConfig, model_name: str, kind: str 
         cfg.lora_dropout,
         kind,
         getattr(trainer.task.tokenizer, "name", "gpt2"),
+        trained={"steps": trainer.state.step, "tokens_seen": trainer.state.tokens_seen},
     )
 
 

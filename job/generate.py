@@ -16,7 +16,7 @@ from job.download import model_tokenizer
 from job.errors import ConfigError
 from job.observability import Metrics, Progress, get_logger
 from job.storage import atomic_write_text, read_progress
-from job.tokenizer import encode
+from job.tokenizer import decode_response, encode
 from job.weights import load_pretrained, recorded_settings
 
 log = get_logger(__name__)
@@ -131,7 +131,7 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
         for b, batch in todo:
             outputs = _decode(model, [prompt_ids[i] for i in batch], cfg, device, seed=cfg.seed + b)
             for i, ids in zip(batch, outputs, strict=True):
-                response = style.extract_response(prompts[i] + tokenizer.decode(ids), prompts[i])
+                response = style.extract_response(prompts[i] + decode_response(tokenizer, ids), prompts[i])
                 progress.write(json.dumps({"index": i, "model_response": response}) + "\n")
                 done[i] = response
             progress.flush()

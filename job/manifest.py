@@ -50,6 +50,21 @@ class StageRecord(BaseModel):
         return artifacts
 
 
+class InputFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str
+    sha256: str
+
+
+class RunInputs(BaseModel):
+    """What the run trained from (``Pipeline`` records it at the start)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    data: InputFile | None = None
+    dpo_data: InputFile | None = None
+
+
 class ManifestFile(BaseModel):
     """What a manifest must hold; keys it does not name are kept as they are (a newer version's)."""
 
@@ -58,6 +73,7 @@ class ManifestFile(BaseModel):
     version: str
     stages: dict[str, StageRecord]
     status: StageStatusName | None = None
+    inputs: RunInputs | None = None
 
 
 class Manifest:

@@ -51,7 +51,7 @@ from job.roles import Roles
 from job.runlock import run_lock
 from job.smoke import write_smoke_data
 from job.stage_record import StageRecorder
-from job.storage import LocalStorage, Storage, open_storage, upload_tree
+from job.storage import LocalStorage, Storage, open_storage, sha256_file, upload_tree
 from job.tokenizer import ByteTokenizer, encode
 from job.trainer import check_batches
 from job.weights import read_config, save_hf
@@ -180,9 +180,11 @@ class Pipeline:
         self.preflight()
         self.work.mkdir(parents=True, exist_ok=True)
         manifest = Manifest(self.storage, self.run_id, self.work / "manifest.json" if self.remote else None)
+        inputs = run_inputs(self.cfg)
         if saved is None:
-            self.storage.put_text("config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
+            self.storage.put_text("config.yaml", inputs_header(inputs) + yaml.safe_dump(self.resolved, sort_keys=False))
         manifest.data.pop("stopped", None)
+        manifest.data["inputs"] = inputs
         manifest.record(status="running")
         self.metrics.info.labels(version=__version__, model=_model_label(self.cfg), run_id=self.run_id).set(1)
         return StageRecorder(manifest, self.storage, self.work, self.metrics)
@@ -336,6 +338,27 @@ def report(storage: Storage, work: Path, remote: bool) -> None:
     if remote:
         storage.put_file(path, REPORT)
     log.info("report_written", path=f"{storage.url}/{REPORT}")
+
+
+def run_inputs(cfg: RunConfig) -> dict:
+    """What the run trains from, as the manifest and config.yaml's header record it: the model (the
+    smoke's random one says so) and each dataset, with the sha256 of the file read."""
+    if cfg.smoke:
+        model = f"random {SMOKE_MODEL.n_layers}-layer GPT-2 (the smoke's own, seed {cfg.seed}), byte tokenizer"
+    else:
+        model = cfg.model_dir or f"{cfg.model} ({'OpenAI' if cfg.source == 'openai' else 'Hugging Face'} weights)"
+    inputs = {"model": model}
+    for name in ("data", "dpo_data") if cfg.dpo else ("data",):
+        path = resolve_data(getattr(cfg, name), Path(cfg.cache), cfg.base_url)
+        inputs[name] = {"source": getattr(cfg, name), "sha256": sha256_file(path)}
+    return inputs
+
+
+def inputs_header(inputs: dict) -> str:
+    """config.yaml's first lines: what the options resolved to, as comments (the file stays a --config)."""
+    lines = [f"# model used: {inputs['model']}"]
+    lines += [f"# {name} used: {v['source']} (sha256 {v['sha256']})" for name, v in inputs.items() if name != "model"]
+    return "\n".join(lines) + "\n"
 
 
 def _model_label(cfg: RunConfig) -> str:

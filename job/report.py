@@ -28,9 +28,19 @@ from job.storage import LocalStorage, Storage, atomic_write_text, open_storage
 log = get_logger(__name__)
 
 REPORT = "report.html"
-INPUTS = ("config.yaml", "manifest.json", "losses.json", "loss-plot.png", "summary.json", "scores.json", RESPONSES_FILE)
+INPUTS = (
+    "config.yaml",
+    "manifest.json",
+    "losses.json",
+    "loss-plot.png",
+    "model/config.json",
+    "summary.json",
+    "scores.json",
+    RESPONSES_FILE,
+)
 DPO_INPUTS = (  # with run --dpo: the DPO stage's curves, and the finetuned model's responses and scores
     "dpo/losses.json",
+    "dpo/model/config.json",
     "dpo/loss-plot.png",
     "dpo/reward-margins-plot.png",
     "sft/scores.json",
@@ -82,6 +92,24 @@ class DPORecord(LossRecord):
     val_rejected_reward: float
 
 
+class Trained(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    steps: int
+    tokens_seen: int
+
+
+class Recorded(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    trained: Trained | None = None
+
+
+class ModelConfig(BaseModel):
+    """A trained model's config.json: only what the report reads of it, the training's totals."""
+
+    model_config = ConfigDict(extra="allow")
+    sft_job: Recorded | None = None
+
+
 class Summary(BaseModel):
     model_config = ConfigDict(extra="allow")
     judge_model: str
@@ -107,6 +135,8 @@ class Entry(BaseModel):
 SHAPES = {
     "manifest.json": ManifestFile,
     "losses.json": list[LossRecord],
+    "model/config.json": ModelConfig,
+    "dpo/model/config.json": ModelConfig,
     "dpo/losses.json": list[DPORecord],
     "summary.json": Summary,
     "scores.json": list[Entry],
@@ -152,11 +182,25 @@ def score_histogram(scores: list[int]) -> bytes:
     return buffer.getvalue()
 
 
-def _entries_table(entries: list[dict]) -> str:
+def _marks(entries: list[dict]) -> dict[int, str]:
+    """The rows coloured: the best and the worst scores, none where the scores are all equal or absent."""
     scored = sorted((i for i, e in enumerate(entries) if e.get("score") is not None), key=lambda i: entries[i]["score"])
     varied = len({entries[i]["score"] for i in scored}) > 1
     n = min(HIGHLIGHTED, len(scored) // 2) if varied else 0
-    marks = {i: "worst" for i in scored[:n]} | {i: "best" for i in scored[len(scored) - n :]}
+    return {i: "worst" for i in scored[:n]} | {i: "best" for i in scored[len(scored) - n :]}
+
+
+def _caption(marks: dict[int, str], judged: str | None) -> str:
+    caption = "Click a column's header to sort by it."
+    if marks:
+        n = len(marks) // 2
+        caption += f" Green rows are the {n} best scores, red the {n} worst."
+    if judged:
+        caption += f" {judged}"
+    return f"<p>{caption}</p>"
+
+
+def _entries_table(entries: list[dict], marks: dict[int, str]) -> str:
     rows = []
     for i, entry in enumerate(entries):
         instruction = entry.get("instruction", "") + (f"\n\n{entry['input']}" if entry.get("input") else "")
@@ -201,14 +245,40 @@ def _score(entry: dict) -> str:
     return "–" if entry.get("score") is None else str(entry["score"])
 
 
-def _figures(manifest, losses, summary, entries, dpo=None) -> list[tuple[str, str]]:
-    figures = [("Run", (manifest or {}).get("run_id", "")), ("Test entries", str(len(entries)))]
+def _tokens_seen(losses: list[dict], model_config: dict | None) -> tuple[str, str]:
+    trained = ((model_config or {}).get("sft_job") or {}).get("trained")
+    if trained:  # the whole training's, not the count at its last evaluation
+        return "Tokens seen", f"{trained['tokens_seen']:,} in {trained['steps']:,} steps"
+    return "Tokens seen (at the last evaluation)", f"{losses[-1]['tokens_seen']:,}"
+
+
+def _inputs(manifest) -> list[tuple[str, str]]:
+    inputs = (manifest or {}).get("inputs") or {}
+    rows = [("Model", inputs["model"])] if inputs.get("model") else []
+    for name, label in (("data", "Data"), ("dpo_data", "DPO data")):
+        if inputs.get(name):
+            rows.append((label, f"{inputs[name]['source']} (sha256 {inputs[name]['sha256'][:12]}…)"))
+    return rows
+
+
+def _score_figure(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _figures(data: dict, entries: list[dict], judged: str | None) -> list[tuple[str, str]]:
+    manifest, losses, summary, dpo = (
+        data["manifest.json"],
+        data["losses.json"],
+        data["summary.json"],
+        data["dpo/losses.json"],
+    )
+    figures = [("Run", (manifest or {}).get("run_id", "")), *_inputs(manifest), ("Test entries", str(len(entries)))]
     if losses:
         figures += [
             ("Evaluations", str(len(losses))),
             ("First / last validation loss", f"{losses[0]['val_loss']:.3f} / {losses[-1]['val_loss']:.3f}"),
             ("Last training loss", f"{losses[-1]['train_loss']:.3f}"),
-            ("Tokens seen", f"{losses[-1]['tokens_seen']:,}"),
+            _tokens_seen(losses, data["model/config.json"]),
         ]
     if dpo:
         margin = dpo[-1]["val_chosen_reward"] - dpo[-1]["val_rejected_reward"]
@@ -218,13 +288,23 @@ def _figures(manifest, losses, summary, entries, dpo=None) -> list[tuple[str, st
             ("DPO last validation reward margin", f"{margin:.3f}"),
         ]
     if summary:
-        mean = "n/a" if summary["mean"] is None else f"{summary['mean']:.2f}"
         figures += [
             ("Judge", f"{summary['judge_model']} ({summary['judge_backend']})"),
             ("Scored", f"{summary['scored']} of {summary['entries']} ({summary['unparsed']} unparsed)"),
-            ("Mean / median score", f"{mean} / {summary['median']}"),
+            ("Mean / median score", f"{_score_figure(summary['mean'])} / {_score_figure(summary['median'])}"),
         ]
+    elif judged:
+        figures.append(("Judge", judged))
     return figures
+
+
+def _judged(data: dict) -> str | None:
+    """Why there are no scores, where the run says: the judge skipped, or not run yet."""
+    if data["summary.json"]:
+        return None
+    if (data["config.yaml"] or {}).get("skip_judge") is True:
+        return "The judge was skipped (--skip-judge): no scores."
+    return "No scores yet: the judge stage has not completed."
 
 
 def _stages(manifest) -> str:
@@ -249,11 +329,9 @@ def render(folder: Path) -> str:
     plots = [_png(data[name], alt) for name, alt in shown if data[name]]
     if scores:
         plots.append(_png(score_histogram(scores), "Judge score histogram"))
+    judged, marks = _judged(data), _marks(entries)
     figures = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>"
-        for k, v in _figures(
-            data["manifest.json"], data["losses.json"], data["summary.json"], entries, data["dpo/losses.json"]
-        )
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in _figures(data, entries, judged)
     )
     config = yaml.safe_dump(data["config.yaml"], sort_keys=False) if data["config.yaml"] else "(no config.yaml)"
     title = f"sft-job run {html.escape(str((data['manifest.json'] or {}).get('run_id', folder.name)))}"
@@ -265,8 +343,7 @@ def render(folder: Path) -> str:
 <h2>Stages</h2>{_stages(data["manifest.json"])}
 {_side_by_side(data["sft/scores.json"] or data[f"sft/{RESPONSES_FILE}"] or [], entries)}
 <h2>Responses and scores</h2>
-<p>Click a column's header to sort by it. Green rows are the {HIGHLIGHTED} best scores, red the {HIGHLIGHTED} worst.</p>
-{_entries_table(entries) if entries else "<p>No responses yet.</p>"}
+{_caption(marks, judged) + _entries_table(entries, marks) if entries else "<p>No responses yet.</p>"}
 <h2>Configuration</h2><pre>{html.escape(config)}</pre>
 <script>{SCRIPT}</script>
 </body></html>

@@ -94,6 +94,28 @@ class ByteTokenizer:
 Tokenizer = tiktoken.Encoding | ByteTokenizer
 
 
+def utf8_lead_length(byte: int) -> int:
+    """How many bytes the UTF-8 character that starts with ``byte`` has (1 for a byte no character starts with)."""
+    return 4 if byte >= 0xF0 else 3 if byte >= 0xE0 else 2 if byte >= 0xC0 else 1
+
+
+def without_cut_character(data: bytes) -> bytes:
+    """``data`` less a UTF-8 character cut short at its end: a response stopped by --max-new-tokens may end
+    in the first bytes of one, which would show as U+FFFD."""
+    for back in range(1, min(4, len(data)) + 1):
+        if data[-back] & 0xC0 != 0x80:  # the last character's first byte (not a continuation byte)
+            return data[:-back] if utf8_lead_length(data[-back]) > back else data
+    return data
+
+
+def decode_response(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """The text of generated ids, a character cut short at the end dropped; an invalid byte sequence inside
+    the text still shows as U+FFFD, as tiktoken decodes it."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.decode(ids)
+    return without_cut_character(tokenizer.decode_bytes(ids)).decode("utf-8", errors="replace")
+
+
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids of ``text``; ``<|endoftext|>`` in the text is the special token, as in the book."""
     return tokenizer.encode(text, allowed_special={END_OF_TEXT})

@@ -26,12 +26,14 @@ def write_outputs(
     lora_dropout: float = 0.0,
     kind: str = "sft",
     tokenizer: str = "gpt2",
+    trained: dict | None = None,
 ) -> dict[str, Path]:
     """The outputs of a trained ``model`` into ``out``; with ``adapter_base`` (LoRA) the adapter alone
     first, naming that base model, then the model with the adapters merged. ``epochs``: how many were
     trained (a fraction where training stopped early), the plot's x-axis; ``kind`` names the ``.pth``
     (``gpt2-medium355M-sft.pth``, ``-dpo.pth``); a ``tokenizer`` other than GPT-2's (the smoke's bytes) is
-    recorded in config.json, where the next stage reads it."""
+    recorded in config.json, where the next stage reads it, as are the ``trained`` totals (steps, tokens
+    seen) that the run's report shows."""
     written = {}
     if adapter_base is not None:
         written["adapter"] = save_peft_adapter(model, out / "adapter", adapter_base, lora_dropout)
@@ -39,6 +41,7 @@ def write_outputs(
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     ensure_room(out, 2 * params, "the final model (safetensors and the book's .pth)")
     recorded = {"prompt_style": prompt_style} | ({"tokenizer": tokenizer} if tokenizer != "gpt2" else {})
+    recorded |= {"trained": trained} if trained else {}
     save_hf(model, out / "model", extra_config={"sft_job": recorded})
     pth = out / f"{book_name}-{kind}.pth"
     with atomic_path(pth) as tmp:

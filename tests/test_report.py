@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import shutil
@@ -60,7 +61,63 @@ def judged_smoke(shared_data, tmp_path_factory):
         judge.stop()
     assert result.returncode == 0, result.stderr
     assert any(e["event"] == "report_written" for e in events(result.stdout))
+    (out / "events.jsonl").write_text(result.stdout)
     return out / "rep"
+
+
+def _figures(text: str) -> dict[str, str]:
+    table = text.split('<table class="figures">', 1)[1].split("</table>", 1)[0]
+    return dict(re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", table))
+
+
+def test_the_reports_figures_are_the_runs_own_totals_inputs_and_scores(judged_smoke, shared_data):
+    text = (judged_smoke / "report.html").read_text()
+    figures = _figures(text)
+    [done] = [e for e in events((judged_smoke.parent / "events.jsonl").read_text()) if e["event"] == "finetune_done"]
+    losses = json.loads((judged_smoke / "losses.json").read_text())
+    # The whole training's tokens, not the last evaluation's count (the smoke's last is before its end).
+    assert figures["Tokens seen"] == f"{done['tokens_seen']:,} in {done['steps']:,} steps"
+    assert done["tokens_seen"] > losses[-1]["tokens_seen"]
+    data = shared_data / "instruction-data.json"
+    sha = hashlib.sha256(data.read_bytes()).hexdigest()
+    assert figures["Model"] == "random 2-layer GPT-2 (the smoke&#x27;s own, seed 123), byte tokenizer"
+    assert figures["Data"] == f"{data} (sha256 {sha[:12]}…)"
+    config = (judged_smoke / "config.yaml").read_text().splitlines()
+    assert config[:2] == [
+        "# model used: random 2-layer GPT-2 (the smoke's own, seed 123), byte tokenizer",
+        f"# data used: {data} (sha256 {sha})",
+    ]
+    summary = json.loads((judged_smoke / "summary.json").read_text())
+    assert figures["Mean / median score"] == f"{summary['mean']:.1f} / {summary['median']:.1f}"
+    assert "Click a column&#x27;s header" not in text  # the caption is the page's own text, not escaped twice
+    assert "Green rows are the 4 best scores, red the 4 worst." in text
+
+
+def test_a_run_without_scores_says_why_and_colours_no_row(judged_smoke, tmp_path):
+    import yaml
+
+    from job.report import render
+
+    run = tmp_path / "run"
+    shutil.copytree(judged_smoke, run)
+    for name in ("scores.json", "summary.json"):
+        (run / name).unlink()
+    config = yaml.safe_load((run / "config.yaml").read_text()) | {"skip_judge": True}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    page, parsed = render(run), ReportParser()
+    parsed.feed(page)
+    assert _figures(page)["Judge"] == "The judge was skipped (--skip-judge): no scores."
+    assert "The judge was skipped" in page.split('id="entries"')[0].rsplit("<p>", 1)[1]  # the table's caption
+    assert "Green rows" not in page and set(parsed.row_classes) == {None}
+    (run / "config.yaml").write_text(yaml.safe_dump(config | {"skip_judge": False}))
+    assert _figures(render(run))["Judge"] == "No scores yet: the judge stage has not completed."
+    # Scores all equal: nothing is best or worst, and the caption does not say otherwise.
+    shutil.copy(judged_smoke / "summary.json", run)
+    scores = json.loads((judged_smoke / "scores.json").read_text())
+    (run / "scores.json").write_text(json.dumps([e | {"score": 50} for e in scores]))
+    page, parsed = render(run), ReportParser()
+    parsed.feed(page)
+    assert "Green rows" not in page and set(parsed.row_classes) == {None} and "Judge" in _figures(page)
 
 
 def test_every_run_writes_a_self_contained_report_with_both_plots_and_every_entry(judged_smoke):
@@ -115,10 +172,10 @@ def test_the_report_opens_in_chromium_without_errors_and_sorts_by_score(judged_s
         assert len(set(scores)) > 1, scores
         page.click("#entries th:has-text('Score')")
         assert [int(s) for s in column(5)] == sorted(scores)
-        first_ascending = column(1)[0]
         page.click("#entries th:has-text('Score')")
         assert [int(s) for s in column(5)] == sorted(scores, reverse=True)
-        assert "1" != first_ascending or "1" != column(1)[0]  # the first row changed
+        # the rows move with their scores: the entries' numbers in the order of their scores, highest first
+        assert column(1) == [str(i + 1) for i in sorted(range(8), key=lambda i: -scores[i])]
         page.click("#entries th:has-text('#')")
         assert column(1) == [str(i) for i in range(1, 9)]
         assert page.locator("img").count() == 2 and page.evaluate("document.images[0].naturalWidth") > 0

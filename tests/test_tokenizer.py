@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from job.tokenizer import END_OF_TEXT_ID, ByteTokenizer, TokenizerError, encode, load_tokenizer
+from job.tokenizer import END_OF_TEXT_ID, ByteTokenizer, TokenizerError, decode_response, encode, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +57,21 @@ def test_the_byte_tokenizer_drops_a_character_cut_at_the_end():
     assert tokenizer.decode(ids[:-1]) == "naïve " and tokenizer.decode(ids) == "naïve €"
     assert tokenizer.encode("a<|endoftext|>b") == list(b"a<|endoftext|>b")  # special only where allowed
     assert tokenizer.decode([104, 105, 300, END_OF_TEXT_ID]) == "hi\ufffd<|endoftext|>"  # no byte: shown, not lost
+
+
+@given(st.text(min_size=1, max_size=40), st.data())
+def test_a_response_cut_at_any_token_drops_a_character_left_incomplete_and_nothing_else(tok, text, data):
+    ids = encode(tok, text)
+    cut = data.draw(st.integers(0, len(ids)))
+    response = decode_response(tok, ids[:cut])
+    whole = tok.decode_bytes(ids[:cut])
+    # What is shown is the text's own beginning: the longest prefix of it that the bytes hold whole.
+    assert text.startswith(response) and response == whole.decode("utf-8", errors="ignore")
+    assert decode_response(tok, ids) == text
+
+
+def test_a_response_ending_mid_character_shows_no_replacement_character(tok):
+    ids = encode(tok, "Un robot 🤖 et 量子")
+    cut = next(n for n in range(len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))  # tiktoken's own decode
+    assert decode_response(tok, ids[:cut]) == tok.decode(ids[:cut])[:-1]
+    assert "\ufffd" in decode_response(tok, [tok.encode_single_token(b"\xff"), 64])  # inside: still shown
