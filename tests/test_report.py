@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from tests.helpers import cli, events, smoke_run
+from tests.helpers import REPO, cli, events, smoke_run
 
 
 class ReportParser(HTMLParser):
@@ -91,6 +91,26 @@ def test_the_reports_figures_are_the_runs_own_totals_inputs_and_scores(judged_sm
     assert figures["Mean / median score"] == f"{summary['mean']:.1f} / {summary['median']:.1f}"
     assert "Click a column&#x27;s header" not in text  # the caption is the page's own text, not escaped twice
     assert "Green rows are the 4 best scores, red the 4 worst." in text
+
+
+def _readme_layout() -> set[str]:
+    """The top-level names the README's run-folder layout lists (a size's .pth as ``*-sft.pth``)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("\n{run_id}/config.yaml", 1)[1].split("```", 1)[0]
+    names = set()
+    for line in ("{run_id}/config.yaml" + block).splitlines():
+        listed = line.removeprefix("{run_id}/").split("  ")[0]
+        first, *rest = [n.strip() for n in listed.split(",")]
+        names.add(first.split("/")[0])
+        names |= {n for n in rest if "/" not in first}  # more files beside a top-level one
+    return {re.sub(r"^gpt2-medium355M-", "*-", n) for n in names if n}
+
+
+def test_the_readmes_layout_names_everything_a_smoke_run_writes(judged_smoke):
+    # .lock is the run lock object (README: Security), not a result
+    written = {re.sub(r"^.*-(sft|dpo)\.pth$", r"*-\1.pth", p.name) for p in judged_smoke.iterdir() if p.name != ".lock"}
+    assert written - _readme_layout() == set()
+    assert {"smoke-model", "report.html", "*-sft.pth", "checkpoints"} <= written
 
 
 def test_a_run_without_scores_says_why_and_colours_no_row(judged_smoke, tmp_path):
