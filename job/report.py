@@ -40,7 +40,6 @@ INPUTS = (
 )
 DPO_INPUTS = (  # with run --dpo: the DPO stage's curves, and the finetuned model's responses and scores
     "dpo/losses.json",
-    "dpo/model/config.json",
     "dpo/loss-plot.png",
     "dpo/reward-margins-plot.png",
     "sft/scores.json",
@@ -136,7 +135,6 @@ SHAPES = {
     "manifest.json": ManifestFile,
     "losses.json": list[LossRecord],
     "model/config.json": ModelConfig,
-    "dpo/model/config.json": ModelConfig,
     "dpo/losses.json": list[DPORecord],
     "summary.json": Summary,
     "scores.json": list[Entry],
