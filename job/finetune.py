@@ -130,18 +130,19 @@ def save_outputs(trainer: Trainer, cfg: TrainConfig, model_name: str, kind: str 
     trainer.roles.together()
     if not trainer.roles.keeps_run:
         return {}
+    epochs = trainer.state.step / trainer.batches_per_epoch  # a fraction where training stopped early
     return write_outputs(
         trainer.trained_model(),
         trainer.output,
         trainer.state.history,
-        trainer.state.step / trainer.batches_per_epoch,
+        epochs,
         model_name,
         cfg.prompt_style,
         adapter_base(cfg) if cfg.lora_rank else None,
         cfg.lora_dropout,
         kind,
         getattr(trainer.task.tokenizer, "name", "gpt2"),
-        trained={"steps": trainer.state.step, "tokens_seen": trainer.state.tokens_seen},
+        trained={"steps": trainer.state.step, "tokens_seen": trainer.state.tokens_seen, "epochs": round(epochs, 4)},
     )
 
 

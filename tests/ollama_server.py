@@ -48,6 +48,7 @@ class FakeOllama:
     def __init__(self, port: int = 0, models: tuple[str, ...] = ("llama3:latest",)):
         self.models = list(models)
         self.chats: list[dict] = []  # every /api/chat (or /v1/chat/completions) body received
+        self.chat_headers: list[dict[str, str]] = []  # and the headers each came with (names lower-cased)
         self.pulls: list[dict] = []
         self.faults: collections.deque = collections.deque()  # "500", "404", or ("reply", text)
         # How every chat request is answered while set: "ok", "500" (always), "hang" (no answer until
@@ -114,6 +115,9 @@ class FakeOllama:
 
             def do_POST(self):
                 body = self._body()
+                if self.path in ("/api/chat", "/v1/chat/completions"):
+                    with server.lock:
+                        server.chat_headers.append({k.lower(): v for k, v in self.headers.items()})
                 if self.path == "/api/pull":
                     server._pull(self, body)
                 elif self.path == "/api/chat":

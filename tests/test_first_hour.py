@@ -8,6 +8,8 @@ import re
 import socket
 import stat
 
+import pytest
+
 from tests.helpers import cli, events, free_port, smoke_run
 from tests.ollama_server import FakeOllama
 
@@ -45,14 +47,35 @@ def test_s3_without_credentials_names_the_variables(s3, shared_data, tmp_path, m
     assert all(v in line for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"))
 
 
-def test_outputs_have_the_usual_file_mode_and_the_plot_shows_the_epochs_trained(shared_data, tmp_path):
+def test_outputs_have_the_usual_file_mode_and_record_the_epochs_trained(shared_data, tmp_path):
     os.umask(0o022)
     result = cli(*smoke_run(shared_data, tmp_path / "runs", "m", "--skip-judge", "--max-steps", "3"))
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / "m"
     for name in ("config.yaml", "manifest.json", "losses.json", "loss-plot.png", "model/model.safetensors"):
         assert stat.S_IMODE((run / name).stat().st_mode) == 0o644, name
-    assert json.loads((run / "losses.json").read_text())  # 3 of the smoke's 10 steps: 0.6 epochs
+    # 3 steps of the smoke's 2 epochs (40 entries, batch 8: 5 steps each) is 0.6 of an epoch: the plot's axis
+    config = json.loads((run / "model" / "config.json").read_text())
+    trained = config["sft_job"]["trained"]
+    assert (trained["steps"], trained["epochs"]) == (3, 0.6) and trained["tokens_seen"] > 0
+
+
+def test_the_loss_plot_spans_the_epochs_trained_with_tokens_seen_above(tmp_path, monkeypatch):
+    from job import train_outputs
+
+    figures = []
+    monkeypatch.setattr(train_outputs, "_save", lambda plt, fig, path: figures.append(fig))
+    history = [{"train_loss": 3.0 - i / 2, "val_loss": 3.1 - i / 3, "tokens_seen": 100 * (i + 1)} for i in range(4)]
+    for epochs in (0.6, 2.0):
+        train_outputs.plot_losses(history, epochs, tmp_path / "loss-plot.png")
+        epochs_axis, tokens_axis = figures[-1].axes
+        assert epochs_axis.get_xlabel() == "Epochs" and tokens_axis.get_xlabel() == "Tokens seen"
+        for line in epochs_axis.get_lines():  # the book's torch.linspace(0, epochs, len(history))
+            assert line.get_xdata() == pytest.approx([0, epochs / 3, 2 * epochs / 3, epochs])
+        assert list(tokens_axis.get_lines()[0].get_xdata()) == [100, 200, 300, 400]
+        ticks = [t for t in epochs_axis.get_xticks() if 0 <= t <= epochs]
+        # whole epochs as ticks once there is one; fractions below that (a 0.6 epoch run is not "0, 1")
+        assert all(t == int(t) for t in ticks) if epochs >= 1 else any(t != int(t) for t in ticks)
 
 
 def test_the_openai_compatible_backend_accepts_a_name_for_name_latest(tmp_path, shared_data):

@@ -142,6 +142,7 @@ def test_secrets_are_in_no_byte_the_run_writes_through_a_crash_and_a_finish(s3, 
         finished = cli(*args, *judge, "--judge-api-key-file", tmp_path / "key")
         assert finished.returncode == 0, finished.stderr
         assert len(server.chats) == 8  # the judge was asked, with the key
+        assert [h.get("authorization") for h in server.chat_headers] == [f"Bearer {JUDGE_KEY}"] * 8
         everything = _every_byte(
             tmp_path, s3, "secret", crashed.stdout, crashed.stderr, finished.stdout, finished.stderr
         )

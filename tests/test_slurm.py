@@ -73,18 +73,40 @@ def _job(slurm, job_id: str) -> dict:
     return dict(field.split("=", 1) for field in text.split() if "=" in field)
 
 
+def _node_idle(slurm) -> bool:
+    """The node holds no job, not even one still completing (its steps being torn down)."""
+    text = subprocess.run(["scontrol", "show", "node", "localhost"], env=slurm, capture_output=True, text=True).stdout
+    return "State=IDLE " in text
+
+
 def _finished(slurm, job_id):
     job = _job(slurm, job_id)
-    if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime" and int(job.get("Restarts", 0)):
-        # Slurm holds a requeued job for a while before it may start again (its policy, not ours): let it go.
+    held = job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime" and int(job.get("Restarts", 0))
+    if held and _node_idle(slurm):
+        # Slurm holds a requeued job for a while before it may start again (its policy, not ours): let it
+        # go, once the node has finished tearing the last run down (a launch before that fails the job).
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, capture_output=True)
     return job if job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+
+
+def _account(slurm, job: dict, out: Path) -> str:
+    """What Slurm and the job said, for a failed assertion: the job's fields, Slurm's log lines on it, the output."""
+    state = Path(slurm["SLURM_CONF"]).parent
+    job_id = job["JobId"]
+    lines = [
+        line
+        for log in ("slurmctld.log", "slurmd.log")
+        for line in (state / log).read_text().splitlines()
+        if f"JobId={job_id} " in line + " " or f"job {job_id}" in line or f"[{job_id}." in line
+    ]
+    fields = {k: job.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts")}
+    return f"{fields}\n" + "\n".join(lines[-40:]) + "\n" + out.read_text()[-3000:]
 
 
 def test_sbatch_runs_the_whole_job_to_completed(slurm, ollama, tiny_model_dir, shared_data, tmp_path):
     job_id = _sbatch(slurm, ollama, _config(tmp_path, tiny_model_dir, shared_data), tmp_path / "job.out")
     job = wait_until(lambda: _finished(slurm, job_id), 600, 1, what=f"Slurm job {job_id}")
-    assert job["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
+    assert job["JobState"] == "COMPLETED", _account(slurm, job, tmp_path / "job.out")
     run = tmp_path / "runs" / f"slurm-{job_id}"
     manifest = json.loads((run / "manifest.json").read_text())
     assert {s: v["status"] for s, v in manifest["stages"].items()} == dict.fromkeys(
@@ -109,7 +131,7 @@ def test_usr1_checkpoints_requeues_and_completes_with_the_same_weights(
     assert signalled.returncode == 0, signalled.stderr
     job = wait_until(lambda: _finished(slurm, job_id), 900, 1, what=f"Slurm job {job_id} after requeue")
     log = out.read_text()
-    assert job["JobState"] == "COMPLETED", log[-3000:]
+    assert job["JobState"] == "COMPLETED", _account(slurm, job, out)
     assert int(job["Restarts"]) == 1
     assert "requeueing job" in log
     events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
@@ -139,7 +161,9 @@ def test_an_origin_that_stays_unreachable_is_requeued_at_most_max_requeues_then_
     job_id = _sbatch(slurm, ollama, config, out, SFT_JOB_MAX_REQUEUES="1")
     job = wait_until(lambda: _finished(slurm, job_id), 600, 1, what=f"Slurm job {job_id}")
     log = out.read_text()
-    assert job["JobState"] == "FAILED" and _exit_code(job) == 75 and int(job["Restarts"]) == 1, log[-3000:]
+    assert job["JobState"] == "FAILED" and _exit_code(job) == 75 and int(job["Restarts"]) == 1, _account(
+        slurm, job, out
+    )
     assert log.count("requeueing job") == 1 and "after 1 requeues (SFT_JOB_MAX_REQUEUES); not requeueing" in log
     assert log.count("Error: instruction-data.json: giving up on 127.0.0.1") == 2 and "--data FILE" in log
 
@@ -157,6 +181,6 @@ def test_an_internal_error_is_requeued_at_most_max_restarts_with_the_venv_it_nam
     out = tmp_path / "job.out"
     job_id = _sbatch(slurm, ollama, config, out, SFT_JOB_VENV=str(venv), SFT_JOB_MAX_RESTARTS="1")
     job = wait_until(lambda: _finished(slurm, job_id), 600, 1, what=f"Slurm job {job_id}")
-    assert job["JobState"] == "FAILED" and _exit_code(job) == 70, out.read_text()[-3000:]
+    assert job["JobState"] == "FAILED" and _exit_code(job) == 70, _account(slurm, job, out)
     assert int(job["Restarts"]) == 1 and (tmp_path / "attempts").read_text() == "attempt 0\nattempt 1\n"
     assert out.read_text().count("internal error (exit 70); requeueing") == 1

@@ -1,10 +1,7 @@
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from job.model import GPTModel
 from job.weights import WeightsError, book_state_dict, load_pretrained, save_hf
 
 
@@ -98,12 +95,20 @@ def test_missing_tensor_and_unknown_layout_are_clear_errors(hf_tiny, tmp_path):
         load_pretrained(tmp_path / "..")
 
 
-def test_config_comes_from_the_files_not_a_named_size(hf_tiny, tmp_path):
-    _, path = hf_tiny
-    config = json.loads((path / "config.json").read_text())
-    assert (config["n_layer"], config["n_embd"]) == (2, 64)
-    model = load_pretrained(path)
-    assert isinstance(model, GPTModel) and model.num_parameters() == sum(p.numel() for p in model.parameters())
+def test_config_comes_from_the_files_not_a_named_size(tmp_path):
+    # A shape no named size has (3 layers, 96 wide, 6 heads, 48 positions): every figure must come from config.json.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(4)
+    theirs = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=96, n_head=6, n_positions=48, vocab_size=50257)).eval()
+    theirs.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_pretrained(tmp_path)
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.emb_dim, cfg.n_heads, cfg.context_length, cfg.vocab_size) == (3, 96, 6, 48, 50257)
+    # By hand: embeddings 50257*96 + 48*96, per block 2 norms (2*192) + qkv 96*288+288 + proj 96*96+96 + MLP
+    # 96*384+384 + 384*96+96 = 111,840, the last norm 192; transformers counts the tied head once, as we do.
+    assert model.num_parameters() == theirs.num_parameters() == 50257 * 96 + 48 * 96 + 3 * 111_840 + 192
+    assert model.num_parameters(tied=False) == theirs.num_parameters() + 96 * 50257
 
 
 def test_openai_layout_without_tensorflow_says_how_to_install(openai_tiny, monkeypatch):
