@@ -234,8 +234,10 @@ class GPTModel(nn.Module):
             self.lm_head.weight = nn.Parameter(self.wte.weight.detach().clone())
 
     def num_parameters(self, tied: bool = True) -> int:
+        """Each parameter once (OpenAI's 124M); ``tied=False`` counts a tied head as a matrix of its own
+        (the book's 163M for GPT-2 small), which an untied head already is."""
         total = sum(p.numel() for p in self.parameters())
-        return total if tied else total + self.lm_head.weight.numel()
+        return total if tied or not self.head_tied else total + self.lm_head.weight.numel()
 
 
 def _init_weights(module: nn.Module) -> None:

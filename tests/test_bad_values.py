@@ -111,11 +111,15 @@ def test_a_bad_environment_value(key, env, tmp_path, capsys, monkeypatch):
     _check(key, code, err, out)
 
 
-def test_good_values_of_the_same_kinds_are_accepted(tmp_path):
-    from job.config import RunConfig, check_value
-
-    assert check_value(RunConfig, "lr", 1) == 1  # an integer is a number
-    assert check_value(RunConfig, "judge_wait", 300) == "300"  # YAML's number for a duration
-    assert check_value(RunConfig, "max_steps", None) is None
-    assert check_value(RunConfig, "precision", "bf16") == "bf16"
-    RunConfig(output="s3://bucket/runs", s3_endpoint_url="http://127.0.0.1:9000", grad_clip=1.0)
+def test_good_values_of_the_same_kinds_reach_the_run_as_given(tmp_path, capsys, monkeypatch):
+    # Through the same three doors as the bad ones above (YAML, environment, flags), to the config the run gets.
+    given = []
+    monkeypatch.setattr(cli, "_run", lambda stage, runner, cfg, *args: given.append(cfg))
+    (tmp_path / "job.yaml").write_text("lr: 1\njudge_wait: 300\nmax_steps: null\nprecision: bf16\n")
+    monkeypatch.setenv("SFT_JOB_EPOCHS", "3")
+    flags = ["--output", "s3://bucket/runs", "--s3-endpoint-url", "http://127.0.0.1:9000", "--grad-clip", "1.0"]
+    code, err = _run(["run", "--config", str(tmp_path / "job.yaml"), *flags], capsys)
+    assert (code, err) == (0, [])
+    [cfg] = given
+    assert (cfg.lr, cfg.judge_wait, cfg.max_steps, cfg.precision, cfg.epochs) == (1, "300", None, "bf16", 3)
+    assert (cfg.output, cfg.s3_endpoint_url, cfg.grad_clip) == ("s3://bucket/runs", "http://127.0.0.1:9000", 1.0)

@@ -32,8 +32,22 @@ def test_parameter_count_of_gpt2_small_matches_124m():
     assert model.num_parameters() == 124_439_808  # tied head, as OpenAI's release
 
 
-def test_head_is_tied_to_token_embedding(model):
-    assert model.lm_head.weight is model.wte.weight
+def test_the_head_shares_the_token_embeddings_until_untied():
+    torch.manual_seed(0)
+    model = GPTModel(TINY)
+    idx = torch.tensor([[5, 7, 9]])
+    before = model(idx).detach()
+    with torch.no_grad():  # one change to the embeddings moves the head's logit for that token too
+        model.wte.weight[42] += 1.0
+    assert model.head_tied and torch.equal(model.lm_head.weight[42], model.wte.weight[42])
+    assert not torch.allclose(model(idx)[..., 42], before[..., 42])
+    assert model.num_parameters(tied=False) == model.num_parameters() + 50257 * 64
+    model.untie_head()  # the book's way: two matrices, equal at first, trained apart
+    assert not model.head_tied and torch.equal(model.lm_head.weight, model.wte.weight)
+    with torch.no_grad():
+        model.wte.weight[42] += 1.0
+    assert not torch.equal(model.lm_head.weight[42], model.wte.weight[42])
+    assert model.num_parameters() == model.num_parameters(tied=False) == GPTModel(TINY).num_parameters(tied=False)
 
 
 def test_bad_config_is_rejected():
