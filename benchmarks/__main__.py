@@ -94,8 +94,10 @@ def setups(mode: str, quick: bool, data_dir: str, device: str | None) -> Setup:
             precision="bf16",
             generate_batch_size=110,
         )
-    if quick:  # a smoke test of the harness itself: a 2-layer model, few steps, the recipe on 120 entries
-        base |= dict(n_layers=2, train_steps=2, repeats=1, max_new_tokens=4, book_prompts=2, recipe_entries=120)
+    if quick:  # a smoke test of the harness itself: a 2-layer GPT-2 small, few steps, the recipe on 60 entries
+        base |= dict(
+            size="gpt2-small", n_layers=2, train_steps=2, repeats=1, max_new_tokens=4, book_prompts=2, recipe_entries=60
+        )
     if device:
         base["device"] = device
     return Setup(**base)

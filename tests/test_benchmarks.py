@@ -40,13 +40,13 @@ def test_gpu_mode_runs_on_cpu_at_tiny_shapes_and_writes_every_selected_figure(sh
         results["generate/ours"]["new_tokens"] == results["generate/hf"]["new_tokens"] == 110 * 4
     )  # all forced to full length
     recipe = results["recipe/ours"]
-    assert (
-        recipe["evaluations"] == 5 and recipe["last_val_loss"] < recipe["first_val_loss"]
-    )  # 120 entries: 12 steps x 2 epochs
+    # 60 entries: 51 to train on, 6 steps x 2 epochs, evaluated at steps 0, 5 and 10
+    assert recipe["evaluations"] == 3 and recipe["last_val_loss"] < recipe["first_val_loss"] - 1
     assert report["targets"]["generate/ours:wall_seconds"]["measured"] == results["generate/ours"]["wall_seconds"]
     levers = results["recipe/ours/levers"]  # padded batches and one-forward evaluations: the same curve
     assert levers["levers"] and levers["tokens_seen"] == recipe["tokens_seen"]
-    assert abs(levers["last_val_loss"] - recipe["last_val_loss"]) < 1e-3
+    # bf16 autocast on other shapes: measured 8e-4 here (fp32: within 1e-5, tests/test_finetune.py)
+    assert abs(levers["last_val_loss"] - recipe["last_val_loss"]) < 2e-3
     assert results["generate/ours/levers"]["new_tokens"] == 110 * 4
 
 
@@ -69,5 +69,28 @@ def test_unknown_measurement_is_a_one_line_error(shared_data):
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].startswith("--select: unknown measurement 'train/nobody'")
+    assert proc.returncode == 1  # sys.exit with a message
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("--select: unknown measurement 'train/nobody'; one of generate/ours")
+
+
+def test_a_killed_benchmark_leaves_no_measurement_running(shared_data, tmp_path):
+    """A timeout kills the benchmark with SIGKILL: the process measuring for it must end too."""
+    import psutil
+
+    from tests.helpers import wait_until
+
+    cmd = [sys.executable, "-m", "benchmarks", "gpu", "--quick", "--device", "cpu", "--data-dir", str(shared_data)]
+    bench = subprocess.Popen(
+        [*cmd, "--select", "recipe/ours", "--out", str(tmp_path / "r.json")], cwd=REPO, stderr=subprocess.DEVNULL
+    )
+    try:
+        parent = psutil.Process(bench.pid)
+        measuring = wait_until(lambda: parent.children(recursive=True), 120, 0.1, what="the measuring process")
+    finally:
+        bench.kill()
+        bench.wait()
+    # The measurement alone runs ~20 s more on 2 cores: an orphan would still be there after 5
+    gone, alive = psutil.wait_procs(measuring, timeout=5)
+    assert alive == [], [p.cmdline() for p in alive]
+    assert not (tmp_path / "r.json").exists()

@@ -89,17 +89,19 @@ def _args(tiny_model_dir, shared_data, data_file, output, *extra):
 
 
 def _assert_same_as_book(history: list[dict], output, book: dict) -> float:
-    """Same tokens at every evaluation, losses within 1e-4, final weights within 1e-4; returns the weights' drift."""
+    """Same tokens at every evaluation, losses within 1e-5, final weights within 2e-5; returns the weights' drift."""
     assert [h["step"] for h in history] == list(range(0, 24, SETTINGS["eval_freq"]))
     assert [h["tokens_seen"] for h in history] == book["tokens_seen"]  # the sharpest sign of the same batches
-    for key in ("train_loss", "val_loss"):
-        assert [h[key] for h in history] == pytest.approx(book[key], abs=1e-4)
+    loss_gap = max(
+        abs(h[key] - b) for key in ("train_loss", "val_loss") for h, b in zip(history, book[key], strict=True)
+    )
+    assert loss_gap < 1e-5, loss_gap  # measured 1.9e-6 (CPU, fp32, torch 2.13)
     trained = load_pretrained(output / "model")
     assert not trained.head_tied  # the head trained apart from the embeddings, as the book's
     ours = book_state_dict(trained)
     assert ours.keys() == book["state"].keys()
     drift = max((ours[k] - book["state"][k]).abs().max().item() for k in ours)
-    assert drift < 1e-4, drift
+    assert drift < 2e-5, drift  # measured 5.1e-6: SDPA and the fused AdamW round differently
     return drift
 
 

@@ -61,11 +61,11 @@ def test_compiled_blocks_train_like_eager_and_save_the_same_parameter_names(tiny
         assert (out / "checkpoints" / "step-00000006" / "trainer_state.json").is_file()
     (eager_losses, eager), (compiled_losses, compiled) = runs[False], runs[True]
     assert eager.keys() == compiled.keys()  # no "_orig_mod." prefixes: checkpoints load either way
-    for a, b in zip(eager_losses, compiled_losses, strict=True):
-        assert a["tokens_seen"] == b["tokens_seen"]
-        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-3)
-    for name in eager:
-        torch.testing.assert_close(compiled[name], eager[name], atol=1e-3, rtol=1e-3)
+    pairs = list(zip(eager_losses, compiled_losses, strict=True))
+    assert [a["tokens_seen"] for a, _ in pairs] == [b["tokens_seen"] for _, b in pairs]
+    loss_gap = max(abs(a[k] - b[k]) for a, b in pairs for k in ("train_loss", "val_loss"))
+    drift = max((compiled[name] - eager[name]).abs().max().item() for name in eager)
+    assert loss_gap < 1e-6 and drift < 5e-5, (loss_gap, drift)  # measured 1.9e-7 and 1.0e-5 (CPU, fp32)
 
 
 @pytest.mark.slow

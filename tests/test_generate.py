@@ -25,6 +25,23 @@ def wide_context_model(tmp_path_factory):
     return model, path
 
 
+@pytest.fixture(scope="module")
+def ends_often_model(wide_context_model, tokenizer_dir, book_data, tmp_path_factory):
+    """The wide model with end-of-text given 1.05 times the embedding of the token it says most: greedy
+    decoding then ends rows at different steps (a random model otherwise never says end-of-text)."""
+    model, _ = wide_context_model
+    tok = load_tokenizer(tokenizer_dir)
+    prompts = [encode(tok, PROMPT_STYLES["alpaca"].format_input(e)) for e in split_entries(book_data)[1][:32]]
+    said = collections.Counter(t for row in generate(model, prompts, max_new_tokens=16, eos_id=None) for t in row)
+    ends = GPTModel(model.cfg).eval()
+    ends.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ends.wte.weight[END_OF_TEXT_ID] = 1.05 * ends.wte.weight[said.most_common(1)[0][0]]
+    path = tmp_path_factory.mktemp("ends-often")
+    save_hf(ends, path)
+    return path
+
+
 @torch.no_grad()
 def books_generate(model, ids: list[int], max_new_tokens: int) -> list[int]:
     """The book's loop: one prompt, the whole sequence recomputed each step, argmax, stop at 50256."""
@@ -63,7 +80,9 @@ def test_rows_stop_at_end_of_text_independently():
     prompts = [[1, 2, 3], [4, 5], [6]]
     free = generate(model, prompts, 10, eos_id=None)
     assert [len(f) for f in free] == [10, 10, 10]
-    eos = free[0][2]  # a token row 0 produces third: with it as end-of-text, row 0 stops early
+    # End-of-text: a token row 0 says and then moves on from. A random model repeats tokens, so a row
+    # that went on past its end (not dropped from the batch) would show the different token that follows.
+    eos = free[0][next(j for j in range(9) if free[0][j + 1] != free[0][j])]
     alone = [generate(model, [p], 10, eos_id=eos)[0] for p in prompts]
     assert alone[0] == free[0][: free[0].index(eos)] and len(alone[0]) <= 2
     assert generate(model, prompts, 10, eos_id=eos) == alone
@@ -90,8 +109,8 @@ def test_sampling_with_a_seed_is_reproducible(wide_context_model, tokenizer_dir,
     assert [x["model_response"] for x in a] != [x["model_response"] for x in c]
 
 
-def test_output_is_the_test_split_with_responses(wide_context_model, shared_data, book_data, tmp_path):
-    _, path = wide_context_model
+def test_output_is_the_test_split_with_responses(ends_often_model, shared_data, book_data, tmp_path):
+    path = ends_often_model
     result = cli(
         "generate",
         "--model-dir",
@@ -103,7 +122,7 @@ def test_output_is_the_test_split_with_responses(wide_context_model, shared_data
         "--output",
         tmp_path,
         "--max-new-tokens",
-        "4",
+        "16",
         "--log-format",
         "json",
     )
@@ -115,10 +134,12 @@ def test_output_is_the_test_split_with_responses(wide_context_model, shared_data
     assert [p.name for p in tmp_path.iterdir()] == [RESPONSES_FILE]
     done = [e for e in events(result.stdout) if e["event"] == "generate_done"][0]
     assert done["decoded"] == 110 and done["tokens_per_second"] > 0
+    # rows ended at different steps: some at once (empty), some later, some ran to the 16 tokens
+    assert 0 < done["new_tokens"] < 110 * 16 and "" in {e["model_response"] for e in saved}
     assert [e["precision"] for e in events(result.stdout) if e["event"] == "generate_start"] == [
         "fp32"
     ]  # auto on a CPU
-    # the fixed-batch decoder through the stage: the same file
+    # the fixed-batch decoder through the stage, its finished rows masked: the same file
     fixed = cli("generate", *result.args[4:-2], "--output", tmp_path / "fixed", "--eos-check-every", "2")
     assert fixed.returncode == 0, fixed.stderr
     assert json.loads((tmp_path / "fixed" / RESPONSES_FILE).read_text()) == saved
