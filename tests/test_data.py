@@ -10,7 +10,7 @@ from job.data import (
     split_entries,
     tokenize,
 )
-from job.tokenizer import load_tokenizer
+from job.tokenizer import encode, load_tokenizer
 
 
 def test_the_books_collate_example_prints_the_books_tensors():
@@ -61,10 +61,14 @@ def test_alpaca_is_the_books_text_and_phi3_the_exercise(book_data):
 
 
 def test_tokenized_entry_50_and_prompt_length(tokenizer_dir, book_data):
+    # The ids themselves are the tokenizer's test (test_tokenizer.py); here: the whole formatted example,
+    # and the prompt's length as the prompt's own encoding gives it.
     tok = load_tokenizer(tokenizer_dir)
-    [ex] = tokenize([book_data[50]], tok, PROMPT_STYLES["alpaca"], 1024)
-    assert ex.token_ids[:10] == [21106, 318, 281, 12064, 326, 8477, 257, 4876, 13, 19430]
+    entry, alpaca = book_data[50], PROMPT_STYLES["alpaca"]
+    [ex] = tokenize([entry], tok, alpaca, 1024)
+    assert ex.token_ids == encode(tok, alpaca.format_example(entry))
     assert tok.decode(ex.token_ids[: ex.prompt_length]).endswith("### Response:\n")
+    assert tok.decode(ex.token_ids[ex.prompt_length :]) == entry["output"]  # the targets left: the response
 
 
 @pytest.mark.parametrize(

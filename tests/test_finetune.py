@@ -205,17 +205,11 @@ def test_accelerate_launch_two_cpu_processes(tiny_model_dir, shared_data, tmp_pa
     assert sorted(p.name for p in ckpt.glob("rng-*.safetensors")) == ["rng-0.safetensors", "rng-1.safetensors"]
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        ('[{"instruction": "a", "input": ""}]', "entry 0: field 'output' is missing"),
-        ('[{"instruction": "a", "output": 5}]', "entry 0: field 'output' must be a string, got int"),
-        ("{not json", "is neither JSON nor JSON Lines"),
-        ("", "is empty"),
-    ],
-)
-def test_bad_dataset_is_a_one_line_error_and_leaves_no_output(tiny_model_dir, shared_data, tmp_path, content, message):
-    (tmp_path / "bad.json").write_text(content)
+def test_bad_dataset_is_a_one_line_error_and_leaves_no_output(tiny_model_dir, shared_data, tmp_path):
+    # The stage's side of a bad dataset (exit 1, one line, nothing written); each kind of bad entry and
+    # its message is the parser's test (test_data.py::test_bad_datasets_are_one_line_errors).
+    (tmp_path / "bad.json").write_text('[{"instruction": "a", "output": "b"}, {"instruction": "a", "output": 5}]')
+    message = "entry 1: field 'output' must be a string, got int"
     result = cli(
         "finetune",
         "--model-dir",
@@ -291,3 +285,48 @@ def test_one_forward_per_evaluation_gives_the_per_batch_losses(tiny_model_dir, s
     assert len(eager) == len(batched) == 3
     for key in ("train_loss", "val_loss"):
         assert [h[key] for h in batched] == pytest.approx([h[key] for h in eager], abs=1e-5)
+
+
+def test_no_untie_head_keeps_gpt2s_tied_head_and_transformers_reads_it_tied(tiny_model_dir, shared_data, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    out = tmp_path / "tied"
+    run_finetune(_cfg(tiny_model_dir, shared_data, out, max_steps=2, untie_head=False, checkpoint_every=1000))
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and "lm_head.weight" not in _weights(out)
+    ours = load_pretrained(out / "model").eval()
+    theirs = GPT2LMHeadModel.from_pretrained(out / "model").eval()
+    assert ours.head_tied and theirs.lm_head.weight is theirs.transformer.wte.weight
+    idx = torch.tensor([[464, 3290, 318, 257, 1332]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), theirs(idx).logits, rtol=0, atol=1e-5)
+    # the book's default, for contrast: the head trained apart and saved as its own matrix
+    untied = tmp_path / "untied"
+    run_finetune(_cfg(tiny_model_dir, shared_data, untied, max_steps=2, checkpoint_every=1000))
+    assert "lm_head.weight" in _weights(untied)
+
+
+def test_seeded_data_order_trains_on_one_shuffle_per_epoch(tiny_model_dir, shared_data, tmp_path):
+    """--data-order seeded: each epoch's batches from its own permutation (seed * 1000 + epoch), as the
+    tokens seen after each step show (each batch counts batch x its longest sequence, as the book counts)."""
+    import itertools
+
+    from job.data import load_entries, split_entries, tokenize
+    from job.order import BookOrder, SeededOrder
+
+    train = split_entries(load_entries(shared_data / "instruction-data.json"))[0]
+    lengths = [
+        len(e.token_ids) for e in tokenize(train, load_tokenizer(shared_data / "gpt2"), PROMPT_STYLES["alpaca"], 1024)
+    ]
+
+    def tokens_seen(batches):
+        return list(itertools.accumulate(len(b) * max(lengths[i] for i in b) for b in batches))
+
+    seeded = SeededOrder(len(train), 8, 5, seed=5).epoch_batches(0)[:5]
+    book = BookOrder(len(train), 8, 2, 1, 5, seed=5).epoch_batches(0)[:5]
+    assert tokens_seen(seeded) != tokens_seen(book)
+    out = tmp_path / "seeded"
+    cfg = _cfg(tiny_model_dir, shared_data, out, max_steps=5, eval_freq=1, eval_iter=1, seed=5, data_order="seeded")
+    run_finetune(cfg)
+    history = json.loads((out / "losses.json").read_text())
+    assert [h["tokens_seen"] for h in history] == tokens_seen(seeded)

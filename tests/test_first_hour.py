@@ -31,6 +31,16 @@ def test_a_busy_metrics_port_names_the_flag(shared_data, tmp_path):
     assert f"metrics port {port} on 127.0.0.1 is in use" in line and "--metrics-port" in line and "0 to turn" in line
 
 
+def test_require_gpu_on_a_machine_without_one_is_one_line_exit_1_before_anything_is_written(shared_data, tmp_path):
+    result = cli(
+        *smoke_run(shared_data, tmp_path / "runs", "g", "--skip-judge", "--require-gpu"),
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert result.returncode == 1
+    assert _one_line(result) == "Error: --require-gpu was given but no CUDA device is visible"
+    assert not (tmp_path / "runs" / "g").exists()
+
+
 def test_s3_without_credentials_names_the_variables(s3, shared_data, tmp_path, monkeypatch):
     s3.create_bucket(Bucket="nocreds")
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):

@@ -237,3 +237,28 @@ def test_the_fixed_batch_decoder_is_token_for_token_the_greedy_decoder_on_the_11
     assert got == expected
     lengths = {len(t) for t in expected}
     assert len(lengths) > 1, lengths  # rows ended at different steps, so the masking was exercised
+
+
+def test_generate_uses_the_prompt_style_the_model_was_finetuned_with(tiny_model_dir, shared_data, tmp_path):
+    from tests.helpers import finetune_run
+
+    trained = cli(
+        *finetune_run(tiny_model_dir, shared_data, tmp_path / "ft", "--max-steps", "2", "--prompt-style", "phi3")
+    )
+    assert trained.returncode == 0, trained.stderr
+    model = tmp_path / "ft" / "model"
+    common = ["--model-dir", model, "--data", shared_data / "instruction-data.json", "--cache", shared_data]
+    common += ["--limit", "6", "--max-new-tokens", "6", "--log-format", "json"]
+
+    def responses(name: str, *style: str) -> tuple[str, list[str]]:
+        result = cli("generate", *common, "--output", tmp_path / name, *style)
+        assert result.returncode == 0, result.stderr
+        [start] = [e for e in events(result.stdout) if e["event"] == "generate_start"]
+        return start["prompt_style"], [
+            e["model_response"] for e in json.loads((tmp_path / name / RESPONSES_FILE).read_text())
+        ]
+
+    unnamed = responses("unnamed")  # no --prompt-style: the model's config.json says phi3
+    assert unnamed == responses("phi3", "--prompt-style", "phi3") and unnamed[0] == "phi3"
+    alpaca = responses("alpaca", "--prompt-style", "alpaca")  # other prompts, other answers
+    assert alpaca[0] == "alpaca" and alpaca[1] != unnamed[1]

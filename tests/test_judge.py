@@ -141,16 +141,28 @@ def test_4xx_is_not_retried_and_is_never_written_as_a_result(ollama, book_respon
     assert summary["scored"] == 110 and len(ollama.chats) == 111
 
 
-def test_server_that_starts_three_seconds_after_the_stage(book_responses, tmp_path):
+def test_a_server_that_starts_after_the_stage_began_waiting_for_it(book_responses, tmp_path):
+    from structlog.testing import capture_logs
+
+    from tests.helpers import wait_until
+
     server = FakeOllama(port=free_port())
-    timer = threading.Timer(3.0, server.start)
-    timer.start()
-    try:
-        summary = run_judge(_cfg(book_responses, tmp_path, server.url))
-    finally:
-        timer.join()
-        server.stop()
+
+    def start_once_waited_for():
+        wait_until(lambda: any(e["event"] == "judge_not_answering" for e in logs), 60, 0.05, what="the judge wait")
+        server.start()
+
+    with capture_logs() as logs:
+        starter = threading.Thread(target=start_once_waited_for)
+        starter.start()
+        try:
+            summary = run_judge(_cfg(book_responses, tmp_path, server.url))
+        finally:
+            starter.join()
+            server.stop()
     assert summary["scored"] == 110
+    said = [e["event"] for e in logs if e["event"].startswith("judge_")]
+    assert said[0] == "judge_not_answering" and "judge_ready" in said
 
 
 def test_missing_model_is_pulled(book_responses, tmp_path):
@@ -272,7 +284,8 @@ def eight_responses(book_responses, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("mode", ["500", "hang", "drop", "garbage"])
+# A judge answering 500: the same, through the whole run, in test_reliability.py (the run's side: its manifest)
+@pytest.mark.parametrize("mode", ["hang", "drop", "garbage"])
 def test_a_failing_judge_is_never_a_result_exit_75_and_a_rerun_asks_only_for_the_failed(
     mode, eight_responses, tmp_path
 ):

@@ -24,8 +24,16 @@ def slurm(tmp_path_factory):
     )
     assert started.returncode == 0, started.stdout + started.stderr
     env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
-    yield env
-    subprocess.run(["bash", REPO / "tests/slurm/stop-cluster.sh", state])
+
+    def node_up() -> bool:
+        states = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.split()
+        return bool({"idle", "mixed", "allocated"} & set(states))
+
+    try:
+        wait_until(node_up, 60, 0.2, what=f"Slurm's node (see {state}/slurmctld.log and slurmd.log)")
+        yield env
+    finally:
+        subprocess.run(["bash", REPO / "tests/slurm/stop-cluster.sh", state])
 
 
 def _config(tmp_path, tiny_model_dir, shared_data, **overrides) -> Path:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A single-node Slurm cluster on localhost for the tests: munged, slurmctld and slurmd, run as root.
-# Usage: start-cluster.sh DIR [CTLD_PORT SLURMD_PORT] -> DIR/slurm.conf; export SLURM_CONF=DIR/slurm.conf.
+# Usage: start-cluster.sh DIR [CTLD_PORT SLURMD_PORT] -> DIR/slurm.conf; export SLURM_CONF=DIR/slurm.conf,
+# then wait for `sinfo -h -o %T` to say idle (tests/test_slurm.py waits with a deadline).
 # Everything (munge socket and key, ports, state, logs) is private to DIR, so it cannot collide
 # with a cluster already on the machine.
 set -euo pipefail
@@ -57,12 +58,4 @@ CONF
 export SLURM_CONF="$dir/slurm.conf"
 slurmctld -f "$SLURM_CONF"
 slurmd -N localhost -f "$SLURM_CONF"
-for _ in $(seq 1 60); do
-  if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
-    echo "slurm ready: SLURM_CONF=$SLURM_CONF"
-    exit 0
-  fi
-  sleep 1
-done
-echo "slurm did not become ready; see $dir/slurmctld.log and $dir/slurmd.log" >&2
-exit 1
+echo "slurm started: SLURM_CONF=$SLURM_CONF (the node is ready when sinfo says idle)"
