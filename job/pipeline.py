@@ -57,7 +57,7 @@ from job.trainer import check_batches
 from job.weights import read_config, save_hf
 
 log = get_logger(__name__)
-SMOKE_MODEL = GPTConfig(n_layers=2, emb_dim=128, n_heads=4)
+SMOKE_MODEL = GPTConfig(n_layers=2, emb_dim=64, n_heads=4)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # with --lora-rank, PEFT's layout
 FINETUNE_ARTIFACTS = ("model/model.safetensors", "model/config.json", "losses.json", "loss-plot.png")
 

@@ -94,3 +94,25 @@ def test_a_killed_benchmark_leaves_no_measurement_running(shared_data, tmp_path)
     gone, alive = psutil.wait_procs(measuring, timeout=5)
     assert alive == [], [p.cmdline() for p in alive]
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_smoke_benchmark_accounts_for_the_smokes_time_and_bytes(tmp_path):
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.smoke", "--runs", "1", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    [run] = report["runs"]
+    assert set(run["stage_seconds"]) == {"download", "finetune", "generate"}
+    parts = run["startup_seconds"] + run["preflight_seconds"] + sum(run["stage_seconds"].values()) + run["exit_seconds"]
+    assert 0 < parts <= run["wall_seconds"] + 0.1 and run["wall_seconds"] == report["smoke_wall_seconds_median"]
+    assert run["run_bytes"] == sum(run["run_bytes_by_entry"].values())
+    assert {"checkpoints", "model", "smoke-model", "report.html"} <= set(run["run_bytes_by_entry"])
+    assert report["ratio_smoke_vs_help"] == round(
+        report["smoke_wall_seconds_median"] / report["help_seconds_median"], 1
+    )

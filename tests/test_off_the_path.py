@@ -139,7 +139,7 @@ def test_a_metrics_address_that_cannot_be_served_is_a_config_error(shared_data, 
 
 def test_a_lora_rank_wider_than_the_model_fails_the_preflight(shared_data, tmp_path):
     args = smoke_run(shared_data, tmp_path / "runs", "l", "--skip-judge", "--lora-rank", "100000")
-    assert "--lora-rank 100000 is more than the model's width of 128" in _one_line(run_cli(*args), 2)
+    assert "--lora-rank 100000 is more than the model's width of 64" in _one_line(run_cli(*args), 2)
     assert not (tmp_path / "runs" / "l").exists()
 
 
