@@ -642,7 +642,16 @@ def _number(value) -> bool:
 # --smoke: few entries rather than few steps, so the run still crosses both epoch ends (with their
 # checkpoints and samples), the code that runs only at those moments.
 # It samples (temperature 1, top-k 50), so the judge sees text: a random model's greedy answer is empty.
-SMOKE_PRESET = {"train_limit": 40, "epochs": 2, "limit": 8, "max_new_tokens": 16, "temperature": 1.0, "top_k": 50}
+# A plumbing check waits for a judge briefly (a real run's 300 s are for a sidecar still loading a model).
+SMOKE_PRESET = {
+    "train_limit": 40,
+    "epochs": 2,
+    "limit": 8,
+    "max_new_tokens": 16,
+    "temperature": 1.0,
+    "top_k": 50,
+    "judge_wait": "15s",
+}
 SMOKE_DATA = ("smoke", "instruction-data.json")  # in the cache: the smoke's own data (job/smoke.py), no download
 
 

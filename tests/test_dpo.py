@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import pytest
@@ -350,26 +351,62 @@ def test_sigterm_mid_dpo_exits_75_and_the_rerun_ends_with_the_uninterrupted_weig
     assert (tmp_path / "cut" / "losses.json").read_text() == (tmp_path / "straight" / "losses.json").read_text()
 
 
+NO_NETWORK = """
+import os
+import socket
+
+_tried = os.environ["SFT_JOB_TEST_CONNECTIONS"]
+
+
+def _refuse(what):
+    with open(_tried, "a") as f:
+        f.write(repr(what) + "\\n")
+    raise OSError(101, "Network is unreachable (the test's socket guard)")
+
+
+def _connect(self, address, _real=socket.socket.connect):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _refuse(address)
+    return _real(self, address)
+
+
+def _connect_ex(self, address, _real=socket.socket.connect_ex):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _refuse(address)
+    return _real(self, address)
+
+
+def _getaddrinfo(host, *args, **kwargs):
+    _refuse(host)
+
+
+socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = _connect, _connect_ex, _getaddrinfo
+"""
+
+
 def test_run_smoke_dpo_needs_no_network_and_no_cache(tmp_path):
     """The smoke makes what it needs (its model, its data with chosen and rejected, its byte tokenizer): with
-    an empty cache and every proxy pointing at a closed port, `run --smoke --dpo` completes."""
-    from tests.helpers import free_port
+    an empty cache and every network connection refused (a socket guard: connect and name lookups on IPv4
+    and IPv6 raise, and are recorded), `run --smoke --dpo` completes without trying one."""
+    import subprocess
+    import sys
 
-    dead = f"http://127.0.0.1:{free_port()}"
-    env = {
-        "HTTP_PROXY": dead,
-        "HTTPS_PROXY": dead,
-        "http_proxy": dead,
-        "https_proxy": dead,
-        "NO_PROXY": "",
-        "no_proxy": "",
-    }
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NO_NETWORK)
+    tried = tmp_path / "connections"
+    env = {"PYTHONPATH": str(guard), "SFT_JOB_TEST_CONNECTIONS": str(tried)}
+    probe = "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9', timeout=5)"
+    guarded = subprocess.run([sys.executable, "-c", probe], env=os.environ | env, capture_output=True, text=True)
+    assert guarded.returncode == 1 and "socket guard" in guarded.stderr and tried.read_text() == "'127.0.0.1'\n"
+    tried.unlink()
     cache, runs = tmp_path / "cache", tmp_path / "runs"
     result = cli(
         "run", "--smoke", "--dpo", "--skip-judge", "--cache", cache, "--output", runs, "--run-id", "offline",
         "--metrics-port", "0", "--log-format", "json", env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not tried.exists()  # not one connection tried
     run = runs / "offline"
     manifest = json.loads((run / "manifest.json").read_text())
     assert list(manifest["stages"]) == ["download", "finetune", "dpo", "generate"] and manifest["status"] == "complete"

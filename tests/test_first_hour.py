@@ -41,6 +41,18 @@ def test_require_gpu_on_a_machine_without_one_is_one_line_exit_1_before_anything
     assert not (tmp_path / "runs" / "g").exists()
 
 
+def test_the_smoke_with_no_judge_running_waits_15_s_not_300_and_says_how_to_skip_it(tmp_path):
+    closed = f"http://127.0.0.1:{free_port()}"
+    args = ["run", "--smoke", "--cache", tmp_path / "cache", "--output", tmp_path / "runs", "--run-id", "nj"]
+    result = cli(*args, "--judge-url", closed, "--metrics-port", "0", "--log-format", "json")
+    assert result.returncode == 75
+    line = _one_line(result)
+    assert line.startswith(f"Error: judge at {closed} did not answer within 15s (") and line.endswith("--skip-judge")
+    [waiting] = [e for e in events(result.stdout) if e["event"] == "judge_not_answering"]
+    assert waiting["waiting"] == "15s"
+    assert not (tmp_path / "runs" / "nj").exists()  # a preflight: nothing of the run written
+
+
 def test_s3_without_credentials_names_the_variables(s3, shared_data, tmp_path, monkeypatch):
     s3.create_bucket(Bucket="nocreds")
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
