@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System services the tests run for real (Debian's packages): Prometheus and its Pushgateway,
 # Slurm with munge for a single-node cluster on localhost, and Chromium, which Playwright drives
-# to open the run report (Playwright's own browser downloads are not used).
+# to open the run report (Playwright's own browser downloads are not used), and podman with
+# mmdebstrap and runc, which build and run the project's image from a base of Debian's packages.
 # Installs only what is missing; needs root (or sudo).
 set -euo pipefail
 packages=()
@@ -10,6 +11,9 @@ command -v prometheus-pushgateway >/dev/null || packages+=(prometheus-pushgatewa
 command -v slurmctld >/dev/null || packages+=(slurm-wlm)
 command -v munged >/dev/null || packages+=(munge)
 command -v chromium >/dev/null || packages+=(chromium)
+command -v podman >/dev/null || packages+=(podman)
+command -v mmdebstrap >/dev/null || packages+=(mmdebstrap)
+command -v runc >/dev/null || packages+=(runc)
 if [ ${#packages[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
