@@ -49,6 +49,11 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
 
+    @property
+    def n_kv_heads(self) -> int:
+        """Heads the KV cache holds: every one (GPT-2 has no grouped-query attention)."""
+        return self.n_heads
+
 
 # The book's four sizes (section 7.5), keyed by the names users type.
 GPT2_SIZES: dict[ModelName, GPTConfig] = {
@@ -69,7 +74,7 @@ class KVCache:
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         if max_len > cfg.context_length:
             raise ValueError(f"KV cache of {max_len} slots exceeds the context length {cfg.context_length}")
-        shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.head_dim)
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
@@ -87,6 +92,28 @@ class KVCache:
         self.values = self.values[:, rows]
         self.key_mask = self.key_mask[rows]
         self.seen = self.seen[rows]
+
+
+def cache_positions_and_mask(cache: KVCache, T: int, valid):
+    """Each row's position ids (B, T) and the attention mask (B, 1, T, S) for ``T`` new tokens continuing
+    the cached rows, ``valid`` (B, T) marking real tokens (False: left padding); the cache's row counts move on."""
+    B, start = cache.batch_size, cache.length
+    if start + T > cache.max_len:
+        raise ValueError(f"KV cache full: {start} + {T} tokens exceed its {cache.max_len} slots")
+    if valid is None:
+        valid = torch.ones(B, T, dtype=torch.bool, device=cache.key_mask.device)
+    # Each row's position ids count only its real tokens, so left padding does not shift them.
+    positions = (cache.seen[:, None] + valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+    cache.seen += valid.sum(dim=1)
+    cache.key_mask[:, start : start + T] = valid
+    keys = cache.key_mask[:, None, : start + T]  # (B, 1, S)
+    q_slot = torch.arange(start, start + T, device=valid.device)[:, None]  # (T, 1)
+    k_slot = torch.arange(start + T, device=valid.device)[None, :]  # (1, S)
+    causal = k_slot <= q_slot  # (T, S)
+    # A padding query attends to itself, so no row of the mask is empty (that would give NaN).
+    own = k_slot == q_slot
+    mask = (causal & keys) | own  # (B, T, S)
+    return positions, mask[:, None]  # (B, 1, T, S)
 
 
 # cuDNN's attention (torch's first choice on Hopper) builds a plan on the host for every new
@@ -195,33 +222,13 @@ class GPTModel(nn.Module):
             positions = torch.arange(T, device=idx.device)  # (T,)
             attn_mask = None
         else:
-            positions, attn_mask = self._cache_positions_and_mask(cache, T, valid)
+            positions, attn_mask = cache_positions_and_mask(cache, T, valid)
         x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
         for layer, block in enumerate(self.h):
             x = block(x, layer, cache, attn_mask)
         if cache is not None:
             cache.length += T
         return self.ln_f(x)
-
-    @staticmethod
-    def _cache_positions_and_mask(cache: KVCache, T: int, valid):
-        B, start = cache.batch_size, cache.length
-        if start + T > cache.max_len:
-            raise ValueError(f"KV cache full: {start} + {T} tokens exceed its {cache.max_len} slots")
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=cache.key_mask.device)
-        # Each row's position ids count only its real tokens, so left padding does not shift them.
-        positions = (cache.seen[:, None] + valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
-        cache.seen += valid.sum(dim=1)
-        cache.key_mask[:, start : start + T] = valid
-        keys = cache.key_mask[:, None, : start + T]  # (B, 1, S)
-        q_slot = torch.arange(start, start + T, device=valid.device)[:, None]  # (T, 1)
-        k_slot = torch.arange(start + T, device=valid.device)[None, :]  # (1, S)
-        causal = k_slot <= q_slot  # (T, S)
-        # A padding query attends to itself, so no row of the mask is empty (that would give NaN).
-        own = k_slot == q_slot
-        mask = (causal & keys) | own  # (B, T, S)
-        return positions, mask[:, None]  # (B, 1, T, S)
 
     @property
     def head_tied(self) -> bool:

@@ -39,6 +39,7 @@ LAYERS = {
     "checkpoint": 2,
     "checkpoint_files": 2,
     "model": 1,
+    "llama": 1,
     "tokenizer": 1,
     "storage": 1,
     "errors": 0,
