@@ -205,7 +205,8 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        # Not a buffer: a model cast to bf16 would round it; the angles stay fp32 whatever the weights' dtype.
+        self.inv_freq: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, idx, cache: KVCache | None = None, valid=None, targets=None, reduction: str = "mean"):
         """Logits (B, T, vocab), or with ``targets`` the loss over those != -100; ``cache`` and ``valid``
@@ -223,7 +224,9 @@ class LlamaModel(nn.Module):
         else:
             positions, attn_mask = cache_positions_and_mask(cache, T, valid)
         x = self.embed_tokens(idx)  # (B, T, C)
-        angles = positions[..., None].float() * self.inv_freq  # (B, T, hd / 2), in fp32
+        if idx.device not in self.inv_freq:
+            self.inv_freq[idx.device] = rope_frequencies(self.cfg).to(idx.device)
+        angles = positions[..., None].float() * self.inv_freq[idx.device]  # (B, T, hd / 2), in fp32
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hd)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for layer, block in enumerate(self.layers):

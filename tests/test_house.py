@@ -26,6 +26,7 @@ LAYERS = {
     "train_outputs": 3,
     "config": 2,
     "weights": 2,
+    "llama_weights": 2,
     "data": 2,
     "preference": 2,
     "smoke": 2,

@@ -134,3 +134,51 @@ def test_batched_kv_cache_greedy_decoding_is_transformers_generate_token_for_tok
             idx, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0
         )
     assert got == theirs[:, width:].tolist()
+
+
+# --- Hugging Face's folders: read shard by shard, written back for transformers -------------------
+
+
+def test_a_sharded_folder_loads_and_the_saved_one_is_read_by_transformers_with_the_same_logits(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from job.llama_weights import INDEX, load_llama, save_llama
+
+    _, hf, ours = pair
+    hf.save_pretrained(tmp_path / "hub", max_shard_size="1MB")  # shards and an index, as the hub serves them
+    assert (tmp_path / "hub" / INDEX).is_file() and len(list((tmp_path / "hub").glob("model-*.safetensors"))) > 1
+    idx = _ids(seed=6)
+    with torch.no_grad():
+        expected = hf(idx).logits
+        torch.testing.assert_close(load_llama(tmp_path / "hub").eval()(idx), expected, rtol=0, atol=1e-5)
+        save_llama(ours, tmp_path / "ours", hf.config.to_dict())
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+        assert type(theirs) is type(hf)
+        torch.testing.assert_close(theirs(idx).logits, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(load_llama(tmp_path / "ours").eval()(idx), expected, rtol=0, atol=1e-5)
+
+
+def test_a_model_folder_that_is_not_one_is_a_one_line_error(pair, tmp_path):
+    import json
+
+    from job.llama_weights import INDEX, load_llama
+    from job.weights import WeightsError
+
+    _, hf, _ = pair
+    tmp_path = tmp_path / "model"
+    hf.save_pretrained(tmp_path, max_shard_size="1MB")
+    index = json.loads((tmp_path / INDEX).read_text())
+    first = next(iter(index["weight_map"]))
+    # a real shard outside the folder: only the name's check keeps the index from reaching it
+    (tmp_path.parent / "elsewhere.safetensors").write_bytes((tmp_path / index["weight_map"][first]).read_bytes())
+    escaping = index | {"weight_map": index["weight_map"] | {first: "../elsewhere.safetensors"}}
+    (tmp_path / INDEX).write_text(json.dumps(escaping))
+    with pytest.raises(WeightsError, match=r"shard '\.\./elsewhere\.safetensors' is not a file of"):
+        load_llama(tmp_path)
+    missing = index | {"weight_map": {k: v for k, v in index["weight_map"].items() if k != "model.norm.weight"}}
+    (tmp_path / INDEX).write_text(json.dumps(missing))
+    with pytest.raises(WeightsError, match=r"missing tensor model\.norm\.weight \(1 missing in all\)"):
+        load_llama(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(hf.config.to_dict() | {"model_type": "gpt2"}))
+    with pytest.raises(WeightsError, match=r"model_type 'gpt2' is not one of llama, qwen3"):
+        load_llama(tmp_path)

@@ -1,0 +1,105 @@
+"""Llama 3 and Qwen3 weights in Hugging Face's layout: ``config.json`` (``model_type`` llama or qwen3) with
+``model.safetensors``, or shards named by ``model.safetensors.index.json``. Read tensor by tensor into
+the model (one tensor beside the model at a time, never a second full copy); written back in the same
+layout, which ``transformers``' ``AutoModelForCausalLM`` reads as it is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from job.llama import LlamaConfig, LlamaModel
+from job.parsing import ParseError, load_json, safetensors_header
+from job.storage import atomic_path, atomic_write_text
+from job.weights import WeightsError
+
+FAMILIES = ("llama", "qwen3")
+INDEX = "model.safetensors.index.json"
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_hf_config(path: Path) -> dict:
+    """A model folder's config.json, checked to be a Llama 3 or Qwen3 one."""
+    file = path / "config.json"
+    try:
+        config = load_json(file.read_bytes()[: MAX_CONFIG_BYTES + 1], str(file))
+    except (OSError, ParseError) as exc:
+        raise WeightsError(f"{file}: {exc}") from None
+    if not isinstance(config, dict) or config.get("model_type") not in FAMILIES:
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise WeightsError(f"{file}: model_type {found!r} is not one of {', '.join(FAMILIES)}")
+    return config
+
+
+def shard_files(path: Path) -> dict[str, Path]:
+    """Each tensor's file: the one model.safetensors, or the shards the index maps them to (plain file
+    names inside the folder only: an index from a bucket names nothing elsewhere)."""
+    if (path / "model.safetensors").is_file():
+        names = safetensors_header(path / "model.safetensors")
+        return dict.fromkeys(names, path / "model.safetensors")
+    index = path / INDEX
+    if not index.is_file():
+        raise WeightsError(f"{path} holds neither model.safetensors nor {INDEX}")
+    try:
+        weight_map = load_json(index.read_bytes(), str(index)).get("weight_map")
+    except (OSError, ParseError, AttributeError) as exc:
+        raise WeightsError(f"{index}: {exc}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(f"{index}: weight_map is not a table of tensor names to shard files")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or not (path / shard).is_file():
+            raise WeightsError(f"{index}: shard {shard!r} is not a file of {path}")
+    return {name: path / shard for name, shard in weight_map.items()}
+
+
+def load_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaModel:
+    """A ``LlamaModel`` with the weights of a Hugging Face folder, every tensor's presence and shape checked."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    model = LlamaModel(LlamaConfig.from_hf(read_hf_config(path))).to(dtype)
+    files = shard_files(path)
+    expected = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.head_tied)}
+    missing = sorted(f"model.{k}" if k != "lm_head.weight" else k for k in expected if _hf_name(k) not in files)
+    if missing:
+        raise WeightsError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing in all)")
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[_hf_name(name)], []).append(name)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            safetensors_header(file)  # bounded and in range before safetensors reads it
+            with safe_open(str(file), framework="pt") as f:
+                for name in names:
+                    tensor = f.get_tensor(_hf_name(name))
+                    if tuple(tensor.shape) != tuple(expected[name].shape):
+                        raise WeightsError(
+                            f"{file}: tensor {_hf_name(name)} has shape {tuple(tensor.shape)}, "
+                            f"config expects {tuple(expected[name].shape)}"
+                        )
+                    expected[name].copy_(tensor.to(dtype))
+    return model
+
+
+def save_llama(model: LlamaModel, directory: str | Path, config: dict) -> None:
+    """``config.json`` (the given Hugging Face config, its dtype float32) and ``model.safetensors``, each
+    written atomically, in the layout ``load_llama`` and ``transformers`` read."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        _hf_name(k): v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in model.state_dict().items()
+        if not (k == "lm_head.weight" and model.head_tied)
+    }
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    saved = config | {"torch_dtype": "float32", "tie_word_embeddings": model.head_tied}
+    atomic_write_text(directory / "config.json", json.dumps(saved, indent=2) + "\n")
+
+
+def _hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else f"model.{name}"
