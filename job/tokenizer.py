@@ -1,4 +1,5 @@
-"""GPT-2's byte-pair encoding through tiktoken, built from local files only."""
+"""GPT-2's byte-pair encoding through tiktoken, built from local files only; the smoke's bytes; and a Hugging
+Face ``tokenizer.json`` (Llama 3, Qwen3) through the ``tokenizers`` library."""
 
 from __future__ import annotations
 
@@ -91,7 +92,95 @@ class ByteTokenizer:
         return "".join(parts) + run.decode("utf-8", errors="ignore")
 
 
-Tokenizer = tiktoken.Encoding | ByteTokenizer
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (Llama 3's, Qwen3's) through the ``tokenizers`` library, with its
+    end and padding tokens from ``tokenizer_config.json``. Text in, ids out, no special tokens added (the
+    prompt styles write their own); ids back to text, or to bytes for a byte-level vocabulary, so a
+    response cut inside a character loses that character only (``decode_response``)."""
+
+    name = "tokenizer.json"
+
+    def __init__(self, tokenizer, end_token: str, pad_token: str | None = None):
+        self.tokenizer = tokenizer
+        self.n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.end_id = self._id(end_token, "end")
+        self.pad_id = self._id(pad_token, "padding") if pad_token else self.end_id
+        self.special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+
+    def _id(self, token: str, what: str) -> int:
+        found = self.tokenizer.token_to_id(token)
+        if found is None:
+            raise TokenizerError(f"tokenizer_config.json's {what} token {token!r} is not in tokenizer.json")
+        return found
+
+    def encode(self, text: str, allowed_special=frozenset()) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """The bytes of the ids: byte-level tokens through GPT-2's byte alphabet, special tokens as their text."""
+        out = bytearray()
+        for token in map(self.tokenizer.id_to_token, ids):
+            if token is None:
+                continue
+            if token in self.special or any(c not in BYTE_OF_CHAR for c in token):
+                out += token.encode("utf-8")
+            else:
+                out += bytes(BYTE_OF_CHAR[c] for c in token)
+        return bytes(out)
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-ins for the 256 bytes (the ByteLevel pre-tokenizer's), character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+BYTE_OF_CHAR = _byte_alphabet()
+MAX_TOKENIZER_BYTES = 64 << 20  # Llama 3's tokenizer.json is 9 MB, Qwen3's 11 MB
+
+
+def load_hf_tokenizer(directory: str | Path) -> HFTokenizer:
+    """``tokenizer.json`` and ``tokenizer_config.json`` of a Hugging Face model folder."""
+    from tokenizers import Tokenizer as RustTokenizer
+
+    from job.parsing import ParseError, load_json
+
+    directory = Path(directory)
+    files = {name: directory / name for name in ("tokenizer.json", "tokenizer_config.json")}
+    for path in files.values():
+        if not path.is_file() or path.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise TokenizerError(f"{path} is missing or larger than {MAX_TOKENIZER_BYTES >> 20} MB")
+    try:
+        config = load_json(files["tokenizer_config.json"].read_bytes(), str(files["tokenizer_config.json"]))
+    except ParseError as exc:
+        raise TokenizerError(str(exc)) from None
+    try:
+        tokenizer = RustTokenizer.from_str(files["tokenizer.json"].read_text())
+    except Exception as exc:  # noqa: BLE001  (the Rust parser's own errors, and text that is not UTF-8)
+        raise TokenizerError(f"{files['tokenizer.json']} is not a tokenizer we can read: {str(exc)[:200]}") from None
+
+    def content(key: str) -> str | None:
+        token = config.get(key) if isinstance(config, dict) else None
+        return token.get("content") if isinstance(token, dict) else token
+
+    end = content("eos_token")
+    if not isinstance(end, str):
+        raise TokenizerError(f"{files['tokenizer_config.json']} names no eos_token")
+    pad = content("pad_token")
+    return HFTokenizer(tokenizer, end, pad if isinstance(pad, str) else None)
+
+
+Tokenizer = tiktoken.Encoding | ByteTokenizer | HFTokenizer
 
 
 def utf8_lead_length(byte: int) -> int:
