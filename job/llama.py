@@ -156,10 +156,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)  # (B, H|KV, T, hd)
         if cache is not None:
-            start = cache.length
-            cache.keys[layer, :, :, start : start + T] = k
-            cache.values[layer, :, :, start : start + T] = v
-            k, v = cache.keys[layer, :, :, : start + T], cache.values[layer, :, :, : start + T]  # (B, KV, S, hd)
+            k, v = cache.extend(layer, k, v)  # (B, KV, S, hd)
         groups = cfg.n_heads // cfg.n_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
         if attn_mask is None:

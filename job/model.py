@@ -86,6 +86,13 @@ class KVCache:
     def batch_size(self) -> int:
         return self.keys.shape[1]
 
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``layer``'s keys and values (B, heads, T, hd) after the filled slots; all of them so far back."""
+        start, T = self.length, k.shape[2]
+        self.keys[layer, :, :, start : start + T] = k
+        self.values[layer, :, :, start : start + T] = v
+        return self.keys[layer, :, :, : start + T], self.values[layer, :, :, : start + T]  # (B, heads, S, hd)
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop the rows not in ``rows`` (finished sequences stop costing anything)."""
         self.keys = self.keys[:, rows]
@@ -136,11 +143,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if cache is not None:
-            start = cache.length
-            cache.keys[layer, :, :, start : start + T] = k
-            cache.values[layer, :, :, start : start + T] = v
-            k = cache.keys[layer, :, :, : start + T]  # (B, H, S, hd)
-            v = cache.values[layer, :, :, : start + T]
+            k, v = cache.extend(layer, k, v)  # (B, H, S, hd)
         dropout = self.drop_rate if self.training else 0.0
         with sdpa_kernel(CUDA_ATTENTION_BACKENDS) if q.is_cuda else nullcontext():
             if attn_mask is None:
