@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -88,13 +89,28 @@ def _node_idle(slurm) -> bool:
 
 
 def _finished(slurm, job_id):
-    job = _job(slurm, job_id)
-    held = job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime" and int(job.get("Restarts", 0))
-    if held and _node_idle(slurm):
-        # Slurm holds a requeued job for a while before it may start again (its policy, not ours): let it
-        # go, once the node has finished tearing the last run down (a launch before that fails the job).
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, capture_output=True)
-    return job if job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+    """A poll for wait_until: the job's fields once it has ended, None before.
+
+    Slurm holds a requeued job for a while before it may start again (its policy, not ours); the poll lets
+    it go once the node has torn the last run down and a whole second has passed since: slurmd refuses a
+    launch whose credential is dated (in whole seconds) no later than the last run's revocation, and
+    fails the job.
+    """
+    idle_since = None
+
+    def poll():
+        nonlocal idle_since
+        job = _job(slurm, job_id)
+        held = job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime" and int(job.get("Restarts", 0))
+        if not (held and _node_idle(slurm)):
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.time()
+        elif time.time() >= idle_since + 1:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm, capture_output=True)
+        return job if job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+
+    return poll
 
 
 def _account(slurm, job: dict, out: Path) -> str:
@@ -105,7 +121,7 @@ def _account(slurm, job: dict, out: Path) -> str:
         line
         for log in ("slurmctld.log", "slurmd.log")
         for line in (state / log).read_text().splitlines()
-        if f"JobId={job_id} " in line + " " or f"job {job_id}" in line or f"[{job_id}." in line
+        if f"jobid={job_id} " in line.lower() + " " or f"job {job_id}" in line.lower() or f"[{job_id}." in line
     ]
     fields = {k: job.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts")}
     return f"{fields}\n" + "\n".join(lines[-40:]) + "\n" + out.read_text()[-3000:]
@@ -113,7 +129,7 @@ def _account(slurm, job: dict, out: Path) -> str:
 
 def test_sbatch_runs_the_whole_job_to_completed(slurm, ollama, tiny_model_dir, shared_data, tmp_path):
     job_id = _sbatch(slurm, ollama, _config(tmp_path, tiny_model_dir, shared_data), tmp_path / "job.out")
-    job = wait_until(lambda: _finished(slurm, job_id), 600, 1, what=f"Slurm job {job_id}")
+    job = wait_until(_finished(slurm, job_id), 600, 1, what=f"Slurm job {job_id}")
     assert job["JobState"] == "COMPLETED", _account(slurm, job, tmp_path / "job.out")
     run = tmp_path / "runs" / f"slurm-{job_id}"
     manifest = json.loads((run / "manifest.json").read_text())
@@ -137,7 +153,7 @@ def test_usr1_checkpoints_requeues_and_completes_with_the_same_weights(
         ["scancel", "--signal=USR1", "--batch", job_id], env=slurm, capture_output=True, text=True
     )
     assert signalled.returncode == 0, signalled.stderr
-    job = wait_until(lambda: _finished(slurm, job_id), 900, 1, what=f"Slurm job {job_id} after requeue")
+    job = wait_until(_finished(slurm, job_id), 900, 1, what=f"Slurm job {job_id} after requeue")
     log = out.read_text()
     assert job["JobState"] == "COMPLETED", _account(slurm, job, out)
     assert int(job["Restarts"]) == 1
@@ -167,7 +183,7 @@ def test_an_origin_that_stays_unreachable_is_requeued_at_most_max_requeues_then_
     config = _config(tmp_path, tiny_model_dir, shared_data, data=unreachable, cache=str(tmp_path / "cache"))
     out = tmp_path / "job.out"
     job_id = _sbatch(slurm, ollama, config, out, SFT_JOB_MAX_REQUEUES="1")
-    job = wait_until(lambda: _finished(slurm, job_id), 600, 1, what=f"Slurm job {job_id}")
+    job = wait_until(_finished(slurm, job_id), 600, 1, what=f"Slurm job {job_id}")
     log = out.read_text()
     assert job["JobState"] == "FAILED" and _exit_code(job) == 75 and int(job["Restarts"]) == 1, _account(
         slurm, job, out
@@ -188,7 +204,7 @@ def test_an_internal_error_is_requeued_at_most_max_restarts_with_the_venv_it_nam
     config.write_text("skip_judge: true\n")
     out = tmp_path / "job.out"
     job_id = _sbatch(slurm, ollama, config, out, SFT_JOB_VENV=str(venv), SFT_JOB_MAX_RESTARTS="1")
-    job = wait_until(lambda: _finished(slurm, job_id), 600, 1, what=f"Slurm job {job_id}")
+    job = wait_until(_finished(slurm, job_id), 600, 1, what=f"Slurm job {job_id}")
     assert job["JobState"] == "FAILED" and _exit_code(job) == 70, _account(slurm, job, out)
     assert int(job["Restarts"]) == 1 and (tmp_path / "attempts").read_text() == "attempt 0\nattempt 1\n"
     assert out.read_text().count("internal error (exit 70); requeueing") == 1
