@@ -344,7 +344,8 @@ class TrainConfig(ModelSourceConfig, DataConfig):
     """Train the output head as its own copy of the token embeddings, as the book's load_weights_into_gpt
     leaves it (with --data-order book, the book's numbers exactly; the saved model then has both);
     --no-untie-head keeps GPT-2's tied head, as Hugging Face trains it (smaller checkpoints). With LoRA
-    the frozen head stays tied: it computes the same either way."""
+    the frozen head stays tied: it computes the same either way. GPT-2's only: a Llama 3.2 / Qwen3 head
+    trains as its checkpoint has it (tied for the small sizes)."""
     lora_rank: int | None = None
     """Train low-rank adapters of this rank instead of every weight (the book's exercise 7.4 uses 16); the
     base stays frozen, checkpoints hold only the adapters, and the outputs are the merged model plus adapter/."""
@@ -353,7 +354,8 @@ class TrainConfig(ModelSourceConfig, DataConfig):
     lora_alpha is this times the rank)."""
     lora_targets: str = "all"
     """Layers that get adapters: all (every linear layer, as the book), or a comma list of attn, mlp, head,
-    or Hugging Face's names c_attn, c_proj (both), attn.c_proj, mlp.c_proj, c_fc, lm_head."""
+    or Hugging Face's names: GPT-2's c_attn, c_proj (both), attn.c_proj, mlp.c_proj, c_fc, Llama 3 /
+    Qwen3's q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, and lm_head."""
     lora_dropout: float = 0.0
     """Dropout on the adapters' input (PEFT's lora_dropout; the book has none)."""
     checkpoint_key_file: str | None = option(None, operational=True)
@@ -497,10 +499,13 @@ class GenerateConfig(DataConfig, DecodingSettings):
 
 
 # --lora-targets' words -> the layers' names within a block (and the head), as job/lora.py names them.
+# GPT-2's and Llama 3 / Qwen3's layers (names within a block): a model has one family's, so a group names both.
+_LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 LORA_GROUPS = {
-    "all": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"),
-    "attn": ("attn.c_attn", "attn.c_proj"),
-    "mlp": ("mlp.c_fc", "mlp.c_proj"),
+    "all": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", *_LLAMA_ATTN, *_LLAMA_MLP, "lm_head"),
+    "attn": ("attn.c_attn", "attn.c_proj", *_LLAMA_ATTN),
+    "mlp": ("mlp.c_fc", "mlp.c_proj", *_LLAMA_MLP),
     "head": ("lm_head",),
     "c_attn": ("attn.c_attn",),
     "c_proj": ("attn.c_proj", "mlp.c_proj"),
@@ -508,7 +513,7 @@ LORA_GROUPS = {
     "mlp.c_proj": ("mlp.c_proj",),
     "c_fc": ("mlp.c_fc",),
     "lm_head": ("lm_head",),
-}
+} | {layer.rpartition(".")[2]: (layer,) for layer in (*_LLAMA_ATTN, *_LLAMA_MLP)}
 
 
 def lora_layers(targets: str) -> set[str]:

@@ -211,19 +211,29 @@ class Collator:
     as they were, so the loss is the same, and a GPU sees a few shapes instead of one per batch.
     """
 
-    def __init__(self, allowed_max_length: int, mask_instruction: bool, pad_to_multiple: int | None = None):
+    def __init__(
+        self,
+        allowed_max_length: int,
+        mask_instruction: bool,
+        pad_to_multiple: int | None = None,
+        end_id: int = END_OF_TEXT_ID,
+    ):
         self.allowed_max_length = allowed_max_length
         self.mask_instruction = mask_instruction
         self.pad_to_multiple = pad_to_multiple
+        self.end_id = end_id  # the tokenizer's end-of-text: appended to each sequence, then padding
 
     def __call__(self, examples: list[Example]):
         prompt_lengths = [e.prompt_length for e in examples] if self.mask_instruction else None
         inputs, targets = collate(
-            [e.token_ids for e in examples], allowed_max_length=self.allowed_max_length, prompt_lengths=prompt_lengths
+            [e.token_ids for e in examples],
+            self.end_id,
+            allowed_max_length=self.allowed_max_length,
+            prompt_lengths=prompt_lengths,
         )
         if self.pad_to_multiple:
             width = inputs.shape[1]
             extra = min(-width % self.pad_to_multiple, self.allowed_max_length - width)
-            inputs = torch.nn.functional.pad(inputs, (0, extra), value=END_OF_TEXT_ID)  # (B, T + extra)
+            inputs = torch.nn.functional.pad(inputs, (0, extra), value=self.end_id)  # (B, T + extra)
             targets = torch.nn.functional.pad(targets, (0, extra), value=IGNORE_INDEX)
         return inputs, targets

@@ -22,6 +22,7 @@ import requests
 
 from job import retry
 from job.errors import JobError, TransientError
+from job.families import folder_tokenizer
 from job.model import OPENAI_SIZE_NAMES
 from job.observability import Metrics, get_logger, stderr_is_terminal
 from job.retry import BOTOCORE_RETRIES, Policy, Retried
@@ -165,9 +166,12 @@ def model_files(model: str, source: str, base_url: str | None = None) -> list[Re
 
 def model_tokenizer(model_dir: str | Path | None, cache: str | Path, base_url: str | None = None):
     """The tokenizer a model was trained with: the smoke's byte tokenizer where its config.json says so
-    (nothing to fetch), else GPT-2's, fetched into the cache where it is missing."""
+    (nothing to fetch), the one a Llama 3 / Qwen3 folder carries, else GPT-2's, fetched into the cache
+    where it is missing."""
     if model_dir and recorded_settings(model_dir).get("tokenizer") == ByteTokenizer.name:
         return ByteTokenizer()
+    if model_dir and (carried := folder_tokenizer(model_dir)) is not None:
+        return carried
     Downloader(Path(cache)).fetch_all(tokenizer_files(base_url))
     return load_tokenizer(Path(cache) / "gpt2")
 

@@ -27,7 +27,7 @@ def dpo_task(cfg: DPOConfig) -> tuple[Task, str]:
     pairs, val_pairs = (tokenize_pairs(split, tokenizer, style, max_length) for split in (inputs.train, inputs.val))
     # Full DPO holds the starting model, frozen; with LoRA the reference is the base under the adapters.
     reference = Reference(None if cfg.lora_rank else copy.deepcopy(model))
-    objective = DPOObjective(pairs, max_length, cfg.beta, cfg.logprob_reduction, reference)
+    objective = DPOObjective(pairs, max_length, cfg.beta, cfg.logprob_reduction, reference, tokenizer.eot_token)
     task = Task(
         model=model,
         objective=objective,

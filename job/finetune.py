@@ -24,6 +24,8 @@ from job.data import (
 )
 from job.download import Downloader, hf_repo_id, model_files, model_tokenizer
 from job.download import model_dir as cached_model_dir
+from job.families import Model, family
+from job.families import load_model as load_model_folder
 from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
 from job.objectives import SFTEvaluator, SFTObjective
 from job.observability import Metrics, get_logger
@@ -31,7 +33,6 @@ from job.storage import atomic_write_text
 from job.tokenizer import Tokenizer
 from job.train_outputs import write_outputs
 from job.trainer import Task, Trainer
-from job.weights import load_pretrained
 
 log = get_logger(__name__)
 
@@ -40,7 +41,7 @@ log = get_logger(__name__)
 class Prepared:
     """The stage's inputs, loaded and validated before any output is written."""
 
-    model: GPTModel
+    model: Model
     tokenizer: Tokenizer
     train: list[Example]
     val: list[Example]
@@ -57,7 +58,7 @@ class Inputs:
     train: list[dict]
     val: list[dict]
     tokenizer: Tokenizer
-    model: GPTModel
+    model: Model
     model_name: str
     style: PromptStyle
     max_length: int
@@ -93,20 +94,23 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     )
 
 
-def load_model(cfg: TrainConfig) -> tuple[GPTModel, str]:
-    """The starting model and the book-style name of its size (``gpt2-medium355M``)."""
+def load_model(cfg: TrainConfig) -> tuple[Model, str]:
+    """The starting model and the book-style name of its size (``gpt2-medium355M``; the family's name for
+    a Llama 3 / Qwen3 folder: ``qwen3-custom``)."""
     if cfg.model_dir:
-        model = load_pretrained(cfg.model_dir)
+        model = load_model_folder(cfg.model_dir)
+        if not isinstance(model, GPTModel):
+            return model, f"{family(cfg.model_dir)}-custom"
         named = next((n for n, c in GPT2_SIZES.items() if c == model.cfg), None)
         return model, f"{named}{OPENAI_SIZE_NAMES[named]}" if named else "gpt2-custom"
     Downloader(Path(cfg.cache)).fetch_all(model_files(cfg.model, cfg.source, cfg.base_url))
-    model = load_pretrained(cached_model_dir(cfg.cache, cfg.model, cfg.source))
+    model = load_model_folder(cached_model_dir(cfg.cache, cfg.model, cfg.source))
     return model, f"{cfg.model}{OPENAI_SIZE_NAMES[cfg.model]}"
 
 
 def sft_task(cfg: FinetuneConfig, prep: Prepared) -> Task:
     """The book's supervised finetuning of ``prep``: its objective and evaluator on the collated batches."""
-    collate = Collator(prep.max_length, cfg.mask_instruction, cfg.pad_to_multiple)
+    collate = Collator(prep.max_length, cfg.mask_instruction, cfg.pad_to_multiple, prep.tokenizer.eot_token)
     return Task(
         model=prep.model,
         objective=SFTObjective(prep.train, collate, prep.max_length),
@@ -143,6 +147,7 @@ def save_outputs(trainer: Trainer, cfg: TrainConfig, model_name: str, kind: str 
         kind,
         getattr(trainer.task.tokenizer, "name", "gpt2"),
         trained={"steps": trainer.state.step, "tokens_seen": trainer.state.tokens_seen, "epochs": round(epochs, 4)},
+        source=cfg.model_dir or cached_model_dir(cfg.cache, cfg.model, cfg.source),
     )
 
 

@@ -14,10 +14,11 @@ from job.data import PROMPT_STYLES, RESPONSES_FILE, DataError, load_entries, res
 from job.decoding import generate, generate_fixed_batch
 from job.download import model_tokenizer
 from job.errors import ConfigError
+from job.families import load_model
 from job.observability import Metrics, Progress, get_logger
 from job.storage import atomic_write_text, read_progress
 from job.tokenizer import decode_response, encode
-from job.weights import load_pretrained, recorded_settings
+from job.weights import recorded_settings
 
 log = get_logger(__name__)
 PROGRESS_FILE = "instruction-data-with-response.progress.jsonl"
@@ -66,14 +67,14 @@ def _response(record: dict, entries: int) -> bool:
     return 0 <= record["index"] < entries and isinstance(record.get("model_response"), str)
 
 
-def _decode(model, batch_ids: list[list[int]], cfg: GenerateConfig, device: torch.device, seed: int) -> list[list[int]]:
-    """One batch's new tokens: greedy with a fixed shape (--eos-check-every), or the book's sampling, seeded
-    per batch so a restart samples the same."""
+def _decode(model, batch_ids: list[list[int]], cfg: GenerateConfig, end_id: int, seed: int) -> list[list[int]]:
+    """One batch's new tokens up to the tokenizer's ``end_id``: greedy with a fixed shape (--eos-check-every),
+    or the book's sampling, seeded per batch so a restart samples the same."""
     if cfg.eos_check_every:
-        return generate_fixed_batch(model, batch_ids, cfg.max_new_tokens, check_every=cfg.eos_check_every)
-    generator = torch.Generator(device=device).manual_seed(seed)
+        return generate_fixed_batch(model, batch_ids, cfg.max_new_tokens, end_id, check_every=cfg.eos_check_every)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     return generate(
-        model, batch_ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=generator
+        model, batch_ids, cfg.max_new_tokens, end_id, temperature=cfg.temperature, top_k=cfg.top_k, generator=generator
     )
 
 
@@ -86,7 +87,7 @@ def _load(cfg: GenerateConfig):
     style = PROMPT_STYLES[cfg.prompt_style or saved_prompt_style(cfg.model_dir) or "alpaca"]
     tokenizer = model_tokenizer(cfg.model_dir, cache, cfg.base_url)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return test, style, tokenizer, load_pretrained(cfg.model_dir).to(device).eval(), device
+    return test, style, tokenizer, load_model(cfg.model_dir).to(device).eval(), device
 
 
 def _write_responses(final: Path, test: list[dict], responses: dict[int, str]) -> Path:
@@ -129,7 +130,7 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     bar = Progress("generate", len(test), len(done), "response", metrics, every_s=0.0)
     with open(progress_path, "a") as progress, autocast:
         for b, batch in todo:
-            outputs = _decode(model, [prompt_ids[i] for i in batch], cfg, device, seed=cfg.seed + b)
+            outputs = _decode(model, [prompt_ids[i] for i in batch], cfg, tokenizer.eot_token, seed=cfg.seed + b)
             for i, ids in zip(batch, outputs, strict=True):
                 response = style.extract_response(prompts[i] + decode_response(tokenizer, ids), prompts[i])
                 progress.write(json.dumps({"index": i, "model_response": response}) + "\n")

@@ -233,4 +233,13 @@ class LlamaModel(nn.Module):
 
     @property
     def head_tied(self) -> bool:
-        return self.lm_head.weight is self.embed_tokens.weight
+        return getattr(self.lm_head, "weight", None) is self.embed_tokens.weight
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.layers
+
+    def untie_head(self) -> None:
+        """Give the output head its own copy of the token embeddings (a merged LoRA head differs from them)."""
+        if self.head_tied:
+            self.lm_head.weight = nn.Parameter(self.embed_tokens.weight.detach().clone())

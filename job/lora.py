@@ -18,11 +18,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from job.errors import ConfigError
 from job.model import GPTModel
 from job.storage import atomic_path
 
-# Our module names (suffixes after ``h.{i}.``) and Hugging Face GPT-2's, which PEFT matches on.
-LAYERS = {"attn.c_attn": 3, "attn.c_proj": 1, "mlp.c_fc": 1, "mlp.c_proj": 1, "lm_head": 1}  # -> splits
+# Our module names (suffixes after ``h.{i}.`` or ``layers.{i}.``), Hugging Face's too, which PEFT matches on
+# -> splits: GPT-2's, then Llama 3 / Qwen3's (their queries, keys and values are three layers already).
+LAYERS = {"attn.c_attn": 3, "attn.c_proj": 1, "mlp.c_fc": 1, "mlp.c_proj": 1, "lm_head": 1} | {
+    f"{part}.{name}": 1
+    for part, names in (
+        ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    )
+    for name in names
+}
 HF_PREFIX = "base_model.model."
 
 
@@ -70,8 +79,9 @@ def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _suffix(name: str) -> str:
-    """``h.3.attn.c_attn`` -> ``attn.c_attn``: a layer's name within its block."""
-    return name.split(".", 2)[-1] if name.startswith("h.") else name
+    """``h.3.attn.c_attn`` -> ``attn.c_attn``, ``layers.3.mlp.up_proj`` -> ``mlp.up_proj``: a layer's name
+    within its block."""
+    return name.split(".", 2)[-1] if name.startswith(("h.", "layers.")) else name
 
 
 def _named_targets(model: GPTModel, targets: set[str]) -> list[str]:
@@ -90,9 +100,11 @@ def add_adapters(model: GPTModel, rank: int, alpha: float, targets: set[str], dr
     unknown = targets - set(LAYERS)
     if unknown:
         raise ValueError(f"unknown LoRA targets {sorted(unknown)}")
-    model.requires_grad_(False)
-    generator = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
     names = _named_targets(model, targets)
+    if not names:
+        raise ConfigError(f"--lora-targets names no linear layer of this model ({', '.join(sorted(targets))})")
+    model.requires_grad_(False)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name in names:
         splits = LAYERS[_suffix(name)]
         _set(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, splits, generator))
@@ -114,8 +126,9 @@ def merge_adapters(model: GPTModel) -> None:
         lora.base.weight += lora.delta_weight().to(lora.base.weight.dtype)
 
 
-def _hf_name(ours: str) -> str:
-    return ours if ours == "lm_head" else f"transformer.{ours}"
+def _hf_name(model: nn.Module, ours: str) -> str:
+    """Hugging Face's name of one of our layers: GPT-2's blocks sit under ``transformer.``, Llama's under ``model.``."""
+    return ours if ours == "lm_head" else f"{'transformer' if isinstance(model, GPTModel) else 'model'}.{ours}"
 
 
 def peft_target_modules(suffixes: set[str]) -> list[str]:
@@ -148,7 +161,7 @@ def save_peft_adapter(model: GPTModel, directory: str | Path, base_model: str, d
         b = torch.zeros(splits * out_split, splits * r)  # (out, r_total), block-diagonal
         for s in range(splits):
             b[s * out_split : (s + 1) * out_split, s * r : (s + 1) * r] = lora.B[s].detach().float().cpu().t()
-        key = HF_PREFIX + _hf_name(name)
+        key = HF_PREFIX + _hf_name(model, name)
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a.contiguous(), b.contiguous()
         if splits > 1:
             rank_pattern[name.rpartition(".")[2]] = splits * r
@@ -163,7 +176,7 @@ def save_peft_adapter(model: GPTModel, directory: str | Path, base_model: str, d
         "target_modules": peft_target_modules({_suffix(n) for n in found}),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": True,
+        "fan_in_fan_out": isinstance(model, GPTModel),  # GPT-2's Conv1D keeps its weights (in, out)
         "bias": "none",
         "inference_mode": True,
     }

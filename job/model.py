@@ -237,6 +237,11 @@ class GPTModel(nn.Module):
     def head_tied(self) -> bool:
         return getattr(self.lm_head, "weight", None) is self.wte.weight
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, by the name every family answers to."""
+        return self.h
+
     def untie_head(self) -> None:
         """Give the output head its own copy of the token embeddings, trained apart from them: the
         book's ``load_weights_into_gpt`` assigns OpenAI's ``wte`` to both as separate parameters."""

@@ -83,7 +83,7 @@ class SFTEvaluator:
             return torch.stack([model(x.to(device), targets=y.to(device)).float() for x, y in collated])
         width = max(x.shape[1] for x, _ in collated)
         # Every batch padded to the longest, after its real tokens (targets ignored): one (R, T) forward.
-        inputs = torch.cat([F.pad(x, (0, width - x.shape[1]), value=END_OF_TEXT_ID) for x, _ in collated])
+        inputs = torch.cat([F.pad(x, (0, width - x.shape[1]), value=self.collate.end_id) for x, _ in collated])
         targets = torch.cat([F.pad(y, (0, width - y.shape[1]), value=IGNORE_INDEX) for _, y in collated])
         rows = torch.cat([torch.full((len(x),), i) for i, (x, _) in enumerate(collated)])  # (R,) batch of each row
         inputs, targets, rows = inputs.to(device), targets.to(device), rows.to(device)
@@ -149,9 +149,17 @@ class DPOObjective:
     """The book's DPO loss over preference pairs, each the mean over the batch: the summed pair losses
     divided by the batch's pairs, as the loop divides."""
 
-    def __init__(self, pairs: list[Pair], max_length: int, beta: float, reduction: str, reference: Reference):
+    def __init__(
+        self,
+        pairs: list[Pair],
+        max_length: int,
+        beta: float,
+        reduction: str,
+        reference: Reference,
+        end_id: int = END_OF_TEXT_ID,
+    ):
         self.pairs, self.max_length, self.beta, self.reduction = pairs, max_length, beta, reduction
-        self.reference = reference
+        self.reference, self.end_id = reference, end_id  # end_id: the tokenizer's, the pairs' padding
 
     def units(self, batch: list[int]) -> int:
         return len(batch)
@@ -162,7 +170,9 @@ class DPOObjective:
 
     def pair_losses(self, model: torch.nn.Module, pairs: list[Pair], device: torch.device):
         """(losses, chosen rewards, rejected rewards), each (B,), of ``pairs`` under ``model``."""
-        chosen, rejected, chosen_mask, rejected_mask = (t.to(device) for t in collate_pairs(pairs, self.max_length))
+        chosen, rejected, chosen_mask, rejected_mask = (
+            t.to(device) for t in collate_pairs(pairs, self.max_length, self.end_id)
+        )
         policy = [
             sequence_logprobs(model(x), x, m, self.reduction)
             for x, m in ((chosen, chosen_mask), (rejected, rejected_mask))

@@ -38,6 +38,7 @@ from job.download import Downloader, dataset_file, model_files, model_tokenizer,
 from job.download import model_dir as cached_model_dir
 from job.dpo import run_dpo
 from job.errors import ConfigError, JobError
+from job.families import family, read_shape
 from job.finetune import run_finetune
 from job.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate
 from job.judge import preflight as judge_preflight
@@ -54,12 +55,13 @@ from job.stage_record import StageRecorder
 from job.storage import LocalStorage, Storage, open_storage, sha256_file, upload_tree
 from job.tokenizer import ByteTokenizer, encode
 from job.trainer import check_batches
-from job.weights import read_config, save_hf
+from job.weights import save_hf
 
 log = get_logger(__name__)
 SMOKE_MODEL = GPTConfig(n_layers=2, emb_dim=64, n_heads=4)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # with --lora-rank, PEFT's layout
-FINETUNE_ARTIFACTS = ("model/model.safetensors", "model/config.json", "losses.json", "loss-plot.png")
+MODEL_FILES = ("model/model.safetensors", "model/config.json")  # GPT-2's; a Llama 3 / Qwen3 model/ has more
+TRAINING_FILES = ("losses.json", "loss-plot.png")
 
 
 def default_run_id(cfg: RunConfig) -> str:
@@ -256,7 +258,7 @@ class Pipeline:
         """DPO from the finetuned model (each node's first process brings it back where this machine lacks it)."""
         self.roles.together()  # the main process has uploaded the finetune stage's model
         if self.roles.prepares_node:
-            self._ensure_local(FINETUNE_ARTIFACTS[:2])
+            self._ensure_local(model_keys(self.stages.manifest, ""))
         start, out = str(self.work / "model"), str(self.work / "dpo")
         cfg = stage_config(self.cfg, "dpo", DPOConfig, output=out, model_dir=start)
         outputs = self._train(run_dpo, cfg, "dpo/checkpoints")
@@ -296,7 +298,7 @@ class Pipeline:
         """Responses of the last model trained; with --dpo also the finetuned model's, under sft/."""
         keys = []
         for trained, out in generated_from(self.cfg):
-            self._ensure_local([f"{trained}{key}" for key in FINETUNE_ARTIFACTS[:2]])
+            self._ensure_local(model_keys(self.stages.manifest, trained))
             model, folder = str(self.work / trained / "model"), str(self.work / out)
             run_generate(
                 stage_config(self.cfg, "generate", GenerateConfig, model_dir=model, output=folder), self.metrics
@@ -365,12 +367,21 @@ def _model_label(cfg: RunConfig) -> str:
     return "smoke" if cfg.smoke else (cfg.model_dir or cfg.model)
 
 
+def model_keys(manifest: Manifest, prefix: str) -> list[str]:
+    """The files of a trained model/ folder (``prefix``: "" finetune's, "dpo/" DPO's) as its stage recorded
+    them: GPT-2's two, a Llama 3 / Qwen3 model's tokenizer files too."""
+    recorded = manifest.stage("dpo" if prefix else "finetune").get("artifacts", {})
+    return [k for k in recorded if k.startswith(f"{prefix}model/")] or [f"{prefix}{k}" for k in MODEL_FILES]
+
+
 def _artifacts(outputs: dict, prefix: str) -> list[str]:
     """The keys of a training stage's outputs in the run folder (none on the processes that wrote none)."""
     if not outputs:
         return []
+    model = sorted(f"model/{p.name}" for p in outputs["model"].iterdir() if p.is_file())
     adapter = [f"adapter/{name}" for name in ADAPTER_FILES] if "adapter" in outputs else []
-    return [f"{prefix}{key}" for key in (*FINETUNE_ARTIFACTS, outputs["pth"].name, *adapter)]
+    pth = [outputs["pth"].name] if "pth" in outputs else []
+    return [f"{prefix}{key}" for key in (*model, *TRAINING_FILES, *pth, *adapter)]
 
 
 def smoke_data_used(cfg: RunConfig) -> list[Path]:
@@ -385,9 +396,10 @@ def prepare_smoke_data(cfg: RunConfig) -> None:
 
 
 def run_files(cfg: RunConfig) -> list:
-    """What the run needs in the cache: GPT-2's tokenizer (the smoke's is made in memory), the named model's
-    weights, a remote dataset."""
-    files = [] if cfg.smoke else tokenizer_files(cfg.base_url)
+    """What the run needs in the cache: GPT-2's tokenizer (the smoke's is made in memory; a Llama 3 / Qwen3
+    folder carries its own), the named model's weights, a remote dataset."""
+    carries_tokenizer = cfg.smoke or (cfg.model_dir and family(cfg.model_dir) != "gpt2")
+    files = [] if carries_tokenizer else tokenizer_files(cfg.base_url)
     if not (cfg.smoke or cfg.model_dir):
         files += model_files(cfg.model, cfg.source, cfg.base_url)
     datasets = [cfg.data, cfg.dpo_data] if cfg.dpo else [cfg.data]
@@ -401,7 +413,7 @@ def check_model_fit(cfg: RunConfig, test: list[dict]) -> None:
     if cfg.smoke:
         shape = SMOKE_MODEL
     else:
-        shape = read_config(cfg.model_dir) if cfg.model_dir else GPT2_SIZES[cfg.model]
+        shape = read_shape(cfg.model_dir) if cfg.model_dir else GPT2_SIZES[cfg.model]
     if cfg.lora_rank is not None and cfg.lora_rank > shape.emb_dim:
         raise ConfigError(f"--lora-rank {cfg.lora_rank} is more than the model's width of {shape.emb_dim}")
     tokenizer = ByteTokenizer() if cfg.smoke else model_tokenizer(cfg.model_dir, cfg.cache, cfg.base_url)

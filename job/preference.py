@@ -58,7 +58,9 @@ def tokenize_pairs(entries: list[dict], tokenizer, style: PromptStyle, max_lengt
     return pairs
 
 
-def collate_pairs(pairs: list[Pair], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate_pairs(
+    pairs: list[Pair], max_length: int, end_id: int = END_OF_TEXT_ID
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen, rejected, chosen_mask, rejected_mask), each (B, T): both padded with end-of-text to the
     batch's longest chosen-or-rejected + 1; a mask is False on padding and on the prompt's tokens + 2 (the
     two newlines before ``### Response:``); all cut to ``max_length``."""
@@ -70,7 +72,7 @@ def collate_pairs(pairs: list[Pair], max_length: int) -> tuple[torch.Tensor, tor
             mask = torch.ones(width, dtype=torch.bool)
             mask[len(sequence) :] = False
             mask[: pair.prompt_length + 2] = False
-            out[key].append(torch.tensor(sequence + [END_OF_TEXT_ID] * (width - len(sequence))))
+            out[key].append(torch.tensor(sequence + [end_id] * (width - len(sequence))))
             out[f"{key}_mask"].append(mask)
     chosen, rejected, chosen_mask, rejected_mask = (torch.stack(out[k])[:, :max_length] for k in out)
     return chosen, rejected, chosen_mask, rejected_mask

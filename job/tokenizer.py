@@ -69,6 +69,7 @@ class ByteTokenizer:
 
     name = "bytes"
     n_vocab = 50257
+    eot_token = END_OF_TEXT_ID
 
     def encode(self, text: str, allowed_special=frozenset()) -> list[int]:
         parts = text.split(END_OF_TEXT) if END_OF_TEXT in allowed_special else [text]
@@ -105,6 +106,7 @@ class HFTokenizer:
         self.n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         self.end_id = self._id(end_token, "end")
         self.pad_id = self._id(pad_token, "padding") if pad_token else self.end_id
+        self.eot_token = self.end_id  # tiktoken's name for it, so every tokenizer says its end id alike
         self.special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
 
     def _id(self, token: str, what: str) -> int:

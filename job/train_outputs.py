@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
+from job.families import Model, save_model, writes_book_pth
 from job.lora import merge_adapters, save_peft_adapter
-from job.model import GPTModel
 from job.storage import atomic_path, atomic_write_text, ensure_room
-from job.weights import book_state_dict, save_hf
+from job.weights import book_state_dict
 
 
 def write_outputs(
-    model: GPTModel,
+    model: Model,
     out: Path,
     history: list[dict],
     epochs: float,
@@ -27,30 +27,34 @@ def write_outputs(
     kind: str = "sft",
     tokenizer: str = "gpt2",
     trained: dict | None = None,
+    source: str | Path | None = None,
 ) -> dict[str, Path]:
     """The outputs of a trained ``model`` into ``out``; with ``adapter_base`` (LoRA) the adapter alone
     first, naming that base model, then the model with the adapters merged. ``epochs``: how many were
     trained (a fraction where training stopped early), the plot's x-axis; ``kind`` names the ``.pth``
     (``gpt2-medium355M-sft.pth``, ``-dpo.pth``); a ``tokenizer`` other than GPT-2's (the smoke's bytes) is
     recorded in config.json, where the next stage reads it, as are the ``trained`` totals (steps, tokens
-    seen) that the run's report shows."""
+    seen) that the run's report shows. ``source``: the folder training started from (a Llama 3 / Qwen3
+    model/ keeps its config and tokenizer files; such a model has no book ``.pth``)."""
     written = {}
     if adapter_base is not None:
         written["adapter"] = save_peft_adapter(model, out / "adapter", adapter_base, lora_dropout)
         merge_adapters(model)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    ensure_room(out, 2 * params, "the final model (safetensors and the book's .pth)")
+    pth = out / f"{book_name}-{kind}.pth" if writes_book_pth(model) else None
+    ensure_room(out, (2 if pth else 1) * params, "the final model" + (" (safetensors and the book's .pth)" * bool(pth)))
     recorded = {"prompt_style": prompt_style} | ({"tokenizer": tokenizer} if tokenizer != "gpt2" else {})
     recorded |= {"trained": trained} if trained else {}
-    save_hf(model, out / "model", extra_config={"sft_job": recorded})
-    pth = out / f"{book_name}-{kind}.pth"
-    with atomic_path(pth) as tmp:
-        torch.save(book_state_dict(model), tmp)
+    save_model(model, out / "model", source, recorded)
+    if pth:
+        with atomic_path(pth) as tmp:
+            torch.save(book_state_dict(model), tmp)
+        written["pth"] = pth
     losses = out / "losses.json"
     atomic_write_text(losses, json.dumps(history, indent=2) + "\n")
     plot = out / "loss-plot.png"
     plot_losses(history, epochs, plot)
-    return written | {"model": out / "model", "pth": pth, "losses": losses, "plot": plot}
+    return written | {"model": out / "model", "losses": losses, "plot": plot}
 
 
 def plot_losses(history: list[dict], epochs: float, path: Path) -> None:

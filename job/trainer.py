@@ -24,13 +24,14 @@ from job.checkpoint_files import read_key
 from job.config import TrainConfig, lora_layers, redacted, resolve_precision
 from job.decoding import generate
 from job.errors import STOP_SIGNALS, ConfigError, Preempted
+from job.families import Model
 from job.lora import add_adapters
 from job.model import GPTModel
 from job.objectives import Evaluator, Objective
 from job.observability import Metrics, Progress, get_logger
 from job.order import data_order
 from job.roles import Roles
-from job.tokenizer import END_OF_TEXT_ID, Tokenizer, encode
+from job.tokenizer import Tokenizer, encode
 
 log = get_logger(__name__)
 
@@ -56,7 +57,7 @@ class Task:
     """What is trained and on what: the model, the objective and evaluator over ``train_size`` examples,
     and the prompt of the book's sample after each epoch (None: no sample)."""
 
-    model: GPTModel
+    model: Model
     objective: Objective
     evaluator: Evaluator
     train_size: int
@@ -82,9 +83,10 @@ def check_batches(cfg: TrainConfig, world: int, train_examples: int) -> None:
         )
 
 
-def choose_trained(model: GPTModel, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """What trains: every weight (the head untied, as the book's), or LoRA's adapters alone."""
-    if cfg.untie_head and not cfg.lora_rank:
+def choose_trained(model: Model, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    """What trains: every weight (GPT-2's head untied, as the book's; a Llama 3 / Qwen3 head as its
+    checkpoint has it), or LoRA's adapters alone."""
+    if cfg.untie_head and not cfg.lora_rank and isinstance(model, GPTModel):
         model.untie_head()
     if cfg.lora_rank:
         layers = lora_layers(cfg.lora_targets)
@@ -92,14 +94,14 @@ def choose_trained(model: GPTModel, cfg: TrainConfig) -> list[torch.nn.Parameter
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def compile_blocks(model: GPTModel) -> None:
+def compile_blocks(model: Model) -> None:
     """torch.compile each transformer block in place (regional compilation).
 
     The blocks share one compiled graph (their parameters are graph inputs), so compile time is
     one block's, not the whole model's; shapes are dynamic from the start because every batch
     has its own length; and parameter names stay as they were, so checkpoints do not change.
     """
-    for block in model.h:
+    for block in model.blocks:
         block.compile(dynamic=True)
 
 
@@ -155,7 +157,7 @@ class Trainer:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
-    def trained_model(self) -> GPTModel:
+    def trained_model(self) -> Model:
         """The model without its DDP wrapper (after ``fit``: as trained)."""
         return self.accelerator.unwrap_model(self.model)
 
@@ -267,7 +269,8 @@ class Trainer:
         # Decoding runs eagerly: its per-step shapes and cache writes would only make compiled blocks recompile.
         with self.accelerator.autocast(), torch.compiler.set_stance("force_eager"):
             [new] = generate(model, [encode(tokenizer, prompt)], max_new_tokens=50, eos_id=None)
-        end = new.index(END_OF_TEXT_ID) if END_OF_TEXT_ID in new else len(new)
+        end_id = tokenizer.eot_token
+        end = new.index(end_id) if end_id in new else len(new)
         response, generated = tokenizer.decode(new[:end]), tokenizer.decode(new)
         log.info("sample", epoch=self.state.epoch + 1, prompt=prompt, response=response, generated=generated)
 

@@ -27,6 +27,7 @@ LAYERS = {
     "config": 2,
     "weights": 2,
     "llama_weights": 2,
+    "families": 2,
     "data": 2,
     "preference": 2,
     "smoke": 2,

@@ -104,7 +104,7 @@ def test_peft_loads_the_adapter_onto_hugging_faces_model_with_the_same_logits(ti
             m.B.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
     save_peft_adapter(ours, tmp_path / "adapter", str(tiny_model_dir), dropout=0.0)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["target_modules"] == peft_target_modules(lora_layers(targets))
+    assert config["target_modules"] == peft_target_modules(lora_layers(targets) & GPT2_LAYERS)
 
     peft = PeftModel.from_pretrained(_hf(tiny_model_dir), tmp_path / "adapter").eval()
     x = torch.randint(50257, (2, 24), generator=torch.Generator().manual_seed(3))
@@ -116,10 +116,17 @@ def test_peft_loads_the_adapter_onto_hugging_faces_model_with_the_same_logits(ti
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
 
 
+GPT2_LAYERS = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"}
+
+
 def test_target_names_are_hugging_faces_and_exact():
-    assert peft_target_modules(lora_layers("all")) == ["c_attn", "c_fc", "c_proj", "lm_head"]
-    assert peft_target_modules(lora_layers("attn")) == ["attn.c_proj", "c_attn"]
+    assert peft_target_modules(lora_layers("all") & GPT2_LAYERS) == ["c_attn", "c_fc", "c_proj", "lm_head"]
+    assert peft_target_modules(lora_layers("attn") & GPT2_LAYERS) == ["attn.c_proj", "c_attn"]
     assert peft_target_modules(lora_layers("c_proj,c_fc")) == ["c_fc", "c_proj"]
+    llama = ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert peft_target_modules(lora_layers("all") - GPT2_LAYERS | {"lm_head"}) == llama
+    assert peft_target_modules(lora_layers("attn") - GPT2_LAYERS) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert peft_target_modules(lora_layers("q_proj,v_proj")) == ["q_proj", "v_proj"]
 
 
 def _checkpoint_bytes(model: GPTModel, folder) -> int:
