@@ -51,7 +51,7 @@ FLAGS = [
     ("lora_rank", ["--lora-rank", "0"]),
     ("lora_alpha", ["--lora-rank", "8", "--lora-alpha", "0"]),
     ("lora_dropout", ["--lora-dropout", "1"]),
-    ("lora_targets", ["--lora-targets", "attn,q_proj"]),
+    ("lora_targets", ["--lora-targets", "attn,query"]),
 ]
 YAML = [
     ("batch_size", "batch_size: [8]"),
