@@ -19,9 +19,7 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, gen
     return torch.argmax(logits, dim=-1)
 
 
-def _prefill(
-    model: GPTModel, prompts: list[list[int]], max_new_tokens: int, pad_id: int
-) -> tuple[torch.Tensor, KVCache, int]:
+def _prefill(model: GPTModel, prompts: list[list[int]], max_new_tokens: int) -> tuple[torch.Tensor, KVCache, int]:
     """The prompts left-padded into one batch and run through the model once: (the last position's
     logits (B, vocab), the filled cache, the new tokens the context leaves room for). Prompts longer
     than the room the context leaves are cropped from the left, as the book crops its context."""
@@ -31,7 +29,7 @@ def _prefill(
     prompts = [p[-room:] for p in prompts]
     max_new_tokens = min(max_new_tokens, cfg.context_length - max(len(p) for p in prompts))
     width = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # masked: any id of the vocabulary
+    idx = torch.zeros((len(prompts), width), dtype=torch.long)  # masked: any id of every vocabulary
     valid = torch.zeros(len(prompts), width, dtype=torch.bool)
     for row, p in enumerate(prompts):
         idx[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
@@ -60,7 +58,7 @@ def generate(
     the cache, so finished rows cost nothing. Prompts longer than the room the context leaves
     are cropped from the left, as the book crops its context.
     """
-    logits, cache, max_new_tokens = _prefill(model, prompts, max_new_tokens, 0 if eos_id is None else eos_id)
+    logits, cache, max_new_tokens = _prefill(model, prompts, max_new_tokens)
     device = logits.device
     outputs: list[list[int]] = [[] for _ in prompts]
     rows = list(range(len(prompts)))  # original index of each row still in the batch
@@ -90,7 +88,7 @@ def generate_fixed_batch(
     device every ``check_every`` steps instead of after each one. Token for token what ``generate``
     returns greedily: a row's tokens depend on its own row alone.
     """
-    logits, cache, max_new_tokens = _prefill(model, prompts, max_new_tokens, eos_id)
+    logits, cache, max_new_tokens = _prefill(model, prompts, max_new_tokens)
     device = logits.device
     tokens = torch.full((len(prompts), max_new_tokens), eos_id, dtype=torch.long, device=device)  # (B, N)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # (B,)
