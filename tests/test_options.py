@@ -22,8 +22,10 @@ from job.config import (
     stage_values,
 )
 from job.errors import ConfigError
+from job.manifest import Manifest
 from job.observability import Metrics
 from job.pipeline import Pipeline
+from job.stage_record import StageRecorder
 
 
 def _with_new_option(base: type, stage_cls: type, operational: bool):
@@ -49,6 +51,8 @@ def test_a_new_decoding_option_reaches_the_generate_stage_through_run(tmp_path, 
     monkeypatch.setattr(job.pipeline, "GenerateConfig", generate_cls)
     monkeypatch.setattr(job.pipeline, "run_generate", lambda cfg, metrics: seen.append(cfg))
     pipeline = Pipeline(_run_cfg(run_cls, tmp_path, beam_width=4, generate_batch_size=3, top_k=7), Metrics())
+    manifest = Manifest(pipeline.storage, pipeline.run_id, None)  # a run whose manifest records no stage yet
+    pipeline.stages = StageRecorder(manifest, pipeline.storage, pipeline.work, pipeline.metrics)
     for name in ("model/model.safetensors", "model/config.json"):  # what the finetune stage left
         (pipeline.work / name).parent.mkdir(parents=True, exist_ok=True)
         (pipeline.work / name).write_text("")
