@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import families
 from benchmarks.dpo import measure_dpo
 from benchmarks.harness import Setup, measure_generation, measure_training, profile_training, run_isolated
 from benchmarks.recipe import measure_recipe, mfu
@@ -25,6 +26,8 @@ TASKS = {
     "profile": profile_training,
     "recipe": measure_recipe,
     "dpo": measure_dpo,
+    "qwen3_train": families.measure_training,
+    "qwen3_generate": families.measure_generation,
 }
 # The targets: (figure, at least / at most, bound). Ratios are ours / baseline in the same run.
 TARGETS = {
@@ -124,6 +127,11 @@ def plan(mode: str, setup: Setup, tasks: list[str]) -> list[tuple[str, str, Setu
         runs += [("recipe/ours", "ours", setup), ("recipe/book", "book", setup)]
     if "dpo" in tasks:  # preference tuning's step, full and LoRA, beside the SFT step of the same shapes
         runs += [("dpo/ours", "ours", setup), ("dpo/lora", "lora", setup)]
+    if "qwen3" in tasks:  # qwen3-0.6b's shape against transformers: fewer steps (and on a CPU fewer new tokens)
+        fewer = same(train_steps=min(setup.train_steps, 2), warmup_steps=1, repeats=min(setup.repeats, 2))
+        if mode == "cpu":
+            fewer = dataclasses.replace(fewer, max_new_tokens=min(setup.max_new_tokens, 16))
+        runs += [(f"qwen3_{task}/{impl}", impl, fewer) for task in ("train", "generate") for impl in ("ours", "hf")]
     return runs
 
 
@@ -143,7 +151,7 @@ def ratio(a: float, b: float) -> float:
 
 def summarize(report: dict, mode: str) -> None:
     r, ratios = report["results"], report["ratios"]
-    for task in ("train", "generate"):
+    for task in ("train", "generate", "qwen3_train", "qwen3_generate"):
         for suffix in ("", "/bf16"):
             ours = r.get(f"{task}/ours{suffix}", {}).get("tokens_per_second")
             for base in ("hf", "book"):
@@ -177,7 +185,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the harness, not the speed")
     parser.add_argument("--out", type=Path, help="JSON file for the figures (default benchmarks/results-MODE.json)")
     parser.add_argument("--data-dir", default=None, help="folder with instruction-data.json and gpt2/ tokenizer files")
-    parser.add_argument("--only", choices=["train", "generate", "recipe", "profile", "dpo"], action="append")
+    parser.add_argument("--only", choices=["train", "generate", "recipe", "profile", "dpo", "qwen3"], action="append")
     parser.add_argument(
         "--select",
         action="append",
@@ -211,7 +219,8 @@ def main(argv=None) -> int:
     if args.select:
         by_key = {
             r[0]: r
-            for r in plan(args.mode, setup, ["train", "generate", "profile", "recipe", "dpo"]) + optional_runs(setup)
+            for r in plan(args.mode, setup, ["train", "generate", "profile", "recipe", "dpo", "qwen3"])
+            + optional_runs(setup)
         }
         unknown = [k for k in args.select if k not in by_key]
         if unknown:

@@ -99,6 +99,9 @@ def book_batches(setup: Setup, examples):
     return batches[:needed]
 
 
+Builder = Callable[[str, Setup], tuple]  # (model, loss of (inputs, targets)) for an implementation
+
+
 # --- the three implementations --------------------------------------------------------------
 
 
@@ -159,11 +162,11 @@ def build(impl: str, setup: Setup):
     return model.to(setup.device), loss
 
 
-def _warm_training(impl: str, setup: Setup):
+def _warm_training(impl: str, setup: Setup, builder: Builder | None = None):
     """The book's batches and a training step for ``impl`` (forward, loss, backward, AdamW), warmed up."""
     examples, _ = data(setup)
     batches = book_batches(setup, examples)
-    model, loss_fn = build(impl, setup)
+    model, loss_fn = (builder or build)(impl, setup)
     model.train()
     # Ours as the finetune stage runs it (fused AdamW); the baselines as their code does (torch's default).
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -185,9 +188,10 @@ def _warm_training(impl: str, setup: Setup):
     return batches, step
 
 
-def measure_training(impl: str, setup: Setup) -> dict:
-    """Training tokens per second (AdamW step included) and peak memory."""
-    batches, step = _warm_training(impl, setup)
+def measure_training(impl: str, setup: Setup, builder: Builder | None = None) -> dict:
+    """Training tokens per second (AdamW step included) and peak memory; ``builder`` makes the model and its
+    loss (GPT-2's three implementations by default)."""
+    batches, step = _warm_training(impl, setup, builder)
     # Positions whose target counts (not -100): the output head's share of the FLOPs scales with these.
     target_fraction = sum(int((y != -100).sum()) for _, y in batches) / sum(y.numel() for _, y in batches)
     rates, lengths = [], [x.shape[1] for x, _ in batches]
@@ -239,12 +243,12 @@ def profile_training(impl: str, setup: Setup) -> dict:
 
 
 @torch.no_grad()
-def measure_generation(impl: str, setup: Setup) -> dict:
+def measure_generation(impl: str, setup: Setup, builder: Builder | None = None) -> dict:
     """Greedy decoding of the test prompts, every response forced to max_new_tokens."""
     _, prompts = data(setup)
     if impl == "book":
         prompts = prompts[: setup.book_prompts]
-    model, _ = build(impl, setup)
+    model, _ = (builder or build)(impl, setup)
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = [

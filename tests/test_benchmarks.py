@@ -14,6 +14,7 @@ from tests.helpers import REPO
 def test_gpu_mode_runs_on_cpu_at_tiny_shapes_and_writes_every_selected_figure(shared_data, tmp_path):
     out = tmp_path / "results.json"
     keys = ["train/ours", "generate/ours", "generate/hf", "recipe/ours", "recipe/ours/levers", "generate/ours/levers"]
+    keys += ["qwen3_train/ours", "qwen3_generate/ours", "qwen3_generate/hf"]  # qwen3-0.6b's shape, 2 layers
     cmd = [
         sys.executable,
         "-m",
@@ -48,6 +49,9 @@ def test_gpu_mode_runs_on_cpu_at_tiny_shapes_and_writes_every_selected_figure(sh
     # bf16 autocast on other shapes: measured 8e-4 here (fp32: within 1e-5, tests/test_finetune.py)
     assert abs(levers["last_val_loss"] - recipe["last_val_loss"]) < 2e-3
     assert results["generate/ours/levers"]["new_tokens"] == 110 * 4
+    assert results["qwen3_train/ours"]["tokens_per_second"] > 0
+    assert results["qwen3_generate/ours"]["new_tokens"] == results["qwen3_generate/hf"]["new_tokens"] == 110 * 4
+    assert report["ratios"]["qwen3_generate_vs_hf"] > 0
 
 
 def test_unknown_measurement_is_a_one_line_error(shared_data):
