@@ -90,6 +90,7 @@ def _log_options():
 # else the section of the dataclass that declares it.
 COMMON = ("output", "run_id", "smoke", "skip_judge", "model", "model_dir", "responses", "data")  # in this order
 DECLARED_IN = {
+    "ModelOrigin": "Finetune",
     "ModelSourceConfig": "Finetune",
     "DataConfig": "Data",
     "TrainConfig": "Finetune",

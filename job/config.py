@@ -223,57 +223,71 @@ def _positive(obj, *names: str) -> None:
             raise ConfigError(f"{name} must be positive, got {getattr(obj, name)}")
 
 
+# A hub revision: a branch, tag or commit (letters, digits, '.', '_', '-', '/'; no '..').
+REVISION_RE = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+
+
 @dataclass
-class DownloadConfig:
-    """What ``sft-job download`` fetches, and from where."""
+class ModelOrigin:
+    """Where a named model comes from: GPT-2's sizes from OpenAI or Hugging Face, the Llama 3.2 and Qwen3
+    base models from the Hugging Face hub, each into the cache."""
 
     model: ModelName = "gpt2-medium"
-    """Named GPT-2 size to fetch (the book finetunes gpt2-medium, 355M)."""
+    """Named model, fetched into the cache: a GPT-2 size (the book finetunes gpt2-medium, 355M) or a base model
+    on the Hugging Face hub (qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b, llama3.2-1b, llama3.2-3b)."""
     source: Literal["openai", "hf"] = option("openai", section="Storage")
-    """OpenAI's TensorFlow checkpoint (as in the book; reading it needs the tf extra) or Hugging Face's safetensors."""
+    """Where a GPT-2 size comes from: OpenAI's TensorFlow checkpoint (as in the book; reading it needs the tf
+    extra) or Hugging Face's safetensors. The hub's models always come from the hub."""
     cache: str = option(DEFAULT_CACHE, operational=True, section="Storage")
     """Folder that holds downloaded weights, tokenizer files and the dataset."""
     base_url: str | None = option(None, operational=True, section="Storage")
     """Mirror to fetch from instead of the public hosts: an http(s):// URL or s3://bucket/prefix laid out
     like the cache."""
-    dataset: bool = True
-    """Also fetch the book's instruction dataset into the cache."""
-    download_attempts: int = 5
-    """Tries per file for transient errors (dropped connections, 5xx); each resumes the partial file."""
+    hub_url: str | None = option(None, operational=True, section="Storage")
+    """The Hugging Face hub, or a server laid out like it ({hub}/{repo}/resolve/{revision}/{file}), that the
+    Llama 3.2 and Qwen3 models come from; defaults to HF_ENDPOINT, else https://huggingface.co."""
+    hub_revision: str = option("main", section="Storage")
+    """Branch, tag or commit of the hub repository to fetch; a commit pins the weights."""
+    hf_token: str | None = option(None, secret=True, section="Storage")
+    """Hugging Face access token for gated repositories (Llama 3.2: accept its license on the hub first);
+    defaults to HF_TOKEN. Sent to the hub's host only, never logged."""
 
     def __post_init__(self) -> None:
         check_finite(self)
         if self.model not in MODEL_NAMES:
             raise ConfigError(f"model must be one of {', '.join(MODEL_NAMES)}, got {short(self.model)}")
         if self.source not in ("openai", "hf"):
-            raise ConfigError(f"source must be openai or hf, got {self.source!r}")
-        _positive(self, "download_attempts")
+            raise ConfigError(f"source must be openai or hf, got {short(self.source)}")
         _check_url("base_url", self.base_url, MIRROR_SCHEMES)
+        _check_url("hub_url", self.hub_url, ("http", "https"))
+        if not isinstance(self.hub_revision, str) or not REVISION_RE.fullmatch(self.hub_revision):
+            raise ConfigError(
+                f"hub_revision must be a branch, tag or commit (letters, digits, '.', '_', '-', '/'), "
+                f"got {short(self.hub_revision)}"
+            )
 
 
 @dataclass
-class ModelSourceConfig:
-    """Which pretrained GPT-2 a stage starts from."""
+class DownloadConfig(ModelOrigin):
+    """What ``sft-job download`` fetches, and from where."""
 
-    model: ModelName = "gpt2-medium"
-    """Named GPT-2 size, downloaded through the cache (the book finetunes gpt2-medium, 355M)."""
-    model_dir: str | None = None
-    """A local folder load_pretrained reads (OpenAI's checkpoint or config.json + model.safetensors);
-    overrides --model."""
-    source: Literal["openai", "hf"] = option("openai", section="Storage")
-    """Where a named size comes from: OpenAI's TensorFlow checkpoint (needs the tf extra) or Hugging Face's
-    safetensors."""
-    cache: str = option(DEFAULT_CACHE, operational=True, section="Storage")
-    """Folder that holds downloaded weights, tokenizer files and the dataset."""
-    base_url: str | None = option(None, operational=True, section="Storage")
-    """Mirror to fetch from instead of the public hosts: an http(s):// URL or s3://bucket/prefix laid out
-    like the cache."""
+    dataset: bool = True
+    """Also fetch the book's instruction dataset into the cache."""
+    download_attempts: int = 5
+    """Tries per file for transient errors (dropped connections, 5xx); each resumes the partial file."""
 
     def __post_init__(self) -> None:
-        check_finite(self)
-        if self.model not in MODEL_NAMES:
-            raise ConfigError(f"model must be one of {', '.join(MODEL_NAMES)}, got {short(self.model)}")
-        _check_url("base_url", self.base_url, MIRROR_SCHEMES)
+        ModelOrigin.__post_init__(self)
+        _positive(self, "download_attempts")
+
+
+@dataclass
+class ModelSourceConfig(ModelOrigin):
+    """Which pretrained model a stage starts from."""
+
+    model_dir: str | None = None
+    """A local folder to start from instead of --model: GPT-2's (OpenAI's checkpoint or config.json +
+    model.safetensors) or a Llama 3 / Qwen3 one in Hugging Face's layout."""
 
 
 @dataclass
@@ -284,8 +298,9 @@ class DataConfig:
         "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
     )
     """Dataset: a local JSON/JSON Lines file, an http(s):// URL (fetched into the cache) or s3://bucket/key."""
-    prompt_style: Literal["alpaca", "phi3"] = "alpaca"
-    """Prompt template: the book's Alpaca text, or Phi-3's (exercise 7.1)."""
+    prompt_style: Literal["alpaca", "phi3", "chat"] = "alpaca"
+    """Prompt template: the book's Alpaca text, Phi-3's (exercise 7.1), or chat: the model's own chat template
+    (tokenizer_config.json's; Llama 3 and Qwen3 checkpoints carry one, GPT-2 none)."""
     shuffle_seed: int | None = None
     """Shuffle entries with this seed before the 85/10/5 split (the book splits in file order)."""
     skip_invalid: bool = False
@@ -474,7 +489,7 @@ class GenerateConfig(DataConfig, DecodingSettings):
 
     model_dir: str = "runs/finetune/model"
     """The finetuned model: the finetune stage's model/ folder or any folder load_pretrained reads."""
-    prompt_style: Literal["alpaca", "phi3"] | None = None
+    prompt_style: Literal["alpaca", "phi3", "chat"] | None = None
     """Prompt template; by default the one the model was finetuned with (saved in its config.json), else alpaca."""
     cache: str = option(DEFAULT_CACHE, operational=True, section="Storage")
     """Folder that holds the tokenizer files and a downloaded dataset."""

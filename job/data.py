@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
-from job.errors import JobError
+from job.errors import ConfigError, JobError
 from job.observability import get_logger
 from job.parsing import ParseError, load_json, read_bounded
 from job.tokenizer import END_OF_TEXT_ID, encode
@@ -142,6 +143,33 @@ PROMPT_STYLES = {
     "alpaca": PromptStyle("alpaca", "\n\n### Response:\n", "### Response:"),
     "phi3": PromptStyle("phi3", "\n<|assistant|>:\n", "<|assistant|>:"),
 }
+STYLE_NAMES = (*PROMPT_STYLES, "chat")
+
+
+@dataclass(frozen=True)
+class ChatStyle(PromptStyle):
+    """``--prompt-style chat``: the tokenizer's own chat template (an instruct checkpoint's format). The entry is
+    one user turn (instruction, a blank line, input) and the template's generation prompt follows it; the
+    response comes right after and ends with the tokenizer's end token, as in the other styles."""
+
+    render: Callable[[list[dict]], str] | None = field(default=None, compare=False)
+
+    def format_input(self, entry: dict) -> str:
+        content = entry["instruction"] + (f"\n\n{entry['input']}" if entry["input"] else "")
+        return self.render([{"role": "user", "content": content}])
+
+
+def prompt_style(name: str, tokenizer) -> PromptStyle:
+    """The style ``--prompt-style`` names; ``chat`` is the tokenizer's template, which GPT-2's lacks."""
+    if name != "chat":
+        return PROMPT_STYLES[name]
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None:
+        raise ConfigError(
+            "--prompt-style chat needs the model's chat template (tokenizer_config.json's chat_template), "
+            "which this model's tokenizer lacks: use --prompt-style alpaca or phi3"
+        )
+    return ChatStyle("chat", "", "", template.prompt)
 
 
 # --- splitting, tokenizing, collating ---------------------------------------------------------

@@ -6,10 +6,14 @@ Cache layout (a mirror given by ``--base-url`` is a copy of a cache, with the sa
     {cache}/gpt2/encoder.json, vocab.bpe          the tokenizer
     {cache}/gpt2/355M/...                         OpenAI's TensorFlow checkpoint of a size
     {cache}/gpt2-hf/gpt2-medium/...               Hugging Face's safetensors of a size
+    {cache}/hf/Qwen/Qwen3-0.6B-Base/main/...      a hub model at a revision: config.json, tokenizer.json,
+                                                  tokenizer_config.json, model.safetensors (or the index
+                                                  model.safetensors.index.json and the shards it names)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -23,12 +27,14 @@ import requests
 from job import retry
 from job.errors import JobError, TransientError
 from job.families import folder_tokenizer
+from job.llama_weights import INDEX, index_shards, shard_files
 from job.model import OPENAI_SIZE_NAMES
 from job.observability import Metrics, get_logger, stderr_is_terminal
 from job.retry import BOTOCORE_RETRIES, Policy, Retried
+from job.sizes import HUB_REPOS
 from job.storage import sha256_file
 from job.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, ByteTokenizer, load_tokenizer
-from job.weights import recorded_settings
+from job.weights import WeightsError, recorded_settings
 
 log = get_logger(__name__)
 
@@ -68,6 +74,8 @@ HF_REPOS = {  # each size's Hugging Face repository (the id a PEFT adapter names
 }
 KNOWN_SHA256 = {"encoder.json": ENCODER_JSON_SHA256, "vocab.bpe": VOCAB_BPE_SHA256}
 WEIGHTS_WAY_IN = "--model-dir DIR (a folder of GPT-2 weights: Hugging Face's or OpenAI's files)"
+HUB_WAY_IN = "--model-dir DIR (the model's Hugging Face folder)"
+HUB_HEAD_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 CHUNK = 1 << 20
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 
@@ -78,6 +86,10 @@ class DownloadError(JobError):
 
 class HostNotFound(DownloadError):
     """A host's name did not resolve past the retries: this machine has no internet (exit 1)."""
+
+
+class NotFound(DownloadError):
+    """The file is at none of its URLs (HTTP 404, no such S3 key or local file)."""
 
 
 class DownloadUnavailable(TransientError):
@@ -120,6 +132,8 @@ class RemoteFile:
     size: int | None = None
     way_in: str = ""
     """The option that replaces this download (``--data FILE``), named when it cannot be fetched."""
+    token_prefix: str | None = None
+    """URLs under this prefix (the hub's) are sent the Downloader's token; a mirror's never are."""
 
 
 def tokenizer_files(base_url: str | None = None) -> list[RemoteFile]:
@@ -139,7 +153,7 @@ def dataset_file(url: str = DATASET_URL, base_url: str | None = None) -> RemoteF
 def model_files(model: str, source: str, base_url: str | None = None) -> list[RemoteFile]:
     """The files of a named size (``gpt2-medium``...) from ``openai`` or ``hf``."""
     if model not in OPENAI_SIZE_NAMES:
-        raise DownloadError(f"--model {model!r} is not one of {', '.join(OPENAI_SIZE_NAMES)}")
+        raise DownloadError(f"--model {model!r} is not a GPT-2 size: one of {', '.join(OPENAI_SIZE_NAMES)}")
     if source == "openai":
         size = OPENAI_SIZE_NAMES[model]
         return [
@@ -177,13 +191,93 @@ def model_tokenizer(model_dir: str | Path | None, cache: str | Path, base_url: s
 
 
 def hf_repo_id(model: str) -> str:
-    """Hugging Face's repository of a named size (``openai-community/gpt2-medium``)."""
-    return HF_REPOS[model]
+    """Hugging Face's repository of a named model (``openai-community/gpt2-medium``, ``Qwen/Qwen3-0.6B-Base``)."""
+    return HF_REPOS.get(model) or HUB_REPOS[model]
 
 
-def model_dir(cache: str | Path, model: str, source: str) -> Path:
-    """Where ``model_files`` put a size in the cache."""
-    return Path(cache) / Path(model_files(model, source)[0].relpath).parent
+def cached_model_dir(origin) -> Path:
+    """Where ``fetch_model`` puts ``origin``'s named model (a ``ModelOrigin``) in the cache."""
+    if origin.model in HUB_REPOS:
+        return Path(origin.cache) / "hf" / HUB_REPOS[origin.model] / origin.hub_revision
+    return Path(origin.cache) / Path(model_files(origin.model, origin.source)[0].relpath).parent
+
+
+def hub_url(configured: str | None) -> str:
+    """The hub the Llama 3.2 and Qwen3 models come from: --hub-url, else HF_ENDPOINT, else Hugging Face."""
+    return (configured or os.environ.get("HF_ENDPOINT") or HF_BASE).rstrip("/")
+
+
+def hub_file(origin, name: str) -> RemoteFile:
+    """One file of a hub model's repository, at its revision; from --base-url's mirror where one is given."""
+    repo, hub = HUB_REPOS[origin.model], hub_url(origin.hub_url)
+    relpath = f"hf/{repo}/{origin.hub_revision}/{name}"
+    url = f"{hub}/{repo}/resolve/{origin.hub_revision}/{name}"
+    return RemoteFile(relpath, _urls(origin.base_url, relpath, (url,)), way_in=HUB_WAY_IN, token_prefix=f"{hub}/")
+
+
+def model_downloader(origin, metrics: Metrics | None = None) -> Downloader:
+    """A Downloader into ``origin``'s cache carrying the hub token (--hf-token, else HF_TOKEN)."""
+    attempts = getattr(origin, "download_attempts", 5)
+    token = origin.hf_token or os.environ.get("HF_TOKEN") or None
+    return Downloader(Path(origin.cache), attempts=attempts, metrics=metrics, token=token)
+
+
+def fetch_model_head(origin, downloader: Downloader) -> Path:
+    """A hub model's config and tokenizer files (a few MB: what the preflight checks), and its folder."""
+    downloader.fetch_all([hub_file(origin, name) for name in HUB_HEAD_FILES])
+    return cached_model_dir(origin)
+
+
+def tokenizer_folder(origin) -> Path | None:
+    """The folder whose tokenizer a stage starting from ``origin`` reads: --model-dir, a named hub model's
+    (its head files fetched), else None: GPT-2's tokenizer, from the cache."""
+    if origin.model_dir:
+        return Path(origin.model_dir)
+    return fetch_model_head(origin, model_downloader(origin)) if origin.model in HUB_REPOS else None
+
+
+def fetch_model(origin, downloader: Downloader) -> Path:
+    """A named model's files into the cache, and its folder there: GPT-2's fixed set; a hub model's head
+    files and generation_config.json, then its ``model.safetensors``, or its index and every shard the
+    index names."""
+    if origin.model not in HUB_REPOS:
+        downloader.fetch_all(model_files(origin.model, origin.source, origin.base_url))
+        return cached_model_dir(origin)
+    if model_cached(origin):  # an offline rerun asks the hub nothing
+        return cached_model_dir(origin)
+    folder = fetch_model_head(origin, downloader)
+    with contextlib.suppress(NotFound):  # the decoding defaults transformers reads, where the repository has them
+        downloader.fetch(hub_file(origin, "generation_config.json"))
+    single = hub_file(origin, "model.safetensors")
+    begun = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.part").is_file()
+    if begun and not (folder / INDEX).is_file():  # offline reruns never ask the hub for an index
+        downloader.fetch(single)
+        return folder
+    try:
+        index = downloader.fetch(hub_file(origin, INDEX))
+    except NotFound:  # a repository with one file of weights
+        downloader.fetch(single)
+        return folder
+    try:
+        shards = sorted(set(index_shards(index).values()))
+    except WeightsError as exc:
+        raise DownloadError(str(exc)) from None
+    downloader.fetch_all([hub_file(origin, shard) for shard in shards])
+    return folder
+
+
+def model_cached(origin) -> bool:
+    """Whether every file of ``origin``'s named model is in the cache (no network asked)."""
+    folder = cached_model_dir(origin)
+    if origin.model not in HUB_REPOS:
+        return all((Path(origin.cache) / f.relpath).is_file() for f in model_files(origin.model, origin.source))
+    if not all((folder / name).is_file() for name in HUB_HEAD_FILES):
+        return False
+    try:
+        shard_files(folder)
+    except WeightsError:
+        return False
+    return True
 
 
 def _urls(base_url: str | None, relpath: str, defaults: tuple[str, ...]) -> tuple[str, ...]:
@@ -207,7 +301,7 @@ def _ways_in(cache: Path, remote: RemoteFile) -> str:
 def _open_file(path: str, offset: int):
     """A local file (a mirror on a shared disk) as ``Downloader._open`` returns a stream."""
     if not os.path.isfile(path):
-        raise DownloadError(f"no file at {path}")
+        raise NotFound(f"no file at {path}")
     total = os.path.getsize(path)
 
     def chunks():
@@ -217,6 +311,16 @@ def _open_file(path: str, offset: int):
                 yield block
 
     return total, True, chunks()
+
+
+def _refused(status: int, url: str, token: str | None) -> DownloadError:
+    """The error of an HTTP answer that no retry changes."""
+    if status == 404:
+        return NotFound(f"HTTP 404 from {url}")
+    if status in (401, 403):
+        hint = "gated: accept its license on the hub, then set HF_TOKEN" if token is None else "token refused"
+        return DownloadError(f"HTTP {status} from {url} ({hint})")
+    return DownloadError(f"HTTP {status} from {url}")
 
 
 @dataclass
@@ -230,6 +334,8 @@ class Downloader:
     """First wait between tries; doubled each time, with jitter."""
     timeout_seconds: float = 60.0
     metrics: Metrics | None = None
+    token: str | None = None
+    """Bearer token for the URLs a RemoteFile's ``token_prefix`` names (the hub's); never logged."""
     sleep: Callable[[float], None] = time.sleep
     _s3: object = None
 
@@ -249,7 +355,7 @@ class Downloader:
             log.warning("cache_file_damaged", file=str(final))
         final.parent.mkdir(parents=True, exist_ok=True)
         part = final.with_name(final.name + ".part")
-        errors, outages, unreachable = [], 0, 0
+        errors, outages, unreachable, missing = [], 0, 0, 0
         for url in remote.urls:
             try:
                 self._fetch_with_retries(url, part, remote)
@@ -261,10 +367,11 @@ class Downloader:
                 errors.append(str(exc))
                 outages += isinstance(exc, DownloadUnavailable)
                 unreachable += isinstance(exc, DownloadUnavailable | HostNotFound)
+                missing += isinstance(exc, NotFound)
         if damaged:  # no rerun fixes this offline: the file must be replaced by hand or from a mirror
             raise _damaged(final, errors[-1].split(";")[0].removeprefix(f"{remote.relpath}: "))
         # Only outages everywhere are worth a rerun (exit 75); a 404, a bad hash or no DNS is not.
-        kind = DownloadUnavailable if outages == len(errors) else DownloadError
+        kind = DownloadUnavailable if outages == len(errors) else NotFound if missing == len(errors) else DownloadError
         ways_in = f"; {_ways_in(self.cache, remote)}" if unreachable else ""
         raise kind("; ".join(errors) + ways_in)
 
@@ -310,7 +417,8 @@ class Downloader:
 
     def _fetch_once(self, url: str, part: Path, remote: RemoteFile) -> None:
         offset = part.stat().st_size if part.exists() else 0
-        total, resumed, chunks = self._open(url, offset)
+        token = self.token if remote.token_prefix and url.startswith(remote.token_prefix) else None
+        total, resumed, chunks = self._open(url, offset, token)
         if not resumed:
             offset = 0
         if total is not None and offset == total:
@@ -334,19 +442,21 @@ class Downloader:
                 f"{remote.relpath}: size mismatch from {url}: got {size} bytes, server said {expected_end}"
             )
 
-    def _open(self, url: str, offset: int) -> tuple[int | None, bool, Iterator[bytes]]:
-        """(total size, whether the stream starts at ``offset``, the bytes)."""
+    def _open(self, url: str, offset: int, token: str | None = None) -> tuple[int | None, bool, Iterator[bytes]]:
+        """(total size, whether the stream starts at ``offset``, the bytes); ``token`` is sent as a bearer."""
         scheme = urlparse(url).scheme
         if scheme in ("http", "https"):
-            return self._open_http(url, offset)
+            return self._open_http(url, offset, token)
         if scheme == "s3":
             return self._open_s3(url, offset)
         if scheme in ("", "file"):
             return _open_file(urlparse(url).path if scheme else url, offset)
         raise DownloadError(f"unsupported URL scheme in {url}")
 
-    def _open_http(self, url: str, offset: int):
+    def _open_http(self, url: str, offset: int, token: str | None = None):
         headers = {"Range": f"bytes={offset}-"} if offset else {}
+        if token:  # requests drops it on a redirect to another host (the hub's CDN)
+            headers["Authorization"] = f"Bearer {token}"
         try:
             resp = requests.get(url, headers=headers, stream=True, timeout=self.timeout_seconds)
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -360,7 +470,7 @@ class Downloader:
             raise Retryable(f"HTTP {resp.status_code} from {url}")
         if resp.status_code not in (200, 206):
             resp.close()
-            raise DownloadError(f"HTTP {resp.status_code} from {url}")
+            raise _refused(resp.status_code, url, token)
         resumed = resp.status_code == 206
         length = resp.headers.get("Content-Length")
         if resumed:
@@ -392,6 +502,8 @@ class Downloader:
                 return offset, True, iter(())
             if status >= 500:
                 raise Retryable(f"S3 {code or status} for {url}") from None
+            if code == "NoSuchKey" or status == 404:
+                raise NotFound(f"S3 {code or status} for {url}") from None
             raise DownloadError(f"S3 {code or status} for {url}") from None
         except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError) as exc:
             kind = HostUnknown if _name_unresolved(exc) else Retryable
@@ -441,13 +553,13 @@ class _Progress:
 
 
 def run_download(cfg, metrics: Metrics | None = None) -> Path:
-    """The ``download`` stage: a size's weights, the tokenizer and (optionally) the dataset."""
-    downloader = Downloader(Path(cfg.cache), attempts=cfg.download_attempts, metrics=metrics)
-    files = tokenizer_files(cfg.base_url) + model_files(cfg.model, cfg.source, cfg.base_url)
+    """The ``download`` stage: a named model's weights, its tokenizer and (optionally) the dataset."""
+    downloader = model_downloader(cfg, metrics)
+    files = [] if cfg.model in HUB_REPOS else tokenizer_files(cfg.base_url)  # a hub model carries its own
     if cfg.dataset:
         files.append(dataset_file(base_url=cfg.base_url))
     log.info("download_start", model=cfg.model, source=cfg.source, cache=str(cfg.cache), files=len(files))
     downloader.fetch_all(files)
-    target = model_dir(cfg.cache, cfg.model, cfg.source)
+    target = fetch_model(cfg, downloader)
     log.info("download_complete", model_dir=str(target))
     return target

@@ -11,19 +11,25 @@ import yaml
 
 from job.config import FinetuneConfig, TrainConfig
 from job.data import (
-    PROMPT_STYLES,
     Collator,
     DataError,
     Example,
     PromptStyle,
     entry_problem,
     load_entries,
+    prompt_style,
     resolve_data,
     split_entries,
     tokenize,
 )
-from job.download import Downloader, hf_repo_id, model_files, model_tokenizer
-from job.download import model_dir as cached_model_dir
+from job.download import (
+    cached_model_dir,
+    fetch_model,
+    hf_repo_id,
+    model_downloader,
+    model_tokenizer,
+    tokenizer_folder,
+)
 from job.families import Model, family
 from job.families import load_model as load_model_folder
 from job.model import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
@@ -73,10 +79,11 @@ def load_inputs(cfg: TrainConfig, check=entry_problem) -> Inputs:
     train = train[: cfg.train_limit]
     if not train or not val:
         raise DataError(f"dataset of {len(entries)} entries is too small for the 85/10/5 split")
-    tokenizer = model_tokenizer(cfg.model_dir, cache, cfg.base_url)
+    tokenizer = model_tokenizer(tokenizer_folder(cfg), cache, cfg.base_url)
+    style = prompt_style(cfg.prompt_style, tokenizer)
     model, name = load_model(cfg)
     max_length = min(cfg.allowed_max_length, model.cfg.context_length)
-    return Inputs(train, val, tokenizer, model, name, PROMPT_STYLES[cfg.prompt_style], max_length)
+    return Inputs(train, val, tokenizer, model, name, style, max_length)
 
 
 def prepare(cfg: FinetuneConfig) -> Prepared:
@@ -95,17 +102,16 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
 
 
 def load_model(cfg: TrainConfig) -> tuple[Model, str]:
-    """The starting model and the book-style name of its size (``gpt2-medium355M``; the family's name for
-    a Llama 3 / Qwen3 folder: ``qwen3-custom``)."""
-    if cfg.model_dir:
-        model = load_model_folder(cfg.model_dir)
-        if not isinstance(model, GPTModel):
-            return model, f"{family(cfg.model_dir)}-custom"
-        named = next((n for n, c in GPT2_SIZES.items() if c == model.cfg), None)
-        return model, f"{named}{OPENAI_SIZE_NAMES[named]}" if named else "gpt2-custom"
-    Downloader(Path(cfg.cache)).fetch_all(model_files(cfg.model, cfg.source, cfg.base_url))
-    model = load_model_folder(cached_model_dir(cfg.cache, cfg.model, cfg.source))
-    return model, f"{cfg.model}{OPENAI_SIZE_NAMES[cfg.model]}"
+    """The starting model and the book-style name of its size (``gpt2-medium355M``, ``qwen3-0.6b``; the
+    family's name for a folder of another: ``qwen3-custom``)."""
+    folder = Path(cfg.model_dir) if cfg.model_dir else fetch_model(cfg, model_downloader(cfg))
+    model = load_model_folder(folder)
+    if folder == cached_model_dir(cfg):  # the named model, as downloaded
+        return model, f"{cfg.model}{OPENAI_SIZE_NAMES.get(cfg.model, '')}"
+    if not isinstance(model, GPTModel):
+        return model, f"{family(folder)}-custom"
+    named = next((n for n, c in GPT2_SIZES.items() if c == model.cfg), None)
+    return model, f"{named}{OPENAI_SIZE_NAMES[named]}" if named else "gpt2-custom"
 
 
 def sft_task(cfg: FinetuneConfig, prep: Prepared) -> Task:
@@ -123,7 +129,7 @@ def sft_task(cfg: FinetuneConfig, prep: Prepared) -> Task:
 
 def adapter_base(cfg: TrainConfig) -> str:
     """The adapter's base model as PEFT records it: the folder, or Hugging Face's id for the size."""
-    downloaded = cached_model_dir(cfg.cache, cfg.model, cfg.source)
+    downloaded = cached_model_dir(cfg)
     if cfg.model_dir and Path(cfg.model_dir) != Path(downloaded):
         return str(cfg.model_dir)
     return hf_repo_id(cfg.model)
@@ -147,7 +153,7 @@ def save_outputs(trainer: Trainer, cfg: TrainConfig, model_name: str, kind: str 
         kind,
         getattr(trainer.task.tokenizer, "name", "gpt2"),
         trained={"steps": trainer.state.step, "tokens_seen": trainer.state.tokens_seen, "epochs": round(epochs, 4)},
-        source=cfg.model_dir or cached_model_dir(cfg.cache, cfg.model, cfg.source),
+        source=cfg.model_dir or cached_model_dir(cfg),
     )
 
 

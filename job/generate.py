@@ -10,7 +10,15 @@ from pathlib import Path
 import torch
 
 from job.config import GenerateConfig, resolve_precision
-from job.data import PROMPT_STYLES, RESPONSES_FILE, DataError, load_entries, resolve_data, split_entries
+from job.data import (
+    RESPONSES_FILE,
+    STYLE_NAMES,
+    DataError,
+    load_entries,
+    prompt_style,
+    resolve_data,
+    split_entries,
+)
 from job.decoding import generate, generate_fixed_batch
 from job.download import model_tokenizer
 from job.errors import ConfigError
@@ -28,7 +36,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def saved_prompt_style(model_dir: str | Path) -> str | None:
     """The prompt style the finetune stage recorded in the model's config.json, if a known one."""
     style = recorded_settings(model_dir).get("prompt_style")
-    return style if style in PROMPT_STYLES else None
+    return style if style in STYLE_NAMES else None
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -84,8 +92,8 @@ def _load(cfg: GenerateConfig):
     cache = Path(cfg.cache)
     entries = load_entries(resolve_data(cfg.data, cache, cfg.base_url), cfg.skip_invalid)
     test = split_entries(entries, cfg.shuffle_seed)[1][: cfg.limit]
-    style = PROMPT_STYLES[cfg.prompt_style or saved_prompt_style(cfg.model_dir) or "alpaca"]
     tokenizer = model_tokenizer(cfg.model_dir, cache, cfg.base_url)
+    style = prompt_style(cfg.prompt_style or saved_prompt_style(cfg.model_dir) or "alpaca", tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return test, style, tokenizer, load_model(cfg.model_dir).to(device).eval(), device
 

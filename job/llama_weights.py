@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from job.llama import LlamaConfig, LlamaModel
-from job.parsing import ParseError, load_json, safetensors_header
+from job.parsing import ParseError, load_json, safetensors_header, short
 from job.storage import atomic_path, atomic_write_text
 from job.weights import WeightsError
 
@@ -33,24 +33,33 @@ def read_hf_config(path: Path) -> dict:
     return config
 
 
+def index_shards(index: Path) -> dict[str, str]:
+    """An index's map of tensor names to shard files, each a plain file name (an index from a bucket or
+    a hub names nothing outside its folder)."""
+    try:
+        weight_map = load_json(index.read_bytes()[: MAX_CONFIG_BYTES * 16 + 1], str(index)).get("weight_map")
+    except (OSError, ParseError, AttributeError) as exc:
+        raise WeightsError(f"{index}: {exc}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(f"{index}: weight_map is not a table of tensor names to shard files")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or shard in ("", ".", "..") or not shard.endswith(".safetensors"):
+            raise WeightsError(f"{index}: shard {short(shard)} is not a .safetensors file name")
+    return weight_map
+
+
 def shard_files(path: Path) -> dict[str, Path]:
-    """Each tensor's file: the one model.safetensors, or the shards the index maps them to (plain file
-    names inside the folder only: an index from a bucket names nothing elsewhere)."""
+    """Each tensor's file: the one model.safetensors, or the shards the index maps them to."""
     if (path / "model.safetensors").is_file():
         names = safetensors_header(path / "model.safetensors")
         return dict.fromkeys(names, path / "model.safetensors")
     index = path / INDEX
     if not index.is_file():
         raise WeightsError(f"{path} holds neither model.safetensors nor {INDEX}")
-    try:
-        weight_map = load_json(index.read_bytes(), str(index)).get("weight_map")
-    except (OSError, ParseError, AttributeError) as exc:
-        raise WeightsError(f"{index}: {exc}") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise WeightsError(f"{index}: weight_map is not a table of tensor names to shard files")
+    weight_map = index_shards(index)
     for shard in set(weight_map.values()):
-        if Path(shard).name != shard or not (path / shard).is_file():
-            raise WeightsError(f"{index}: shard {shard!r} is not a file of {path}")
+        if not (path / shard).is_file():
+            raise WeightsError(f"{index}: shard {short(shard)} is not a file of {path}")
     return {name: path / shard for name, shard in weight_map.items()}
 
 

@@ -33,9 +33,17 @@ from job.config import (
     smoke_data,
     stage_config,
 )
-from job.data import PROMPT_STYLES, load_entries, resolve_data, split_entries
-from job.download import Downloader, dataset_file, model_files, model_tokenizer, tokenizer_files
-from job.download import model_dir as cached_model_dir
+from job.data import load_entries, prompt_style, resolve_data, split_entries
+from job.download import (
+    cached_model_dir,
+    dataset_file,
+    fetch_model,
+    model_cached,
+    model_downloader,
+    model_tokenizer,
+    tokenizer_files,
+    tokenizer_folder,
+)
 from job.dpo import run_dpo
 from job.errors import ConfigError, JobError
 from job.families import family, read_shape
@@ -241,13 +249,12 @@ class Pipeline:
 
     def download(self) -> list[str]:
         prepare_smoke_data(self.cfg)
-        Downloader(Path(self.cfg.cache), metrics=self.metrics).fetch_all(run_files(self.cfg))
+        fetch_run_files(self.cfg, self.metrics)
         return []
 
     def cache_complete(self) -> bool:
         """The cache is this machine's: the download stage counts as done only where its files are."""
-        files = [Path(self.cfg.cache) / f.relpath for f in run_files(self.cfg)] + smoke_data_used(self.cfg)
-        return all(path.is_file() for path in files)
+        return run_files_cached(self.cfg)
 
     def finetune(self) -> list[str]:
         start = self._start_model_dir()
@@ -285,7 +292,7 @@ class Pipeline:
     def _start_model_dir(self) -> str:
         cfg = self.cfg
         if not cfg.smoke:
-            return cfg.model_dir or str(cached_model_dir(cfg.cache, cfg.model, cfg.source))
+            return cfg.model_dir or str(cached_model_dir(cfg))
         path = self.work / "smoke-model"
         # every node's first process makes it in its own scratch folder: the same seed, the same weights
         if self.roles.prepares_node and not (path / "model.safetensors").is_file():
@@ -396,28 +403,44 @@ def prepare_smoke_data(cfg: RunConfig) -> None:
 
 
 def run_files(cfg: RunConfig) -> list:
-    """What the run needs in the cache: GPT-2's tokenizer (the smoke's is made in memory; a Llama 3 / Qwen3
-    folder carries its own), the named model's weights, a remote dataset."""
-    carries_tokenizer = cfg.smoke or (cfg.model_dir and family(cfg.model_dir) != "gpt2")
-    files = [] if carries_tokenizer else tokenizer_files(cfg.base_url)
-    if not (cfg.smoke or cfg.model_dir):
-        files += model_files(cfg.model, cfg.source, cfg.base_url)
+    """What the run needs in the cache besides the named model (``fetch_model``'s): GPT-2's tokenizer (the
+    smoke's is made in memory; a Llama 3 / Qwen3 folder carries its own), a remote dataset."""
+    files = tokenizer_files(cfg.base_url) if not cfg.smoke and _gpt2(cfg) else []
     datasets = [cfg.data, cfg.dpo_data] if cfg.dpo else [cfg.data]
     files += [dataset_file(d, cfg.base_url) for d in datasets if d.startswith(("http://", "https://", "s3://"))]
     return files
 
 
+def fetch_run_files(cfg: RunConfig, metrics: Metrics) -> None:
+    """The download stage: ``run_files`` and the named model, through one downloader with the hub's token."""
+    downloader = model_downloader(cfg, metrics)
+    downloader.fetch_all(run_files(cfg))
+    if not (cfg.smoke or cfg.model_dir):
+        fetch_model(cfg, downloader)
+
+
+def run_files_cached(cfg: RunConfig) -> bool:
+    files = [Path(cfg.cache) / f.relpath for f in run_files(cfg)] + smoke_data_used(cfg)
+    return all(path.is_file() for path in files) and (cfg.smoke or bool(cfg.model_dir) or model_cached(cfg))
+
+
+def _gpt2(cfg: RunConfig) -> bool:
+    """Whether the run starts from a GPT-2 (a named size, or a folder of one)."""
+    return family(cfg.model_dir) == "gpt2" if cfg.model_dir else cfg.model in GPT2_SIZES
+
+
 def check_model_fit(cfg: RunConfig, test: list[dict]) -> None:
     """What depends on the model's shape, known before training: the longest test prompt and
     --max-new-tokens fit its context; a LoRA rank is at most its width."""
+    folder = None if cfg.smoke else tokenizer_folder(cfg)  # a hub model's config and tokenizer, before its weights
     if cfg.smoke:
         shape = SMOKE_MODEL
     else:
-        shape = read_shape(cfg.model_dir) if cfg.model_dir else GPT2_SIZES[cfg.model]
+        shape = read_shape(folder) if folder else GPT2_SIZES[cfg.model]
     if cfg.lora_rank is not None and cfg.lora_rank > shape.emb_dim:
         raise ConfigError(f"--lora-rank {cfg.lora_rank} is more than the model's width of {shape.emb_dim}")
-    tokenizer = ByteTokenizer() if cfg.smoke else model_tokenizer(cfg.model_dir, cfg.cache, cfg.base_url)
-    style = PROMPT_STYLES[cfg.prompt_style]
+    tokenizer = ByteTokenizer() if cfg.smoke else model_tokenizer(folder, cfg.cache, cfg.base_url)
+    style = prompt_style(cfg.prompt_style, tokenizer)
     longest, which = longest_prompt([encode(tokenizer, style.format_input(e)) for e in test])
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)
 

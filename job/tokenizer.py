@@ -101,8 +101,9 @@ class HFTokenizer:
 
     name = "tokenizer.json"
 
-    def __init__(self, tokenizer, end_token: str, pad_token: str | None = None):
+    def __init__(self, tokenizer, end_token: str, pad_token: str | None = None, chat_template=None):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template  # a ChatTemplate where tokenizer_config.json has one
         self.n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         self.end_id = self._id(end_token, "end")
         self.pad_id = self._id(pad_token, "padding") if pad_token else self.end_id
@@ -179,7 +180,23 @@ def load_hf_tokenizer(directory: str | Path) -> HFTokenizer:
     if not isinstance(end, str):
         raise TokenizerError(f"{files['tokenizer_config.json']} names no eos_token")
     pad = content("pad_token")
-    return HFTokenizer(tokenizer, end, pad if isinstance(pad, str) else None)
+    return HFTokenizer(tokenizer, end, pad if isinstance(pad, str) else None, _chat_template(config, content, files))
+
+
+def _chat_template(config, content, files):
+    """tokenizer_config.json's chat template (one string, or the one named ``default`` of a list), with the
+    special tokens it may name, as transformers passes them."""
+    from job.chat_template import ChatTemplate
+
+    source = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(source, list):
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        source = named.get("default")
+    if source is None:
+        return None
+    tokens = {key: content(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    variables = {k: v for k, v in tokens.items() if isinstance(v, str)}
+    return ChatTemplate(source, variables, str(files["tokenizer_config.json"]))
 
 
 Tokenizer = tiktoken.Encoding | ByteTokenizer | HFTokenizer

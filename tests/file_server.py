@@ -14,12 +14,17 @@ class FileServer:
     Faults, consumed in order per path: ``"503"`` answers 503; ``"cut"`` sends the full
     Content-Length but closes the connection after half of the body; ``"stall"`` sends half of the
     body and then nothing until ``release`` is set (or 60 s pass).
+
+    ``token``: every request must carry ``Authorization: Bearer <token>`` (else 401), as a gated hub
+    repository does; ``redirects`` (url path -> URL) answer 302, as the hub sends its large files to a CDN.
     """
 
-    def __init__(self, files: dict[str, bytes]):
+    def __init__(self, files: dict[str, bytes], token: str | None = None, redirects: dict[str, str] | None = None):
         self.files = dict(files)
+        self.token, self.redirects = token, dict(redirects or {})
         self.faults: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.authorizations: list[str | None] = []  # each request's Authorization header
         self.release = threading.Event()
         server = self
 
@@ -29,6 +34,16 @@ class FileServer:
 
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Range")))
+                server.authorizations.append(self.headers.get("Authorization"))
+                if server.token is not None and self.headers.get("Authorization") != f"Bearer {server.token}":
+                    self.send_error(401)
+                    return
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = server.files.get(self.path)
                 if body is None:
                     self.send_error(404)

@@ -15,46 +15,22 @@ from torch.utils.data import DataLoader
 
 from job.config import RunConfig
 from job.errors import ExitCode
-from job.families import load_model
+from job.families import family, load_model
 from job.observability import Metrics
 from job.pipeline import run_pipeline
-from tests.helpers import cli
-from tests.test_llama import LLAMA, QWEN3
+from job.sizes import HUB_REPOS
+from tests.family_folders import END, VOCAB, write_family_folder
+from tests.file_server import FileServer
+from tests.helpers import cli, events
 
-VOCAB = 640  # the trained tokenizer's 600 ids and room: far below GPT-2's end-of-text id, which must not be used
-END, PAD = "<|eot_id|>", "<|end_of_text|>"
+HUB_NAMES = {"llama": "llama3.2-1b", "qwen3": "qwen3-0.6b"}
+HF_TOKEN = "hf_SECRET_gated_4b7e19"
 MODEL_FOLDER = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-
-
-def _tokenizer(path, book_data) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    special = ["<|begin_of_text|>", PAD, END]
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator([e["instruction"] + " " + e["input"] + " " + e["output"] for e in book_data], trainer)
-    tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": END, "pad_token": PAD}))
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def family_dir(request, tmp_path_factory, book_data):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(3)
-    shape = dict(vocab_size=VOCAB, max_position_embeddings=1024)
-    if request.param == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA | shape))
-    else:
-        model = Qwen3ForCausalLM(Qwen3Config(**QWEN3 | shape))
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    _tokenizer(path, book_data)
-    return path
+    return write_family_folder(tmp_path_factory.mktemp(request.param), request.param, book_data)
 
 
 def _run(folder, shared_data, out, **extra):
@@ -147,12 +123,22 @@ def test_lora_on_q_and_v_proj_saves_an_adapter_peft_loads_onto_the_base_with_the
 
 
 @pytest.mark.slow
-def test_dpo_trains_from_the_finetuned_folder_and_generates_with_its_tokenizer(family_dir, shared_data, tmp_path):
+def test_dpo_trains_from_the_finetuned_folder_and_generates_with_its_tokenizer_and_chat_template(
+    family_dir, shared_data, tmp_path
+):
     from transformers import AutoModelForCausalLM
 
     preference = shared_data / "instruction-data-with-preference.json"
-    run = _run(family_dir, shared_data, tmp_path, max_steps=1, dpo=True, dpo_data=str(preference))
+    run = _run(family_dir, shared_data, tmp_path, max_steps=1, dpo=True, dpo_data=str(preference), prompt_style="chat")
     assert sorted(p.name for p in (run / "dpo" / "model").iterdir()) == MODEL_FOLDER
+    for model in (run / "model", run / "dpo" / "model"):
+        assert json.loads((model / "config.json").read_text())["sft_job"]["prompt_style"] == "chat"
+    # generate on its own, no --prompt-style named: the style the model was trained with, its template's prompts
+    args = ["--model-dir", run / "dpo" / "model", "--data", shared_data / "instruction-data.json", "--limit", "2"]
+    alone = cli("generate", *args, "--max-new-tokens", "4", "--output", tmp_path / "alone", "--cache", tmp_path)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    [start] = [e for e in events(alone.stdout) if e["event"] == "generate_start"]
+    assert start["prompt_style"] == "chat"
     with torch.no_grad():
         sft = AutoModelForCausalLM.from_pretrained(run / "model").eval()(_ids()).logits
         dpo = AutoModelForCausalLM.from_pretrained(run / "dpo" / "model").eval()(_ids()).logits
@@ -171,3 +157,55 @@ def test_lora_targets_naming_only_gpt2s_layers_are_a_one_line_error_on_a_llama_f
     assert result.returncode == ExitCode.BAD_CONFIG, result.stderr
     assert "--lora-targets names no linear layer of this model (attn.c_attn)" in result.stderr
     assert not (out / "model").exists()
+
+
+def _hub_repository(folder, into) -> dict[str, bytes]:
+    """The folder's files as a hub repository serves them: the weights in shards that an index names."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(folder).save_pretrained(into, max_shard_size="200KB")
+    files = {p.name: p.read_bytes() for p in into.iterdir() if p.is_file()}
+    return files | {name: (folder / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json")}
+
+
+@pytest.mark.slow
+def test_a_named_model_comes_from_the_hub_in_shards_with_the_token_sent_to_the_hub_alone(
+    family_dir, shared_data, tmp_path
+):
+    """``--model qwen3-0.6b`` / ``llama3.2-1b`` from a local server laid out like the hub (a gated repository
+    that answers 401 without the token; the shards redirected to a CDN on another host, as the hub does):
+    preflight, download, finetune and generate; then the same cache again with the hub unreachable."""
+    from transformers import AutoModelForCausalLM
+
+    name = HUB_NAMES[family(family_dir)]
+    repo, resolve = HUB_REPOS[name], f"/{HUB_REPOS[name]}/resolve/main"
+    files = _hub_repository(family_dir, tmp_path / "repository")
+    shards = sorted(n for n in files if n.startswith("model-"))
+    assert len(shards) >= 2 and "model.safetensors" not in files
+    cdn = FileServer({f"/cdn/{n}": files[n] for n in shards})
+    redirects = {f"{resolve}/{n}": f"{cdn.url}/cdn/{n}" for n in shards}
+    hub = FileServer({f"{resolve}/{n}": body for n, body in files.items() if n not in shards}, HF_TOKEN, redirects)
+    cache = tmp_path / "cache"
+    download = ["download", "--model", name, "--no-dataset", "--download-attempts", "1"]
+    with cdn, hub:
+        refused = cli(*download, "--hub-url", hub.url, "--cache", tmp_path / "other", env={"HF_TOKEN": ""})
+        asked_without = len(hub.authorizations)
+        args = ["run", "--model", name, "--hub-url", hub.url, "--data", shared_data / "instruction-data.json"]
+        args += ["--cache", cache, "--output", tmp_path / "runs", "--run-id", "r", "--skip-judge", "--max-steps", "1"]
+        args += ["--eval-iter", "1", "--limit", "2", "--max-new-tokens", "4", "--metrics-port", "0"]
+        result = cli(*args, env={"HF_TOKEN": HF_TOKEN})
+    assert refused.returncode == ExitCode.BAD_DATA
+    assert "HTTP 401" in refused.stderr and "gated: accept its license on the hub, then set HF_TOKEN" in refused.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{resolve}/model.safetensors" not in [path for path, _ in hub.requests]  # the index said shards
+    assert set(hub.authorizations[:asked_without]) == {None}
+    assert set(hub.authorizations[asked_without:]) == {f"Bearer {HF_TOKEN}"} and set(cdn.authorizations) == {None}
+    assert sorted(p.name for p in (cache / "hf" / repo / "main").iterdir()) == sorted(files)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [p for p in written if HF_TOKEN.encode() in p.read_bytes()]
+    assert HF_TOKEN not in result.stdout + result.stderr
+    run = tmp_path / "runs" / "r"
+    assert AutoModelForCausalLM.from_pretrained(run / "model").config.model_type == family(family_dir)
+    assert len(json.loads((run / "instruction-data-with-response.json").read_text())) == 2
+    offline = cli(*download, "--hub-url", "http://127.0.0.1:9", "--cache", cache)  # nothing listens on port 9
+    assert offline.returncode == 0, offline.stderr

@@ -49,6 +49,7 @@ LAYERS = {
     "observability": 0,
     "parsing": 0,
     "bounded_http": 0,
+    "chat_template": 0,
     "retry": 0,
     "roles": 0,
 }

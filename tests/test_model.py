@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from job.model import GPT2_SIZES, MODEL_NAMES, OPENAI_SIZE_NAMES, GPTConfig, GPTModel, KVCache, head_loss
+from job.sizes import HUB_REPOS
 
 TINY = GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2)
 
@@ -22,8 +23,9 @@ def test_the_books_four_sizes():
     }
     for c in GPT2_SIZES.values():
         assert (c.vocab_size, c.context_length, c.qkv_bias, c.drop_rate) == (50257, 1024, True, 0.0)
-    # One list of names: the flags' choices, the shapes and OpenAI's folder names.
-    assert MODEL_NAMES == tuple(GPT2_SIZES) == tuple(OPENAI_SIZE_NAMES)
+    # One list of names: the flags' choices are GPT-2's shapes (OpenAI's folder names) and the hub's models.
+    assert tuple(GPT2_SIZES) == tuple(OPENAI_SIZE_NAMES)
+    assert MODEL_NAMES == (*GPT2_SIZES, *HUB_REPOS)
 
 
 def test_parameter_count_of_gpt2_small_matches_124m():

@@ -104,9 +104,10 @@ def test_the_rerun_rule_follows_the_new_fields_metadata(operational, tmp_path):
 def test_the_operational_and_secret_marks_are_the_ones_the_readme_describes():
     ops = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("operational")}
     secrets = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("secret")}
-    assert secrets == {"judge_api_key"} and secrets <= ops
+    assert secrets == {"judge_api_key", "hf_token"} and secrets <= ops
     # ports, endpoints, credentials, folders, --skip-judge, judge concurrency, waits and retries
-    assert {"metrics_port", "s3_endpoint_url", "judge_api_key_file", "output", "cache", "scratch"} <= ops
+    assert {"metrics_port", "s3_endpoint_url", "judge_api_key_file", "output", "cache", "scratch", "hub_url"} <= ops
     assert {"skip_judge", "judge_concurrency", "judge_wait", "judge_retries", "s3_retry_timeout"} <= ops
     # and nothing that changes what is trained, generated or scored
     assert not ops & {"lr", "epochs", "seed", "model", "data", "temperature", "judge_model", "judge_seed"}
+    assert "hub_revision" not in ops  # another revision is other weights
