@@ -346,6 +346,10 @@ class TrainConfig(ModelSourceConfig, DataConfig):
     """Clip the gradient norm to this value (off by default, as in the book)."""
     compile: bool = False
     """torch.compile the transformer blocks (pays on GPUs for long runs; adds compile time at the start)."""
+    gradient_checkpointing: bool = option(False, operational=True)
+    """Keep only each block's input for the backward pass and recompute the rest there: far less activation
+    memory (long sequences, large models) for about a third more compute; the same gradients, so a run that
+    ran out of memory may be resumed with it."""
     checkpoint_every: int = 50
     """Write a resumable checkpoint every this many steps (and at each epoch's end and on SIGTERM/SIGUSR1)."""
     keep_checkpoints: int = 2

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from job.model import KVCache, cache_positions_and_mask, head_loss
+from job.model import KVCache, cache_positions_and_mask, head_loss, run_block
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,7 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # Not a buffer: a model cast to bf16 would round it; the angles stay fp32 whatever the weights' dtype.
         self.inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.checkpointing = False  # --gradient-checkpointing: see job.model.run_block
 
     def forward(self, idx, cache: KVCache | None = None, valid=None, targets=None, reduction: str = "mean"):
         """Logits (B, T, vocab), or with ``targets`` the loss over those != -100; ``cache`` and ``valid``
@@ -226,7 +227,7 @@ class LlamaModel(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hd)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for layer, block in enumerate(self.layers):
-            x = block(x, cos, sin, layer, cache, attn_mask)
+            x = run_block(block, self.checkpointing and cache is None, x, cos, sin, layer, cache, attn_mask)
         if cache is not None:
             cache.length += T
         return self.norm(x)

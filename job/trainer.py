@@ -135,6 +135,7 @@ class Trainer:
         }
         for kind, count in self.parameter_counts.items():
             metrics.parameters.labels(kind).set(count)
+        task.model.checkpointing = cfg.gradient_checkpointing
         if cfg.compile:
             compile_blocks(task.model)
         # The fused kernel (CUDA and CPU) does the whole update in one pass over the parameters.

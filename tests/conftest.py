@@ -112,3 +112,11 @@ def ollama():
     server = FakeOllama().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory, book_data) -> Path:
+    """A tiny random Qwen3 folder with its trained tokenizer (tests/family_folders.py)."""
+    from tests.family_folders import write_family_folder
+
+    return write_family_folder(tmp_path_factory.mktemp("qwen3"), "qwen3", book_data)

@@ -120,3 +120,32 @@ def test_loss_is_the_books_cross_entropy_whether_or_not_the_head_skips_ignored_p
     torch.testing.assert_close(selected, book, atol=1e-5, rtol=0)
     torch.testing.assert_close(full, book, atol=1e-5, rtol=0)
     torch.testing.assert_close(model(idx, targets=targets), book, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations(family):
+    """Each block keeps only its input for the backward pass and runs again there, dropout's masks included."""
+    from job.llama import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = GPTModel(GPTConfig(vocab_size=300, context_length=64, emb_dim=64, n_heads=4, n_layers=3, drop_rate=0.1))
+    else:
+        shape = dict(vocab_size=300, context_length=64, emb_dim=64, n_heads=4, n_kv_heads=2, n_layers=3)
+        model = LlamaModel(LlamaConfig(**shape, hidden_dim=96, head_dim=16, qk_norm=True))
+    idx = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    targets = idx.roll(-1, dims=1)
+
+    def step(checkpointing: bool):
+        model.checkpointing, saved = checkpointing, []
+        model.zero_grad()
+        torch.manual_seed(5)  # the same dropout masks for both
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model.train()(idx, targets=targets)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(saved)
+
+    loss, grads, kept = step(False)
+    loss_cp, grads_cp, kept_cp = step(True)
+    assert torch.equal(loss, loss_cp) and all(torch.equal(grads[n], grads_cp[n]) for n in grads)
+    assert kept_cp < kept / 4, (kept_cp, kept)  # measured: 0.16 of it (GPT-2), 0.19 (Qwen3)
