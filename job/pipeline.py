@@ -66,7 +66,7 @@ from job.trainer import check_batches
 from job.weights import save_hf
 
 log = get_logger(__name__)
-SMOKE_MODEL = GPTConfig(n_layers=2, emb_dim=64, n_heads=4)
+SMOKE_MODEL = GPTConfig(vocab_size=ByteTokenizer.n_vocab, n_layers=2, emb_dim=64, n_heads=4)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # with --lora-rank, PEFT's layout
 MODEL_FILES = ("model/model.safetensors", "model/config.json")  # GPT-2's; a Llama 3 / Qwen3 model/ has more
 TRAINING_FILES = ("losses.json", "loss-plot.png")

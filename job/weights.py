@@ -211,8 +211,9 @@ def hf_config(cfg: GPTConfig, tied: bool = True) -> dict:
         "n_embd": cfg.emb_dim,
         "n_head": cfg.n_heads,
         "n_layer": cfg.n_layers,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        # the end-of-text token is the vocabulary's last id: GPT-2's 50256, the smoke's bytes' 256
+        "bos_token_id": cfg.vocab_size - 1,
+        "eos_token_id": cfg.vocab_size - 1,
         "tie_word_embeddings": tied,
     }
 

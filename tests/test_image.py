@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,7 @@ def _pip_settings(folder: Path) -> tuple[Path, list[Path]]:
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory) -> dict:
+def image(tmp_path_factory) -> Iterator[dict]:
     folder = tmp_path_factory.mktemp("image")
     (folder / "containers.conf").write_text(CONTAINERS_CONF)
     env = os.environ | {"CONTAINERS_CONF": str(folder / "containers.conf")}
@@ -100,7 +101,10 @@ def image(tmp_path_factory) -> dict:
     build = ["build", "--from", BASE, "--pull=never", "--network=host", *mounts, "-t", IMAGE, REPO]
     _podman(env, *build)
     print(f"base {based - began:.0f} s, build {time.monotonic() - based:.0f} s")
-    return env
+    yield env
+    # The image is about 3 GB and the rest of the suite needs the disk; the base (250 MB) stays, by tag.
+    _podman(env, "rmi", IMAGE)
+    _podman(env, "image", "prune", "--force")
 
 
 def test_the_image_runs_as_uid_1000_with_home_on_tmp_and_the_locks_torch(image):

@@ -49,8 +49,8 @@ def test_the_smokes_byte_tokenizer_gives_back_any_text(text):
     tokenizer = ByteTokenizer()
     ids = encode(tokenizer, text)
     assert tokenizer.decode(ids) == text
-    assert all(0 <= i < 256 or i == END_OF_TEXT_ID for i in ids)
-    assert ids.count(END_OF_TEXT_ID) == text.count("<|endoftext|>")
+    assert all(0 <= i < tokenizer.n_vocab == 257 for i in ids)
+    assert ids.count(tokenizer.eot_token) == ids.count(256) == text.count("<|endoftext|>")
 
 
 def test_the_byte_tokenizer_drops_a_character_cut_at_the_end():
@@ -58,7 +58,7 @@ def test_the_byte_tokenizer_drops_a_character_cut_at_the_end():
     ids = tokenizer.encode("naïve €")
     assert tokenizer.decode(ids[:-1]) == "naïve " and tokenizer.decode(ids) == "naïve €"
     assert tokenizer.encode("a<|endoftext|>b") == list(b"a<|endoftext|>b")  # special only where allowed
-    assert tokenizer.decode([104, 105, 300, END_OF_TEXT_ID]) == "hi\ufffd<|endoftext|>"  # no byte: shown, not lost
+    assert tokenizer.decode([104, 105, 300, 256]) == "hi\ufffd<|endoftext|>"  # past the vocabulary: shown, not lost
 
 
 @given(st.text(min_size=1, max_size=40), st.data())
