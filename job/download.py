@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import requests
@@ -120,6 +122,16 @@ def _name_unresolved(exc: BaseException | None) -> bool:
 
 def _retryable(exc: BaseException) -> str | None:
     return str(exc) if isinstance(exc, Retryable) else None
+
+
+class Stream(NamedTuple):
+    """An opened download: the file's total size, whether it starts at the offset asked, its bytes, and
+    the sha256 the source states for it (the hub's, for its large files)."""
+
+    total: int | None
+    resumed: bool
+    chunks: Iterator[bytes]
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -310,7 +322,17 @@ def _open_file(path: str, offset: int):
             while block := f.read(CHUNK):
                 yield block
 
-    return total, True, chunks()
+    return Stream(total, True, chunks())
+
+
+def _linked_sha256(resp: requests.Response) -> str | None:
+    """The sha256 the hub states for a large file it redirects to its CDN (``X-Linked-Etag`` on the
+    redirect, as huggingface_hub reads it), so the CDN's bytes are checked against the hub's word."""
+    for answer in (*resp.history, resp):
+        etag = answer.headers.get("X-Linked-Etag", "").removeprefix("W/").strip('"')
+        if re.fullmatch(r"[0-9a-f]{64}", etag):
+            return etag
+    return None
 
 
 def _refused(status: int, url: str, token: str | None) -> DownloadError:
@@ -358,8 +380,8 @@ class Downloader:
         errors, outages, unreachable, missing = [], 0, 0, 0
         for url in remote.urls:
             try:
-                self._fetch_with_retries(url, part, remote)
-                self._verify(part, remote, url)
+                stated = self._fetch_with_retries(url, part, remote)
+                self._verify(part, remote, url, stated)
                 os.replace(part, final)
                 log.info("download_done", file=remote.relpath, url=url, bytes=final.stat().st_size)
                 return final
@@ -380,21 +402,25 @@ class Downloader:
             return False
         return remote.sha256 is None or sha256_file(path) == remote.sha256
 
-    def _verify(self, part: Path, remote: RemoteFile, url: str) -> None:
+    def _verify(self, part: Path, remote: RemoteFile, url: str, stated: str | None = None) -> None:
+        """The file's size and sha256 against the known ones, else against the hash its source ``stated``."""
         size = part.stat().st_size
         if remote.size is not None and size != remote.size:
             part.unlink()
             raise DownloadError(f"{remote.relpath}: size mismatch from {url}: got {size} bytes, expected {remote.size}")
-        if remote.sha256 is not None:
+        expected = remote.sha256 or stated
+        if expected is not None:
             actual = sha256_file(part)
-            if actual != remote.sha256:
+            if actual != expected:
                 part.unlink()
+                whose = "" if remote.sha256 else " (the hub's X-Linked-Etag)"
                 raise DownloadError(
-                    f"{remote.relpath}: sha256 mismatch from {url}: got {actual}, expected {remote.sha256}"
+                    f"{remote.relpath}: sha256 mismatch from {url}: got {actual}, expected {expected}{whose}"
                 )
 
-    def _fetch_with_retries(self, url: str, part: Path, remote: RemoteFile) -> None:
-        """Tries resume the partial file; an outage past ``attempts`` is DownloadUnavailable (exit 75)."""
+    def _fetch_with_retries(self, url: str, part: Path, remote: RemoteFile) -> str | None:
+        """Tries resume the partial file; an outage past ``attempts`` is DownloadUnavailable (exit 75).
+        Returns the sha256 the source stated, if it did."""
 
         def give_up(last: Retried) -> JobError:
             host, reason = urlparse(url).netloc or url, last.reason.split(" for ")[0].split(" from ")[0]
@@ -413,16 +439,20 @@ class Downloader:
             )
 
         policy = Policy(first_s=self.backoff_seconds, cap_s=60.0, attempts=self.attempts)
-        retry.call(lambda: self._fetch_once(url, part, remote), policy, _retryable, give_up, on_retry, self.sleep)
 
-    def _fetch_once(self, url: str, part: Path, remote: RemoteFile) -> None:
+        def once() -> str | None:
+            return self._fetch_once(url, part, remote)
+
+        return retry.call(once, policy, _retryable, give_up, on_retry, self.sleep)
+
+    def _fetch_once(self, url: str, part: Path, remote: RemoteFile) -> str | None:
         offset = part.stat().st_size if part.exists() else 0
         token = self.token if remote.token_prefix and url.startswith(remote.token_prefix) else None
-        total, resumed, chunks = self._open(url, offset, token)
+        total, resumed, chunks, stated = self._open(url, offset, token)
         if not resumed:
             offset = 0
         if total is not None and offset == total:
-            return
+            return stated
         with open(part, "ab" if resumed else "wb") as out, self._progress(remote.relpath, total, offset) as advance:
             expected_end = total
             try:
@@ -441,9 +471,10 @@ class Downloader:
             raise DownloadError(
                 f"{remote.relpath}: size mismatch from {url}: got {size} bytes, server said {expected_end}"
             )
+        return stated
 
-    def _open(self, url: str, offset: int, token: str | None = None) -> tuple[int | None, bool, Iterator[bytes]]:
-        """(total size, whether the stream starts at ``offset``, the bytes); ``token`` is sent as a bearer."""
+    def _open(self, url: str, offset: int, token: str | None = None) -> Stream:
+        """The file from ``offset`` on; ``token`` is sent as a bearer."""
         scheme = urlparse(url).scheme
         if scheme in ("http", "https"):
             return self._open_http(url, offset, token)
@@ -464,7 +495,7 @@ class Downloader:
             raise kind(f"{type(exc).__name__} for {url}") from None
         if resp.status_code == 416 and offset:  # the part file is already whole (or longer)
             resp.close()
-            return offset, True, iter(())
+            return Stream(offset, True, iter(()), _linked_sha256(resp))
         if resp.status_code in TRANSIENT_HTTP:
             resp.close()
             raise Retryable(f"HTTP {resp.status_code} from {url}")
@@ -482,7 +513,7 @@ class Downloader:
             )
         else:
             total = int(length) if length is not None else None
-        return total, resumed, resp.iter_content(CHUNK)
+        return Stream(total, resumed, resp.iter_content(CHUNK), _linked_sha256(resp))
 
     def _open_s3(self, url: str, offset: int):
         import botocore.exceptions
@@ -499,7 +530,7 @@ class Downloader:
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if code == "InvalidRange" and offset:
-                return offset, True, iter(())
+                return Stream(offset, True, iter(()))
             if status >= 500:
                 raise Retryable(f"S3 {code or status} for {url}") from None
             if code == "NoSuchKey" or status == 404:
@@ -510,7 +541,7 @@ class Downloader:
             raise kind(f"{type(exc).__name__} for {url}") from None
         content_range = resp.get("ContentRange")
         total = int(content_range.rsplit("/", 1)[1]) if content_range else resp["ContentLength"]
-        return total, bool(offset), resp["Body"].iter_chunks(CHUNK)
+        return Stream(total, bool(offset), resp["Body"].iter_chunks(CHUNK))
 
     def _s3_client(self):
         if self._s3 is None:

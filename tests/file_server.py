@@ -16,12 +16,19 @@ class FileServer:
     body and then nothing until ``release`` is set (or 60 s pass).
 
     ``token``: every request must carry ``Authorization: Bearer <token>`` (else 401), as a gated hub
-    repository does; ``redirects`` (url path -> URL) answer 302, as the hub sends its large files to a CDN.
+    repository does; ``redirects`` (url path -> URL) answer 302, as the hub sends its large files to a CDN,
+    with the ``X-Linked-Etag`` (the file's sha256) that ``linked`` gives for the path, as the hub states it.
     """
 
-    def __init__(self, files: dict[str, bytes], token: str | None = None, redirects: dict[str, str] | None = None):
+    def __init__(
+        self,
+        files: dict[str, bytes],
+        token: str | None = None,
+        redirects: dict[str, str] | None = None,
+        linked: dict[str, str] | None = None,
+    ):
         self.files = dict(files)
-        self.token, self.redirects = token, dict(redirects or {})
+        self.token, self.redirects, self.linked = token, dict(redirects or {}), dict(linked or {})
         self.faults: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.authorizations: list[str | None] = []  # each request's Authorization header
@@ -41,6 +48,8 @@ class FileServer:
                 if self.path in server.redirects:
                     self.send_response(302)
                     self.send_header("Location", server.redirects[self.path])
+                    if self.path in server.linked:
+                        self.send_header("X-Linked-Etag", f'"{server.linked[self.path]}"')
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return

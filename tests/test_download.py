@@ -1,9 +1,13 @@
 import hashlib
 import os
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from job.download import (
     DATASET_URL,
@@ -264,3 +268,30 @@ def test_progress_is_json_events_when_no_terminal_watches(tmp_path, monkeypatch)
     assert len(progress) >= 3 and progress[-1]["total"] == len(BLOB)
     assert [e["bytes"] for e in progress] == sorted(e["bytes"] for e in progress)
     assert any(e["event"] == "download_done" and e["bytes"] == len(BLOB) for e in logs)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.binary(min_size=1, max_size=5000), st.data())
+def test_bytes_from_the_hubs_cdn_are_checked_against_the_sha256_the_hub_states(body, data):
+    """The hub redirects a large file to its CDN and states the file's sha256 (``X-Linked-Etag``): any byte
+    the CDN gets wrong is a one-line error naming the file and nothing stays in the cache; the right bytes
+    pass."""
+    where = data.draw(st.integers(0, len(body) - 1))
+    wrong = body[:where] + bytes([body[where] ^ data.draw(st.integers(1, 255))]) + body[where + 1 :]
+    stated = hashlib.sha256(body).hexdigest()
+    for served, good in ((wrong, False), (body, True)):
+        cdn = FileServer({"/cdn/model.safetensors": served})
+        with cdn, tempfile.TemporaryDirectory() as folder:
+            resolve = "/Qwen/Qwen3-0.6B-Base/resolve/main/model.safetensors"
+            hub = FileServer({}, redirects={resolve: f"{cdn.url}/cdn/model.safetensors"}, linked={resolve: stated})
+            with hub:
+                downloader = Downloader(Path(folder), attempts=1)
+                remote = RemoteFile("hf/model.safetensors", (hub.url + resolve,))
+                if good:
+                    assert downloader.fetch(remote).read_bytes() == body
+                    continue
+                with pytest.raises(DownloadError) as refused:
+                    downloader.fetch(remote)
+            assert f"sha256 mismatch from {hub.url}{resolve}" in str(refused.value)
+            assert str(refused.value).endswith(f"expected {stated} (the hub's X-Linked-Etag)")
+            assert "\n" not in str(refused.value) and not list(Path(folder).rglob("*.safetensors*"))

@@ -6,6 +6,7 @@ trains from the finetuned folder."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import partial
 
@@ -184,7 +185,9 @@ def test_a_named_model_comes_from_the_hub_in_shards_with_the_token_sent_to_the_h
     assert len(shards) >= 2 and "model.safetensors" not in files
     cdn = FileServer({f"/cdn/{n}": files[n] for n in shards})
     redirects = {f"{resolve}/{n}": f"{cdn.url}/cdn/{n}" for n in shards}
-    hub = FileServer({f"{resolve}/{n}": body for n, body in files.items() if n not in shards}, HF_TOKEN, redirects)
+    linked = {f"{resolve}/{n}": hashlib.sha256(files[n]).hexdigest() for n in shards}  # checked on arrival
+    hub_files = {f"{resolve}/{n}": body for n, body in files.items() if n not in shards}
+    hub = FileServer(hub_files, HF_TOKEN, redirects, linked)
     cache = tmp_path / "cache"
     download = ["download", "--model", name, "--no-dataset", "--download-attempts", "1"]
     with cdn, hub:
