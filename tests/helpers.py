@@ -36,18 +36,28 @@ def start_cli(*args, env: dict | None = None) -> subprocess.Popen:
 
 
 def wait_for_event(proc: subprocess.Popen, predicate, deadline_s: float = 300) -> dict:
-    """Read the process's JSON log lines until one satisfies ``predicate``; fail past the deadline."""
+    """Read the process's JSON log lines until one satisfies ``predicate``; fail at the deadline, also
+    while the process prints nothing (each line is read by a helper thread the wait can give up on)."""
     deadline = time.monotonic() + deadline_s
-    for line in proc.stdout:
+    while (line := _line_before(proc, deadline)) is not None:
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
             continue
         if predicate(event):
             return event
-        if time.monotonic() > deadline:
-            break
-    raise AssertionError(f"no matching event before the deadline (exit code {proc.poll()})")
+    raise AssertionError(f"no matching event before the deadline or the end of output (exit code {proc.poll()})")
+
+
+def _line_before(proc: subprocess.Popen, deadline: float) -> str | None:
+    """The next line of ``proc``'s stdout, or None at its end or once ``deadline`` passes."""
+    import threading
+
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(max(0.0, deadline - time.monotonic()))
+    return read[0] or None if read else None
 
 
 def events(stdout: str) -> list[dict]:
