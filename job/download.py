@@ -19,7 +19,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlparse
@@ -34,7 +34,7 @@ from job.model import OPENAI_SIZE_NAMES
 from job.observability import Metrics, get_logger, stderr_is_terminal
 from job.retry import BOTOCORE_RETRIES, Policy, Retried
 from job.sizes import HUB_REPOS
-from job.storage import sha256_file
+from job.storage import atomic_write_text, sha256_file
 from job.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, ByteTokenizer, load_tokenizer
 from job.weights import WeightsError, recorded_settings
 
@@ -78,6 +78,8 @@ KNOWN_SHA256 = {"encoder.json": ENCODER_JSON_SHA256, "vocab.bpe": VOCAB_BPE_SHA2
 WEIGHTS_WAY_IN = "--model-dir DIR (a folder of GPT-2 weights: Hugging Face's or OpenAI's files)"
 HUB_WAY_IN = "--model-dir DIR (the model's Hugging Face folder)"
 HUB_HEAD_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+COMMIT_FILE = ".commit"  # in a hub model's cache folder: the commit its files come from
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 CHUNK = 1 << 20
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 
@@ -124,14 +126,22 @@ def _retryable(exc: BaseException) -> str | None:
     return str(exc) if isinstance(exc, Retryable) else None
 
 
+class Stated(NamedTuple):
+    """What a source says of a file beside its bytes: its sha256 (the hub's, for its large files) and the
+    repository commit it comes from (the hub's ``X-Repo-Commit``)."""
+
+    sha256: str | None = None
+    commit: str | None = None
+
+
 class Stream(NamedTuple):
     """An opened download: the file's total size, whether it starts at the offset asked, its bytes, and
-    the sha256 the source states for it (the hub's, for its large files)."""
+    what the source states of it."""
 
     total: int | None
     resumed: bool
     chunks: Iterator[bytes]
-    sha256: str | None = None
+    stated: Stated = Stated()
 
 
 @dataclass(frozen=True)
@@ -219,11 +229,21 @@ def hub_url(configured: str | None) -> str:
     return (configured or os.environ.get("HF_ENDPOINT") or HF_BASE).rstrip("/")
 
 
-def hub_file(origin, name: str) -> RemoteFile:
-    """One file of a hub model's repository, at its revision; from --base-url's mirror where one is given."""
+def hub_commit(origin) -> str | None:
+    """The commit a hub model's cached files come from: --hub-revision where it is one, else the commit the
+    hub named for the revision when the first file came (kept in the folder's ``.commit``), if it did."""
+    if COMMIT_RE.fullmatch(origin.hub_revision):
+        return origin.hub_revision
+    recorded = cached_model_dir(origin) / COMMIT_FILE
+    return recorded.read_text().strip() if recorded.is_file() else None
+
+
+def hub_file(origin, name: str, commit: str | None = None) -> RemoteFile:
+    """One file of a hub model's repository, at ``commit`` (else at its revision's name); from --base-url's
+    mirror where one is given. Its place in the cache is by the revision's name, as the user gave it."""
     repo, hub = HUB_REPOS[origin.model], hub_url(origin.hub_url)
     relpath = f"hf/{repo}/{origin.hub_revision}/{name}"
-    url = f"{hub}/{repo}/resolve/{origin.hub_revision}/{name}"
+    url = f"{hub}/{repo}/resolve/{commit or origin.hub_revision}/{name}"
     return RemoteFile(relpath, _urls(origin.base_url, relpath, (url,)), way_in=HUB_WAY_IN, token_prefix=f"{hub}/")
 
 
@@ -235,9 +255,18 @@ def model_downloader(origin, metrics: Metrics | None = None) -> Downloader:
 
 
 def fetch_model_head(origin, downloader: Downloader) -> Path:
-    """A hub model's config and tokenizer files (a few MB: what the preflight checks), and its folder."""
-    downloader.fetch_all([hub_file(origin, name) for name in HUB_HEAD_FILES])
-    return cached_model_dir(origin)
+    """A hub model's config and tokenizer files (a few MB: what the preflight checks), and its folder.
+    The first file asks for the revision by name and the hub says which commit that is; every other file
+    comes from that commit, also in a rerun after ``main`` moved, so one run's files are one commit's."""
+    folder, commit = cached_model_dir(origin), hub_commit(origin)
+    if commit is None:
+        first = hub_file(origin, HUB_HEAD_FILES[0])
+        downloader.fetch(first)
+        commit = downloader.commits.get(first.relpath)
+        if commit is not None:
+            atomic_write_text(folder / COMMIT_FILE, commit + "\n")
+    downloader.fetch_all([hub_file(origin, name, commit) for name in HUB_HEAD_FILES])
+    return folder
 
 
 def tokenizer_folder(origin) -> Path | None:
@@ -258,15 +287,16 @@ def fetch_model(origin, downloader: Downloader) -> Path:
     if model_cached(origin):  # an offline rerun asks the hub nothing
         return cached_model_dir(origin)
     folder = fetch_model_head(origin, downloader)
+    commit = hub_commit(origin)
     with contextlib.suppress(NotFound):  # the decoding defaults transformers reads, where the repository has them
-        downloader.fetch(hub_file(origin, "generation_config.json"))
-    single = hub_file(origin, "model.safetensors")
+        downloader.fetch(hub_file(origin, "generation_config.json", commit))
+    single = hub_file(origin, "model.safetensors", commit)
     begun = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.part").is_file()
     if begun and not (folder / INDEX).is_file():  # offline reruns never ask the hub for an index
         downloader.fetch(single)
         return folder
     try:
-        index = downloader.fetch(hub_file(origin, INDEX))
+        index = downloader.fetch(hub_file(origin, INDEX, commit))
     except NotFound:  # a repository with one file of weights
         downloader.fetch(single)
         return folder
@@ -274,7 +304,7 @@ def fetch_model(origin, downloader: Downloader) -> Path:
         shards = sorted(set(index_shards(index).values()))
     except WeightsError as exc:
         raise DownloadError(str(exc)) from None
-    downloader.fetch_all([hub_file(origin, shard) for shard in shards])
+    downloader.fetch_all([hub_file(origin, shard, commit) for shard in shards])
     return folder
 
 
@@ -325,14 +355,34 @@ def _open_file(path: str, offset: int):
     return Stream(total, True, chunks())
 
 
-def _linked_sha256(resp: requests.Response) -> str | None:
-    """The sha256 the hub states for a large file it redirects to its CDN (``X-Linked-Etag`` on the
-    redirect, as huggingface_hub reads it), so the CDN's bytes are checked against the hub's word."""
+def _stated(resp: requests.Response) -> Stated:
+    """What the hub says of a file, as huggingface_hub reads it: the sha256 of a large file it redirects to
+    its CDN (``X-Linked-Etag`` on the redirect), so the CDN's bytes are checked against the hub's word, and
+    the commit the revision's name resolved to (``X-Repo-Commit``). A value of another form is not used."""
+    sha256 = commit = None
     for answer in (*resp.history, resp):
         etag = answer.headers.get("X-Linked-Etag", "").removeprefix("W/").strip('"')
-        if re.fullmatch(r"[0-9a-f]{64}", etag):
-            return etag
-    return None
+        sha256 = sha256 or (etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None)
+        named = answer.headers.get("X-Repo-Commit", "")
+        commit = commit or (named if COMMIT_RE.fullmatch(named) else None)
+    return Stated(sha256, commit)
+
+
+def _verify(part: Path, remote: RemoteFile, url: str, stated: str | None = None) -> None:
+    """The file's size and sha256 against the known ones, else against the hash its source ``stated``."""
+    size = part.stat().st_size
+    if remote.size is not None and size != remote.size:
+        part.unlink()
+        raise DownloadError(f"{remote.relpath}: size mismatch from {url}: got {size} bytes, expected {remote.size}")
+    expected = remote.sha256 or stated
+    if expected is not None:
+        actual = sha256_file(part)
+        if actual != expected:
+            part.unlink()
+            whose = "" if remote.sha256 else " (the hub's X-Linked-Etag)"
+            raise DownloadError(
+                f"{remote.relpath}: sha256 mismatch from {url}: got {actual}, expected {expected}{whose}"
+            )
 
 
 def _refused(status: int, url: str, token: str | None) -> DownloadError:
@@ -359,6 +409,8 @@ class Downloader:
     token: str | None = None
     """Bearer token for the URLs a RemoteFile's ``token_prefix`` names (the hub's); never logged."""
     sleep: Callable[[float], None] = time.sleep
+    commits: dict[str, str] = field(default_factory=dict)
+    """The repository commit each file fetched came from, where its source said (the hub does)."""
     _s3: object = None
 
     def __post_init__(self) -> None:
@@ -381,7 +433,9 @@ class Downloader:
         for url in remote.urls:
             try:
                 stated = self._fetch_with_retries(url, part, remote)
-                self._verify(part, remote, url, stated)
+                _verify(part, remote, url, stated.sha256)
+                if stated.commit is not None:
+                    self.commits[remote.relpath] = stated.commit
                 os.replace(part, final)
                 log.info("download_done", file=remote.relpath, url=url, bytes=final.stat().st_size)
                 return final
@@ -402,25 +456,9 @@ class Downloader:
             return False
         return remote.sha256 is None or sha256_file(path) == remote.sha256
 
-    def _verify(self, part: Path, remote: RemoteFile, url: str, stated: str | None = None) -> None:
-        """The file's size and sha256 against the known ones, else against the hash its source ``stated``."""
-        size = part.stat().st_size
-        if remote.size is not None and size != remote.size:
-            part.unlink()
-            raise DownloadError(f"{remote.relpath}: size mismatch from {url}: got {size} bytes, expected {remote.size}")
-        expected = remote.sha256 or stated
-        if expected is not None:
-            actual = sha256_file(part)
-            if actual != expected:
-                part.unlink()
-                whose = "" if remote.sha256 else " (the hub's X-Linked-Etag)"
-                raise DownloadError(
-                    f"{remote.relpath}: sha256 mismatch from {url}: got {actual}, expected {expected}{whose}"
-                )
-
-    def _fetch_with_retries(self, url: str, part: Path, remote: RemoteFile) -> str | None:
+    def _fetch_with_retries(self, url: str, part: Path, remote: RemoteFile) -> Stated:
         """Tries resume the partial file; an outage past ``attempts`` is DownloadUnavailable (exit 75).
-        Returns the sha256 the source stated, if it did."""
+        Returns what the source stated of the file."""
 
         def give_up(last: Retried) -> JobError:
             host, reason = urlparse(url).netloc or url, last.reason.split(" for ")[0].split(" from ")[0]
@@ -440,12 +478,12 @@ class Downloader:
 
         policy = Policy(first_s=self.backoff_seconds, cap_s=60.0, attempts=self.attempts)
 
-        def once() -> str | None:
+        def once() -> Stated:
             return self._fetch_once(url, part, remote)
 
         return retry.call(once, policy, _retryable, give_up, on_retry, self.sleep)
 
-    def _fetch_once(self, url: str, part: Path, remote: RemoteFile) -> str | None:
+    def _fetch_once(self, url: str, part: Path, remote: RemoteFile) -> Stated:
         offset = part.stat().st_size if part.exists() else 0
         token = self.token if remote.token_prefix and url.startswith(remote.token_prefix) else None
         total, resumed, chunks, stated = self._open(url, offset, token)
@@ -495,7 +533,7 @@ class Downloader:
             raise kind(f"{type(exc).__name__} for {url}") from None
         if resp.status_code == 416 and offset:  # the part file is already whole (or longer)
             resp.close()
-            return Stream(offset, True, iter(()), _linked_sha256(resp))
+            return Stream(offset, True, iter(()), _stated(resp))
         if resp.status_code in TRANSIENT_HTTP:
             resp.close()
             raise Retryable(f"HTTP {resp.status_code} from {url}")
@@ -513,7 +551,7 @@ class Downloader:
             )
         else:
             total = int(length) if length is not None else None
-        return Stream(total, resumed, resp.iter_content(CHUNK), _linked_sha256(resp))
+        return Stream(total, resumed, resp.iter_content(CHUNK), _stated(resp))
 
     def _open_s3(self, url: str, offset: int):
         import botocore.exceptions

@@ -38,6 +38,7 @@ from job.download import (
     cached_model_dir,
     dataset_file,
     fetch_model,
+    hub_commit,
     model_cached,
     model_downloader,
     model_tokenizer,
@@ -58,6 +59,7 @@ from job.parsing import ParseError, load_yaml
 from job.report import REPORT, fetch_inputs, write_report
 from job.roles import Roles
 from job.runlock import run_lock
+from job.sizes import HUB_REPOS
 from job.smoke import write_smoke_data
 from job.stage_record import StageRecorder
 from job.storage import LocalStorage, Storage, open_storage, sha256_file, upload_tree
@@ -354,8 +356,12 @@ def run_inputs(cfg: RunConfig) -> dict:
     smoke's random one says so) and each dataset, with the sha256 of the file read."""
     if cfg.smoke:
         model = f"random {SMOKE_MODEL.n_layers}-layer GPT-2 (the smoke's own, seed {cfg.seed}), byte tokenizer"
+    elif cfg.model_dir:
+        model = cfg.model_dir
+    elif cfg.model in HUB_REPOS:  # the commit the preflight's first file named, so a moved branch shows
+        model = f"{cfg.model} ({HUB_REPOS[cfg.model]} at {hub_commit(cfg) or cfg.hub_revision})"
     else:
-        model = cfg.model_dir or f"{cfg.model} ({'OpenAI' if cfg.source == 'openai' else 'Hugging Face'} weights)"
+        model = f"{cfg.model} ({'OpenAI' if cfg.source == 'openai' else 'Hugging Face'} weights)"
     inputs = {"model": model}
     for name in ("data", "dpo_data") if cfg.dpo else ("data",):
         path = resolve_data(getattr(cfg, name), Path(cfg.cache), cfg.base_url)

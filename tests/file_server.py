@@ -17,7 +17,8 @@ class FileServer:
 
     ``token``: every request must carry ``Authorization: Bearer <token>`` (else 401), as a gated hub
     repository does; ``redirects`` (url path -> URL) answer 302, as the hub sends its large files to a CDN,
-    with the ``X-Linked-Etag`` (the file's sha256) that ``linked`` gives for the path, as the hub states it.
+    with the ``X-Linked-Etag`` (the file's sha256) that ``linked`` gives for the path, as the hub states it;
+    ``commit``: every answer names it in ``X-Repo-Commit``, as the hub names the commit a revision resolved to.
     """
 
     def __init__(
@@ -26,9 +27,11 @@ class FileServer:
         token: str | None = None,
         redirects: dict[str, str] | None = None,
         linked: dict[str, str] | None = None,
+        commit: str | None = None,
     ):
         self.files = dict(files)
         self.token, self.redirects, self.linked = token, dict(redirects or {}), dict(linked or {})
+        self.commit = commit
         self.faults: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.authorizations: list[str | None] = []  # each request's Authorization header
@@ -38,6 +41,11 @@ class FileServer:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            def end_headers(self):
+                if server.commit is not None:
+                    self.send_header("X-Repo-Commit", server.commit)
+                super().end_headers()
 
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Range")))

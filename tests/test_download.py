@@ -1,4 +1,5 @@
 import hashlib
+import json
 import os
 import socket
 import tempfile
@@ -9,8 +10,10 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from job.config import DownloadConfig
 from job.download import (
     DATASET_URL,
+    HUB_HEAD_FILES,
     PREFERENCE_URL,
     WEIGHTS_WAY_IN,
     Downloader,
@@ -18,9 +21,14 @@ from job.download import (
     DownloadUnavailable,
     RemoteFile,
     dataset_file,
+    fetch_model,
+    hub_commit,
+    model_downloader,
     model_files,
     tokenizer_files,
 )
+from job.llama_weights import INDEX
+from job.sizes import HUB_REPOS
 from tests.file_server import FileServer
 from tests.helpers import cli, free_port
 
@@ -295,3 +303,34 @@ def test_bytes_from_the_hubs_cdn_are_checked_against_the_sha256_the_hub_states(b
             assert f"sha256 mismatch from {hub.url}{resolve}" in str(refused.value)
             assert str(refused.value).endswith(f"expected {stated} (the hub's X-Linked-Etag)")
             assert "\n" not in str(refused.value) and not list(Path(folder).rglob("*.safetensors*"))
+
+
+def test_a_hub_download_takes_every_file_from_the_commit_its_first_file_named_also_after_main_moved(tmp_path):
+    """The first file asks for ``main`` and the hub names its commit; the rest come from that commit. A
+    download cut off, then resumed after ``main`` moved on the hub, still ends with one commit's files."""
+    repo, before, after = HUB_REPOS["qwen3-0.6b"], "a" * 40, "b" * 40
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = json.dumps({"weight_map": {"x": shards[0], "y": shards[1]}}).encode()
+
+    def repository(revision: str, tag: str) -> dict[str, bytes]:
+        names = [*HUB_HEAD_FILES, "generation_config.json", *shards]
+        return {f"/{repo}/resolve/{revision}/{n}": f"{tag} {n}".encode() for n in names} | {
+            f"/{repo}/resolve/{revision}/{INDEX}": index
+        }
+
+    origin = DownloadConfig(model="qwen3-0.6b", cache=str(tmp_path / "cache"), download_attempts=1)
+    with FileServer(repository("main", "old") | repository(before, "old"), commit=before) as hub:
+        origin.hub_url = hub.url
+        hub.faults[f"/{repo}/resolve/{before}/{shards[1]}"].append("503")
+        with pytest.raises(DownloadUnavailable):
+            fetch_model(origin, model_downloader(origin))
+        hub.files |= repository("main", "new") | repository(after, "new")  # main moves on
+        hub.commit = after
+        folder = fetch_model(origin, model_downloader(origin))
+    asked = [path for path, _ in hub.requests]
+    assert asked[0] == f"/{repo}/resolve/main/config.json"
+    assert all(path.startswith(f"/{repo}/resolve/{before}/") for path in asked[1:])
+    assert (folder / ".commit").read_text() == before + "\n" and hub_commit(origin) == before
+    assert {p.read_bytes() for p in folder.iterdir() if p.name.startswith("model-")} == {
+        f"old {n}".encode() for n in shards
+    }

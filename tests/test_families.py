@@ -178,8 +178,8 @@ def test_a_named_model_comes_from_the_hub_in_shards_with_the_token_sent_to_the_h
     preflight, download, finetune and generate; then the same cache again with the hub unreachable."""
     from transformers import AutoModelForCausalLM
 
-    name = HUB_NAMES[family(family_dir)]
-    repo, resolve = HUB_REPOS[name], f"/{HUB_REPOS[name]}/resolve/main"
+    name, commit = HUB_NAMES[family(family_dir)], "c0ffee" * 6 + "c0ff"
+    repo, resolve = HUB_REPOS[name], f"/{HUB_REPOS[name]}/resolve/{commit}"  # main resolves to the commit
     files = _hub_repository(family_dir, tmp_path / "repository")
     shards = sorted(n for n in files if n.startswith("model-"))
     assert len(shards) >= 2 and "model.safetensors" not in files
@@ -187,7 +187,8 @@ def test_a_named_model_comes_from_the_hub_in_shards_with_the_token_sent_to_the_h
     redirects = {f"{resolve}/{n}": f"{cdn.url}/cdn/{n}" for n in shards}
     linked = {f"{resolve}/{n}": hashlib.sha256(files[n]).hexdigest() for n in shards}  # checked on arrival
     hub_files = {f"{resolve}/{n}": body for n, body in files.items() if n not in shards}
-    hub = FileServer(hub_files, HF_TOKEN, redirects, linked)
+    hub_files[f"/{repo}/resolve/main/config.json"] = files["config.json"]  # the one file asked by name
+    hub = FileServer(hub_files, HF_TOKEN, redirects, linked, commit)
     cache = tmp_path / "cache"
     download = ["download", "--model", name, "--no-dataset", "--download-attempts", "1"]
     with cdn, hub:
@@ -203,7 +204,8 @@ def test_a_named_model_comes_from_the_hub_in_shards_with_the_token_sent_to_the_h
     assert f"{resolve}/model.safetensors" not in [path for path, _ in hub.requests]  # the index said shards
     assert set(hub.authorizations[:asked_without]) == {None}
     assert set(hub.authorizations[asked_without:]) == {f"Bearer {HF_TOKEN}"} and set(cdn.authorizations) == {None}
-    assert sorted(p.name for p in (cache / "hf" / repo / "main").iterdir()) == sorted(files)
+    assert sorted(p.name for p in (cache / "hf" / repo / "main").iterdir()) == sorted([*files, ".commit"])
+    assert f"# model used: {name} ({repo} at {commit})" in (tmp_path / "runs" / "r" / "config.yaml").read_text()
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in written if HF_TOKEN.encode() in p.read_bytes()]
     assert HF_TOKEN not in result.stdout + result.stderr
