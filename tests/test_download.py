@@ -1,14 +1,17 @@
 import hashlib
 import json
 import os
+import re
 import socket
 import tempfile
 from pathlib import Path
 
 import pytest
+import requests
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from requests.structures import CaseInsensitiveDict
 
 from job.config import DownloadConfig
 from job.download import (
@@ -20,6 +23,7 @@ from job.download import (
     DownloadError,
     DownloadUnavailable,
     RemoteFile,
+    _stated,
     dataset_file,
     fetch_model,
     hub_commit,
@@ -334,3 +338,30 @@ def test_a_hub_download_takes_every_file_from_the_commit_its_first_file_named_al
     assert {p.read_bytes() for p in folder.iterdir() if p.name.startswith("model-")} == {
         f"old {n}".encode() for n in shards
     }
+
+
+NEAR_HEX = st.text("0123456789abcdefABCDEF/.", min_size=38, max_size=66)  # about a hash's length and digits
+HEADER_VALUES = st.one_of(st.text(max_size=80), NEAR_HEX, NEAR_HEX.map(lambda v: f'W/"{v}"'))
+
+
+@given(HEADER_VALUES, HEADER_VALUES)
+def test_only_a_sha256_and_a_commit_of_their_exact_form_are_taken_from_the_hubs_headers(etag, commit):
+    """Whatever the hub's headers say, the hash is 64 lowercase hex digits (a weak ``W/"..."`` etag
+    included) and the commit 40, or nothing: a commit goes into URLs and the cache folder's ``.commit``."""
+    redirect, answer = requests.Response(), requests.Response()
+    redirect.headers = CaseInsensitiveDict({"X-Linked-Etag": etag, "X-Repo-Commit": commit})
+    answer.history = [redirect]
+    stated = _stated(answer)
+    bare = etag.removeprefix("W/").strip('"')
+    assert stated.sha256 == (bare if re.fullmatch(r"[0-9a-f]{64}", bare) else None)
+    assert stated.commit == (commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None)
+
+
+def test_the_hubs_headers_of_the_right_form_are_read_from_the_redirect_or_the_answer():
+    digest, commit = hashlib.sha256(b"x").hexdigest(), "0123456789abcdef" * 2 + "01234567"
+    redirect, answer = requests.Response(), requests.Response()
+    redirect.headers = CaseInsensitiveDict({"X-Linked-Etag": f'W/"{digest}"'})
+    answer.headers = CaseInsensitiveDict({"X-Repo-Commit": commit})
+    answer.history = [redirect]
+    assert _stated(answer) == (digest, commit)
+    assert _stated(requests.Response()) == (None, None)
