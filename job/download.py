@@ -235,7 +235,17 @@ def hub_commit(origin) -> str | None:
     if COMMIT_RE.fullmatch(origin.hub_revision):
         return origin.hub_revision
     recorded = cached_model_dir(origin) / COMMIT_FILE
-    return recorded.read_text().strip() if recorded.is_file() else None
+    if not recorded.is_file():
+        return None
+    with open(recorded, "rb") as f:
+        data = f.read(101)  # a commit and a newline are 41 bytes; a longer file is not this job's
+    commit = data.decode("ascii", errors="replace").strip()
+    # it goes into URLs; a damaged one is never guessed at, nor the revision asked for by name again
+    if len(data) > 100 or not COMMIT_RE.fullmatch(commit):
+        raise DownloadError(
+            f"{recorded} does not hold a commit (40 hex digits): remove {recorded.parent} to download the model again"
+        )
+    return commit
 
 
 def hub_file(origin, name: str, commit: str | None = None) -> RemoteFile:

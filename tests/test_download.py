@@ -365,3 +365,17 @@ def test_the_hubs_headers_of_the_right_form_are_read_from_the_redirect_or_the_an
     answer.history = [redirect]
     assert _stated(answer) == (digest, commit)
     assert _stated(requests.Response()) == (None, None)
+
+
+@given(st.binary(max_size=100).filter(lambda b: not re.fullmatch(rb"\s*[0-9a-f]{40}\s*", b)))
+def test_a_cached_commit_file_that_holds_no_commit_is_one_line_naming_it_before_any_request(damaged):
+    with tempfile.TemporaryDirectory() as cache:
+        origin = DownloadConfig(model="qwen3-0.6b", cache=cache, hub_url="http://127.0.0.1:9")
+        folder = Path(cache) / "hf" / HUB_REPOS["qwen3-0.6b"] / "main"
+        folder.mkdir(parents=True)
+        (folder / ".commit").write_bytes(damaged)
+        with pytest.raises(DownloadError) as refused:
+            fetch_model(origin, model_downloader(origin))
+    assert str(refused.value) == (
+        f"{folder / '.commit'} does not hold a commit (40 hex digits): remove {folder} to download the model again"
+    )
