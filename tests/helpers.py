@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,8 +52,6 @@ def wait_for_event(proc: subprocess.Popen, predicate, deadline_s: float = 300) -
 
 def _line_before(proc: subprocess.Popen, deadline: float) -> str | None:
     """The next line of ``proc``'s stdout, or None at its end or once ``deadline`` passes."""
-    import threading
-
     read: list[str] = []
     reader = threading.Thread(target=lambda: read.append(proc.stdout.readline()), daemon=True)
     reader.start()
@@ -72,8 +71,6 @@ def free_port() -> int:
 
 def wait_until(predicate, deadline_s: float = 60, interval_s: float = 0.2, what: str = "condition"):
     """Poll ``predicate`` until it returns something truthy; fail past the deadline."""
-    import threading
-
     deadline = time.monotonic() + deadline_s
     pause = threading.Event()
     while True:
