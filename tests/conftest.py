@@ -1,9 +1,11 @@
-"""Shared fixtures: the read-only reference data, tiny random GPT-2 weights in both layouts."""
+"""Shared fixtures: the read-only reference data, each test's own cache, tiny random GPT-2 weights in both layouts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,13 +13,48 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 # The book's data, tokenizer files and saved responses; CI lays shared/ beside the clone.
-SHARED_DATA = Path(os.environ.get("SFT_JOB_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
+SHARED_ROOT = REPO.parent / "shared"
+SHARED_DATA = Path(os.environ.get("SFT_JOB_TEST_DATA", SHARED_ROOT / "data")).resolve()
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
+# What a job finds in a filled cache, copied into each test's own (tests/conftest.py's ``cache``).
+CACHE_FILES = ("instruction-data.json", "instruction-data-with-preference.json", "gpt2/encoder.json", "gpt2/vocab.bpe")
 
 
 def pytest_configure(config):
     if not (SHARED_DATA / "instruction-data.json").is_file():
         raise pytest.UsageError(f"reference data not found at {SHARED_DATA}; set SFT_JOB_TEST_DATA")
+    config.stash[_SHARED_LISTING] = shared_listing()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The reference data is read, never written: any file added, removed or changed under it fails the run."""
+    before = session.config.stash.get(_SHARED_LISTING, None)
+    if before is None:
+        return
+    after = shared_listing()
+    changed = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
+    if changed:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"FAILED: the suite wrote into the reference data: {', '.join(changed[:20])}"
+        if reporter:
+            reporter.write_line(message, red=True)
+        else:
+            print(message)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def shared_listing() -> dict[str, tuple[int, str]]:
+    """Every file below the reference data (and the checkout's ``../shared``): its path, size and sha256."""
+    roots = {SHARED_DATA, *([SHARED_ROOT] if SHARED_ROOT.is_dir() else [])}
+    return {
+        str(path): (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+        for root in roots
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+_SHARED_LISTING = pytest.StashKey[dict]()
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +71,17 @@ def _logs_to_the_real_stdout():
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return SHARED_DATA
+
+
+@pytest.fixture
+def cache(tmp_path_factory) -> Path:
+    """A cache of this test's own, holding copies of the reference files a filled cache has: whatever the job
+    writes into its cache (the smoke's data, S3 scratch, downloads) stays in the test's folder."""
+    path = tmp_path_factory.mktemp("cache")
+    for name in CACHE_FILES:
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(SHARED_DATA / name, path / name)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -82,14 +82,14 @@ def wait_until(predicate, deadline_s: float = 60, interval_s: float = 0.2, what:
         pause.wait(interval_s)
 
 
-def smoke_run(shared_data: Path, output, run_id: str, *extra) -> list:
-    """``sft-job run --smoke`` arguments on the reference data, logging JSON, no metrics port."""
-    data = shared_data / "instruction-data.json"
-    common = ["--data", data, "--cache", shared_data, "--output", output, "--run-id", run_id]
+def smoke_run(cache: Path, output, run_id: str, *extra) -> list:
+    """``sft-job run --smoke`` arguments on the book's data in a test's own ``cache``, logging JSON, no metrics port."""
+    data = cache / "instruction-data.json"
+    common = ["--data", data, "--cache", cache, "--output", output, "--run-id", run_id]
     return ["run", "--smoke", *common, "--metrics-port", "0", "--log-format", "json", *extra]
 
 
-def finetune_run(model_dir: Path, shared_data: Path, output, *extra) -> list:
-    """``sft-job finetune`` arguments on the reference data, logging JSON."""
-    common = ["--data", shared_data / "instruction-data.json", "--cache", shared_data, "--output", output]
+def finetune_run(model_dir: Path, cache: Path, output, *extra) -> list:
+    """``sft-job finetune`` arguments on the book's data in a test's own ``cache``, logging JSON."""
+    common = ["--data", cache / "instruction-data.json", "--cache", cache, "--output", output]
     return ["finetune", "--model-dir", model_dir, *common, "--log-format", "json", *extra]
