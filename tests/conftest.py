@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,6 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_ROOT = REPO.parent / "shared"
 SHARED_DATA = Path(os.environ.get("SFT_JOB_TEST_DATA", SHARED_ROOT / "data")).resolve()
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
-# What a job finds in a filled cache, copied into each test's own (tests/conftest.py's ``cache``).
-CACHE_FILES = ("instruction-data.json", "instruction-data-with-preference.json", "gpt2/encoder.json", "gpt2/vocab.bpe")
 
 
 def pytest_configure(config):
@@ -37,7 +34,8 @@ def pytest_sessionfinish(session, exitstatus):
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         message = f"FAILED: the suite wrote into the reference data: {', '.join(changed[:20])}"
         if reporter:
-            reporter.write_line(message, red=True)
+            reporter.write("\n")
+            reporter.write_sep("=", message, red=True)
         else:
             print(message)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -68,6 +66,12 @@ def _logs_to_the_real_stdout():
     configure_logging("json", stream=sys.__stdout__)
 
 
+@pytest.fixture(autouse=True)
+def _a_default_cache_of_the_tests_own(tmp_path_factory, monkeypatch):
+    """A job a test starts without ``--cache`` gets an empty cache of the test's own, not ``~/.cache/sft-job``."""
+    monkeypatch.setenv("SFT_JOB_CACHE", str(tmp_path_factory.mktemp("default-cache")))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return SHARED_DATA
@@ -77,11 +81,9 @@ def shared_data() -> Path:
 def cache(tmp_path_factory) -> Path:
     """A cache of this test's own, holding copies of the reference files a filled cache has: whatever the job
     writes into its cache (the smoke's data, S3 scratch, downloads) stays in the test's folder."""
-    path = tmp_path_factory.mktemp("cache")
-    for name in CACHE_FILES:
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(SHARED_DATA / name, path / name)
-    return path
+    from tests.helpers import filled_cache
+
+    return filled_cache(tmp_path_factory.mktemp("cache"), SHARED_DATA)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# What a job finds in a filled cache: copied into each test's own, so nothing a job writes reaches ../shared.
+CACHE_FILES = ("instruction-data.json", "instruction-data-with-preference.json", "gpt2/encoder.json", "gpt2/vocab.bpe")
 
 
 def cli(*args, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -80,6 +83,14 @@ def wait_until(predicate, deadline_s: float = 60, interval_s: float = 0.2, what:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {deadline_s}s waiting for {what}")
         pause.wait(interval_s)
+
+
+def filled_cache(folder: Path, reference: Path) -> Path:
+    """``folder`` holding copies of the reference data's ``CACHE_FILES``, as a filled cache holds them."""
+    for name in CACHE_FILES:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(reference / name, folder / name)
+    return folder
 
 
 def smoke_run(cache: Path, output, run_id: str, *extra) -> list:

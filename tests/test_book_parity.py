@@ -81,9 +81,9 @@ def book_run(tiny_model_dir, book_data, tokenizer_dir):
     }
 
 
-def _args(tiny_model_dir, shared_data, data_file, output, *extra):
+def _args(tiny_model_dir, cache, data_file, output, *extra):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
-    args = finetune_run(tiny_model_dir, shared_data, output, *flags, "--precision", "fp32", "--untie-head", *extra)
+    args = finetune_run(tiny_model_dir, cache, output, *flags, "--precision", "fp32", "--untie-head", *extra)
     args[args.index("--data") + 1] = data_file
     return [*args, "--data-order", "book", "--checkpoint-every", "1000"]
 
@@ -127,10 +127,10 @@ def test_book_order_replays_the_dataloaders_global_rng_draws():
 
 
 def test_finetune_with_book_order_gives_the_books_tokens_losses_weights_and_printed_lines(
-    tiny_model_dir, shared_data, data_file, book_run, tmp_path
+    tiny_model_dir, cache, data_file, book_run, tmp_path
 ):
     out = tmp_path / "ours"
-    result = cli(*_args(tiny_model_dir, shared_data, data_file, out, "--log-format", "book", "--log-file", out / "e"))
+    result = cli(*_args(tiny_model_dir, cache, data_file, out, "--log-format", "book", "--log-file", out / "e"))
     assert result.returncode == 0, result.stderr
     history = json.loads((out / "losses.json").read_text())
     drift = _assert_same_as_book(history, out, book_run)
@@ -155,9 +155,9 @@ def test_finetune_with_book_order_gives_the_books_tokens_losses_weights_and_prin
 
 
 @pytest.mark.slow
-def test_book_order_survives_sigterm_mid_second_epoch(tiny_model_dir, shared_data, data_file, book_run, tmp_path):
+def test_book_order_survives_sigterm_mid_second_epoch(tiny_model_dir, cache, data_file, book_run, tmp_path):
     out = tmp_path / "cut"
-    args = _args(tiny_model_dir, shared_data, data_file, out, "--log-format", "json")
+    args = _args(tiny_model_dir, cache, data_file, out, "--log-format", "json")
     proc = start_cli(*args)
     wait_for_event(proc, lambda e: e.get("event") == "eval" and e["step"] >= 15)  # epoch 2 began at step 12
     proc.send_signal(signal.SIGTERM)

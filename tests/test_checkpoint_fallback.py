@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from job.checkpoint_files import INDEX, checkpoint_problem
-from tests.helpers import cli, events, finetune_run, smoke_run, start_cli, wait_for_event
+from tests.helpers import cli, events, filled_cache, finetune_run, smoke_run, start_cli, wait_for_event
 
 
 def _rehash(folder: Path) -> None:
@@ -54,8 +54,9 @@ def _python_random(folder: Path) -> str:
 def eight_steps(tiny_model_dir, shared_data, tmp_path_factory) -> Path:
     """A finetune that stopped at step 8 with checkpoints at 4 and 8."""
     out = tmp_path_factory.mktemp("eight") / "ft"
+    cache = filled_cache(tmp_path_factory.mktemp("cache"), shared_data)
     done = cli(
-        *finetune_run(tiny_model_dir, shared_data, out, "--checkpoint-every", "4", "--eval-freq", "4"),
+        *finetune_run(tiny_model_dir, cache, out, "--checkpoint-every", "4", "--eval-freq", "4"),
         "--max-steps",
         "8",
     )
@@ -65,7 +66,7 @@ def eight_steps(tiny_model_dir, shared_data, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("forge", [_extra_key, _huge_header, _optimizer_groups, _python_random])
 def test_a_forged_latest_checkpoint_is_skipped_and_no_good_one_is_rotated_away_for_it(
-    forge, eight_steps, tiny_model_dir, shared_data, tmp_path
+    forge, eight_steps, tiny_model_dir, cache, tmp_path
 ):
     out = tmp_path / "ft"
     shutil.copytree(eight_steps, out)
@@ -74,7 +75,7 @@ def test_a_forged_latest_checkpoint_is_skipped_and_no_good_one_is_rotated_away_f
     _rehash(latest)
     # Resumed from step 4 and stopped at 6 with one checkpoint kept: the forged step 8 must not count
     # among the kept, or the new step-6 checkpoint would be rotated away in its favour.
-    args = finetune_run(tiny_model_dir, shared_data, out, "--checkpoint-every", "100", "--eval-freq", "4")
+    args = finetune_run(tiny_model_dir, cache, out, "--checkpoint-every", "100", "--eval-freq", "4")
     resumed = cli(*args, "--max-steps", "6", "--keep-checkpoints", "1")
     assert resumed.returncode == 0, resumed.stderr
     [skipped] = [e for e in events(resumed.stdout) if e["event"] == "checkpoint_skipped"]
@@ -83,13 +84,13 @@ def test_a_forged_latest_checkpoint_is_skipped_and_no_good_one_is_rotated_away_f
     assert checkpoint_problem(out / "checkpoints" / "step-00000006") is None  # kept, and good
 
 
-def test_no_checkpoint_that_passes_is_exit_1_not_a_silent_restart(eight_steps, tiny_model_dir, shared_data, tmp_path):
+def test_no_checkpoint_that_passes_is_exit_1_not_a_silent_restart(eight_steps, tiny_model_dir, cache, tmp_path):
     out = tmp_path / "ft"
     shutil.copytree(eight_steps, out)
     for folder in (out / "checkpoints").iterdir():
         _extra_key(folder)
         _rehash(folder)
-    result = cli(*finetune_run(tiny_model_dir, shared_data, out, "--max-steps", "12"))
+    result = cli(*finetune_run(tiny_model_dir, cache, out, "--max-steps", "12"))
     assert result.returncode == 1
     [line] = result.stderr.splitlines()
     assert f"none of the 2 checkpoints in {out / 'checkpoints'} can be resumed from (step-00000008:" in line
@@ -102,15 +103,15 @@ def _keys(s3, bucket: str, prefix: str) -> set[str]:
 
 @pytest.mark.slow
 def test_a_forged_checkpoint_in_the_bucket_is_refused_by_its_signature_and_the_previous_one_resumes(
-    s3: boto3.client, shared_data, tmp_path
+    s3: boto3.client, cache, tmp_path
 ):
     s3.create_bucket(Bucket="signed")
     (tmp_path / "key").write_bytes(b"a secret of thirty-two bytes....\n")
     common = ["--skip-judge", "--train-limit", "80", "--checkpoint-key-file", tmp_path / "key"]
-    straight = cli(*smoke_run(shared_data, "s3://signed/runs", "straight", *common, "--scratch", tmp_path / "a"))
+    straight = cli(*smoke_run(cache, "s3://signed/runs", "straight", *common, "--scratch", tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr
 
-    args = smoke_run(shared_data, "s3://signed/runs", "cut", *common, "--scratch", tmp_path / "b")
+    args = smoke_run(cache, "s3://signed/runs", "cut", *common, "--scratch", tmp_path / "b")
     proc = start_cli(*args)
     wait_for_event(proc, lambda e: e.get("event") == "checkpoint" and e.get("step") == 10, deadline_s=300)
     proc.send_signal(signal.SIGTERM)

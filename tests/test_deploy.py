@@ -320,7 +320,7 @@ def test_dockerfile_passes_hadolint_and_justifies_each_ignore():
     assert text.index("COPY pyproject.toml") < text.index("COPY job ")  # deps before code
 
 
-def test_dashboard_queries_only_metrics_the_job_exports(tiny_model_dir, shared_data, tmp_path):
+def test_dashboard_queries_only_metrics_the_job_exports(tiny_model_dir, cache, tmp_path):
     from job.config import RunConfig
     from job.observability import Metrics
     from job.pipeline import run_pipeline
@@ -332,8 +332,8 @@ def test_dashboard_queries_only_metrics_the_job_exports(tiny_model_dir, shared_d
         run_pipeline(
             RunConfig(
                 model_dir=str(tiny_model_dir),
-                data=str(shared_data / "instruction-data.json"),
-                cache=str(shared_data),
+                data=str(cache / "instruction-data.json"),
+                cache=str(cache),
                 output=str(tmp_path),
                 run_id="dash",
                 judge_url=ollama.url,

@@ -134,19 +134,19 @@ def test_pairs_with_no_response_left_within_the_context_are_left_out(preference_
     assert (chosen_mask[:, 1:].sum(-1) > 0).all() and (rejected_mask[:, 1:].sum(-1) > 0).all()  # no 0/0
 
 
-def _dpo_cfg(model_dir, shared_data, out, **kw) -> DPOConfig:
+def _dpo_cfg(model_dir, cache, out, **kw) -> DPOConfig:
     settings = dict(train_limit=40, eval_freq=2, eval_iter=2, precision="fp32", batch_size=4)
     return DPOConfig(
         model_dir=str(model_dir),
-        data=str(shared_data / "instruction-data-with-preference.json"),
-        cache=str(shared_data),
+        data=str(cache / "instruction-data-with-preference.json"),
+        cache=str(cache),
         output=str(out),
         **settings | kw,
     )
 
 
-def test_before_any_update_the_loss_is_ln2_and_the_margins_zero(tiny_model_dir, shared_data, tmp_path):
-    task, _ = dpo_task(_dpo_cfg(tiny_model_dir, shared_data, tmp_path))
+def test_before_any_update_the_loss_is_ln2_and_the_margins_zero(tiny_model_dir, cache, tmp_path):
+    task, _ = dpo_task(_dpo_cfg(tiny_model_dir, cache, tmp_path))
     figures = task.evaluator(task.model.eval(), [[0, 1, 2, 3], [4, 5, 6, 7]])
     assert figures["train_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert figures["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -172,11 +172,11 @@ def test_a_lora_reference_is_the_base_without_its_adapters():
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_training_grows_the_reward_margin_and_writes_the_outputs(tiny_model_dir, shared_data, tmp_path, lora):
+def test_training_grows_the_reward_margin_and_writes_the_outputs(tiny_model_dir, cache, tmp_path, lora):
     """Eight pairs, two batches an epoch: every evaluation's training estimate is all eight, so the margin on
     them moves only by training."""
     extra = {"lora_rank": 8, "lr": 2e-2} if lora else {"lr": 2e-3}
-    cfg = _dpo_cfg(tiny_model_dir, shared_data, tmp_path, train_limit=8, epochs=6, eval_freq=4, **extra)
+    cfg = _dpo_cfg(tiny_model_dir, cache, tmp_path, train_limit=8, epochs=6, eval_freq=4, **extra)
     outputs = run_dpo(cfg)
     history = json.loads((tmp_path / "losses.json").read_text())
     assert [h["step"] for h in history] == [0, 4, 8]
@@ -188,24 +188,24 @@ def test_training_grows_the_reward_margin_and_writes_the_outputs(tiny_model_dir,
     assert (tmp_path / "reward-margins-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_resumed_run_ends_with_the_same_weights_as_a_straight_one(tiny_model_dir, shared_data, tmp_path):
+def test_a_resumed_run_ends_with_the_same_weights_as_a_straight_one(tiny_model_dir, cache, tmp_path):
     from safetensors.torch import load_file
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_dpo(_dpo_cfg(tiny_model_dir, shared_data, straight, lr=1e-3, max_steps=6))
-    run_dpo(_dpo_cfg(tiny_model_dir, shared_data, resumed, lr=1e-3, max_steps=3))  # checkpointed at 3
-    run_dpo(_dpo_cfg(tiny_model_dir, shared_data, resumed, lr=1e-3, max_steps=6))  # resumes from step 3
+    run_dpo(_dpo_cfg(tiny_model_dir, cache, straight, lr=1e-3, max_steps=6))
+    run_dpo(_dpo_cfg(tiny_model_dir, cache, resumed, lr=1e-3, max_steps=3))  # checkpointed at 3
+    run_dpo(_dpo_cfg(tiny_model_dir, cache, resumed, lr=1e-3, max_steps=6))  # resumes from step 3
     a, b = (load_file(str(p / "model" / "model.safetensors")) for p in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((straight / "losses.json").read_text()) == json.loads((resumed / "losses.json").read_text())
 
 
-def test_an_entry_without_a_rejected_response_is_exit_1_naming_it(tiny_model_dir, shared_data, tmp_path):
-    entries = json.loads((shared_data / "instruction-data-with-preference.json").read_text())[:30]
+def test_an_entry_without_a_rejected_response_is_exit_1_naming_it(tiny_model_dir, cache, tmp_path):
+    entries = json.loads((cache / "instruction-data-with-preference.json").read_text())[:30]
     del entries[7]["rejected"]
     data = tmp_path / "pref.json"
     data.write_text(json.dumps(entries))
-    result = cli("dpo", "--model-dir", tiny_model_dir, "--data", data, "--cache", shared_data, "--output", tmp_path)
+    result = cli("dpo", "--model-dir", tiny_model_dir, "--data", data, "--cache", cache, "--output", tmp_path)
     assert result.returncode == ExitCode.BAD_DATA, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"Error: dataset {data}: entry 7: field 'rejected' is missing (preference data needs chosen and rejected "
@@ -214,10 +214,10 @@ def test_an_entry_without_a_rejected_response_is_exit_1_naming_it(tiny_model_dir
     assert not (tmp_path / "model").exists()
 
 
-def test_book_log_format_prints_the_notebooks_lines(tiny_model_dir, shared_data, tmp_path):
-    args = ["--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data-with-preference.json"]
+def test_book_log_format_prints_the_notebooks_lines(tiny_model_dir, cache, tmp_path):
+    args = ["--model-dir", tiny_model_dir, "--data", cache / "instruction-data-with-preference.json"]
     result = cli(
-        "dpo", *args, "--cache", shared_data, "--output", tmp_path, "--train-limit", "16", "--batch-size", "4",
+        "dpo", *args, "--cache", cache, "--output", tmp_path, "--train-limit", "16", "--batch-size", "4",
         "--max-steps", "2", "--eval-freq", "1", "--precision", "fp32", "--log-format", "book",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -231,14 +231,14 @@ def test_book_log_format_prints_the_notebooks_lines(tiny_model_dir, shared_data,
     assert lines[-1].startswith("Training completed in ")
 
 
-def test_pairs_are_the_unit_of_the_loss_whatever_the_micro_batches(tiny_model_dir, shared_data, tmp_path):
+def test_pairs_are_the_unit_of_the_loss_whatever_the_micro_batches(tiny_model_dir, cache, tmp_path):
     """--grad-accum splits a batch into micro-batches: the same mean over pairs, the same step (within fp32)."""
     from safetensors.torch import load_file
 
     runs = {}
     for accum in (1, 2, 4):
         out = tmp_path / f"accum{accum}"
-        run_dpo(_dpo_cfg(tiny_model_dir, shared_data, out, lr=1e-3, max_steps=3, grad_accum=accum))
+        run_dpo(_dpo_cfg(tiny_model_dir, cache, out, lr=1e-3, max_steps=3, grad_accum=accum))
         runs[accum] = load_file(str(out / "model" / "model.safetensors"))
     for accum in (2, 4):
         assert max((runs[accum][k] - runs[1][k]).abs().max().item() for k in runs[1]) < 1e-5
@@ -260,15 +260,13 @@ def test_any_batch_pads_to_its_longest_plus_one_and_masks_prompt_and_padding(sha
             assert mask.tolist() == want
 
 
-def test_run_dpo_into_s3_trains_dpo_after_finetune_and_judges_both_models(
-    s3, tiny_model_dir, shared_data, ollama, tmp_path
-):
+def test_run_dpo_into_s3_trains_dpo_after_finetune_and_judges_both_models(s3, tiny_model_dir, cache, ollama, tmp_path):
     from tests.helpers import events
 
     s3.create_bucket(Bucket="runs")
     args = [
-        "run", "--dpo", "--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data.json",
-        "--dpo-data", shared_data / "instruction-data-with-preference.json", "--cache", shared_data,
+        "run", "--dpo", "--model-dir", tiny_model_dir, "--data", cache / "instruction-data.json",
+        "--dpo-data", cache / "instruction-data-with-preference.json", "--cache", cache,
         "--output", "s3://runs/p", "--run-id", "d1", "--scratch", tmp_path / "scratch", "--judge-url", ollama.url,
         "--train-limit", "16", "--batch-size", "4", "--max-steps", "4", "--eval-freq", "2", "--checkpoint-every", "2",
         "--limit", "4", "--max-new-tokens", "4", "--metrics-port", "0", "--log-format", "json",
@@ -316,9 +314,7 @@ def test_run_dpo_into_s3_trains_dpo_after_finetune_and_judges_both_models(
     assert skipped == ["download", "finetune", "dpo", "generate", "judge"]
 
 
-def test_sigterm_mid_dpo_exits_75_and_the_rerun_ends_with_the_uninterrupted_weights(
-    tiny_model_dir, shared_data, tmp_path
-):
+def test_sigterm_mid_dpo_exits_75_and_the_rerun_ends_with_the_uninterrupted_weights(tiny_model_dir, cache, tmp_path):
     """With LoRA (the reference is the base under the adapters): preempted, checkpointed, resumed, bit for bit."""
     import signal
 
@@ -327,8 +323,8 @@ def test_sigterm_mid_dpo_exits_75_and_the_rerun_ends_with_the_uninterrupted_weig
     from tests.helpers import events, start_cli, wait_for_event
 
     args = [
-        "dpo", "--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data-with-preference.json",
-        "--cache", shared_data, "--lora-rank", "4", "--lr", "1e-3", "--batch-size", "4", "--train-limit", "64",
+        "dpo", "--model-dir", tiny_model_dir, "--data", cache / "instruction-data-with-preference.json",
+        "--cache", cache, "--lora-rank", "4", "--lr", "1e-3", "--batch-size", "4", "--train-limit", "64",
         "--eval-freq", "2", "--eval-iter", "1", "--max-steps", "14", "--checkpoint-every", "1000",
         "--precision", "fp32", "--log-format", "json",
     ]  # fmt: skip
@@ -420,7 +416,7 @@ def test_run_smoke_dpo_needs_no_network_and_no_cache(tmp_path):
 
 
 @pytest.mark.parametrize("stage", ["finetune", "dpo"])
-def test_a_dataset_too_small_for_the_split_fails_before_any_model_loads(stage, preference_data, shared_data, tmp_path):
+def test_a_dataset_too_small_for_the_split_fails_before_any_model_loads(stage, preference_data, cache, tmp_path):
     from job.config import FinetuneConfig
     from job.data import DataError
     from job.finetune import load_inputs
@@ -429,6 +425,6 @@ def test_a_dataset_too_small_for_the_split_fails_before_any_model_loads(stage, p
     data = tmp_path / "one.json"
     data.write_text(json.dumps(preference_data[:1]))  # no training entry in 85 % of one
     cls, check = (FinetuneConfig, None) if stage == "finetune" else (DPOConfig, preference_problem)
-    cfg = cls(model_dir=str(tmp_path / "no-model"), data=str(data), cache=str(shared_data), output=str(tmp_path))
+    cfg = cls(model_dir=str(tmp_path / "no-model"), data=str(data), cache=str(cache), output=str(tmp_path))
     with pytest.raises(DataError, match=r"^dataset of 1 entries is too small for the 85/10/5 split$"):
         load_inputs(cfg, check) if check else load_inputs(cfg)

@@ -18,11 +18,11 @@ from job.weights import load_pretrained
 from tests.helpers import REPO, cli, events, free_port, start_cli, wait_for_event
 
 
-def _cfg(tiny_model_dir, shared_data, output, **kw) -> FinetuneConfig:
+def _cfg(tiny_model_dir, cache, output, **kw) -> FinetuneConfig:
     base = dict(
         model_dir=str(tiny_model_dir),
-        data=str(shared_data / "instruction-data.json"),
-        cache=str(shared_data),
+        data=str(cache / "instruction-data.json"),
+        cache=str(cache),
         output=str(output),
         lr=1e-3,
     )
@@ -33,9 +33,9 @@ def _weights(path):
     return load_file(str(path / "model" / "model.safetensors"))
 
 
-def test_tiny_finetune_lowers_val_loss_and_writes_every_output(tiny_model_dir, shared_data, tmp_path):
+def test_tiny_finetune_lowers_val_loss_and_writes_every_output(tiny_model_dir, cache, tmp_path):
     out = tmp_path / "run"
-    run_finetune(_cfg(tiny_model_dir, shared_data, out, max_steps=30, eval_freq=5, checkpoint_every=10))
+    run_finetune(_cfg(tiny_model_dir, cache, out, max_steps=30, eval_freq=5, checkpoint_every=10))
     losses = json.loads((out / "losses.json").read_text())
     assert [h["step"] for h in losses] == [0, 5, 10, 15, 20, 25]
     assert losses[-1]["val_loss"] < losses[0]["val_loss"] - 0.5
@@ -52,11 +52,11 @@ def test_tiny_finetune_lowers_val_loss_and_writes_every_output(tiny_model_dir, s
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_like_eager_and_save_the_same_parameter_names(tiny_model_dir, shared_data, tmp_path):
+def test_compiled_blocks_train_like_eager_and_save_the_same_parameter_names(tiny_model_dir, cache, tmp_path):
     runs = {}
     for compile_ in (False, True):  # batches of different lengths: one dynamic-shape compile serves them all
         out = tmp_path / f"compile-{compile_}"
-        run_finetune(_cfg(tiny_model_dir, shared_data, out, max_steps=6, eval_freq=3, compile=compile_))
+        run_finetune(_cfg(tiny_model_dir, cache, out, max_steps=6, eval_freq=3, compile=compile_))
         runs[compile_] = (json.loads((out / "losses.json").read_text()), _weights(out))
         assert (out / "checkpoints" / "step-00000006" / "trainer_state.json").is_file()
     (eager_losses, eager), (compiled_losses, compiled) = runs[False], runs[True]
@@ -69,15 +69,13 @@ def test_compiled_blocks_train_like_eager_and_save_the_same_parameter_names(tiny
 
 
 @pytest.mark.slow
-def test_overfits_eight_entries_until_greedy_decoding_returns_each_output(
-    tiny_model_dir, shared_data, book_data, tmp_path
-):
+def test_overfits_eight_entries_until_greedy_decoding_returns_each_output(tiny_model_dir, cache, book_data, tmp_path):
     short = [e for e in book_data if len(e["output"]) < 40][:10]  # 8 train, 1 test, 1 val
     (tmp_path / "d.json").write_text(json.dumps(short))
     out = tmp_path / "run"
     cfg = _cfg(
         tiny_model_dir,
-        shared_data,
+        cache,
         out,
         data=str(tmp_path / "d.json"),
         epochs=150,
@@ -88,7 +86,7 @@ def test_overfits_eight_entries_until_greedy_decoding_returns_each_output(
     )
     run_finetune(cfg)
     model = load_pretrained(out / "model").eval()
-    tok, style = load_tokenizer(shared_data / "gpt2"), PROMPT_STYLES["alpaca"]
+    tok, style = load_tokenizer(cache / "gpt2"), PROMPT_STYLES["alpaca"]
     prompts = [style.format_input(e) for e in short[:8]]
     new = generate(model, [encode(tok, p) for p in prompts], max_new_tokens=40)
     responses = [style.extract_response(p + tok.decode(n), p) for p, n in zip(prompts, new, strict=True)]
@@ -97,15 +95,15 @@ def test_overfits_eight_entries_until_greedy_decoding_returns_each_output(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("start", ["tiny_model_dir", "qwen3_dir"], ids=["gpt2", "qwen3"])
-def test_sigterm_mid_epoch_then_resume_gives_bitwise_the_uninterrupted_weights(start, shared_data, tmp_path, request):
+def test_sigterm_mid_epoch_then_resume_gives_bitwise_the_uninterrupted_weights(start, cache, tmp_path, request):
     args = [
         "finetune",
         "--model-dir",
         request.getfixturevalue(start),
         "--data",
-        shared_data / "instruction-data.json",
+        cache / "instruction-data.json",
         "--cache",
-        shared_data,
+        cache,
         "--lr",
         "1e-3",
         "--max-steps",
@@ -145,16 +143,16 @@ def test_sigterm_mid_epoch_then_resume_gives_bitwise_the_uninterrupted_weights(s
     [("tiny_model_dir", []), ("tiny_model_dir", ["--lora-rank", "4"]), ("qwen3_dir", [])],
     ids=["full", "lora", "qwen3"],
 )
-def test_accelerate_launch_two_cpu_processes(start, shared_data, tmp_path, extra, request):
+def test_accelerate_launch_two_cpu_processes(start, cache, tmp_path, extra, request):
     model_dir = request.getfixturevalue(start)
     common = [
         *extra,
         "--model-dir",
         model_dir,
         "--data",
-        shared_data / "instruction-data.json",
+        cache / "instruction-data.json",
         "--cache",
-        shared_data,
+        cache,
         "--max-steps",
         "6",
         "--eval-freq",
@@ -212,7 +210,7 @@ def test_accelerate_launch_two_cpu_processes(start, shared_data, tmp_path, extra
     assert sorted(p.name for p in ckpt.glob("rng-*.safetensors")) == ["rng-0.safetensors", "rng-1.safetensors"]
 
 
-def test_bad_dataset_is_a_one_line_error_and_leaves_no_output(tiny_model_dir, shared_data, tmp_path):
+def test_bad_dataset_is_a_one_line_error_and_leaves_no_output(tiny_model_dir, cache, tmp_path):
     # The stage's side of a bad dataset (exit 1, one line, nothing written); each kind of bad entry and
     # its message is the parser's test (test_data.py::test_bad_datasets_are_one_line_errors).
     (tmp_path / "bad.json").write_text('[{"instruction": "a", "output": "b"}, {"instruction": "a", "output": 5}]')
@@ -224,7 +222,7 @@ def test_bad_dataset_is_a_one_line_error_and_leaves_no_output(tiny_model_dir, sh
         "--data",
         tmp_path / "bad.json",
         "--cache",
-        shared_data,
+        cache,
         "--output",
         tmp_path / "out",
         "--log-format",
@@ -243,21 +241,21 @@ def test_bad_flag_is_a_usage_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_grad_accum_splits_give_the_same_step_as_one_batch(tiny_model_dir, shared_data, tmp_path):
+def test_grad_accum_splits_give_the_same_step_as_one_batch(tiny_model_dir, cache, tmp_path):
     """The loss is a sum over targets divided by the step's count, so micro-batches whose target
     counts differ (the book's batches do) add up to the whole batch's mean, as the book computes it.
     (At the book's learning rate: at 1e-3 Adam turns summation-order rounding into ~4e-6.)"""
     weights = {}
     for accum in (1, 4):
         out = tmp_path / f"accum{accum}"
-        cfg = _cfg(tiny_model_dir, shared_data, out, max_steps=6, eval_freq=100, grad_accum=accum, lr=5e-5)
+        cfg = _cfg(tiny_model_dir, cache, out, max_steps=6, eval_freq=100, grad_accum=accum, lr=5e-5)
         run_finetune(cfg)
         weights[accum] = _weights(out)
     differences = {k: (weights[1][k] - weights[4][k]).abs().max().item() for k in weights[1]}
     assert max(differences.values()) < 1e-6, max(differences.items(), key=lambda kv: kv[1])
 
 
-def test_batches_padded_to_a_multiple_of_16_train_as_the_books_shapes_do(tiny_model_dir, shared_data, tmp_path):
+def test_batches_padded_to_a_multiple_of_16_train_as_the_books_shapes_do(tiny_model_dir, cache, tmp_path):
     """Few shapes for a GPU (issue 18's first lever): the same losses, weights and tokens in fp32 on the CPU."""
     from job.data import Collator, Example
 
@@ -271,7 +269,7 @@ def test_batches_padded_to_a_multiple_of_16_train_as_the_books_shapes_do(tiny_mo
     runs = {}
     for name, extra in (("plain", {}), ("padded", {"pad_to_multiple": 16})):
         out = tmp_path / name
-        cfg = _cfg(tiny_model_dir, shared_data, out, lr=5e-5, max_steps=20, eval_freq=5, precision="fp32", **extra)
+        cfg = _cfg(tiny_model_dir, cache, out, lr=5e-5, max_steps=20, eval_freq=5, precision="fp32", **extra)
         run_finetune(cfg)
         runs[name] = (json.loads((out / "losses.json").read_text()), _weights(out))
     (plain, plain_w), (padded, padded_w) = runs["plain"], runs["padded"]
@@ -281,12 +279,12 @@ def test_batches_padded_to_a_multiple_of_16_train_as_the_books_shapes_do(tiny_mo
     assert max((padded_w[k] - plain_w[k]).abs().max().item() for k in plain_w) < 1e-5
 
 
-def test_one_forward_per_evaluation_gives_the_per_batch_losses(tiny_model_dir, shared_data, tmp_path):
+def test_one_forward_per_evaluation_gives_the_per_batch_losses(tiny_model_dir, cache, tmp_path):
     """--batched-eval (issue 18's second lever): the 5 + 5 batches of an evaluation in one forward pass."""
     histories = {}
     for name, batched in (("eager", False), ("batched", True)):
         out = tmp_path / name
-        run_finetune(_cfg(tiny_model_dir, shared_data, out, max_steps=6, eval_freq=2, batched_eval=batched))
+        run_finetune(_cfg(tiny_model_dir, cache, out, max_steps=6, eval_freq=2, batched_eval=batched))
         histories[name] = json.loads((out / "losses.json").read_text())
     eager, batched = histories["eager"], histories["batched"]
     assert len(eager) == len(batched) == 3
@@ -294,11 +292,11 @@ def test_one_forward_per_evaluation_gives_the_per_batch_losses(tiny_model_dir, s
         assert [h[key] for h in batched] == pytest.approx([h[key] for h in eager], abs=1e-5)
 
 
-def test_no_untie_head_keeps_gpt2s_tied_head_and_transformers_reads_it_tied(tiny_model_dir, shared_data, tmp_path):
+def test_no_untie_head_keeps_gpt2s_tied_head_and_transformers_reads_it_tied(tiny_model_dir, cache, tmp_path):
     from transformers import GPT2LMHeadModel
 
     out = tmp_path / "tied"
-    run_finetune(_cfg(tiny_model_dir, shared_data, out, max_steps=2, untie_head=False, checkpoint_every=1000))
+    run_finetune(_cfg(tiny_model_dir, cache, out, max_steps=2, untie_head=False, checkpoint_every=1000))
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and "lm_head.weight" not in _weights(out)
     ours = load_pretrained(out / "model").eval()
@@ -309,11 +307,11 @@ def test_no_untie_head_keeps_gpt2s_tied_head_and_transformers_reads_it_tied(tiny
         torch.testing.assert_close(ours(idx), theirs(idx).logits, rtol=0, atol=1e-5)
     # the book's default, for contrast: the head trained apart and saved as its own matrix
     untied = tmp_path / "untied"
-    run_finetune(_cfg(tiny_model_dir, shared_data, untied, max_steps=2, checkpoint_every=1000))
+    run_finetune(_cfg(tiny_model_dir, cache, untied, max_steps=2, checkpoint_every=1000))
     assert "lm_head.weight" in _weights(untied)
 
 
-def test_seeded_data_order_trains_on_one_shuffle_per_epoch(tiny_model_dir, shared_data, tmp_path):
+def test_seeded_data_order_trains_on_one_shuffle_per_epoch(tiny_model_dir, cache, tmp_path):
     """--data-order seeded: each epoch's batches from its own permutation (seed * 1000 + epoch), as the
     tokens seen after each step show (each batch counts batch x its longest sequence, as the book counts)."""
     import itertools
@@ -321,10 +319,8 @@ def test_seeded_data_order_trains_on_one_shuffle_per_epoch(tiny_model_dir, share
     from job.data import load_entries, split_entries, tokenize
     from job.order import BookOrder, SeededOrder
 
-    train = split_entries(load_entries(shared_data / "instruction-data.json"))[0]
-    lengths = [
-        len(e.token_ids) for e in tokenize(train, load_tokenizer(shared_data / "gpt2"), PROMPT_STYLES["alpaca"], 1024)
-    ]
+    train = split_entries(load_entries(cache / "instruction-data.json"))[0]
+    lengths = [len(e.token_ids) for e in tokenize(train, load_tokenizer(cache / "gpt2"), PROMPT_STYLES["alpaca"], 1024)]
 
     def tokens_seen(batches):
         return list(itertools.accumulate(len(b) * max(lengths[i] for i in b) for b in batches))
@@ -333,7 +329,7 @@ def test_seeded_data_order_trains_on_one_shuffle_per_epoch(tiny_model_dir, share
     book = BookOrder(len(train), 8, 2, 1, 5, seed=5).epoch_batches(0)[:5]
     assert tokens_seen(seeded) != tokens_seen(book)
     out = tmp_path / "seeded"
-    cfg = _cfg(tiny_model_dir, shared_data, out, max_steps=5, eval_freq=1, eval_iter=1, seed=5, data_order="seeded")
+    cfg = _cfg(tiny_model_dir, cache, out, max_steps=5, eval_freq=1, eval_iter=1, seed=5, data_order="seeded")
     run_finetune(cfg)
     history = json.loads((out / "losses.json").read_text())
     assert [h["tokens_seen"] for h in history] == tokens_seen(seeded)

@@ -20,20 +20,20 @@ def _one_line(result) -> str:
     return line
 
 
-def test_a_busy_metrics_port_names_the_flag(shared_data, tmp_path):
+def test_a_busy_metrics_port_names_the_flag(cache, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = cli(*smoke_run(shared_data, tmp_path / "runs", "p", "--skip-judge", "--metrics-port", port))
+        result = cli(*smoke_run(cache, tmp_path / "runs", "p", "--skip-judge", "--metrics-port", port))
     assert result.returncode == 2
     line = _one_line(result)
     assert f"metrics port {port} on 127.0.0.1 is in use" in line and "--metrics-port" in line and "0 to turn" in line
 
 
-def test_require_gpu_on_a_machine_without_one_is_one_line_exit_1_before_anything_is_written(shared_data, tmp_path):
+def test_require_gpu_on_a_machine_without_one_is_one_line_exit_1_before_anything_is_written(cache, tmp_path):
     result = cli(
-        *smoke_run(shared_data, tmp_path / "runs", "g", "--skip-judge", "--require-gpu"),
+        *smoke_run(cache, tmp_path / "runs", "g", "--skip-judge", "--require-gpu"),
         env={"CUDA_VISIBLE_DEVICES": ""},
     )
     assert result.returncode == 1
@@ -53,7 +53,7 @@ def test_the_smoke_with_no_judge_running_waits_15_s_not_300_and_says_how_to_skip
     assert not (tmp_path / "runs" / "nj").exists()  # a preflight: nothing of the run written
 
 
-def test_s3_without_credentials_names_the_variables(s3, shared_data, tmp_path, monkeypatch):
+def test_s3_without_credentials_names_the_variables(s3, cache, tmp_path, monkeypatch):
     s3.create_bucket(Bucket="nocreds")
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
@@ -62,16 +62,16 @@ def test_s3_without_credentials_names_the_variables(s3, shared_data, tmp_path, m
         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    result = cli(*smoke_run(shared_data, "s3://nocreds/runs", "c", "--skip-judge"), env=env)
+    result = cli(*smoke_run(cache, "s3://nocreds/runs", "c", "--skip-judge"), env=env)
     assert result.returncode == 1
     line = _one_line(result)
     assert "no credentials for output s3://nocreds" in line
     assert all(v in line for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"))
 
 
-def test_outputs_have_the_usual_file_mode_and_record_the_epochs_trained(shared_data, tmp_path):
+def test_outputs_have_the_usual_file_mode_and_record_the_epochs_trained(cache, tmp_path):
     os.umask(0o022)
-    result = cli(*smoke_run(shared_data, tmp_path / "runs", "m", "--skip-judge", "--max-steps", "3"))
+    result = cli(*smoke_run(cache, tmp_path / "runs", "m", "--skip-judge", "--max-steps", "3"))
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / "m"
     for name in ("config.yaml", "manifest.json", "losses.json", "loss-plot.png", "model/model.safetensors"):
@@ -146,7 +146,7 @@ def test_progress_events_off_a_terminal_come_at_most_every_10_seconds_with_fract
     assert metrics.value("sft_job_progress_fraction", {"stage": "train"}) == 1.0
 
 
-def test_a_terminal_sees_the_bars_and_console_lines_that_fit_120_columns(shared_data, tmp_path):
+def test_a_terminal_sees_the_bars_and_console_lines_that_fit_120_columns(cache, tmp_path):
     """stderr on a pseudo-terminal, as a person running the job sees it."""
     import fcntl
     import pty
@@ -162,7 +162,7 @@ def test_a_terminal_sees_the_bars_and_console_lines_that_fit_120_columns(shared_
     primary, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
     try:
-        args = smoke_run(shared_data, tmp_path / "runs", "tty", "--judge-url", server.url, "--log-format", "auto")
+        args = smoke_run(cache, tmp_path / "runs", "tty", "--judge-url", server.url, "--log-format", "auto")
         proc = subprocess.Popen(
             [sys.executable, "-m", "job.cli", *map(str, args)],
             cwd=REPO,
@@ -194,10 +194,10 @@ def test_a_terminal_sees_the_bars_and_console_lines_that_fit_120_columns(shared_
     assert max(len(line) for line in lines) <= 120, max(lines, key=len)
 
 
-def test_a_failed_preflight_leaves_no_run_folder_behind(shared_data, tmp_path):
-    missing = cli(*smoke_run(shared_data, tmp_path / "runs", "gone", "--skip-judge", "--data", tmp_path / "no.json"))
+def test_a_failed_preflight_leaves_no_run_folder_behind(cache, tmp_path):
+    missing = cli(*smoke_run(cache, tmp_path / "runs", "gone", "--skip-judge", "--data", tmp_path / "no.json"))
     assert missing.returncode == 1 and "does not exist" in _one_line(missing)
     dead_judge = f"http://127.0.0.1:{free_port()}"
-    silent = cli(*smoke_run(shared_data, tmp_path / "runs", "gone", "--judge-url", dead_judge, "--judge-wait", "1s"))
+    silent = cli(*smoke_run(cache, tmp_path / "runs", "gone", "--judge-url", dead_judge, "--judge-wait", "1s"))
     assert silent.returncode == 75 and "--skip-judge" in _one_line(silent)
     assert not (tmp_path / "runs" / "gone").exists()

@@ -89,12 +89,12 @@ def test_rows_stop_at_end_of_text_independently():
     assert max(len(a) for a in alone) > len(alone[0])  # the other rows went on
 
 
-def test_sampling_with_a_seed_is_reproducible(wide_context_model, tokenizer_dir, shared_data, tmp_path):
+def test_sampling_with_a_seed_is_reproducible(wide_context_model, tokenizer_dir, cache, tmp_path):
     _, path = wide_context_model
     common = dict(
         model_dir=str(path),
-        data=str(shared_data / "instruction-data.json"),
-        cache=str(shared_data),
+        data=str(cache / "instruction-data.json"),
+        cache=str(cache),
         max_new_tokens=8,
         limit=12,
         batch_size=5,
@@ -109,16 +109,16 @@ def test_sampling_with_a_seed_is_reproducible(wide_context_model, tokenizer_dir,
     assert [x["model_response"] for x in a] != [x["model_response"] for x in c]
 
 
-def test_output_is_the_test_split_with_responses(ends_often_model, shared_data, book_data, tmp_path):
+def test_output_is_the_test_split_with_responses(ends_often_model, cache, book_data, tmp_path):
     path = ends_often_model
     result = cli(
         "generate",
         "--model-dir",
         path,
         "--data",
-        shared_data / "instruction-data.json",
+        cache / "instruction-data.json",
         "--cache",
-        shared_data,
+        cache,
         "--output",
         tmp_path,
         "--max-new-tokens",
@@ -145,18 +145,16 @@ def test_output_is_the_test_split_with_responses(ends_often_model, shared_data, 
     assert json.loads((tmp_path / "fixed" / RESPONSES_FILE).read_text()) == saved
 
 
-def test_bf16_on_request_decodes_in_bf16_and_a_bad_precision_is_a_usage_error(
-    wide_context_model, shared_data, tmp_path
-):
+def test_bf16_on_request_decodes_in_bf16_and_a_bad_precision_is_a_usage_error(wide_context_model, cache, tmp_path):
     _, path = wide_context_model
     args = [
         "generate",
         "--model-dir",
         path,
         "--data",
-        shared_data / "instruction-data.json",
+        cache / "instruction-data.json",
         "--cache",
-        shared_data,
+        cache,
         "--output",
         tmp_path,
         "--max-new-tokens",
@@ -175,16 +173,16 @@ def test_bf16_on_request_decodes_in_bf16_and_a_bad_precision_is_a_usage_error(
 
 
 @pytest.mark.slow
-def test_restart_after_a_kill_decodes_only_the_missing_entries(wide_context_model, shared_data, tmp_path):
+def test_restart_after_a_kill_decodes_only_the_missing_entries(wide_context_model, cache, tmp_path):
     _, path = wide_context_model
     args = [
         "generate",
         "--model-dir",
         path,
         "--data",
-        shared_data / "instruction-data.json",
+        cache / "instruction-data.json",
         "--cache",
-        shared_data,
+        cache,
         "--max-new-tokens",
         "48",
         "--batch-size",
@@ -239,15 +237,13 @@ def test_the_fixed_batch_decoder_is_token_for_token_the_greedy_decoder_on_the_11
     assert len(lengths) > 1, lengths  # rows ended at different steps, so the masking was exercised
 
 
-def test_generate_uses_the_prompt_style_the_model_was_finetuned_with(tiny_model_dir, shared_data, tmp_path):
+def test_generate_uses_the_prompt_style_the_model_was_finetuned_with(tiny_model_dir, cache, tmp_path):
     from tests.helpers import finetune_run
 
-    trained = cli(
-        *finetune_run(tiny_model_dir, shared_data, tmp_path / "ft", "--max-steps", "2", "--prompt-style", "phi3")
-    )
+    trained = cli(*finetune_run(tiny_model_dir, cache, tmp_path / "ft", "--max-steps", "2", "--prompt-style", "phi3"))
     assert trained.returncode == 0, trained.stderr
     model = tmp_path / "ft" / "model"
-    common = ["--model-dir", model, "--data", shared_data / "instruction-data.json", "--cache", shared_data]
+    common = ["--model-dir", model, "--data", cache / "instruction-data.json", "--cache", cache]
     common += ["--limit", "6", "--max-new-tokens", "6", "--log-format", "json"]
 
     def responses(name: str, *style: str) -> tuple[str, list[str]]:

@@ -162,11 +162,9 @@ def test_a_lora_checkpoint_of_gpt2_small_holds_only_the_adapters_and_their_momen
 
 
 @pytest.mark.slow
-def test_finetune_with_lora_writes_the_adapter_and_merged_model_and_resumes_bitwise(
-    tiny_model_dir, shared_data, tmp_path
-):
+def test_finetune_with_lora_writes_the_adapter_and_merged_model_and_resumes_bitwise(tiny_model_dir, cache, tmp_path):
     flags = ["--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-3", "--max-steps", "12", "--eval-freq", "2"]
-    args = lambda out: finetune_run(tiny_model_dir, shared_data, out, *flags, "--checkpoint-every", "1000")  # noqa: E731
+    args = lambda out: finetune_run(tiny_model_dir, cache, out, *flags, "--checkpoint-every", "1000")  # noqa: E731
     straight = cli(*args(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
     start = next(e for e in events(straight.stdout) if e["event"] == "finetune_start")
@@ -201,9 +199,9 @@ def test_finetune_with_lora_writes_the_adapter_and_merged_model_and_resumes_bitw
     assert not merged.head_tied and not torch.equal(after["lm_head.weight"], base["wte.weight"])
 
 
-def test_a_smoke_run_with_lora_in_bf16_and_grad_accum_records_the_adapter(shared_data, tmp_path):
+def test_a_smoke_run_with_lora_in_bf16_and_grad_accum_records_the_adapter(cache, tmp_path):
     extra = ["--skip-judge", "--lora-rank", "4", "--precision", "bf16", "--grad-accum", "2"]
-    result = cli(*smoke_run(shared_data, tmp_path, "lora", *extra))
+    result = cli(*smoke_run(cache, tmp_path, "lora", *extra))
     assert result.returncode == 0, result.stderr
     run = tmp_path / "lora"
     manifest = json.loads((run / "manifest.json").read_text())

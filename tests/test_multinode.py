@@ -195,15 +195,15 @@ def test_the_slurm_scripts_launch_line_on_two_nodes_runs_one_job_into_s3(s3, tin
 
 
 def test_torchrun_through_the_launcher_takes_its_rendezvous_from_kubeflow_trainers_variables(
-    tiny_model_dir, shared_data, tmp_path
+    tiny_model_dir, cache, tmp_path
 ):
     """The TrainJob's command (job.launch --torchrun) with the PET_* variables Trainer's torch runtime sets."""
     import os
 
     pet = {"PET_NNODES": "1", "PET_NODE_RANK": "0", "PET_NPROC_PER_NODE": "2"}
     pet |= {"PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(free_port())}
-    args = ["finetune", "--model-dir", tiny_model_dir, "--data", shared_data / "instruction-data.json"]
-    args += ["--cache", shared_data, "--output", tmp_path / "ft", "--max-steps", "2", "--log-format", "json"]
+    args = ["finetune", "--model-dir", tiny_model_dir, "--data", cache / "instruction-data.json"]
+    args += ["--cache", cache, "--output", tmp_path / "ft", "--max-steps", "2", "--log-format", "json"]
     done = subprocess.run(
         [sys.executable, "-m", "job.launch", "--torchrun", "--module", "job.cli", *map(str, args)],
         cwd=REPO,

@@ -92,8 +92,8 @@ def test_a_long_run_id_and_a_bad_bucket_name_are_config_errors_that_say_the_rule
 # --- cross-option rules in the preflight: nothing written, and the corrected rerun runs -------------------
 
 
-def test_batch_rules_fail_the_preflight_and_the_corrected_rerun_is_not_other_options(shared_data, tmp_path):
-    args = smoke_run(shared_data, tmp_path / "runs", "b", "--skip-judge", "--train-limit", "16")
+def test_batch_rules_fail_the_preflight_and_the_corrected_rerun_is_not_other_options(cache, tmp_path):
+    args = smoke_run(cache, tmp_path / "runs", "b", "--skip-judge", "--train-limit", "16")
     uneven = run_cli(*args, "--grad-accum", "3")
     line = _one_line(uneven, 2)
     assert "--batch-size 8 must divide by processes x --grad-accum (1 x 3): use --batch-size 9" in line
@@ -105,8 +105,8 @@ def test_batch_rules_fail_the_preflight_and_the_corrected_rerun_is_not_other_opt
     assert fixed.returncode == 0, fixed.stderr
 
 
-def test_max_new_tokens_past_the_context_fails_the_preflight_with_a_value_that_works(shared_data, tmp_path):
-    args = smoke_run(shared_data, tmp_path / "runs", "m", "--skip-judge", "--max-new-tokens", "1020")
+def test_max_new_tokens_past_the_context_fails_the_preflight_with_a_value_that_works(cache, tmp_path):
+    args = smoke_run(cache, tmp_path / "runs", "m", "--skip-judge", "--max-new-tokens", "1020")
     line = _one_line(run_cli(*args), 2)
     hint = int(re.search(r"use --max-new-tokens (-?\d+) or fewer", line).group(1))
     assert 0 < hint < 1020 and not (tmp_path / "runs" / "m").exists()
@@ -129,25 +129,25 @@ def test_a_judge_host_from_the_environment_that_is_no_url_is_a_config_error(
     assert code == 2 and words in line and not (tmp_path / "j").exists()
 
 
-def test_a_metrics_address_that_cannot_be_served_is_a_config_error(shared_data, tmp_path):
-    args = smoke_run(shared_data, tmp_path / "runs", "x", "--skip-judge", "--metrics-address", "not-an-ip")
+def test_a_metrics_address_that_cannot_be_served_is_a_config_error(cache, tmp_path):
+    args = smoke_run(cache, tmp_path / "runs", "x", "--skip-judge", "--metrics-address", "not-an-ip")
     args[args.index("--metrics-port") + 1] = str(free_port())
     line = _one_line(run_cli(*args), 2)
     assert "on not-an-ip cannot be served" in line and "--metrics-address" in line
     assert not (tmp_path / "runs" / "x").exists()
 
 
-def test_a_lora_rank_wider_than_the_model_fails_the_preflight(shared_data, tmp_path):
-    args = smoke_run(shared_data, tmp_path / "runs", "l", "--skip-judge", "--lora-rank", "100000")
+def test_a_lora_rank_wider_than_the_model_fails_the_preflight(cache, tmp_path):
+    args = smoke_run(cache, tmp_path / "runs", "l", "--skip-judge", "--lora-rank", "100000")
     assert "--lora-rank 100000 is more than the model's width of 64" in _one_line(run_cli(*args), 2)
     assert not (tmp_path / "runs" / "l").exists()
 
 
-def test_a_test_prompt_longer_than_the_context_is_found_before_training(shared_data, tmp_path):
-    entries = json.loads((shared_data / "instruction-data.json").read_text())[:20]
+def test_a_test_prompt_longer_than_the_context_is_found_before_training(cache, tmp_path):
+    entries = json.loads((cache / "instruction-data.json").read_text())[:20]
     entries[17]["instruction"] = "word " * 1100  # entry 17 opens the test split (17 train, 2 test, 1 validation)
     (tmp_path / "data.json").write_text(json.dumps(entries))
-    args = smoke_run(shared_data, tmp_path / "runs", "p", "--skip-judge", "--train-limit", "8")
+    args = smoke_run(cache, tmp_path / "runs", "p", "--skip-judge", "--train-limit", "8")
     args[args.index("--data") + 1] = tmp_path / "data.json"
     line = _one_line(run_cli(*args), 1)
     assert "the longest test prompt (test entry 0) has" in line and "shorten or drop that entry" in line
@@ -226,14 +226,12 @@ LOCK = {"run_id": "r", "host": "elsewhere", "pid": 1, "started": "2026-01-01T00:
         "lock-list",
     ],
 )
-def test_files_in_the_bucket_that_the_job_did_not_write_are_exit_1_naming_them(
-    key, body, words, s3, shared_data, tmp_path
-):
+def test_files_in_the_bucket_that_the_job_did_not_write_are_exit_1_naming_them(key, body, words, s3, cache, tmp_path):
     s3.create_bucket(Bucket="tamper")
     for old in s3.list_objects_v2(Bucket="tamper").get("Contents", []):
         s3.delete_object(Bucket="tamper", Key=old["Key"])
     s3.put_object(Bucket="tamper", Key=f"runs/r/{key}", Body=body)
-    result = run_cli(*smoke_run(shared_data, "s3://tamper/runs", "r", "--skip-judge", "--scratch", tmp_path / "s"))
+    result = run_cli(*smoke_run(cache, "s3://tamper/runs", "r", "--skip-judge", "--scratch", tmp_path / "s"))
     line = _one_line(result, 1)
     assert words in line, line
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="tamper")["Contents"]}

@@ -58,7 +58,7 @@ def _query(api: str, expr: str) -> list:
 
 
 @pytest.mark.slow
-def test_prometheus_scrapes_the_running_job_and_gets_the_final_push(monitoring, tiny_model_dir, shared_data, tmp_path):
+def test_prometheus_scrapes_the_running_job_and_gets_the_final_push(monitoring, tiny_model_dir, cache, tmp_path):
     ollama = FakeOllama().start()
     try:
         proc = start_cli(
@@ -66,9 +66,9 @@ def test_prometheus_scrapes_the_running_job_and_gets_the_final_push(monitoring, 
             "--model-dir",
             tiny_model_dir,
             "--data",
-            shared_data / "instruction-data.json",
+            cache / "instruction-data.json",
             "--cache",
-            shared_data,
+            cache,
             "--output",
             tmp_path / "runs",
             "--run-id",

@@ -68,10 +68,8 @@ def _s3_manifest(s3, bucket: str, prefix: str) -> dict:
 # --- the run's options are its contract -----------------------------------------------------------
 
 
-def test_a_rerun_with_another_lr_is_refused_and_one_with_another_metrics_port_skips_the_done_stages(
-    shared_data, tmp_path
-):
-    args = smoke_run(shared_data, tmp_path / "runs", "r1", "--skip-judge")
+def test_a_rerun_with_another_lr_is_refused_and_one_with_another_metrics_port_skips_the_done_stages(cache, tmp_path):
+    args = smoke_run(cache, tmp_path / "runs", "r1", "--skip-judge")
     first = cli(*args)
     assert first.returncode == 0, first.stderr
     config = (tmp_path / "runs" / "r1" / "config.yaml").read_bytes()
@@ -104,20 +102,20 @@ def _second_writer_is_refused(first_args: list, shared_data: Path) -> tuple[subp
     return first, line
 
 
-def test_two_runs_with_the_same_id_into_a_local_folder(shared_data, tmp_path):
-    args = smoke_run(shared_data, tmp_path / "runs", "same", "--skip-judge", "--train-limit", "400")
-    first, _ = _second_writer_is_refused(args, shared_data)
+def test_two_runs_with_the_same_id_into_a_local_folder(cache, tmp_path):
+    args = smoke_run(cache, tmp_path / "runs", "same", "--skip-judge", "--train-limit", "400")
+    first, _ = _second_writer_is_refused(args, cache)
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
     manifest = _manifest(tmp_path / "runs" / "same")
     assert [manifest["stages"][s]["status"] for s in ("download", "finetune", "generate")] == ["complete"] * 3
 
 
-def test_two_runs_with_the_same_id_into_s3_and_a_stale_lock_is_taken_over(s3_outage, shared_data, tmp_path):
+def test_two_runs_with_the_same_id_into_s3_and_a_stale_lock_is_taken_over(s3_outage, cache, tmp_path):
     s3_outage.client.create_bucket(Bucket="locks")
-    args = smoke_run(shared_data, "s3://locks/runs", "same", "--skip-judge", "--train-limit", "400")
+    args = smoke_run(cache, "s3://locks/runs", "same", "--skip-judge", "--train-limit", "400")
     args += ["--scratch", tmp_path / "scratch"]
-    first, line = _second_writer_is_refused(args, shared_data)
+    first, line = _second_writer_is_refused(args, cache)
     assert "s3://locks/runs/same/.lock" in line
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
@@ -134,7 +132,7 @@ def test_two_runs_with_the_same_id_into_s3_and_a_stale_lock_is_taken_over(s3_out
         "expires": "2026-01-01T00:10:00+00:00",
     }
     s3_outage.client.put_object(Bucket="locks", Key="runs/other/.lock", Body=json.dumps(stale).encode())
-    taken = cli(*smoke_run(shared_data, "s3://locks/runs", "other", "--skip-judge", "--scratch", tmp_path / "s2"))
+    taken = cli(*smoke_run(cache, "s3://locks/runs", "other", "--skip-judge", "--scratch", tmp_path / "s2"))
     assert taken.returncode == 0, taken.stderr
     [event] = [e for e in events(taken.stdout) if e["event"] == "run_lock_taken_over"]
     assert "gone-node" in event["stale_holder"]
@@ -143,11 +141,11 @@ def test_two_runs_with_the_same_id_into_s3_and_a_stale_lock_is_taken_over(s3_out
 # --- the judge ------------------------------------------------------------------------------------
 
 
-def test_a_judge_answering_500_fails_the_run_with_75_and_a_rerun_asks_only_for_the_failed(shared_data, tmp_path):
+def test_a_judge_answering_500_fails_the_run_with_75_and_a_rerun_asks_only_for_the_failed(cache, tmp_path):
     server = FakeOllama().start()
     try:
         server.mode, server.healthy_for = "500", 3  # 3 of the smoke's 8 entries answered, then 500s
-        args = smoke_run(shared_data, tmp_path / "runs", "j", "--judge-url", server.url, "--judge-retries", "1")
+        args = smoke_run(cache, tmp_path / "runs", "j", "--judge-url", server.url, "--judge-retries", "1")
         failed = cli(*args)
         assert failed.returncode == 75
         [line] = failed.stderr.splitlines()
@@ -183,9 +181,9 @@ def _all_in_the_bucket(s3, bucket: str, prefix: str) -> None:
             assert hashlib.sha256(body).hexdigest() == meta["sha256"], key
 
 
-def test_an_object_store_down_for_several_retries_mid_training_costs_nothing(s3_outage, shared_data, tmp_path):
+def test_an_object_store_down_for_several_retries_mid_training_costs_nothing(s3_outage, cache, tmp_path):
     s3_outage.client.create_bucket(Bucket="flaky")
-    args = smoke_run(shared_data, "s3://flaky/runs", "r", "--skip-judge", "--train-limit", "200")
+    args = smoke_run(cache, "s3://flaky/runs", "r", "--skip-judge", "--train-limit", "200")
     proc = start_cli(*args, "--checkpoint-every", "5", "--scratch", tmp_path / "scratch")
     wait_for_event(proc, lambda e: e.get("event") == "checkpoint", deadline_s=120)
     s3_outage.stop()
@@ -204,17 +202,13 @@ def test_an_object_store_down_for_several_retries_mid_training_costs_nothing(s3_
     assert "runs/r/checkpoints/step-00000050/trainer_state.json" in keys  # the last one, uploaded after the outage
 
 
-def test_an_outage_past_the_retry_timeout_exits_75_and_a_rerun_finishes_the_same_weights(
-    s3_outage, shared_data, tmp_path
-):
+def test_an_outage_past_the_retry_timeout_exits_75_and_a_rerun_finishes_the_same_weights(s3_outage, cache, tmp_path):
     s3_outage.client.create_bucket(Bucket="down")
     common = ["--skip-judge", "--train-limit", "200", "--checkpoint-every", "5"]
-    straight = cli(*smoke_run(shared_data, "s3://down/runs", "straight", *common, "--scratch", tmp_path / "a"))
+    straight = cli(*smoke_run(cache, "s3://down/runs", "straight", *common, "--scratch", tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr
 
-    args = smoke_run(
-        shared_data, "s3://down/runs", "cut", *common, "--scratch", tmp_path / "b", "--s3-retry-timeout", "3"
-    )
+    args = smoke_run(cache, "s3://down/runs", "cut", *common, "--scratch", tmp_path / "b", "--s3-retry-timeout", "3")
     proc = start_cli(*args)
     wait_for_event(proc, lambda e: e.get("event") == "checkpoint", deadline_s=120)
     s3_outage.stop()
@@ -275,11 +269,11 @@ def test_a_full_disk_is_one_line_exit_75_with_no_partial_checkpoint_and_the_earl
     assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 12
 
 
-def test_no_room_for_the_final_model_is_caught_before_it_is_written(small_disk, tiny_model_dir, shared_data):
+def test_no_room_for_the_final_model_is_caught_before_it_is_written(small_disk, tiny_model_dir, cache):
     # The step-4 checkpoint (~78 MB) fits the 110 MB disk; the final model (~52 MB: safetensors and the
     # book's .pth) then does not: the check before it, not a half-written model.
     out = small_disk / "ft"
-    args = finetune_run(tiny_model_dir, shared_data, out, "--max-steps", "4", "--checkpoint-every", "4")
+    args = finetune_run(tiny_model_dir, cache, out, "--max-steps", "4", "--checkpoint-every", "4")
     full = cli(*args)
     assert full.returncode == 75, full.stderr
     [line] = full.stderr.splitlines()

@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from tests.helpers import REPO, cli, events, smoke_run
+from tests.helpers import REPO, cli, events, filled_cache, smoke_run
 
 
 class ReportParser(HTMLParser):
@@ -52,11 +52,12 @@ def judged_smoke(shared_data, tmp_path_factory):
     from tests.ollama_server import FakeOllama
 
     out = tmp_path_factory.mktemp("report")
+    cache = filled_cache(tmp_path_factory.mktemp("cache"), shared_data)
     judge = FakeOllama().start()
     # The smoke model's sampled words rarely overlap the expected outputs: scripted scores spread the table.
     judge.faults.extend(("reply", json.dumps({"score": s})) for s in (12, 85, 40, 3, 97, 55, 61, 20))
     try:
-        result = cli(*smoke_run(shared_data, out, "rep", "--judge-url", judge.url))
+        result = cli(*smoke_run(cache, out, "rep", "--judge-url", judge.url))
     finally:
         judge.stop()
     assert result.returncode == 0, result.stderr

@@ -18,15 +18,15 @@ from tests.helpers import cli, events, start_cli, wait_for_event
 STAGES = ["download", "finetune", "generate", "judge"]
 
 
-def _args(tiny_model_dir, shared_data, ollama, tmp_path, output, *extra):
+def _args(tiny_model_dir, cache, ollama, tmp_path, output, *extra):
     return [
         "run",
         "--model-dir",
         tiny_model_dir,
         "--data",
-        shared_data / "instruction-data.json",
+        cache / "instruction-data.json",
         "--cache",
-        shared_data,
+        cache,
         "--output",
         output,
         "--judge-url",
@@ -56,9 +56,9 @@ def _s3_object(s3, bucket, key) -> bytes:
 
 
 @pytest.mark.slow
-def test_whole_run_into_s3_then_the_same_command_does_nothing(s3, tiny_model_dir, shared_data, ollama, tmp_path):
+def test_whole_run_into_s3_then_the_same_command_does_nothing(s3, tiny_model_dir, cache, ollama, tmp_path):
     s3.create_bucket(Bucket="runs")
-    args = _args(tiny_model_dir, shared_data, ollama, tmp_path, "s3://runs/team/sft", "--run-id", "r1")
+    args = _args(tiny_model_dir, cache, ollama, tmp_path, "s3://runs/team/sft", "--run-id", "r1")
     first = cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     lines = first.stdout.splitlines()
@@ -104,13 +104,13 @@ def test_whole_run_into_s3_then_the_same_command_does_nothing(s3, tiny_model_dir
 
 
 @pytest.mark.slow
-def test_sigterm_mid_finetune_resumes_from_the_checkpoint_in_s3(s3, tiny_model_dir, shared_data, ollama, tmp_path):
+def test_sigterm_mid_finetune_resumes_from_the_checkpoint_in_s3(s3, tiny_model_dir, cache, ollama, tmp_path):
     s3.create_bucket(Bucket="preempt")
     # 40 steps, so training is still going when the step-4 checkpoint has reached S3 (a later flag wins).
     straight = cli(
         *_args(
             tiny_model_dir,
-            shared_data,
+            cache,
             ollama,
             tmp_path / "a",
             "s3://preempt/runs",
@@ -125,7 +125,7 @@ def test_sigterm_mid_finetune_resumes_from_the_checkpoint_in_s3(s3, tiny_model_d
 
     args = _args(
         tiny_model_dir,
-        shared_data,
+        cache,
         ollama,
         tmp_path / "b",
         "s3://preempt/runs",
@@ -154,8 +154,8 @@ def test_sigterm_mid_finetune_resumes_from_the_checkpoint_in_s3(s3, tiny_model_d
     assert _s3_object(s3, "preempt", "runs/straight/losses.json") == _s3_object(s3, "preempt", "runs/cut/losses.json")
 
 
-def test_missing_bucket_fails_at_preflight_with_nothing_written(s3, tiny_model_dir, shared_data, ollama, tmp_path):
-    result = cli(*_args(tiny_model_dir, shared_data, ollama, tmp_path, "s3://no-such-bucket/x", "--run-id", "r"))
+def test_missing_bucket_fails_at_preflight_with_nothing_written(s3, tiny_model_dir, cache, ollama, tmp_path):
+    result = cli(*_args(tiny_model_dir, cache, ollama, tmp_path, "s3://no-such-bucket/x", "--run-id", "r"))
     assert result.returncode == 1
     assert (
         result.stderr.strip()
@@ -164,12 +164,12 @@ def test_missing_bucket_fails_at_preflight_with_nothing_written(s3, tiny_model_d
     assert not (tmp_path / "scratch").exists()
 
 
-def test_unreachable_s3_endpoint_fails_at_preflight(tiny_model_dir, shared_data, ollama, tmp_path):
+def test_unreachable_s3_endpoint_fails_at_preflight(tiny_model_dir, cache, ollama, tmp_path):
     from tests.helpers import free_port
 
     endpoint = f"http://127.0.0.1:{free_port()}"
     result = cli(
-        *_args(tiny_model_dir, shared_data, ollama, tmp_path, "s3://bucket/x", "--s3-endpoint-url", endpoint),
+        *_args(tiny_model_dir, cache, ollama, tmp_path, "s3://bucket/x", "--s3-endpoint-url", endpoint),
         env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"},
     )
     assert result.returncode == 1
@@ -215,12 +215,12 @@ def test_precedence_defaults_file_env_flags(tmp_path, monkeypatch):
     )
 
 
-def test_metrics_registry_holds_exact_values_after_a_local_run(tiny_model_dir, shared_data, ollama, tmp_path):
+def test_metrics_registry_holds_exact_values_after_a_local_run(tiny_model_dir, cache, ollama, tmp_path):
     metrics = Metrics()
     cfg = RunConfig(
         model_dir=str(tiny_model_dir),
-        data=str(shared_data / "instruction-data.json"),
-        cache=str(shared_data),
+        data=str(cache / "instruction-data.json"),
+        cache=str(cache),
         output=str(tmp_path),
         run_id="m1",
         judge_url=ollama.url,

@@ -151,8 +151,8 @@ def assert_smoke_crossed_every_boundary(stdout: str, run_dir: Path) -> None:
     assert len(responses) == 8 and all(r["model_response"] for r in responses)  # sampled: text for the judge
 
 
-def test_smoke_run_crosses_an_epoch_end_its_checkpoint_and_sample(shared_data, tmp_path):
-    done = cli(*_smoke_args(shared_data), "--output", tmp_path / "runs", "--cache", shared_data)
+def test_smoke_run_crosses_an_epoch_end_its_checkpoint_and_sample(cache, tmp_path):
+    done = cli(*_smoke_args(cache), "--output", tmp_path / "runs", "--cache", cache)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_smoke_crossed_every_boundary(done.stdout, tmp_path / "runs" / "smoke")
 

@@ -12,15 +12,15 @@ from tests.helpers import REPO, cli, events, finetune_run, smoke_run
 from tests.ollama_server import FakeOllama
 
 
-def _smoke_skip_judge(shared_data: Path, output, run_id: str, *extra) -> list:
-    return smoke_run(shared_data, output, run_id, "--skip-judge", *extra)
+def _smoke_skip_judge(cache: Path, output, run_id: str, *extra) -> list:
+    return smoke_run(cache, output, run_id, "--skip-judge", *extra)
 
 
 # --- the bucket -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("escape", ["../../../../canary.txt", "ABSOLUTE"], ids=["dot-dot", "absolute"])
-def test_keys_planted_in_the_bucket_cannot_write_outside_the_scratch_folder(escape, s3, shared_data, tmp_path):
+def test_keys_planted_in_the_bucket_cannot_write_outside_the_scratch_folder(escape, s3, cache, tmp_path):
     bucket = f"planted-{'abs' if escape == 'ABSOLUTE' else 'dots'}"  # the moto server outlives the test
     s3.create_bucket(Bucket=bucket)
     canary = tmp_path / "canary.txt"
@@ -31,7 +31,7 @@ def test_keys_planted_in_the_bucket_cannot_write_outside_the_scratch_folder(esca
     planted[f"{prefix}/{escape}"] = b"overwritten\n"
     for key, body in planted.items():
         s3.put_object(Bucket=bucket, Key=key, Body=body)
-    done = cli(*_smoke_skip_judge(shared_data, f"s3://{bucket}/runs", "r", "--scratch", tmp_path / "scratch"))
+    done = cli(*_smoke_skip_judge(cache, f"s3://{bucket}/runs", "r", "--scratch", tmp_path / "scratch"))
     assert done.returncode == 1
     [line] = done.stderr.splitlines()
     assert line == (
@@ -42,7 +42,7 @@ def test_keys_planted_in_the_bucket_cannot_write_outside_the_scratch_folder(esca
     assert not (tmp_path / "scratch" / "r" / "checkpoints").exists()  # nothing written, not even the good keys
 
 
-def test_a_symlink_in_the_scratch_folder_is_not_followed(s3, shared_data, tmp_path):
+def test_a_symlink_in_the_scratch_folder_is_not_followed(s3, cache, tmp_path):
     s3.create_bucket(Bucket="links")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -52,7 +52,7 @@ def test_a_symlink_in_the_scratch_folder_is_not_followed(s3, shared_data, tmp_pa
     # A checkpoint folder in the scratch that is really a link to somewhere else.
     (tmp_path / "scratch" / "r" / "checkpoints").mkdir(parents=True)
     (tmp_path / "scratch" / "r" / "checkpoints" / "step-00000004").symlink_to(elsewhere)
-    done = cli(*_smoke_skip_judge(shared_data, "s3://links/runs", "r", "--scratch", tmp_path / "scratch"))
+    done = cli(*_smoke_skip_judge(cache, "s3://links/runs", "r", "--scratch", tmp_path / "scratch"))
     assert done.returncode == 1 and "refusing storage key 'checkpoints/step-00000004/" in done.stderr
     assert list(elsewhere.iterdir()) == []
 
@@ -60,8 +60,8 @@ def test_a_symlink_in_the_scratch_folder_is_not_followed(s3, shared_data, tmp_pa
 # --- checkpoints ----------------------------------------------------------------------------------
 
 
-def test_an_altered_checkpoint_is_skipped_and_the_previous_one_resumes(tiny_model_dir, shared_data, tmp_path):
-    args = finetune_run(tiny_model_dir, shared_data, tmp_path / "ft", "--checkpoint-every", "4", "--eval-freq", "4")
+def test_an_altered_checkpoint_is_skipped_and_the_previous_one_resumes(tiny_model_dir, cache, tmp_path):
+    args = finetune_run(tiny_model_dir, cache, tmp_path / "ft", "--checkpoint-every", "4", "--eval-freq", "4")
     first = cli(*args, "--max-steps", "8")
     assert first.returncode == 0, first.stderr
     latest = tmp_path / "ft" / "checkpoints" / "step-00000008"
@@ -123,7 +123,7 @@ def _every_byte(tmp_path: Path, s3, bucket: str, *outputs: str) -> bytes:
     return written + stored + "".join(outputs).encode()
 
 
-def test_secrets_are_in_no_byte_the_run_writes_through_a_crash_and_a_finish(s3, shared_data, tmp_path, monkeypatch):
+def test_secrets_are_in_no_byte_the_run_writes_through_a_crash_and_a_finish(s3, cache, tmp_path, monkeypatch):
     s3.create_bucket(Bucket="secret")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
@@ -131,7 +131,7 @@ def test_secrets_are_in_no_byte_the_run_writes_through_a_crash_and_a_finish(s3, 
     server = FakeOllama().start()
     try:
         judge = ["--judge-backend", "openai", "--judge-url", f"{server.url}/v1", "--judge-model", "llama3:latest"]
-        args = smoke_run(shared_data, "s3://secret/runs", "s", "--scratch", tmp_path / "scratch")
+        args = smoke_run(cache, "s3://secret/runs", "s", "--scratch", tmp_path / "scratch")
         hook = tmp_path / "hook"
         hook.mkdir()
         (hook / "sitecustomize.py").write_text(CRASH)

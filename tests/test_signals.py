@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.file_server import FileServer
-from tests.helpers import cli, free_port, smoke_run, start_cli, wait_for_event, wait_until
+from tests.helpers import cli, filled_cache, free_port, smoke_run, start_cli, wait_for_event, wait_until
 from tests.ollama_server import FakeOllama
 
 # Enough decoding (6 batches) and judging (24 requests, one at a time) for a signal to land inside each.
@@ -26,8 +26,8 @@ def _digests(run: Path) -> dict[str, str]:
     return {name: hashlib.sha256((run / name).read_bytes()).hexdigest() for name in RESULTS}
 
 
-def _args(shared_data: Path, runs: Path, run_id: str, judge_url: str) -> list:
-    return smoke_run(shared_data, runs, run_id, "--judge-url", judge_url, "--judge-wait", "60s", *OPTIONS)
+def _args(cache: Path, runs: Path, run_id: str, judge_url: str) -> list:
+    return smoke_run(cache, runs, run_id, "--judge-url", judge_url, "--judge-wait", "60s", *OPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def uninterrupted(shared_data, tmp_path_factory) -> dict[str, str]:
     server = FakeOllama().start()
     try:
         runs = tmp_path_factory.mktemp("straight")
-        done = cli(*_args(shared_data, runs, "straight", server.url))
+        cache = filled_cache(tmp_path_factory.mktemp("cache"), shared_data)
+        done = cli(*_args(cache, runs, "straight", server.url))
         assert done.returncode == 0, done.stderr
         return _digests(runs / "straight")
     finally:
@@ -82,11 +83,11 @@ def _wait_then_stop(proc, server: FakeOllama, where: str, signum: int) -> str:
     ],
 )
 def test_a_signal_inside_a_stage_is_75_and_the_rerun_ends_as_an_uninterrupted_run(
-    where, signum, said, manifest_where, uninterrupted, shared_data, tmp_path
+    where, signum, said, manifest_where, uninterrupted, cache, tmp_path
 ):
     server = FakeOllama().start()
     try:
-        args = _args(shared_data, tmp_path / "runs", "cut", server.url)
+        args = _args(cache, tmp_path / "runs", "cut", server.url)
         line = _wait_then_stop(start_cli(*args), server, where, signum)
         assert said in line and line.endswith(("rerun to resume", "rerun the same command to continue"))
         manifest = json.loads((tmp_path / "runs" / "cut" / "manifest.json").read_text())
@@ -108,9 +109,9 @@ def test_a_signal_inside_a_stage_is_75_and_the_rerun_ends_as_an_uninterrupted_ru
     assert _digests(tmp_path / "runs" / "cut") == uninterrupted
 
 
-def test_a_signal_during_the_preflight_leaves_nothing_behind(shared_data, tmp_path):
+def test_a_signal_during_the_preflight_leaves_nothing_behind(cache, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"  # no judge there yet: the preflight waits for one
-    proc = start_cli(*_args(shared_data, tmp_path / "runs", "early", url))
+    proc = start_cli(*_args(cache, tmp_path / "runs", "early", url))
     wait_for_event(proc, lambda e: e.get("event") == "judge_not_answering", deadline_s=120)
     line = _stopped(proc, signal.SIGTERM)
     assert line == "Error: stopped by SIGTERM: what was complete is kept; rerun the same command to continue"

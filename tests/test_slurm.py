@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, cli, free_port, wait_until
+from tests.helpers import REPO, cli, filled_cache, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def _config(tmp_path, tiny_model_dir, shared_data, **overrides) -> Path:
     config = {
         "model_dir": str(tiny_model_dir),
         "data": str(shared_data / "instruction-data.json"),
-        "cache": str(shared_data),
+        "cache": str(filled_cache(tmp_path / "job-cache", shared_data)),
         "output": str(tmp_path / "runs"),
         "scratch": str(tmp_path / "scratch"),
         "max_steps": 12,
