@@ -294,6 +294,29 @@ def run(log_format, log_file, **params):
     _run("run", run_pipeline, build(RunConfig, params), log_format, log_file)
 
 
+# What slurm/finetune.sbatch needs of the job's own settings (one parse: the same file, SFT_JOB_* values and
+# precedence as `run`), as shell assignments it evals.
+SLURM_SETTINGS = ("skip_judge", "judge_backend", "judge_url")
+
+
+@main.command(name="slurm-settings", cls=cloup.Command, hidden=True)
+@dataclass_options(RunConfig)
+def slurm_settings(log_format, log_file, **params):
+    """The settings slurm/finetune.sbatch needs, checked as `run` checks them (a bad one: exit 2), as
+    `name=value` shell lines; `spare_port` is a port free on this node now (for the judge's ollama serve)."""
+    import shlex
+    import socket
+
+    cfg = build(RunConfig, params)
+    values = {name: getattr(cfg, name) for name in SLURM_SETTINGS}
+    with socket.socket() as spare:
+        spare.bind(("127.0.0.1", 0))
+        values["spare_port"] = spare.getsockname()[1]
+    for name, value in values.items():
+        text = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        click.echo(f"{name}={shlex.quote(text)}")
+
+
 @main.command()
 @click.argument("source")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the report here instead of into the run.")

@@ -736,11 +736,16 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
     """S3-compatible endpoint (MinIO, Ceph...); defaults to AWS_ENDPOINT_URL, else AWS."""
     scratch: str | None = option(None, operational=True, section="Storage")
     """Local working folder for S3 runs (checkpoints are written here first); default {cache}/scratch."""
-    metrics_port: int = option(9100, operational=True, section="Observability")
-    """Port of the Prometheus metrics endpoint for the whole run (0 turns it off)."""
+    metrics_port: int | None = option(None, operational=True, section="Observability")
+    """Port of the Prometheus metrics endpoint for the whole run: unset, a free port the system picks (logged in
+    the metrics_serving event and written to --metrics-sd-dir); a port given here must be free (exit 2 if taken);
+    0 turns the endpoint off."""
     metrics_address: str = option("127.0.0.1", operational=True, section="Observability")
     """Interface the metrics endpoint listens on: this machine only by default; 0.0.0.0 in a pod or container,
     where Prometheus scrapes it from outside."""
+    metrics_sd_dir: str | None = option(None, operational=True, section="Observability")
+    """Folder Prometheus' file_sd_configs reads (files: [DIR/*.json]): while the endpoint serves, the job keeps its
+    host:port there, labelled with the run id, and removes it at exit."""
     pushgateway: str | None = option(None, operational=True, section="Observability")
     """Pushgateway URL to push metrics to at each stage's end and at exit (for runs that end before a scrape)."""
     s3_retry_timeout: str = option("15m", operational=True, section="Storage")
@@ -763,7 +768,7 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
         JudgeSettings.__post_init__(self)
         DPOSettings.__post_init__(self)
         _positive(self, "generate_batch_size")
-        if not 0 <= self.metrics_port <= 65535:
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.run_id is not None and not RUN_ID_RE.fullmatch(self.run_id):
             raise ConfigError(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import os
 import re
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -262,39 +265,57 @@ class Metrics:
 
 class MetricsPublisher:
     """Serves the job's registry over HTTP for the whole run and pushes it to a Pushgateway
-    (``pushadd``, grouping key job + run_id) at each stage's end and at exit, failure included."""
+    (``pushadd``, grouping key job + run_id) at each stage's end and at exit, failure included.
+
+    ``port``: 0 serves nothing, None a free port the system picks (two jobs on one node, or a node
+    exporter on 9100, cannot collide), any other the port asked for, or a ConfigError (exit 2): a
+    port given by hand is what a static scrape config names. With ``sd_dir`` the endpoint is
+    published for Prometheus' file-based service discovery while it serves."""
 
     def __init__(
         self,
         metrics: Metrics,
-        port: int = 0,
+        port: int | None = 0,
         pushgateway: str | None = None,
         run_id: str = "",
         address: str = "127.0.0.1",
+        sd_dir: str | None = None,
     ):
-        self.metrics, self.port, self.pushgateway, self.run_id, self.address = (
-            metrics,
-            port,
-            pushgateway,
-            run_id,
-            address,
-        )
+        self.metrics, self.port, self.pushgateway, self.run_id = metrics, port, pushgateway, run_id
+        self.address, self.sd_dir = address, sd_dir
         self.server = None
+        self.sd_file: Path | None = None
 
     def __enter__(self) -> MetricsPublisher:
-        if self.port:
-            from prometheus_client import start_http_server
-
+        if self.port == 0:
+            return self
+        self.server = self._serve()
+        port = self.server.server_port
+        get_logger(__name__).info("metrics_serving", address=self.address, port=port)
+        if self.sd_dir:
             try:
-                self.server, _thread = start_http_server(self.port, addr=self.address, registry=self.metrics.registry)
-            except OSError as exc:  # in use, an address that is not this machine's, a name that does not resolve
-                reason = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be served ({exc.strerror or exc})"
+                self.sd_file = publish_target(Path(self.sd_dir), self.run_id, scrape_host(self.address), port)
+            except OSError as exc:
+                self.__exit__()
                 raise ConfigError(
-                    f"metrics port {self.port} on {self.address} {reason}: choose another --metrics-port or "
-                    "--metrics-address, or --metrics-port 0 to turn the endpoint off"
+                    f"--metrics-sd-dir {self.sd_dir}: cannot write the scrape target there "
+                    f"({exc.strerror or exc}): give a folder this job can write, or leave it unset"
                 ) from None
-            get_logger(__name__).info("metrics_serving", address=self.address, port=self.port)
         return self
+
+    def _serve(self):
+        from prometheus_client import start_http_server
+
+        try:
+            server, _thread = start_http_server(self.port or 0, addr=self.address, registry=self.metrics.registry)
+        except OSError as exc:  # in use, an address that is not this machine's, a name that does not resolve
+            reason = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be served ({exc.strerror or exc})"
+            where = f"metrics port {self.port} on {self.address}" if self.port else f"metrics address {self.address}"
+            raise ConfigError(
+                f"{where} {reason}: choose another --metrics-port (unset: a free one) or "
+                "--metrics-address, or --metrics-port 0 to turn the endpoint off"
+            ) from None
+        return server
 
     def push(self) -> None:
         if not self.pushgateway:
@@ -314,6 +335,29 @@ class MetricsPublisher:
 
     def __exit__(self, *exc) -> None:
         self.push()
+        if self.sd_file is not None:  # Prometheus drops the target: no scrapes of a job that is gone
+            self.sd_file.unlink(missing_ok=True)
+            self.sd_file = None
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+            self.server = None
+
+
+def scrape_host(address: str) -> str:
+    """The host Prometheus reaches an endpoint listening on ``address`` at: this machine's name for
+    every interface, else the address itself (an IPv6 one in brackets)."""
+    host = socket.gethostname() if address in ("0.0.0.0", "::", "") else address
+    return f"[{host}]" if ":" in host else host
+
+
+def publish_target(folder: Path, run_id: str, host: str, port: int) -> Path:
+    """``{folder}/{run_id}-{host}-{port}.json``: one target in file_sd_configs' format, labelled with
+    the run id, written whole (renamed into place: Prometheus never reads half a file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{run_id}-{host.strip('[]').replace(':', '_')}-{port}.json"
+    target = [{"targets": [f"{host}:{port}"], "labels": {"run_id": run_id}}]
+    partial = folder / f".{name}.partial"  # outside a *.json glob
+    partial.write_text(json.dumps(target) + "\n")
+    os.replace(partial, folder / name)
+    return folder / name

@@ -462,6 +462,7 @@ def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:
         cfg.pushgateway if main else None,
         pipeline.run_id,
         address=cfg.metrics_address,
+        sd_dir=cfg.metrics_sd_dir if main else None,
     )
     pipeline.publisher = publisher
     with publisher:  # pushes at exit too, failure included

@@ -1,17 +1,23 @@
 """slurm/finetune.sbatch on a real single-node cluster (slurmctld + slurmd on localhost, munge)."""
 
+import errno
 import json
 import os
+import shutil
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from tests.helpers import REPO, cli, filled_cache, free_port, wait_until
+from tests.test_prometheus import _query, _start
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +64,12 @@ def _config(tmp_path, tiny_model_dir, shared_data, **overrides) -> Path:
 
 
 def _sbatch(slurm, ollama, config: Path, out: Path, **env: str) -> str:
+    return _submit(slurm, config, out, {"OLLAMA_HOST": ollama.url, **env})
+
+
+def _submit(slurm, config: Path, out: Path, env: dict) -> str:
+    """sbatch the script on ``config``; the job's ``python`` is this test's (its venv), first on PATH."""
+    path = f"{Path(sys.executable).parent}:{slurm['PATH']}"
     submitted = subprocess.run(
         [
             "sbatch",
@@ -69,7 +81,7 @@ def _sbatch(slurm, ollama, config: Path, out: Path, **env: str) -> str:
             config,
         ],
         cwd=REPO,
-        env={**slurm, "OLLAMA_HOST": ollama.url, **env},
+        env={**slurm, "PATH": path, **env},
         capture_output=True,
         text=True,
     )
@@ -198,7 +210,10 @@ def test_an_internal_error_is_requeued_at_most_max_restarts_with_the_venv_it_nam
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:$PATH"\n')
     python = venv / "bin" / "python"
-    python.write_text(f'#!/bin/sh\necho "attempt ${{SLURM_RESTART_COUNT:-0}}" >> {tmp_path}/attempts\nexit 70\n')
+    python.write_text(
+        f'#!/bin/sh\ncase "$*" in *slurm-settings*) exec {sys.executable} "$@" ;; esac\n'  # the script's own reading
+        f'echo "attempt ${{SLURM_RESTART_COUNT:-0}}" >> {tmp_path}/attempts\nexit 70\n'
+    )
     python.chmod(0o755)
     config = tmp_path / "job.yaml"
     config.write_text("skip_judge: true\n")
@@ -208,3 +223,74 @@ def test_an_internal_error_is_requeued_at_most_max_restarts_with_the_venv_it_nam
     assert job["JobState"] == "FAILED" and _exit_code(job) == 70, _account(slurm, job, out)
     assert int(job["Restarts"]) == 1 and (tmp_path / "attempts").read_text() == "attempt 0\nattempt 1\n"
     assert out.read_text().count("internal error (exit 70); requeueing") == 1
+
+
+def _hold_9100(stack) -> None:
+    """Port 9100 taken on the node for the test's length, as node_exporter takes it on most clusters."""
+    holder = stack.enter_context(socket.socket())
+    try:
+        holder.bind(("0.0.0.0", 9100))
+        holder.listen()
+    except OSError as exc:  # another process has it already: taken all the same
+        assert exc.errno == errno.EADDRINUSE, exc
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).ok
+    except requests.ConnectionError:
+        return False
+
+
+def _prometheus_on(stack, tmp_path, sd_dir: Path) -> str:
+    """A real Prometheus that finds its targets in ``sd_dir`` (file_sd_configs), as README's Slurm section says."""
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(f"""
+global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+scrape_configs:
+  - job_name: sft-job-slurm
+    file_sd_configs: [{{files: ["{sd_dir}/*.json"], refresh_interval: 1s}}]
+""")
+    config, tsdb = f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}"
+    proc = _start(["prometheus", config, tsdb, f"--web.listen-address=127.0.0.1:{port}"], "prometheus")
+    stack.callback(lambda: (proc.terminate(), proc.wait(timeout=30)))
+    wait_until(lambda: _answers(f"http://127.0.0.1:{port}/-/ready"), 60, what="prometheus to start")
+    return f"http://127.0.0.1:{port}/api/v1"
+
+
+def test_two_jobs_on_one_node_with_9100_taken_and_no_judge_by_file_or_by_env_both_run_and_are_scraped(
+    slurm, tiny_model_dir, cache, tmp_path
+):
+    from contextlib import ExitStack
+
+    sd_dir = tmp_path / "file_sd"
+    # skip_judge must be read as the job reads it, or the script stops for want of a judge
+    assert shutil.which("ollama") is None and "OLLAMA_HOST" not in slurm
+    jobs = {}
+    with ExitStack() as stack:
+        _hold_9100(stack)
+        api = _prometheus_on(stack, tmp_path, sd_dir)
+        for name, skip in (("by-file", {"skip_judge": True}), ("by-env", {})):
+            folder = tmp_path / name
+            folder.mkdir()
+            config = _config(folder, tiny_model_dir, cache, max_steps=40, **skip)
+            config.write_text(config.read_text().replace("metrics_port: 0\n", ""))  # unset: a free port
+            env = {"SFT_JOB_METRICS_SD_DIR": str(sd_dir)} | ({} if skip else {"SFT_JOB_SKIP_JUDGE": "1"})
+            jobs[name] = (_submit(slurm, config, folder / "job.out", env), folder)
+        for name, (job_id, _folder) in jobs.items():
+            wait_until(
+                lambda job_id=job_id: _query(api, f'up{{run_id="slurm-{job_id}"}} == 1'),
+                300,
+                what=f"a scrape of job {name} ({job_id}) through its file_sd target",
+            )
+        ended = {name: wait_until(_finished(slurm, job_id), 600, 1, what=name) for name, (job_id, _) in jobs.items()}
+    for name, job in ended.items():
+        assert job["JobState"] == "COMPLETED", _account(slurm, job, jobs[name][1] / "job.out")
+    a, b = ended.values()
+    assert a["StartTime"] <= b["EndTime"] and b["StartTime"] <= a["EndTime"], "the two jobs ran at the same time"
+    assert list(sd_dir.iterdir()) == []  # each job removed its target at exit
+    for job_id, folder in jobs.values():
+        manifest = json.loads((folder / "runs" / f"slurm-{job_id}" / "manifest.json").read_text())
+        assert {s: v["status"] for s, v in manifest["stages"].items()} == dict.fromkeys(
+            ["download", "finetune", "generate"], "complete"
+        )
