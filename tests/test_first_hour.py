@@ -86,12 +86,12 @@ def test_the_loss_plot_spans_the_epochs_trained_with_tokens_seen_above(tmp_path,
     from job import train_outputs
 
     figures = []
-    monkeypatch.setattr(train_outputs, "_save", lambda plt, fig, path: figures.append(fig))
+    monkeypatch.setattr(train_outputs, "_save", lambda fig, path, metadata: figures.append(fig))
     history = [{"train_loss": 3.0 - i / 2, "val_loss": 3.1 - i / 3, "tokens_seen": 100 * (i + 1)} for i in range(4)]
     for epochs in (0.6, 2.0):
         train_outputs.plot_losses(history, epochs, tmp_path / "loss-plot.png")
         epochs_axis, tokens_axis = figures[-1].axes
-        assert epochs_axis.get_xlabel() == "Epochs" and tokens_axis.get_xlabel() == "Tokens seen"
+        assert epochs_axis.get_xlabel() == "Epochs" and tokens_axis.get_xlabel() == "Tokens seen (at each evaluation)"
         for line in epochs_axis.get_lines():  # the book's torch.linspace(0, epochs, len(history))
             assert line.get_xdata() == pytest.approx([0, epochs / 3, 2 * epochs / 3, epochs])
         assert list(tokens_axis.get_lines()[0].get_xdata()) == [100, 200, 300, 400]
