@@ -201,3 +201,31 @@ def test_a_failed_preflight_leaves_no_run_folder_behind(shared_data, tmp_path):
     silent = cli(*smoke_run(shared_data, tmp_path / "runs", "gone", "--judge-url", dead_judge, "--judge-wait", "1s"))
     assert silent.returncode == 75 and "--skip-judge" in _one_line(silent)
     assert not (tmp_path / "runs" / "gone").exists()
+
+
+def test_gpu_smoke_exits_1_when_its_runs_fail(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    # A node where every run of the job fails (exit 1, after logging a checkpoint so the preemption
+    # step does not wait): the script must not end 0.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100, 580.0'\n")
+    (bin_dir / "python3").write_text(
+        f'#!/bin/sh\nif [ "$1" = "-m" ]; then echo \'{{"event": "checkpoint", "step": 1}}\'; exit 1; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    for name in ("nvidia-smi", "python3"):
+        (bin_dir / name).chmod(0o755)
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu-smoke.sh"), str(tmp_path / "data"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "smoke: exit 1" in done.stdout and "gpu-smoke: FAILED" in done.stdout.splitlines()[-1]
