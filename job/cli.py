@@ -58,7 +58,9 @@ def _config_option():
         is_eager=True,
         expose_value=False,
         callback=_load_config_file,
-        help="YAML file of option values (keys are the flags' names with underscores).",
+        envvar=f"{ENV_PREFIX}_CONFIG",
+        show_envvar=True,
+        help="YAML file of option values (keys are the flags' names with underscores; a file cannot name another).",
     )
 
 
@@ -75,12 +77,16 @@ def _log_options():
             type=click.Choice(["auto", "json", "console", "book"]),
             default="auto",
             show_default=True,
+            envvar=f"{ENV_PREFIX}_LOG_FORMAT",
+            show_envvar=True,
             help="JSON lines, a readable console (auto on a terminal), or book: only the lines the book's code "
             "prints (Ep 1 (Step 000000): Train loss ..., the epoch samples, the training time).",
         ),
         click.option(
             "--log-file",
             type=click.Path(dir_okay=False),
+            envvar=f"{ENV_PREFIX}_LOG_FILE",
+            show_envvar=True,
             help="Also append every event to this file as JSON lines, whatever --log-format shows.",
         ),
     ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import math
 import os
@@ -147,9 +148,13 @@ def config_file_values(path: str, cls: type | None, known: set[str]) -> dict:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of option names to values")
-    unknown = sorted(short(k) for k in set(data) - known)
+    if "config" in data:  # --config names this file: one naming another would be read by nothing
+        raise ConfigError(f"{path}: key config: a config file cannot name another; merge the two files")
+    unknown = sorted(str(k) for k in set(data) - known)
     if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]}")
+        close = difflib.get_close_matches(unknown[0], sorted(known - {"config"}), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{path}: unknown key {short(unknown[0])}{hint}")
     # Checked against the fields' types here: click would turn 1.5 into 1 and true into 1.
     names = field_names(cls) if cls else set()
     try:

@@ -52,7 +52,7 @@ from job.finetune import run_finetune
 from job.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate
 from job.judge import preflight as judge_preflight
 from job.judge import run_judge
-from job.manifest import Manifest
+from job.manifest import FAILURE_RECORD_PATIENCE_S, Manifest
 from job.model import GPT2_SIZES, GPTConfig, GPTModel
 from job.observability import Metrics, MetricsPublisher, bind, get_logger
 from job.parsing import ParseError, load_yaml
@@ -216,6 +216,7 @@ class Pipeline:
         except BaseException as exc:
             if self.stages is not None:
                 self.stages.record_stop(exc)
+                report_stopped_run(self.storage, self.work, self.remote)
             raise
         finally:
             lock.release()
@@ -349,6 +350,16 @@ def report(storage: Storage, work: Path, remote: bool) -> None:
     if remote:
         storage.put_file(path, REPORT)
     log.info("report_written", path=f"{storage.url}/{REPORT}")
+
+
+def report_stopped_run(storage: Storage, work: Path, remote: bool) -> None:
+    """A run that failed or was stopped still gets its report (where it stopped, and why): a short wait
+    for the store at most, and never an error of its own, since the run's error is the one to report."""
+    try:
+        with storage.patience(FAILURE_RECORD_PATIENCE_S):
+            report(storage, work, remote)
+    except Exception as exc:  # noqa: BLE001
+        log.error("report_failed", error=f"{type(exc).__name__}: {exc}")
 
 
 def run_inputs(cfg: RunConfig) -> dict:

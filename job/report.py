@@ -40,6 +40,7 @@ INPUTS = (
 )
 DPO_INPUTS = (  # with run --dpo: the DPO stage's curves, and the finetuned model's responses and scores
     "dpo/losses.json",
+    "dpo/model/config.json",
     "dpo/loss-plot.png",
     "dpo/reward-margins-plot.png",
     "sft/scores.json",
@@ -56,7 +57,8 @@ th[data-sort] { cursor: pointer; background: #f4f4f4; } th[data-sort]:hover { ba
 tr.best td { background: #e6f4ea; } tr.worst td { background: #fce8e6; }
 td.text { white-space: pre-wrap; max-width: 28em; } td.num { text-align: right; }
 pre { background: #f8f8f8; padding: 1em; overflow-x: auto; } .figures td:first-child { font-weight: 600; }
-.plots img { max-width: 48%; margin-right: 1%; }
+.plots figure { display: inline-block; max-width: 48%; margin: 0 1% 1em 0; } .plots img { max-width: 100%; }
+figcaption { text-align: center; color: #555; }
 """
 
 # Click a header: sort by that column (numbers by data-value), again to reverse.
@@ -136,6 +138,7 @@ SHAPES = {
     "losses.json": list[LossRecord],
     "model/config.json": ModelConfig,
     "dpo/losses.json": list[DPORecord],
+    "dpo/model/config.json": ModelConfig,
     "summary.json": Summary,
     "scores.json": list[Entry],
     RESPONSES_FILE: list[Entry],
@@ -243,11 +246,35 @@ def _score(entry: dict) -> str:
     return "–" if entry.get("score") is None else str(entry["score"])
 
 
-def _tokens_seen(losses: list[dict], model_config: dict | None) -> tuple[str, str]:
+def _training(losses: list[dict], model_config: dict | None) -> list[tuple[str, str]]:
+    """The last evaluation's figures, said to be that (a run evaluates every few steps, so they can
+    stop before its end), then the whole training's tokens and steps."""
+    last = losses[-1]
+    at = f"after step {last['step'] + 1:,}, " if isinstance(last.get("step"), int) else ""  # the log's 0-based step
+    rows = [
+        ("Evaluations", str(len(losses))),
+        ("First / last validation loss", f"{losses[0]['val_loss']:.3f} / {last['val_loss']:.3f}"),
+        ("Training loss at the last evaluation", f"{last['train_loss']:.3f} ({at}{last['tokens_seen']:,} tokens seen)"),
+    ]
+    return rows + _trained(model_config, "Tokens and steps trained")
+
+
+def _trained(model_config: dict | None, label: str) -> list[tuple[str, str]]:
+    """The whole training's tokens and steps, as the trained model's config.json records them."""
     trained = ((model_config or {}).get("sft_job") or {}).get("trained")
-    if trained:  # the whole training's, not the count at its last evaluation
-        return "Tokens seen", f"{trained['tokens_seen']:,} in {trained['steps']:,} steps"
-    return "Tokens seen (at the last evaluation)", f"{losses[-1]['tokens_seen']:,}"
+    return [(label, f"{trained['tokens_seen']:,} in {trained['steps']:,} steps")] if trained else []
+
+
+def _status(manifest) -> list[tuple[str, str]]:
+    """Where a run that did not complete stopped, and the error it stopped with."""
+    manifest = manifest or {}
+    status, stopped = manifest.get("status"), manifest.get("stopped") or {}
+    if status not in ("failed", "interrupted"):  # a complete run, or this run's own report at its end
+        return []
+    where = f" in stage {stopped['stage']}" if stopped.get("stage") else ""
+    where = where or (f" after stage {stopped['after']}" if stopped.get("after") else "")
+    error = f": {stopped['error']}" if stopped.get("error") else ""
+    return [("Status", f"{status}{where}{error}")]
 
 
 def _inputs(manifest) -> list[tuple[str, str]]:
@@ -270,20 +297,17 @@ def _figures(data: dict, entries: list[dict], judged: str | None) -> list[tuple[
         data["summary.json"],
         data["dpo/losses.json"],
     )
-    figures = [("Run", (manifest or {}).get("run_id", "")), *_inputs(manifest), ("Test entries", str(len(entries)))]
+    figures = [("Run", (manifest or {}).get("run_id", "")), *_status(manifest), *_inputs(manifest)]
+    figures.append(("Test entries", str(len(entries)) if entries else "none yet (no responses)"))
     if losses:
-        figures += [
-            ("Evaluations", str(len(losses))),
-            ("First / last validation loss", f"{losses[0]['val_loss']:.3f} / {losses[-1]['val_loss']:.3f}"),
-            ("Last training loss", f"{losses[-1]['train_loss']:.3f}"),
-            _tokens_seen(losses, data["model/config.json"]),
-        ]
+        figures += _training(losses, data["model/config.json"])
     if dpo:
         margin = dpo[-1]["val_chosen_reward"] - dpo[-1]["val_rejected_reward"]
         figures += [
             ("DPO evaluations", str(len(dpo))),
             ("DPO first / last validation loss", f"{dpo[0]['val_loss']:.3f} / {dpo[-1]['val_loss']:.3f}"),
             ("DPO last validation reward margin", f"{margin:.3f}"),
+            *_trained(data["dpo/model/config.json"], "DPO tokens and steps trained"),
         ]
     if summary:
         figures += [
@@ -308,10 +332,14 @@ def _judged(data: dict) -> str | None:
 def _stages(manifest) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(s.get('status', '')))}</td>"
-        f'<td class="num">{s.get("duration_s", "")}</td></tr>'
+        f'<td class="num">{s.get("duration_s") or ""}</td><td>{html.escape(str(s.get("error") or ""))}</td></tr>'
         for name, s in (manifest or {}).get("stages", {}).items()
     )
-    return f"<table><tr><th>Stage</th><th>Status</th><th>Seconds</th></tr>{rows}</table>"
+    return f'<table id="stages"><tr><th>Stage</th><th>Status</th><th>Seconds</th><th>Error</th></tr>{rows}</table>'
+
+
+def _plot(data: bytes, title: str) -> str:
+    return f"<figure>{_png(data, title)}<figcaption>{html.escape(title)}</figcaption></figure>"
 
 
 def render(folder: Path) -> str:
@@ -320,13 +348,13 @@ def render(folder: Path) -> str:
     entries = data["scores.json"] or data[RESPONSES_FILE] or []
     scores = [e["score"] for e in entries if e.get("score") is not None]
     shown = (
-        ("loss-plot.png", "Training and validation loss"),
-        ("dpo/loss-plot.png", "DPO: training and validation loss"),
-        ("dpo/reward-margins-plot.png", "DPO: training and validation reward margins"),
+        ("loss-plot.png", "Finetune loss: training and validation"),
+        ("dpo/loss-plot.png", "DPO loss: training and validation"),
+        ("dpo/reward-margins-plot.png", "DPO reward margins: training and validation"),
     )
-    plots = [_png(data[name], alt) for name, alt in shown if data[name]]
+    plots = [_plot(data[name], title) for name, title in shown if data[name]]
     if scores:
-        plots.append(_png(score_histogram(scores), "Judge score histogram"))
+        plots.append(_plot(score_histogram(scores), "Judge score histogram"))
     judged, marks = _judged(data), _marks(entries)
     figures = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in _figures(data, entries, judged)
@@ -368,6 +396,8 @@ def run_report(source: str, endpoint_url: str | None = None, output: str | None 
     """``sft-job report``: rebuild a run's report from its folder or its ``s3://`` prefix. The report
     goes back into the run (or to ``output``); returns where it was written."""
     storage = open_storage(source, endpoint_url)
+    if isinstance(storage, LocalStorage) and not storage.root.is_dir():
+        raise ConfigError(f"{source} does not exist: give the folder or s3:// prefix of one run")
     if not storage.get_text("manifest.json"):
         raise ConfigError(f"{source} holds no manifest.json: give the folder or s3:// prefix of one run")
     if isinstance(storage, LocalStorage):  # a local run folder: read in place

@@ -14,6 +14,8 @@ from job.lora import merge_adapters, save_peft_adapter
 from job.storage import atomic_path, atomic_write_text, ensure_room
 from job.weights import book_state_dict
 
+PLOT_TITLES = {"sft": "Finetune loss", "dpo": "DPO loss"}  # the report shows both: each says which it is
+
 
 def write_outputs(
     model: Model,
@@ -53,51 +55,81 @@ def write_outputs(
     losses = out / "losses.json"
     atomic_write_text(losses, json.dumps(history, indent=2) + "\n")
     plot = out / "loss-plot.png"
-    plot_losses(history, epochs, plot)
+    plot_losses(history, epochs, plot, PLOT_TITLES[kind])
     return written | {"model": out / "model", "losses": losses, "plot": plot}
 
 
-def plot_losses(history: list[dict], epochs: float, path: Path) -> None:
-    """The book's ``plot_losses``: losses against the epochs trained (a fraction where training
-    stopped early), tokens seen on a second x-axis."""
-    from matplotlib.ticker import MaxNLocator
+def plot_losses(history: list[dict], epochs: float, path: Path, title: str = "Finetune loss") -> None:
+    """The book's ``plot_losses`` as a PNG at ``path`` (see ``loss_figure``)."""
+    _save(loss_figure(history, epochs, title), path, _drawn_with(title, epochs, history))
 
-    plt = _pyplot()
+
+def loss_figure(history: list[dict], epochs: float, title: str):
+    """The book's ``plot_losses``: losses against the epochs trained (a fraction where training
+    stopped early), tokens seen on a second x-axis; titled, since a DPO run has two."""
+    from matplotlib.ticker import MaxNLocator
 
     train = [h["train_loss"] for h in history]
     val = [h["val_loss"] for h in history]
     epochs_seen = torch.linspace(0, epochs, len(history)).tolist()
-    fig, ax1 = plt.subplots(figsize=(5, 3))
-    ax1.plot(epochs_seen, train, label="Training loss")
-    ax1.plot(epochs_seen, val, linestyle="-.", label="Validation loss")
+    fig, ax1 = _pyplot().subplots(figsize=(5, 3))
+    ax1.plot(epochs_seen, train, marker="o", markersize=3, label="Training loss")
+    ax1.plot(epochs_seen, val, linestyle="-.", marker="o", markersize=3, label="Validation loss")
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel("Loss")
-    ax1.legend(loc="upper right")
+    ax1.legend(loc="best")
     ax1.xaxis.set_major_locator(MaxNLocator(integer=epochs >= 1))
+    _span_epochs(ax1, epochs)
     ax2 = ax1.twiny()
     ax2.plot([h["tokens_seen"] for h in history], train, alpha=0)
-    ax2.set_xlabel("Tokens seen")
-    _save(plt, fig, path)
+    ax2.set_xlabel("Tokens seen (at each evaluation)")
+    return _plain(fig, title)
 
 
 def plot_reward_margins(history: list[dict], epochs: float, path: Path) -> None:
+    """The book's DPO reward-margin plot as a PNG at ``path`` (see ``reward_margin_figure``)."""
+    title = "DPO reward margins"
+    _save(reward_margin_figure(history, epochs, title), path, _drawn_with(title, epochs, history))
+
+
+def reward_margin_figure(history: list[dict], epochs: float, title: str):
     """The book's DPO plot: the training and validation reward margins (chosen minus rejected reward)
     against the epochs trained."""
-    plt = _pyplot()
     epochs_seen = torch.linspace(0, epochs, len(history)).tolist()
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = _pyplot().subplots(figsize=(5, 3))
     for split, style in (("train", "-"), ("val", "-.")):
         margins = [h[f"{split}_chosen_reward"] - h[f"{split}_rejected_reward"] for h in history]
-        ax.plot(
-            epochs_seen,
-            margins,
-            linestyle=style,
-            label=f"{'Training' if split == 'train' else 'Validation'} reward margin",
-        )
+        name = "Training" if split == "train" else "Validation"
+        ax.plot(epochs_seen, margins, linestyle=style, marker="o", markersize=3, label=f"{name} reward margin")
     ax.set_xlabel("Epochs")
+    _span_epochs(ax, epochs)
     ax.set_ylabel("Reward margin")
-    ax.legend(loc="upper left")
-    _save(plt, fig, path)
+    ax.legend(loc="best")
+    return _plain(fig, title)
+
+
+def _plain(fig, title: str):
+    """``fig`` titled, with plain tick labels: one evaluation's axis spans a few thousandths, where an
+    offset label ("1e-6+6.93e-1") would cover the ticks."""
+    fig.suptitle(title)
+    for ax in fig.axes:
+        ax.ticklabel_format(axis="both", useOffset=False)
+    return fig
+
+
+def _span_epochs(ax, epochs: float) -> None:
+    """The x-axis spans the epochs trained, so a single evaluation is seen where it fell in the training."""
+    from matplotlib.ticker import MaxNLocator
+
+    if epochs > 0:
+        ax.set_xlim(-0.05 * epochs, 1.05 * epochs)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=epochs >= 1))
+
+
+def _drawn_with(title: str, epochs: float, history: list[dict]) -> dict[str, str]:
+    """The PNG's text chunks: its title, and the epochs and evaluations it was drawn over (so what a
+    plot shows can be read back and checked against what was trained)."""
+    return {"Title": title, "Description": json.dumps({"epochs": epochs, "evaluations": len(history)})}
 
 
 def _pyplot():
@@ -110,9 +142,10 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, path: Path) -> None:
-    """``fig`` as a PNG at ``path``, written under a temporary name and renamed."""
+def _save(fig, path: Path, metadata: dict[str, str]) -> None:
+    """``fig`` as a PNG at ``path`` with ``metadata`` in its text chunks, written under a temporary name
+    and renamed."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+        fig.savefig(tmp, format="png", metadata=metadata)
+    _pyplot().close(fig)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The quickest check of a GPU node: `sft-job run --smoke` on CUDA (both epoch ends, their
 # checkpoints and samples, generation), then a preempted run (SIGUSR1 after its first checkpoint)
-# and its rerun, which must resume and complete. Prints one summary line per run.
-#   bash scripts/gpu-smoke.sh DATA_DIR OUT_DIR   (DATA_DIR: instruction-data.json and gpt2/ tokenizer files)
+# and its rerun, which must resume and complete. Prints one summary line per run, and exits 1 unless
+# the smoke and the rerun exit 0 and the preempted run 75.
+#   bash scripts/gpu-smoke.sh DATA_DIR OUT_DIR
+# DATA_DIR: the book's instruction-data.json (the smoke trains on it); it is also the runs' cache, where
+# the smoke writes its own small data (smoke/), so a writable folder, e.g. a cache filled by `sft-job download`.
 set -uo pipefail
 data=${1:?data dir}; out=${2:?output dir}
 mkdir -p "$out"
@@ -25,7 +28,7 @@ python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_devic
 
 start=$EPOCHREALTIME
 "${sft[@]}" --run-id smoke >"$out/smoke.jsonl" 2>"$out/smoke.err"
-rc=$?; echo "smoke: exit $rc in $(python3 -c "print(round($EPOCHREALTIME - $start, 1))") s"; summary "$out/smoke.jsonl"; tail -n 3 "$out/smoke.err"
+rc=$?; failed=$((rc != 0)); echo "smoke: exit $rc in $(python3 -c "print(round($EPOCHREALTIME - $start, 1))") s"; summary "$out/smoke.jsonl"; tail -n 3 "$out/smoke.err"
 
 # 800 entries, a checkpoint every 20 steps: SIGUSR1 lands mid-epoch, after the first one.
 long=(--run-id preempt --train-limit 800 --checkpoint-every 20)
@@ -33,6 +36,8 @@ long=(--run-id preempt --train-limit 800 --checkpoint-every 20)
 pid=$!
 for _ in $(seq 600); do grep -q '"event": "checkpoint"' "$out/preempt-1.jsonl" 2>/dev/null && break; sleep 0.1; done
 kill -USR1 $pid; wait $pid
-echo "preempted: exit $? (75 expected)"; summary "$out/preempt-1.jsonl"
+rc=$?; failed=$((failed || rc != 75)); echo "preempted: exit $rc (75 expected)"; summary "$out/preempt-1.jsonl"
 "${sft[@]}" "${long[@]}" >"$out/preempt-2.jsonl" 2>"$out/preempt-2.err"
-echo "rerun: exit $?"; summary "$out/preempt-2.jsonl"; tail -n 3 "$out/preempt-2.err"
+rc=$?; failed=$((failed || rc != 0)); echo "rerun: exit $rc"; summary "$out/preempt-2.jsonl"; tail -n 3 "$out/preempt-2.err"
+if ((failed)); then echo "gpu-smoke: FAILED (see the exits above)"; exit 1; fi
+echo "gpu-smoke: all three runs as expected"

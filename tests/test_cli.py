@@ -116,3 +116,69 @@ def test_run_help_leads_with_the_common_options_names_each_variable_and_needs_no
     # --help must not wait for torch (1.4 s to import): the CLI module imports none of it.
     probe = "import sys, job.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def _readme_configuration() -> str:
+    from tests.helpers import REPO
+
+    return (REPO / "README.md").read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _another_value(param: click.Option) -> tuple[str, object]:
+    """A value for ``param`` other than its default, as an environment variable holds it, and as parsed."""
+    if param.is_flag:
+        return ("false", False) if param.default else ("true", True)
+    if isinstance(param.type, click.Choice):
+        choice = next(c for c in param.type.choices if c != param.default)
+        return choice, choice
+    if param.type is click.INT:
+        return str((param.default or 0) + 3), (param.default or 0) + 3
+    if param.type is click.FLOAT:
+        return str((param.default or 0) + 0.5), (param.default or 0) + 0.5
+    return "/elsewhere/x", "/elsewhere/x"
+
+
+@pytest.mark.parametrize("command", sorted(set(cli.main.commands) - {"report"}))
+def test_every_option_the_readme_promises_has_its_sft_job_variable_and_it_is_honoured(command, monkeypatch):
+    # README, Configuration: "Every option is a flag, a key of --config job.yaml, or an environment
+    # variable SFT_JOB_<OPTION>"
+    assert "environment variable `SFT_JOB_<OPTION>`" in _readme_configuration()
+    cmd = cli.main.commands[command]
+    options = [p for p in cmd.params if isinstance(p, click.Option) and p.name not in ("help", "config")]
+    for param in options:
+        assert param.envvar == f"SFT_JOB_{param.name.upper()}" and param.show_envvar, param.name
+        raw, parsed = _another_value(param)
+        monkeypatch.setenv(param.envvar, raw)
+    context = cmd.make_context(command, [])
+    for param in options:
+        assert context.params[param.name] == _another_value(param)[1], param.name
+
+
+def test_the_config_file_comes_from_sft_job_config_and_cannot_name_another(tmp_path, monkeypatch):
+    from job.config import RunConfig
+
+    (tmp_path / "job.yaml").write_text("epochs: 5\n")
+    monkeypatch.setenv("SFT_JOB_CONFIG", str(tmp_path / "job.yaml"))
+    context = cli.main.commands["run"].make_context("run", [])
+    assert cli.build(RunConfig, context.params).epochs == 5
+    (tmp_path / "loop.yaml").write_text(f"config: {tmp_path / 'loop.yaml'}\n")  # a file naming itself
+    monkeypatch.setenv("SFT_JOB_CONFIG", str(tmp_path / "loop.yaml"))
+    with pytest.raises(click.BadParameter, match="cannot name another"):
+        cli.main.commands["run"].make_context("run", [])
+    (tmp_path / "typo.yaml").write_text("epoch: 1\n")
+    with pytest.raises(click.BadParameter, match=r"unknown key 'epoch' \(did you mean epochs\?\)"):
+        cli.main.commands["run"].make_context("run", ["--config", str(tmp_path / "typo.yaml")])
+
+
+def test_the_help_sections_the_readme_lists_are_the_clis(monkeypatch):
+    import re
+
+    text = " ".join(_readme_configuration().split())
+    listed = re.search(r"lists the options in sections \(common ones first: (.*?); then (.*?)\), each", text)
+    assert listed, "the README no longer lists the help sections"
+    common = re.findall(r"`(--[\w-]+)`", listed.group(1))
+    rest = [s.strip() for s in re.split(r",| and ", listed.group(2)) if s.strip()]
+    groups = cli.main.commands["run"].option_groups
+    titles = [g.title.removesuffix(" options") for g in groups]
+    assert [t.lower() for t in titles[1:]] == [s.lower() for s in rest]
+    assert [f"--{o.name.replace('_', '-')}" for o in groups[0].options] == common

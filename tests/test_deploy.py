@@ -370,9 +370,13 @@ def test_pod_failure_policy_follows_the_exit_code_contract(values):
         for code in rule.get("onExitCodes", {}).get("values", []):
             assert rule["onExitCodes"]["operator"] == "In"
             by_code.setdefault(code, set()).add(rule["action"])
-    assert by_code == {ExitCode.BAD_DATA: {"FailJob"}, ExitCode.BAD_CONFIG: {"FailJob"}, ExitCode.RETRY: {"Ignore"}}
+    assert by_code == {ExitCode.BAD_DATA: {"FailJob"}, ExitCode.BAD_CONFIG: {"FailJob"}, ExitCode.RETRY: {"Count"}}
     assert ExitCode.INTERNAL not in by_code  # a bug counts against backoffLimit
-    assert {"type": "DisruptionTarget", "status": "True"} in [c for r in rules for c in r.get("onPodConditions", [])]
+    # The first rule that matches decides: a disrupted pod (evicted, drained, preempted; it exits 75) is
+    # retried without counting, any other 75 (an outage that lasts) counts, so the Job ends within
+    # backoffLimit retries, as Slurm's SFT_JOB_MAX_REQUEUES (20) bounds the requeues.
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert _by_kind(docs)["Job"]["spec"]["backoffLimit"] == 20
 
 
 # The `restricted` Pod Security Standard (Kubernetes 1.30), rule by rule as the document states them,
@@ -620,3 +624,110 @@ def test_the_trainjob_alternative_is_a_valid_kubeflow_trainer_v2_trainjob():
     assert {m["name"] for m in container["volumeMounts"]} == {v["name"] for v in pod["volumes"]}
     patched_pod = pod | {"containers": [container | {"resources": {"limits": trainer["resourcesPerNode"]["limits"]}}]}
     assert [rule for rule, holds in RESTRICTED if not holds(patched_pod)] == []
+
+
+def _run_config(values: dict | None):
+    """The job's configuration as the chart's pod gets it: the ConfigMap's file and the container's env."""
+    from job.config import RunConfig
+
+    docs, _ = _render(values)
+    kinds = _by_kind(docs)
+    options = yaml.safe_load(kinds["ConfigMap"]["data"]["job.yaml"])
+    [main] = [c for c in kinds["Job"]["spec"]["template"]["spec"]["containers"] if c["name"] == "sft-job"]
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    options = {k: v for k, v in options.items() if k in known} | {"cache": env["SFT_JOB_CACHE"]}
+    return RunConfig(**options), env, kinds
+
+
+def _reached(values: dict | None) -> set[tuple[str, int]]:
+    """(host, port) of everything a run with these chart values reaches over the network: where its
+    configuration downloads from (model, tokenizer, dataset, hub), its judge, its bucket, and the
+    registry an Ollama sidecar pulls the judge model from."""
+    from urllib.parse import urlparse
+
+    from job.download import HUB_REPOS, dataset_file, hub_file, model_files, tokenizer_files
+
+    cfg, env, _ = _run_config(values)
+    if cfg.model in HUB_REPOS:
+        files = [hub_file(cfg, "config.json")]
+    else:
+        files = model_files(cfg.model, cfg.source, cfg.base_url) + tokenizer_files(cfg.base_url)
+    remote = [d for d in ([cfg.data, cfg.dpo_data] if cfg.dpo else [cfg.data]) if "://" in d]
+    urls = [u for f in files + [dataset_file(d, cfg.base_url) for d in remote] for u in f.urls]
+    urls += [cfg.output] if cfg.output.startswith("s3://") else []
+    urls += [env["OLLAMA_HOST"]] if not (values or {}).get("ollama", {}).get("sidecar", True) else []
+    reached = set()
+    for url in urls:
+        if url.startswith("s3://"):  # the object store's endpoint, AWS's where none is set
+            url = env.get("AWS_ENDPOINT_URL") or "https://s3.amazonaws.com"
+        parsed = urlparse(url)
+        reached.add((parsed.hostname, parsed.port or {"http": 80, "https": 443}[parsed.scheme]))
+    if (values or {}).get("ollama", {}).get("sidecar", True):
+        reached.add(("registry.ollama.ai", 443))  # `ollama pull` of the judge model
+    return reached
+
+
+def _admits(egress: list[dict], host: str, port: int) -> bool:
+    """Whether a NetworkPolicy's egress rules let a pod reach ``host:port``. Names of the cluster's own
+    Services (``name.namespace``, ``*.svc``) may be any peer the rules list; a host on the internet only an
+    ipBlock that holds public addresses (0.0.0.0/0, less its exceptions)."""
+    import ipaddress
+
+    in_cluster = host.endswith((".svc", ".svc.cluster.local")) or host.count(".") == 1
+    for rule in egress:
+        if rule.get("ports") and port not in [p.get("port") for p in rule["ports"]]:
+            continue
+        peers = rule.get("to") or [{"ipBlock": {"cidr": "0.0.0.0/0"}}]  # no `to`: anywhere
+        for peer in peers:
+            cidr = peer.get("ipBlock", {}).get("cidr")
+            public = cidr is not None and ipaddress.ip_network(cidr).overlaps(ipaddress.ip_network("8.8.8.0/24"))
+            if in_cluster or public:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("name", EXAMPLE_VALUES)
+def test_each_examples_network_policy_lets_its_run_reach_every_host_its_configuration_names(name):
+    values = yaml.safe_load((REPO / "examples" / name).read_text())
+    reached = _reached(values)
+    assert reached  # a run reaches something: the model's files at least
+    kinds = _run_config(values)[2]
+    if "NetworkPolicy" not in kinds:
+        assert not values.get("networkPolicy", {}).get("enabled")
+        return
+    egress = kinds["NetworkPolicy"]["spec"]["egress"]
+    assert [f"{h}:{p}" for h, p in sorted(reached) if not _admits(egress, h, p)] == []
+
+
+def test_the_network_policy_check_refuses_a_run_that_downloads_from_the_internet():
+    # The S3 example as it was: the default downloads (GPT-2, the dataset) and a sidecar pulling its model.
+    values = yaml.safe_load((REPO / "examples" / "values-s3.yaml").read_text())
+    values["config"].pop("base_url")
+    values["ollama"] = {"sidecar": True}
+    egress = _run_config(values)[2]["NetworkPolicy"]["spec"]["egress"]
+    refused = {h for h, p in _reached(values) if not _admits(egress, h, p)}
+    assert {"openaipublic.blob.core.windows.net", "raw.githubusercontent.com", "registry.ollama.ai"} <= refused
+
+
+def test_every_example_variable_of_dot_env_uncommented_is_a_value_the_job_accepts(tmp_path, monkeypatch):
+    from job import cli
+
+    # A user's .env: .env.example with its passwords set and every commented example variable uncommented.
+    lines = (REPO / ".env.example").read_text().splitlines()
+    uncommented = [line.removeprefix("# ") if re.match(r"# SFT_JOB_\w+=", line) else line for line in lines]
+    assert len(uncommented) - sum(line.startswith("#") for line in uncommented) >= 7  # the examples are there
+    dot_env = tmp_path / ".env"
+    passwords = {"MINIO_ROOT_PASSWORD": "minio-pass", "GRAFANA_ADMIN_PASSWORD": "grafana-pass"}
+    dot_env.write_text("\n".join(f"{line}{passwords.get(line[:-1], '')}" for line in uncommented) + "\n")
+    # as compose reads it (compose-go's own parser), then as the job reads its environment
+    job = _compose("docker-compose.yml", env={"PATH": os.environ["PATH"]}, env_file=dot_env)["services"]["sft-job"]
+    given = {k: v for k, v in job["environment"].items() if k.startswith("SFT_JOB_") and v is not None}
+    example = {line.split("=", 1)[0] for line in uncommented if line.startswith("SFT_JOB_")}
+    assert example <= set(given) and len(example) >= 3, given
+    for name in example:
+        monkeypatch.setenv(name, given[name])
+    context = cli.main.commands["run"].make_context("run", [])
+    config = cli.build(cli.RunConfig, context.params)
+    for name in example:
+        assert str(getattr(config, name.removeprefix("SFT_JOB_").lower())) == given[name], name

@@ -86,12 +86,12 @@ def test_the_loss_plot_spans_the_epochs_trained_with_tokens_seen_above(tmp_path,
     from job import train_outputs
 
     figures = []
-    monkeypatch.setattr(train_outputs, "_save", lambda plt, fig, path: figures.append(fig))
+    monkeypatch.setattr(train_outputs, "_save", lambda fig, path, metadata: figures.append(fig))
     history = [{"train_loss": 3.0 - i / 2, "val_loss": 3.1 - i / 3, "tokens_seen": 100 * (i + 1)} for i in range(4)]
     for epochs in (0.6, 2.0):
         train_outputs.plot_losses(history, epochs, tmp_path / "loss-plot.png")
         epochs_axis, tokens_axis = figures[-1].axes
-        assert epochs_axis.get_xlabel() == "Epochs" and tokens_axis.get_xlabel() == "Tokens seen"
+        assert epochs_axis.get_xlabel() == "Epochs" and tokens_axis.get_xlabel() == "Tokens seen (at each evaluation)"
         for line in epochs_axis.get_lines():  # the book's torch.linspace(0, epochs, len(history))
             assert line.get_xdata() == pytest.approx([0, epochs / 3, 2 * epochs / 3, epochs])
         assert list(tokens_axis.get_lines()[0].get_xdata()) == [100, 200, 300, 400]
@@ -201,3 +201,31 @@ def test_a_failed_preflight_leaves_no_run_folder_behind(cache, tmp_path):
     silent = cli(*smoke_run(cache, tmp_path / "runs", "gone", "--judge-url", dead_judge, "--judge-wait", "1s"))
     assert silent.returncode == 75 and "--skip-judge" in _one_line(silent)
     assert not (tmp_path / "runs" / "gone").exists()
+
+
+def test_gpu_smoke_exits_1_when_its_runs_fail(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    # A node where every run of the job fails (exit 1, after logging a checkpoint so the preemption
+    # step does not wait): the script must not end 0.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100, 580.0'\n")
+    (bin_dir / "python3").write_text(
+        f'#!/bin/sh\nif [ "$1" = "-m" ]; then echo \'{{"event": "checkpoint", "step": 1}}\'; exit 1; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    for name in ("nvidia-smi", "python3"):
+        (bin_dir / name).chmod(0o755)
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu-smoke.sh"), str(tmp_path / "data"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "smoke: exit 1" in done.stdout and "gpu-smoke: FAILED" in done.stdout.splitlines()[-1]

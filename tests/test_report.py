@@ -52,7 +52,7 @@ def judged_smoke(shared_data, tmp_path_factory):
     from tests.ollama_server import FakeOllama
 
     out = tmp_path_factory.mktemp("report")
-    cache = filled_cache(tmp_path_factory.mktemp("cache"), shared_data)
+    cache = filled_cache(out / "cache", shared_data)
     judge = FakeOllama().start()
     # The smoke model's sampled words rarely overlap the expected outputs: scripted scores spread the table.
     judge.faults.extend(("reply", json.dumps({"score": s})) for s in (12, 85, 40, 3, 97, 55, 61, 20))
@@ -77,9 +77,9 @@ def test_the_reports_figures_are_the_runs_own_totals_inputs_and_scores(judged_sm
     [done] = [e for e in events((judged_smoke.parent / "events.jsonl").read_text()) if e["event"] == "finetune_done"]
     losses = json.loads((judged_smoke / "losses.json").read_text())
     # The whole training's tokens, not the last evaluation's count (the smoke's last is before its end).
-    assert figures["Tokens seen"] == f"{done['tokens_seen']:,} in {done['steps']:,} steps"
+    assert figures["Tokens and steps trained"] == f"{done['tokens_seen']:,} in {done['steps']:,} steps"
     assert done["tokens_seen"] > losses[-1]["tokens_seen"]
-    data = shared_data / "instruction-data.json"
+    data = judged_smoke.parent / "cache" / "instruction-data.json"  # the fixture's copy of the book's data
     sha = hashlib.sha256(data.read_bytes()).hexdigest()
     assert figures["Model"] == "random 2-layer GPT-2 (the smoke&#x27;s own, seed 123), byte tokenizer"
     assert figures["Data"] == f"{data} (sha256 {sha[:12]}…)"
@@ -202,3 +202,102 @@ def test_the_report_opens_in_chromium_without_errors_and_sorts_by_score(judged_s
         assert page.locator("img").count() == 2 and page.evaluate("document.images[0].naturalWidth") > 0
         browser.close()
     assert errors == []
+
+
+def _in_chromium(report, read):
+    """``read(page)`` on ``report`` opened in Chromium, failing on any console or page error."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Chromium is missing: scripts/install-test-deps.sh installs it"
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(report.as_uri())
+        result = read(page)
+        browser.close()
+    assert errors == []
+    return result
+
+
+def _figure_texts(page) -> dict[str, str]:
+    cells = page.locator("table.figures tr td").all_inner_texts()
+    return dict(zip(cells[::2], cells[1::2], strict=True))
+
+
+def test_a_run_that_failed_in_download_has_a_report_naming_the_stage_and_its_error_line(cache, tmp_path):
+    # ".invalid" never resolves (RFC 6761): the weights' download fails, exit 1, after the preflight passed.
+    args = smoke_run(cache, tmp_path / "runs", "offline", "--skip-judge", "--base-url", "http://sft-job.invalid/m")
+    done = cli(*[a for a in args if a != "--smoke"])
+    assert done.returncode == 1, done.stderr[-2000:]
+    error = done.stderr.strip().splitlines()[-1].removeprefix("Error: ")
+    assert "host sft-job.invalid not found" in error
+    run = tmp_path / "runs" / "offline"
+    figures = _in_chromium(run / "report.html", _figure_texts)
+    assert figures["Status"] == f"failed in stage download: {error}"
+    assert figures["Test entries"] == "none yet (no responses)"
+    stages = _in_chromium(run / "report.html", lambda page: page.locator("#stages tr").all_inner_texts())
+    assert [s.split("\t") for s in stages[1:]] == [["download", "failed", "", error]]
+    rebuilt = cli("report", run, "--output", tmp_path / "again.html")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert (tmp_path / "again.html").read_text() == (run / "report.html").read_text()
+
+
+def _drawn_with(png: bytes) -> tuple[str, dict]:
+    """A plot's title and what it was drawn over (epochs, evaluations), from its PNG's text chunks."""
+    import io
+
+    from PIL import Image
+
+    text = Image.open(io.BytesIO(png)).text
+    return text["Title"], json.loads(text["Description"])
+
+
+def test_a_dpo_run_with_one_evaluation_shows_each_plot_titled_over_the_epochs_trained(cache, tmp_path):
+    # 3 of the 5 steps an epoch of the smoke: one evaluation in each stage, 0.6 of the 2 epochs asked for
+    args = smoke_run(cache, tmp_path, "dpo1", "--skip-judge", "--dpo", "--max-steps", 3, "--dpo-epochs", 2)
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "dpo1"
+
+    def plots(page):
+        captions = page.locator(".plots figcaption").all_inner_texts()
+        widths = page.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
+        sources = page.evaluate("Array.from(document.images).map(i => i.src)")
+        return captions, widths, sources
+
+    captions, widths, sources = _in_chromium(run / "report.html", plots)
+    assert captions == [
+        "Finetune loss: training and validation",
+        "DPO loss: training and validation",
+        "DPO reward margins: training and validation",
+    ]
+    assert all(w > 0 for w in widths)
+    titles = [_drawn_with(base64.b64decode(src.split(",", 1)[1]))[0] for src in sources]
+    assert titles == ["Finetune loss", "DPO loss", "DPO reward margins"]
+    for stage, plot_files in (("", ["loss-plot.png"]), ("dpo/", ["loss-plot.png", "reward-margins-plot.png"])):
+        trained = json.loads((run / stage / "model" / "config.json").read_text())["sft_job"]["trained"]
+        assert trained["epochs"] == 0.6
+        for name in plot_files:
+            _, drawn = _drawn_with((run / stage / name).read_bytes())
+            assert drawn == {"epochs": trained["epochs"], "evaluations": 1}, (stage, name)
+
+
+def test_one_evaluation_is_drawn_as_a_point_with_plain_tick_labels():
+    from job.train_outputs import loss_figure, reward_margin_figure
+
+    # one DPO evaluation: the losses differ in the 7th digit, where an offset label would hide the ticks
+    entry = {"train_loss": 0.6930701, "val_loss": 0.6930712, "tokens_seen": 9104}
+    entry |= {"train_chosen_reward": 2e-7, "train_rejected_reward": 0.0}
+    entry |= {"val_chosen_reward": 0.0, "val_rejected_reward": 1e-7}
+    for fig in (loss_figure([entry], 0.2, "DPO loss"), reward_margin_figure([entry], 0.2, "DPO reward margins")):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        assert fig.get_suptitle() in ("DPO loss", "DPO reward margins")
+        assert len(ax.lines) == 2 and all(line.get_marker() not in ("None", "", None) for line in ax.lines)
+        for axis in (ax.xaxis, ax.yaxis):  # a scale (1e-7) may stand above the axis; no offset added to ticks
+            assert axis.get_major_formatter().offset == 0 and "+" not in axis.get_offset_text().get_text()
+        assert ax.get_xlim()[0] < 0 < 0.2 < ax.get_xlim()[1]  # the epochs trained, the point inside
