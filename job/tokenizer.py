@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from itertools import accumulate
 from pathlib import Path
 
 import tiktoken
@@ -228,3 +229,25 @@ def decode_response(tokenizer: Tokenizer, ids: list[int]) -> str:
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids of ``text``; ``<|endoftext|>`` in the text is the special token, as in the book."""
     return tokenizer.encode(text, allowed_special={END_OF_TEXT})
+
+
+def encode_parts(tokenizer: Tokenizer, head: str, tail: str) -> tuple[list[int], int]:
+    """The ids of ``head + tail`` encoded as one text (as the book encodes a prompt and its response), and the
+    index of the first token that holds any of ``tail`` (``len(ids)`` for an empty tail): a token that merges
+    head's last characters with tail's first is tail's, so none of tail's text lies before the index."""
+    text = head + tail
+    if isinstance(tokenizer, HFTokenizer):
+        # The library's own map of each token to the characters it came from (a normalizer may change them).
+        encoding = tokenizer.tokenizer.encode(text, add_special_tokens=False)
+        ids, ends, boundary = encoding.ids, [end for _, end in encoding.offsets], len(head)
+    else:
+        ids = encode(tokenizer, text)
+        ends, boundary = list(accumulate(map(len, token_bytes(tokenizer, ids)))), len(head.encode("utf-8"))
+    return ids, next((k for k, end in enumerate(ends) if end > boundary), len(ids))
+
+
+def token_bytes(tokenizer: tiktoken.Encoding | ByteTokenizer, ids: list[int]) -> list[bytes]:
+    """Each token's bytes, which together are the encoded text's (tiktoken's and the byte tokenizer's are lossless)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return [bytes([i]) if i < 256 else END_OF_TEXT.encode() for i in ids]
+    return tokenizer.decode_tokens_bytes(ids)
