@@ -249,8 +249,9 @@ def collate(
     for row, item in enumerate(batch):
         padded = item + [pad_token_id] * (width - len(item))
         x, y = torch.tensor(padded[:-1]), torch.tensor(padded[1:])
-        padding = torch.nonzero(y == pad_token_id).squeeze(1)
-        y[padding[1:]] = ignore_index  # every end-of-text target but the first, as the book does
+        # The padding's targets but its first end-of-text, as the book masks them; told by position, not by id,
+        # since a chat template's prompt may hold the end token itself (Llama 3's <|eot_id|> ends each turn).
+        y[len(item) :] = ignore_index
         if prompt_lengths is not None:
             y[: prompt_lengths[row] - 1] = ignore_index  # targets that are still prompt tokens
         if allowed_max_length is not None:
