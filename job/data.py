@@ -195,7 +195,8 @@ def prompt_style(name: str, tokenizer) -> PromptStyle:
     template = getattr(tokenizer, "chat_template", None)
     if template is None:
         raise ConfigError(
-            "--prompt-style chat needs the model's chat template (tokenizer_config.json's chat_template), "
+            "--prompt-style chat needs the model's chat template (chat_template.jinja, or tokenizer_config.json's "
+            "chat_template), "
             "which this model's tokenizer lacks: use --prompt-style alpaca or phi3"
         )
     return ChatStyle("chat", "", "", render=template.prompt)

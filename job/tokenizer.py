@@ -105,7 +105,7 @@ class HFTokenizer:
 
     def __init__(self, tokenizer, end_token: str, pad_token: str | None = None, chat_template=None):
         self.tokenizer = tokenizer
-        self.chat_template = chat_template  # a ChatTemplate where tokenizer_config.json has one
+        self.chat_template = chat_template  # a ChatTemplate where the folder has one
         self.n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         self.end_id = self._id(end_token, "end")
         self.pad_id = self._id(pad_token, "padding") if pad_token else self.end_id
@@ -152,6 +152,7 @@ def _byte_alphabet() -> dict[str, int]:
 
 BYTE_OF_CHAR = _byte_alphabet()
 MAX_TOKENIZER_BYTES = 64 << 20  # Llama 3's tokenizer.json is 9 MB, Qwen3's 11 MB
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where current transformers saves a model's chat template
 
 
 def load_hf_tokenizer(directory: str | Path) -> HFTokenizer:
@@ -186,11 +187,21 @@ def load_hf_tokenizer(directory: str | Path) -> HFTokenizer:
 
 
 def _chat_template(config, content, files):
-    """tokenizer_config.json's chat template (one string, or the one named ``default`` of a list), with the
-    special tokens it may name, as transformers passes them."""
-    from job.chat_template import ChatTemplate
+    """The folder's chat template, where transformers' loading finds it: ``chat_template.jinja`` (what current
+    transformers saves) before tokenizer_config.json's (one string, or the one named ``default`` of a list);
+    with the special tokens it may name, as transformers passes them."""
+    from job.chat_template import MAX_TEMPLATE_CHARS, ChatTemplate
+    from job.parsing import ParseError, read_bounded
 
-    source = config.get("chat_template") if isinstance(config, dict) else None
+    jinja = files["tokenizer_config.json"].with_name(CHAT_TEMPLATE_FILE)
+    source, where = config.get("chat_template") if isinstance(config, dict) else None, files["tokenizer_config.json"]
+    if jinja.is_file():
+        try:
+            text = read_bounded(jinja, 4 * MAX_TEMPLATE_CHARS, str(jinja)).decode("utf-8")
+            # transformers opens it as text: universal newlines, as Python's open() reads them
+            source, where = text.replace("\r\n", "\n").replace("\r", "\n"), jinja
+        except (OSError, ParseError, UnicodeDecodeError) as exc:
+            raise TokenizerError(f"{jinja} is not readable as UTF-8 text: {str(exc)[:200]}") from None
     if isinstance(source, list):
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
         source = named.get("default")
@@ -198,7 +209,7 @@ def _chat_template(config, content, files):
         return None
     tokens = {key: content(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
     variables = {k: v for k, v in tokens.items() if isinstance(v, str)}
-    return ChatTemplate(source, variables, str(files["tokenizer_config.json"]))
+    return ChatTemplate(source, variables, str(where))
 
 
 Tokenizer = tiktoken.Encoding | ByteTokenizer | HFTokenizer
