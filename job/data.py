@@ -13,7 +13,7 @@ import torch
 from job.errors import ConfigError, JobError
 from job.observability import get_logger
 from job.parsing import ParseError, load_json, read_bounded
-from job.tokenizer import END_OF_TEXT_ID, encode
+from job.tokenizer import END_OF_TEXT_ID, encode, encode_parts
 
 log = get_logger(__name__)
 IGNORE_INDEX = -100
@@ -113,11 +113,27 @@ def load_entries(path: Path, skip_invalid: bool = False, check=entry_problem) ->
 
 
 @dataclass(frozen=True)
+class Laid:
+    """One entry and one response as a style lays them out, in tokens."""
+
+    ids: list[int]
+    """Prompt, response header and response, encoded as one text (as the book encodes it)."""
+    response_start: int
+    """The first token that holds response text (``len(ids)`` for an empty response): training scores from it."""
+
+
+@dataclass(frozen=True)
 class PromptStyle:
+    """The one place that knows a style's layout: the prompt (what generation and the epoch's sample start
+    from), the response header after it, and which token the response starts at, for every tokenizer."""
+
     name: str
     response_header: str
     """Text between the prompt and the response; ``marker`` is what extraction strips of it."""
     marker: str
+    book_dpo_extra: int | None = None
+    """The book's DPO (ch07/04) masks the prompt's own tokens and this many more (Alpaca's ``+ 2``, meant as
+    the two newlines before ``### Response:``), scoring the rest of the header; None: from the response on."""
 
     def format_input(self, entry: dict) -> str:
         """The prompt as the book passes it to ``generate`` (no response header)."""
@@ -138,9 +154,22 @@ class PromptStyle:
         """The book's extraction: text after the prompt, the marker removed, whitespace stripped."""
         return generated[len(prompt) :].replace(self.marker, "").strip()
 
+    def lay_out(self, tokenizer, entry: dict, response: str) -> Laid:
+        """Prompt, header and ``response`` in tokens, and where the response starts (job/tokenizer.py's
+        ``encode_parts``: a token merging the header's end with the response's start is the response's)."""
+        ids, start = encode_parts(tokenizer, self.format_input(entry) + self.response_header, response)
+        return Laid(ids, start)
+
+    def preference_start(self, tokenizer, entry: dict, laid: Laid) -> int:
+        """The first token DPO scores of ``laid``: its response's first, or where the style keeps the book's
+        mask (Alpaca), the prompt's own tokens (encoded alone, as the book does) and ``book_dpo_extra`` more."""
+        if self.book_dpo_extra is None:
+            return laid.response_start
+        return len(encode(tokenizer, self.format_input(entry))) + self.book_dpo_extra
+
 
 PROMPT_STYLES = {
-    "alpaca": PromptStyle("alpaca", "\n\n### Response:\n", "### Response:"),
+    "alpaca": PromptStyle("alpaca", "\n\n### Response:\n", "### Response:", book_dpo_extra=2),
     "phi3": PromptStyle("phi3", "\n<|assistant|>:\n", "<|assistant|>:"),
 }
 STYLE_NAMES = (*PROMPT_STYLES, "chat")
@@ -166,10 +195,11 @@ def prompt_style(name: str, tokenizer) -> PromptStyle:
     template = getattr(tokenizer, "chat_template", None)
     if template is None:
         raise ConfigError(
-            "--prompt-style chat needs the model's chat template (tokenizer_config.json's chat_template), "
+            "--prompt-style chat needs the model's chat template (chat_template.jinja, or tokenizer_config.json's "
+            "chat_template), "
             "which this model's tokenizer lacks: use --prompt-style alpaca or phi3"
         )
-    return ChatStyle("chat", "", "", template.prompt)
+    return ChatStyle("chat", "", "", render=template.prompt)
 
 
 # --- splitting, tokenizing, collating ---------------------------------------------------------
@@ -189,18 +219,18 @@ def split_entries(entries: list[dict], shuffle_seed: int | None = None):
 class Example:
     token_ids: list[int]
     prompt_length: int
-    """Tokens of prompt + response header; their targets are masked with ``--mask-instruction``."""
+    """Tokens before the response's first (prompt and header): their targets are masked with
+    ``--mask-instruction``, so the response's first token is the first target left."""
 
 
 def tokenize(entries: list[dict], tokenizer, style: PromptStyle, max_length: int) -> list[Example]:
     """Pre-tokenize once; sequences that will not fit ``max_length`` (with their end token) are cut."""
     examples, truncated = [], 0
     for entry in entries:
-        ids = encode(tokenizer, style.format_example(entry))
-        prompt_length = len(encode(tokenizer, style.format_input(entry) + style.response_header))
-        if len(ids) + 1 > max_length:
+        laid = style.lay_out(tokenizer, entry, entry["output"])
+        if len(laid.ids) + 1 > max_length:
             truncated += 1
-        examples.append(Example(ids, prompt_length))
+        examples.append(Example(laid.ids, laid.response_start))
     if truncated:
         log.warning("sequences_truncated", count=truncated, max_length=max_length)
     return examples
@@ -220,8 +250,9 @@ def collate(
     for row, item in enumerate(batch):
         padded = item + [pad_token_id] * (width - len(item))
         x, y = torch.tensor(padded[:-1]), torch.tensor(padded[1:])
-        padding = torch.nonzero(y == pad_token_id).squeeze(1)
-        y[padding[1:]] = ignore_index  # every end-of-text target but the first, as the book does
+        # The padding's targets but its first end-of-text, as the book masks them; told by position, not by id,
+        # since a chat template's prompt may hold the end token itself (Llama 3's <|eot_id|> ends each turn).
+        y[len(item) :] = ignore_index
         if prompt_lengths is not None:
             y[: prompt_lengths[row] - 1] = ignore_index  # targets that are still prompt tokens
         if allowed_max_length is not None:

@@ -17,12 +17,18 @@ from job.llama_weights import FAMILIES, load_llama, read_hf_config, save_llama
 from job.model import GPTConfig, GPTModel
 from job.parsing import ParseError, load_json
 from job.storage import atomic_path
-from job.tokenizer import HFTokenizer, load_hf_tokenizer
+from job.tokenizer import CHAT_TEMPLATE_FILE, HFTokenizer, load_hf_tokenizer
 from job.weights import load_pretrained, read_config, save_hf
 
 Model = GPTModel | LlamaModel
-# What a Llama 3 / Qwen3 folder carries besides its weights and config.json (the last two where present).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+# What a Llama 3 / Qwen3 folder carries besides its weights and config.json (the last three where present).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    CHAT_TEMPLATE_FILE,
+)
 MAX_CONFIG_BYTES = 1 << 20
 
 

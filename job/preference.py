@@ -9,7 +9,7 @@ import torch
 
 from job.data import PromptStyle, entry_problem
 from job.observability import get_logger
-from job.tokenizer import END_OF_TEXT_ID, encode
+from job.tokenizer import END_OF_TEXT_ID
 
 log = get_logger(__name__)
 RESPONSE_KEYS = ("chosen", "rejected")
@@ -30,27 +30,28 @@ def preference_problem(entry) -> str | None:
 
 @dataclass
 class Pair:
-    """One entry's token ids: the prompt's length, and prompt + response header + each response."""
+    """One entry's token ids, prompt + response header + each response, and the first token of each that
+    DPO scores (the style's ``preference_start``: the response's first; Alpaca's, the book's)."""
 
-    prompt_length: int
     chosen: list[int]
     rejected: list[int]
+    chosen_start: int
+    rejected_start: int
 
 
 def tokenize_pairs(entries: list[dict], tokenizer, style: PromptStyle, max_length: int) -> list[Pair]:
     """The book's ``PreferenceDataset``: ``f"{prompt}\n\n### Response:\n{response}"`` for each response
-    (Alpaca's; the style's header for others), no end token appended; longer than ``max_length``: cut. A pair
-    with no response token left within ``max_length`` has nothing to compare and is left out (counted)."""
+    (Alpaca's; the style's layout for others), no end token appended; longer than ``max_length``: cut. A pair
+    with no scored token left within ``max_length`` has nothing to compare and is left out (counted)."""
     pairs, truncated, empty = [], 0, 0
     for entry in entries:
-        prompt = style.format_input(entry)
-        chosen, rejected = (encode(tokenizer, prompt + style.response_header + entry[k]) for k in RESPONSE_KEYS)
-        pair = Pair(len(encode(tokenizer, prompt)), chosen, rejected)
-        truncated += max(len(chosen), len(rejected)) + 1 > max_length
-        if min(len(chosen), len(rejected), max_length) <= pair.prompt_length + 2:
+        laid = [style.lay_out(tokenizer, entry, entry[k]) for k in RESPONSE_KEYS]
+        starts = [style.preference_start(tokenizer, entry, one) for one in laid]
+        truncated += max(len(one.ids) for one in laid) + 1 > max_length
+        if any(min(len(one.ids), max_length) <= start for one, start in zip(laid, starts, strict=True)):
             empty += 1
             continue
-        pairs.append(pair)
+        pairs.append(Pair(laid[0].ids, laid[1].ids, *starts))
     if truncated:
         log.warning("sequences_truncated", count=truncated, max_length=max_length)
     if empty:
@@ -62,8 +63,8 @@ def collate_pairs(
     pairs: list[Pair], max_length: int, end_id: int = END_OF_TEXT_ID
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen, rejected, chosen_mask, rejected_mask), each (B, T): both padded with end-of-text to the
-    batch's longest chosen-or-rejected + 1; a mask is False on padding and on the prompt's tokens + 2 (the
-    two newlines before ``### Response:``); all cut to ``max_length``."""
+    batch's longest chosen-or-rejected + 1; a mask is False on padding and before the pair's scored start
+    (Alpaca's: the prompt's tokens + 2, the book's); all cut to ``max_length``."""
     width = max(max(len(p.chosen), len(p.rejected)) + 1 for p in pairs)
     out: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "chosen_mask": [], "rejected_mask": []}
     for pair in pairs:
@@ -71,7 +72,7 @@ def collate_pairs(
             sequence = getattr(pair, key)
             mask = torch.ones(width, dtype=torch.bool)
             mask[len(sequence) :] = False
-            mask[: pair.prompt_length + 2] = False
+            mask[: getattr(pair, f"{key}_start")] = False
             out[key].append(torch.tensor(sequence + [end_id] * (width - len(sequence))))
             out[f"{key}_mask"].append(mask)
     chosen, rejected, chosen_mask, rejected_mask = (torch.stack(out[k])[:, :max_length] for k in out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from itertools import accumulate
 from pathlib import Path
 
 import tiktoken
@@ -104,7 +105,7 @@ class HFTokenizer:
 
     def __init__(self, tokenizer, end_token: str, pad_token: str | None = None, chat_template=None):
         self.tokenizer = tokenizer
-        self.chat_template = chat_template  # a ChatTemplate where tokenizer_config.json has one
+        self.chat_template = chat_template  # a ChatTemplate where the folder has one
         self.n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
         self.end_id = self._id(end_token, "end")
         self.pad_id = self._id(pad_token, "padding") if pad_token else self.end_id
@@ -151,6 +152,7 @@ def _byte_alphabet() -> dict[str, int]:
 
 BYTE_OF_CHAR = _byte_alphabet()
 MAX_TOKENIZER_BYTES = 64 << 20  # Llama 3's tokenizer.json is 9 MB, Qwen3's 11 MB
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where current transformers saves a model's chat template
 
 
 def load_hf_tokenizer(directory: str | Path) -> HFTokenizer:
@@ -185,11 +187,21 @@ def load_hf_tokenizer(directory: str | Path) -> HFTokenizer:
 
 
 def _chat_template(config, content, files):
-    """tokenizer_config.json's chat template (one string, or the one named ``default`` of a list), with the
-    special tokens it may name, as transformers passes them."""
-    from job.chat_template import ChatTemplate
+    """The folder's chat template, where transformers' loading finds it: ``chat_template.jinja`` (what current
+    transformers saves) before tokenizer_config.json's (one string, or the one named ``default`` of a list);
+    with the special tokens it may name, as transformers passes them."""
+    from job.chat_template import MAX_TEMPLATE_CHARS, ChatTemplate
+    from job.parsing import ParseError, read_bounded
 
-    source = config.get("chat_template") if isinstance(config, dict) else None
+    jinja = files["tokenizer_config.json"].with_name(CHAT_TEMPLATE_FILE)
+    source, where = config.get("chat_template") if isinstance(config, dict) else None, files["tokenizer_config.json"]
+    if jinja.is_file():
+        try:
+            text = read_bounded(jinja, 4 * MAX_TEMPLATE_CHARS, str(jinja)).decode("utf-8")
+            # transformers opens it as text: universal newlines, as Python's open() reads them
+            source, where = text.replace("\r\n", "\n").replace("\r", "\n"), jinja
+        except (OSError, ParseError, UnicodeDecodeError) as exc:
+            raise TokenizerError(f"{jinja} is not readable as UTF-8 text: {str(exc)[:200]}") from None
     if isinstance(source, list):
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
         source = named.get("default")
@@ -197,7 +209,7 @@ def _chat_template(config, content, files):
         return None
     tokens = {key: content(key) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
     variables = {k: v for k, v in tokens.items() if isinstance(v, str)}
-    return ChatTemplate(source, variables, str(files["tokenizer_config.json"]))
+    return ChatTemplate(source, variables, str(where))
 
 
 Tokenizer = tiktoken.Encoding | ByteTokenizer | HFTokenizer
@@ -228,3 +240,25 @@ def decode_response(tokenizer: Tokenizer, ids: list[int]) -> str:
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids of ``text``; ``<|endoftext|>`` in the text is the special token, as in the book."""
     return tokenizer.encode(text, allowed_special={END_OF_TEXT})
+
+
+def encode_parts(tokenizer: Tokenizer, head: str, tail: str) -> tuple[list[int], int]:
+    """The ids of ``head + tail`` encoded as one text (as the book encodes a prompt and its response), and the
+    index of the first token that holds any of ``tail`` (``len(ids)`` for an empty tail): a token that merges
+    head's last characters with tail's first is tail's, so none of tail's text lies before the index."""
+    text = head + tail
+    if isinstance(tokenizer, HFTokenizer):
+        # The library's own map of each token to the characters it came from (a normalizer may change them).
+        encoding = tokenizer.tokenizer.encode(text, add_special_tokens=False)
+        ids, ends, boundary = encoding.ids, [end for _, end in encoding.offsets], len(head)
+    else:
+        ids = encode(tokenizer, text)
+        ends, boundary = list(accumulate(map(len, token_bytes(tokenizer, ids)))), len(head.encode("utf-8"))
+    return ids, next((k for k, end in enumerate(ends) if end > boundary), len(ids))
+
+
+def token_bytes(tokenizer: tiktoken.Encoding | ByteTokenizer, ids: list[int]) -> list[bytes]:
+    """Each token's bytes, which together are the encoded text's (tiktoken's and the byte tokenizer's are lossless)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return [bytes([i]) if i < 256 else END_OF_TEXT.encode() for i in ids]
+    return tokenizer.decode_tokens_bytes(ids)

@@ -128,8 +128,8 @@ def test_pairs_with_no_response_left_within_the_context_are_left_out(preference_
     tokenizer = load_tokenizer(tokenizer_dir)
     pairs = tokenize_pairs(preference_data[:20], tokenizer, ALPACA, 1024)
     short = tokenize_pairs(preference_data[:20], tokenizer, ALPACA, 46)
-    kept = [p for p in pairs if p.prompt_length + 2 < min(len(p.chosen), len(p.rejected), 46)]
-    assert [p.prompt_length for p in short] == [p.prompt_length for p in kept] and 0 < len(short) < 20
+    kept = [p for p in pairs if max(p.chosen_start, p.rejected_start) < min(len(p.chosen), len(p.rejected), 46)]
+    assert [p.chosen_start for p in short] == [p.chosen_start for p in kept] and 0 < len(short) < 20
     _, _, chosen_mask, rejected_mask = collate_pairs(short, 46)
     assert (chosen_mask[:, 1:].sum(-1) > 0).all() and (rejected_mask[:, 1:].sum(-1) > 0).all()  # no 0/0
 
@@ -245,7 +245,7 @@ def test_pairs_are_the_unit_of_the_loss_whatever_the_micro_batches(tiny_model_di
 
 
 def _pair(prompt: int, chosen: int, rejected: int) -> Pair:
-    return Pair(prompt, list(range(1, chosen + 1)), list(range(1, rejected + 1)))
+    return Pair(list(range(1, chosen + 1)), list(range(1, rejected + 1)), prompt + 2, prompt + 2)
 
 
 @given(st.lists(st.tuples(st.integers(1, 20), st.integers(0, 30), st.integers(0, 30)), min_size=1, max_size=6))
@@ -256,7 +256,7 @@ def test_any_batch_pads_to_its_longest_plus_one_and_masks_prompt_and_padding(sha
     assert chosen.shape == rejected.shape == chosen_mask.shape == (len(pairs), width)
     for row, pair in enumerate(pairs):
         for seq, mask in ((pair.chosen, chosen_mask[row]), (pair.rejected, rejected_mask[row])):
-            want = [pair.prompt_length + 2 <= i < len(seq) for i in range(width)]
+            want = [pair.chosen_start <= i < len(seq) for i in range(width)]
             assert mask.tolist() == want
 
 

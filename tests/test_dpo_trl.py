@@ -3,8 +3,8 @@ collation) gives the same loss and rewards, and five steps at the same settings 
 
 Settings that differ by default and are set equal here: the book's mean over a response's tokens is
 ``--logprob-reduction sum`` (TRL and the DPO paper sum them); TRL's mask starts at the completion, the
-book's two tokens after the prompt (Alpaca's two newlines), so the pairs are given a prompt two tokens
-shorter; TRL reports rewards times beta, the book without; TRL clips gradients at 1.0 (``--grad-clip 1``),
+book's two tokens after the prompt (Alpaca's two newlines), so the pairs are given TRL's start; TRL
+reports rewards times beta, the book without; TRL clips gradients at 1.0 (``--grad-clip 1``),
 has no weight decay, keeps GPT-2's head tied (``--no-untie-head``) and autocasts to bf16 unless told not to
 (both in fp32 here)."""
 
@@ -80,15 +80,15 @@ def trl_setup(shared_data, tmp_path_factory):
 
 
 def _pairs(batch) -> list[Pair]:
-    """TRL's rows ([chosen x B; rejected x B]) as our pairs: each sequence without its padding, and a prompt
-    length that makes our mask start where TRL's completion does."""
+    """TRL's rows ([chosen x B; rejected x B]) as our pairs: each sequence without its padding, scored from
+    where TRL's completion starts."""
     ids, keep, completion = batch["input_ids"], batch["attention_mask"].bool(), batch["completion_mask"].bool()
     half = len(ids) // 2
     pairs = []
     for i in range(half):
         start = int(completion[i].nonzero()[0])
         assert start == int(completion[half + i].nonzero()[0])  # one prompt for both
-        pairs.append(Pair(start - 2, ids[i][keep[i]].tolist(), ids[half + i][keep[half + i]].tolist()))
+        pairs.append(Pair(ids[i][keep[i]].tolist(), ids[half + i][keep[half + i]].tolist(), start, start))
     return pairs
 
 
