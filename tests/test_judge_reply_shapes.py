@@ -248,8 +248,8 @@ def near_valid(draw, template: dict | list):
 def _body(draw, path: str) -> str:
     """The raw body: any JSON, or a near-valid reply (NDJSON for the pull, a line per element), or
     JSON nested deeper than json.loads goes (a RecursionError, not a ValueError)."""
-    if draw(st.integers(0, 19)) == 0:
-        return draw(st.integers(1_000, 20_000).map(lambda depth: "[" * depth + "]" * depth))
+    if draw(st.integers(0, 7)) == 0:
+        return draw(st.integers(5_000, 30_000).map(lambda depth: "[" * depth + "]" * depth))
     value = draw(JSON_VALUES | TEMPLATES[path].flatmap(near_valid))
     if path == "/api/pull":
         lines = value if isinstance(value, list) else [value]
