@@ -265,8 +265,8 @@ class OpenAIJudge:
             if isinstance(cause, ReplyError):  # the client wraps what the transport raised
                 raise RetryableError(str(cause), cause.retry_after) from None
             raise RetryableError(f"{type(exc).__name__}") from None
-        except ParseError as exc:  # a field read that is missing or of another type
-            raise RetryableError(str(exc)) from None
+        except ParseError as exc:  # a field read that is missing or of another type; the value found is
+            raise RetryableError(_one_line(exc, 300)) from None  # a repr whose field names may hold newlines
         except (openai.APIResponseValidationError, ValueError, RecursionError, AttributeError) as exc:  # not a reply
             raise RetryableError(_unreadable(exc)) from None
         except openai.APIStatusError as exc:
