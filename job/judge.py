@@ -10,7 +10,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from job import retry
 from job.bounded_http import ReplyError, bounded_transport
@@ -18,7 +20,7 @@ from job.config import JudgeConfig
 from job.data import MAX_DATASET_BYTES, PROMPT_STYLES
 from job.errors import ConfigError, JobError, TransientError
 from job.observability import Metrics, Progress, get_logger, stderr_is_terminal
-from job.parsing import ParseError, load_json, read_bounded, short
+from job.parsing import ParseError, load_json, read_bounded, short, validated
 from job.retry import Policy, Retried
 from job.storage import atomic_write_text, read_progress
 
@@ -42,6 +44,14 @@ class RetryableError(Exception):
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ErrorStatus(Exception):
+    """An HTTP error status from the judge, with the reason its body gives (cut to one short line)."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(f"HTTP {status}: {reason}")
+        self.status, self.reason = status, reason
 
 
 KEPT_REPLY_CHARS = 4096  # of a reply without a score: enough to see why, bounded in scores.json
@@ -114,14 +124,21 @@ class OllamaJudge:
         try:  # the ollama package makes a client from OLLAMA_HOST as it is imported
             import ollama
 
-            self.client = ollama.Client(host=self.host, timeout=cfg.judge_timeout, transport=transport)
+            self.client = ollama.Client(
+                host=self.host,
+                timeout=cfg.judge_timeout,
+                transport=transport,
+                # The client reads an error body's "error" with .get(): a body that is no JSON object
+                # would raise AttributeError in it, so error statuses are read here, before it sees them.
+                event_hooks={"response": [_raise_error_status]},
+            )
         except ValueError:  # OLLAMA_HOST is read as it is: --judge-url is checked with the other options
             raise ConfigError(f"OLLAMA_HOST {short(os.environ.get('OLLAMA_HOST'))} is not a host or URL") from None
         self.options = {"seed": cfg.judge_seed, "temperature": cfg.judge_temperature, "num_ctx": cfg.judge_num_ctx}
 
     def ping(self) -> list[str]:
         """Model names the server has; raises RetryableError while it does not answer."""
-        return [m.model for m in self._call(self.client.list).models]
+        return [m.model for m in self._call(self.client.list).models if m.model is not None]
 
     def ensure_model(self, allow_pull: bool) -> None:
         names = self.ping()
@@ -131,21 +148,31 @@ class OllamaJudge:
         if not allow_pull:
             raise JudgeError(f"judge model {model!r} is not on {self.host} and --no-judge-pull was given")
         log.info("judge_pull_start", model=model, host=self.host)
-        bar = None
-        for progress in self._call(self.client.pull, model, stream=True):
-            if progress.total and stderr_is_terminal():
-                from tqdm import tqdm
-
-                bar = bar or tqdm(total=progress.total, unit="B", unit_scale=True, desc=f"pull {model}")
-                bar.n = progress.completed or 0
-                bar.refresh()
-            else:
-                log.info(
-                    "judge_pull_progress", status=progress.status, completed=progress.completed, total=progress.total
-                )
-        if bar is not None:
-            bar.close()
+        try:
+            self._call(self._pull, model)  # the stream is read inside _call: its lines are replies too
+        except JudgeError as exc:
+            raise JudgeError(f"pulling judge model {model!r} on {self.host}: {exc}") from None
         log.info("judge_pull_done", model=model)
+
+    def _pull(self, model: str) -> None:
+        """Follow the pull's progress stream to its end, which must say "success"."""
+        bar, status = None, None
+        try:
+            for progress in self.client.pull(model, stream=True):
+                status = progress.status
+                if progress.total and stderr_is_terminal():
+                    from tqdm import tqdm
+
+                    bar = bar or tqdm(total=progress.total, unit="B", unit_scale=True, desc=f"pull {model}")
+                    bar.n = progress.completed or 0
+                    bar.refresh()
+                else:
+                    log.info("judge_pull_progress", status=status, completed=progress.completed, total=progress.total)
+        finally:
+            if bar is not None:
+                bar.close()
+        if status != "success":  # a stream cut short: the model may not be there
+            raise RetryableError(f"the pull of {model} ended without success (last status {short(status)})")
 
     def ask(self, prompt: str) -> str:
         kwargs = {"format": SCORE_SCHEMA} if self.cfg.judge_format == "structured" else {}
@@ -167,14 +194,16 @@ class OllamaJudge:
             return fn(*args, **kwargs)
         except ReplyError as exc:  # too large, too slow, or asked to come back later
             raise RetryableError(str(exc), exc.retry_after) from None
-        except ollama.ResponseError as exc:
-            if exc.status_code >= 500 or exc.status_code == 429:
-                raise RetryableError(f"HTTP {exc.status_code}: {exc.error}") from None
-            raise JudgeError(f"judge answered HTTP {exc.status_code}: {exc.error}") from None
+        except ErrorStatus as exc:
+            raise _status_error(exc.status, exc.reason) from None
+        except ollama.ResponseError as exc:  # an {"error": ...} line of a stream: the server refuses
+            raise JudgeError(f"judge refused: {_one_line(exc.error)}") from None
         except (ConnectionError, httpx.TransportError) as exc:  # the client's own text is a paragraph
             raise RetryableError(type(exc).__name__) from None
-        except ValueError as exc:  # a 200 whose body is not JSON, or not a chat reply: a failed request
-            raise RetryableError(f"unreadable reply ({type(exc).__name__})") from None
+        # A 200 whose body is not JSON, nested too deep for json.loads, not an object (the client does
+        # cls(**body) and part.get) or not the reply asked for: a failed request.
+        except (ValueError, RecursionError, TypeError, AttributeError) as exc:
+            raise RetryableError(_unreadable(exc)) from None
 
 
 class OpenAIJudge:
@@ -201,7 +230,7 @@ class OpenAIJudge:
             raise ConfigError(f"judge URL {short(self.host)} is not a URL") from None
 
     def ping(self) -> list[str]:
-        return [m.id for m in self._call(self.client.models.list)]
+        return self._call(lambda: [m.id for m in validated(_ModelList, self.client.models.list(), UNREADABLE).data])
 
     def ensure_model(self, allow_pull: bool) -> None:
         names = self.ping()
@@ -220,7 +249,8 @@ class OpenAIJudge:
             seed=self.cfg.judge_seed,
             **extra,
         )
-        return reply.choices[0].message.content or ""
+        # The client builds its reply objects without checking them: the fields read are checked here.
+        return self._call(validated, _Completion, reply, UNREADABLE).choices[0].message.content or ""
 
     @staticmethod
     def _call(fn, *args, **kwargs):
@@ -235,12 +265,78 @@ class OpenAIJudge:
             if isinstance(cause, ReplyError):  # the client wraps what the transport raised
                 raise RetryableError(str(cause), cause.retry_after) from None
             raise RetryableError(f"{type(exc).__name__}") from None
-        except (openai.APIResponseValidationError, ValueError, AttributeError) as exc:  # not a chat reply
-            raise RetryableError(f"unreadable reply ({type(exc).__name__})") from None
+        except ParseError as exc:  # a field read that is missing or of another type; the value found is
+            raise RetryableError(_one_line(exc, 300)) from None  # a repr whose field names may hold newlines
+        except (openai.APIResponseValidationError, ValueError, RecursionError, AttributeError) as exc:  # not a reply
+            raise RetryableError(_unreadable(exc)) from None
         except openai.APIStatusError as exc:
-            if exc.status_code >= 500 or exc.status_code == 429:
-                raise RetryableError(f"HTTP {exc.status_code}") from None
-            raise JudgeError(f"judge answered HTTP {exc.status_code}: {exc.message}") from None
+            raise _status_error(exc.status_code, exc.message) from None
+
+
+UNREADABLE = "unreadable reply"
+
+
+class _Read(BaseModel):
+    """The fields of a reply the job reads: checked strictly, whatever else the reply holds."""
+
+    model_config = ConfigDict(from_attributes=True, strict=True)
+
+
+class _Message(_Read):
+    content: str | None = None  # null (a tool call, a refusal) is a reply without a score
+
+
+class _Choice(_Read):
+    message: _Message
+
+
+class _Completion(_Read):
+    choices: list[_Choice] = Field(min_length=1)
+
+
+class _ModelId(_Read):
+    id: str
+
+
+class _ModelList(_Read):
+    data: list[_ModelId]
+
+
+def _raise_error_status(response) -> None:
+    """An httpx response hook: an error status is an ErrorStatus with its body's reason."""
+    if response.status_code < 400:
+        return
+    response.read()
+    try:
+        body: Any = json.loads(response.text)
+    except (ValueError, RecursionError):
+        body = None
+    reason = body.get("error") if isinstance(body, dict) else None
+    raise ErrorStatus(response.status_code, _one_line(reason if reason is not None else response.text))
+
+
+def _status_error(status: int, reason: str) -> Exception:
+    """A 5xx or 429 is worth another try; any other error status is the judge refusing the request."""
+    if status >= 500 or status == 429:
+        return RetryableError(f"HTTP {status}: {_one_line(reason)}")
+    return JudgeError(f"judge answered HTTP {status}: {_one_line(reason)}")
+
+
+def _one_line(text: Any, limit: int = 200) -> str:
+    """A server's text as one line of at most ``limit`` characters (it goes into the error line)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _unreadable(exc: Exception) -> str:
+    """What a client library found wrong in a reply: the field and problem where pydantic says."""
+    import pydantic
+
+    if isinstance(exc, pydantic.ValidationError) and exc.errors():
+        error = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in error["loc"]) or "the reply"
+        return f"{UNREADABLE}: {where}: {error['msg']}"
+    return f"{UNREADABLE} ({type(exc).__name__})"
 
 
 def _key_from_file(path: str | None) -> str | None:
@@ -276,10 +372,12 @@ def preflight(cfg: JudgeConfig, judge: JudgeBackend | None = None, sleep=time.sl
 
     policy = Policy(first_s=0.25, cap_s=5.0, within_s=cfg.judge_wait_seconds)
     retry.call(judge.ping, policy, _retryable, give_up, on_retry, sleep)
-    try:
-        judge.ensure_model(cfg.judge_pull)
-    except RetryableError as exc:
-        raise JudgeError(f"judge at {judge.host} failed while checking model {cfg.judge_model}: {exc}") from None
+
+    def checking_failed(last: Retried) -> TransientError:
+        return TransientError(f"judge at {judge.host} failed while checking model {cfg.judge_model} ({last.reason})")
+
+    attempts = Policy(first_s=0.5, cap_s=30.0, attempts=cfg.judge_retries + 1)
+    retry.call(lambda: judge.ensure_model(cfg.judge_pull), attempts, _retryable, checking_failed, None, sleep)
     log.info("judge_ready", host=judge.host, model=cfg.judge_model, backend=cfg.judge_backend)
     return judge
 

@@ -54,8 +54,13 @@ class FakeOllama:
         # How every chat request is answered while set: "ok", "500" (always), "hang" (no answer until
         # ``release`` is set or 30 s pass), "drop" (the connection closed unanswered), "garbage" (a 200
         # whose body is not JSON), "huge" (a 200 whose reply is ``huge_bytes`` long), "trickle" (a
-        # correct reply sent one byte every ``trickle_s``).
+        # correct reply sent one byte every ``trickle_s``), "shape" (``shape``: a status and the raw body
+        # sent as it is, for replies of any shape).
         self.mode = "ok"
+        self.shape: tuple[int, str] = (200, "{}")
+        # A path's every answer replaced by (status, raw body), e.g. "/api/tags", "/v1/models", "/api/pull"
+        # (NDJSON: one JSON value a line): what a server of another version, or a broken proxy, may send.
+        self.bodies: dict[str, tuple[int, str]] = {}
         self.huge_bytes = 2 << 20
         self.trickle_s = 0.25
         self.chat_times: list[float] = []  # time.monotonic() of every chat request
@@ -82,6 +87,14 @@ class FakeOllama:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _raw(self, status: int, body: str) -> None:
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def _ndjson(self, lines: list[dict]) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-ndjson")
@@ -96,7 +109,9 @@ class FakeOllama:
                 return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
 
             def do_GET(self):
-                if self.path == "/api/version":
+                if self.path in server.bodies:
+                    self._raw(*server.bodies[self.path])
+                elif self.path == "/api/version":
                     self._json(200, {"version": "0.12.0"})
                 elif self.path == "/api/tags":
                     self._json(200, {"models": [server._tag(m) for m in server.models]})
@@ -203,6 +218,8 @@ class FakeOllama:
             handler.connection.shutdown(socket.SHUT_RDWR)
         elif self.mode == "huge":
             handler._json(200, {"message": {"role": "assistant", "content": "9" * self.huge_bytes}, "done": True})
+        elif self.mode == "shape":
+            handler._raw(*self.shape)
         elif self.mode == "trickle":
             self._trickle(handler, json.dumps({"message": {"role": "assistant", "content": "50"}, "done": True}))
         elif self.mode == "garbage":
@@ -301,6 +318,9 @@ class FakeOllama:
 
     def _pull(self, handler, body: dict) -> None:
         self.pulls.append(body)
+        if "/api/pull" in self.bodies:
+            handler._raw(*self.bodies["/api/pull"])
+            return
         name = body["model"] if ":" in body["model"] else f"{body['model']}:latest"
         digest = "sha256:" + "ab" * 32
         lines = [{"status": "pulling manifest"}]
