@@ -304,7 +304,7 @@ def test_run_dpo_into_s3_trains_dpo_after_finetune_and_judges_both_models(s3, ti
     dpo_losses = json.loads(s3.get_object(Bucket="runs", Key="p/d1/dpo/losses.json")["Body"].read())
     assert [h["step"] for h in dpo_losses] == [0, 2] and "val_chosen_reward" in dpo_losses[0]
     report = s3.get_object(Bucket="runs", Key="p/d1/report.html")["Body"].read().decode()
-    assert "DPO: training and validation reward margins" in report and "DPO last validation reward margin" in report
+    assert "DPO reward margins: training and validation" in report and "DPO last validation reward margin" in report
     compared = report.split('<table id="compared">')[1].split("</table>")[0]
     assert compared.count("<tr>") == 1 + 4 and "After DPO" in compared  # the header and the 4 test entries
 
