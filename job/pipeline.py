@@ -22,10 +22,12 @@ from job import __version__
 from job.checkpoint import fetch_checkpoint
 from job.checkpoint_files import INDEX, checkpoint_dirs, read_key
 from job.config import (
+    SMOKE_MODEL_NAME,
     DPOConfig,
     FinetuneConfig,
     GenerateConfig,
     JudgeConfig,
+    ModelOrigin,
     RunConfig,
     parse_duration,
     redacted,
@@ -260,7 +262,7 @@ class Pipeline:
 
     def finetune(self) -> list[str]:
         start = self._start_model_dir()
-        cfg = stage_config(self.cfg, "finetune", FinetuneConfig, output=str(self.work), model_dir=start)
+        cfg = stage_config(self.cfg, "finetune", FinetuneConfig, output=str(self.work), **stage_model(self.cfg, start))
         return _artifacts(self._train(run_finetune, cfg, "checkpoints"), "")
 
     def dpo(self) -> list[str]:
@@ -269,7 +271,7 @@ class Pipeline:
         if self.roles.prepares_node:
             self._ensure_local(model_keys(self.stages.manifest, ""))
         start, out = str(self.work / "model"), str(self.work / "dpo")
-        cfg = stage_config(self.cfg, "dpo", DPOConfig, output=out, model_dir=start)
+        cfg = stage_config(self.cfg, "dpo", DPOConfig, output=out, **stage_model(self.cfg, start))
         outputs = self._train(run_dpo, cfg, "dpo/checkpoints")
         return [*_artifacts(outputs, "dpo/"), "dpo/reward-margins-plot.png"] if outputs else []
 
@@ -293,7 +295,7 @@ class Pipeline:
 
     def _start_model_dir(self) -> str:
         cfg = self.cfg
-        if not cfg.smoke:
+        if not random_model(cfg):
             return cfg.model_dir or str(cached_model_dir(cfg))
         path = self.work / "smoke-model"
         # every node's first process makes it in its own scratch folder: the same seed, the same weights
@@ -354,7 +356,7 @@ def report(storage: Storage, work: Path, remote: bool) -> None:
 def run_inputs(cfg: RunConfig) -> dict:
     """What the run trains from, as the manifest and config.yaml's header record it: the model (the
     smoke's random one says so) and each dataset, with the sha256 of the file read."""
-    if cfg.smoke:
+    if random_model(cfg):
         model = f"random {SMOKE_MODEL.n_layers}-layer GPT-2 (the smoke's own, seed {cfg.seed}), byte tokenizer"
     elif cfg.model_dir:
         model = cfg.model_dir
@@ -377,7 +379,7 @@ def inputs_header(inputs: dict) -> str:
 
 
 def _model_label(cfg: RunConfig) -> str:
-    return "smoke" if cfg.smoke else (cfg.model_dir or cfg.model)
+    return cfg.model_dir or cfg.model
 
 
 def model_keys(manifest: Manifest, prefix: str) -> list[str]:
@@ -411,7 +413,7 @@ def prepare_smoke_data(cfg: RunConfig) -> None:
 def run_files(cfg: RunConfig) -> list:
     """What the run needs in the cache besides the named model (``fetch_model``'s): GPT-2's tokenizer (the
     smoke's is made in memory; a Llama 3 / Qwen3 folder carries its own), a remote dataset."""
-    files = tokenizer_files(cfg.base_url) if not cfg.smoke and _gpt2(cfg) else []
+    files = tokenizer_files(cfg.base_url) if _gpt2(cfg) else []
     datasets = [cfg.data, cfg.dpo_data] if cfg.dpo else [cfg.data]
     files += [dataset_file(d, cfg.base_url) for d in datasets if d.startswith(("http://", "https://", "s3://"))]
     return files
@@ -421,13 +423,25 @@ def fetch_run_files(cfg: RunConfig, metrics: Metrics) -> None:
     """The download stage: ``run_files`` and the named model, through one downloader with the hub's token."""
     downloader = model_downloader(cfg, metrics)
     downloader.fetch_all(run_files(cfg))
-    if not (cfg.smoke or cfg.model_dir):
+    if not (random_model(cfg) or cfg.model_dir):
         fetch_model(cfg, downloader)
 
 
 def run_files_cached(cfg: RunConfig) -> bool:
     files = [Path(cfg.cache) / f.relpath for f in run_files(cfg)] + smoke_data_used(cfg)
-    return all(path.is_file() for path in files) and (cfg.smoke or bool(cfg.model_dir) or model_cached(cfg))
+    return all(path.is_file() for path in files) and (random_model(cfg) or bool(cfg.model_dir) or model_cached(cfg))
+
+
+def random_model(cfg: RunConfig) -> bool:
+    """Whether the run trains the smoke's random 2-layer GPT-2 (--model smoke: --smoke's unless --model or
+    --model-dir is given), which the run makes itself: nothing to download, a byte tokenizer."""
+    return cfg.model == SMOKE_MODEL_NAME
+
+
+def stage_model(cfg: RunConfig, start: str) -> dict:
+    """A training stage's model: the folder it starts from. The smoke's random model has no name a stage
+    knows; the stage reads it from its folder, so the stage's --model keeps its default."""
+    return {"model_dir": start} | ({"model": ModelOrigin.model} if random_model(cfg) else {})
 
 
 def _gpt2(cfg: RunConfig) -> bool:
@@ -438,14 +452,15 @@ def _gpt2(cfg: RunConfig) -> bool:
 def check_model_fit(cfg: RunConfig, test: list[dict]) -> None:
     """What depends on the model's shape, known before training: the longest test prompt and
     --max-new-tokens fit its context; a LoRA rank is at most its width."""
-    folder = None if cfg.smoke else tokenizer_folder(cfg)  # a hub model's config and tokenizer, before its weights
-    if cfg.smoke:
+    random = random_model(cfg)
+    folder = None if random else tokenizer_folder(cfg)  # a hub model's config and tokenizer, before its weights
+    if random:
         shape = SMOKE_MODEL
     else:
         shape = read_shape(folder) if folder else GPT2_SIZES[cfg.model]
     if cfg.lora_rank is not None and cfg.lora_rank > shape.emb_dim:
         raise ConfigError(f"--lora-rank {cfg.lora_rank} is more than the model's width of {shape.emb_dim}")
-    tokenizer = ByteTokenizer() if cfg.smoke else model_tokenizer(folder, cfg.cache, cfg.base_url)
+    tokenizer = ByteTokenizer() if random else model_tokenizer(folder, cfg.cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style, tokenizer)
     longest, which = longest_prompt([encode(tokenizer, style.format_input(e)) for e in test])
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)

@@ -1,0 +1,115 @@
+"""What the user typed wins, and everything that can fail does so before anything is written, through the
+real CLI: the smoke's preset fills in only the options not given by hand (flag, SFT_JOB_* variable or
+--config key, a default's value included), records the model that ran, and trains a --model-dir it is
+given."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from job import cli
+from tests.helpers import cli as run_cli
+from tests.helpers import events
+
+
+def _smoke(cache, runs, run_id: str, *extra) -> list:
+    """``run --smoke`` on the smoke's own data in the test's cache, no judge, logging JSON."""
+    common = ["--cache", cache, "--output", runs, "--run-id", run_id, "--metrics-port", "0", "--log-format", "json"]
+    return ["run", "--smoke", "--skip-judge", *common, *extra]
+
+
+def _one_line(result, code: int) -> str:
+    assert result.returncode == code, result.stderr[-2000:]
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Error: "), line
+    return line
+
+
+BY_HAND = {"temperature": 0.0, "max_new_tokens": 256, "judge_wait": "300s"}  # each the default's value
+
+
+def test_a_smoke_uses_and_records_values_given_by_hand_that_equal_the_defaults(cache, tmp_path):
+    runs = tmp_path / "runs"
+    hand = ["--temperature", "0", "--max-new-tokens", "256", "--judge-wait", "300s"]
+    result = run_cli(*_smoke(cache, runs, "hand", *hand))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = runs / "hand"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert {k: config[k] for k in BY_HAND} == BY_HAND
+    assert (config["train_limit"], config["limit"], config["top_k"]) == (40, 8, 50)  # the rest: the preset's
+    [started] = [e for e in events(result.stdout) if e["event"] == "generate_start"]
+    [done] = [e for e in events(result.stdout) if e["event"] == "generate_done"]
+    assert started["max_new_tokens"] == 256 and done["new_tokens"] > 8 * 16  # 256 used, not the preset's 16
+    # the model recorded is the one that ran: the smoke's random one, in config.yaml and the report
+    assert config["model"] == "smoke" and config["model_dir"] is None
+    assert (run / "config.yaml").read_text().startswith("# model used: random 2-layer GPT-2 (the smoke's own")
+    report = (run / "report.html").read_text()
+    assert "gpt2-medium" not in report and "random 2-layer GPT-2" in report
+    # config.yaml stays a --config: the same run again, every stage skipped
+    flags = ["--skip-judge", "--metrics-port", "0", "--log-format", "json"]
+    again = run_cli("run", "--config", run / "config.yaml", *flags)
+    assert again.returncode == 0, again.stderr[-2000:]
+    skipped = [e["stage"] for e in events(again.stdout) if e["event"] == "stage_skipped"]
+    assert skipped == ["download", "finetune", "generate"]
+
+
+def _cfg_from_cli(argv, monkeypatch, capsys):
+    """The RunConfig the CLI builds from ``argv`` (the stage itself not run)."""
+    given = []
+    monkeypatch.setattr(cli, "_run", lambda stage, runner, cfg, *args: given.append(cfg))
+    with pytest.raises(SystemExit) as exited:
+        cli.entrypoint([str(a) for a in argv])
+    assert exited.value.code == 0, capsys.readouterr().err
+    [cfg] = given
+    return cfg
+
+
+@pytest.mark.parametrize("source", ["flags", "environment", "config file"])
+def test_values_equal_to_the_defaults_win_over_the_smoke_from_every_source(source, tmp_path, monkeypatch, capsys):
+    argv = ["run", "--smoke", "--output", tmp_path / "runs", "--cache", tmp_path / "cache"]
+    if source == "flags":
+        argv += ["--temperature", "0", "--max-new-tokens", "256", "--judge-wait", "300s", "--top-k", "50"]
+    elif source == "environment":
+        for key, value in BY_HAND.items():
+            monkeypatch.setenv(f"SFT_JOB_{key.upper()}", str(value))
+    else:
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(BY_HAND))
+        argv += ["--config", tmp_path / "job.yaml"]
+    cfg = _cfg_from_cli(argv, monkeypatch, capsys)
+    assert (cfg.temperature, cfg.max_new_tokens, cfg.judge_wait) == (0.0, 256, "300s")
+    assert (cfg.train_limit, cfg.epochs, cfg.limit, cfg.top_k, cfg.model) == (40, 2, 8, 50, "smoke")
+    # the smoke's own data where none is named, in the cache given
+    assert cfg.data == cfg.dpo_data == str(tmp_path / "cache" / "smoke" / "instruction-data.json")
+
+
+def test_a_data_url_given_by_hand_is_not_replaced_by_the_smokes_data(tmp_path, monkeypatch, capsys):
+    from job.config import DataConfig
+
+    book = DataConfig.data  # the default's URL, typed by hand
+    cfg = _cfg_from_cli(["run", "--smoke", "--data", book, "--output", tmp_path], monkeypatch, capsys)
+    assert cfg.data == book and cfg.dpo_data.endswith("smoke/instruction-data.json")
+
+
+def test_a_smoke_with_a_model_dir_trains_that_folder_on_the_smokes_data(cache, tiny_model_dir, tmp_path):
+    runs = tmp_path / "runs"
+    result = run_cli(*_smoke(cache, runs, "dir", "--model-dir", tiny_model_dir, "--max-steps", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = runs / "dir"
+    assert (run / "config.yaml").read_text().startswith(f"# model used: {tiny_model_dir}\n")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model_dir"] == str(tiny_model_dir) and config["train_limit"] == 40
+    assert config["data"] == str(cache / "smoke" / "instruction-data.json")
+    trained = json.loads((run / "model" / "config.json").read_text())
+    assert trained["vocab_size"] == 50257 and trained["n_positions"] == 128  # the folder's GPT-2, not the smoke's
+    assert not (run / "smoke-model").exists()
+
+
+def test_the_smoke_model_and_a_model_dir_together_are_refused_at_once(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.entrypoint(["run", "--model", "smoke", "--model-dir", str(tmp_path), "--output", str(tmp_path / "r")])
+    [line] = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 2 and "model smoke (the smoke's random model) and model_dir" in line
+    assert not (tmp_path / "r").exists()
