@@ -50,7 +50,7 @@ from job.download import (
 from job.dpo import run_dpo
 from job.errors import ConfigError, JobError
 from job.families import family, read_shape
-from job.finetune import run_finetune
+from job.finetune import run_finetune, training_splits
 from job.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate
 from job.judge import preflight as judge_preflight
 from job.judge import run_judge
@@ -58,6 +58,7 @@ from job.manifest import Manifest
 from job.model import GPT2_SIZES, GPTConfig, GPTModel
 from job.observability import Metrics, MetricsPublisher, bind, get_logger
 from job.parsing import ParseError, load_yaml
+from job.preference import fitting_pairs, preference_problem
 from job.report import REPORT, fetch_inputs, write_report
 from job.roles import Roles
 from job.runlock import run_lock
@@ -166,7 +167,9 @@ class Pipeline:
         entries = load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
         train, test, _val = split_entries(entries, cfg.shuffle_seed)
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
-        check_model_fit(cfg, test[: cfg.limit])
+        tokenizer, style, context_length = check_model_fit(cfg, test[: cfg.limit])
+        if cfg.dpo:
+            check_preference_data(cfg, tokenizer, style, context_length)
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))
@@ -449,9 +452,10 @@ def _gpt2(cfg: RunConfig) -> bool:
     return family(cfg.model_dir) == "gpt2" if cfg.model_dir else cfg.model in GPT2_SIZES
 
 
-def check_model_fit(cfg: RunConfig, test: list[dict]) -> None:
+def check_model_fit(cfg: RunConfig, test: list[dict]) -> tuple:
     """What depends on the model's shape, known before training: the longest test prompt and
-    --max-new-tokens fit its context; a LoRA rank is at most its width."""
+    --max-new-tokens fit its context; a LoRA rank is at most its width. Returns the model's tokenizer, the
+    prompt style and the context length."""
     random = random_model(cfg)
     folder = None if random else tokenizer_folder(cfg)  # a hub model's config and tokenizer, before its weights
     if random:
@@ -464,6 +468,15 @@ def check_model_fit(cfg: RunConfig, test: list[dict]) -> None:
     style = prompt_style(cfg.prompt_style, tokenizer)
     longest, which = longest_prompt([encode(tokenizer, style.format_input(e)) for e in test])
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)
+    return tokenizer, style, shape.context_length
+
+
+def check_preference_data(cfg: RunConfig, tokenizer, style, context_length: int) -> None:
+    """--dpo-data as the DPO stage reads it, before anything is written (not after the finetune): every entry a
+    preference pair, both splits with pairs that fit the context, at least a batch of them."""
+    dpo = stage_config(cfg, "dpo", DPOConfig, **stage_model(cfg, cfg.model_dir))
+    path, train, val = training_splits(dpo, preference_problem)
+    fitting_pairs(train, val, tokenizer, style, (dpo.allowed_max_length, context_length), dpo.batch_size, path)
 
 
 def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:

@@ -113,3 +113,91 @@ def test_the_smoke_model_and_a_model_dir_together_are_refused_at_once(tmp_path, 
     [line] = capsys.readouterr().err.splitlines()
     assert exited.value.code == 2 and "model smoke (the smoke's random model) and model_dir" in line
     assert not (tmp_path / "r").exists()
+
+
+# --- the DPO data, checked by the preflight as the instruction data is ---------------------------------
+
+
+def _preference_file(path, long_in: str = "", count: int = 40):
+    """The smoke's entries (chosen and rejected) as a file; ``long_in`` (training or validation) gives that
+    split's entries a 400-character input (200 GPT-2 tokens): no pair of it fits a short --allowed-max-length."""
+    from job.data import split_entries
+    from job.smoke import smoke_entries
+
+    entries = smoke_entries(count)
+    train, _test, val = split_entries(list(range(count)))
+    for i in {"training": train, "validation": val}.get(long_in, []):
+        entries[i] = entries[i] | {"input": "x " * 200}
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_run_dpo_with_a_bad_preference_entry_fails_before_training_and_the_fixed_command_is_a_new_run(cache, tmp_path):
+    data = _preference_file(tmp_path / "pref.json")
+    entries = json.loads(data.read_text())
+    del entries[7]["rejected"]
+    data.write_text(json.dumps(entries))
+    runs = tmp_path / "runs"
+    args = _smoke(cache, runs, "pref", "--dpo", "--dpo-data", data, "--max-steps", "2", "--dpo-epochs", "1")
+    bad = run_cli(*args)
+    line = _one_line(bad, 1)
+    assert line == (
+        f"Error: dataset {data}: entry 7: field 'rejected' is missing (preference data needs chosen and rejected "
+        "responses) (--skip-invalid drops such entries)"
+    )
+    assert not [e for e in events(bad.stdout) if e["event"] in ("finetune_start", "stage_started")]
+    assert not (runs / "pref").exists()  # nothing written: the corrected command is a new run
+    _preference_file(data)
+    fixed = run_cli(*args)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    manifest = json.loads((runs / "pref" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["stages"]["dpo"]["status"] == "complete"
+
+
+@pytest.mark.parametrize(
+    "long_in, code, words",
+    [
+        ("validation", 1, "no validation pair keeps a response token within --allowed-max-length 200 "
+         "(34 of 34 training pairs, 0 of 2 validation pairs fit)"),
+        ("training", 1, "no training pair keeps a response token within --allowed-max-length 200 "
+         "(0 of 34 training pairs, 2 of 2 validation pairs fit)"),
+    ],
+)  # fmt: skip
+def test_run_dpo_with_every_pair_of_a_split_too_long_names_the_file_the_limit_and_the_counts(
+    long_in, code, words, cache, tmp_path
+):
+    data = _preference_file(tmp_path / "long.json", long_in)
+    runs = tmp_path / "runs"
+    result = run_cli(*_smoke(cache, runs, "long", "--dpo", "--dpo-data", data, "--allowed-max-length", "200"))
+    line = _one_line(result, code)
+    assert line == f"Error: preference dataset {data}: {words}: raise --allowed-max-length or shorten the entries"
+    assert not (runs / "long").exists()
+
+
+def test_run_dpo_with_fewer_fitting_pairs_than_a_batch_is_exit_2_before_anything(cache, tmp_path):
+    data = _preference_file(tmp_path / "few.json", "training")
+    entries = json.loads(data.read_text())
+    for entry in entries[:3]:
+        entry["input"] = ""  # 3 training pairs fit, a batch is 8
+    data.write_text(json.dumps(entries))
+    runs = tmp_path / "runs"
+    result = run_cli(*_smoke(cache, runs, "few", "--dpo", "--dpo-data", data, "--allowed-max-length", "200"))
+    line = _one_line(result, 2)
+    assert (
+        f"preference dataset {data}: fewer training pairs than --batch-size 8 within --allowed-max-length 200" in line
+    )
+    assert "(3 of 34 training pairs, 2 of 2 validation pairs fit)" in line and not (runs / "few").exists()
+
+
+def test_the_dpo_stage_alone_says_the_same_naming_the_models_context(cache, tiny_model_dir, tmp_path):
+    data = _preference_file(tmp_path / "long.json", "validation")
+    out = tmp_path / "dpo"
+    args = ["dpo", "--model-dir", tiny_model_dir, "--data", data, "--cache", cache, "--output", out]
+    result = run_cli(*args, "--log-format", "json")
+    line = _one_line(result, 1)
+    assert line == (
+        f"Error: preference dataset {data}: no validation pair keeps a response token within --allowed-max-length "
+        "1024 (the model's context: 128) (34 of 34 training pairs, 0 of 2 validation pairs fit): raise "
+        "--allowed-max-length or shorten the entries"
+    )
+    assert not (out / "model").exists() and not (out / "checkpoints").exists()
