@@ -37,12 +37,17 @@ from job.config import (
 )
 from job.data import load_entries, prompt_style, resolve_data, split_entries
 from job.download import (
+    HUB_HEAD_FILES,
+    Needed,
     cached_model_dir,
+    check_reachable,
     dataset_file,
     fetch_model,
     hub_commit,
+    hub_file,
     model_cached,
     model_downloader,
+    model_files,
     model_tokenizer,
     tokenizer_files,
     tokenizer_folder,
@@ -164,6 +169,7 @@ class Pipeline:
             raise JobError("--require-gpu was given but no CUDA device is visible")
         read_key(cfg.checkpoint_key_file)
         prepare_smoke_data(cfg)
+        check_reachable(missing_pieces(cfg), Path(cfg.cache))
         entries = load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
         train, test, _val = split_entries(entries, cfg.shuffle_seed)
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
@@ -420,6 +426,27 @@ def run_files(cfg: RunConfig) -> list:
     datasets = [cfg.data, cfg.dpo_data] if cfg.dpo else [cfg.data]
     files += [dataset_file(d, cfg.base_url) for d in datasets if d.startswith(("http://", "https://", "s3://"))]
     return files
+
+
+def missing_pieces(cfg: RunConfig) -> list[Needed]:
+    """What the run would download that the cache lacks, each with its way in: a dataset named by URL, GPT-2's
+    tokenizer, the named model's weights (a hub model's with its tokenizer)."""
+    cache = Path(cfg.cache)
+    pieces = []
+    for name, flag in (("data", "--data"), ("dpo_data", "--dpo-data"))[: 2 if cfg.dpo else 1]:
+        if getattr(cfg, name).startswith(("http://", "https://", "s3://")):
+            remote = dataset_file(getattr(cfg, name), cfg.base_url)
+            pieces.append(Needed(f"the dataset {remote.relpath}", (remote,), f"{flag} FILE"))
+    if _gpt2(cfg):
+        way_in = f"encoder.json and vocab.bpe copied into {cache / 'gpt2'}"
+        pieces.append(Needed("GPT-2's tokenizer", tuple(tokenizer_files(cfg.base_url)), way_in))
+    pieces = [p for p in pieces if not all((cache / f.relpath).is_file() for f in p.files)]
+    if not (random_model(cfg) or cfg.model_dir or model_cached(cfg)):
+        hub = cfg.model in HUB_REPOS
+        files = (hub_file(cfg, HUB_HEAD_FILES[0]),) if hub else tuple(model_files(cfg.model, cfg.source, cfg.base_url))
+        what = f"the weights{' and tokenizer' if hub else ''} of {cfg.model}"
+        pieces.append(Needed(what, files, files[0].way_in))
+    return pieces
 
 
 def fetch_run_files(cfg: RunConfig, metrics: Metrics) -> None:

@@ -6,13 +6,15 @@ given."""
 from __future__ import annotations
 
 import json
+import shutil
+import time
 
 import pytest
 import yaml
 
 from job import cli
 from tests.helpers import cli as run_cli
-from tests.helpers import events
+from tests.helpers import events, free_port
 
 
 def _smoke(cache, runs, run_id: str, *extra) -> list:
@@ -201,3 +203,63 @@ def test_the_dpo_stage_alone_says_the_same_naming_the_models_context(cache, tiny
         "--allowed-max-length or shorten the entries"
     )
     assert not (out / "model").exists() and not (out / "checkpoints").exists()
+
+
+# --- offline: everything missing named at once, before any wait -----------------------------------------
+
+WEIGHTS = "the weights of gpt2-medium: --model-dir DIR (a folder of GPT-2 weights: Hugging Face's or OpenAI's files)"
+
+
+def _emptied(cache):
+    for path in cache.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return cache
+
+
+def _offline_run(cache, tmp_path, *extra, env=None):
+    """``run`` against a judge that is not there with the full 300 s wait; returns the result and its seconds."""
+    dead_judge = f"http://127.0.0.1:{free_port()}"
+    args = ["run", "--cache", cache, "--output", tmp_path / "runs", "--run-id", "off", "--metrics-port", "0"]
+    started = time.monotonic()
+    result = run_cli(*args, "--judge-url", dead_judge, "--judge-wait", "300s", "--log-format", "json", *extra, env=env)
+    return result, time.monotonic() - started
+
+
+def test_an_offline_first_run_names_dataset_tokenizer_and_weights_at_once_before_any_judge_wait(cache, tmp_path):
+    closed = f"http://127.0.0.1:{free_port()}"
+    proxies = {name: closed for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")}
+    result, seconds = _offline_run(_emptied(cache), tmp_path, env=proxies | {"NO_PROXY": "", "no_proxy": ""})
+    line = _one_line(result, 1)
+    assert seconds < 60, seconds  # not the judge's 300 s, not a download's retries
+    assert line.startswith(f"Error: the cache {cache} lacks pieces this run needs and their hosts cannot be reached (")
+    assert "no answer from raw.githubusercontent.com (ProxyError)" in line
+    assert "no answer from openaipublic.blob.core.windows.net (ProxyError)" in line
+    assert "the dataset instruction-data.json: --data FILE" in line
+    assert f"GPT-2's tokenizer: encoder.json and vocab.bpe copied into {cache / 'gpt2'}" in line and WEIGHTS in line
+    assert line.endswith("or --base-url URL, a mirror laid out like the cache (README: Without internet)")
+    assert not [e for e in events(result.stdout) if e["event"].startswith("judge_")]
+    assert not (tmp_path / "runs" / "off").exists() and not any(cache.rglob("*"))  # nothing written, no .part
+
+
+def test_a_dead_mirror_names_what_the_cache_lacks_and_only_that(cache, tmp_path):
+    mirror = f"127.0.0.1:{free_port()}"
+    (cache / "gpt2" / "vocab.bpe").unlink()  # the dataset is there; the tokenizer half; the weights not at all
+    result, seconds = _offline_run(cache, tmp_path, "--base-url", f"http://{mirror}/sft-cache")
+    line = _one_line(result, 1)
+    assert seconds < 60, seconds
+    assert f"(no answer from {mirror} (ConnectionError)): GPT-2's tokenizer: encoder.json and vocab.bpe" in line
+    assert WEIGHTS in line and "dataset" not in line and not (tmp_path / "runs" / "off").exists()
+
+
+def test_an_unreachable_hub_names_the_hub_models_weights_and_tokenizer(cache, tmp_path):
+    hub = f"127.0.0.1:{free_port()}"
+    data = cache / "instruction-data.json"
+    result, seconds = _offline_run(
+        cache, tmp_path, "--model", "qwen3-0.6b", "--hub-url", f"http://{hub}", "--data", data
+    )
+    line = _one_line(result, 1)
+    assert seconds < 60, seconds
+    assert (
+        f"(no answer from {hub} (ConnectionError)): the weights and tokenizer of qwen3-0.6b: --model-dir DIR " in line
+    )
+    assert "GPT-2's tokenizer" not in line and "dataset" not in line and not (tmp_path / "runs" / "off").exists()
