@@ -751,9 +751,10 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
     skip_judge: bool = option(False, operational=True)
     """Stop after generating responses (no judge server needed)."""
     smoke: bool = False
-    """Plumbing check in a minute: a random 2-layer GPT-2 (no weight download) trained on 40 entries for 2 epochs
-    (each epoch's end, checkpoint and sample happen), 8 test entries, 16 sampled new tokens; options given by hand
-    win."""
+    """Plumbing check in a minute: a random 2-layer GPT-2 (--model smoke, no weight download) trained on 40 entries
+    for 2 epochs (each epoch's end, checkpoint and sample happen), 8 test entries, 16 sampled new tokens; every
+    option given by hand (flag, SFT_JOB_* variable or --config key, a default's value too) wins: --model-dir DIR
+    trains that folder."""
     require_gpu: bool = option(False, operational=True, section="Observability")
     """Fail at preflight unless a CUDA device is present."""
     s3_endpoint_url: str | None = option(None, operational=True, section="Storage")
