@@ -80,7 +80,7 @@ def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[d
     train, _test, val = split_entries(entries, cfg.shuffle_seed)
     train = train[: cfg.train_limit]
     if not train or not val:
-        raise DataError(f"dataset of {len(entries)} entries is too small for the 85/10/5 split")
+        raise DataError(f"dataset {path} of {len(entries)} entries is too small for the 85/10/5 split")
     return path, train, val
 
 

@@ -263,3 +263,11 @@ def test_an_unreachable_hub_names_the_hub_models_weights_and_tokenizer(cache, tm
         f"(no answer from {hub} (ConnectionError)): the weights and tokenizer of qwen3-0.6b: --model-dir DIR " in line
     )
     assert "GPT-2's tokenizer" not in line and "dataset" not in line and not (tmp_path / "runs" / "off").exists()
+
+
+def test_run_dpo_with_preference_data_too_small_to_split_names_the_file(cache, tmp_path):
+    data = _preference_file(tmp_path / "one.json", count=1)
+    runs = tmp_path / "runs"
+    line = _one_line(run_cli(*_smoke(cache, runs, "one", "--dpo", "--dpo-data", data)), 1)
+    assert line == f"Error: dataset {data} of 1 entries is too small for the 85/10/5 split"
+    assert not (runs / "one").exists()
