@@ -341,19 +341,29 @@ class Needed:
     way_in: str
 
 
-def host_fails(url: str, timeout_s: float = 10.0) -> str | None:
-    """Why ``url``'s host gives no answer to one request (through the environment's proxies, as downloads go),
-    or None where it answers at all (any HTTP status). Only http(s) is asked: an S3 mirror's errors are the
-    download's own."""
+PROBE = Policy(first_s=0.5, cap_s=1.0, attempts=3)  # a blip passes; no network ends in seconds
+
+
+def host_fails(url: str, timeout_s: float = 10.0, sleep: Callable[[float], None] = time.sleep) -> str | None:
+    """Why ``url``'s host gives no answer to a request (through the environment's proxies, as downloads go; 3
+    tries within about 2 s), or None where it answers at all (any HTTP status). Only http(s) is asked: an S3
+    mirror's errors are the download's own."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https"):
         return None
+
+    def ask() -> None:
+        try:
+            requests.head(url, timeout=timeout_s, allow_redirects=False).close()
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            if _name_unresolved(exc):
+                raise Retryable(f"host {parsed.hostname} not found") from None
+            raise Retryable(f"no answer from {parsed.netloc} ({type(exc).__name__})") from None
+
     try:
-        requests.head(url, timeout=timeout_s, allow_redirects=False).close()
-    except (requests.ConnectionError, requests.Timeout) as exc:
-        if _name_unresolved(exc):
-            return f"host {parsed.hostname} not found"
-        return f"no answer from {parsed.netloc} ({type(exc).__name__})"
+        retry.call(ask, PROBE, _retryable, lambda last: last.error, sleep=sleep)
+    except Retryable as exc:
+        return str(exc)
     return None
 
 
