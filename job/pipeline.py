@@ -173,9 +173,7 @@ class Pipeline:
         entries = load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
         train, test, _val = split_entries(entries, cfg.shuffle_seed)
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
-        tokenizer, style, context_length = check_model_fit(cfg, test[: cfg.limit])
-        if cfg.dpo:
-            check_preference_data(cfg, tokenizer, style, context_length)
+        check_preference_data(cfg, *check_model_fit(cfg, test[: cfg.limit]))
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))
@@ -499,8 +497,10 @@ def check_model_fit(cfg: RunConfig, test: list[dict]) -> tuple:
 
 
 def check_preference_data(cfg: RunConfig, tokenizer, style, context_length: int) -> None:
-    """--dpo-data as the DPO stage reads it, before anything is written (not after the finetune): every entry a
-    preference pair, both splits with pairs that fit the context, at least a batch of them."""
+    """With --dpo, --dpo-data as the DPO stage reads it, before anything is written (not after the finetune):
+    every entry a preference pair, both splits with pairs that fit the context, at least a batch of them."""
+    if not cfg.dpo:
+        return
     dpo = stage_config(cfg, "dpo", DPOConfig, **stage_model(cfg, cfg.model_dir))
     path, train, val = training_splits(dpo, preference_problem)
     fitting_pairs(train, val, tokenizer, style, (dpo.allowed_max_length, context_length), dpo.batch_size, path)
