@@ -407,9 +407,9 @@ def _artifacts(outputs: dict, prefix: str) -> list[str]:
 
 
 def smoke_data_used(cfg: RunConfig) -> list[Path]:
-    """The smoke's own dataset, where the run reads it (no --data or --dpo-data named)."""
+    """The smoke's own dataset, where the run reads it (no --data, or with --dpo no --dpo-data, named)."""
     path = smoke_data(cfg.cache)
-    return [Path(path)] if cfg.smoke and path in (cfg.data, cfg.dpo_data) else []
+    return [Path(path)] if cfg.smoke and path in (cfg.data, cfg.dpo_data if cfg.dpo else None) else []
 
 
 def prepare_smoke_data(cfg: RunConfig) -> None:
