@@ -166,13 +166,22 @@ def _option(field: dataclasses.Field, hint, help_text: str):
     )
 
 
-def build(cls: type, params: dict):
-    """The config dataclass from parsed flags; a failed check is a one-line usage error."""
+def build(cls: type, params: dict, **extra):
+    """The config dataclass from parsed flags (and ``extra`` init-only values); a failed check is a one-line
+    usage error."""
     names = field_names(cls)
     try:
-        return cls(**{k: v for k, v in params.items() if k in names})
+        return cls(**{k: v for k, v in params.items() if k in names}, **extra)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def given_by_hand(params: dict) -> frozenset[str]:
+    """The options of the current command the user gave: a flag, an SFT_JOB_* variable or a --config key (a value
+    equal to the default included); the others took their default."""
+    ctx = click.get_current_context()
+    defaulted = (None, click.core.ParameterSource.DEFAULT)
+    return frozenset(name for name in params if ctx.get_parameter_source(name) not in defaulted)
 
 
 def _run(stage: str, runner, cfg, log_format: str, log_file: str | None = None):
@@ -297,7 +306,8 @@ def run(log_format, log_file, **params):
     """Preflight, then download, finetune, generate and judge into one run folder (local or S3)."""
     from job.pipeline import run_pipeline
 
-    _run("run", run_pipeline, build(RunConfig, params), log_format, log_file)
+    cfg = build(RunConfig, params, given_by_hand=given_by_hand(params))
+    _run("run", run_pipeline, cfg, log_format, log_file)
 
 
 # What slurm/finetune.sbatch needs of the job's own settings (one parse: the same file, SFT_JOB_* values and

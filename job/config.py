@@ -237,6 +237,7 @@ class ModelOrigin:
     """Where a named model comes from: GPT-2's sizes from OpenAI or Hugging Face, the Llama 3.2 and Qwen3
     base models from the Hugging Face hub, each into the cache."""
 
+    MODELS: typing.ClassVar[tuple[str, ...]] = MODEL_NAMES  # the names ``model`` takes (``run`` adds smoke)
     model: ModelName = "gpt2-medium"
     """Named model, fetched into the cache: a GPT-2 size (the book finetunes gpt2-medium, 355M) or a base model
     on the Hugging Face hub (qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b, llama3.2-1b, llama3.2-3b)."""
@@ -259,8 +260,8 @@ class ModelOrigin:
 
     def __post_init__(self) -> None:
         check_finite(self)
-        if self.model not in MODEL_NAMES:
-            raise ConfigError(f"model must be one of {', '.join(MODEL_NAMES)}, got {short(self.model)}")
+        if self.model not in self.MODELS:
+            raise ConfigError(f"model must be one of {', '.join(self.MODELS)}, got {short(self.model)}")
         if self.source not in ("openai", "hf"):
             raise ConfigError(f"source must be openai or hf, got {short(self.source)}")
         _check_url("base_url", self.base_url, MIRROR_SCHEMES)
@@ -682,10 +683,28 @@ SMOKE_PRESET = {
     "judge_wait": "15s",
 }
 SMOKE_DATA = ("smoke", "instruction-data.json")  # in the cache: the smoke's own data (job/smoke.py), no download
+SMOKE_MODEL_NAME = "smoke"  # run's --model for the smoke's random 2-layer GPT-2 (byte tokenizer, no download)
+RunModelName = Literal[ModelName, "smoke"]
 
 
 def smoke_data(cache: str) -> str:
     return os.path.join(cache, *SMOKE_DATA)
+
+
+def apply_smoke_preset(cfg, given: frozenset[str] | None) -> None:
+    """--smoke's values for every option of ``cfg`` the user did not give (``given``: the options set by a flag,
+    an SFT_JOB_* variable or a --config key; the CLI knows), in place, so config.yaml records what runs: its
+    model (unless --model-dir names one), its own data (no network), few entries and steps. Where ``given`` is
+    unknown (a config built in code), an option at its default counts as not given."""
+    if given is None:
+        given = frozenset(f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default)
+    own_data = smoke_data(cfg.cache)
+    preset = SMOKE_PRESET | {"data": own_data, "dpo_data": own_data}
+    if cfg.model_dir is None:
+        preset["model"] = SMOKE_MODEL_NAME
+    for name, value in preset.items():
+        if name not in given:
+            setattr(cfg, name, value)
 
 
 @dataclass
@@ -723,6 +742,11 @@ class DPOSettings:
 class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
     """``sft-job run``: download, finetune, generate and judge in one job, into one run folder."""
 
+    MODELS: typing.ClassVar[tuple[str, ...]] = typing.get_args(RunModelName)
+    model: RunModelName = "gpt2-medium"
+    """Named model, fetched into the cache: a GPT-2 size (the book finetunes gpt2-medium, 355M), a base model
+    on the Hugging Face hub (qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b, llama3.2-1b, llama3.2-3b), or smoke:
+    the smoke's random 2-layer GPT-2 with its byte tokenizer (nothing downloaded; --smoke's)."""
     output: str = option("runs", operational=True)
     """Where runs go: a local folder or s3://bucket/prefix; each run is the subfolder {run_id}/."""
     run_id: str | None = None
@@ -732,9 +756,10 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
     skip_judge: bool = option(False, operational=True)
     """Stop after generating responses (no judge server needed)."""
     smoke: bool = False
-    """Plumbing check in a minute: a random 2-layer GPT-2 (no weight download) trained on 40 entries for 2 epochs
-    (each epoch's end, checkpoint and sample happen), 8 test entries, 16 sampled new tokens; options given by hand
-    win."""
+    """Plumbing check in a minute: a random 2-layer GPT-2 (--model smoke, no weight download) trained on 40 entries
+    for 2 epochs (each epoch's end, checkpoint and sample happen), 8 test entries, 16 sampled new tokens; every
+    option given by hand (flag, SFT_JOB_* variable or --config key, a default's value too) wins: --model-dir DIR
+    trains that folder."""
     require_gpu: bool = option(False, operational=True, section="Observability")
     """Fail at preflight unless a CUDA device is present."""
     s3_endpoint_url: str | None = option(None, operational=True, section="Storage")
@@ -759,15 +784,18 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
     lock_lease: str = option("10m", operational=True, section="Storage")
     """How long the run's lock outlives a run that died without releasing it (renewed while the run lives)."""
 
-    def __post_init__(self) -> None:
-        if self.smoke:  # in place, so config.yaml records the values used; a value set by hand wins
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            for name, value in SMOKE_PRESET.items():
-                if getattr(self, name) == defaults[name]:
-                    setattr(self, name, value)
-            for name in ("data", "dpo_data"):  # the smoke's own data where none is named: no network
-                if getattr(self, name) == defaults[name]:
-                    setattr(self, name, smoke_data(self.cache))
+    given_by_hand: dataclasses.InitVar[frozenset[str] | None] = None
+    """The options the user gave (flag, SFT_JOB_* variable or --config key), as the CLI saw them: --smoke fills
+    in only the others. Not an option, and not recorded."""
+
+    def __post_init__(self, given_by_hand: frozenset[str] | None = None) -> None:
+        if self.smoke:
+            apply_smoke_preset(self, given_by_hand)
+        if self.model == SMOKE_MODEL_NAME and self.model_dir is not None:
+            raise ConfigError(
+                f"model smoke (the smoke's random model) and model_dir {short(self.model_dir)} name two models: "
+                "give one"
+            )
         FinetuneConfig.__post_init__(self)
         DecodingSettings.__post_init__(self)
         JudgeSettings.__post_init__(self)

@@ -12,7 +12,7 @@ from job.config import DPOConfig
 from job.finetune import load_inputs, save_outputs, write_config_once
 from job.objectives import DPOEvaluator, DPOObjective, Reference
 from job.observability import Metrics, get_logger
-from job.preference import preference_problem, tokenize_pairs
+from job.preference import fitting_pairs, preference_problem
 from job.train_outputs import plot_reward_margins
 from job.trainer import Task, Trainer
 
@@ -24,7 +24,8 @@ def dpo_task(cfg: DPOConfig) -> tuple[Task, str]:
     task, and the book-style name of the model's size."""
     inputs = load_inputs(cfg, preference_problem)
     model, tokenizer, style, max_length = inputs.model, inputs.tokenizer, inputs.style, inputs.max_length
-    pairs, val_pairs = (tokenize_pairs(split, tokenizer, style, max_length) for split in (inputs.train, inputs.val))
+    limits = (cfg.allowed_max_length, model.cfg.context_length)
+    pairs, val_pairs = fitting_pairs(inputs.train, inputs.val, tokenizer, style, limits, cfg.batch_size, inputs.path)
     # Full DPO holds the starting model, frozen; with LoRA the reference is the base under the adapters.
     reference = Reference(None if cfg.lora_rank else copy.deepcopy(model))
     objective = DPOObjective(pairs, max_length, cfg.beta, cfg.logprob_reduction, reference, tokenizer.eot_token)

@@ -68,22 +68,32 @@ class Inputs:
     model_name: str
     style: PromptStyle
     max_length: int
+    path: Path
+    """The dataset's file."""
+
+
+def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[dict], list[dict]]:
+    """The dataset's file and its training (cut to --train-limit) and validation splits, each entry checked
+    (``check`` says what a bad entry is); a split left empty is a DataError."""
+    path = resolve_data(cfg.data, Path(cfg.cache), cfg.base_url)
+    entries = load_entries(path, cfg.skip_invalid, check)
+    train, _test, val = split_entries(entries, cfg.shuffle_seed)
+    train = train[: cfg.train_limit]
+    if not train or not val:
+        raise DataError(f"dataset {path} of {len(entries)} entries is too small for the 85/10/5 split")
+    return path, train, val
 
 
 def load_inputs(cfg: TrainConfig, check=entry_problem) -> Inputs:
     """The dataset first (a bad one fails before any model loads; ``check`` says what a bad entry is), then
     the tokenizer and the model."""
     cache = Path(cfg.cache)
-    entries = load_entries(resolve_data(cfg.data, cache, cfg.base_url), cfg.skip_invalid, check)
-    train, _test, val = split_entries(entries, cfg.shuffle_seed)
-    train = train[: cfg.train_limit]
-    if not train or not val:
-        raise DataError(f"dataset of {len(entries)} entries is too small for the 85/10/5 split")
+    path, train, val = training_splits(cfg, check)
     tokenizer = model_tokenizer(tokenizer_folder(cfg), cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style, tokenizer)
     model, name = load_model(cfg)
     max_length = min(cfg.allowed_max_length, model.cfg.context_length)
-    return Inputs(train, val, tokenizer, model, name, style, max_length)
+    return Inputs(train, val, tokenizer, model, name, style, max_length, path)
 
 
 def prepare(cfg: FinetuneConfig) -> Prepared:

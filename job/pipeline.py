@@ -22,10 +22,12 @@ from job import __version__
 from job.checkpoint import fetch_checkpoint
 from job.checkpoint_files import INDEX, checkpoint_dirs, read_key
 from job.config import (
+    SMOKE_MODEL_NAME,
     DPOConfig,
     FinetuneConfig,
     GenerateConfig,
     JudgeConfig,
+    ModelOrigin,
     RunConfig,
     parse_duration,
     redacted,
@@ -35,12 +37,17 @@ from job.config import (
 )
 from job.data import load_entries, prompt_style, resolve_data, split_entries
 from job.download import (
+    HUB_HEAD_FILES,
+    Needed,
     cached_model_dir,
+    check_reachable,
     dataset_file,
     fetch_model,
     hub_commit,
+    hub_file,
     model_cached,
     model_downloader,
+    model_files,
     model_tokenizer,
     tokenizer_files,
     tokenizer_folder,
@@ -48,7 +55,7 @@ from job.download import (
 from job.dpo import run_dpo
 from job.errors import ConfigError, JobError
 from job.families import family, read_shape
-from job.finetune import run_finetune
+from job.finetune import run_finetune, training_splits
 from job.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate
 from job.judge import preflight as judge_preflight
 from job.judge import run_judge
@@ -56,6 +63,7 @@ from job.manifest import FAILURE_RECORD_PATIENCE_S, Manifest
 from job.model import GPT2_SIZES, GPTConfig, GPTModel
 from job.observability import Metrics, MetricsPublisher, bind, get_logger
 from job.parsing import ParseError, load_yaml
+from job.preference import fitting_pairs, preference_problem
 from job.report import REPORT, fetch_inputs, write_report
 from job.roles import Roles
 from job.runlock import run_lock
@@ -161,10 +169,11 @@ class Pipeline:
             raise JobError("--require-gpu was given but no CUDA device is visible")
         read_key(cfg.checkpoint_key_file)
         prepare_smoke_data(cfg)
+        check_reachable(missing_pieces(cfg), Path(cfg.cache))
         entries = load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
         train, test, _val = split_entries(entries, cfg.shuffle_seed)
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
-        check_model_fit(cfg, test[: cfg.limit])
+        check_preference_data(cfg, *check_model_fit(cfg, test[: cfg.limit]))
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))
@@ -261,7 +270,7 @@ class Pipeline:
 
     def finetune(self) -> list[str]:
         start = self._start_model_dir()
-        cfg = stage_config(self.cfg, "finetune", FinetuneConfig, output=str(self.work), model_dir=start)
+        cfg = stage_config(self.cfg, "finetune", FinetuneConfig, output=str(self.work), **stage_model(self.cfg, start))
         return _artifacts(self._train(run_finetune, cfg, "checkpoints"), "")
 
     def dpo(self) -> list[str]:
@@ -270,7 +279,7 @@ class Pipeline:
         if self.roles.prepares_node:
             self._ensure_local(model_keys(self.stages.manifest, ""))
         start, out = str(self.work / "model"), str(self.work / "dpo")
-        cfg = stage_config(self.cfg, "dpo", DPOConfig, output=out, model_dir=start)
+        cfg = stage_config(self.cfg, "dpo", DPOConfig, output=out, **stage_model(self.cfg, start))
         outputs = self._train(run_dpo, cfg, "dpo/checkpoints")
         return [*_artifacts(outputs, "dpo/"), "dpo/reward-margins-plot.png"] if outputs else []
 
@@ -294,7 +303,7 @@ class Pipeline:
 
     def _start_model_dir(self) -> str:
         cfg = self.cfg
-        if not cfg.smoke:
+        if not random_model(cfg):
             return cfg.model_dir or str(cached_model_dir(cfg))
         path = self.work / "smoke-model"
         # every node's first process makes it in its own scratch folder: the same seed, the same weights
@@ -365,7 +374,7 @@ def report_stopped_run(storage: Storage, work: Path, remote: bool) -> None:
 def run_inputs(cfg: RunConfig) -> dict:
     """What the run trains from, as the manifest and config.yaml's header record it: the model (the
     smoke's random one says so) and each dataset, with the sha256 of the file read."""
-    if cfg.smoke:
+    if random_model(cfg):
         model = f"random {SMOKE_MODEL.n_layers}-layer GPT-2 (the smoke's own, seed {cfg.seed}), byte tokenizer"
     elif cfg.model_dir:
         model = cfg.model_dir
@@ -388,7 +397,7 @@ def inputs_header(inputs: dict) -> str:
 
 
 def _model_label(cfg: RunConfig) -> str:
-    return "smoke" if cfg.smoke else (cfg.model_dir or cfg.model)
+    return cfg.model_dir or cfg.model
 
 
 def model_keys(manifest: Manifest, prefix: str) -> list[str]:
@@ -409,9 +418,9 @@ def _artifacts(outputs: dict, prefix: str) -> list[str]:
 
 
 def smoke_data_used(cfg: RunConfig) -> list[Path]:
-    """The smoke's own dataset, where the run reads it (no --data or --dpo-data named)."""
+    """The smoke's own dataset, where the run reads it (no --data, or with --dpo no --dpo-data, named)."""
     path = smoke_data(cfg.cache)
-    return [Path(path)] if cfg.smoke and path in (cfg.data, cfg.dpo_data) else []
+    return [Path(path)] if cfg.smoke and path in (cfg.data, cfg.dpo_data if cfg.dpo else None) else []
 
 
 def prepare_smoke_data(cfg: RunConfig) -> None:
@@ -422,23 +431,56 @@ def prepare_smoke_data(cfg: RunConfig) -> None:
 def run_files(cfg: RunConfig) -> list:
     """What the run needs in the cache besides the named model (``fetch_model``'s): GPT-2's tokenizer (the
     smoke's is made in memory; a Llama 3 / Qwen3 folder carries its own), a remote dataset."""
-    files = tokenizer_files(cfg.base_url) if not cfg.smoke and _gpt2(cfg) else []
+    files = tokenizer_files(cfg.base_url) if _gpt2(cfg) else []
     datasets = [cfg.data, cfg.dpo_data] if cfg.dpo else [cfg.data]
     files += [dataset_file(d, cfg.base_url) for d in datasets if d.startswith(("http://", "https://", "s3://"))]
     return files
+
+
+def missing_pieces(cfg: RunConfig) -> list[Needed]:
+    """What the run would download that the cache lacks, each with its way in: a dataset named by URL, GPT-2's
+    tokenizer, the named model's weights (a hub model's with its tokenizer)."""
+    cache = Path(cfg.cache)
+    pieces = []
+    for name, flag in (("data", "--data"), ("dpo_data", "--dpo-data"))[: 2 if cfg.dpo else 1]:
+        if getattr(cfg, name).startswith(("http://", "https://", "s3://")):
+            remote = dataset_file(getattr(cfg, name), cfg.base_url)
+            pieces.append(Needed(f"the dataset {remote.relpath}", (remote,), f"{flag} FILE"))
+    if _gpt2(cfg):
+        way_in = f"encoder.json and vocab.bpe copied into {cache / 'gpt2'}"
+        pieces.append(Needed("GPT-2's tokenizer", tuple(tokenizer_files(cfg.base_url)), way_in))
+    pieces = [p for p in pieces if not all((cache / f.relpath).is_file() for f in p.files)]
+    if not (random_model(cfg) or cfg.model_dir or model_cached(cfg)):
+        hub = cfg.model in HUB_REPOS
+        files = (hub_file(cfg, HUB_HEAD_FILES[0]),) if hub else tuple(model_files(cfg.model, cfg.source, cfg.base_url))
+        what = f"the weights{' and tokenizer' if hub else ''} of {cfg.model}"
+        pieces.append(Needed(what, files, files[0].way_in))
+    return pieces
 
 
 def fetch_run_files(cfg: RunConfig, metrics: Metrics) -> None:
     """The download stage: ``run_files`` and the named model, through one downloader with the hub's token."""
     downloader = model_downloader(cfg, metrics)
     downloader.fetch_all(run_files(cfg))
-    if not (cfg.smoke or cfg.model_dir):
+    if not (random_model(cfg) or cfg.model_dir):
         fetch_model(cfg, downloader)
 
 
 def run_files_cached(cfg: RunConfig) -> bool:
     files = [Path(cfg.cache) / f.relpath for f in run_files(cfg)] + smoke_data_used(cfg)
-    return all(path.is_file() for path in files) and (cfg.smoke or bool(cfg.model_dir) or model_cached(cfg))
+    return all(path.is_file() for path in files) and (random_model(cfg) or bool(cfg.model_dir) or model_cached(cfg))
+
+
+def random_model(cfg: RunConfig) -> bool:
+    """Whether the run trains the smoke's random 2-layer GPT-2 (--model smoke: --smoke's unless --model or
+    --model-dir is given), which the run makes itself: nothing to download, a byte tokenizer."""
+    return cfg.model == SMOKE_MODEL_NAME
+
+
+def stage_model(cfg: RunConfig, start: str) -> dict:
+    """A training stage's model: the folder it starts from. The smoke's random model has no name a stage
+    knows; the stage reads it from its folder, so the stage's --model keeps its default."""
+    return {"model_dir": start} | ({"model": ModelOrigin.model} if random_model(cfg) else {})
 
 
 def _gpt2(cfg: RunConfig) -> bool:
@@ -446,20 +488,33 @@ def _gpt2(cfg: RunConfig) -> bool:
     return family(cfg.model_dir) == "gpt2" if cfg.model_dir else cfg.model in GPT2_SIZES
 
 
-def check_model_fit(cfg: RunConfig, test: list[dict]) -> None:
+def check_model_fit(cfg: RunConfig, test: list[dict]) -> tuple:
     """What depends on the model's shape, known before training: the longest test prompt and
-    --max-new-tokens fit its context; a LoRA rank is at most its width."""
-    folder = None if cfg.smoke else tokenizer_folder(cfg)  # a hub model's config and tokenizer, before its weights
-    if cfg.smoke:
+    --max-new-tokens fit its context; a LoRA rank is at most its width. Returns the model's tokenizer, the
+    prompt style and the context length."""
+    random = random_model(cfg)
+    folder = None if random else tokenizer_folder(cfg)  # a hub model's config and tokenizer, before its weights
+    if random:
         shape = SMOKE_MODEL
     else:
         shape = read_shape(folder) if folder else GPT2_SIZES[cfg.model]
     if cfg.lora_rank is not None and cfg.lora_rank > shape.emb_dim:
         raise ConfigError(f"--lora-rank {cfg.lora_rank} is more than the model's width of {shape.emb_dim}")
-    tokenizer = ByteTokenizer() if cfg.smoke else model_tokenizer(folder, cfg.cache, cfg.base_url)
+    tokenizer = ByteTokenizer() if random else model_tokenizer(folder, cfg.cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style, tokenizer)
     longest, which = longest_prompt([encode(tokenizer, style.format_input(e)) for e in test])
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)
+    return tokenizer, style, shape.context_length
+
+
+def check_preference_data(cfg: RunConfig, tokenizer, style, context_length: int) -> None:
+    """With --dpo, --dpo-data as the DPO stage reads it, before anything is written (not after the finetune):
+    every entry a preference pair, both splits with pairs that fit the context, at least a batch of them."""
+    if not cfg.dpo:
+        return
+    dpo = stage_config(cfg, "dpo", DPOConfig, **stage_model(cfg, cfg.model_dir))
+    path, train, val = training_splits(dpo, preference_problem)
+    fitting_pairs(train, val, tokenizer, style, (dpo.allowed_max_length, context_length), dpo.batch_size, path)
 
 
 def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:

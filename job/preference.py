@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from job.data import PromptStyle, entry_problem
+from job.data import DataError, PromptStyle, entry_problem
+from job.errors import ConfigError
 from job.observability import get_logger
 from job.tokenizer import END_OF_TEXT_ID
 
@@ -57,6 +58,31 @@ def tokenize_pairs(entries: list[dict], tokenizer, style: PromptStyle, max_lengt
     if empty:
         log.warning("pairs_without_response_left_out", count=empty, max_length=max_length)
     return pairs
+
+
+def fitting_pairs(
+    train: list[dict], val: list[dict], tokenizer, style: PromptStyle, limits: tuple[int, int], batch_size: int, source
+) -> tuple[list[Pair], list[Pair]]:
+    """Each split's pairs that keep a response token within ``limits`` (--allowed-max-length, the model's
+    context); a split with none, or fewer training pairs than --batch-size, is one line naming the file, the
+    limit and the counts (DPO would stop at its first evaluation, or train no step)."""
+    allowed, context = limits
+    max_length = min(allowed, context)
+    pairs, val_pairs = (tokenize_pairs(split, tokenizer, style, max_length) for split in (train, val))
+    limit = f"--allowed-max-length {allowed}" + (f" (the model's context: {context})" if context < allowed else "")
+    counts = f"{len(pairs)} of {len(train)} training pairs, {len(val_pairs)} of {len(val)} validation pairs fit"
+    if not pairs or not val_pairs:
+        split = "training" if not pairs else "validation"
+        raise DataError(
+            f"preference dataset {source}: no {split} pair keeps a response token within {limit} ({counts}): "
+            "raise --allowed-max-length or shorten the entries"
+        )
+    if len(pairs) < batch_size:
+        raise ConfigError(
+            f"preference dataset {source}: fewer training pairs than --batch-size {batch_size} within {limit} "
+            f"({counts}): use a smaller --batch-size, more data or a larger --allowed-max-length"
+        )
+    return pairs, val_pairs
 
 
 def collate_pairs(

@@ -426,5 +426,6 @@ def test_a_dataset_too_small_for_the_split_fails_before_any_model_loads(stage, p
     data.write_text(json.dumps(preference_data[:1]))  # no training entry in 85 % of one
     cls, check = (FinetuneConfig, None) if stage == "finetune" else (DPOConfig, preference_problem)
     cfg = cls(model_dir=str(tmp_path / "no-model"), data=str(data), cache=str(cache), output=str(tmp_path))
-    with pytest.raises(DataError, match=r"^dataset of 1 entries is too small for the 85/10/5 split$"):
+    too_small = rf"^dataset {re.escape(str(data))} of 1 entries is too small for the 85/10/5 split$"
+    with pytest.raises(DataError, match=too_small):
         load_inputs(cfg, check) if check else load_inputs(cfg)

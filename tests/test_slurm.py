@@ -189,13 +189,20 @@ def _exit_code(job: dict) -> int:
 def test_an_origin_that_stays_unreachable_is_requeued_at_most_max_requeues_then_ends_with_75(
     slurm, ollama, tiny_model_dir, shared_data, tmp_path
 ):
-    # The dataset's host refuses every connection (a firewall, a mirror down): an outage, exit 75, which
-    # the script requeues, but only SFT_JOB_MAX_REQUEUES times, then the job ends with 75.
-    unreachable = f"http://127.0.0.1:{free_port()}/instruction-data.json"
-    config = _config(tmp_path, tiny_model_dir, shared_data, data=unreachable, cache=str(tmp_path / "cache"))
-    out = tmp_path / "job.out"
-    job_id = _sbatch(slurm, ollama, config, out, SFT_JOB_MAX_REQUEUES="1")
-    job = wait_until(_finished(slurm, job_id), 600, 1, what=f"Slurm job {job_id}")
+    # The dataset's host answers 503 to every request (an outage): exit 75, which the script requeues, but
+    # only SFT_JOB_MAX_REQUEUES times, then the job ends with 75. (A host that gives no answer at all while the
+    # cache lacks the file is a machine without network: the preflight's exit 1, tests/test_preflight.py.)
+    from tests.file_server import FileServer
+
+    cache = tmp_path / "cache"
+    shutil.copytree(shared_data / "gpt2", cache / "gpt2")
+    with FileServer({"/instruction-data.json": b"[]"}) as origin:
+        origin.faults["/instruction-data.json"].extend(["503"] * 1000)
+        unreachable = f"{origin.url}/instruction-data.json"
+        config = _config(tmp_path, tiny_model_dir, shared_data, data=unreachable, cache=str(cache))
+        out = tmp_path / "job.out"
+        job_id = _sbatch(slurm, ollama, config, out, SFT_JOB_MAX_REQUEUES="1")
+        job = wait_until(_finished(slurm, job_id), 600, 1, what=f"Slurm job {job_id}")
     log = out.read_text()
     assert job["JobState"] == "FAILED" and _exit_code(job) == 75 and int(job["Restarts"]) == 1, _account(
         slurm, job, out
