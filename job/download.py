@@ -344,10 +344,10 @@ class Needed:
 PROBE = Policy(first_s=0.5, cap_s=1.0, attempts=3)  # a blip passes; no network ends in seconds
 
 
-def host_fails(url: str, timeout_s: float = 10.0, sleep: Callable[[float], None] = time.sleep) -> str | None:
+def host_fails(url: str, timeout_s: float = 10.0, sleep: Callable[[float], None] = time.sleep) -> Retryable | None:
     """Why ``url``'s host gives no answer to a request (through the environment's proxies, as downloads go; 3
-    tries within about 2 s), or None where it answers at all (any HTTP status). Only http(s) is asked: an S3
-    mirror's errors are the download's own."""
+    tries within about 2 s): ``HostUnknown`` where its name does not resolve, else ``Retryable``; None where it
+    answers at all (any HTTP status). Only http(s) is asked: an S3 mirror's errors are the download's own."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https"):
         return None
@@ -357,21 +357,22 @@ def host_fails(url: str, timeout_s: float = 10.0, sleep: Callable[[float], None]
             requests.head(url, timeout=timeout_s, allow_redirects=False).close()
         except (requests.ConnectionError, requests.Timeout) as exc:
             if _name_unresolved(exc):
-                raise Retryable(f"host {parsed.hostname} not found") from None
+                raise HostUnknown(f"host {parsed.hostname} not found") from None
             raise Retryable(f"no answer from {parsed.netloc} ({type(exc).__name__})") from None
 
     try:
         retry.call(ask, PROBE, _retryable, lambda last: last.error, sleep=sleep)
     except Retryable as exc:
-        return str(exc)
+        return exc
     return None
 
 
 def check_reachable(needed: list[Needed], cache: Path) -> None:
-    """Where the cache lacks pieces whose hosts give no answer (no network, a dead proxy or mirror), one line
-    names every such piece with its way in, exit 1, before anything waits (retries, the judge): a first run
-    offline learns all it must bring at once, not one piece per try. One request per host, not retried."""
-    failed: dict[str, str | None] = {}
+    """Where the cache lacks pieces whose hosts give no answer, one line names every such piece with its way in,
+    before anything waits (retries, the judge): a first run offline learns all it must bring at once, not one
+    piece per try. Names that do not resolve are a machine without internet (exit 1, as a download's); a host
+    that resolves but does not answer may be an outage, so that line is exit 75 (rerun, or bring the files)."""
+    failed: dict[str, Retryable | None] = {}
     for piece in needed:
         url = piece.files[0].urls[0]
         host = urlparse(url).netloc or url
@@ -380,12 +381,16 @@ def check_reachable(needed: list[Needed], cache: Path) -> None:
     unreachable = [p for p in needed if failed[urlparse(p.files[0].urls[0]).netloc or p.files[0].urls[0]]]
     if not unreachable:
         return
-    hosts = "; ".join(why for why in failed.values() if why)
+    reasons = [why for why in failed.values() if why]
     pieces = "; ".join(f"{p.what}: {p.way_in}" for p in unreachable)
-    raise DownloadError(
-        f"the cache {cache} lacks pieces this run needs and their hosts cannot be reached ({hosts}): {pieces}; "
-        "or --base-url URL, a mirror laid out like the cache (README: Without internet)"
+    message = (
+        f"the cache {cache} lacks pieces this run needs and their hosts cannot be reached "
+        f"({'; '.join(map(str, reasons))}): {pieces}; or --base-url URL, a mirror laid out like the cache "
+        "(README: Without internet)"
     )
+    if all(isinstance(why, HostUnknown) for why in reasons):
+        raise DownloadError(message)
+    raise DownloadUnavailable(f"{message}; or rerun once the hosts answer")
 
 
 def _urls(base_url: str | None, relpath: str, defaults: tuple[str, ...]) -> tuple[str, ...]:
