@@ -1,0 +1,139 @@
+"""A hub model's cache through `sft-job download` against a local server laid out like the hub: a page
+answered for a file (HTTP 200) never stays in the cache, a damaged cached file is named and fetched
+again, a revision the hub lacks is one line naming it, and the hub's sha256 is read in either case."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from job.download import HUB_HEAD_FILES
+from job.sizes import HUB_REPOS
+from tests.file_server import FileServer
+from tests.helpers import cli, events, free_port
+
+REPO = HUB_REPOS["qwen3-0.6b"]
+COMMIT = "5eed" * 10
+LOGIN_PAGE = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Log in to continue</body></html>\n"
+GOOD = {
+    "config.json": json.dumps({"model_type": "qwen3", "num_hidden_layers": 2}).encode(),
+    "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "BPE"}}).encode(),
+    "tokenizer_config.json": json.dumps({"eos_token": "<|endoftext|>"}).encode(),
+    "model.safetensors": b"the weights" * 100,
+}
+
+
+def _hub(revision: str = "main", **kw) -> FileServer:
+    """The repository at ``main`` (the first file, asked by name) and at the commit main stands at."""
+    files = {f"/{REPO}/resolve/{COMMIT}/{name}": body for name, body in GOOD.items()}
+    files[f"/{REPO}/resolve/{revision}/config.json"] = GOOD["config.json"]
+    return FileServer(files, commit=COMMIT, **kw)
+
+
+def _download(url: str, cache: Path, *extra) -> tuple[int, str, str]:
+    done = cli("download", "--model", "qwen3-0.6b", "--no-dataset", "--download-attempts", "1", "--hub-url", url,
+               "--cache", cache, "--log-format", "json", *extra)  # fmt: skip
+    lines = done.stderr.splitlines()
+    assert done.returncode == 0 or len(lines) == 1, done.stderr[-3000:]
+    return done.returncode, (lines[-1] if lines else ""), done.stdout
+
+
+def _folder(cache: Path, revision: str = "main") -> Path:
+    return cache / "hf" / REPO / revision
+
+
+@pytest.mark.parametrize("name", HUB_HEAD_FILES)
+def test_a_login_page_answered_for_a_head_file_is_never_cached_and_the_rerun_after_the_fix_succeeds(
+    name, cache, tmp_path
+):
+    with _hub() as hub:
+        served = f"/{REPO}/resolve/{'main' if name == 'config.json' else COMMIT}/{name}"
+        hub.files[served] = LOGIN_PAGE  # a proxy or a login wall answers 200 with a page
+        code, line, _ = _download(hub.url, cache)
+        assert code == 1 and line == (
+            f"Error: hf/{REPO}/main/{name}: what {hub.url}{served} sent is an HTML page, not JSON, not the file; "
+            "nothing was kept"
+        )
+        assert not (_folder(cache) / name).exists() and not list(_folder(cache).glob("*.part"))
+        hub.files[served] = GOOD[name]  # the hub is fixed: the same command, nothing removed by hand
+        code, line, _ = _download(hub.url, cache)
+    assert code == 0, line
+    assert {n: (_folder(cache) / n).read_bytes() for n in GOOD} == GOOD
+    assert (_folder(cache) / ".commit").read_text() == COMMIT + "\n"
+
+
+@pytest.mark.parametrize(
+    "name, damage, problem",
+    [
+        ("config.json", LOGIN_PAGE, "an HTML page, not JSON"),
+        ("tokenizer.json", b'{"model": {"type": "BPE"', "not JSON: Expecting ',' delimiter at line 1 column 25"),
+        ("tokenizer_config.json", b"[]", "JSON but not an object"),
+        ("tokenizer.json", b"", "not JSON: Expecting value at line 1 column 1"),
+    ],
+    ids=["login page", "truncated", "a list", "empty"],
+)
+def test_a_damaged_head_file_in_the_cache_is_named_offline_and_fetched_again_online(
+    name, damage, problem, cache, tmp_path
+):
+    """A cache an earlier version left a page in (or a file cut short): offline, one line naming the file,
+    why, and the folder to remove, the file kept as it was; with the hub reachable, fetched again."""
+    with _hub() as hub:
+        assert _download(hub.url, cache)[0] == 0
+        (_folder(cache) / name).write_bytes(damage)
+        offline = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+        code, line, stdout = _download(offline, cache)
+        assert code == 1 and line.startswith(f"Error: cached {_folder(cache) / name} is damaged ({problem}) "), line
+        assert line.endswith(f"remove {_folder(cache)} to fetch them again, or pass --base-url with a mirror"), line
+        assert (_folder(cache) / name).read_bytes() == damage
+        assert [e["problem"] for e in events(stdout) if e["event"] == "cache_file_damaged"] == [problem]
+        code, line, _ = _download(hub.url, cache)
+    assert code == 0, line
+    assert (_folder(cache) / name).read_bytes() == GOOD[name]
+
+
+def test_a_pinned_commit_the_hub_does_not_have_is_one_line_naming_the_repository_and_the_revision(cache):
+    gone = "0dd" + "f" * 37
+    with _hub() as hub:
+        code, line, _ = _download(hub.url, cache, "--hub-revision", gone)
+    url = f"{hub.url}/{REPO}/resolve/{gone}/config.json"
+    assert (
+        code == 1
+        and line == f"Error: {hub.url} has no revision {gone} of {REPO} (HTTP 404 from {url}): check --hub-revision"
+    )
+    assert not [p for p in _folder(cache, gone).parent.rglob("*") if p.is_file()]
+
+
+def test_a_tag_the_hub_does_not_have_and_a_recorded_commit_gone_from_it_are_one_line_each(cache):
+    with _hub() as hub:
+        code, line, _ = _download(hub.url, cache, "--hub-revision", "v9")
+        assert code == 1 and line.startswith(f"Error: {hub.url} has no revision v9 of {REPO} (HTTP 404 from "), line
+        assert _download(hub.url, cache)[0] == 0
+        for name in GOOD:  # a force-push on the hub: the commit main stood at is gone, and a file with it
+            del hub.files[f"/{REPO}/resolve/{COMMIT}/{name}"]
+        (_folder(cache) / "tokenizer.json").unlink()
+        code, line, _ = _download(hub.url, cache)
+    assert code == 1 and line.startswith(f"Error: {hub.url} no longer has commit {COMMIT} of {REPO}"), line
+    assert line.endswith(f"remove {_folder(cache)} to download the revision as it is now")
+
+
+@pytest.mark.parametrize("etag", [str.upper, str.lower], ids=["upper case", "lower case"])
+def test_a_corrupted_shard_is_refused_against_the_hubs_sha256_in_either_case_and_the_right_one_kept(etag, cache):
+    """The hub states a large file's sha256 in ``X-Linked-Etag`` on its redirect to the CDN; huggingface_hub
+    reads any case of it, and so do we: a byte the CDN gets wrong is exit 1 with nothing kept."""
+    weights = GOOD["model.safetensors"]
+    wrong = weights[:500] + bytes([weights[500] ^ 1]) + weights[501:]
+    resolve = f"/{REPO}/resolve/{COMMIT}/model.safetensors"
+    stated = etag(hashlib.sha256(weights).hexdigest())
+    with FileServer({"/cdn/model.safetensors": wrong}) as cdn, _hub() as hub:
+        hub.redirects[resolve], hub.linked[resolve] = f"{cdn.url}/cdn/model.safetensors", stated
+        code, line, _ = _download(hub.url, cache)
+        assert code == 1 and f"Error: hf/{REPO}/main/model.safetensors: sha256 mismatch from {hub.url}{resolve}" in line
+        assert line.endswith(f"expected {stated.lower()} (the hub's X-Linked-Etag)"), line
+        assert not list(_folder(cache).glob("model.safetensors*"))
+        cdn.files["/cdn/model.safetensors"] = weights
+        code, line, _ = _download(hub.url, cache)
+    assert code == 0, line
+    assert (_folder(cache) / "model.safetensors").read_bytes() == weights
