@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from job.download import HUB_HEAD_FILES
 from job.sizes import HUB_REPOS
@@ -137,3 +138,38 @@ def test_a_corrupted_shard_is_refused_against_the_hubs_sha256_in_either_case_and
         code, line, _ = _download(hub.url, cache)
     assert code == 0, line
     assert (_folder(cache) / "model.safetensors").read_bytes() == weights
+
+
+# --- a sha256 read in either case, wherever one is read -----------------------------------------------
+
+
+def test_a_manifests_artifact_sha256_in_upper_case_verifies_and_a_changed_artifact_still_does_not(tmp_path):
+    from job.manifest import Manifest
+    from job.storage import LocalStorage
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_bytes(b"{}")
+    digest = hashlib.sha256(b"{}").hexdigest().upper()
+    stage = {"status": "complete", "artifacts": {"model/config.json": {"size": 2, "sha256": digest}}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"run_id": "r", "version": "0", "stages": {"finetune": stage}}))
+    assert Manifest(LocalStorage(tmp_path), "r").verified("finetune")
+    (tmp_path / "model" / "config.json").write_bytes(b"[]")
+    assert not Manifest(LocalStorage(tmp_path), "r").verified("finetune")
+
+
+def test_a_checkpoint_index_in_upper_case_hex_passes_and_a_changed_file_is_still_named(tmp_path):
+    from safetensors.torch import save
+
+    from job.checkpoint_files import INDEX, checkpoint_problem, index_text
+    from tests.test_untrusted import GOOD as STATE
+
+    files = {n: json.dumps(v).encode() for n, v in STATE.items()} | {"model.safetensors": save({"w": torch.zeros(2)})}
+    tmp_path.joinpath("ckpt").mkdir()
+    for name, data in files.items():
+        (tmp_path / "ckpt" / name).write_bytes(data)
+    digests = {n: hashlib.sha256(d).hexdigest().upper() for n, d in files.items()}
+    (tmp_path / "ckpt" / INDEX).write_text(index_text(digests, b"k" * 32))
+    assert checkpoint_problem(tmp_path / "ckpt", b"k" * 32) is None
+    (tmp_path / "ckpt" / "optimizer.json").write_bytes(b"{}")
+    rejected = checkpoint_problem(tmp_path / "ckpt", b"k" * 32)
+    assert (rejected.file, rejected.reason) == ("optimizer.json", "sha256 differs from the index")
