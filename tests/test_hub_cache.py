@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save
 
 from job.download import HUB_HEAD_FILES
 from job.sizes import HUB_REPOS
@@ -23,7 +24,7 @@ GOOD = {
     "config.json": json.dumps({"model_type": "qwen3", "num_hidden_layers": 2}).encode(),
     "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "BPE"}}).encode(),
     "tokenizer_config.json": json.dumps({"eos_token": "<|endoftext|>"}).encode(),
-    "model.safetensors": b"the weights" * 100,
+    "model.safetensors": save({"model.norm.weight": torch.arange(300.0)}),  # what model_cached reads the table of
 }
 
 
@@ -158,8 +159,6 @@ def test_a_manifests_artifact_sha256_in_upper_case_verifies_and_a_changed_artifa
 
 
 def test_a_checkpoint_index_in_upper_case_hex_passes_and_a_changed_file_is_still_named(tmp_path):
-    from safetensors.torch import save
-
     from job.checkpoint_files import INDEX, checkpoint_problem, index_text
     from tests.test_untrusted import GOOD as STATE
 
