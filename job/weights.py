@@ -185,7 +185,8 @@ def _read_hf(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
         if name.endswith(_HF_BUFFERS):
             continue  # causal-mask buffers, not weights (transformers ignores them too)
         if name in tensors:
-            raise WeightsError(f"{path / 'model.safetensors'}: tensor {name} is stored twice (once as {stored})")
+            twice = f"tensor {name} is stored twice (as {name} and transformer.{name})"
+            raise WeightsError(f"{path / 'model.safetensors'}: {twice}")
         tensors[name] = tensor.t() if name.endswith(_CONV1D) else tensor
     head, wte = tensors.get("lm_head.weight"), tensors.get("wte.weight")
     if tied and head is not None and wte is not None and torch.equal(head, wte):

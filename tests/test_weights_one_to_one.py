@@ -179,3 +179,42 @@ def test_a_head_stored_beside_tied_embeddings_is_read_as_transformers_reads_it(e
         with torch.no_grad():
             torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=0, atol=1e-5)
         assert torch.equal(ours.lm_head.weight, head)
+
+
+def test_shards_that_disagree_with_their_index_are_one_line_naming_the_tensor_and_the_shard(family_dir, tmp_path):
+    """The index maps a tensor to a shard that lacks it, or a shard holds a tensor the index maps elsewhere:
+    either would be read nowhere or twice."""
+    from transformers import AutoModelForCausalLM
+
+    from job.llama_weights import INDEX
+    from job.weights import WeightsError
+
+    AutoModelForCausalLM.from_pretrained(family_dir).save_pretrained(tmp_path / "m", max_shard_size="100KB")
+    index = json.loads((tmp_path / "m" / INDEX).read_text())
+    name, shard = "model.norm.weight", index["weight_map"]["model.norm.weight"]
+    other = next(s for s in sorted(set(index["weight_map"].values())) if s != shard)
+    moved = index | {"weight_map": index["weight_map"] | {name: other}}
+    (tmp_path / "m" / INDEX).write_text(json.dumps(moved))
+    with pytest.raises(WeightsError, match=f"maps tensor {name} to {other}, which lacks it"):
+        load_model(tmp_path / "m")
+    tensors = load_file(str(tmp_path / "m" / other)) | {name: torch.ones(64)}
+    save_file(tensors, str(tmp_path / "m" / other), metadata={"format": "pt"})
+    (tmp_path / "m" / INDEX).write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match=f"{other}: holds tensor {name} that {INDEX} does not map to it"):
+        load_model(tmp_path / "m")
+
+
+def test_a_gpt2_tensor_stored_twice_or_an_untied_config_without_a_head_is_one_line(hf_tiny, tmp_path):
+    from job.weights import WeightsError
+
+    tensors = load_file(str(hf_tiny[1] / "model.safetensors"))
+    config = json.loads((hf_tiny[1] / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(tensors | {"ln_f.bias": tensors["transformer.ln_f.bias"].clone()}, str(tmp_path / "model.safetensors"))
+    twice = r"tensor ln_f\.bias is stored twice \(as ln_f\.bias and transformer\.ln_f\.bias\)"
+    with pytest.raises(WeightsError, match=twice):
+        load_model(tmp_path)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": False}))
+    with pytest.raises(WeightsError, match=r"missing tensor lm_head\.weight \(1 missing in all\)"):
+        load_model(tmp_path)
