@@ -363,7 +363,7 @@ def model_cached(origin) -> bool:
     """Whether every file of ``origin``'s named model is in the cache (no network asked)."""
     folder = cached_model_dir(origin)
     if origin.model not in HUB_REPOS:
-        return all((Path(origin.cache) / f.relpath).is_file() for f in model_files(origin.model, origin.source))
+        return all(_cached_whole(Path(origin.cache), f) for f in model_files(origin.model, origin.source))
     if not all((folder / name).is_file() and json_object_problem(folder / name) is None for name in HUB_HEAD_FILES):
         return False  # the downloader names a damaged one and fetches it again
     try:
@@ -371,6 +371,12 @@ def model_cached(origin) -> bool:
     except WeightsError:
         return False
     return True
+
+
+def _cached_whole(cache: Path, remote: RemoteFile) -> bool:
+    """The file is in the cache and holds what it must (a damaged one is the downloader's to name and fetch)."""
+    path = cache / remote.relpath
+    return path.is_file() and (remote.check is None or remote.check(path) is None)
 
 
 def _urls(base_url: str | None, relpath: str, defaults: tuple[str, ...]) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from job.download import HUB_HEAD_FILES
+from job.download import HF_FILES, HUB_HEAD_FILES
 from job.sizes import HUB_REPOS
 from tests.file_server import FileServer
 from tests.helpers import cli, events, free_port
@@ -172,3 +172,27 @@ def test_a_checkpoint_index_in_upper_case_hex_passes_and_a_changed_file_is_still
     (tmp_path / "ckpt" / "optimizer.json").write_bytes(b"{}")
     rejected = checkpoint_problem(tmp_path / "ckpt", b"k" * 32)
     assert (rejected.file, rejected.reason) == ("optimizer.json", "sha256 differs from the index")
+
+
+def test_a_page_cached_for_gpt2s_config_json_is_not_a_cached_model_and_is_fetched_again(cache, tiny_model_dir):
+    """GPT-2's Hugging Face files too: a stage never takes the page as the config (the cache is not
+    complete), the download names it offline and fetches it again from the mirror."""
+    from job.config import DownloadConfig
+    from job.download import model_cached
+
+    files = {f"/gpt2-hf/gpt2-small/{n}": (tiny_model_dir / n).read_bytes() for n in HF_FILES}
+    origin = DownloadConfig(model="gpt2-small", source="hf", cache=str(cache))
+    config = cache / "gpt2-hf" / "gpt2-small" / "config.json"
+    args = ["download", "--model", "gpt2-small", "--source", "hf", "--no-dataset", "--download-attempts", "1"]
+    with FileServer(files) as mirror:
+        assert cli(*args, "--base-url", mirror.url, "--cache", cache).returncode == 0 and model_cached(origin)
+        config.write_bytes(LOGIN_PAGE)
+        assert not model_cached(origin)
+        offline = cli(*args, "--base-url", f"http://127.0.0.1:{free_port()}", "--cache", cache)
+        assert offline.returncode == 1 and offline.stderr.splitlines() == [
+            f"Error: cached {config} is damaged (an HTML page, not JSON) and no good copy could be fetched "
+            f"(giving up on {offline.stderr.split('giving up on ')[1].split(' ')[0]} after 1 tries (ConnectionError)): "
+            "replace it, or pass --base-url with a mirror"
+        ]
+        assert cli(*args, "--base-url", mirror.url, "--cache", cache).returncode == 0
+    assert config.read_bytes() == (tiny_model_dir / "config.json").read_bytes() and model_cached(origin)
