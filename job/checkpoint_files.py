@@ -131,7 +131,7 @@ def checkpoint_problem(path: Path, key: bytes | None = None) -> Rejected | None:
     try:
         files = _index_files(path, key)
         for name, found in zip(files, sha256_files([path / n for n in files]), strict=True):
-            if found != files[name]:
+            if found != files[name].lower():  # hex in either case, as hashes are read
                 raise Rejected(name, "sha256 differs from the index")
         for name in files:
             _check_content(path, name)
@@ -150,7 +150,7 @@ def _index_files(path: Path, key: bytes | None) -> dict[str, str]:
     odd = next((n for n in files if not FILE_RE.match(n) and n != "config.yaml"), None)
     if odd is not None:
         raise Rejected(INDEX, f"lists {odd[:60]!r}, not a checkpoint file")
-    if any(not re.fullmatch(r"[0-9a-f]{64}", d) for d in files.values()):
+    if any(not re.fullmatch(r"[0-9a-fA-F]{64}", d) for d in files.values()):
         raise Rejected(INDEX, "a sha256 is not 64 hex digits")
     missing = next((n for n in (*REQUIRED, *files) if n not in files or not (path / n).is_file()), None)
     if missing is not None:

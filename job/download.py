@@ -32,6 +32,7 @@ from job.families import folder_tokenizer
 from job.llama_weights import INDEX, index_shards, shard_files
 from job.model import OPENAI_SIZE_NAMES
 from job.observability import Metrics, get_logger, stderr_is_terminal
+from job.parsing import ParseError, load_json, read_bounded
 from job.retry import BOTOCORE_RETRIES, Policy, Retried
 from job.sizes import HUB_REPOS
 from job.storage import atomic_write_text, sha256_file
@@ -80,7 +81,9 @@ HUB_WAY_IN = "--model-dir DIR (the model's Hugging Face folder)"
 HUB_HEAD_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 COMMIT_FILE = ".commit"  # in a hub model's cache folder: the commit its files come from
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 CHUNK = 1 << 20
+MAX_JSON_BYTES = 64 << 20  # a model's largest JSON file is its tokenizer.json (Qwen3's: 11 MB)
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 
 
@@ -156,6 +159,8 @@ class RemoteFile:
     """The option that replaces this download (``--data FILE``), named when it cannot be fetched."""
     token_prefix: str | None = None
     """URLs under this prefix (the hub's) are sent the Downloader's token; a mirror's never are."""
+    check: Callable[[Path], str | None] | None = None
+    """What the file must hold beyond its hash (a JSON object...): the problem with a copy, or None."""
 
 
 def tokenizer_files(base_url: str | None = None) -> list[RemoteFile]:
@@ -194,6 +199,7 @@ def model_files(model: str, source: str, base_url: str | None = None) -> list[Re
                 f"gpt2-hf/{model}/{name}",
                 _urls(base_url, f"gpt2-hf/{model}/{name}", (f"{HF_BASE}/{repo}/resolve/main/{name}",)),
                 way_in=WEIGHTS_WAY_IN,
+                check=json_object_problem if name.endswith(".json") else None,
             )
             for name in HF_FILES
         ]
@@ -254,7 +260,25 @@ def hub_file(origin, name: str, commit: str | None = None) -> RemoteFile:
     repo, hub = HUB_REPOS[origin.model], hub_url(origin.hub_url)
     relpath = f"hf/{repo}/{origin.hub_revision}/{name}"
     url = f"{hub}/{repo}/resolve/{commit or origin.hub_revision}/{name}"
-    return RemoteFile(relpath, _urls(origin.base_url, relpath, (url,)), way_in=HUB_WAY_IN, token_prefix=f"{hub}/")
+    check = json_object_problem if name.endswith(".json") else None
+    urls = _urls(origin.base_url, relpath, (url,))
+    return RemoteFile(relpath, urls, way_in=HUB_WAY_IN, token_prefix=f"{hub}/", check=check)
+
+
+def json_object_problem(path: Path) -> str | None:
+    """Why a model's JSON file (config, tokenizer, index) is not a JSON object, or None: a hub or a proxy
+    that answers with a login page (HTTP 200) must not leave it in the cache, where it would be read as
+    the file on every rerun."""
+    try:
+        data = read_bounded(path, MAX_JSON_BYTES, path.name)
+        if data.lstrip()[:1] == b"<":
+            return "an HTML page, not JSON"
+        value = load_json(data, path.name)
+    except OSError as exc:
+        return f"not readable: {exc.strerror or exc}"
+    except ParseError as exc:  # "config.json is not JSON: ..." -> "not JSON: ..."
+        return re.sub(rf"^{re.escape(path.name)}(: | is )", "", str(exc))
+    return None if isinstance(value, dict) else "JSON but not an object"
 
 
 def model_downloader(origin, metrics: Metrics | None = None) -> Downloader:
@@ -269,14 +293,31 @@ def fetch_model_head(origin, downloader: Downloader) -> Path:
     The first file asks for the revision by name and the hub says which commit that is; every other file
     comes from that commit, also in a rerun after ``main`` moved, so one run's files are one commit's."""
     folder, commit = cached_model_dir(origin), hub_commit(origin)
-    if commit is None:
-        first = hub_file(origin, HUB_HEAD_FILES[0])
+    first = hub_file(origin, HUB_HEAD_FILES[0], commit)
+    try:
         downloader.fetch(first)
-        commit = downloader.commits.get(first.relpath)
-        if commit is not None:
+        if commit is None and (commit := downloader.commits.get(first.relpath)) is not None:
             atomic_write_text(folder / COMMIT_FILE, commit + "\n")
-    downloader.fetch_all([hub_file(origin, name, commit) for name in HUB_HEAD_FILES])
+        downloader.fetch_all([hub_file(origin, name, commit) for name in HUB_HEAD_FILES])
+    except NotFound as exc:
+        raise _no_revision(origin, commit, str(exc)) from None
     return folder
+
+
+def _no_revision(origin, commit: str | None, reason: str) -> DownloadError:
+    """A 404 for a head file (config.json, tokenizer.json...), which every model of these families has: the
+    hub lacks the revision (a commit gone after a force-push, a branch or tag deleted), unless it says the
+    file alone is missing (``EntryNotFound``, as huggingface_hub reads it)."""
+    if origin.base_url or "EntryNotFound" in reason:
+        return NotFound(reason)
+    repo, hub = HUB_REPOS[origin.model], hub_url(origin.hub_url)
+    if commit is not None and commit != origin.hub_revision:  # the commit .commit recorded is gone
+        folder = cached_model_dir(origin)
+        return DownloadError(
+            f"{hub} no longer has commit {commit} of {repo}, which {folder / COMMIT_FILE} records for "
+            f"revision {origin.hub_revision} ({reason}): remove {folder} to download the revision as it is now"
+        )
+    return DownloadError(f"{hub} has no revision {origin.hub_revision} of {repo} ({reason}): check --hub-revision")
 
 
 def tokenizer_folder(origin) -> Path | None:
@@ -322,9 +363,9 @@ def model_cached(origin) -> bool:
     """Whether every file of ``origin``'s named model is in the cache (no network asked)."""
     folder = cached_model_dir(origin)
     if origin.model not in HUB_REPOS:
-        return all((Path(origin.cache) / f.relpath).is_file() for f in model_files(origin.model, origin.source))
-    if not all((folder / name).is_file() for name in HUB_HEAD_FILES):
-        return False
+        return all(_cached_whole(Path(origin.cache), f) for f in model_files(origin.model, origin.source))
+    if not all((folder / name).is_file() and json_object_problem(folder / name) is None for name in HUB_HEAD_FILES):
+        return False  # the downloader names a damaged one and fetches it again
     try:
         shard_files(folder)
     except WeightsError:
@@ -393,14 +434,24 @@ def check_reachable(needed: list[Needed], cache: Path) -> None:
     raise DownloadUnavailable(f"{message}; or rerun once the hosts answer")
 
 
+def _cached_whole(cache: Path, remote: RemoteFile) -> bool:
+    """The file is in the cache and holds what it must (a damaged one is the downloader's to name and fetch)."""
+    path = cache / remote.relpath
+    return path.is_file() and (remote.check is None or remote.check(path) is None)
+
+
 def _urls(base_url: str | None, relpath: str, defaults: tuple[str, ...]) -> tuple[str, ...]:
     return (f"{base_url.rstrip('/')}/{relpath}",) if base_url else defaults
 
 
-def _damaged(final: Path, reason: str) -> DownloadError:
+def _damaged(cache: Path, final: Path, why: str, reason: str) -> DownloadError:
+    """A cached file that is not what it must be, and no source gave a good copy: what to remove and why
+    (a hub model's whole folder: its files are one commit's, which its ``.commit`` records)."""
+    hub_model = final.relative_to(cache).parts[0] == "hf"
+    remove = f"remove {final.parent} to fetch them again" if hub_model else "replace it"
     return DownloadError(
-        f"cached {final} is damaged (not the known file's sha256) and no good copy could be fetched "
-        f"({reason[:100]}): replace it, or pass --base-url with a mirror"
+        f"cached {final} is damaged ({why}) and no good copy could be fetched ({reason[:100]}): "
+        f"{remove}, or pass --base-url with a mirror"
     )
 
 
@@ -429,11 +480,12 @@ def _open_file(path: str, offset: int):
 def _stated(resp: requests.Response) -> Stated:
     """What the hub says of a file, as huggingface_hub reads it: the sha256 of a large file it redirects to
     its CDN (``X-Linked-Etag`` on the redirect), so the CDN's bytes are checked against the hub's word, and
-    the commit the revision's name resolved to (``X-Repo-Commit``). A value of another form is not used."""
+    the commit the revision's name resolved to (``X-Repo-Commit``). A hash is hex in either case (read as
+    lower case, as huggingface_hub compares it); a value of another form is not used."""
     sha256 = commit = None
     for answer in (*resp.history, resp):
         etag = answer.headers.get("X-Linked-Etag", "").removeprefix("W/").strip('"')
-        sha256 = sha256 or (etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None)
+        sha256 = sha256 or (etag.lower() if SHA256_RE.fullmatch(etag) else None)
         named = answer.headers.get("X-Repo-Commit", "")
         commit = commit or (named if COMMIT_RE.fullmatch(named) else None)
     return Stated(sha256, commit)
@@ -445,7 +497,7 @@ def _verify(part: Path, remote: RemoteFile, url: str, stated: str | None = None)
     if remote.size is not None and size != remote.size:
         part.unlink()
         raise DownloadError(f"{remote.relpath}: size mismatch from {url}: got {size} bytes, expected {remote.size}")
-    expected = remote.sha256 or stated
+    expected = (remote.sha256 or stated or "").lower() or None
     if expected is not None:
         actual = sha256_file(part)
         if actual != expected:
@@ -456,10 +508,19 @@ def _verify(part: Path, remote: RemoteFile, url: str, stated: str | None = None)
             )
 
 
-def _refused(status: int, url: str, token: str | None) -> DownloadError:
+def _check_content(part: Path, remote: RemoteFile, url: str) -> None:
+    """The downloaded file holds what it must (a JSON object...), else it is removed: a page answered in
+    its place (HTTP 200) is never cached."""
+    problem = remote.check(part) if remote.check is not None else None
+    if problem is not None:
+        part.unlink()
+        raise DownloadError(f"{remote.relpath}: what {url} sent is {problem}, not the file; nothing was kept")
+
+
+def _refused(status: int, url: str, token: str | None, code: str = "") -> DownloadError:
     """The error of an HTTP answer that no retry changes."""
-    if status == 404:
-        return NotFound(f"HTTP 404 from {url}")
+    if status == 404:  # the hub says what is missing (RevisionNotFound, EntryNotFound...), as huggingface_hub reads it
+        return NotFound(f"HTTP 404 from {url}" + (f" ({code})" if code else ""))
     if status in (401, 403):
         hint = "gated: accept its license on the hub, then set HF_TOKEN" if token is None else "token refused"
         return DownloadError(f"HTTP {status} from {url} ({hint})")
@@ -492,12 +553,12 @@ class Downloader:
 
     def fetch(self, remote: RemoteFile) -> Path:
         final = self.cache / remote.relpath
-        damaged = final.is_file() and not self._complete(final, remote)
+        damaged = self._problem(final, remote) if final.is_file() else None
         if final.is_file() and not damaged:
             log.debug("download_skipped", file=remote.relpath, reason="complete")
             return final
         if damaged:  # kept in place until a good copy replaces it, so a rerun offline names it again
-            log.warning("cache_file_damaged", file=str(final))
+            log.warning("cache_file_damaged", file=str(final), problem=damaged)
         final.parent.mkdir(parents=True, exist_ok=True)
         part = final.with_name(final.name + ".part")
         errors, outages, unreachable, missing = [], 0, 0, 0
@@ -505,6 +566,7 @@ class Downloader:
             try:
                 stated = self._fetch_with_retries(url, part, remote)
                 _verify(part, remote, url, stated.sha256)
+                _check_content(part, remote, url)
                 if stated.commit is not None:
                     self.commits[remote.relpath] = stated.commit
                 os.replace(part, final)
@@ -516,16 +578,19 @@ class Downloader:
                 unreachable += isinstance(exc, DownloadUnavailable | HostNotFound)
                 missing += isinstance(exc, NotFound)
         if damaged:  # no rerun fixes this offline: the file must be replaced by hand or from a mirror
-            raise _damaged(final, errors[-1].split(";")[0].removeprefix(f"{remote.relpath}: "))
+            raise _damaged(self.cache, final, damaged, errors[-1].split(";")[0].removeprefix(f"{remote.relpath}: "))
         # Only outages everywhere are worth a rerun (exit 75); a 404, a bad hash or no DNS is not.
         kind = DownloadUnavailable if outages == len(errors) else NotFound if missing == len(errors) else DownloadError
         ways_in = f"; {_ways_in(self.cache, remote)}" if unreachable else ""
         raise kind("; ".join(errors) + ways_in)
 
-    def _complete(self, path: Path, remote: RemoteFile) -> bool:
+    def _problem(self, path: Path, remote: RemoteFile) -> str | None:
+        """What is wrong with a cached copy (its size, its hash, its content), or None: it is complete."""
         if remote.size is not None and path.stat().st_size != remote.size:
-            return False
-        return remote.sha256 is None or sha256_file(path) == remote.sha256
+            return f"{path.stat().st_size} bytes, not {remote.size}"
+        if remote.sha256 is not None and sha256_file(path) != remote.sha256.lower():
+            return "not the known file's sha256"
+        return remote.check(path) if remote.check is not None else None
 
     def _fetch_with_retries(self, url: str, part: Path, remote: RemoteFile) -> Stated:
         """Tries resume the partial file; an outage past ``attempts`` is DownloadUnavailable (exit 75).
@@ -610,7 +675,8 @@ class Downloader:
             raise Retryable(f"HTTP {resp.status_code} from {url}")
         if resp.status_code not in (200, 206):
             resp.close()
-            raise _refused(resp.status_code, url, token)
+            code = resp.headers.get("X-Error-Code", "")
+            raise _refused(resp.status_code, url, token, code if re.fullmatch(r"[A-Za-z]{1,40}", code) else "")
         resumed = resp.status_code == 206
         length = resp.headers.get("Content-Length")
         if resumed:

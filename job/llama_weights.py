@@ -13,7 +13,7 @@ import torch
 from job.llama import LlamaConfig, LlamaModel
 from job.parsing import ParseError, load_json, safetensors_header, short
 from job.storage import atomic_path, atomic_write_text
-from job.weights import WeightsError
+from job.weights import WeightsError, check_one_to_one, listed
 
 FAMILIES = ("llama", "qwen3")
 INDEX = "model.safetensors.index.json"
@@ -70,10 +70,12 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaMod
     path = Path(path)
     model = LlamaModel(LlamaConfig.from_hf(read_hf_config(path))).to(dtype)
     files = shard_files(path)
+    if "lm_head.weight" in files and model.head_tied and not _head_is_embeddings(files):
+        model.untie_head()  # tie_word_embeddings, but a head of its own: transformers keeps it untied too
     expected = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.head_tied)}
-    missing = sorted(f"model.{k}" if k != "lm_head.weight" else k for k in expected if _hf_name(k) not in files)
-    if missing:
-        raise WeightsError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing in all)")
+    needed = {_hf_name(k) for k in expected}
+    check_one_to_one(str(path), needed, set(files) - ({"lm_head.weight"} if model.head_tied else set()))
+    _shards_match_index(path, files)
     by_file: dict[Path, list[str]] = {}
     for name in expected:
         by_file.setdefault(files[_hf_name(name)], []).append(name)
@@ -108,6 +110,39 @@ def save_llama(model: LlamaModel, directory: str | Path, config: dict) -> None:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     saved = config | {"torch_dtype": "float32", "tie_word_embeddings": model.head_tied}
     atomic_write_text(directory / "config.json", json.dumps(saved, indent=2) + "\n")
+
+
+def _shards_match_index(path: Path, files: dict[str, Path]) -> None:
+    """Every shard's own table against the index: a tensor the index maps to a shard that lacks it, or
+    one a shard holds that the index does not map there, is named (it would be read nowhere, or twice)."""
+    if (path / "model.safetensors").is_file():
+        return
+    for shard in sorted(set(files.values())):
+        held = set(_header(shard))
+        mapped = {name for name, file in files.items() if file == shard}
+        if mapped - held:
+            raise WeightsError(f"{path / INDEX}: maps tensor {listed(mapped - held)} to {shard.name}, which lacks it")
+        if held - mapped:
+            raise WeightsError(f"{shard}: holds tensor {listed(held - mapped)} that {INDEX} does not map to it")
+
+
+def _header(file: Path) -> dict[str, dict]:
+    try:
+        return safetensors_header(file)
+    except ParseError as exc:
+        raise WeightsError(str(exc)) from None
+
+
+def _head_is_embeddings(files: dict[str, Path]) -> bool:
+    """Whether a stored ``lm_head.weight`` equals the token embeddings (then tying them loses nothing)."""
+    from safetensors import safe_open
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    embeddings = files.get("model.embed_tokens.weight")
+    return embeddings is not None and torch.equal(read("lm_head.weight"), read("model.embed_tokens.weight"))
 
 
 def _hf_name(name: str) -> str:

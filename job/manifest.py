@@ -29,7 +29,7 @@ StageStatusName = Literal["running", "complete", "failed", "interrupted"]
 class Artifact(BaseModel):
     model_config = ConfigDict(extra="forbid")
     size: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
 
 
 class StageRecord(BaseModel):
@@ -99,7 +99,7 @@ class Manifest:
         if entry.get("status") != "complete":
             return False
         for key, meta in entry.get("artifacts", {}).items():
-            if self.storage.sha256(key) != meta["sha256"]:
+            if self.storage.sha256(key) != meta["sha256"].lower():  # hex in either case, as hashes are read
                 log.warning("artifact_changed", stage=name, artifact=key)
                 return False
         return True

@@ -7,6 +7,7 @@ Hugging Face's GPT-2 stores its projections as ``Conv1D`` with (in, out) weights
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -88,18 +89,38 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> GPT
     else:
         cfg, tensors = _read_openai(path)
     model = GPTModel(cfg)
-    if "lm_head.weight" in tensors:  # saved untied (the book's way of training, or a merged LoRA head)
+    hf = detect_layout(path) == "hf"
+    untied = hf and _read_json(path / "config.json").get("tie_word_embeddings", True) is False
+    if "lm_head.weight" in tensors or untied:  # saved untied (the book's way of training, a merged LoRA head)
         model.untie_head()
-    assign_weights(model, tensors, source=str(path))
+    config = "config.json" if hf else "hparams.json"
+    assign_weights(model, tensors, source=str(path), config=config)
     return model.to(dtype)
 
 
-def assign_weights(model: GPTModel, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``tensors`` (our names) into ``model``, checking that every weight is present and fits."""
+def listed(names: set[str] | list[str], shown: int = 3) -> str:
+    """The first few ``names`` in layer order (h.2 before h.10) and how many more, for a one-line message."""
+    ordered = sorted(names, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)])
+    head = ", ".join(ordered[:shown])
+    return head if len(ordered) <= shown else f"{head} and {len(ordered) - shown} more"
+
+
+def check_one_to_one(source: str, needed: set[str], found: set[str], config: str = "config.json") -> None:
+    """Every tensor the config's shape needs is in the weights, and every tensor in the weights is one of
+    them (``transformers`` calls the others missing and unexpected, and starts the missing ones at random)."""
+    if missing := needed - found:
+        raise WeightsError(f"{source}: missing tensor {listed(missing)} ({len(missing)} missing in all)")
+    if extra := found - needed:
+        raise WeightsError(
+            f"{source}: tensor {listed(extra)} ({len(extra)} in all) not in the model {config} describes: "
+            f"the weights and {config} are of different models"
+        )
+
+
+def assign_weights(model: GPTModel, tensors: dict[str, torch.Tensor], source: str, config: str = "config.json") -> None:
+    """Copy ``tensors`` (our names) into ``model``, checking that every weight is there, used and fits."""
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.head_tied}
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise WeightsError(f"{source}: missing tensor {missing[0]} ({len(missing)} missing in all)")
+    check_one_to_one(source, set(expected), set(tensors), config)
     for name, target in expected.items():
         if tuple(tensors[name].shape) != tuple(target.shape):
             raise WeightsError(
@@ -159,13 +180,18 @@ def _read_hf(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
         raise WeightsError(str(exc)) from None
     tied = _read_json(path / "config.json").get("tie_word_embeddings", True)
     tensors = {}
-    for name, tensor in raw.items():
-        name = name.removeprefix("transformer.")
-        if name.endswith(_HF_BUFFERS) or (name == "lm_head.weight" and tied):
-            continue  # causal-mask buffers; a tied head is wte
-        if name.endswith(_CONV1D):
-            tensor = tensor.t()
-        tensors[name] = tensor
+    for stored, tensor in raw.items():
+        name = stored.removeprefix("transformer.")
+        if name.endswith(_HF_BUFFERS):
+            continue  # causal-mask buffers, not weights (transformers ignores them too)
+        if name in tensors:
+            twice = f"tensor {name} is stored twice (as {name} and transformer.{name})"
+            raise WeightsError(f"{path / 'model.safetensors'}: {twice}")
+        tensors[name] = tensor.t() if name.endswith(_CONV1D) else tensor
+    head, wte = tensors.get("lm_head.weight"), tensors.get("wte.weight")
+    if tied and head is not None and wte is not None and torch.equal(head, wte):
+        del tensors["lm_head.weight"]  # a tied head saved beside wte: the same weights
+    # A head that differs from wte is kept untied though the config says tied, as transformers keeps it.
     return cfg, tensors
 
 
@@ -184,10 +210,9 @@ def _read_openai(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     for i in range(cfg.n_layers):
         names.update({f"model/h{i}/{k}": f"h.{i}.{v}" for k, v in _OPENAI_BLOCK.items()})
     available = {name for name, _ in tf.train.list_variables(ckpt)}
+    check_one_to_one(str(path), set(names), available, "hparams.json")
     tensors = {}
     for tf_name, ours in names.items():
-        if tf_name not in available:
-            raise WeightsError(f"{path}: missing tensor {tf_name}")
         array = tf.train.load_variable(ckpt, tf_name)
         tensor = torch.from_numpy(array.copy())
         if tf_name.endswith("/w"):  # (1, in, out) Conv1D kernel -> (out, in)

@@ -217,7 +217,7 @@ def test_cli_download_from_a_mirror_then_again_offline(tmp_path, tokenizer_dir):
     """`sft-job download` against a local mirror with the cache layout; the rerun asks for nothing."""
     from job.cli import main
 
-    files = {f"/mirror/gpt2-hf/gpt2-small/{n}": n.encode() for n in ("config.json", "model.safetensors")}
+    files = {"/mirror/gpt2-hf/gpt2-small/config.json": b"{}", "/mirror/gpt2-hf/gpt2-small/model.safetensors": b"w"}
     files |= {f"/mirror/gpt2/{n}": (tokenizer_dir / n).read_bytes() for n in ("encoder.json", "vocab.bpe")}
     with FileServer(files) as server:
         args = [
@@ -235,7 +235,7 @@ def test_cli_download_from_a_mirror_then_again_offline(tmp_path, tokenizer_dir):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
         assert len(server.requests) == 4
-        assert (tmp_path / "gpt2-hf/gpt2-small/model.safetensors").read_bytes() == b"model.safetensors"
+        assert (tmp_path / "gpt2-hf/gpt2-small/model.safetensors").read_bytes() == b"w"
         assert (tmp_path / "gpt2/vocab.bpe").read_bytes() == (tokenizer_dir / "vocab.bpe").read_bytes()
         assert CliRunner().invoke(main, args).exit_code == 0
         assert len(server.requests) == 4
@@ -318,7 +318,7 @@ def test_a_hub_download_takes_every_file_from_the_commit_its_first_file_named_al
 
     def repository(revision: str, tag: str) -> dict[str, bytes]:
         names = [*HUB_HEAD_FILES, "generation_config.json", *shards]
-        return {f"/{repo}/resolve/{revision}/{n}": f"{tag} {n}".encode() for n in names} | {
+        return {f"/{repo}/resolve/{revision}/{n}": json.dumps({tag: n}).encode() for n in names} | {
             f"/{repo}/resolve/{revision}/{INDEX}": index
         }
 
@@ -336,7 +336,7 @@ def test_a_hub_download_takes_every_file_from_the_commit_its_first_file_named_al
     assert all(path.startswith(f"/{repo}/resolve/{before}/") for path in asked[1:])
     assert (folder / ".commit").read_text() == before + "\n" and hub_commit(origin) == before
     assert {p.read_bytes() for p in folder.iterdir() if p.name.startswith("model-")} == {
-        f"old {n}".encode() for n in shards
+        json.dumps({"old": n}).encode() for n in shards
     }
 
 
@@ -346,14 +346,15 @@ HEADER_VALUES = st.one_of(st.text(max_size=80), NEAR_HEX, NEAR_HEX.map(lambda v:
 
 @given(HEADER_VALUES, HEADER_VALUES)
 def test_only_a_sha256_and_a_commit_of_their_exact_form_are_taken_from_the_hubs_headers(etag, commit):
-    """Whatever the hub's headers say, the hash is 64 lowercase hex digits (a weak ``W/"..."`` etag
-    included) and the commit 40, or nothing: a commit goes into URLs and the cache folder's ``.commit``."""
+    """Whatever the hub's headers say, the hash is 64 hex digits of either case, read as lower case (a weak
+    ``W/"..."`` etag included, as huggingface_hub reads it) and the commit 40 lowercase ones, or nothing: a
+    commit goes into URLs and the cache folder's ``.commit``."""
     redirect, answer = requests.Response(), requests.Response()
     redirect.headers = CaseInsensitiveDict({"X-Linked-Etag": etag, "X-Repo-Commit": commit})
     answer.history = [redirect]
     stated = _stated(answer)
     bare = etag.removeprefix("W/").strip('"')
-    assert stated.sha256 == (bare if re.fullmatch(r"[0-9a-f]{64}", bare) else None)
+    assert stated.sha256 == (bare.lower() if re.fullmatch(r"[0-9a-fA-F]{64}", bare) else None)
     assert stated.commit == (commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None)
 
 
