@@ -493,7 +493,7 @@ def record_run_end(metrics: Metrics, exc: BaseException) -> None:
 
 def restart_count(environ) -> int | None:
     """Times the scheduler restarted this run: Slurm's requeues (``SLURM_RESTART_COUNT``, unset before the
-    first), or JobSet's restart attempt (the chart's TrainJob passes its pod label as ``JOBSET_RESTART_ATTEMPT``);
+    first), or JobSet's restart attempt (the chart's TrainJob passes its pod annotation as ``JOBSET_RESTART_ATTEMPT``);
     None where no scheduler says (a plain Kubernetes Job's pods carry no attempt number)."""
     if "SLURM_RESTART_COUNT" in environ or "SLURM_JOB_ID" in environ:
         name, text = "SLURM_RESTART_COUNT", environ.get("SLURM_RESTART_COUNT", "0")
