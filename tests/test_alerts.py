@@ -3,6 +3,7 @@ Prometheus that scrapes a real run, the chart's PrometheusRule, and the restart 
 
 import re
 import shutil
+import signal
 import subprocess
 import time
 
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from job.observability import Metrics, RunStatus
 from job.pipeline import restart_count
-from tests.helpers import REPO, free_port, smoke_run, start_cli, wait_until
+from tests.helpers import REPO, cli, free_port, smoke_run, start_cli, wait_for_event, wait_until
 from tests.ollama_server import FakeOllama
 
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
@@ -323,9 +324,7 @@ def test_every_rule_reads_what_a_real_run_exports_and_none_fires_on_it(alerting,
     finally:
         ollama.stop()
     wait_until(lambda: _query(api, 'sft_job_run_status{run_id="alerts1", instance=""} == 2'), 60, what="the final push")
-    wait_until(
-        lambda: time.time() > started and _query(api, 'up{job="sft-job"} == 0'), 60, what="the job's end scraped"
-    )
+    wait_until(lambda: _query(api, 'up{job="sft-job"} == 0'), 60, what="a failed scrape of the job gone")
     end = time.time()
     series = requests.get(
         f"{api}/series", params={"match[]": '{__name__=~"sft_job_.+"}', "start": started, "end": end}, timeout=30
@@ -343,3 +342,84 @@ def test_every_rule_reads_what_a_real_run_exports_and_none_fires_on_it(alerting,
         assert _query_range(api, expr, started, end) == [], f"{name} held during a healthy run"
     assert _query_range(api, "ALERTS", started, end) == []  # not even pending
     assert _query(api, 'sft_job_restarts{run_id="alerts1"}')[0]["value"][1] == "2"
+
+
+# --- the run's status, as the Pushgateway keeps it for the alerts ------------------------------------
+
+
+@pytest.fixture
+def pushgateway():
+    port = free_port()
+    gateway = _start(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}"])
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            return requests.get(f"{url}/-/ready", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    wait_until(ready, 60, what="the pushgateway to start")
+    yield url
+    gateway.terminate()
+    gateway.wait(timeout=30)
+
+
+def _pushed(url: str, run_id: str) -> dict[str, float]:
+    """The run's own gauges (those labelled run_id) as the Pushgateway holds them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"{url}/metrics", timeout=5).text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("sft_job_") and sample.labels.get("run_id") == run_id and len(sample.labels) == 3
+    }
+
+
+def test_a_run_that_fails_on_its_data_is_pushed_as_failed(pushgateway, cache, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "Say hi.", "input": ""}]')  # no output
+    args = smoke_run(cache, tmp_path / "runs", "bad1", "--skip-judge", "--data", bad, "--pushgateway", pushgateway)
+    proc = start_cli(*args, env={"JOBSET_RESTART_ATTEMPT": "1"})
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "bad.json" in stderr, stderr
+    pushed = _pushed(pushgateway, "bad1")
+    assert pushed["sft_job_run_status"] == RunStatus.FAILED and pushed["sft_job_restarts"] == 1, pushed
+
+
+def test_a_run_stopped_to_be_retried_is_pushed_as_such_not_as_failed(pushgateway, cache, tmp_path):
+    args = smoke_run(cache, tmp_path / "runs", "stop1", "--skip-judge", "--pushgateway", pushgateway)
+    proc = start_cli(*args)
+    wait_for_event(proc, lambda e: e.get("event") == "eval")
+    assert _pushed(pushgateway, "stop1")["sft_job_run_status"] == RunStatus.RUNNING  # pushed at its start
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr
+    pushed = _pushed(pushgateway, "stop1")
+    assert pushed["sft_job_run_status"] == RunStatus.RETRY and "sft_job_restarts" not in pushed, pushed
+    assert (
+        pushed["sft_job_last_checkpoint_upload_timestamp_seconds"]
+        >= pushed["sft_job_last_checkpoint_timestamp_seconds"]
+        > 0
+    )
+
+
+def test_a_process_refused_the_run_id_leaves_the_holders_pushed_status_alone(pushgateway, cache, tmp_path):
+    from prometheus_client import pushadd_to_gateway
+
+    from job.runlock import LocalRunLock
+
+    holder = Metrics()
+    holder.for_run("held1", 0)
+    pushadd_to_gateway(pushgateway, job="sft-job", grouping_key={"run_id": "held1"}, registry=holder.registry)
+    lock = LocalRunLock(tmp_path / "runs" / "held1", "held1")
+    lock.acquire()
+    try:
+        args = smoke_run(cache, tmp_path / "runs", "held1", "--skip-judge", "--pushgateway", pushgateway)
+        refused = cli(*args)
+    finally:
+        lock.release()
+    assert refused.returncode == 1 and "already running" in refused.stderr, refused.stderr
+    assert _pushed(pushgateway, "held1")["sft_job_run_status"] == RunStatus.RUNNING
