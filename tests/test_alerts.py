@@ -24,6 +24,9 @@ ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 UNIT_TESTS = REPO / "deploy" / "prometheus" / "alerts.test.yml"
 CHART = REPO / "helm" / "sft-job"
 DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+# In memory only: Debian's build persists to /var/lib/prometheus/pushgateway.data by default, a file
+# every Pushgateway on the machine loads (other tests' runs would appear in this one's).
+PUSHGATEWAY = ("prometheus-pushgateway", "--persistence.file=")
 STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
 # Written from the Prometheus operator's CRD (prometheusrules.monitoring.coreos.com, v1, operator 0.82):
 # its openAPIV3Schema's fields, types, patterns and required keys; unknown fields refused, as
@@ -247,7 +250,7 @@ def _start(argv) -> subprocess.Popen:
 def alerting(tmp_path):
     """Prometheus (rules: alerts.yml, evaluated every second) scraping the job's port and a Pushgateway."""
     job_port, gateway_port, prom_port = free_port(), free_port(), free_port()
-    gateway = _start(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{gateway_port}"])
+    gateway = _start([*PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{gateway_port}"])
     (tmp_path / "prometheus.yml").write_text(f"""
 global: {{scrape_interval: 1s, evaluation_interval: 1s}}
 rule_files: ["{ALERTS}"]
@@ -339,7 +342,8 @@ def test_every_rule_reads_what_a_real_run_exports_and_none_fires_on_it(alerting,
         assert _labels_named(expr) <= set().union(*(exported[m] for m in metrics)), name
         for selector in re.findall(r"\bsft_job_\w+(?:\{[^}]*\})?", expr):  # each reads series of this run
             assert _query_range(api, f"count({selector})", started, end), f"{name}: {selector} matched nothing"
-        assert _query_range(api, expr, started, end) == [], f"{name} held during a healthy run"
+        held = _query_range(api, expr, started, end)
+        assert held == [], f"{name} held during a healthy run: {held}"
     assert _query_range(api, "ALERTS", started, end) == []  # not even pending
     assert _query(api, 'sft_job_restarts{run_id="alerts1"}')[0]["value"][1] == "2"
 
@@ -350,7 +354,7 @@ def test_every_rule_reads_what_a_real_run_exports_and_none_fires_on_it(alerting,
 @pytest.fixture
 def pushgateway():
     port = free_port()
-    gateway = _start(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}"])
+    gateway = _start([*PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{port}"])
     url = f"http://127.0.0.1:{port}"
 
     def ready():
