@@ -217,9 +217,9 @@ class Pipeline:
             announce_run(self.metrics, self.run_id, self.publisher)
             return self._run_stages()
         except BaseException as exc:
+            record_run_end(self.metrics, exc)
             if self.stages is not None:
                 self.stages.record_stop(exc)
-            record_run_end(self.metrics, exc)
             raise
         finally:
             lock.release()
