@@ -213,8 +213,7 @@ class Pipeline:
         self.storage.check_writable()
         lock = run_lock(self.storage, self.run_id, parse_duration(self.cfg.lock_lease, "lock_lease"))
         try:
-            lock.acquire()
-            announce_run(self.metrics, self.run_id, self.publisher)
+            take_run(lock, self.metrics, self.run_id, self.publisher)
             return self._run_stages()
         except BaseException as exc:
             record_run_end(self.metrics, exc)
@@ -476,9 +475,10 @@ def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:
     return result
 
 
-def announce_run(metrics: Metrics, run_id: str, publisher: MetricsPublisher | None) -> None:
-    """The run's gauges say it runs (with the run's lock held: a process refused the run id must not speak
-    for it), pushed at once so that the Pushgateway knows, should the process die unheard."""
+def take_run(lock, metrics: Metrics, run_id: str, publisher: MetricsPublisher | None) -> None:
+    """The run's lock, then the run's gauges say it runs (only then: a process refused the run id must not
+    speak for it), pushed at once so that the Pushgateway knows, should the process die unheard."""
+    lock.acquire()
     metrics.for_run(run_id, restart_count(os.environ))
     if publisher is not None:
         publisher.push()
