@@ -157,9 +157,12 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         seconds = time.perf_counter() - started
         self.metrics.checkpoint_seconds.set(seconds)
+        self.metrics.checkpoint_written()
         log.info("checkpoint", step=int(final.name[5:]), path=str(final), seconds=round(seconds, 3))
         if self.on_checkpoint is not None:
             self.on_checkpoint(final)
+        else:  # no uploader: the folder written is the run's storage
+            self.metrics.checkpoint_stored()
 
     # --- loading ---------------------------------------------------------------------------------
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import sys
 import typing
@@ -26,11 +25,9 @@ from job.config import (
 )
 from job.errors import (
     ConfigError,
-    DiskFullError,
     ExitCode,
     Interrupted,
-    JobError,
-    TransientError,
+    as_job_error,
     raise_on_stop_signals,
 )
 from job.observability import Metrics, bind, configure_logging, get_logger
@@ -196,7 +193,7 @@ def _run(stage: str, runner, cfg, log_format: str, log_file: str | None = None):
     try:
         return runner(cfg, Metrics())
     except Exception as exc:  # noqa: BLE001  (every failure ends in one line and a code)
-        error = _as_job_error(exc)
+        error = as_job_error(exc)
         if error is None:
             log.exception("job_crashed", error=f"{type(exc).__name__}: {exc}", exit_code=ExitCode.INTERNAL)
             _fail(
@@ -205,36 +202,6 @@ def _run(stage: str, runner, cfg, log_format: str, log_file: str | None = None):
             )
         log.error("stage_failed", error=str(error), exit_code=error.exit_code)
         _fail(error.exit_code, str(error))
-
-
-def _as_job_error(exc: Exception) -> JobError | None:
-    """The contract's error for ``exc``: itself, a full disk (75), or None for a bug (70)."""
-    if isinstance(exc, JobError):
-        return exc
-    if _lost_peer(exc):
-        return TransientError(
-            f"lost contact with another process of the group ({_one_line(exc)[:120]}): "
-            "rerun every node to resume from the last checkpoint"
-        )
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        where = exc.filename or "the output"
-        return DiskFullError(
-            f"no space left on device writing {where}: free space (or point --output/--scratch elsewhere) and rerun"
-        )
-    return None
-
-
-# gloo reports a peer that died as a plain RuntimeError with one of these; NCCL and the c10d store
-# raise torch.distributed.DistError subclasses.
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
-
-
-def _lost_peer(exc: Exception) -> bool:
-    """A collective failed because another process (another node) is gone: the group must restart."""
-    torch = sys.modules.get("torch")  # only a run that imported torch can have lost a peer
-    if torch is not None and isinstance(exc, torch.distributed.DistError):
-        return True
-    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in PEER_LOST)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -13,7 +13,9 @@ SIGTERM, SIGUSR1 and SIGINT end any stage with 75: what was complete is kept, th
 the run stopped, and a rerun of the same command continues.
 """
 
+import errno
 import signal
+import sys
 from enum import IntEnum
 
 
@@ -96,3 +98,43 @@ def raise_on_stop_signals():
                 signal.signal(s, h)
 
     return restore
+
+
+def as_job_error(exc: BaseException) -> JobError | None:
+    """The contract's error for ``exc``: itself, a lost peer or a full disk (75), or None for a bug (70)."""
+    if isinstance(exc, JobError):
+        return exc
+    if _lost_peer(exc):
+        return TransientError(
+            f"lost contact with another process of the group ({_one_line(exc)[:120]}): "
+            "rerun every node to resume from the last checkpoint"
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = exc.filename or "the output"
+        return DiskFullError(
+            f"no space left on device writing {where}: free space (or point --output/--scratch elsewhere) and rerun"
+        )
+    return None
+
+
+def exit_code_for(exc: BaseException) -> ExitCode:
+    """The exit code the CLI ends with for ``exc`` (70 for a bug)."""
+    error = as_job_error(exc)
+    return ExitCode.INTERNAL if error is None else error.exit_code
+
+
+# gloo reports a peer that died as a plain RuntimeError with one of these; NCCL and the c10d store
+# raise torch.distributed.DistError subclasses.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another process (another node) is gone: the group must restart."""
+    torch = sys.modules.get("torch")  # only a run that imported torch can have lost a peer
+    if torch is not None and isinstance(exc, torch.distributed.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in PEER_LOST)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

@@ -31,6 +31,15 @@ class StageStatus(IntEnum):
     FAILED = 3
 
 
+class RunStatus(IntEnum):
+    """Values of the ``sft_job_run_status`` gauge: the run as its last process left it."""
+
+    RUNNING = 1
+    DONE = 2
+    FAILED = 3  # exit 1, 2 or 70: a person must look
+    RETRY = 4  # exit 75: stopped to be rerun (preempted, an outage); the state is kept
+
+
 def configure_logging(log_format: str = "auto", level: str = "info", stream=None, log_file: str | None = None) -> None:
     """Events on stdout as JSON lines, a readable console (on a terminal, or when asked) or the book's
     printed lines (``book``: the evaluations, epoch samples and training time, nothing else); with
@@ -215,6 +224,7 @@ class Metrics:
     """Every metric the job exports, in a registry of its own (tests read exact values)."""
 
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    run_id: str = ""  # the label of the run's own gauges (``for_run``)
 
     def __post_init__(self) -> None:
         r, p = self.registry, "sft_job_"
@@ -248,6 +258,47 @@ class Metrics:
         self.dpo_reward_margin = Gauge(
             p + "dpo_reward_margin", "Latest evaluated DPO reward margin (chosen - rejected)", ["split"], registry=r
         )
+        self._add_run_gauges()
+
+    def _add_run_gauges(self) -> None:
+        """The gauges the alerts read (deploy/prometheus/alerts.yml), each labelled with the run's id."""
+        r, p, run = self.registry, "sft_job_", ["run_id"]
+        self.run_status = Gauge(p + "run_status", "1 running, 2 done, 3 failed, 4 stopped to retry", run, registry=r)
+        self.restarts = Gauge(p + "restarts", "Times the scheduler restarted the run", run, registry=r)
+        self.last_step_timestamp_seconds = Gauge(
+            p + "last_step_timestamp_seconds", "When the last optimizer step ended (or training began)", run, registry=r
+        )
+        self.last_checkpoint_timestamp_seconds = Gauge(
+            p + "last_checkpoint_timestamp_seconds", "When a checkpoint was last written (0: none yet)", run, registry=r
+        )
+        self.last_checkpoint_upload_timestamp_seconds = Gauge(
+            p + "last_checkpoint_upload_timestamp_seconds",
+            "When a checkpoint last reached the run's storage (0: none yet)",
+            run,
+            registry=r,
+        )
+
+    def for_run(self, run_id: str, restarts: int | None) -> None:
+        """The run's gauges from now on carry ``run_id``: running, restarted ``restarts`` times (not exported
+        where unknown), no checkpoint yet."""
+        self.run_id = run_id
+        self.set_run_status(RunStatus.RUNNING)
+        if restarts is not None:
+            self.restarts.labels(run_id).set(restarts)
+        self.last_checkpoint_timestamp_seconds.labels(run_id).set(0)
+        self.last_checkpoint_upload_timestamp_seconds.labels(run_id).set(0)
+
+    def set_run_status(self, status: RunStatus) -> None:
+        self.run_status.labels(self.run_id).set(status)
+
+    def step_taken(self) -> None:
+        self.last_step_timestamp_seconds.labels(self.run_id).set_to_current_time()
+
+    def checkpoint_written(self) -> None:
+        self.last_checkpoint_timestamp_seconds.labels(self.run_id).set_to_current_time()
+
+    def checkpoint_stored(self) -> None:
+        self.last_checkpoint_upload_timestamp_seconds.labels(self.run_id).set_to_current_time()
 
     def observe_evaluation(self, figures: dict[str, float]) -> None:
         """An evaluation's figures: the losses, and with DPO's rewards the reward margins."""

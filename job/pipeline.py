@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,7 +54,7 @@ from job.download import (
     tokenizer_folder,
 )
 from job.dpo import run_dpo
-from job.errors import ConfigError, JobError
+from job.errors import ConfigError, ExitCode, JobError, exit_code_for
 from job.families import family, read_shape
 from job.finetune import run_finetune, training_splits
 from job.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate
@@ -61,7 +62,7 @@ from job.judge import preflight as judge_preflight
 from job.judge import run_judge
 from job.manifest import FAILURE_RECORD_PATIENCE_S, Manifest
 from job.model import GPT2_SIZES, GPTConfig, GPTModel
-from job.observability import Metrics, MetricsPublisher, bind, get_logger
+from job.observability import Metrics, MetricsPublisher, RunStatus, bind, get_logger
 from job.parsing import ParseError, load_yaml
 from job.preference import fitting_pairs, preference_problem
 from job.report import REPORT, fetch_inputs, write_report
@@ -118,6 +119,7 @@ class CheckpointUploader:
             # Rotated away (or written again) while the store was slow: a newer one is queued behind it.
             log.info("checkpoint_upload_skipped", checkpoint=checkpoint.name, reason="superseded")
             return
+        self.metrics.checkpoint_stored()
         for key in self.storage.list(f"{self.folder}/"):
             name = key[len(self.folder) + 1 :].split("/")[0]
             if name not in keep and name != checkpoint.name:
@@ -220,9 +222,10 @@ class Pipeline:
         self.storage.check_writable()
         lock = run_lock(self.storage, self.run_id, parse_duration(self.cfg.lock_lease, "lock_lease"))
         try:
-            lock.acquire()
+            take_run(lock, self.metrics, self.run_id, self.publisher)
             return self._run_stages()
         except BaseException as exc:
+            record_run_end(self.metrics, exc)
             if self.stages is not None:
                 self.stages.record_stop(exc)
                 report_stopped_run(self.storage, self.work, self.remote)
@@ -535,4 +538,37 @@ def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:
         result = pipeline.run()
         if main:
             metrics.last_success_timestamp_seconds.set_to_current_time()
+            metrics.set_run_status(RunStatus.DONE)
     return result
+
+
+def take_run(lock, metrics: Metrics, run_id: str, publisher: MetricsPublisher | None) -> None:
+    """The run's lock, then the run's gauges say it runs (only then: a process refused the run id must not
+    speak for it), pushed at once so that the Pushgateway knows, should the process die unheard."""
+    lock.acquire()
+    metrics.for_run(run_id, restart_count(os.environ))
+    if publisher is not None:
+        publisher.push()
+
+
+def record_run_end(metrics: Metrics, exc: BaseException) -> None:
+    """The run's status after ``exc``, once announced (its push must not stay "running"): to be retried
+    where the exit code is 75, else failed."""
+    if metrics.run_id:
+        metrics.set_run_status(RunStatus.RETRY if exit_code_for(exc) == ExitCode.RETRY else RunStatus.FAILED)
+
+
+def restart_count(environ) -> int | None:
+    """Times the scheduler restarted this run: Slurm's requeues (``SLURM_RESTART_COUNT``, unset before the
+    first), or JobSet's restart attempt (the chart's TrainJob passes its pod annotation as ``JOBSET_RESTART_ATTEMPT``);
+    None where no scheduler says (a plain Kubernetes Job's pods carry no attempt number)."""
+    if "SLURM_RESTART_COUNT" in environ or "SLURM_JOB_ID" in environ:
+        name, text = "SLURM_RESTART_COUNT", environ.get("SLURM_RESTART_COUNT", "0")
+    elif environ.get("JOBSET_RESTART_ATTEMPT"):
+        name, text = "JOBSET_RESTART_ATTEMPT", environ["JOBSET_RESTART_ATTEMPT"]
+    else:
+        return None
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
+        log.warning("restart_count_unreadable", variable=name, value=text[:40])
+        return None
+    return int(text)

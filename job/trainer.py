@@ -170,6 +170,7 @@ class Trainer:
         terminal = None if self.roles.keeps_run else False  # a bar on the main process's terminal alone
         progress = Progress("train", self.total_steps, self.state.step, "step", self.metrics, terminal=terminal)
         started, checkpointing = time.perf_counter(), self.checkpointer.seconds
+        self.metrics.step_taken()  # the clock a stalled first step is measured against
         try:
             self._loop(progress)
         finally:
@@ -248,6 +249,7 @@ class Trainer:
     def _observe(self, progress: Progress, tokens: int, started: float, tokens_at_start: int) -> None:
         st, m = self.state, self.metrics
         m.train_step.set(st.step)
+        m.step_taken()
         m.epoch.set(st.epoch + 1)
         m.learning_rate.set(self.optimizer.param_groups[0]["lr"])
         m.train_tokens_total.inc(tokens)
