@@ -19,7 +19,9 @@ def _start(argv, name):
 @pytest.fixture
 def monitoring(tmp_path):
     job_port, gateway_port, prom_port = free_port(), free_port(), free_port()
-    gateway = _start(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{gateway_port}"], "pushgateway")
+    # No persistence file: by default every gateway on the machine loads and saves /var/lib/prometheus/pushgateway.data.
+    listen = f"--web.listen-address=127.0.0.1:{gateway_port}"
+    gateway = _start(["prometheus-pushgateway", "--persistence.file=", listen], "pushgateway")
     (tmp_path / "prometheus.yml").write_text(f"""
 global: {{scrape_interval: 1s, evaluation_interval: 1s}}
 scrape_configs:
