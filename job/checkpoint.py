@@ -12,14 +12,17 @@
       scaler.json              fp16's gradient scaler, where there is one
       trainer_state.json       where training stands
       config.yaml              the run's resolved configuration (secrets redacted)
-      index.json               every file above with its sha256; written last, it marks the checkpoint complete
+      index.json               every file above with its sha256, and the run binding (``job/binding.py``);
+                               written last, it marks the checkpoint complete
 
 A checkpoint is written into a hidden temporary folder and renamed into place. Loading opens only the
 files its index lists, after ``checkpoint_files.checkpoint_problem`` passed (every sha256, every file's
 shape, the index's HMAC with ``--checkpoint-key-file``); one that fails is skipped with a warning naming
 the file, and the previous checkpoint is used; it is never counted among the checkpoints kept, so no
 good one is rotated away because of it. Where checkpoints exist and none passes, the job stops (exit 1)
-rather than start again from step 0.
+rather than start again from step 0. The newest one that passes is resumed only where its run binding is
+this stage's: one of another run or stage, or one without a binding, stops the job (exit 1), one written
+with other options, data or starting weights too (exit 2); it is left where it is, never deleted.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from job.checkpoint_files import CHECKPOINT_RE, INDEX, checkpoint_dirs, checkpoint_problem, index_text
+from job.binding import binding_refusal
+from job.checkpoint_files import CHECKPOINT_RE, INDEX, checkpoint_dirs, checkpoint_problem, index_binding, index_text
 from job.errors import ConfigError, DiskFullError, JobError
 from job.observability import Metrics, get_logger
 from job.roles import Roles
@@ -67,7 +71,8 @@ def _check_fits(path: Path, saved: dict[str, torch.Tensor], shapes: dict[str, to
 
 class CheckpointManager:
     """Saves, rotates, verifies and loads the training state of every process; hands each finished
-    checkpoint to ``on_checkpoint`` (the run's uploader)."""
+    checkpoint to ``on_checkpoint`` (the run's uploader). Each is bound to ``binding`` (None: unbound,
+    for tests of the files alone)."""
 
     def __init__(
         self,
@@ -79,8 +84,10 @@ class CheckpointManager:
         metrics: Metrics,
         on_checkpoint: Callable[[Path], None] | None = None,
         key: bytes | None = None,
+        binding: dict | None = None,
     ):
         self.folder, self.accelerator, self.model, self.optimizer = folder, accelerator, model, optimizer
+        self.binding = binding
         self.roles = Roles(accelerator)
         self.keep, self.metrics, self.on_checkpoint, self.key = keep, metrics, on_checkpoint, key
         self.rejected: set[str] = set()  # checkpoints that failed their checks: never among those kept
@@ -147,7 +154,7 @@ class CheckpointManager:
     def _finish(self, tmp: Path, final: Path, started: float) -> None:
         paths = sorted(p for p in tmp.iterdir() if p.is_file())
         files = dict(zip((p.name for p in paths), sha256_files(paths), strict=True))
-        (tmp / INDEX).write_text(index_text(files, self.key))
+        (tmp / INDEX).write_text(index_text(files, self.key, self.binding))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         self.rejected.discard(final.name)
@@ -173,6 +180,7 @@ class CheckpointManager:
         for path in reversed(found):
             rejected = checkpoint_problem(path, self.key)
             if rejected is None:
+                check_binding(path, self.binding)
                 return path, json.loads((path / INDEX).read_text())["files"]
             log.warning("checkpoint_skipped", checkpoint=path.name, file=rejected.file, reason=rejected.reason)
             self.rejected.add(path.name)
@@ -249,17 +257,29 @@ class CheckpointManager:
             random.setstate((version, tuple(internal), gauss))
 
 
-def fetch_checkpoint(storage: Storage, work: Path, key: bytes | None, folder: str = "checkpoints") -> None:
+def check_binding(path: Path, binding: dict | None, name: str | None = None) -> None:
+    """The checkpoint at ``path`` (its files verified; ``name``: where it came from) belongs to the stage
+    bound by ``binding``."""
+    where = f"checkpoint {name or path}"
+    refusal = None if binding is None else binding_refusal(index_binding(path), binding, where)
+    if refusal is not None:
+        raise refusal
+
+
+def fetch_checkpoint(
+    storage: Storage, work: Path, key: bytes | None, folder: str = "checkpoints", binding: dict | None = None
+) -> None:
     """Into ``work/{folder}``, when it holds none (a new pod, another node), the newest checkpoint under
     ``folder`` in ``storage`` that passes every check, older ones where it does not; a CheckpointError
-    where there are some and none passes."""
+    where there are some and none passes; the binding's refusal where that one belongs to another run,
+    stage, options or inputs (nothing is kept of it locally)."""
     local = work / folder
     if checkpoint_dirs(local):
         return
     names = {k[len(folder) + 1 :].split("/")[0] for k in storage.list(f"{folder}/") if k.endswith(f"/{INDEX}")}
     complete = sorted((n for n in names if CHECKPOINT_RE.match(n)), reverse=True)
     for name in complete:
-        if _fetch_one(storage, work, f"{folder}/{name}", key):
+        if _fetch_one(storage, work, f"{folder}/{name}", key, binding):
             log.info("checkpoint_downloaded", checkpoint=name, source=storage.url)
             return
     if complete:
@@ -269,7 +289,7 @@ def fetch_checkpoint(storage: Storage, work: Path, key: bytes | None, folder: st
         )
 
 
-def _fetch_one(storage: Storage, work: Path, where: str, key: bytes | None) -> bool:
+def _fetch_one(storage: Storage, work: Path, where: str, key: bytes | None, binding: dict | None) -> bool:
     """Checkpoint ``where`` (``checkpoints/step-...``) into a hidden folder beside its place, renamed into
     place if it passes. The bucket is not trusted: every key must map inside ``work``, all checked before
     anything is written."""
@@ -287,5 +307,10 @@ def _fetch_one(storage: Storage, work: Path, where: str, key: bytes | None) -> b
         log.warning("checkpoint_skipped", checkpoint=final.name, file=rejected.file, reason=rejected.reason)
         shutil.rmtree(fetched, ignore_errors=True)
         return False
+    try:
+        check_binding(fetched, binding, f"{storage.url}/{where}")
+    except JobError:
+        shutil.rmtree(fetched, ignore_errors=True)  # nothing of another run's state stays here
+        raise
     fetched.rename(final)
     return True

@@ -2,7 +2,7 @@
 
 A checkpoint may come back from a bucket that others can write to, so a folder is used only when:
 its ``index.json`` has the expected shape (and, with ``--checkpoint-key-file``, an HMAC-SHA256 of its
-file list made with that key); every file it lists is there with its sha256; every JSON file has
+file list and its run binding made with that key); every file it lists is there with its sha256; every JSON file has
 its shape; every safetensors header is sound. ``checkpoint_problem`` says which file fails and why,
 the same answer on every process, so all of them skip the same checkpoints.
 """
@@ -14,6 +14,7 @@ import hmac
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
@@ -28,9 +29,21 @@ FILE_RE = re.compile(r"^(model|optimizer-\w+|rng-\d+)\.safetensors$|^(optimizer|
 MAX_JSON_BYTES = 16 << 20  # the trainer state with its loss history is KBs; optimizer.json less
 
 
+class BindingRecord(BaseModel):
+    """The run binding a checkpoint records (``job/binding.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    run_id: str | None
+    stage: str
+    options: dict[str, Any]
+    data: dict[str, str]
+    model: dict[str, str]
+
+
 class IndexFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     files: dict[str, str]
+    binding: BindingRecord | None = None  # None: written before checkpoints were bound to their run
     hmac: str | None = None
 
 
@@ -102,15 +115,23 @@ def read_key(path: str | None) -> bytes | None:
     return key
 
 
-def signature(key: bytes, files: dict[str, str]) -> str:
-    """HMAC-SHA256 of the index's file list (names and sha256s, canonical JSON): it covers every byte."""
-    message = json.dumps({"files": files}, sort_keys=True, separators=(",", ":")).encode()
+def signature(key: bytes, files: dict[str, str], binding: dict | None = None) -> str:
+    """HMAC-SHA256 of the index's file list (names and sha256s) and its run binding, as canonical JSON:
+    it covers every byte and the run the checkpoint belongs to."""
+    signed = {"files": files} | ({"binding": binding} if binding is not None else {})
+    message = json.dumps(signed, sort_keys=True, separators=(",", ":")).encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
-def index_text(files: dict[str, str], key: bytes | None) -> str:
-    index = {"files": files} | ({"hmac": signature(key, files)} if key else {})
+def index_text(files: dict[str, str], key: bytes | None, binding: dict | None = None) -> str:
+    index = {"files": files} | ({"binding": binding} if binding is not None else {})
+    index |= {"hmac": signature(key, files, binding)} if key else {}
     return json.dumps(index, indent=1)
+
+
+def index_binding(path: Path) -> dict | None:
+    """The run binding in a checkpoint's index (one ``checkpoint_problem`` passed), None where it has none."""
+    return json.loads((path / INDEX).read_text()).get("binding")
 
 
 def checkpoint_dirs(folder: Path) -> list[Path]:
@@ -155,8 +176,10 @@ def _index_files(path: Path, key: bytes | None) -> dict[str, str]:
     missing = next((n for n in (*REQUIRED, *files) if n not in files or not (path / n).is_file()), None)
     if missing is not None:
         raise Rejected(missing, "missing from the checkpoint or its index")
-    if key is not None and not (parsed.hmac and hmac.compare_digest(parsed.hmac, signature(key, files))):
-        raise Rejected(INDEX, "not signed with --checkpoint-key-file's key")
+    if key is not None:
+        expected = signature(key, files, index.get("binding"))  # the binding as read, in canonical form
+        if not (parsed.hmac and hmac.compare_digest(parsed.hmac, expected)):
+            raise Rejected(INDEX, "not signed with --checkpoint-key-file's key")
     return files
 
 

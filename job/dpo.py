@@ -8,6 +8,7 @@ import copy
 from collections.abc import Callable
 from pathlib import Path
 
+from job.binding import run_binding
 from job.config import DPOConfig
 from job.finetune import load_inputs, save_outputs, write_config_once
 from job.objectives import DPOEvaluator, DPOObjective, Reference
@@ -45,12 +46,14 @@ def run_dpo(
     metrics: Metrics | None = None,
     saved_config: dict | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    binding: dict | None = None,
 ) -> dict[str, Path]:
     """The stage, as ``run_finetune``: validate and load, train (resuming from checkpoints), save; the
     outputs also hold the book's reward-margin plot."""
     metrics = metrics or Metrics()
     task, name = dpo_task(cfg)  # may fail: nothing has been written yet
-    trainer = Trainer(cfg, task, metrics, saved_config, on_checkpoint)
+    binding = binding or run_binding(cfg, (saved_config or {}).get("run_id"))
+    trainer = Trainer(cfg, task, metrics, saved_config, on_checkpoint, binding)
     if trainer.roles.keeps_run:
         write_config_once(trainer)
         log.info(

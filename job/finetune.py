@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from job.binding import run_binding
 from job.config import FinetuneConfig, TrainConfig
 from job.data import (
     Collator,
@@ -179,15 +180,18 @@ def run_finetune(
     metrics: Metrics | None = None,
     saved_config: dict | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    binding: dict | None = None,
 ) -> dict[str, Path]:
     """The stage: validate and load everything, then train (resuming if checkpoints exist), then save.
 
     ``saved_config`` is the resolved configuration written beside the outputs and into every
-    checkpoint (the run command passes its own); ``on_checkpoint`` sees each checkpoint written.
+    checkpoint (the run command passes its own); ``on_checkpoint`` sees each checkpoint written;
+    ``binding`` is the stage's run binding (computed here where not given: the run is the output folder).
     """
     metrics = metrics or Metrics()
     prep = prepare(cfg)  # may fail: nothing has been written yet
-    trainer = Trainer(cfg, sft_task(cfg, prep), metrics, saved_config, on_checkpoint)
+    binding = binding or run_binding(cfg, (saved_config or {}).get("run_id"))
+    trainer = Trainer(cfg, sft_task(cfg, prep), metrics, saved_config, on_checkpoint, binding)
     if trainer.roles.keeps_run:
         write_config_once(trainer)
         log.info(

@@ -61,6 +61,7 @@ class RunInputs(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     model: str
+    model_dir: InputFile | None = None
     data: InputFile | None = None
     dpo_data: InputFile | None = None
 

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from job import __version__
+from job.binding import model_digest, run_binding, stage_name
 from job.checkpoint import fetch_checkpoint
 from job.checkpoint_files import INDEX, checkpoint_dirs, read_key
 from job.config import (
@@ -181,29 +182,16 @@ class Pipeline:
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))
 
     def _check_same_run(self) -> str | None:
-        """A rerun must ask for what the run was started with; returns the run's config.yaml."""
-        saved = self.storage.get_text("config.yaml")
-        if saved is None:
-            return None
-        what = f"config.yaml of run {self.run_id} ({self.storage.url})"
-        options = load_yaml(saved, what)
-        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
-            raise ParseError(f"{what} is not a mapping of option names to values: not a file this job wrote")
-        changes = result_changes(options, self.resolved, type(self.cfg))
-        if changes:
-            raise ConfigError(
-                f"run {self.run_id} was started with other options: {'; '.join(changes)}. "
-                "Rerun with the run's options (its config.yaml), or give another --run-id"
-            )
-        return saved
+        return check_same_run(self.storage, self.run_id, self.resolved, type(self.cfg))
 
     def _start(self) -> StageRecorder:
         """The main process: the same run's options, the preflight, then the run's records."""
         saved = self._check_same_run()
         self.preflight()
-        self.work.mkdir(parents=True, exist_ok=True)
         manifest = Manifest(self.storage, self.run_id, self.work / "manifest.json" if self.remote else None)
         inputs = run_inputs(self.cfg)
+        check_same_inputs(manifest.data.get("inputs"), inputs, self.run_id)
+        self.work.mkdir(parents=True, exist_ok=True)
         if saved is None:
             self.storage.put_text("config.yaml", inputs_header(inputs) + yaml.safe_dump(self.resolved, sort_keys=False))
         manifest.data.pop("stopped", None)
@@ -289,13 +277,17 @@ class Pipeline:
     def _train(self, runner, cfg, folder: str) -> dict:
         """A training stage on every process: each node resumes from its own scratch folder, so the first
         process of every node fetches the newest checkpoint, and none starts before every fetch is done."""
+        binding = run_binding(cfg, self.run_id) if self.roles.prepares_node else None
         if self.roles.prepares_node and self.remote:
-            fetch_checkpoint(self.storage, self.work, read_key(self.cfg.checkpoint_key_file), folder)
+            fetch_checkpoint(self.storage, self.work, read_key(self.cfg.checkpoint_key_file), folder, binding)
         self.roles.together()
+        binding = binding or run_binding(cfg, self.run_id)  # once this node's inputs are in place
+        if self.roles.keeps_run:
+            self.stages.manifest.update(stage_name(cfg), binding=binding)  # written with the stage's record
         uploads = self.remote and self.roles.keeps_run
         uploader = CheckpointUploader(self.storage, self.metrics, folder) if uploads else None
         try:
-            outputs = runner(cfg, self.metrics, saved_config=self.resolved, on_checkpoint=uploader)
+            outputs = runner(cfg, self.metrics, saved_config=self.resolved, on_checkpoint=uploader, binding=binding)
         except BaseException:
             if uploader is not None:
                 uploader.wait_quietly()  # also on preemption: the checkpoint must reach storage first
@@ -386,10 +378,42 @@ def run_inputs(cfg: RunConfig) -> dict:
     else:
         model = f"{cfg.model} ({'OpenAI' if cfg.source == 'openai' else 'Hugging Face'} weights)"
     inputs = {"model": model}
+    if cfg.model_dir and not cfg.smoke:
+        inputs["model_dir"] = {"source": cfg.model_dir, "sha256": model_digest(Path(cfg.model_dir))}
     for name in ("data", "dpo_data") if cfg.dpo else ("data",):
         path = resolve_data(getattr(cfg, name), Path(cfg.cache), cfg.base_url)
         inputs[name] = {"source": getattr(cfg, name), "sha256": sha256_file(path)}
     return inputs
+
+
+def check_same_run(storage: Storage, run_id: str, resolved: dict, cls: type) -> str | None:
+    """A rerun must ask for what the run was started with; returns the run's config.yaml."""
+    saved = storage.get_text("config.yaml")
+    if saved is None:
+        return None
+    what = f"config.yaml of run {run_id} ({storage.url})"
+    options = load_yaml(saved, what)
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise ParseError(f"{what} is not a mapping of option names to values: not a file this job wrote")
+    changes = result_changes(options, resolved, cls)
+    if changes:
+        raise ConfigError(
+            f"run {run_id} was started with other options: {'; '.join(changes)}. "
+            "Rerun with the run's options (its config.yaml), or give another --run-id"
+        )
+    return saved
+
+
+def check_same_inputs(recorded: dict | None, inputs: dict, run_id: str) -> None:
+    """A rerun trains from the bytes the run began with: a dataset or --model-dir that changed since is
+    exit 2 naming it with both sha256s (``recorded``: the manifest's, None before the first start)."""
+    for name, now in inputs.items():
+        then = (recorded or {}).get(name)
+        if isinstance(now, dict) and isinstance(then, dict) and then.get("sha256") != now["sha256"]:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {now['source']} changed since run {run_id} began: sha256 "
+                f"{then.get('sha256')} then, {now['sha256']} now. Restore it, or give another --run-id"
+            )
 
 
 def inputs_header(inputs: dict) -> str:

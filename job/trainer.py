@@ -106,7 +106,8 @@ def compile_blocks(model: Model) -> None:
 
 
 class Trainer:
-    """The loop over a ``Task`` on an ``Accelerator``, with checkpoints and preemption."""
+    """The loop over a ``Task`` on an ``Accelerator``, with checkpoints and preemption; ``binding`` (the
+    stage's run binding, ``job/binding.py``) goes into every checkpoint and must match on resume."""
 
     def __init__(
         self,
@@ -115,6 +116,7 @@ class Trainer:
         metrics: Metrics,
         saved_config: dict | None = None,
         on_checkpoint: Callable[[Path], None] | None = None,
+        binding: dict | None = None,
     ):
         from accelerate import Accelerator
 
@@ -147,7 +149,15 @@ class Trainer:
         key = read_key(cfg.checkpoint_key_file)
         checkpoints = self.output / "checkpoints"
         self.checkpointer = CheckpointManager(
-            checkpoints, self.accelerator, self.model, self.optimizer, cfg.keep_checkpoints, metrics, on_checkpoint, key
+            checkpoints,
+            self.accelerator,
+            self.model,
+            self.optimizer,
+            cfg.keep_checkpoints,
+            metrics,
+            on_checkpoint,
+            key,
+            binding,
         )
         self._signalled = threading.Event()
         self.batches_per_epoch = task.train_size // cfg.batch_size

@@ -40,6 +40,7 @@ LAYERS = {
     "stage_record": 2,
     "checkpoint": 2,
     "checkpoint_files": 2,
+    "binding": 2,
     "model": 1,
     "llama": 1,
     "tokenizer": 1,
