@@ -199,7 +199,8 @@ def _check_published_endpoint(port: int | None, address: str) -> None:
             "leave metrics_port unset (a free port) or drop metrics_sd_dir"
         )
     try:
-        loopback = ipaddress.ip_address(address.strip("[]")).is_loopback
+        ip = ipaddress.ip_address(address.strip("[]"))
+        loopback = ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
     except ValueError:
         loopback = address.lower().rstrip(".") in ("localhost", "localhost.localdomain")
     if loopback:

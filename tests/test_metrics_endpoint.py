@@ -90,6 +90,7 @@ def test_an_sd_dir_the_job_cannot_write_is_exit_2_naming_it_before_anything_is_w
         (["--metrics-address", "localhost"], "would publish metrics_address localhost"),
         (["--metrics-address", "::1"], "would publish metrics_address ::1"),
         (["--metrics-address", "127.0.1.1"], "would publish metrics_address 127.0.1.1"),
+        (["--metrics-address", "::ffff:127.0.0.1"], "would publish metrics_address ::ffff:127.0.0.1"),
         (["--metrics-address", "0.0.0.0", "--metrics-port", "0"], "which metrics_port 0 turns off"),
     ],
 )

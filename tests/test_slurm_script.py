@@ -95,7 +95,7 @@ def test_an_accepted_requeue_is_not_0_either(fake_slurm, tmp_path):
     assert "requeueing job 4242 (restart 1)" in result.stderr
 
 
-LIMITS = ["SFT_JOB_MAX_REQUEUES", "SFT_JOB_MAX_RESTARTS"]
+LIMITS = ["SFT_JOB_MAX_REQUEUES", "SFT_JOB_MAX_RESTARTS", "SFT_JOB_OLLAMA_START_SECONDS"]
 NOT_COUNTS = ["x", "twenty", "-1", "1.5", "1e3", "0x10", "3 ", " 3", "20\n", "99999999999999999999", "٣"]
 
 
