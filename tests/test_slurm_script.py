@@ -386,3 +386,13 @@ def test_preemptions_do_not_use_up_the_restarts_of_an_internal_error(fake_slurm,
     assert fake_slurm.calls("scontrol").count("requeue 4242") == 4
     [line] = result.stderr.splitlines()
     assert "internal error (exit 70) after 2 restarts (SFT_JOB_MAX_RESTARTS); not requeueing" in line
+    assert not (tmp_path / "sft-job-4242.restarts").exists()  # the job has ended: its counts go with it
+
+
+@pytest.mark.parametrize("left", ["5 5", "2 2", "x y", ""])
+def test_counts_left_by_an_earlier_job_of_the_same_id_do_not_count_on_its_first_run(fake_slurm, tmp_path, left):
+    (tmp_path / "sft-job-4242.restarts").write_text(left)
+    result = fake_slurm(_config(tmp_path), FAKE_SRUN_EXIT="70", SLURM_RESTART_COUNT="0")
+    assert result.returncode == 70
+    assert "internal error (exit 70); requeueing job 4242 (restart 1)" in result.stderr.splitlines()[-1]
+    assert (tmp_path / "sft-job-4242.restarts").read_text() == "0 1\n"
