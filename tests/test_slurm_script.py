@@ -396,3 +396,13 @@ def test_counts_left_by_an_earlier_job_of_the_same_id_do_not_count_on_its_first_
     assert result.returncode == 70
     assert "internal error (exit 70); requeueing job 4242 (restart 1)" in result.stderr.splitlines()[-1]
     assert (tmp_path / "sft-job-4242.restarts").read_text() == "0 1\n"
+
+
+def test_a_75_past_max_requeues_prints_the_command_that_resumes_it_too(fake_slurm, tmp_path):
+    config = _config(tmp_path)
+    result = fake_slurm(config, FAKE_SRUN_EXIT="75", SFT_JOB_MAX_REQUEUES="0", FAKE_COMMAND=SCRIPT)
+    assert result.returncode == 75 and "requeue 4242" not in fake_slurm.calls("scontrol")
+    [line] = result.stderr.splitlines()
+    assert "after 0 requeues (SFT_JOB_MAX_REQUEUES); not requeueing" in line
+    command = f"cd {tmp_path} && SFT_JOB_RUN_ID=slurm-4242 sbatch {SCRIPT} {config}"
+    assert line.endswith(f"to resume once the cause is gone: {command}")
