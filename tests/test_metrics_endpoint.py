@@ -102,3 +102,20 @@ def test_an_sd_dir_with_nothing_another_machine_can_scrape_is_exit_2_before_anyt
     [line] = result.stderr.splitlines()
     assert line.startswith("Error: metrics_sd_dir ") and says in line
     assert not (tmp_path / "runs").exists() and not (tmp_path / "sd").exists()
+
+
+def test_an_existing_sd_dir_others_cannot_list_is_warned_about_and_its_target_is_still_0644(cache, tmp_path):
+    sd_dir = tmp_path / "sd"
+    sd_dir.mkdir()
+    sd_dir.chmod(0o700)
+    proc = _start_with_umask_077(
+        *_smoke(cache, tmp_path, "hidden", "--metrics-sd-dir", sd_dir, "--metrics-address", "::")
+    )
+    try:
+        warned = wait_for_event(proc, lambda e: e.get("event") == "metrics_sd_dir_not_readable")
+        [published] = wait_until(lambda: list(sd_dir.glob("*.json")), 30, what="the file_sd target")
+        assert warned["folder"] == str(sd_dir) and warned["mode"] == "0o700"
+        assert stat.S_IMODE(published.stat().st_mode) == 0o644 and stat.S_IMODE(sd_dir.stat().st_mode) == 0o700
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=120)
