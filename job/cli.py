@@ -279,7 +279,7 @@ def run(log_format, log_file, **params):
 
 # What slurm/finetune.sbatch needs of the job's own settings (one parse: the same file, SFT_JOB_* values and
 # precedence as `run`), as shell assignments it evals.
-SLURM_SETTINGS = ("skip_judge", "judge_backend", "judge_url")
+SLURM_SETTINGS = ("skip_judge", "judge_backend", "judge_url", "run_id")
 
 
 @main.command(name="slurm-settings", cls=cloup.Command, hidden=True)

@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import ipaddress
 import math
 import os
 import re
@@ -188,6 +189,25 @@ def _describe(hint) -> str:
         return " or ".join(_describe(arg) for arg in typing.get_args(hint))
     names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_published_endpoint(port: int | None, address: str) -> None:
+    """metrics_sd_dir publishes the endpoint for a Prometheus elsewhere: it needs one, reachable from there."""
+    if port == 0:
+        raise ConfigError(
+            "metrics_sd_dir publishes the metrics endpoint, which metrics_port 0 turns off: "
+            "leave metrics_port unset (a free port) or drop metrics_sd_dir"
+        )
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+        loopback = ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+    except ValueError:
+        loopback = address.lower().rstrip(".") in ("localhost", "localhost.localdomain")
+    if loopback:
+        raise ConfigError(
+            f"metrics_sd_dir would publish metrics_address {address}, which only this machine reaches: "
+            "set metrics_address to 0.0.0.0 (this machine's name is published) or to its own address"
+        )
 
 
 def _check_url(name: str, value: str | None, schemes: tuple[str, ...]) -> None:
@@ -775,7 +795,8 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
     where Prometheus scrapes it from outside."""
     metrics_sd_dir: str | None = option(None, operational=True, section="Observability")
     """Folder Prometheus' file_sd_configs reads (files: [DIR/*.json]): while the endpoint serves, the job keeps its
-    host:port there, labelled with the run id, and removes it at exit."""
+    host:port there (0644), labelled with the run id, and removes it at exit. The host is this machine's name for
+    --metrics-address 0.0.0.0 or ::, else the address; a loopback address or --metrics-port 0 is refused."""
     pushgateway: str | None = option(None, operational=True, section="Observability")
     """Pushgateway URL to push metrics to at each stage's end and at exit (for runs that end before a scrape)."""
     s3_retry_timeout: str = option("15m", operational=True, section="Storage")
@@ -803,6 +824,8 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
         _positive(self, "generate_batch_size")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        if self.metrics_sd_dir:
+            _check_published_endpoint(self.metrics_port, self.metrics_address)
         if self.run_id is not None and not RUN_ID_RE.fullmatch(self.run_id):
             raise ConfigError(
                 f"run_id {short(self.run_id)} ({len(self.run_id)} characters) must be 1 to 128 letters, digits, "

@@ -396,19 +396,43 @@ class MetricsPublisher:
 
 
 def scrape_host(address: str) -> str:
-    """The host Prometheus reaches an endpoint listening on ``address`` at: this machine's name for
-    every interface, else the address itself (an IPv6 one in brackets)."""
-    host = socket.gethostname() if address in ("0.0.0.0", "::", "") else address
+    """The host Prometheus reaches an endpoint listening on ``address`` at: for every interface this
+    machine's fully qualified name (its short name where it has none), else the address itself (an IPv6
+    one in brackets)."""
+    if address in ("0.0.0.0", "::", ""):
+        fqdn = socket.getfqdn()
+        host = fqdn if "." in fqdn and not fqdn.startswith("localhost") else socket.gethostname()
+    else:
+        host = address
     return f"[{host}]" if ":" in host else host
 
 
 def publish_target(folder: Path, run_id: str, host: str, port: int) -> Path:
     """``{folder}/{run_id}-{host}-{port}.json``: one target in file_sd_configs' format, labelled with
-    the run id, written whole (renamed into place: Prometheus never reads half a file)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    the run id, written whole (renamed into place: Prometheus never reads half a file) and readable by
+    all (0644, whatever the umask: Prometheus runs as another user; the file holds no secret)."""
+    readable_folder(folder)
     name = f"{run_id}-{host.strip('[]').replace(':', '_')}-{port}.json"
     target = [{"targets": [f"{host}:{port}"], "labels": {"run_id": run_id}}]
     partial = folder / f".{name}.partial"  # outside a *.json glob
     partial.write_text(json.dumps(target) + "\n")
+    partial.chmod(0o644)
     os.replace(partial, folder / name)
     return folder / name
+
+
+def readable_folder(folder: Path) -> None:
+    """``folder``, made where missing with the folders above it 0755 (a umask of 077 would hide them from
+    Prometheus); one that exists but that neither its group nor others may list is warned about."""
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for made in missing:
+        made.chmod(0o755)
+    mode = folder.stat().st_mode
+    if not missing and mode & 0o050 != 0o050 and mode & 0o005 != 0o005:
+        get_logger(__name__).warning(
+            "metrics_sd_dir_not_readable",
+            folder=str(folder),
+            mode=oct(mode & 0o777),
+            hint="Prometheus running as another user cannot read the targets: chmod a+rx the folder",
+        )
