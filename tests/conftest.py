@@ -66,12 +66,6 @@ def _logs_to_the_real_stdout():
     configure_logging("json", stream=sys.__stdout__)
 
 
-@pytest.fixture(autouse=True)
-def _a_default_cache_of_the_tests_own(tmp_path_factory, monkeypatch):
-    """A job a test starts without ``--cache`` gets an empty cache of the test's own, not ``~/.cache/sft-job``."""
-    monkeypatch.setenv("SFT_JOB_CACHE", str(tmp_path_factory.mktemp("default-cache")))
-
-
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return SHARED_DATA
