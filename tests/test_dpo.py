@@ -412,7 +412,7 @@ def test_run_smoke_dpo_needs_no_network_and_no_cache(tmp_path):
     responses = json.loads((run / "instruction-data-with-response.json").read_text())
     assert len(responses) == 8 and all(isinstance(r["model_response"], str) for r in responses)
     report = (run / "report.html").read_text()
-    assert "DPO: training and validation reward margins" in report
+    assert "DPO reward margins: training and validation" in report
 
 
 @pytest.mark.parametrize("stage", ["finetune", "dpo"])
