@@ -77,10 +77,10 @@ def _submit(slurm, config: Path, out: Path, env: dict) -> str:
             "--gres=none",
             "--cpus-per-task=1",
             f"--output={out}",
-            "slurm/finetune.sbatch",
+            REPO / "slurm/finetune.sbatch",
             config,
         ],
-        cwd=REPO,
+        cwd=out.parent,  # the job's folder, where the script keeps its restart counts
         env={**slurm, "PATH": path, **env},
         capture_output=True,
         text=True,
