@@ -520,6 +520,52 @@ def test_example_values_render_restricted_pods(name):
     assert [rule for rule, holds in RESTRICTED if not holds(pod)] == []
 
 
+# GPUs per node of the products the examples select (NVIDIA's HGX H100 boards carry 8).
+NODE_GPUS = {"NVIDIA-H100-80GB-HBM3": 8}
+
+
+def _pod_gpus(pod: dict) -> int:
+    """GPUs the scheduler must find on one node for the pod: its containers' and its native sidecars'
+    (restartable init containers run beside them), the largest plain init container's at most."""
+    asked = lambda c: int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))  # noqa: E731
+    inits = pod.get("initContainers", [])
+    sidecars = sum(asked(c) for c in inits if c.get("restartPolicy") == "Always")
+    plain = max((asked(c) for c in inits if c.get("restartPolicy") != "Always"), default=0)
+    return max(sum(asked(c) for c in pod["containers"]) + sidecars, plain)
+
+
+@pytest.mark.parametrize("name", EXAMPLE_VALUES)
+def test_each_examples_pod_fits_the_node_its_comments_and_node_selector_describe(name):
+    text = (REPO / "examples" / name).read_text()
+    values = yaml.safe_load(text)
+    pod = _by_kind(_render(values)[0])["Job"]["spec"]["template"]["spec"]
+    product = (values.get("nodeSelector") or {}).get("nvidia.com/gpu.product")
+    described = re.search(r"node with (\d+) GPUs", text)
+    node = NODE_GPUS[product] if product else max(1, values.get("gpus", 1))
+    assert described is None or int(described[1]) == node, (described[0], product)
+    assert _pod_gpus(pod) <= node, f"{name}: the pod asks {_pod_gpus(pod)} GPUs of a node with {node}"
+
+
+def test_skip_judge_needs_no_sidecar_and_no_external_judge_on_one_node_or_several():
+    for values in (
+        {"config": {"skip_judge": True}},
+        {"config": {"skip_judge": True}, "ollama": {"sidecar": False}},
+        {"config": {"skip_judge": True}, "nodes": 2, "gpus": 8},
+        MULTI_NODE | {"config": {"skip_judge": True}, "ollama": {"sidecar": False}, "trainJob": {"enabled": True}},
+    ):
+        kinds = _by_kind(_render(values)[0])
+        if "Job" in kinds:
+            pod = kinds["Job"]["spec"]["template"]["spec"]
+            assert "initContainers" not in pod, values
+            assert {v["name"] for v in pod["volumes"]}.isdisjoint({"ollama-tmp"})
+            env = {e["name"] for c in pod["containers"] for e in c["env"]}
+        else:
+            env = {e["name"] for e in kinds["TrainJob"]["spec"]["trainer"]["env"]}
+        assert "OLLAMA_HOST" not in env, values
+    with pytest.raises(helm.HelmError, match="config.skip_judge=true"):
+        _render({"ollama": {"sidecar": False}})
+
+
 @pytest.mark.parametrize("name", ["book.yaml", "smoke.yaml"])
 def test_example_job_files_are_valid_configs_and_the_book_file_is_the_default_recipe(name, monkeypatch):
     # Read by `sft-job run --config FILE` as a user would, up to the config the run would get.
