@@ -249,16 +249,19 @@ def test_cpu_override_drops_gpus_and_runs_the_small_model():
 
 
 def _job_option_variables() -> set[str]:
-    from job.config import RunConfig
+    """Every variable `sft-job run` reads: its options' and --config's, --log-format's, --log-file's."""
+    from job.cli import main
 
-    return {f"SFT_JOB_{f.name.upper()}" for f in dataclasses.fields(RunConfig)}
+    return {p.envvar for p in main.commands["run"].params if p.envvar}
 
 
 def test_compose_passes_every_option_of_the_job_set_in_dot_env_and_no_other(tmp_path):
     written = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["sft-job"]["environment"]
     listed = {entry.split("=")[0] for entry in written if entry.startswith("SFT_JOB_")}
-    # SFT_JOB_CACHE is the image's own (its /cache volume), every other option is passed on.
+    # SFT_JOB_CACHE is the image's own (its /cache volume), every other option is passed on; .env.example says so.
     assert listed == _job_option_variables() - {"SFT_JOB_CACHE"}
+    assert {"SFT_JOB_CONFIG", "SFT_JOB_LOG_FORMAT", "SFT_JOB_LOG_FILE"} <= listed
+    assert "except SFT_JOB_CACHE" in (REPO / ".env.example").read_text()
     dot_env = tmp_path / ".env"
     dot_env.write_text("\n".join(f"{k}={v}" for k, v in _env_example().items() if k != "PATH") + "\nSFT_JOB_EPOCHS=1\n")
     for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.cpu.yml"]):
