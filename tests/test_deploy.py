@@ -162,6 +162,70 @@ def test_values_schema_rejects_bad_values():
         chart.validate_schema({"config": {"model": "gpt2-huge"}})
 
 
+def test_the_schemas_config_is_what_the_jobs_options_give():
+    checked = subprocess.run(
+        [sys.executable, "scripts/chart_schema.py", "--check"], capture_output=True, text=True, cwd=REPO
+    )
+    assert checked.returncode == 0, checked.stderr
+    from job.cli import main
+
+    config = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]
+    options = {p.name for p in main.commands["run"].params} - {"config"}
+    assert set(config["properties"]) == options and config["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "config.epochs=abc",
+        "config.epochs=1.5",
+        "config.epoch=2",
+        "config.lr=nan",
+        "config.judge_wait=forever",
+        "config.model=gpt2-huge",
+        "config.skip_judge=maybe",
+        "config.MODEL=gpt2-xl",
+        "config.metrics_port=70000",
+        "config.batch_size=",
+    ],
+)
+def test_a_config_value_the_job_would_refuse_is_refused_at_template_time(given):
+    key = given.split("=")[0].split(".")[1]
+    with pytest.raises(helm.HelmError, match=key):
+        _render(helm.parse_set_string(given))
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "config.model=qwen3-0.6b",
+        "config.model=llama3.2-1b",
+        "config.judge_wait=5m",
+        "config.hub_revision=42",
+        "config.max_steps=null",
+        "config.dpo=true",
+        "config.log_format=json",
+        "json:config.lr=0.0001",  # --set-json: --set keeps 0.0001 a string, which is no number (the README says)
+    ],
+)
+def test_a_config_value_the_job_takes_renders_and_reaches_the_job_as_given(given):
+    from job.config import RunConfig, check_value
+
+    values = helm.parse_set_json(given[5:]) if given.startswith("json:") else helm.parse_set_string(given)
+    [(key, value)] = values["config"].items()
+    options = yaml.safe_load(_by_kind(_render(values)[0])["ConfigMap"]["data"]["job.yaml"])
+    assert options.get(key) == value  # null: left out, the job's own default
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    RunConfig(**{k: check_value(RunConfig, k, v) for k, v in options.items() if k in known})  # as --config reads it
+
+
+def test_the_judge_key_in_the_config_is_refused_with_where_it_goes():
+    with pytest.raises(
+        helm.HelmError, match="judge_api_key: a secret never goes into the ConfigMap.*judge.existingSecret"
+    ):
+        _render(helm.parse_set_string("config.judge_api_key=x"))
+
+
 def _env_example(**overrides) -> dict:
     """.env.example's settings with its empty passwords filled in, as a user's .env would have them."""
     values = dict(
