@@ -301,3 +301,75 @@ def test_one_evaluation_is_drawn_as_a_point_with_plain_tick_labels():
         for axis in (ax.xaxis, ax.yaxis):  # a scale (1e-7) may stand above the axis; no offset added to ticks
             assert axis.get_major_formatter().offset == 0 and "+" not in axis.get_offset_text().get_text()
         assert ax.get_xlim()[0] < 0 < 0.2 < ax.get_xlim()[1]  # the epochs trained, the point inside
+
+
+def _report_of_copy(judged_smoke, run, *args):
+    """`sft-job report` on ``run`` (a copy of the judged smoke run, edited by the test): its page and events."""
+    done = cli("report", run, "--log-format", "json", *args)
+    assert done.returncode == 0, done.stderr
+    return (run / "report.html").read_text(), events(done.stdout)
+
+
+def _warned(page: str, found: list[dict]) -> dict[str, str]:
+    shown = dict(re.findall(r"<li>(.*?): (.*?)</li>", page.split('id="warnings"', 1)[1].split("</div>", 1)[0]))
+    logged = {e["file"]: e["problem"] for e in found if e["event"] == "report_input_untrusted"}
+    assert shown == logged
+    return shown
+
+
+def test_the_report_says_which_files_differ_from_what_the_manifest_records(judged_smoke, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(judged_smoke, run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "losses.json" in manifest["stages"]["finetune"]["artifacts"]
+    page, found = _report_of_copy(judged_smoke, run)
+    assert 'id="warnings"' not in page and not [e for e in found if e["event"] == "report_input_untrusted"]
+    losses = json.loads((run / "losses.json").read_text())
+    extra = losses[-1] | {"step": losses[-1]["step"] + 1, "val_loss": 0.001}
+    (run / "losses.json").write_text(json.dumps([*losses, extra]))  # an evaluation the run never made
+    page, found = _report_of_copy(judged_smoke, run)
+    assert _warned(page, found) == {"losses.json": "changed since the run recorded it"}
+    (run / "losses.json").write_text("[]")
+    (run / "scores.json").write_text(json.dumps(json.loads((judged_smoke / "scores.json").read_text())[:3]))
+    page, found = _report_of_copy(judged_smoke, run)
+    changed = "changed since the run recorded it"
+    assert _warned(page, found) == {"losses.json": changed, "scores.json": changed}
+    (run / "losses.json").unlink()
+    shutil.copy(judged_smoke / "scores.json", run / "scores.json")  # back as recorded: no warning for it
+    page, found = _report_of_copy(judged_smoke, run)
+    assert _warned(page, found) == {"losses.json": "missing"}
+
+
+def test_report_names_a_source_that_is_a_file_and_a_report_path_that_is_a_folder(judged_smoke, tmp_path):
+    note = tmp_path / "some-file.txt"
+    note.write_text("not a run")
+    refused = cli("report", note)
+    assert refused.returncode == 2 and f"{note} is not a folder" in refused.stderr, refused.stderr
+    run = tmp_path / "run"
+    shutil.copytree(judged_smoke, run)
+    (run / "report.html").unlink()
+    (run / "report.html").mkdir()
+    refused = cli("report", run)
+    assert refused.returncode == 2, refused.stderr
+    assert [f"Error: {run / 'report.html'} is a folder: remove it, or write the report elsewhere (--output)"] == (
+        refused.stderr.strip().splitlines()[-1:]
+    )
+    assert cli("report", run, "--output", tmp_path / "elsewhere.html").returncode == 0
+
+
+def test_the_last_evaluations_step_is_the_one_losses_json_names_and_the_histogram_is_titled(judged_smoke):
+    text = (judged_smoke / "report.html").read_text()
+    last = json.loads((judged_smoke / "losses.json").read_text())[-1]
+    assert f"at step {last['step']:,}, " in _figures(text)["Training loss at the last evaluation"]
+    page = ReportParser()
+    page.feed(text)
+    histogram = base64.b64decode(page.images[-1].split(",", 1)[1])
+    assert _drawn_with_title(histogram) == "Judge score histogram"
+
+
+def _drawn_with_title(png: bytes) -> str:
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)).text["Title"]
