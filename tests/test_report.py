@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from tests.helpers import REPO, cli, events, filled_cache, smoke_run
+from tests.helpers import REPO, cli, events, filled_cache, smoke_run, start_cli, wait_for_event
 
 
 class ReportParser(HTMLParser):
@@ -240,7 +240,8 @@ def test_a_run_that_failed_in_download_has_a_report_naming_the_stage_and_its_err
     assert figures["Status"] == f"failed in stage download: {error}"
     assert figures["Test entries"] == "none yet (no responses)"
     stages = _in_chromium(run / "report.html", lambda page: page.locator("#stages tr").all_inner_texts())
-    assert [s.split("\t") for s in stages[1:]] == [["download", "failed", "", error]]
+    [[name, status, seconds, said]] = [s.split("\t") for s in stages[1:]]
+    assert (name, status, said) == ("download", "failed", error) and float(seconds) >= 0  # as long as it ran
     rebuilt = cli("report", run, "--output", tmp_path / "again.html")
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert (tmp_path / "again.html").read_text() == (run / "report.html").read_text()
@@ -373,3 +374,28 @@ def _drawn_with_title(png: bytes) -> str:
     from PIL import Image
 
     return Image.open(io.BytesIO(png)).text["Title"]
+
+
+def test_a_stage_stopped_then_completed_by_a_rerun_keeps_no_error_and_counts_its_attempts(cache, tmp_path):
+    import signal
+
+    args = smoke_run(cache, tmp_path, "again", "--skip-judge", "--checkpoint-every", 2)
+    proc = start_cli(*args)
+    wait_for_event(proc, lambda e: e.get("event") == "checkpoint", deadline_s=300)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    assert "stopped by SIGINT at step" in err.strip().splitlines()[-1]  # the signal that came, named
+    stopped = json.loads((tmp_path / "again" / "manifest.json").read_text())["stages"]["finetune"]
+    assert stopped["status"] == "interrupted" and "SIGINT" in stopped["error"] and stopped["duration_s"] > 0
+    page = (tmp_path / "again" / "report.html").read_text()
+    assert "No loss history: the finetune stage was interrupted" in page
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    finetune = json.loads((tmp_path / "again" / "manifest.json").read_text())["stages"]["finetune"]
+    assert finetune["status"] == "complete" and finetune.get("error") is None and finetune["attempts"] == 2
+    row = re.search(
+        r"<tr><td>finetune</td><td>complete</td><td[^>]*>[0-9.]+</td><td>(.*?)</td></tr>",
+        (tmp_path / "again" / "report.html").read_text(),
+    )
+    assert row is not None and row[1] == ""
