@@ -283,3 +283,21 @@ def test_gpu_smoke_checks_its_arguments_data_and_gpu_first_in_one_line(tmp_path)
         [line] = done.stderr.splitlines()
         assert line.startswith("gpu-smoke: ") and said in line, (args, node, line)
         assert done.stdout == ""  # nothing ran
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ("SKIP_JUDGE: true\n", "unknown key 'SKIP_JUDGE' (did you mean skip_judge?)"),
+        ("Epochs: 1\n", "unknown key 'Epochs' (did you mean epochs?)"),
+        ("epochs: 1\nlr: 0.001\nepochs: 2\n", "key 'epochs' appears twice (lines 1 and 3): keep one"),
+        ("lr: 0.001\n'lr': 0.002\n", "key 'lr' appears twice (lines 1 and 2): keep one"),
+        ("epochs: 1\nEPOCHS: 2\n", "unknown key 'EPOCHS' (did you mean epochs?)"),
+    ],
+)
+def test_a_config_key_in_the_wrong_case_or_given_twice_is_exit_2_naming_it(tmp_path, text, said):
+    config = tmp_path / "job.yaml"
+    config.write_text(text)
+    refused = cli("run", "--config", config, "--skip-judge", "--output", tmp_path / "runs")
+    assert refused.returncode == 2 and said in _one_line(refused), refused.stderr
+    assert not (tmp_path / "runs").exists()
