@@ -263,6 +263,9 @@ def test_a_dpo_run_with_one_evaluation_shows_each_plot_titled_over_the_epochs_tr
     done = cli(*args)
     assert done.returncode == 0, done.stderr[-2000:]
     run = tmp_path / "dpo1"
+    # Every file the report read is the one the manifest recorded, the sft/ and dpo/ ones included.
+    assert 'id="warnings"' not in (run / "report.html").read_text()
+    assert not [e for e in events(done.stdout) if e["event"] == "report_input_untrusted"]
 
     def plots(page):
         captions = page.locator(".plots figcaption").all_inner_texts()
