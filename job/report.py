@@ -452,6 +452,8 @@ def write_report(folder: Path, output: Path | None = None) -> Path:
 def run_report(source: str, endpoint_url: str | None = None, output: str | None = None) -> str:
     """``sft-job report``: rebuild a run's report from its folder or its ``s3://`` prefix. The report
     goes back into the run (or to ``output``); returns where it was written."""
+    if not source.strip():  # else the current folder, named as ""
+        raise ConfigError("the run to report on is empty: give the folder or s3:// prefix of one run")
     storage = open_storage(source, endpoint_url)
     if isinstance(storage, LocalStorage) and not storage.root.is_dir():
         what = "is not a folder" if storage.root.exists() else "does not exist"

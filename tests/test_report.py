@@ -349,6 +349,8 @@ def test_report_names_a_source_that_is_a_file_and_a_report_path_that_is_a_folder
     note.write_text("not a run")
     refused = cli("report", note)
     assert refused.returncode == 2 and f"{note} is not a folder" in refused.stderr, refused.stderr
+    refused = cli("report", "")
+    assert refused.returncode == 2 and "Error: the run to report on is empty" in refused.stderr, refused.stderr
     run = tmp_path / "run"
     shutil.copytree(judged_smoke, run)
     (run / "report.html").unlink()
