@@ -19,11 +19,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from job.checkpoint_files import MAX_JSON_BYTES, TrainStateFile, checkpoint_dirs
 from job.data import RESPONSES_FILE
 from job.errors import ConfigError
 from job.manifest import ManifestFile
 from job.observability import get_logger
-from job.parsing import load_json, load_yaml, validated
+from job.parsing import ParseError, load_json, load_yaml, read_bounded, validated
 from job.storage import LocalStorage, Storage, atomic_write_text, open_storage, sha256_file
 
 log = get_logger(__name__)
@@ -305,6 +306,10 @@ def _figures(data: dict, entries: list[dict], judged: str | None) -> list[tuple[
     figures.append(("Test entries", str(len(entries)) if entries else "none yet (no responses)"))
     if losses:
         figures += _training(losses, data["model/config.json"])
+    elif data["checkpoint"]:
+        name, history = data["checkpoint"]
+        said = f"the finetune stage did not complete: its evaluations so far, from checkpoints/{name}"
+        figures += [("Loss history", said), *_training(history, None)]
     if dpo:
         margin = dpo[-1]["val_chosen_reward"] - dpo[-1]["val_rejected_reward"]
         figures += [
@@ -383,15 +388,33 @@ def _warnings(problems: dict[str, str]) -> str:
     )
 
 
-def _no_plots(manifest) -> str:
+def _no_plots(manifest, checkpoint) -> str:
     """Why there is nothing to draw: training stopped before it wrote its loss history, or has not run."""
     finetune = ((manifest or {}).get("stages") or {}).get("finetune") or {}
     if finetune.get("status") in ("failed", "interrupted"):
+        where = "the figures above, from" if checkpoint else "in"
         return (
-            f"<p>No loss history: the finetune stage was {finetune['status']} before its end, where losses.json "
-            "is written (its evaluations so far are in the run's last checkpoint; a rerun resumes from it).</p>"
+            f"<p>No loss plot: the finetune stage was {finetune['status']} before its end, where losses.json and "
+            f"the plot are written (its evaluations so far are {where} the run's last checkpoint; a rerun resumes "
+            "from it).</p>"
         )
     return "<p>No loss history or scores yet.</p>"
+
+
+def checkpoint_history(folder: Path) -> tuple[str, list[dict]] | None:
+    """An unfinished finetune's evaluations so far: the history in the run's last local checkpoint (a
+    run read from a bucket has none here), or None where there is none to read."""
+    checkpoints = checkpoint_dirs(folder / "checkpoints")
+    if not checkpoints:
+        return None
+    what = f"checkpoints/{checkpoints[-1].name}/trainer_state.json"
+    try:
+        state = load_json(read_bounded(checkpoints[-1] / "trainer_state.json", MAX_JSON_BYTES, what), what)
+        validated(TrainStateFile, state, what)
+    except (OSError, ParseError) as exc:
+        log.warning("report_checkpoint_unreadable", file=what, error=str(exc))
+        return None
+    return (checkpoints[-1].name, state["history"]) if state["history"] else None
 
 
 def _plot(data: bytes, title: str) -> str:
@@ -402,6 +425,7 @@ def render(folder: Path) -> str:
     """The report's HTML from the run files found in ``folder`` (sections without their files say so)."""
     data = {name: _read(folder, name) for name in INPUTS + DPO_INPUTS}
     problems = untrusted_inputs(folder, data["manifest.json"])
+    data["checkpoint"] = None if data["losses.json"] else checkpoint_history(folder)
     entries = data["scores.json"] or data[RESPONSES_FILE] or []
     scores = [e["score"] for e in entries if e.get("score") is not None]
     shown = (
@@ -422,7 +446,7 @@ def render(folder: Path) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head>
 <body><h1>{title}</h1>{_warnings(problems)}
 <h2>Figures</h2><table class="figures">{figures}</table>
-<h2>Plots</h2><div class="plots">{"".join(plots) or _no_plots(data["manifest.json"])}</div>
+<h2>Plots</h2><div class="plots">{"".join(plots) or _no_plots(data["manifest.json"], data["checkpoint"])}</div>
 <h2>Stages</h2>{_stages(data["manifest.json"])}
 {_side_by_side(data["sft/scores.json"] or data[f"sft/{RESPONSES_FILE}"] or [], entries)}
 <h2>Responses and scores</h2>

@@ -394,7 +394,12 @@ def test_a_stage_stopped_then_completed_by_a_rerun_keeps_no_error_and_counts_its
     stopped = json.loads((tmp_path / "again" / "manifest.json").read_text())["stages"]["finetune"]
     assert stopped["status"] == "interrupted" and "SIGINT" in stopped["error"] and stopped["duration_s"] > 0
     page = (tmp_path / "again" / "report.html").read_text()
-    assert "No loss history: the finetune stage was interrupted" in page
+    assert "No loss plot: the finetune stage was interrupted" in page
+    figures = _figures(page)  # the step-0 evaluation and any after it, from the checkpoint the signal left
+    assert figures["Loss history"].startswith("the finetune stage did not complete: its evaluations so far")
+    assert int(figures["Evaluations"]) >= 1 and re.search(
+        r"\(at step \d+, ", figures["Training loss at the last evaluation"]
+    )
     done = cli(*args)
     assert done.returncode == 0, done.stderr
     finetune = json.loads((tmp_path / "again" / "manifest.json").read_text())["stages"]["finetune"]
