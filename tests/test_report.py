@@ -409,3 +409,17 @@ def test_a_stage_stopped_then_completed_by_a_rerun_keeps_no_error_and_counts_its
         (tmp_path / "again" / "report.html").read_text(),
     )
     assert row is not None and row[1] == ""
+
+
+def test_a_report_from_a_bucket_checks_what_it_fetched_against_the_manifest(judged_smoke, s3, tmp_path):
+    s3.create_bucket(Bucket="copies")
+    for path in judged_smoke.rglob("*"):
+        if path.is_file() and "checkpoints" not in path.parts:
+            s3.put_object(Bucket="copies", Key=f"r/{path.relative_to(judged_smoke)}", Body=path.read_bytes())
+    s3.delete_object(Bucket="copies", Key="r/losses.json")
+    s3.put_object(Bucket="copies", Key="r/summary.json", Body=(judged_smoke / "summary.json").read_bytes() + b" ")
+    done = cli("report", "s3://copies/r", "--output", tmp_path / "r.html", "--log-format", "json")
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "r.html").read_text()
+    changed = "changed since the run recorded it"
+    assert _warned(page, events(done.stdout)) == {"losses.json": "missing", "summary.json": changed}
