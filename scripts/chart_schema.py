@@ -38,7 +38,7 @@ def _property(param: click.Parameter) -> dict:
     else:  # a string; YAML reads `run_id: 42` or `judge_wait: 300` as a number, which the job takes too
         schema = {"type": ["string", "number"]}
         if isinstance(param.default, str) and re.fullmatch(DURATION, param.default) and param.default[-1] in "smh":
-            schema["pattern"] = DURATION
+            schema |= {"pattern": DURATION, "minimum": 0}  # the pattern for a string, the minimum for a number
     if param.default is None:  # unset: the option's own default
         schema = {"anyOf": [schema, {"type": "null"}]}
     return schema

@@ -182,6 +182,7 @@ def test_the_schemas_config_is_what_the_jobs_options_give():
         "config.epoch=2",
         "config.lr=nan",
         "config.judge_wait=forever",
+        "config.judge_wait=-5",
         "config.model=gpt2-huge",
         "config.skip_judge=maybe",
         "config.MODEL=gpt2-xl",
