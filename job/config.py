@@ -153,8 +153,9 @@ def config_file_values(path: str, cls: type | None, known: set[str]) -> dict:
         raise ConfigError(f"{path}: key config: a config file cannot name another; merge the two files")
     unknown = sorted(str(k) for k in set(data) - known)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(known - {"config"}), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        by_case = {name.lower(): name for name in known - {"config"}}  # SKIP_JUDGE is skip_judge, mistyped
+        close = difflib.get_close_matches(unknown[0].lower(), sorted(by_case), n=1)
+        hint = f" (did you mean {by_case[close[0]]}?)" if close else ""
         raise ConfigError(f"{path}: unknown key {short(unknown[0])}{hint}")
     # Checked against the fields' types here: click would turn 1.5 into 1 and true into 1.
     names = field_names(cls) if cls else set()

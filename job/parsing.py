@@ -122,6 +122,7 @@ def load_yaml(text: str | bytes, what: str) -> Any:
         if node is None:
             return None
         _check_expanded(node, what)
+        _check_unique_keys(node, what)
         return loader.construct_document(node)
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -171,6 +172,29 @@ def _check_expanded(root: yaml.Node, what: str) -> None:
                 raise ParseError(f"{what}: an alias refers to a value that contains it")
             if id(child) not in sizes:
                 stack.append((child, False, depth + 1))
+
+
+def _check_unique_keys(root: yaml.Node, what: str) -> None:
+    """No mapping names a key twice (PyYAML keeps the last silently; YAML says keys are unique)."""
+    seen_nodes: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}  # by tag too: 1 and "1" are two keys
+            for key, _value in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    continue
+                line, seen = key.start_mark.line + 1, first.get((key.tag, key.value))
+                if seen is not None:
+                    raise ParseError(
+                        f"{what}: key {short(key.value)} appears twice (lines {seen} and {line}): keep one"
+                    )
+                first[(key.tag, key.value)] = line
+        stack.extend(_children(node))
 
 
 # --- shapes -----------------------------------------------------------------------------------------

@@ -12,18 +12,20 @@ import base64
 import html
 import io
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from job.checkpoint_files import MAX_JSON_BYTES, TrainStateFile, checkpoint_dirs
 from job.data import RESPONSES_FILE
 from job.errors import ConfigError
 from job.manifest import ManifestFile
 from job.observability import get_logger
-from job.parsing import load_json, load_yaml, validated
-from job.storage import LocalStorage, Storage, atomic_write_text, open_storage
+from job.parsing import ParseError, load_json, load_yaml, read_bounded, validated
+from job.storage import LocalStorage, Storage, atomic_write_text, open_storage, sha256_file
 
 log = get_logger(__name__)
 
@@ -47,6 +49,7 @@ DPO_INPUTS = (  # with run --dpo: the DPO stage's curves, and the finetuned mode
     f"sft/{RESPONSES_FILE}",
 )
 HIGHLIGHTED = 5  # best and worst entries marked in the table
+HISTOGRAM_TITLE = "Judge score histogram"
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -59,6 +62,7 @@ td.text { white-space: pre-wrap; max-width: 28em; } td.num { text-align: right; 
 pre { background: #f8f8f8; padding: 1em; overflow-x: auto; } .figures td:first-child { font-weight: 600; }
 .plots figure { display: inline-block; max-width: 48%; margin: 0 1% 1em 0; } .plots img { max-width: 100%; }
 figcaption { text-align: center; color: #555; }
+.warnings { background: #fff4e5; border: 1px solid #f0a030; padding: 0.5em 1em; }
 """
 
 # Click a header: sort by that column (numbers by data-value), again to reverse.
@@ -176,9 +180,10 @@ def score_histogram(scores: list[int]) -> bytes:
     ax.set_xlabel("Judge score")
     ax.set_ylabel("Entries")
     ax.set_xlim(0, 100)
+    fig.suptitle(HISTOGRAM_TITLE)  # titled inside the figure, as the loss plots are
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", metadata={"Title": HISTOGRAM_TITLE})
     plt.close(fig)
     return buffer.getvalue()
 
@@ -250,7 +255,7 @@ def _training(losses: list[dict], model_config: dict | None) -> list[tuple[str, 
     """The last evaluation's figures, said to be that (a run evaluates every few steps, so they can
     stop before its end), then the whole training's tokens and steps."""
     last = losses[-1]
-    at = f"after step {last['step'] + 1:,}, " if isinstance(last.get("step"), int) else ""  # the log's 0-based step
+    at = f"at step {last['step']:,}, " if isinstance(last.get("step"), int) else ""  # as losses.json and the log say
     rows = [
         ("Evaluations", str(len(losses))),
         ("First / last validation loss", f"{losses[0]['val_loss']:.3f} / {last['val_loss']:.3f}"),
@@ -301,6 +306,10 @@ def _figures(data: dict, entries: list[dict], judged: str | None) -> list[tuple[
     figures.append(("Test entries", str(len(entries)) if entries else "none yet (no responses)"))
     if losses:
         figures += _training(losses, data["model/config.json"])
+    elif data["checkpoint"]:
+        name, history = data["checkpoint"]
+        said = f"the finetune stage did not complete: its evaluations so far, from checkpoints/{name}"
+        figures += [("Loss history", said), *_training(history, None)]
     if dpo:
         margin = dpo[-1]["val_chosen_reward"] - dpo[-1]["val_rejected_reward"]
         figures += [
@@ -332,10 +341,80 @@ def _judged(data: dict) -> str | None:
 def _stages(manifest) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(s.get('status', '')))}</td>"
-        f'<td class="num">{s.get("duration_s") or ""}</td><td>{html.escape(str(s.get("error") or ""))}</td></tr>'
+        f'<td class="num">{_seconds(s)}</td><td>{html.escape(str(s.get("error") or ""))}</td></tr>'
         for name, s in (manifest or {}).get("stages", {}).items()
     )
     return f'<table id="stages"><tr><th>Stage</th><th>Status</th><th>Seconds</th><th>Error</th></tr>{rows}</table>'
+
+
+def _seconds(stage: dict) -> str:
+    """A stage's seconds: as recorded, else from its start and end (a failed stage of an older run)."""
+    if stage.get("duration_s") is not None:
+        return str(stage["duration_s"])
+    try:
+        return str((datetime.fromisoformat(stage["end"]) - datetime.fromisoformat(stage["start"])).total_seconds())
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
+def untrusted_inputs(folder: Path, manifest) -> dict[str, str]:
+    """The report's inputs that the manifest records as artifacts but that are gone or differ from
+    its sha256 (edited, truncated or copied from another run), each with what is wrong."""
+    recorded = {
+        key: meta["sha256"]
+        for stage in ((manifest or {}).get("stages") or {}).values()
+        for key, meta in (stage.get("artifacts") or {}).items()
+    }
+    problems = {}
+    for name in INPUTS + DPO_INPUTS:
+        if name not in recorded:
+            continue
+        if not (folder / name).is_file():
+            problems[name] = "missing"
+        elif sha256_file(folder / name) != recorded[name]:
+            problems[name] = "changed since the run recorded it"
+    for name, problem in problems.items():
+        log.warning("report_input_untrusted", file=name, problem=problem)
+    return problems
+
+
+def _warnings(problems: dict[str, str]) -> str:
+    if not problems:
+        return ""
+    items = "".join(f"<li>{html.escape(name)}: {html.escape(p)}</li>" for name, p in problems.items())
+    return (
+        '<div class="warnings" id="warnings"><p>Warning: files of this run differ from what its manifest records, '
+        f"so what is shown from them may not be the run's:</p><ul>{items}</ul></div>"
+    )
+
+
+def _no_plots(manifest, checkpoint) -> str:
+    """Why there is nothing to draw: training stopped before it wrote its loss history, or has not run."""
+    finetune = ((manifest or {}).get("stages") or {}).get("finetune") or {}
+    if finetune.get("status") in ("failed", "interrupted"):
+        where = "the figures above, from" if checkpoint else "in"
+        return (
+            f"<p>No loss plot: the finetune stage was {finetune['status']} before its end, where losses.json and "
+            f"the plot are written (its evaluations so far are {where} the run's last checkpoint; a rerun resumes "
+            "from it).</p>"
+        )
+    return "<p>No loss history or scores yet.</p>"
+
+
+def checkpoint_history(folder: Path) -> tuple[str, list[dict]] | None:
+    """An unfinished finetune's evaluations so far: the history in the run's last local checkpoint (a
+    run read from a bucket has none here), or None where there is none to read."""
+    checkpoints = checkpoint_dirs(folder / "checkpoints")
+    if not checkpoints:
+        return None
+    what = f"checkpoints/{checkpoints[-1].name}/trainer_state.json"
+    try:
+        state = load_json(read_bounded(checkpoints[-1] / "trainer_state.json", MAX_JSON_BYTES, what), what)
+        validated(TrainStateFile, state, what)
+    except (OSError, ParseError) as exc:
+        log.warning("report_checkpoint_unreadable", file=what, error=str(exc))
+        return None
+    return (checkpoints[-1].name, state["history"]) if state["history"] else None
 
 
 def _plot(data: bytes, title: str) -> str:
@@ -345,6 +424,8 @@ def _plot(data: bytes, title: str) -> str:
 def render(folder: Path) -> str:
     """The report's HTML from the run files found in ``folder`` (sections without their files say so)."""
     data = {name: _read(folder, name) for name in INPUTS + DPO_INPUTS}
+    problems = untrusted_inputs(folder, data["manifest.json"])
+    data["checkpoint"] = None if data["losses.json"] else checkpoint_history(folder)
     entries = data["scores.json"] or data[RESPONSES_FILE] or []
     scores = [e["score"] for e in entries if e.get("score") is not None]
     shown = (
@@ -354,7 +435,7 @@ def render(folder: Path) -> str:
     )
     plots = [_plot(data[name], title) for name, title in shown if data[name]]
     if scores:
-        plots.append(_plot(score_histogram(scores), "Judge score histogram"))
+        plots.append(_plot(score_histogram(scores), HISTOGRAM_TITLE))
     judged, marks = _judged(data), _marks(entries)
     figures = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in _figures(data, entries, judged)
@@ -363,9 +444,9 @@ def render(folder: Path) -> str:
     title = f"sft-job run {html.escape(str((data['manifest.json'] or {}).get('run_id', folder.name)))}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style></head>
-<body><h1>{title}</h1>
+<body><h1>{title}</h1>{_warnings(problems)}
 <h2>Figures</h2><table class="figures">{figures}</table>
-<h2>Plots</h2><div class="plots">{"".join(plots) or "<p>No loss history or scores yet.</p>"}</div>
+<h2>Plots</h2><div class="plots">{"".join(plots) or _no_plots(data["manifest.json"], data["checkpoint"])}</div>
 <h2>Stages</h2>{_stages(data["manifest.json"])}
 {_side_by_side(data["sft/scores.json"] or data[f"sft/{RESPONSES_FILE}"] or [], entries)}
 <h2>Responses and scores</h2>
@@ -395,9 +476,14 @@ def write_report(folder: Path, output: Path | None = None) -> Path:
 def run_report(source: str, endpoint_url: str | None = None, output: str | None = None) -> str:
     """``sft-job report``: rebuild a run's report from its folder or its ``s3://`` prefix. The report
     goes back into the run (or to ``output``); returns where it was written."""
+    if not source.strip():  # else the current folder, named as ""
+        raise ConfigError("the run to report on is empty: give the folder or s3:// prefix of one run")
     storage = open_storage(source, endpoint_url)
     if isinstance(storage, LocalStorage) and not storage.root.is_dir():
-        raise ConfigError(f"{source} does not exist: give the folder or s3:// prefix of one run")
+        what = "is not a folder" if storage.root.exists() else "does not exist"
+        raise ConfigError(f"{source} {what}: give the folder or s3:// prefix of one run")
+    if isinstance(storage, LocalStorage) and output is None and (storage.root / REPORT).is_dir():
+        raise ConfigError(f"{storage.root / REPORT} is a folder: remove it, or write the report elsewhere (--output)")
     if not storage.get_text("manifest.json"):
         raise ConfigError(f"{source} holds no manifest.json: give the folder or s3:// prefix of one run")
     if isinstance(storage, LocalStorage):  # a local run folder: read in place

@@ -45,14 +45,19 @@ class StageRecorder:
         started = time.perf_counter()
         m.stage_status.labels(stage=name).set(StageStatus.RUNNING)
         self.current = name
-        self.manifest.record(name, status="running", start=now(), end=None)
+        # A rerun starts the stage afresh: the last attempt's error goes (attempts counts them all).
+        attempts = self.manifest.stage(name).get("attempts", 0) + 1
+        self.manifest.record(
+            name, status="running", start=now(), end=None, duration_s=None, error=None, attempts=attempts
+        )
         log.info("stage_start")
         try:
             records = self._upload(body() or [])
         except BaseException as exc:
             m.stage_status.labels(stage=name).set(StageStatus.FAILED)
             status = "interrupted" if stopped_by_signal(exc) else "failed"
-            self.manifest.update(name, status=status, end=now(), error=_one_line(exc))  # written with the run's stop
+            seconds = round(time.perf_counter() - started, 3)  # written with the run's stop, below
+            self.manifest.update(name, status=status, end=now(), duration_s=seconds, error=_one_line(exc))
             raise
         finally:
             m.stage_duration_seconds.labels(stage=name).set(time.perf_counter() - started)

@@ -160,6 +160,7 @@ class Trainer:
             binding,
         )
         self._signalled = threading.Event()
+        self._signals: list[str] = []  # the stop signals this process got, by name, for the message
         self.batches_per_epoch = task.train_size // cfg.batch_size
         self.order = data_order(
             cfg.data_order, task.train_size, cfg.batch_size, cfg.epochs, cfg.eval_freq, cfg.eval_iter, cfg.seed
@@ -176,7 +177,7 @@ class Trainer:
 
     def fit(self) -> TrainState:
         self.resume()
-        restore = _install_preemption_handlers(self.accelerator, self._signalled)
+        restore = _install_preemption_handlers(self.accelerator, self._signalled, self._signals)
         terminal = None if self.roles.keeps_run else False  # a bar on the main process's terminal alone
         progress = Progress("train", self.total_steps, self.state.step, "step", self.metrics, terminal=terminal)
         started, checkpointing = time.perf_counter(), self.checkpointer.seconds
@@ -205,7 +206,8 @@ class Trainer:
                     self._evaluate()
                 if self._preemption_requested():
                     self.save_checkpoint()
-                    raise Preempted(f"preempted at step {st.step}; checkpoint written, rerun to resume")
+                    by = self._signals[0] if self._signals else "a stop signal to another process"
+                    raise Preempted(f"stopped by {by} at step {st.step}; checkpoint written, rerun to resume")
                 if st.step % cfg.checkpoint_every == 0 and st.batch_in_epoch < len(batches):
                     self.save_checkpoint()  # (at an epoch's last step the epoch's own checkpoint follows)
             if st.batch_in_epoch == len(batches):  # the epoch is done
@@ -310,11 +312,12 @@ def _mixed_precision(precision: str) -> str:
     return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[resolve_precision(precision)]
 
 
-def _install_preemption_handlers(accelerator, signalled: threading.Event):
+def _install_preemption_handlers(accelerator, signalled: threading.Event, names: list[str]):
     """SIGTERM/SIGUSR1/SIGINT set ``signalled`` and accelerate's trigger; the loop checkpoints and exits
     after the step."""
 
     def handler(signum, frame):
+        names.append(signal.Signals(signum).name)
         signalled.set()
         accelerator.set_trigger()
 

@@ -162,6 +162,71 @@ def test_values_schema_rejects_bad_values():
         chart.validate_schema({"config": {"model": "gpt2-huge"}})
 
 
+def test_the_schemas_config_is_what_the_jobs_options_give():
+    checked = subprocess.run(
+        [sys.executable, "scripts/chart_schema.py", "--check"], capture_output=True, text=True, cwd=REPO
+    )
+    assert checked.returncode == 0, checked.stderr
+    from job.cli import main
+
+    config = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]
+    options = {p.name for p in main.commands["run"].params} - {"config"}
+    assert set(config["properties"]) == options and config["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "config.epochs=abc",
+        "config.epochs=1.5",
+        "config.epoch=2",
+        "config.lr=nan",
+        "config.judge_wait=forever",
+        "config.judge_wait=-5",
+        "config.model=gpt2-huge",
+        "config.skip_judge=maybe",
+        "config.MODEL=gpt2-xl",
+        "config.metrics_port=70000",
+        "config.batch_size=",
+    ],
+)
+def test_a_config_value_the_job_would_refuse_is_refused_at_template_time(given):
+    key = given.split("=")[0].split(".")[1]
+    with pytest.raises(helm.HelmError, match=key):
+        _render(helm.parse_set_string(given))
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "config.model=qwen3-0.6b",
+        "config.model=llama3.2-1b",
+        "config.judge_wait=5m",
+        "config.hub_revision=42",
+        "config.max_steps=null",
+        "config.dpo=true",
+        "config.log_format=json",
+        "json:config.lr=0.0001",  # --set-json: --set keeps 0.0001 a string, which is no number (the README says)
+    ],
+)
+def test_a_config_value_the_job_takes_renders_and_reaches_the_job_as_given(given):
+    from job.config import RunConfig, check_value
+
+    values = helm.parse_set_json(given[5:]) if given.startswith("json:") else helm.parse_set_string(given)
+    [(key, value)] = values["config"].items()
+    options = yaml.safe_load(_by_kind(_render(values)[0])["ConfigMap"]["data"]["job.yaml"])
+    assert options.get(key) == value  # null: left out, the job's own default
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    RunConfig(**{k: check_value(RunConfig, k, v) for k, v in options.items() if k in known})  # as --config reads it
+
+
+def test_the_judge_key_in_the_config_is_refused_with_where_it_goes():
+    with pytest.raises(
+        helm.HelmError, match="judge_api_key: a secret never goes into the ConfigMap.*judge.existingSecret"
+    ):
+        _render(helm.parse_set_string("config.judge_api_key=x"))
+
+
 def _env_example(**overrides) -> dict:
     """.env.example's settings with its empty passwords filled in, as a user's .env would have them."""
     values = dict(
@@ -249,16 +314,19 @@ def test_cpu_override_drops_gpus_and_runs_the_small_model():
 
 
 def _job_option_variables() -> set[str]:
-    from job.config import RunConfig
+    """Every variable `sft-job run` reads: its options' and --config's, --log-format's, --log-file's."""
+    from job.cli import main
 
-    return {f"SFT_JOB_{f.name.upper()}" for f in dataclasses.fields(RunConfig)}
+    return {p.envvar for p in main.commands["run"].params if p.envvar}
 
 
 def test_compose_passes_every_option_of_the_job_set_in_dot_env_and_no_other(tmp_path):
     written = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["sft-job"]["environment"]
     listed = {entry.split("=")[0] for entry in written if entry.startswith("SFT_JOB_")}
-    # SFT_JOB_CACHE is the image's own (its /cache volume), every other option is passed on.
+    # SFT_JOB_CACHE is the image's own (its /cache volume), every other option is passed on; .env.example says so.
     assert listed == _job_option_variables() - {"SFT_JOB_CACHE"}
+    assert {"SFT_JOB_CONFIG", "SFT_JOB_LOG_FORMAT", "SFT_JOB_LOG_FILE"} <= listed
+    assert "except SFT_JOB_CACHE" in (REPO / ".env.example").read_text()
     dot_env = tmp_path / ".env"
     dot_env.write_text("\n".join(f"{k}={v}" for k, v in _env_example().items() if k != "PATH") + "\nSFT_JOB_EPOCHS=1\n")
     for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.cpu.yml"]):
@@ -518,6 +586,52 @@ def test_example_values_render_restricted_pods(name):
     docs, _ = _render(yaml.safe_load((REPO / "examples" / name).read_text()))
     pod = _by_kind(docs)["Job"]["spec"]["template"]["spec"]
     assert [rule for rule, holds in RESTRICTED if not holds(pod)] == []
+
+
+# GPUs per node of the products the examples select (NVIDIA's HGX H100 boards carry 8).
+NODE_GPUS = {"NVIDIA-H100-80GB-HBM3": 8}
+
+
+def _pod_gpus(pod: dict) -> int:
+    """GPUs the scheduler must find on one node for the pod: its containers' and its native sidecars'
+    (restartable init containers run beside them), the largest plain init container's at most."""
+    asked = lambda c: int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))  # noqa: E731
+    inits = pod.get("initContainers", [])
+    sidecars = sum(asked(c) for c in inits if c.get("restartPolicy") == "Always")
+    plain = max((asked(c) for c in inits if c.get("restartPolicy") != "Always"), default=0)
+    return max(sum(asked(c) for c in pod["containers"]) + sidecars, plain)
+
+
+@pytest.mark.parametrize("name", EXAMPLE_VALUES)
+def test_each_examples_pod_fits_the_node_its_comments_and_node_selector_describe(name):
+    text = (REPO / "examples" / name).read_text()
+    values = yaml.safe_load(text)
+    pod = _by_kind(_render(values)[0])["Job"]["spec"]["template"]["spec"]
+    product = (values.get("nodeSelector") or {}).get("nvidia.com/gpu.product")
+    described = re.search(r"node with (\d+) GPUs", text)
+    node = NODE_GPUS[product] if product else max(1, values.get("gpus", 1))
+    assert described is None or int(described[1]) == node, (described[0], product)
+    assert _pod_gpus(pod) <= node, f"{name}: the pod asks {_pod_gpus(pod)} GPUs of a node with {node}"
+
+
+def test_skip_judge_needs_no_sidecar_and_no_external_judge_on_one_node_or_several():
+    for values in (
+        {"config": {"skip_judge": True}},
+        {"config": {"skip_judge": True}, "ollama": {"sidecar": False}},
+        {"config": {"skip_judge": True}, "nodes": 2, "gpus": 8},
+        MULTI_NODE | {"config": {"skip_judge": True}, "ollama": {"sidecar": False}, "trainJob": {"enabled": True}},
+    ):
+        kinds = _by_kind(_render(values)[0])
+        if "Job" in kinds:
+            pod = kinds["Job"]["spec"]["template"]["spec"]
+            assert "initContainers" not in pod, values
+            assert {v["name"] for v in pod["volumes"]}.isdisjoint({"ollama-tmp"})
+            env = {e["name"] for c in pod["containers"] for e in c["env"]}
+        else:
+            env = {e["name"] for e in kinds["TrainJob"]["spec"]["trainer"]["env"]}
+        assert "OLLAMA_HOST" not in env, values
+    with pytest.raises(helm.HelmError, match="config.skip_judge=true"):
+        _render({"ollama": {"sidecar": False}})
 
 
 @pytest.mark.parametrize("name", ["book.yaml", "smoke.yaml"])

@@ -203,29 +203,101 @@ def test_a_failed_preflight_leaves_no_run_folder_behind(cache, tmp_path):
     assert not (tmp_path / "runs" / "gone").exists()
 
 
-def test_gpu_smoke_exits_1_when_its_runs_fail(tmp_path):
+def _gpu_smoke(tmp_path, *args, runs: str = "", nvidia_smi: str | None = "echo 'NVIDIA H100, 580.0'", cuda=True):
+    """scripts/gpu-smoke.sh on a stand-in node: a fake nvidia-smi (None: none at all) and a python3 whose
+    job runs do ``runs`` (shell) and whose torch check sees a GPU or not; anything else is the real python."""
     import subprocess
     import sys
 
     from tests.helpers import REPO
 
-    # A node where every run of the job fails (exit 1, after logging a checkpoint so the preemption
-    # step does not wait): the script must not end 0.
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100, 580.0'\n")
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "nvidia-smi").unlink(missing_ok=True)
+    if nvidia_smi is not None:
+        (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\n{nvidia_smi}\n")
+    torch = (
+        "echo torch 2.8 NVIDIA H100; exit 0"
+        if cuda
+        else "echo 'RuntimeError: Found no NVIDIA driver on your system.' >&2; exit 1"
+    )
     (bin_dir / "python3").write_text(
-        f'#!/bin/sh\nif [ "$1" = "-m" ]; then echo \'{{"event": "checkpoint", "step": 1}}\'; exit 1; fi\n'
+        f'#!/bin/sh\nif [ "$1" = "-m" ]; then {runs}; fi\nif [ "$1" = "-c" ]; then {torch}; fi\n'
         f'exec {sys.executable} "$@"\n'
     )
     for name in ("nvidia-smi", "python3"):
-        (bin_dir / name).chmod(0o755)
-    done = subprocess.run(
-        ["bash", str(REPO / "scripts" / "gpu-smoke.sh"), str(tmp_path / "data"), str(tmp_path / "out")],
+        if (bin_dir / name).exists():
+            (bin_dir / name).chmod(0o755)
+    return subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu-smoke.sh"), *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=40,  # less than the 60 s the script gives a run to checkpoint: a run that ended is not waited for
         env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
     )
+
+
+def _data_dir(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "instruction-data.json").write_text('[{"instruction": "a", "input": "", "output": "b"}]')
+    return data
+
+
+def test_gpu_smoke_exits_1_when_its_runs_fail(tmp_path):
+    # A node where every run of the job fails (exit 1, after logging a checkpoint so the preemption
+    # step does not wait): the script must not end 0.
+    fails = 'echo \'{"event": "checkpoint", "step": 1}\'; exit 1'
+    done = _gpu_smoke(tmp_path, _data_dir(tmp_path), tmp_path / "out", runs=fails)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "smoke: exit 1" in done.stdout and "gpu-smoke: FAILED" in done.stdout.splitlines()[-1]
+    # Runs that fail before any checkpoint: the preempted run is not waited for (the 40 s timeout above).
+    done = _gpu_smoke(tmp_path, _data_dir(tmp_path), tmp_path / "out2", runs="exit 1")
+    assert done.returncode == 1 and "preempted: exit 1 (75 expected)" in done.stdout, done.stdout + done.stderr
+
+
+def test_gpu_smoke_checks_its_arguments_data_and_gpu_first_in_one_line(tmp_path):
+    data, out = _data_dir(tmp_path), tmp_path / "out"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "instruction-data.json").write_text("")
+    cases = [
+        ((data,), {}, 2, "usage: bash scripts/gpu-smoke.sh DATA_DIR OUT_DIR"),
+        ((tmp_path / "nowhere", out), {}, 1, f"DATA_DIR {tmp_path / 'nowhere'} is not a folder"),
+        ((data / "instruction-data.json", out), {}, 1, "is not a folder"),
+        ((tmp_path / "empty", out), {}, 1, f"{tmp_path / 'empty'}/instruction-data.json is missing or empty"),
+        ((tmp_path / "blank", out), {}, 1, "instruction-data.json is missing or empty"),
+        ((data, data / "instruction-data.json"), {}, 1, "cannot be created or written"),
+        ((data, out), {"nvidia_smi": None}, 1, "nvidia-smi not found"),
+        (
+            (data, out),
+            {"nvidia_smi": "echo 'NVIDIA-SMI has failed'; exit 9"},
+            1,
+            "nvidia-smi failed: NVIDIA-SMI has failed",
+        ),
+        ((data, out), {"cuda": False}, 1, "torch sees no CUDA device: RuntimeError: Found no NVIDIA driver"),
+    ]
+    for args, node, code, said in cases:
+        done = _gpu_smoke(tmp_path, *args, runs="echo a run started >&2; exit 0", **node)
+        assert done.returncode == code, (args, node, done.stdout, done.stderr)
+        [line] = done.stderr.splitlines()
+        assert line.startswith("gpu-smoke: ") and said in line, (args, node, line)
+        assert done.stdout == ""  # nothing ran
+
+
+@pytest.mark.parametrize(
+    "text, said",
+    [
+        ("SKIP_JUDGE: true\n", "unknown key 'SKIP_JUDGE' (did you mean skip_judge?)"),
+        ("Epochs: 1\n", "unknown key 'Epochs' (did you mean epochs?)"),
+        ("epochs: 1\nlr: 0.001\nepochs: 2\n", "key 'epochs' appears twice (lines 1 and 3): keep one"),
+        ("lr: 0.001\n'lr': 0.002\n", "key 'lr' appears twice (lines 1 and 2): keep one"),
+        ("epochs: 1\nEPOCHS: 2\n", "unknown key 'EPOCHS' (did you mean epochs?)"),
+    ],
+)
+def test_a_config_key_in_the_wrong_case_or_given_twice_is_exit_2_naming_it(tmp_path, text, said):
+    config = tmp_path / "job.yaml"
+    config.write_text(text)
+    refused = cli("run", "--config", config, "--skip-judge", "--output", tmp_path / "runs")
+    assert refused.returncode == 2 and said in _one_line(refused), refused.stderr
+    assert not (tmp_path / "runs").exists()

@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from tests.helpers import REPO, cli, events, filled_cache, smoke_run
+from tests.helpers import REPO, cli, events, filled_cache, smoke_run, start_cli, wait_for_event
 
 
 class ReportParser(HTMLParser):
@@ -240,7 +240,8 @@ def test_a_run_that_failed_in_download_has_a_report_naming_the_stage_and_its_err
     assert figures["Status"] == f"failed in stage download: {error}"
     assert figures["Test entries"] == "none yet (no responses)"
     stages = _in_chromium(run / "report.html", lambda page: page.locator("#stages tr").all_inner_texts())
-    assert [s.split("\t") for s in stages[1:]] == [["download", "failed", "", error]]
+    [[name, status, seconds, said]] = [s.split("\t") for s in stages[1:]]
+    assert (name, status, said) == ("download", "failed", error) and float(seconds) >= 0  # as long as it ran
     rebuilt = cli("report", run, "--output", tmp_path / "again.html")
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert (tmp_path / "again.html").read_text() == (run / "report.html").read_text()
@@ -262,6 +263,9 @@ def test_a_dpo_run_with_one_evaluation_shows_each_plot_titled_over_the_epochs_tr
     done = cli(*args)
     assert done.returncode == 0, done.stderr[-2000:]
     run = tmp_path / "dpo1"
+    # Every file the report read is the one the manifest recorded, the sft/ and dpo/ ones included.
+    assert 'id="warnings"' not in (run / "report.html").read_text()
+    assert not [e for e in events(done.stdout) if e["event"] == "report_input_untrusted"]
 
     def plots(page):
         captions = page.locator(".plots figcaption").all_inner_texts()
@@ -301,3 +305,121 @@ def test_one_evaluation_is_drawn_as_a_point_with_plain_tick_labels():
         for axis in (ax.xaxis, ax.yaxis):  # a scale (1e-7) may stand above the axis; no offset added to ticks
             assert axis.get_major_formatter().offset == 0 and "+" not in axis.get_offset_text().get_text()
         assert ax.get_xlim()[0] < 0 < 0.2 < ax.get_xlim()[1]  # the epochs trained, the point inside
+
+
+def _report_of_copy(judged_smoke, run, *args):
+    """`sft-job report` on ``run`` (a copy of the judged smoke run, edited by the test): its page and events."""
+    done = cli("report", run, "--log-format", "json", *args)
+    assert done.returncode == 0, done.stderr
+    return (run / "report.html").read_text(), events(done.stdout)
+
+
+def _warned(page: str, found: list[dict]) -> dict[str, str]:
+    shown = dict(re.findall(r"<li>(.*?): (.*?)</li>", page.split('id="warnings"', 1)[1].split("</div>", 1)[0]))
+    logged = {e["file"]: e["problem"] for e in found if e["event"] == "report_input_untrusted"}
+    assert shown == logged
+    return shown
+
+
+def test_the_report_says_which_files_differ_from_what_the_manifest_records(judged_smoke, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(judged_smoke, run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "losses.json" in manifest["stages"]["finetune"]["artifacts"]
+    page, found = _report_of_copy(judged_smoke, run)
+    assert 'id="warnings"' not in page and not [e for e in found if e["event"] == "report_input_untrusted"]
+    losses = json.loads((run / "losses.json").read_text())
+    extra = losses[-1] | {"step": losses[-1]["step"] + 1, "val_loss": 0.001}
+    (run / "losses.json").write_text(json.dumps([*losses, extra]))  # an evaluation the run never made
+    page, found = _report_of_copy(judged_smoke, run)
+    assert _warned(page, found) == {"losses.json": "changed since the run recorded it"}
+    (run / "losses.json").write_text("[]")
+    (run / "scores.json").write_text(json.dumps(json.loads((judged_smoke / "scores.json").read_text())[:3]))
+    page, found = _report_of_copy(judged_smoke, run)
+    changed = "changed since the run recorded it"
+    assert _warned(page, found) == {"losses.json": changed, "scores.json": changed}
+    (run / "losses.json").unlink()
+    shutil.copy(judged_smoke / "scores.json", run / "scores.json")  # back as recorded: no warning for it
+    page, found = _report_of_copy(judged_smoke, run)
+    assert _warned(page, found) == {"losses.json": "missing"}
+
+
+def test_report_names_a_source_that_is_a_file_and_a_report_path_that_is_a_folder(judged_smoke, tmp_path):
+    note = tmp_path / "some-file.txt"
+    note.write_text("not a run")
+    refused = cli("report", note)
+    assert refused.returncode == 2 and f"{note} is not a folder" in refused.stderr, refused.stderr
+    refused = cli("report", "")
+    assert refused.returncode == 2 and "Error: the run to report on is empty" in refused.stderr, refused.stderr
+    run = tmp_path / "run"
+    shutil.copytree(judged_smoke, run)
+    (run / "report.html").unlink()
+    (run / "report.html").mkdir()
+    refused = cli("report", run)
+    assert refused.returncode == 2, refused.stderr
+    assert [f"Error: {run / 'report.html'} is a folder: remove it, or write the report elsewhere (--output)"] == (
+        refused.stderr.strip().splitlines()[-1:]
+    )
+    assert cli("report", run, "--output", tmp_path / "elsewhere.html").returncode == 0
+
+
+def test_the_last_evaluations_step_is_the_one_losses_json_names_and_the_histogram_is_titled(judged_smoke):
+    text = (judged_smoke / "report.html").read_text()
+    last = json.loads((judged_smoke / "losses.json").read_text())[-1]
+    assert f"at step {last['step']:,}, " in _figures(text)["Training loss at the last evaluation"]
+    page = ReportParser()
+    page.feed(text)
+    histogram = base64.b64decode(page.images[-1].split(",", 1)[1])
+    assert _drawn_with_title(histogram) == "Judge score histogram"
+
+
+def _drawn_with_title(png: bytes) -> str:
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)).text["Title"]
+
+
+def test_a_stage_stopped_then_completed_by_a_rerun_keeps_no_error_and_counts_its_attempts(cache, tmp_path):
+    import signal
+
+    args = smoke_run(cache, tmp_path, "again", "--skip-judge", "--checkpoint-every", 2)
+    proc = start_cli(*args)
+    wait_for_event(proc, lambda e: e.get("event") == "checkpoint", deadline_s=300)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    assert "stopped by SIGINT at step" in err.strip().splitlines()[-1]  # the signal that came, named
+    stopped = json.loads((tmp_path / "again" / "manifest.json").read_text())["stages"]["finetune"]
+    assert stopped["status"] == "interrupted" and "SIGINT" in stopped["error"] and stopped["duration_s"] > 0
+    page = (tmp_path / "again" / "report.html").read_text()
+    assert "No loss plot: the finetune stage was interrupted" in page
+    figures = _figures(page)  # the step-0 evaluation and any after it, from the checkpoint the signal left
+    assert figures["Loss history"].startswith("the finetune stage did not complete: its evaluations so far")
+    assert int(figures["Evaluations"]) >= 1 and re.search(
+        r"\(at step \d+, ", figures["Training loss at the last evaluation"]
+    )
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    finetune = json.loads((tmp_path / "again" / "manifest.json").read_text())["stages"]["finetune"]
+    assert finetune["status"] == "complete" and finetune.get("error") is None and finetune["attempts"] == 2
+    row = re.search(
+        r"<tr><td>finetune</td><td>complete</td><td[^>]*>[0-9.]+</td><td>(.*?)</td></tr>",
+        (tmp_path / "again" / "report.html").read_text(),
+    )
+    assert row is not None and row[1] == ""
+
+
+def test_a_report_from_a_bucket_checks_what_it_fetched_against_the_manifest(judged_smoke, s3, tmp_path):
+    s3.create_bucket(Bucket="copies")
+    for path in judged_smoke.rglob("*"):
+        if path.is_file() and "checkpoints" not in path.parts:
+            s3.put_object(Bucket="copies", Key=f"r/{path.relative_to(judged_smoke)}", Body=path.read_bytes())
+    s3.delete_object(Bucket="copies", Key="r/losses.json")
+    s3.put_object(Bucket="copies", Key="r/summary.json", Body=(judged_smoke / "summary.json").read_bytes() + b" ")
+    done = cli("report", "s3://copies/r", "--output", tmp_path / "r.html", "--log-format", "json")
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "r.html").read_text()
+    changed = "changed since the run recorded it"
+    assert _warned(page, events(done.stdout)) == {"losses.json": "missing", "summary.json": changed}

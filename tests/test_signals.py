@@ -76,7 +76,7 @@ def _wait_then_stop(proc, server: FakeOllama, where: str, signum: int) -> str:
 @pytest.mark.parametrize(
     "where, signum, said, manifest_where",
     [
-        ("finetune", signal.SIGINT, "preempted at step", {"stage": "finetune"}),
+        ("finetune", signal.SIGINT, "stopped by SIGINT at step", {"stage": "finetune"}),
         ("generate", signal.SIGTERM, "stopped by SIGTERM in stage generate", {"stage": "generate"}),
         ("judge", signal.SIGTERM, "stopped by SIGTERM in stage judge", {"stage": "judge"}),
         ("between", signal.SIGUSR1, "stopped by SIGUSR1", None),

@@ -27,11 +27,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s-nodes" (include "sft-job.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* "true" when the pod runs the Ollama sidecar: asked for, and a judge to serve (config.skip_judge
+needs none). */}}
+{{- define "sft-job.sidecar" -}}
+{{- if and .Values.ollama.sidecar (not .Values.config.skip_judge) }}true{{ end -}}
+{{- end -}}
+
 {{- define "sft-job.judgeUrl" -}}
-{{- if .Values.ollama.sidecar -}}
+{{- if include "sft-job.sidecar" . -}}
 http://localhost:11434
 {{- else -}}
-{{- required "ollama.externalUrl is required when ollama.sidecar is false" .Values.ollama.externalUrl -}}
+{{- required "ollama.externalUrl is required when ollama.sidecar is false (or set config.skip_judge=true)" .Values.ollama.externalUrl -}}
 {{- end -}}
 {{- end -}}
 
@@ -39,8 +45,10 @@ http://localhost:11434
 {{- define "sft-job.env" -}}
 - name: HOME                   # caches (matplotlib, torch.compile) go to the writable /tmp
   value: /tmp
+{{- if not .Values.config.skip_judge }}
 - name: OLLAMA_HOST
   value: {{ include "sft-job.judgeUrl" . | quote }}
+{{- end }}
 - name: SFT_JOB_CACHE
   value: /cache
 {{- with .Values.s3.endpointUrl }}
