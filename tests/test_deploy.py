@@ -141,11 +141,12 @@ def test_gpu_s3_pvc_external_values_wire_everything():
         pod["nodeSelector"] == GPU_S3_PVC_EXTERNAL["nodeSelector"] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     )
     rules = job["podFailurePolicy"]["rules"]
-    assert rules[0] == {
-        "action": "Ignore",
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [1, 2]
+    assert rules[-1] == {
+        "action": "Count",
         "onExitCodes": {"containerName": "sft-job", "operator": "In", "values": [ExitCode.RETRY]},
     }
-    assert rules[-1]["action"] == "FailJob" and rules[-1]["onExitCodes"]["values"] == [1, 2]
     assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 120
     assert {"backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"} <= set(job)
     monitor = kinds["PodMonitor"]
