@@ -43,7 +43,9 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     try:
         data = config_file_values(value, getattr(ctx.command.callback, "config_class", None), known)
     except ConfigError as exc:
-        raise click.BadParameter(str(exc), ctx, param) from None
+        from_env = ctx.get_parameter_source(param.name) is click.core.ParameterSource.ENVIRONMENT
+        hint = f"{ENV_PREFIX}_CONFIG" if from_env else "'--config'"  # where the file was named, not both
+        raise click.BadParameter(str(exc), ctx, param, param_hint=hint) from None
     ctx.default_map = {**(ctx.default_map or {}), **data}
     return value
 
