@@ -327,7 +327,7 @@ class DataConfig:
     """Dataset: a local JSON/JSON Lines file, an http(s):// URL (fetched into the cache) or s3://bucket/key."""
     prompt_style: Literal["alpaca", "phi3", "chat"] = "alpaca"
     """Prompt template: the book's Alpaca text, Phi-3's (exercise 7.1), or chat: the model's own chat template
-    (tokenizer_config.json's; Llama 3 and Qwen3 checkpoints carry one, GPT-2 none)."""
+    (chat_template.jinja, else tokenizer_config.json's; Llama 3 and Qwen3 checkpoints carry one, GPT-2 none)."""
     shuffle_seed: int | None = None
     """Shuffle entries with this seed before the 85/10/5 split (the book splits in file order)."""
     skip_invalid: bool = False
@@ -465,6 +465,10 @@ class DPOConfig(TrainConfig):
     data: str = PREFERENCE_DATA
     """Preference dataset (entries with chosen and rejected responses): a local JSON/JSON Lines file, an
     http(s):// URL (fetched into the cache) or s3://bucket/key; the book's by default."""
+    prompt_style: Literal["alpaca", "phi3", "chat"] | None = None
+    """Prompt template: the book's Alpaca text, Phi-3's (exercise 7.1), or chat: the model's own chat template
+    (chat_template.jinja, else tokenizer_config.json's); by default the one the model was finetuned with (saved
+    in its config.json), else alpaca. One that differs from the recorded one is used, with a warning."""
     output: str = option("runs/dpo", operational=True)
     """Folder the model, losses, plots, checkpoints and resolved config are written to."""
     epochs: int = 1
@@ -521,7 +525,9 @@ class GenerateConfig(DataConfig, DecodingSettings):
     model_dir: str = "runs/finetune/model"
     """The finetuned model: the finetune stage's model/ folder or any folder load_pretrained reads."""
     prompt_style: Literal["alpaca", "phi3", "chat"] | None = None
-    """Prompt template; by default the one the model was finetuned with (saved in its config.json), else alpaca."""
+    """Prompt template: the book's Alpaca text, Phi-3's (exercise 7.1), or chat: the model's own chat template
+    (chat_template.jinja, else tokenizer_config.json's); by default the one the model was finetuned with (saved
+    in its config.json), else alpaca."""
     cache: str = option(DEFAULT_CACHE, operational=True, section="Storage")
     """Folder that holds the tokenizer files and a downloaded dataset."""
     base_url: str | None = option(None, operational=True, section="Storage")
