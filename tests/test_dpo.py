@@ -244,6 +244,15 @@ def test_dpo_prompts_as_the_model_was_finetuned_unless_told_otherwise_with_a_war
     assert json.loads((tmp_path / "told" / "model" / "config.json").read_text())["sft_job"]["prompt_style"] == "alpaca"
 
 
+@pytest.mark.parametrize("command", ["dpo", "finetune", "generate", "run"])
+def test_prompt_style_help_names_the_chat_template_file_that_wins(command):
+    result = cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "the model's own chat template (chat_template.jinja, else tokenizer_config.json's" in text
+    assert ("by default the one the model was finetuned with" in text) == (command in ("dpo", "generate"))
+
+
 def test_book_log_format_prints_the_notebooks_lines(tiny_model_dir, cache, tmp_path):
     args = ["--model-dir", tiny_model_dir, "--data", cache / "instruction-data-with-preference.json"]
     result = cli(
