@@ -276,6 +276,40 @@ def test_a_mirror_whose_name_does_not_resolve_is_no_internet_exit_1_naming_every
     assert not (tmp_path / "runs" / "off").exists() and not any(cache.rglob("*"))
 
 
+def _dead_proxy() -> dict:
+    closed = f"http://127.0.0.1:{free_port()}"
+    proxies = {name: closed for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")}
+    return proxies | {"NO_PROXY": "", "no_proxy": ""}
+
+
+def test_a_missing_local_data_file_is_named_with_every_missing_piece_before_any_host_is_asked(cache, tmp_path):
+    nope, gone = tmp_path / "nope.json", tmp_path / "gone.json"
+    extra = ["--data", nope, "--dpo", "--dpo-data", gone]
+    result, seconds = _offline_run(_emptied(cache), tmp_path, *extra, env=_dead_proxy())
+    line = _one_line(result, 1)  # bad input: nothing a rerun changes
+    assert line.startswith(f"Error: --data {nope} does not exist; --dpo-data {gone} does not exist; the cache {cache} ")
+    assert f"also lacks: GPT-2's tokenizer: encoder.json and vocab.bpe copied into {cache / 'gpt2'}" in line
+    assert WEIGHTS in line and "no answer" not in line and "rerun" not in line  # no host was asked
+    assert seconds < 150, seconds
+    assert not (tmp_path / "runs" / "off").exists() and not any(cache.rglob("*"))
+    # a hub model's the same; a folder given as --data is named as not a file
+    hub = f"http://127.0.0.1:{free_port()}"
+    result, _ = _offline_run(cache, tmp_path, "--model", "qwen3-0.6b", "--hub-url", hub, "--data", tmp_path)
+    line = _one_line(result, 1)
+    assert line.startswith(f"Error: --data {tmp_path} is not a file; the cache {cache} also lacks: the weights and ")
+    assert "tokenizer of qwen3-0.6b: --model-dir DIR" in line and "no answer" not in line
+
+
+def test_a_damaged_cached_tokenizer_file_is_named_by_the_preflight_with_the_rest(cache, tmp_path):
+    vocab = cache / "gpt2" / "vocab.bpe"
+    vocab.write_bytes(vocab.read_bytes()[:20_000])  # cut short: not the known sha256
+    result, seconds = _offline_run(cache, tmp_path, "--data", cache / "instruction-data.json", env=_dead_proxy())
+    line = _one_line(result, 75)
+    assert f"GPT-2's tokenizer (damaged in the cache: {vocab} (not the known file's sha256)): encoder.json" in line
+    assert WEIGHTS in line and "encoder.json (" not in line and seconds < 150, seconds
+    assert len(vocab.read_bytes()) == 20_000  # left in place: the downloader names it again, or replaces it
+
+
 def test_run_dpo_with_preference_data_too_small_to_split_names_the_file(cache, tmp_path):
     data = _preference_file(tmp_path / "one.json", count=1)
     runs = tmp_path / "runs"
