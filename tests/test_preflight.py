@@ -206,6 +206,70 @@ def test_the_dpo_stage_alone_says_the_same_naming_the_models_context(cache, tiny
     assert not (out / "model").exists() and not (out / "checkpoints").exists()
 
 
+def _with_responses(data, indices, **responses):
+    """``data``'s entries at ``indices`` given these responses (chosen, rejected)."""
+    entries = json.loads(data.read_text())
+    for i in indices:
+        entries[i] |= {k: (entries[i]["rejected"] if v == "rejected" else v) for k, v in responses.items()}
+    data.write_text(json.dumps(entries))
+    return data
+
+
+def _dpo_alone(model_dir, cache, data, out, *extra):
+    args = ["dpo", "--model-dir", model_dir, "--data", data, "--cache", cache, "--output", out]
+    return run_cli(*args, "--log-format", "json", *extra)
+
+
+def test_pairs_left_without_a_response_are_told_apart_empty_from_too_long(cache, tiny_model_dir, tmp_path):
+    from job.data import split_entries
+
+    train, _test, _val = split_entries(list(range(40)))
+    empty = _with_responses(_preference_file(tmp_path / "empty.json"), range(40), chosen="")
+    line = _one_line(_dpo_alone(tiny_model_dir, cache, empty, tmp_path / "a", "--prompt-style", "phi3"), 1)
+    assert line == (
+        f"Error: preference dataset {empty}: no training pair has a response token to score (0 of 34 training "
+        "pairs, 0 of 2 validation pairs fit; left out: 34 with an empty chosen or rejected response "
+        "(--prompt-style phi3 scores the response alone)): give every pair a non-empty chosen and rejected response"
+    )  # no advice to raise the limit: it would not help
+    both = _with_responses(_preference_file(tmp_path / "both.json", "training"), train[:10], rejected="")
+    line = _one_line(_dpo_alone(tiny_model_dir, cache, both, tmp_path / "b", "--prompt-style", "phi3"), 1)
+    assert (
+        "left out: 10 with an empty chosen or rejected response (--prompt-style phi3 scores the response alone), 24 "
+        "with no response token within --allowed-max-length 1024 (the model's context: 128)): give every pair a "
+        "non-empty chosen and rejected response, and raise --allowed-max-length or shorten the entries"
+    ) in line
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "model").exists()
+
+
+def test_pairs_whose_chosen_is_their_rejected_are_counted_and_a_training_split_of_only_them_refused(
+    cache, tiny_model_dir, tmp_path
+):
+    from job.data import split_entries
+
+    train, _test, _val = split_entries(list(range(40)))
+    same = _with_responses(_preference_file(tmp_path / "same.json"), range(40), chosen="rejected")
+    line = _one_line(_dpo_alone(tiny_model_dir, cache, same, tmp_path / "a"), 1)
+    assert line == (
+        f"Error: preference dataset {same}: every one of its 34 training pairs has the same chosen and rejected "
+        "response: DPO has nothing to prefer (the loss stays ln 2); give each pair two different responses"
+    )
+    # both empty is the same pair twice (alpaca scores the response header); run --dpo refuses it in its preflight
+    blank = _with_responses(_preference_file(tmp_path / "blank.json"), range(40), chosen="", rejected="")
+    assert "every one of its 34 training pairs has the same" in _one_line(
+        _dpo_alone(tiny_model_dir, cache, blank, tmp_path / "b"), 1
+    )
+    runs = tmp_path / "runs"
+    line = _one_line(run_cli(*_smoke(cache, runs, "same", "--dpo", "--dpo-data", same)), 1)
+    assert "every one of its 34 training pairs has the same chosen and rejected response" in line
+    assert not runs.joinpath("same").exists() and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # some of them: trained on, with one warning line counting them
+    some = _with_responses(_preference_file(tmp_path / "some.json"), train[:5], chosen="rejected")
+    result = _dpo_alone(tiny_model_dir, cache, some, tmp_path / "c", "--max-steps", "1", "--batch-size", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    warned = [e for e in events(result.stdout) if e["event"] == "identical_pairs"]
+    assert [(e["count"], e["pairs"]) for e in warned] == [(5, 34)]
+
+
 # --- offline: everything missing named at once, before any wait -----------------------------------------
 
 WEIGHTS = "the weights of gpt2-medium: --model-dir DIR (a folder of GPT-2 weights: Hugging Face's or OpenAI's files)"
