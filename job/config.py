@@ -770,10 +770,11 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
     """``sft-job run``: download, finetune, generate and judge in one job, into one run folder."""
 
     MODELS: typing.ClassVar[tuple[str, ...]] = typing.get_args(RunModelName)
-    model: RunModelName = "gpt2-medium"
+    model: RunModelName | None = "gpt2-medium"
     """Named model, fetched into the cache: a GPT-2 size (the book finetunes gpt2-medium, 355M), a base model
     on the Hugging Face hub (qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b, llama3.2-1b, llama3.2-3b), or smoke:
-    the smoke's random 2-layer GPT-2 with its byte tokenizer (nothing downloaded; --smoke's)."""
+    the smoke's random 2-layer GPT-2 with its byte tokenizer (nothing downloaded; --smoke's). Unused with
+    --model-dir: config.yaml then records null."""
     output: str = option("runs", operational=True)
     """Where runs go: a local folder or s3://bucket/prefix; each run is the subfolder {run_id}/."""
     run_id: str | None = None
@@ -817,6 +818,10 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
     in only the others. Not an option, and not recorded."""
 
     def __post_init__(self, given_by_hand: frozenset[str] | None = None) -> None:
+        if self.model is None:  # config.yaml of a --model-dir run: no named model ran
+            if self.model_dir is None:
+                raise ConfigError("model is null and no model_dir is given: name a model or a model_dir")
+            self.model = RunConfig.model
         if self.smoke:
             apply_smoke_preset(self, given_by_hand)
         if self.model == SMOKE_MODEL_NAME and self.model_dir is not None:

@@ -89,6 +89,11 @@ TRAINING_FILES = ("losses.json", "loss-plot.png")
 REMOTE_SCHEMES = ("http://", "https://", "s3://")  # a dataset named so is downloaded into the cache
 
 
+def recorded_options(cfg: RunConfig) -> dict:
+    """The options as config.yaml records them: what ran, so with --model-dir no named model (null)."""
+    return redacted(cfg) | ({"model": None} if cfg.model_dir else {})
+
+
 def default_run_id(cfg: RunConfig) -> str:
     digest = hashlib.sha256(yaml.safe_dump(redacted(cfg), sort_keys=True).encode()).hexdigest()[:8]
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{digest}"
@@ -161,7 +166,7 @@ class Pipeline:
         self.remote = not isinstance(self.storage, LocalStorage)  # S3: work in a local scratch folder
         scratch = Path(cfg.scratch) if cfg.scratch else Path(cfg.cache) / "scratch"
         self.work = scratch / self.run_id if self.remote else self.storage.root
-        self.resolved = redacted(cfg) | {"run_id": self.run_id}  # what config.yaml and checkpoints hold
+        self.resolved = recorded_options(cfg) | {"run_id": self.run_id}  # what config.yaml and checkpoints hold
         self.stages: StageRecorder | None = None  # the main process's, once the preflight passed
         self.publisher: MetricsPublisher | None = None
         # cpu=True where there is no GPU: accelerate then forms the group over gloo (without it every

@@ -110,6 +110,32 @@ def test_a_smoke_with_a_model_dir_trains_that_folder_on_the_smokes_data(cache, t
     assert not (run / "smoke-model").exists()
 
 
+@pytest.mark.parametrize("smoke", [True, False], ids=["smoke", "full"])
+def test_a_model_dir_run_records_no_named_model_and_reruns_from_its_config(smoke, cache, tiny_model_dir, tmp_path):
+    runs = tmp_path / "runs"
+    small = ["--max-steps", "1", "--train-limit", "8", "--batch-size", "4", "--limit", "2", "--max-new-tokens", "4"]
+    if smoke:
+        args = _smoke(cache, runs, "dir", "--model-dir", tiny_model_dir, *small)
+    else:
+        common = ["--cache", cache, "--output", runs, "--run-id", "dir", "--metrics-port", "0", "--skip-judge"]
+        data = ["--data", cache / "instruction-data.json"]
+        args = ["run", *common, *data, "--model-dir", tiny_model_dir, *small, "--log-format", "json"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((runs / "dir" / "config.yaml").read_text())
+    assert config["model"] is None and config["model_dir"] == str(tiny_model_dir)  # what ran, not gpt2-medium
+    assert "gpt2-medium" not in (runs / "dir" / "config.yaml").read_text()
+    flags = ["--skip-judge", "--metrics-port", "0", "--log-format", "json"]
+    again = run_cli("run", "--config", runs / "dir" / "config.yaml", *flags)
+    assert again.returncode == 0, again.stderr[-2000:]
+    skipped = [e["stage"] for e in events(again.stdout) if e["event"] == "stage_skipped"]
+    assert skipped == ["download", "finetune", "generate"]
+    # null with no folder to start from is a config error naming both keys
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config | {"model_dir": None}))
+    line = _one_line(run_cli("run", "--config", tmp_path / "bad.yaml", *flags), 2)
+    assert "model is null and no model_dir is given" in line
+
+
 def test_the_smoke_model_and_a_model_dir_together_are_refused_at_once(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         cli.entrypoint(["run", "--model", "smoke", "--model-dir", str(tmp_path), "--output", str(tmp_path / "r")])
