@@ -483,12 +483,15 @@ def _datasets(cfg: RunConfig) -> list[tuple[str, str]]:
 
 def absent_local_data(cfg: RunConfig) -> list[str]:
     """Each local --data / --dpo-data file that is not there (a URL's is the download's to fetch)."""
-    local = [(flag, Path(value)) for flag, value in _datasets(cfg) if not value.startswith(REMOTE_SCHEMES)]
-    return [
-        f"{flag} {path} {'is not a file' if path.exists() else 'does not exist'}"
-        for flag, path in local
-        if not path.is_file()
-    ]
+    local = [(flag, value) for flag, value in _datasets(cfg) if not value.startswith(REMOTE_SCHEMES)]
+    return [why for flag, value in local if (why := _absent(flag, value)) is not None]
+
+
+def _absent(flag: str, value: str) -> str | None:
+    if not value:
+        return f"{flag} is empty"
+    path = Path(value)
+    return None if path.is_file() else f"{flag} {value} {'is not a file' if path.exists() else 'does not exist'}"
 
 
 def missing_pieces(cfg: RunConfig) -> list[Needed]:

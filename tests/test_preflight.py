@@ -388,6 +388,8 @@ def test_a_missing_local_data_file_is_named_with_every_missing_piece_before_any_
     line = _one_line(result, 1)
     assert line.startswith(f"Error: --data {tmp_path} is not a file; the cache {cache} also lacks: the weights and ")
     assert "tokenizer of qwen3-0.6b: --model-dir DIR" in line and "no answer" not in line
+    result, _ = _offline_run(cache, tmp_path, "--data", "")
+    assert _one_line(result, 1).startswith(f"Error: --data is empty; the cache {cache} also lacks: GPT-2's tokenizer")
 
 
 def test_a_damaged_cached_tokenizer_file_is_named_by_the_preflight_with_the_rest(cache, tmp_path):
