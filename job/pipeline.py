@@ -407,6 +407,8 @@ def check_same_run(storage: Storage, run_id: str, resolved: dict, cls: type) -> 
     options = load_yaml(saved, what)
     if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
         raise ParseError(f"{what} is not a mapping of option names to values: not a file this job wrote")
+    if options.get("model_dir"):  # a run started before config.yaml recorded null there: the model was unused
+        options["model"] = None
     changes = result_changes(options, resolved, cls)
     if changes:
         raise ConfigError(

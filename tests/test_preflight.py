@@ -130,6 +130,13 @@ def test_a_model_dir_run_records_no_named_model_and_reruns_from_its_config(smoke
     assert again.returncode == 0, again.stderr[-2000:]
     skipped = [e["stage"] for e in events(again.stdout) if e["event"] == "stage_skipped"]
     assert skipped == ["download", "finetune", "generate"]
+    # a run whose config.yaml still names the unused default (as recorded before) resumes with its command
+    written = runs / "dir" / "config.yaml"
+    written.write_text(written.read_text().replace("\nmodel: null\n", "\nmodel: gpt2-medium\n"))
+    assert yaml.safe_load(written.read_text())["model"] == "gpt2-medium"
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [e["stage"] for e in events(again.stdout) if e["event"] == "stage_skipped"] == skipped
     # null with no folder to start from is a config error naming both keys
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config | {"model_dir": None}))
     line = _one_line(run_cli("run", "--config", tmp_path / "bad.yaml", *flags), 2)
