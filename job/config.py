@@ -327,7 +327,7 @@ class DataConfig:
     """Dataset: a local JSON/JSON Lines file, an http(s):// URL (fetched into the cache) or s3://bucket/key."""
     prompt_style: Literal["alpaca", "phi3", "chat"] = "alpaca"
     """Prompt template: the book's Alpaca text, Phi-3's (exercise 7.1), or chat: the model's own chat template
-    (tokenizer_config.json's; Llama 3 and Qwen3 checkpoints carry one, GPT-2 none)."""
+    (chat_template.jinja, else tokenizer_config.json's; Llama 3 and Qwen3 checkpoints carry one, GPT-2 none)."""
     shuffle_seed: int | None = None
     """Shuffle entries with this seed before the 85/10/5 split (the book splits in file order)."""
     skip_invalid: bool = False
@@ -465,6 +465,10 @@ class DPOConfig(TrainConfig):
     data: str = PREFERENCE_DATA
     """Preference dataset (entries with chosen and rejected responses): a local JSON/JSON Lines file, an
     http(s):// URL (fetched into the cache) or s3://bucket/key; the book's by default."""
+    prompt_style: Literal["alpaca", "phi3", "chat"] | None = None
+    """Prompt template: the book's Alpaca text, Phi-3's (exercise 7.1), or chat: the model's own chat template
+    (chat_template.jinja, else tokenizer_config.json's); by default the one the model was finetuned with (saved
+    in its config.json), else alpaca. One that differs from the recorded one is used, with a warning."""
     output: str = option("runs/dpo", operational=True)
     """Folder the model, losses, plots, checkpoints and resolved config are written to."""
     epochs: int = 1
@@ -521,7 +525,9 @@ class GenerateConfig(DataConfig, DecodingSettings):
     model_dir: str = "runs/finetune/model"
     """The finetuned model: the finetune stage's model/ folder or any folder load_pretrained reads."""
     prompt_style: Literal["alpaca", "phi3", "chat"] | None = None
-    """Prompt template; by default the one the model was finetuned with (saved in its config.json), else alpaca."""
+    """Prompt template: the book's Alpaca text, Phi-3's (exercise 7.1), or chat: the model's own chat template
+    (chat_template.jinja, else tokenizer_config.json's); by default the one the model was finetuned with (saved
+    in its config.json), else alpaca."""
     cache: str = option(DEFAULT_CACHE, operational=True, section="Storage")
     """Folder that holds the tokenizer files and a downloaded dataset."""
     base_url: str | None = option(None, operational=True, section="Storage")
@@ -764,10 +770,11 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
     """``sft-job run``: download, finetune, generate and judge in one job, into one run folder."""
 
     MODELS: typing.ClassVar[tuple[str, ...]] = typing.get_args(RunModelName)
-    model: RunModelName = "gpt2-medium"
+    model: RunModelName | None = "gpt2-medium"
     """Named model, fetched into the cache: a GPT-2 size (the book finetunes gpt2-medium, 355M), a base model
     on the Hugging Face hub (qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b, llama3.2-1b, llama3.2-3b), or smoke:
-    the smoke's random 2-layer GPT-2 with its byte tokenizer (nothing downloaded; --smoke's)."""
+    the smoke's random 2-layer GPT-2 with its byte tokenizer (nothing downloaded; --smoke's). Unused with
+    --model-dir: config.yaml then records null."""
     output: str = option("runs", operational=True)
     """Where runs go: a local folder or s3://bucket/prefix; each run is the subfolder {run_id}/."""
     run_id: str | None = None
@@ -811,6 +818,10 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
     in only the others. Not an option, and not recorded."""
 
     def __post_init__(self, given_by_hand: frozenset[str] | None = None) -> None:
+        if self.model is None:  # config.yaml of a --model-dir run: no named model ran
+            if self.model_dir is None:
+                raise ConfigError("model is null and no model_dir is given: name a model or a model_dir")
+            self.model = RunConfig.model
         if self.smoke:
             apply_smoke_preset(self, given_by_hand)
         if self.model == SMOKE_MODEL_NAME and self.model_dir is not None:

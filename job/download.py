@@ -423,7 +423,7 @@ def check_reachable(needed: list[Needed], cache: Path) -> None:
     if not unreachable:
         return
     reasons = [why for why in failed.values() if why]
-    pieces = "; ".join(f"{p.what}: {p.way_in}" for p in unreachable)
+    pieces = _listed(unreachable)
     message = (
         f"the cache {cache} lacks pieces this run needs and their hosts cannot be reached "
         f"({'; '.join(map(str, reasons))}): {pieces}; or --base-url URL, a mirror laid out like the cache "
@@ -434,10 +434,39 @@ def check_reachable(needed: list[Needed], cache: Path) -> None:
     raise DownloadUnavailable(f"{message}; or rerun once the hosts answer")
 
 
+def file_problem(path: Path, remote: RemoteFile) -> str | None:
+    """What is wrong with a cached copy of ``remote`` (its size, its hash, its content), or None: it is complete."""
+    if remote.size is not None and path.stat().st_size != remote.size:
+        return f"{path.stat().st_size} bytes, not {remote.size}"
+    if remote.sha256 is not None and sha256_file(path) != remote.sha256.lower():
+        return "not the known file's sha256"
+    return remote.check(path) if remote.check is not None else None
+
+
 def _cached_whole(cache: Path, remote: RemoteFile) -> bool:
-    """The file is in the cache and holds what it must (a damaged one is the downloader's to name and fetch)."""
+    """The file is in the cache and holds what it must, as the downloader checks it (a damaged one is the
+    downloader's to name and fetch again)."""
     path = cache / remote.relpath
-    return path.is_file() and (remote.check is None or remote.check(path) is None)
+    return path.is_file() and file_problem(path, remote) is None
+
+
+def damaged_files(cache: Path, files) -> list[str]:
+    """Each of ``files`` that the cache holds but damaged: its path and what is wrong with it."""
+    found = [(cache / f.relpath, f) for f in files if (cache / f.relpath).is_file()]
+    return [f"{path} ({why})" for path, f in found if (why := file_problem(path, f)) is not None]
+
+
+def check_local_inputs(absent: list[str], needed: list[Needed], cache: Path) -> None:
+    """Local files the run reads that are not there are bad input (exit 1, nothing a rerun changes): one line
+    names them and every piece the cache lacks too, before any host is asked."""
+    if not absent:
+        return
+    lacking = f"; the cache {cache} also lacks: {_listed(needed)} (README: Without internet)" if needed else ""
+    raise DownloadError("; ".join(absent) + lacking)
+
+
+def _listed(needed: list[Needed]) -> str:
+    return "; ".join(f"{p.what}: {p.way_in}" for p in needed)
 
 
 def _urls(base_url: str | None, relpath: str, defaults: tuple[str, ...]) -> tuple[str, ...]:
@@ -553,7 +582,7 @@ class Downloader:
 
     def fetch(self, remote: RemoteFile) -> Path:
         final = self.cache / remote.relpath
-        damaged = self._problem(final, remote) if final.is_file() else None
+        damaged = file_problem(final, remote) if final.is_file() else None
         if final.is_file() and not damaged:
             log.debug("download_skipped", file=remote.relpath, reason="complete")
             return final
@@ -583,14 +612,6 @@ class Downloader:
         kind = DownloadUnavailable if outages == len(errors) else NotFound if missing == len(errors) else DownloadError
         ways_in = f"; {_ways_in(self.cache, remote)}" if unreachable else ""
         raise kind("; ".join(errors) + ways_in)
-
-    def _problem(self, path: Path, remote: RemoteFile) -> str | None:
-        """What is wrong with a cached copy (its size, its hash, its content), or None: it is complete."""
-        if remote.size is not None and path.stat().st_size != remote.size:
-            return f"{path.stat().st_size} bytes, not {remote.size}"
-        if remote.sha256 is not None and sha256_file(path) != remote.sha256.lower():
-            return "not the known file's sha256"
-        return remote.check(path) if remote.check is not None else None
 
     def _fetch_with_retries(self, url: str, part: Path, remote: RemoteFile) -> Stated:
         """Tries resume the partial file; an outage past ``attempts`` is DownloadUnavailable (exit 75).

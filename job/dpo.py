@@ -5,12 +5,14 @@ DPO objective; the reference is a frozen copy of the starting model, or with LoR
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 from job.binding import run_binding
 from job.config import DPOConfig
 from job.finetune import load_inputs, save_outputs, write_config_once
+from job.generate import saved_prompt_style
 from job.objectives import DPOEvaluator, DPOObjective, Reference
 from job.observability import Metrics, get_logger
 from job.preference import fitting_pairs, preference_problem
@@ -20,9 +22,27 @@ from job.trainer import Task, Trainer
 log = get_logger(__name__)
 
 
+def with_model_style(cfg: DPOConfig) -> DPOConfig:
+    """``cfg`` with the prompt style DPO uses: without --prompt-style the one the model was finetuned with
+    (its config.json records it; ``generate``'s default too), else alpaca. A --prompt-style that differs from
+    the recorded one is the user's choice: used, with a warning (the DPO model then records it)."""
+    recorded = saved_prompt_style(cfg.model_dir) if cfg.model_dir else None
+    if cfg.prompt_style is None:
+        return dataclasses.replace(cfg, prompt_style=recorded or "alpaca")
+    if recorded is not None and recorded != cfg.prompt_style:
+        log.warning(
+            "prompt_style_differs_from_model",
+            prompt_style=cfg.prompt_style,
+            finetuned_with=recorded,
+            model_dir=cfg.model_dir,
+        )
+    return cfg
+
+
 def dpo_task(cfg: DPOConfig) -> tuple[Task, str]:
     """The dataset first (a bad one fails before any model loads), then the tokenizer and the model; the
     task, and the book-style name of the model's size."""
+    cfg = with_model_style(cfg) if cfg.prompt_style is None else cfg
     inputs = load_inputs(cfg, preference_problem)
     model, tokenizer, style, max_length = inputs.model, inputs.tokenizer, inputs.style, inputs.max_length
     limits = (cfg.allowed_max_length, model.cfg.context_length)
@@ -51,6 +71,7 @@ def run_dpo(
     """The stage, as ``run_finetune``: validate and load, train (resuming from checkpoints), save; the
     outputs also hold the book's reward-margin plot."""
     metrics = metrics or Metrics()
+    cfg = with_model_style(cfg)  # before anything records the options: config.yaml, the binding, the model
     task, name = dpo_task(cfg)  # may fail: nothing has been written yet
     binding = binding or run_binding(cfg, (saved_config or {}).get("run_id"))
     trainer = Trainer(cfg, task, metrics, saved_config, on_checkpoint, binding)
@@ -59,6 +80,7 @@ def run_dpo(
         log.info(
             "dpo_start",
             model=name,
+            prompt_style=cfg.prompt_style,
             train_pairs=task.train_size,
             steps=trainer.total_steps,
             trainable_parameters=trainer.parameter_counts["trainable"],

@@ -8,6 +8,7 @@ at something missing; a rerun with the same run id skips stages whose artifacts 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -42,9 +43,12 @@ from job.download import (
     HUB_HEAD_FILES,
     Needed,
     cached_model_dir,
+    check_local_inputs,
     check_reachable,
+    damaged_files,
     dataset_file,
     fetch_model,
+    file_problem,
     hub_commit,
     hub_file,
     model_cached,
@@ -82,6 +86,12 @@ SMOKE_MODEL = GPTConfig(vocab_size=ByteTokenizer.n_vocab, n_layers=2, emb_dim=64
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # with --lora-rank, PEFT's layout
 MODEL_FILES = ("model/model.safetensors", "model/config.json")  # GPT-2's; a Llama 3 / Qwen3 model/ has more
 TRAINING_FILES = ("losses.json", "loss-plot.png")
+REMOTE_SCHEMES = ("http://", "https://", "s3://")  # a dataset named so is downloaded into the cache
+
+
+def recorded_options(cfg: RunConfig) -> dict:
+    """The options as config.yaml records them: what ran, so with --model-dir no named model (null)."""
+    return redacted(cfg) | ({"model": None} if cfg.model_dir else {})
 
 
 def default_run_id(cfg: RunConfig) -> str:
@@ -156,7 +166,7 @@ class Pipeline:
         self.remote = not isinstance(self.storage, LocalStorage)  # S3: work in a local scratch folder
         scratch = Path(cfg.scratch) if cfg.scratch else Path(cfg.cache) / "scratch"
         self.work = scratch / self.run_id if self.remote else self.storage.root
-        self.resolved = redacted(cfg) | {"run_id": self.run_id}  # what config.yaml and checkpoints hold
+        self.resolved = recorded_options(cfg) | {"run_id": self.run_id}  # what config.yaml and checkpoints hold
         self.stages: StageRecorder | None = None  # the main process's, once the preflight passed
         self.publisher: MetricsPublisher | None = None
         # cpu=True where there is no GPU: accelerate then forms the group over gloo (without it every
@@ -172,7 +182,9 @@ class Pipeline:
             raise JobError("--require-gpu was given but no CUDA device is visible")
         read_key(cfg.checkpoint_key_file)
         prepare_smoke_data(cfg)
-        check_reachable(missing_pieces(cfg), Path(cfg.cache))
+        pieces = missing_pieces(cfg)
+        check_local_inputs(absent_local_data(cfg), pieces, Path(cfg.cache))
+        check_reachable(pieces, Path(cfg.cache))
         entries = load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
         train, test, _val = split_entries(entries, cfg.shuffle_seed)
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
@@ -395,6 +407,8 @@ def check_same_run(storage: Storage, run_id: str, resolved: dict, cls: type) -> 
     options = load_yaml(saved, what)
     if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
         raise ParseError(f"{what} is not a mapping of option names to values: not a file this job wrote")
+    if options.get("model_dir"):  # a run started before config.yaml recorded null there: the model was unused
+        options["model"] = None
     changes = result_changes(options, resolved, cls)
     if changes:
         raise ConfigError(
@@ -460,29 +474,62 @@ def run_files(cfg: RunConfig) -> list:
     smoke's is made in memory; a Llama 3 / Qwen3 folder carries its own), a remote dataset."""
     files = tokenizer_files(cfg.base_url) if _gpt2(cfg) else []
     datasets = [cfg.data, cfg.dpo_data] if cfg.dpo else [cfg.data]
-    files += [dataset_file(d, cfg.base_url) for d in datasets if d.startswith(("http://", "https://", "s3://"))]
+    files += [dataset_file(d, cfg.base_url) for d in datasets if d.startswith(REMOTE_SCHEMES)]
     return files
 
 
+def _datasets(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(flag, value) of each dataset the run reads."""
+    return [("--data", cfg.data), ("--dpo-data", cfg.dpo_data)][: 2 if cfg.dpo else 1]
+
+
+def absent_local_data(cfg: RunConfig) -> list[str]:
+    """Each local --data / --dpo-data file that is not there (a URL's is the download's to fetch)."""
+    local = [(flag, value) for flag, value in _datasets(cfg) if not value.startswith(REMOTE_SCHEMES)]
+    return [why for flag, value in local if (why := _absent(flag, value)) is not None]
+
+
+def _absent(flag: str, value: str) -> str | None:
+    if not value:
+        return f"{flag} is empty"
+    path = Path(value)
+    return None if path.is_file() else f"{flag} {value} {'is not a file' if path.exists() else 'does not exist'}"
+
+
 def missing_pieces(cfg: RunConfig) -> list[Needed]:
-    """What the run would download that the cache lacks, each with its way in: a dataset named by URL, GPT-2's
-    tokenizer, the named model's weights (a hub model's with its tokenizer)."""
+    """What the run would download that the cache lacks or holds damaged (the downloader's own check), each with
+    its way in: a dataset named by URL, GPT-2's tokenizer, the named model's weights (a hub model's with its
+    tokenizer)."""
     cache = Path(cfg.cache)
     pieces = []
-    for name, flag in (("data", "--data"), ("dpo_data", "--dpo-data"))[: 2 if cfg.dpo else 1]:
-        if getattr(cfg, name).startswith(("http://", "https://", "s3://")):
-            remote = dataset_file(getattr(cfg, name), cfg.base_url)
+    for flag, value in _datasets(cfg):
+        if value.startswith(REMOTE_SCHEMES):
+            remote = dataset_file(value, cfg.base_url)
             pieces.append(Needed(f"the dataset {remote.relpath}", (remote,), f"{flag} FILE"))
     if _gpt2(cfg):
         way_in = f"encoder.json and vocab.bpe copied into {cache / 'gpt2'}"
         pieces.append(Needed("GPT-2's tokenizer", tuple(tokenizer_files(cfg.base_url)), way_in))
-    pieces = [p for p in pieces if not all((cache / f.relpath).is_file() for f in p.files)]
+    pieces = [p for p in pieces if not _cached(p, cache)]
     if not (random_model(cfg) or cfg.model_dir or model_cached(cfg)):
         hub = cfg.model in HUB_REPOS
         files = (hub_file(cfg, HUB_HEAD_FILES[0]),) if hub else tuple(model_files(cfg.model, cfg.source, cfg.base_url))
         what = f"the weights{' and tokenizer' if hub else ''} of {cfg.model}"
         pieces.append(Needed(what, files, files[0].way_in))
-    return pieces
+    return [_naming_damage(p, cache) for p in pieces]
+
+
+def _cached(piece: Needed, cache: Path) -> bool:
+    return all((cache / f.relpath).is_file() and file_problem(cache / f.relpath, f) is None for f in piece.files)
+
+
+def _naming_damage(piece: Needed, cache: Path) -> Needed:
+    """The piece, its cached files that are damaged named (the way in replaces them)."""
+    damaged = damaged_files(cache, piece.files)
+    return (
+        dataclasses.replace(piece, what=f"{piece.what} (damaged in the cache: {', '.join(damaged)})")
+        if damaged
+        else piece
+    )
 
 
 def fetch_run_files(cfg: RunConfig, metrics: Metrics) -> None:

@@ -25,7 +25,7 @@ from job.model import GPTConfig, GPTModel
 from job.objectives import Reference, dpo_losses, sequence_logprobs
 from job.preference import Pair, collate_pairs, tokenize_pairs
 from job.tokenizer import END_OF_TEXT_ID, load_tokenizer
-from tests.helpers import cli
+from tests.helpers import cli, events, finetune_run
 
 ALPACA = PROMPT_STYLES["alpaca"]
 
@@ -212,6 +212,45 @@ def test_an_entry_without_a_rejected_response_is_exit_1_naming_it(tiny_model_dir
         "responses) (--skip-invalid drops such entries)"
     ]
     assert not (tmp_path / "model").exists()
+
+
+def _dpo_args(model_dir, cache, out, *extra) -> list:
+    data = cache / "instruction-data-with-preference.json"
+    small = ["--train-limit", "8", "--batch-size", "4", "--max-steps", "2", "--precision", "fp32"]
+    return ["dpo", "--model-dir", model_dir, "--data", data, "--cache", cache, "--output", out, *small, *extra]
+
+
+def test_dpo_prompts_as_the_model_was_finetuned_unless_told_otherwise_with_a_warning(tiny_model_dir, cache, tmp_path):
+    small = ["--train-limit", "8", "--batch-size", "4", "--max-steps", "1", "--precision", "fp32"]
+    finetuned = cli(*finetune_run(tiny_model_dir, cache, tmp_path / "sft", "--prompt-style", "phi3", *small))
+    assert finetuned.returncode == 0, finetuned.stderr[-2000:]
+    model = tmp_path / "sft" / "model"
+    result = cli(*_dpo_args(model, cache, tmp_path / "dpo", "--log-format", "json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    [started] = [e for e in events(result.stdout) if e["event"] == "dpo_start"]
+    [sample] = [e for e in events(result.stdout) if e["event"] == "sample"]
+    assert started["prompt_style"] == "phi3" and sample["prompt"].startswith("<|user|>\n")  # the prompts: phi3's
+    assert not [e for e in events(result.stdout) if e["event"] == "prompt_style_differs_from_model"]
+    recorded = json.loads((tmp_path / "dpo" / "model" / "config.json").read_text())["sft_job"]
+    assert recorded["prompt_style"] == "phi3"
+    assert yaml.safe_load((tmp_path / "dpo" / "config.yaml").read_text())["prompt_style"] == "phi3"
+    # one that differs is the user's: used, recorded, and warned about in one line naming both
+    told = cli(*_dpo_args(model, cache, tmp_path / "told", "--prompt-style", "alpaca", "--log-format", "json"))
+    assert told.returncode == 0, told.stderr[-2000:]
+    [warned] = [e for e in events(told.stdout) if e["event"] == "prompt_style_differs_from_model"]
+    assert (warned["prompt_style"], warned["finetuned_with"]) == ("alpaca", "phi3")
+    [sample] = [e for e in events(told.stdout) if e["event"] == "sample"]
+    assert sample["prompt"].startswith("Below is an instruction")
+    assert json.loads((tmp_path / "told" / "model" / "config.json").read_text())["sft_job"]["prompt_style"] == "alpaca"
+
+
+@pytest.mark.parametrize("command", ["dpo", "finetune", "generate", "run"])
+def test_prompt_style_help_names_the_chat_template_file_that_wins(command):
+    result = cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "the model's own chat template (chat_template.jinja, else tokenizer_config.json's" in text
+    assert ("by default the one the model was finetuned with" in text) == (command in ("dpo", "generate"))
 
 
 def test_book_log_format_prints_the_notebooks_lines(tiny_model_dir, cache, tmp_path):

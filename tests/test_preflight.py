@@ -110,6 +110,39 @@ def test_a_smoke_with_a_model_dir_trains_that_folder_on_the_smokes_data(cache, t
     assert not (run / "smoke-model").exists()
 
 
+@pytest.mark.parametrize("smoke", [True, False], ids=["smoke", "full"])
+def test_a_model_dir_run_records_no_named_model_and_reruns_from_its_config(smoke, cache, tiny_model_dir, tmp_path):
+    runs = tmp_path / "runs"
+    small = ["--max-steps", "1", "--train-limit", "8", "--batch-size", "4", "--limit", "2", "--max-new-tokens", "4"]
+    if smoke:
+        args = _smoke(cache, runs, "dir", "--model-dir", tiny_model_dir, *small)
+    else:
+        common = ["--cache", cache, "--output", runs, "--run-id", "dir", "--metrics-port", "0", "--skip-judge"]
+        data = ["--data", cache / "instruction-data.json"]
+        args = ["run", *common, *data, "--model-dir", tiny_model_dir, *small, "--log-format", "json"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((runs / "dir" / "config.yaml").read_text())
+    assert config["model"] is None and config["model_dir"] == str(tiny_model_dir)  # what ran, not gpt2-medium
+    assert "gpt2-medium" not in (runs / "dir" / "config.yaml").read_text()
+    flags = ["--skip-judge", "--metrics-port", "0", "--log-format", "json"]
+    again = run_cli("run", "--config", runs / "dir" / "config.yaml", *flags)
+    assert again.returncode == 0, again.stderr[-2000:]
+    skipped = [e["stage"] for e in events(again.stdout) if e["event"] == "stage_skipped"]
+    assert skipped == ["download", "finetune", "generate"]
+    # a run whose config.yaml still names the unused default (as recorded before) resumes with its command
+    written = runs / "dir" / "config.yaml"
+    written.write_text(written.read_text().replace("\nmodel: null\n", "\nmodel: gpt2-medium\n"))
+    assert yaml.safe_load(written.read_text())["model"] == "gpt2-medium"
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [e["stage"] for e in events(again.stdout) if e["event"] == "stage_skipped"] == skipped
+    # null with no folder to start from is a config error naming both keys
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config | {"model_dir": None}))
+    line = _one_line(run_cli("run", "--config", tmp_path / "bad.yaml", *flags), 2)
+    assert "model is null and no model_dir is given" in line
+
+
 def test_the_smoke_model_and_a_model_dir_together_are_refused_at_once(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         cli.entrypoint(["run", "--model", "smoke", "--model-dir", str(tmp_path), "--output", str(tmp_path / "r")])
@@ -206,6 +239,70 @@ def test_the_dpo_stage_alone_says_the_same_naming_the_models_context(cache, tiny
     assert not (out / "model").exists() and not (out / "checkpoints").exists()
 
 
+def _with_responses(data, indices, **responses):
+    """``data``'s entries at ``indices`` given these responses (chosen, rejected)."""
+    entries = json.loads(data.read_text())
+    for i in indices:
+        entries[i] |= {k: (entries[i]["rejected"] if v == "rejected" else v) for k, v in responses.items()}
+    data.write_text(json.dumps(entries))
+    return data
+
+
+def _dpo_alone(model_dir, cache, data, out, *extra):
+    args = ["dpo", "--model-dir", model_dir, "--data", data, "--cache", cache, "--output", out]
+    return run_cli(*args, "--log-format", "json", *extra)
+
+
+def test_pairs_left_without_a_response_are_told_apart_empty_from_too_long(cache, tiny_model_dir, tmp_path):
+    from job.data import split_entries
+
+    train, _test, _val = split_entries(list(range(40)))
+    empty = _with_responses(_preference_file(tmp_path / "empty.json"), range(40), chosen="")
+    line = _one_line(_dpo_alone(tiny_model_dir, cache, empty, tmp_path / "a", "--prompt-style", "phi3"), 1)
+    assert line == (
+        f"Error: preference dataset {empty}: no training pair has a response token to score (0 of 34 training "
+        "pairs, 0 of 2 validation pairs fit; left out: 34 with an empty chosen or rejected response "
+        "(--prompt-style phi3 scores the response alone)): give every pair a non-empty chosen and rejected response"
+    )  # no advice to raise the limit: it would not help
+    both = _with_responses(_preference_file(tmp_path / "both.json", "training"), train[:10], rejected="")
+    line = _one_line(_dpo_alone(tiny_model_dir, cache, both, tmp_path / "b", "--prompt-style", "phi3"), 1)
+    assert (
+        "left out: 10 with an empty chosen or rejected response (--prompt-style phi3 scores the response alone), 24 "
+        "with no response token within --allowed-max-length 1024 (the model's context: 128)): give every pair a "
+        "non-empty chosen and rejected response, and raise --allowed-max-length or shorten the entries"
+    ) in line
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "model").exists()
+
+
+def test_pairs_whose_chosen_is_their_rejected_are_counted_and_a_training_split_of_only_them_refused(
+    cache, tiny_model_dir, tmp_path
+):
+    from job.data import split_entries
+
+    train, _test, _val = split_entries(list(range(40)))
+    same = _with_responses(_preference_file(tmp_path / "same.json"), range(40), chosen="rejected")
+    line = _one_line(_dpo_alone(tiny_model_dir, cache, same, tmp_path / "a"), 1)
+    assert line == (
+        f"Error: preference dataset {same}: every one of its 34 training pairs has the same chosen and rejected "
+        "response: DPO has nothing to prefer (the loss stays ln 2); give each pair two different responses"
+    )
+    # both empty is the same pair twice (alpaca scores the response header); run --dpo refuses it in its preflight
+    blank = _with_responses(_preference_file(tmp_path / "blank.json"), range(40), chosen="", rejected="")
+    assert "every one of its 34 training pairs has the same" in _one_line(
+        _dpo_alone(tiny_model_dir, cache, blank, tmp_path / "b"), 1
+    )
+    runs = tmp_path / "runs"
+    line = _one_line(run_cli(*_smoke(cache, runs, "same", "--dpo", "--dpo-data", same)), 1)
+    assert "every one of its 34 training pairs has the same chosen and rejected response" in line
+    assert not runs.joinpath("same").exists() and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # some of them: trained on, with one warning line counting them
+    some = _with_responses(_preference_file(tmp_path / "some.json"), train[:5], chosen="rejected")
+    result = _dpo_alone(tiny_model_dir, cache, some, tmp_path / "c", "--max-steps", "1", "--batch-size", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    warned = [e for e in events(result.stdout) if e["event"] == "identical_pairs"]
+    assert [(e["count"], e["pairs"]) for e in warned] == [(5, 34)]
+
+
 # --- offline: everything missing named at once, before any wait -----------------------------------------
 
 WEIGHTS = "the weights of gpt2-medium: --model-dir DIR (a folder of GPT-2 weights: Hugging Face's or OpenAI's files)"
@@ -274,6 +371,42 @@ def test_a_mirror_whose_name_does_not_resolve_is_no_internet_exit_1_naming_every
     assert "GPT-2's tokenizer" in line and WEIGHTS in line and "rerun" not in line
     assert line.endswith("or --base-url URL, a mirror laid out like the cache (README: Without internet)")
     assert not (tmp_path / "runs" / "off").exists() and not any(cache.rglob("*"))
+
+
+def _dead_proxy() -> dict:
+    closed = f"http://127.0.0.1:{free_port()}"
+    proxies = {name: closed for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")}
+    return proxies | {"NO_PROXY": "", "no_proxy": ""}
+
+
+def test_a_missing_local_data_file_is_named_with_every_missing_piece_before_any_host_is_asked(cache, tmp_path):
+    nope, gone = tmp_path / "nope.json", tmp_path / "gone.json"
+    extra = ["--data", nope, "--dpo", "--dpo-data", gone]
+    result, seconds = _offline_run(_emptied(cache), tmp_path, *extra, env=_dead_proxy())
+    line = _one_line(result, 1)  # bad input: nothing a rerun changes
+    assert line.startswith(f"Error: --data {nope} does not exist; --dpo-data {gone} does not exist; the cache {cache} ")
+    assert f"also lacks: GPT-2's tokenizer: encoder.json and vocab.bpe copied into {cache / 'gpt2'}" in line
+    assert WEIGHTS in line and "no answer" not in line and "rerun" not in line  # no host was asked
+    assert seconds < 150, seconds
+    assert not (tmp_path / "runs" / "off").exists() and not any(cache.rglob("*"))
+    # a hub model's the same; a folder given as --data is named as not a file
+    hub = f"http://127.0.0.1:{free_port()}"
+    result, _ = _offline_run(cache, tmp_path, "--model", "qwen3-0.6b", "--hub-url", hub, "--data", tmp_path)
+    line = _one_line(result, 1)
+    assert line.startswith(f"Error: --data {tmp_path} is not a file; the cache {cache} also lacks: the weights and ")
+    assert "tokenizer of qwen3-0.6b: --model-dir DIR" in line and "no answer" not in line
+    result, _ = _offline_run(cache, tmp_path, "--data", "")
+    assert _one_line(result, 1).startswith(f"Error: --data is empty; the cache {cache} also lacks: GPT-2's tokenizer")
+
+
+def test_a_damaged_cached_tokenizer_file_is_named_by_the_preflight_with_the_rest(cache, tmp_path):
+    vocab = cache / "gpt2" / "vocab.bpe"
+    vocab.write_bytes(vocab.read_bytes()[:20_000])  # cut short: not the known sha256
+    result, seconds = _offline_run(cache, tmp_path, "--data", cache / "instruction-data.json", env=_dead_proxy())
+    line = _one_line(result, 75)
+    assert f"GPT-2's tokenizer (damaged in the cache: {vocab} (not the known file's sha256)): encoder.json" in line
+    assert WEIGHTS in line and "encoder.json (" not in line and seconds < 150, seconds
+    assert len(vocab.read_bytes()) == 20_000  # left in place: the downloader names it again, or replaces it
 
 
 def test_run_dpo_with_preference_data_too_small_to_split_names_the_file(cache, tmp_path):
