@@ -312,10 +312,12 @@ def test_every_rule_reads_what_a_real_run_exports_and_none_fires_on_it(alerting,
     api, started = alerting["api"], time.time()
     ollama = FakeOllama().start()
     ollama.faults.extend(["503", ("reply", "I would rather not grade this one.")])  # a retry, an unparsed reply
+    ollama.mode, ollama.healthy_for = "hang", 3  # those two and one answer, then the rest wait (below)
     try:
         proc = start_cli(
             *smoke_run(cache, tmp_path / "runs", "alerts1"),
             *("--judge-url", ollama.url, "--metrics-port", alerting["job_port"], "--pushgateway", alerting["gateway"]),
+            *("--train-limit", "400"),  # about 6 s of training on 2 quiet cores: scraped at every second
             env={"JOBSET_RESTART_ATTEMPT": "2"},
         )
         training = (
@@ -323,6 +325,12 @@ def test_every_rule_reads_what_a_real_run_exports_and_none_fires_on_it(alerting,
             ' and on (job, instance) sft_job_stage_status{stage="finetune", instance!=""} == 1'
         )
         wait_until(lambda: proc.poll() is None and _query(api, training), 300, what="a scrape of the run in training")
+        # The judge's later requests wait until a scrape has seen its retry and unparsed reply: on a busy
+        # machine the stage can end between two scrapes. Released, they are dropped unanswered and retried.
+        unparsed = 'sft_job_judge_requests_total{outcome="unparsed", instance!=""}'
+        wait_until(lambda: proc.poll() is None and _query(api, unparsed), 300, what="a scrape of the judge's answers")
+        ollama.mode = "ok"
+        ollama.release.set()
         _, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr
     finally:
