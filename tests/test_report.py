@@ -11,6 +11,7 @@ from html.parser import HTMLParser
 
 import pytest
 
+from tests.file_server import FileServer
 from tests.helpers import REPO, cli, events, filled_cache, smoke_run, start_cli, wait_for_event
 
 
@@ -229,12 +230,14 @@ def _figure_texts(page) -> dict[str, str]:
 
 
 def test_a_run_that_failed_in_download_has_a_report_naming_the_stage_and_its_error_line(cache, tmp_path):
-    # ".invalid" never resolves (RFC 6761): the weights' download fails, exit 1, after the preflight passed.
-    args = smoke_run(cache, tmp_path / "runs", "offline", "--skip-judge", "--base-url", "http://sft-job.invalid/m")
-    done = cli(*[a for a in args if a != "--smoke"])
+    # A mirror that answers (the preflight asks its host) but holds nothing: the weights' download fails in
+    # the download stage, exit 1, after the preflight passed and the run folder exists.
+    with FileServer({}) as mirror:
+        args = smoke_run(cache, tmp_path / "runs", "offline", "--skip-judge", "--base-url", f"{mirror.url}/m")
+        done = cli(*[a for a in args if a != "--smoke"])
     assert done.returncode == 1, done.stderr[-2000:]
     error = done.stderr.strip().splitlines()[-1].removeprefix("Error: ")
-    assert "host sft-job.invalid not found" in error
+    assert "404" in error and "gpt2" in error, error
     run = tmp_path / "runs" / "offline"
     figures = _in_chromium(run / "report.html", _figure_texts)
     assert figures["Status"] == f"failed in stage download: {error}"
