@@ -28,7 +28,8 @@ def cli(*args, env: dict | None = None, timeout: float = 600) -> subprocess.Comp
     )
 
 
-def start_cli(*args, env: dict | None = None) -> subprocess.Popen:
+def start_cli(*args, env: dict | None = None, umask: int | None = None) -> subprocess.Popen:
+    """The CLI as a process; ``umask``: the one it starts with (a cluster's users may have 077)."""
     return subprocess.Popen(
         [sys.executable, "-m", "job.cli", *map(str, args)],
         stdout=subprocess.PIPE,
@@ -36,6 +37,7 @@ def start_cli(*args, env: dict | None = None) -> subprocess.Popen:
         text=True,
         cwd=REPO,
         env={**os.environ, **(env or {})},
+        preexec_fn=None if umask is None else lambda: os.umask(umask),
     )
 
 

@@ -2,34 +2,19 @@
 service discovery (--metrics-sd-dir) while it serves. tests/test_slurm.py has a real Prometheus read it."""
 
 import json
-import os
 import socket
 import stat
-import subprocess
-import sys
 
 import pytest
 import requests
 
-from tests.helpers import REPO, cli, wait_for_event, wait_until
+from tests.helpers import cli, start_cli, wait_for_event, wait_until
 
 
 def _smoke(cache, tmp_path, run_id: str, *extra) -> list:
     data = cache / "instruction-data.json"
     common = ["--data", data, "--cache", cache, "--output", tmp_path / "runs", "--run-id", run_id]
     return ["run", "--smoke", "--skip-judge", *common, "--log-format", "json", *extra]
-
-
-def _start_with_umask_077(*args) -> subprocess.Popen:
-    """The CLI started as on a cluster whose users' umask is 077 (files 0600, folders 0700 by default)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "job.cli", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        preexec_fn=lambda: os.umask(0o077),
-    )
 
 
 def test_without_a_port_the_endpoint_takes_a_free_one_kept_in_the_sd_dir_while_it_serves(cache, tmp_path):
@@ -41,7 +26,7 @@ def test_without_a_port_the_endpoint_takes_a_free_one_kept_in_the_sd_dir_while_i
         except OSError:
             pass
         args = _smoke(cache, tmp_path, "free", "--metrics-sd-dir", sd_dir, "--metrics-address", "0.0.0.0")
-        proc = _start_with_umask_077(*args)
+        proc = start_cli(*args, umask=0o077)
         serving = wait_for_event(proc, lambda e: e.get("event") == "metrics_serving")
         port = serving["port"]
         assert port != 9100
@@ -108,8 +93,8 @@ def test_an_existing_sd_dir_others_cannot_list_is_warned_about_and_its_target_is
     sd_dir = tmp_path / "sd"
     sd_dir.mkdir()
     sd_dir.chmod(0o700)
-    proc = _start_with_umask_077(
-        *_smoke(cache, tmp_path, "hidden", "--metrics-sd-dir", sd_dir, "--metrics-address", "::")
+    proc = start_cli(
+        *_smoke(cache, tmp_path, "hidden", "--metrics-sd-dir", sd_dir, "--metrics-address", "::"), umask=0o077
     )
     try:
         warned = wait_for_event(proc, lambda e: e.get("event") == "metrics_sd_dir_not_readable")
