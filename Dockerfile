@@ -16,8 +16,8 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /opt/sft-job
 
 # Dependencies first, from the lock and the project metadata alone, so a code change does not
-# reinstall them. tests/test_runtime.py runs these RUN lines in a venv, word for word, and
-# tests/test_image.py builds and runs this file with podman.
+# reinstall them. tests/e2e/test_runtime.py runs these RUN lines in a venv, word for word, and
+# tests/deploy/test_image.py builds and runs this file with podman.
 COPY requirements/lock.txt requirements/lock.txt
 COPY scripts/install.sh scripts/install.sh
 COPY pyproject.toml README.md LICENSE ./

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import Setup, _autocast, _peak, _reset_peak, _sync, reference_model
-from job.data import PROMPT_STYLES, load_entries, split_entries
-from job.lora import LAYERS, add_adapters
-from job.objectives import DPOObjective, Reference
-from job.order import SeededOrder
-from job.preference import preference_problem, tokenize_pairs
-from job.tokenizer import load_tokenizer
+from job.data.instructions import PROMPT_STYLES, load_entries, split_entries
+from job.data.order import SeededOrder
+from job.data.preference import preference_problem, tokenize_pairs
+from job.models.lora import LAYERS, add_adapters
+from job.models.tokenizer import load_tokenizer
+from job.training.objectives import DPOObjective, Reference
 
 
 def measure_dpo(impl: str, setup: Setup) -> dict:

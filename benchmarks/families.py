@@ -1,6 +1,6 @@
 """Qwen3 against transformers at qwen3-0.6b's shape (random weights, the book's batches as GPT-2's ids): a
 training step (forward, the loss over counted targets, backward, AdamW) and greedy batched decoding, ours
-(``job.llama.LlamaModel``) beside ``Qwen3ForCausalLM`` with the same weights, batches and precision."""
+(``job.models.llama.LlamaModel``) beside ``Qwen3ForCausalLM`` with the same weights, batches and precision."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from benchmarks import harness
 from benchmarks.harness import Setup
-from job.llama import LlamaConfig, LlamaModel
+from job.models.llama import LlamaConfig, LlamaModel
 
 # Qwen/Qwen3-0.6B's config.json (0.60 B parameters, the head tied to the embeddings)
 QWEN3_06B = dict(

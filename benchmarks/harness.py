@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from job.data import PROMPT_STYLES, Collator, load_entries, split_entries, tokenize
-from job.lora import LAYERS, add_adapters
-from job.model import GPT2_SIZES, GPTConfig, GPTModel
-from job.order import SeededOrder
-from job.tokenizer import encode, load_tokenizer
-from job.weights import book_state_dict, hf_state_dict
+from job.data.instructions import PROMPT_STYLES, Collator, load_entries, split_entries, tokenize
+from job.data.order import SeededOrder
+from job.models.gpt2 import GPT2_SIZES, GPTConfig, GPTModel
+from job.models.gpt2_weights import book_state_dict, hf_state_dict
+from job.models.lora import LAYERS, add_adapters
+from job.models.tokenizer import encode, load_tokenizer
 
 
 @dataclass
@@ -276,7 +276,7 @@ def measure_generation(impl: str, setup: Setup, builder: Builder | None = None) 
 
 
 def _generate_ours(model, batches, setup, warmup=False):
-    from job.decoding import generate, generate_fixed_batch
+    from job.models.decoding import generate, generate_fixed_batch
 
     n = 2 if warmup else setup.max_new_tokens
     with _autocast(setup):

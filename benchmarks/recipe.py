@@ -12,13 +12,13 @@ import torch
 
 from benchmarks.harness import Setup, _sync, build, reference_model
 from job.config import FinetuneConfig
-from job.data import load_entries, split_entries
-from job.finetune import prepare, save_outputs, sft_task
-from job.model import GPTModel
-from job.observability import Metrics
-from job.tokenizer import load_tokenizer
-from job.trainer import Trainer
-from job.weights import save_hf
+from job.core.observability import Metrics
+from job.data.instructions import load_entries, split_entries
+from job.models.gpt2 import GPTModel
+from job.models.gpt2_weights import save_hf
+from job.models.tokenizer import load_tokenizer
+from job.stages.finetune import prepare, save_outputs, sft_task
+from job.training.trainer import Trainer
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # dense, per card
 RECIPE = dict(epochs=2, batch_size=8, lr=5e-5, weight_decay=0.1, eval_freq=5, eval_iter=5)  # the book's

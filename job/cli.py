@@ -23,14 +23,14 @@ from job.config import (
     field_docs,
     field_names,
 )
-from job.errors import (
+from job.core.errors import (
     ConfigError,
     ExitCode,
     Interrupted,
     as_job_error,
     raise_on_stop_signals,
 )
-from job.observability import Metrics, bind, configure_logging, get_logger
+from job.core.observability import Metrics, bind, configure_logging, get_logger
 
 ENV_PREFIX = "SFT_JOB"
 
@@ -228,7 +228,7 @@ def main():
 @dataclass_options(DownloadConfig)
 def download(log_format, log_file, **params):
     """Fetch GPT-2 weights, the tokenizer and the dataset into the cache."""
-    from job.download import run_download
+    from job.stages.download import run_download
 
     _run("download", run_download, build(DownloadConfig, params), log_format, log_file)
 
@@ -237,7 +237,7 @@ def download(log_format, log_file, **params):
 @dataclass_options(FinetuneConfig)
 def finetune(log_format, log_file, **params):
     """Finetune GPT-2 on the instruction data (accelerate; resumes from the output's checkpoints)."""
-    from job.finetune import run_finetune
+    from job.stages.finetune import run_finetune
 
     _run("finetune", run_finetune, build(FinetuneConfig, params), log_format, log_file)
 
@@ -246,7 +246,7 @@ def finetune(log_format, log_file, **params):
 @dataclass_options(DPOConfig)
 def dpo(log_format, log_file, **params):
     """Preference-tune a finetuned model with DPO (the book's ch07/04; resumes from the output's checkpoints)."""
-    from job.dpo import run_dpo
+    from job.stages.dpo import run_dpo
 
     _run("dpo", run_dpo, build(DPOConfig, params), log_format, log_file)
 
@@ -255,7 +255,7 @@ def dpo(log_format, log_file, **params):
 @dataclass_options(GenerateConfig)
 def generate(log_format, log_file, **params):
     """Generate responses for the test split (batched KV-cache decoding; resumes where it stopped)."""
-    from job.generate import run_generate
+    from job.stages.generate import run_generate
 
     _run("generate", run_generate, build(GenerateConfig, params), log_format, log_file)
 
@@ -264,7 +264,7 @@ def generate(log_format, log_file, **params):
 @dataclass_options(JudgeConfig)
 def judge(log_format, log_file, **params):
     """Score responses 0-100 with an LLM judge (Ollama sidecar or OpenAI-compatible server)."""
-    from job.judge import run_judge
+    from job.stages.judge import run_judge
 
     _run("judge", run_judge, build(JudgeConfig, params), log_format, log_file)
 
@@ -273,7 +273,7 @@ def judge(log_format, log_file, **params):
 @dataclass_options(RunConfig)
 def run(log_format, log_file, **params):
     """Preflight, then download, finetune, generate and judge into one run folder (local or S3)."""
-    from job.pipeline import run_pipeline
+    from job.run.pipeline import run_pipeline
 
     cfg = build(RunConfig, params, given_by_hand=given_by_hand(params))
     _run("run", run_pipeline, cfg, log_format, log_file)
@@ -314,7 +314,7 @@ def slurm_settings(log_format, log_file, **params):
 @_with_log_options
 def report(source, output, s3_endpoint_url, log_format, log_file):
     """Rebuild a run's report.html from its folder or s3:// prefix (RUN_DIR_OR_S3_URL)."""
-    from job.report import run_report
+    from job.run.report import run_report
 
     _run("report", lambda _cfg, _metrics: run_report(source, s3_endpoint_url, output), None, log_format, log_file)
 

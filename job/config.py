@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from job.errors import ConfigError
-from job.parsing import finite, short
-from job.sizes import MODEL_NAMES, ModelName
+from job.core.errors import ConfigError
+from job.core.parsing import finite, short
+from job.models.registry import MODEL_NAMES, ModelName
 
 MIRROR_SCHEMES = ("http", "https", "s3")
 REDACTED = "<redacted>"
-PREFERENCE_DATA = (  # the book's preference data (ch07/04), as job/download.py knows it
+PREFERENCE_DATA = (  # the book's preference data (ch07/04), as job/stages/download.py knows it
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
     "instruction-data-with-preference.json"
 )
@@ -135,7 +135,7 @@ def check_value(cls: type, key: str, value):
 def config_file_values(path: str, cls: type | None, known: set[str]) -> dict:
     """The values of a ``--config`` file: a YAML mapping of option names (``known``) to values, each
     checked against ``cls``'s field type. Any other file is a ConfigError naming it, short."""
-    from job.parsing import MAX_YAML_BYTES, ParseError, load_yaml
+    from job.core.parsing import MAX_YAML_BYTES, ParseError, load_yaml
 
     try:
         with open(path, "rb") as f:
@@ -550,7 +550,7 @@ class GenerateConfig(DataConfig, DecodingSettings):
         _seed(self, "seed")
 
 
-# --lora-targets' words -> the layers' names within a block (and the head), as job/lora.py names them.
+# --lora-targets' words -> the layers' names within a block (and the head), as job/models/lora.py names them.
 # GPT-2's and Llama 3 / Qwen3's layers (names within a block): a model has one family's, so a group names both.
 _LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -709,7 +709,7 @@ SMOKE_PRESET = {
     "top_k": 50,
     "judge_wait": "15s",
 }
-SMOKE_DATA = ("smoke", "instruction-data.json")  # in the cache: the smoke's own data (job/smoke.py), no download
+SMOKE_DATA = ("smoke", "instruction-data.json")  # in the cache: the smoke's own data (job/data/smoke.py), no download
 SMOKE_MODEL_NAME = "smoke"  # run's --model for the smoke's random 2-layer GPT-2 (byte tokenizer, no download)
 RunModelName = Literal[ModelName, "smoke"]
 

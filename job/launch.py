@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil  # accelerate's own dependency
 
-from job.errors import ExitCode
+from job.core.errors import ExitCode
 
 # The order in which a worker's code speaks for the group: a config or data error fails the whole
 # job whoever saw it first; "try again" beats a bug elsewhere (a peer lost mid-collective).

@@ -61,7 +61,7 @@ def _logs_to_the_real_stdout():
     pointed them at a capture stream that is closed by now."""
     import sys
 
-    from job.observability import configure_logging
+    from job.core.observability import configure_logging
 
     configure_logging("json", stream=sys.__stdout__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tests.test_llama import LLAMA, QWEN3
+from tests.models.test_llama import LLAMA, QWEN3
 
 VOCAB = 640  # the trained tokenizer's 600 ids and room: far below GPT-2's end-of-text id, which must not be used
 END, PAD = "<|eot_id|>", "<|end_of_text|>"

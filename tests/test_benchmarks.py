@@ -46,7 +46,7 @@ def test_gpu_mode_runs_on_cpu_at_tiny_shapes_and_writes_every_selected_figure(sh
     assert report["targets"]["generate/ours:wall_seconds"]["measured"] == results["generate/ours"]["wall_seconds"]
     levers = results["recipe/ours/levers"]  # padded batches and one-forward evaluations: the same curve
     assert levers["levers"] and levers["tokens_seen"] == recipe["tokens_seen"]
-    # bf16 autocast on other shapes: measured 8e-4 here (fp32: within 1e-5, tests/test_finetune.py)
+    # bf16 autocast on other shapes: measured 8e-4 here (fp32: within 1e-5, tests/stages/test_finetune.py)
     assert abs(levers["last_val_loss"] - recipe["last_val_loss"]) < 2e-3
     assert results["generate/ours/levers"]["new_tokens"] == 110 * 4
     assert results["qwen3_train/ours"]["tokens_per_second"] > 0

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from job import cli
-from job.errors import JobError
+from job.core.errors import JobError
 
 
 def test_help_lists_every_stage():

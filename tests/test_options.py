@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import yaml
 
-import job.pipeline
+import job.run.pipeline
 from job.config import (
     DecodingSettings,
     FinetuneConfig,
@@ -21,11 +21,11 @@ from job.config import (
     result_changes,
     stage_values,
 )
-from job.errors import ConfigError
-from job.manifest import Manifest
-from job.observability import Metrics
-from job.pipeline import Pipeline
-from job.stage_record import StageRecorder
+from job.core.errors import ConfigError
+from job.core.observability import Metrics
+from job.run.manifest import Manifest
+from job.run.pipeline import Pipeline
+from job.run.stage_record import StageRecorder
 
 
 def _with_new_option(base: type, stage_cls: type, operational: bool):
@@ -48,8 +48,8 @@ def _run_cfg(run_cls, tmp_path, **values):
 def test_a_new_decoding_option_reaches_the_generate_stage_through_run(tmp_path, monkeypatch):
     generate_cls, run_cls = _with_new_option(DecodingSettings, GenerateConfig, operational=False)
     seen = []
-    monkeypatch.setattr(job.pipeline, "GenerateConfig", generate_cls)
-    monkeypatch.setattr(job.pipeline, "run_generate", lambda cfg, metrics: seen.append(cfg))
+    monkeypatch.setattr(job.run.pipeline, "GenerateConfig", generate_cls)
+    monkeypatch.setattr(job.run.pipeline, "run_generate", lambda cfg, metrics: seen.append(cfg))
     pipeline = Pipeline(_run_cfg(run_cls, tmp_path, beam_width=4, generate_batch_size=3, top_k=7), Metrics())
     manifest = Manifest(pipeline.storage, pipeline.run_id, None)  # a run whose manifest records no stage yet
     pipeline.stages = StageRecorder(manifest, pipeline.storage, pipeline.work, pipeline.metrics)

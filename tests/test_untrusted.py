@@ -16,15 +16,15 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from job.checkpoint_files import INDEX, checkpoint_problem, index_text, signature
 from job.cli import build
 from job.config import FinetuneConfig, GenerateConfig, JudgeConfig, RunConfig, config_file_values, field_names
-from job.errors import ConfigError, ExitCode
-from job.manifest import Manifest
-from job.parsing import MAX_YAML_NODES, ParseError, load_json, load_yaml, safetensors_header
-from job.report import SHAPES, _read
-from job.runlock import parse_lock_record
-from job.storage import LocalStorage, read_progress
+from job.core.errors import ConfigError, ExitCode
+from job.core.parsing import MAX_YAML_NODES, ParseError, load_json, load_yaml, safetensors_header
+from job.run.lock import parse_lock_record
+from job.run.manifest import Manifest
+from job.run.report import SHAPES, _read
+from job.storage.store import LocalStorage, read_progress
+from job.training.checkpoint_files import INDEX, checkpoint_problem, index_text, signature
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A single-node Slurm cluster on localhost for the tests: munged, slurmctld and slurmd, run as root.
 # Usage: start-cluster.sh DIR [CTLD_PORT SLURMD_PORT] -> DIR/slurm.conf; export SLURM_CONF=DIR/slurm.conf,
-# then wait for `sinfo -h -o %T` to say idle (tests/test_slurm.py waits with a deadline).
+# then wait for `sinfo -h -o %T` to say idle (tests/deploy/test_slurm.py waits with a deadline).
 # Everything (munge socket and key, ports, state, logs) is private to DIR, so it cannot collide
 # with a cluster already on the machine.
 set -euo pipefail

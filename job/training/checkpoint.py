@@ -1,0 +1,323 @@
+"""Resumable checkpoints that load without unpickling anything, owned by one ``CheckpointManager``.
+
+    checkpoints/step-00000012/
+      model.safetensors        the parameters that train (all of them, tied tensors once; with LoRA
+                               the adapters alone: the frozen base comes from the model folder)
+      optimizer-{name}.safetensors  the optimizer's per-parameter state, one file per kind (exp_avg,
+                               exp_avg_sq, step), keyed by the parameter's index: files of similar
+                               size, hashed side by side
+      optimizer.json           its param_groups (the hyperparameters)
+      rng-{rank}.safetensors   each process's torch CPU and CUDA generator states
+      rng-{rank}.json          and Python's ``random`` state
+      scaler.json              fp16's gradient scaler, where there is one
+      trainer_state.json       where training stands
+      config.yaml              the run's resolved configuration (secrets redacted)
+      index.json               every file above with its sha256, and the run binding (``job/training/binding.py``);
+                               written last, it marks the checkpoint complete
+
+A checkpoint is written into a hidden temporary folder and renamed into place. Loading opens only the
+files its index lists, after ``checkpoint_files.checkpoint_problem`` passed (every sha256, every file's
+shape, the index's HMAC with ``--checkpoint-key-file``); one that fails is skipped with a warning naming
+the file, and the previous checkpoint is used; it is never counted among the checkpoints kept, so no
+good one is rotated away because of it. Where checkpoints exist and none passes, the job stops (exit 1)
+rather than start again from step 0. The newest one that passes is resumed only where its run binding is
+this stage's: one of another run or stage, or one without a binding, stops the job (exit 1), one written
+with other options, data or starting weights too (exit 2); it is left where it is, never deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from job.core.errors import ConfigError, DiskFullError, JobError
+from job.core.observability import Metrics, get_logger
+from job.storage.store import Storage, contained_path, ensure_room, sha256_files, tree_bytes
+from job.training.binding import binding_refusal
+from job.training.checkpoint_files import (
+    CHECKPOINT_RE,
+    INDEX,
+    checkpoint_dirs,
+    checkpoint_problem,
+    index_binding,
+    index_text,
+)
+from job.training.roles import Roles
+
+log = get_logger(__name__)
+
+
+class CheckpointError(JobError):
+    """Checkpoints that cannot be resumed from (exit 1): none verifies, or one fits no model of this run."""
+
+
+def trained_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name (a tied tensor once), on the CPU."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_fits(path: Path, saved: dict[str, torch.Tensor], shapes: dict[str, torch.Size], what: str) -> None:
+    """The checkpoint's tensors are exactly this run's (names and shapes)."""
+    differ = sorted(saved.keys() ^ shapes.keys()) or sorted(n for n in shapes if saved[n].shape != shapes[n])
+    if differ:
+        raise ConfigError(
+            f"checkpoint {path} was written by a differently configured run ({what} {differ[0]}): "
+            "resume with its options or use another --output"
+        )
+
+
+class CheckpointManager:
+    """Saves, rotates, verifies and loads the training state of every process; hands each finished
+    checkpoint to ``on_checkpoint`` (the run's uploader). Each is bound to ``binding`` (None: unbound,
+    for tests of the files alone)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        accelerator,
+        model,
+        optimizer,
+        keep: int,
+        metrics: Metrics,
+        on_checkpoint: Callable[[Path], None] | None = None,
+        key: bytes | None = None,
+        binding: dict | None = None,
+    ):
+        self.folder, self.accelerator, self.model, self.optimizer = folder, accelerator, model, optimizer
+        self.binding = binding
+        self.roles = Roles(accelerator)
+        self.keep, self.metrics, self.on_checkpoint, self.key = keep, metrics, on_checkpoint, key
+        self.rejected: set[str] = set()  # checkpoints that failed their checks: never among those kept
+        self.last_bytes = 0  # the last checkpoint's size: the room the next one needs
+        self.seconds = 0.0
+        """Wall time spent writing checkpoints in this process (benchmarks subtract it from the loop)."""
+
+    # --- saving ----------------------------------------------------------------------------------
+
+    def save(self, step: int, trainer_state: dict, config: dict) -> Path:
+        """Every process's state at ``step``, atomically (collective: every process calls it)."""
+        started = time.perf_counter()
+        final, tmp = self.folder / f"step-{step:08d}", self.folder / f".step-{step:08d}.tmp"
+        if self.roles.keeps_run:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            ensure_room(self.folder, self.last_bytes or self._state_bytes(), f"checkpoint {final.name}")
+        self.roles.together()
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            self._write_rng(tmp, self.roles.rank)
+            if self.roles.keeps_run:
+                self._write_main(tmp, trainer_state, config)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(f"disk full writing checkpoint {final}: free space and rerun") from None
+            raise
+        self.roles.together()
+        if self.roles.keeps_run:
+            self._finish(tmp, final, started)
+        self.roles.together()
+        self.seconds += time.perf_counter() - started
+        return final
+
+    def _state_bytes(self) -> int:
+        """About what a first checkpoint takes: the parameters and AdamW's two moments."""
+        return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+
+    def _write_main(self, tmp: Path, trainer_state: dict, config: dict) -> None:
+        save_file(trained_parameters(self.accelerator.unwrap_model(self.model)), str(tmp / "model.safetensors"))
+        state = self.optimizer.state_dict()
+        by_kind: dict[str, dict[str, torch.Tensor]] = {}
+        for index, per_param in state["state"].items():
+            for kind, tensor in per_param.items():
+                by_kind.setdefault(kind, {})[str(index)] = tensor.detach().cpu().contiguous()
+        for kind, tensors in by_kind.items():
+            save_file(tensors, str(tmp / f"optimizer-{kind}.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"]}))
+        if self.accelerator.scaler is not None:
+            (tmp / "scaler.json").write_text(json.dumps(self.accelerator.scaler.state_dict()))
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    @staticmethod
+    def _write_rng(tmp: Path, rank: int) -> None:
+        tensors = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+        save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
+        version, internal, gauss = random.getstate()
+        (tmp / f"rng-{rank}.json").write_text(json.dumps({"python": [version, list(internal), gauss]}))
+
+    def _finish(self, tmp: Path, final: Path, started: float) -> None:
+        paths = sorted(p for p in tmp.iterdir() if p.is_file())
+        files = dict(zip((p.name for p in paths), sha256_files(paths), strict=True))
+        (tmp / INDEX).write_text(index_text(files, self.key, self.binding))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        self.rejected.discard(final.name)
+        self.last_bytes = tree_bytes(final)
+        good = [p for p in checkpoint_dirs(self.folder) if p.name not in self.rejected]
+        for old in good[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        seconds = time.perf_counter() - started
+        self.metrics.checkpoint_seconds.set(seconds)
+        self.metrics.checkpoint_written()
+        log.info("checkpoint", step=int(final.name[5:]), path=str(final), seconds=round(seconds, 3))
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(final)
+        else:  # no uploader: the folder written is the run's storage
+            self.metrics.checkpoint_stored()
+
+    # --- loading ---------------------------------------------------------------------------------
+
+    def latest(self) -> tuple[Path, dict[str, str]] | None:
+        """The newest checkpoint that passes every check (older ones where one does not); None where
+        there is none at all; a CheckpointError where there are some and none passes."""
+        found, newest = checkpoint_dirs(self.folder), None
+        for path in reversed(found):
+            rejected = checkpoint_problem(path, self.key)
+            if rejected is None:
+                check_binding(path, self.binding)
+                return path, json.loads((path / INDEX).read_text())["files"]
+            log.warning("checkpoint_skipped", checkpoint=path.name, file=rejected.file, reason=rejected.reason)
+            self.rejected.add(path.name)
+            newest = newest or f"{path.name}: {rejected}"
+        if found:
+            raise CheckpointError(
+                f"none of the {len(found)} checkpoints in {self.folder} can be resumed from ({newest}): "
+                "restore them, or move them away to train from the start"
+            )
+        return None
+
+    def load(self, path: Path, files: dict[str, str]) -> dict:
+        """Every process's state from a verified checkpoint; returns the trainer state. Every tensor is
+        checked against this run's model and optimizer before any is applied."""
+
+        def listed(name: str) -> Path:
+            if name not in files:
+                raise FileNotFoundError(f"{path / name} is not in the checkpoint's index")
+            return path / name
+
+        model = self.accelerator.unwrap_model(self.model)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        saved = load_file(listed("model.safetensors"))  # on the CPU; copy_ moves each to its parameter's device
+        _check_fits(path, saved, {n: p.shape for n, p in params.items()}, "parameter")
+        state = self._optimizer_state(path, files, [p.shape for p in params.values()])
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved[name])
+        self.optimizer.load_state_dict(state)
+        if self.accelerator.scaler is not None and "scaler.json" in files:
+            self.accelerator.scaler.load_state_dict(json.loads(listed("scaler.json").read_text()))
+        self._load_rng(path, files)
+        return json.loads(listed("trainer_state.json").read_text())
+
+    def _optimizer_state(self, path: Path, files: dict[str, str], shapes: list[torch.Size]) -> dict:
+        """The optimizer's state dict from the checkpoint, its groups and tensors checked against ours."""
+        state: dict = {"state": {}, **json.loads((path / "optimizer.json").read_text())}
+        ours = self.optimizer.state_dict()["param_groups"]
+        if [g["params"] for g in state["param_groups"]] != [g["params"] for g in ours]:
+            raise ConfigError(
+                f"checkpoint {path} was written by a differently configured run (its optimizer's parameter "
+                "groups differ): resume with its options or use another --output"
+            )
+        for name in sorted(files):
+            kind = re.fullmatch(r"optimizer-(\w+)\.safetensors", name)
+            for index, tensor in load_file(path / name).items() if kind else ():
+                i = int(index) if index.isdigit() else -1
+                want = torch.Size([]) if kind.group(1) == "step" else shapes[i] if 0 <= i < len(shapes) else None
+                if want is None or tensor.shape != want:
+                    shape = list(tensor.shape)
+                    raise CheckpointError(f"checkpoint {path}: {name} holds {index[:20]!r} of shape {shape}")
+                state["state"].setdefault(i, {})[kind.group(1)] = tensor
+        for group in state["param_groups"]:
+            group["betas"] = tuple(group["betas"])
+        return state
+
+    def _load_rng(self, path: Path, files: dict[str, str]) -> None:
+        rank = self.roles.rank
+        if f"rng-{rank}.safetensors" not in files:  # fewer processes wrote it than read it now
+            log.warning("checkpoint_rng_missing", checkpoint=path.name, rank=rank)
+            return
+        tensors = load_file(path / f"rng-{rank}.safetensors")
+        ours = torch.get_rng_state()
+        theirs = tensors.get("torch")
+        if theirs is None or theirs.dtype != ours.dtype or theirs.shape != ours.shape:
+            raise CheckpointError(f"checkpoint {path}: rng-{rank}.safetensors holds no CPU generator state")
+        torch.set_rng_state(theirs)
+        if torch.cuda.is_available():
+            cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+        if f"rng-{rank}.json" in files:
+            version, internal, gauss = json.loads((path / f"rng-{rank}.json").read_text())["python"]
+            random.setstate((version, tuple(internal), gauss))
+
+
+def check_binding(path: Path, binding: dict | None, name: str | None = None) -> None:
+    """The checkpoint at ``path`` (its files verified; ``name``: where it came from) belongs to the stage
+    bound by ``binding``."""
+    where = f"checkpoint {name or path}"
+    refusal = None if binding is None else binding_refusal(index_binding(path), binding, where)
+    if refusal is not None:
+        raise refusal
+
+
+def fetch_checkpoint(
+    storage: Storage, work: Path, key: bytes | None, folder: str = "checkpoints", binding: dict | None = None
+) -> None:
+    """Into ``work/{folder}``, when it holds none (a new pod, another node), the newest checkpoint under
+    ``folder`` in ``storage`` that passes every check, older ones where it does not; a CheckpointError
+    where there are some and none passes; the binding's refusal where that one belongs to another run,
+    stage, options or inputs (nothing is kept of it locally)."""
+    local = work / folder
+    if checkpoint_dirs(local):
+        return
+    names = {k[len(folder) + 1 :].split("/")[0] for k in storage.list(f"{folder}/") if k.endswith(f"/{INDEX}")}
+    complete = sorted((n for n in names if CHECKPOINT_RE.match(n)), reverse=True)
+    for name in complete:
+        if _fetch_one(storage, work, f"{folder}/{name}", key, binding):
+            log.info("checkpoint_downloaded", checkpoint=name, source=storage.url)
+            return
+    if complete:
+        raise CheckpointError(
+            f"none of the {len(complete)} checkpoints in {storage.url}/{folder} can be resumed from "
+            "(see the checkpoint_skipped events): restore them, or move them away to train from the start"
+        )
+
+
+def _fetch_one(storage: Storage, work: Path, where: str, key: bytes | None, binding: dict | None) -> bool:
+    """Checkpoint ``where`` (``checkpoints/step-...``) into a hidden folder beside its place, renamed into
+    place if it passes. The bucket is not trusted: every key must map inside ``work``, all checked before
+    anything is written."""
+    prefix = f"{where}/"
+    keys = [k for k in storage.list(prefix) if not k.endswith("/")]
+    for object_key in keys:
+        contained_path(work, object_key)
+    final = work / where
+    fetched = final.with_name(f".{final.name}.fetch")
+    shutil.rmtree(fetched, ignore_errors=True)
+    for object_key in keys:
+        storage.get_file(object_key, contained_path(fetched, object_key[len(prefix) :]))
+    rejected = checkpoint_problem(fetched, key)
+    if rejected is not None:
+        log.warning("checkpoint_skipped", checkpoint=final.name, file=rejected.file, reason=rejected.reason)
+        shutil.rmtree(fetched, ignore_errors=True)
+        return False
+    try:
+        check_binding(fetched, binding, f"{storage.url}/{where}")
+    except JobError:
+        shutil.rmtree(fetched, ignore_errors=True)  # nothing of another run's state stays here
+        raise
+    fetched.rename(final)
+    return True

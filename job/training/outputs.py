@@ -1,0 +1,151 @@
+"""What training leaves behind: the model (safetensors + config, and the book's ``.pth``), with LoRA the
+adapter in PEFT's layout, the losses as JSON and the book's loss plot. Each file is written under a
+temporary name and renamed, so a reader never sees half of one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from job.models.families import Model, save_model, writes_book_pth
+from job.models.gpt2_weights import book_state_dict
+from job.models.lora import merge_adapters, save_peft_adapter
+from job.storage.store import atomic_path, atomic_write_text, ensure_room
+
+PLOT_TITLES = {"sft": "Finetune loss", "dpo": "DPO loss"}  # the report shows both: each says which it is
+
+
+def write_outputs(
+    model: Model,
+    out: Path,
+    history: list[dict],
+    epochs: float,
+    book_name: str,
+    prompt_style: str,
+    adapter_base: str | None = None,
+    lora_dropout: float = 0.0,
+    kind: str = "sft",
+    tokenizer: str = "gpt2",
+    trained: dict | None = None,
+    source: str | Path | None = None,
+) -> dict[str, Path]:
+    """The outputs of a trained ``model`` into ``out``; with ``adapter_base`` (LoRA) the adapter alone
+    first, naming that base model, then the model with the adapters merged. ``epochs``: how many were
+    trained (a fraction where training stopped early), the plot's x-axis; ``kind`` names the ``.pth``
+    (``gpt2-medium355M-sft.pth``, ``-dpo.pth``); a ``tokenizer`` other than GPT-2's (the smoke's bytes) is
+    recorded in config.json, where the next stage reads it, as are the ``trained`` totals (steps, tokens
+    seen) that the run's report shows. ``source``: the folder training started from (a Llama 3 / Qwen3
+    model/ keeps its config and tokenizer files; such a model has no book ``.pth``)."""
+    written = {}
+    if adapter_base is not None:
+        written["adapter"] = save_peft_adapter(model, out / "adapter", adapter_base, lora_dropout)
+        merge_adapters(model)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    pth = out / f"{book_name}-{kind}.pth" if writes_book_pth(model) else None
+    ensure_room(out, (2 if pth else 1) * params, "the final model" + (" (safetensors and the book's .pth)" * bool(pth)))
+    recorded = {"prompt_style": prompt_style} | ({"tokenizer": tokenizer} if tokenizer != "gpt2" else {})
+    recorded |= {"trained": trained} if trained else {}
+    save_model(model, out / "model", source, recorded)
+    if pth:
+        with atomic_path(pth) as tmp:
+            torch.save(book_state_dict(model), tmp)
+        written["pth"] = pth
+    losses = out / "losses.json"
+    atomic_write_text(losses, json.dumps(history, indent=2) + "\n")
+    plot = out / "loss-plot.png"
+    plot_losses(history, epochs, plot, PLOT_TITLES[kind])
+    return written | {"model": out / "model", "losses": losses, "plot": plot}
+
+
+def plot_losses(history: list[dict], epochs: float, path: Path, title: str = "Finetune loss") -> None:
+    """The book's ``plot_losses`` as a PNG at ``path`` (see ``loss_figure``)."""
+    _save(loss_figure(history, epochs, title), path, _drawn_with(title, epochs, history))
+
+
+def loss_figure(history: list[dict], epochs: float, title: str):
+    """The book's ``plot_losses``: losses against the epochs trained (a fraction where training
+    stopped early), tokens seen on a second x-axis; titled, since a DPO run has two."""
+    from matplotlib.ticker import MaxNLocator
+
+    train = [h["train_loss"] for h in history]
+    val = [h["val_loss"] for h in history]
+    epochs_seen = torch.linspace(0, epochs, len(history)).tolist()
+    fig, ax1 = _pyplot().subplots(figsize=(5, 3))
+    ax1.plot(epochs_seen, train, marker="o", markersize=3, label="Training loss")
+    ax1.plot(epochs_seen, val, linestyle="-.", marker="o", markersize=3, label="Validation loss")
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel("Loss")
+    ax1.legend(loc="best")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=epochs >= 1))
+    _span_epochs(ax1, epochs)
+    ax2 = ax1.twiny()
+    ax2.plot([h["tokens_seen"] for h in history], train, alpha=0)
+    ax2.set_xlabel("Tokens seen (at each evaluation)")
+    return _plain(fig, title)
+
+
+def plot_reward_margins(history: list[dict], epochs: float, path: Path) -> None:
+    """The book's DPO reward-margin plot as a PNG at ``path`` (see ``reward_margin_figure``)."""
+    title = "DPO reward margins"
+    _save(reward_margin_figure(history, epochs, title), path, _drawn_with(title, epochs, history))
+
+
+def reward_margin_figure(history: list[dict], epochs: float, title: str):
+    """The book's DPO plot: the training and validation reward margins (chosen minus rejected reward)
+    against the epochs trained."""
+    epochs_seen = torch.linspace(0, epochs, len(history)).tolist()
+    fig, ax = _pyplot().subplots(figsize=(5, 3))
+    for split, style in (("train", "-"), ("val", "-.")):
+        margins = [h[f"{split}_chosen_reward"] - h[f"{split}_rejected_reward"] for h in history]
+        name = "Training" if split == "train" else "Validation"
+        ax.plot(epochs_seen, margins, linestyle=style, marker="o", markersize=3, label=f"{name} reward margin")
+    ax.set_xlabel("Epochs")
+    _span_epochs(ax, epochs)
+    ax.set_ylabel("Reward margin")
+    ax.legend(loc="best")
+    return _plain(fig, title)
+
+
+def _plain(fig, title: str):
+    """``fig`` titled, with plain tick labels: one evaluation's axis spans a few thousandths, where an
+    offset label ("1e-6+6.93e-1") would cover the ticks."""
+    fig.suptitle(title)
+    for ax in fig.axes:
+        ax.ticklabel_format(axis="both", useOffset=False)
+    return fig
+
+
+def _span_epochs(ax, epochs: float) -> None:
+    """The x-axis spans the epochs trained, so a single evaluation is seen where it fell in the training."""
+    from matplotlib.ticker import MaxNLocator
+
+    if epochs > 0:
+        ax.set_xlim(-0.05 * epochs, 1.05 * epochs)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=epochs >= 1))
+
+
+def _drawn_with(title: str, epochs: float, history: list[dict]) -> dict[str, str]:
+    """The PNG's text chunks: its title, and the epochs and evaluations it was drawn over (so what a
+    plot shows can be read back and checked against what was trained)."""
+    return {"Title": title, "Description": json.dumps({"epochs": epochs, "evaluations": len(history)})}
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on a cluster node)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path, metadata: dict[str, str]) -> None:
+    """``fig`` as a PNG at ``path`` with ``metadata`` in its text chunks, written under a temporary name
+    and renamed."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata=metadata)
+    _pyplot().close(fig)
