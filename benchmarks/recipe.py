@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import Setup, _sync, build, reference_model
-from job.config import FinetuneConfig
 from job.core.observability import Metrics
 from job.data.instructions import load_entries, split_entries
 from job.models.gpt2 import GPTModel
 from job.models.gpt2_weights import save_hf
 from job.models.tokenizer import load_tokenizer
 from job.stages.finetune import prepare, save_outputs, sft_task
+from job.stages.finetune_config import FinetuneConfig
 from job.training.trainer import Trainer
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # dense, per card

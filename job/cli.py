@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import typing
@@ -12,17 +11,7 @@ import click
 import cloup
 
 from job import __version__
-from job.config import (
-    DownloadConfig,
-    DPOConfig,
-    FinetuneConfig,
-    GenerateConfig,
-    JudgeConfig,
-    RunConfig,
-    config_file_values,
-    field_docs,
-    field_names,
-)
+from job.config import RunConfig
 from job.core.errors import (
     ConfigError,
     ExitCode,
@@ -31,6 +20,12 @@ from job.core.errors import (
     raise_on_stop_signals,
 )
 from job.core.observability import Metrics, bind, configure_logging, get_logger
+from job.core.settings import Settings, config_file_values, default_of, field_help, field_names, marks
+from job.stages.download_config import DownloadConfig
+from job.stages.dpo_config import DPOConfig
+from job.stages.finetune_config import FinetuneConfig
+from job.stages.generate_config import GenerateConfig
+from job.stages.judge_config import JudgeConfig
 
 ENV_PREFIX = "SFT_JOB"
 
@@ -91,44 +86,28 @@ def _log_options():
     ]
 
 
-# --help's sections, in order: what people use first, then by concern: a field's ``section`` metadata,
-# else the section of the dataclass that declares it.
+# --help's sections, in order: what people use first, then by concern: a field's ``section`` mark, else the
+# ``help_section`` of the settings class that declares it.
 COMMON = ("output", "run_id", "smoke", "skip_judge", "model", "model_dir", "responses", "data")  # in this order
-DECLARED_IN = {
-    "ModelOrigin": "Finetune",
-    "ModelSourceConfig": "Finetune",
-    "DataConfig": "Data",
-    "TrainConfig": "Finetune",
-    "FinetuneConfig": "Finetune",
-    "DPOConfig": "DPO",
-    "DPOSettings": "DPO",
-    "DecodingSettings": "Generate",
-    "GenerateConfig": "Generate",
-    "JudgeSettings": "Judge",
-    "JudgeConfig": "Judge",
-    "RunConfig": "Run",
-    "DownloadConfig": "Download",
-}
 
 
-def _section(cls: type, field: dataclasses.Field) -> str:
-    if field.name in COMMON:
+def _section(cls: type[Settings], name: str) -> str:
+    if name in COMMON:
         return "Common"
-    declaring = next(k for k in reversed(cls.__mro__) if field.name in getattr(k, "__annotations__", {}))
-    return field.metadata.get("section") or DECLARED_IN.get(declaring.__name__, "Options")
+    declaring = next(k for k in reversed(cls.__mro__) if name in vars(k).get("__annotations__", {}))
+    return marks(cls, name).get("section") or declaring.help_section
 
 
-def dataclass_options(cls: type):
-    """A click option for every field of a config dataclass, help text from its docstring, each
-    naming its SFT_JOB_* variable, in --help sections (common options first; cloup's option groups)."""
-    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+def settings_options(cls: type[Settings]):
+    """A click option for every field of a settings class, help text from its docstring, each naming its
+    SFT_JOB_* variable, in --help sections (common options first; cloup's option groups)."""
 
     def decorate(f):
         sections: dict[str, list] = {"Common": [_config_option()]}
-        common_first = sorted(dataclasses.fields(cls), key=lambda f: COMMON.index(f.name) if f.name in COMMON else 99)
-        for field in common_first:
-            option = _option(field, hints[field.name], docs.get(field.name, ""))
-            sections.setdefault(_section(cls, field), []).append(option)
+        common_first = sorted(cls.model_fields, key=lambda name: COMMON.index(name) if name in COMMON else 99)
+        for name in common_first:
+            option = _option(cls, name)
+            sections.setdefault(_section(cls, name), []).append(option)
         sections.setdefault("Observability", []).extend(_log_options())
         order = ["Common", *sorted(set(sections) - {"Common", "Storage", "Observability"}), "Storage", "Observability"]
         for title in reversed([t for t in order if t in sections]):
@@ -139,10 +118,10 @@ def dataclass_options(cls: type):
     return decorate
 
 
-def _option(field: dataclasses.Field, hint, help_text: str):
-    flag = "--" + field.name.replace("_", "-")
-    envvar = f"{ENV_PREFIX}_{field.name.upper()}"  # one name across stages: SFT_JOB_CACHE, SFT_JOB_JUDGE_URL
-    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+def _option(cls: type[Settings], name: str):
+    flag = "--" + name.replace("_", "-")
+    envvar = f"{ENV_PREFIX}_{name.upper()}"  # one name across stages: SFT_JOB_CACHE, SFT_JOB_JUDGE_URL
+    hint, default, help_text = cls.model_fields[name].annotation, default_of(cls, name), field_help(cls, name)
     args = typing.get_args(hint)
     if hint is bool:
         return click.option(
@@ -165,22 +144,21 @@ def _option(field: dataclasses.Field, hint, help_text: str):
     )
 
 
-def build(cls: type, params: dict, **extra):
-    """The config dataclass from parsed flags (and ``extra`` init-only values); a failed check is a one-line
-    usage error."""
+def build(cls: type[Settings], params: dict):
+    """The settings from the options the user gave (a flag, an SFT_JOB_* variable or a --config key, a value
+    equal to the default included; outside a command, all of ``params``): the others take the class's
+    defaults, and the class knows which were given (--smoke fills in only the others). A failed check is a
+    one-line usage error."""
+    ctx = click.get_current_context(silent=True)
+    defaulted = (None, click.core.ParameterSource.DEFAULT)
     names = field_names(cls)
+    given = {
+        k: v for k, v in params.items() if k in names and (ctx is None or ctx.get_parameter_source(k) not in defaulted)
+    }
     try:
-        return cls(**{k: v for k, v in params.items() if k in names}, **extra)
+        return cls(**given)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-
-
-def given_by_hand(params: dict) -> frozenset[str]:
-    """The options of the current command the user gave: a flag, an SFT_JOB_* variable or a --config key (a value
-    equal to the default included); the others took their default."""
-    ctx = click.get_current_context()
-    defaulted = (None, click.core.ParameterSource.DEFAULT)
-    return frozenset(name for name in params if ctx.get_parameter_source(name) not in defaulted)
 
 
 def _run(stage: str, runner, cfg, log_format: str, log_file: str | None = None):
@@ -225,7 +203,7 @@ def main():
 
 
 @main.command(cls=cloup.Command)
-@dataclass_options(DownloadConfig)
+@settings_options(DownloadConfig)
 def download(log_format, log_file, **params):
     """Fetch GPT-2 weights, the tokenizer and the dataset into the cache."""
     from job.stages.download import run_download
@@ -234,7 +212,7 @@ def download(log_format, log_file, **params):
 
 
 @main.command(cls=cloup.Command)
-@dataclass_options(FinetuneConfig)
+@settings_options(FinetuneConfig)
 def finetune(log_format, log_file, **params):
     """Finetune GPT-2 on the instruction data (accelerate; resumes from the output's checkpoints)."""
     from job.stages.finetune import run_finetune
@@ -243,7 +221,7 @@ def finetune(log_format, log_file, **params):
 
 
 @main.command(cls=cloup.Command)
-@dataclass_options(DPOConfig)
+@settings_options(DPOConfig)
 def dpo(log_format, log_file, **params):
     """Preference-tune a finetuned model with DPO (the book's ch07/04; resumes from the output's checkpoints)."""
     from job.stages.dpo import run_dpo
@@ -252,7 +230,7 @@ def dpo(log_format, log_file, **params):
 
 
 @main.command(cls=cloup.Command)
-@dataclass_options(GenerateConfig)
+@settings_options(GenerateConfig)
 def generate(log_format, log_file, **params):
     """Generate responses for the test split (batched KV-cache decoding; resumes where it stopped)."""
     from job.stages.generate import run_generate
@@ -261,7 +239,7 @@ def generate(log_format, log_file, **params):
 
 
 @main.command(cls=cloup.Command)
-@dataclass_options(JudgeConfig)
+@settings_options(JudgeConfig)
 def judge(log_format, log_file, **params):
     """Score responses 0-100 with an LLM judge (Ollama sidecar or OpenAI-compatible server)."""
     from job.stages.judge import run_judge
@@ -270,13 +248,12 @@ def judge(log_format, log_file, **params):
 
 
 @main.command(cls=cloup.Command)
-@dataclass_options(RunConfig)
+@settings_options(RunConfig)
 def run(log_format, log_file, **params):
     """Preflight, then download, finetune, generate and judge into one run folder (local or S3)."""
     from job.run.pipeline import run_pipeline
 
-    cfg = build(RunConfig, params, given_by_hand=given_by_hand(params))
-    _run("run", run_pipeline, cfg, log_format, log_file)
+    _run("run", run_pipeline, build(RunConfig, params), log_format, log_file)
 
 
 # What slurm/finetune.sbatch needs of the job's own settings (one parse: the same file, SFT_JOB_* values and
@@ -285,7 +262,7 @@ SLURM_SETTINGS = ("skip_judge", "judge_backend", "judge_url", "run_id")
 
 
 @main.command(name="slurm-settings", cls=cloup.Command, hidden=True)
-@dataclass_options(RunConfig)
+@settings_options(RunConfig)
 def slurm_settings(log_format, log_file, **params):
     """The settings slurm/finetune.sbatch needs, checked as `run` checks them (a bad one: exit 2), as
     `name=value` shell lines; `spare_port` is a port free on this node now (for the judge's ollama serve)."""

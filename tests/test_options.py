@@ -1,10 +1,9 @@
-"""An option is declared once, in its dataclass: ``sft-job run`` passes it to its stage and the rerun rule
-follows its metadata, with no other edit. Checked by adding a field at test time, as a developer would."""
+"""An option is declared once, in its owner's settings class: ``sft-job run`` passes it to its stage and the
+rerun rule follows its marks, with no other edit. Checked by adding a field at test time, as a developer would."""
 
 from __future__ import annotations
 
-import dataclasses
-
+import pydantic
 import pytest
 import yaml
 
@@ -16,13 +15,10 @@ from job.config import (
     JudgeConfig,
     JudgeSettings,
     RunConfig,
-    option,
-    redacted,
-    result_changes,
-    stage_values,
 )
 from job.core.errors import ConfigError
 from job.core.observability import Metrics
+from job.core.settings import marks, operational_options, option, redacted, result_changes, stage_values
 from job.run.manifest import Manifest
 from job.run.pipeline import Pipeline
 from job.run.stage_record import StageRecorder
@@ -30,14 +26,9 @@ from job.run.stage_record import StageRecorder
 
 def _with_new_option(base: type, stage_cls: type, operational: bool):
     """``base`` with one more field (``beam_width``), and the stage's and the run's configs built on it."""
-    field = ("beam_width", int, option(1, operational=operational))
-    extended = dataclasses.make_dataclass(base.__name__, [field], bases=(base,))
-    stage = (
-        extended
-        if base is stage_cls
-        else dataclasses.make_dataclass(stage_cls.__name__, [], bases=(stage_cls, extended))
-    )
-    run = dataclasses.make_dataclass("RunConfig", [], bases=(RunConfig, extended))
+    extended = pydantic.create_model(base.__name__, __base__=base, beam_width=(int, option(1, operational=operational)))
+    stage = extended if base is stage_cls else type(stage_cls.__name__, (stage_cls, extended), {})
+    run = type("RunConfig", (RunConfig, extended), {})
     return stage, run
 
 
@@ -79,7 +70,7 @@ def test_every_stage_field_the_run_has_is_passed_unchanged(tmp_path):
     run = RunConfig(output=str(tmp_path), top_k=5, lr=1e-4, judge_model="qwen3", eos_check_every=8)
     for stage, cls in (("finetune", FinetuneConfig), ("generate", GenerateConfig), ("judge", JudgeConfig)):
         values = stage_values(run, stage, cls)
-        shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(run)}
+        shared = set(cls.model_fields) & set(type(run).model_fields)
         renamed = {"batch_size"} if stage == "generate" else set()
         assert {k: values[k] for k in shared - renamed} == {k: getattr(run, k) for k in shared - renamed}
     assert stage_values(run, "generate", GenerateConfig)["batch_size"] == run.generate_batch_size
@@ -102,8 +93,8 @@ def test_the_rerun_rule_follows_the_new_fields_metadata(operational, tmp_path):
 
 
 def test_the_operational_and_secret_marks_are_the_ones_the_readme_describes():
-    ops = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("operational")}
-    secrets = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("secret")}
+    ops = operational_options(RunConfig)
+    secrets = {name for name in RunConfig.model_fields if marks(RunConfig, name).get("secret")}
     assert secrets == {"judge_api_key", "hf_token"} and secrets <= ops
     # ports, endpoints, credentials, folders, --skip-judge, judge concurrency, waits and retries
     assert {"metrics_port", "s3_endpoint_url", "judge_api_key_file", "output", "cache", "scratch", "hub_url"} <= ops

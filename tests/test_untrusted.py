@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from job.cli import build
-from job.config import FinetuneConfig, GenerateConfig, JudgeConfig, RunConfig, config_file_values, field_names
+from job.config import FinetuneConfig, GenerateConfig, JudgeConfig, RunConfig
 from job.core.errors import ConfigError, ExitCode
 from job.core.parsing import MAX_YAML_NODES, ParseError, load_json, load_yaml, safetensors_header
+from job.core.settings import config_file_values, field_names
 from job.run.lock import parse_lock_record
 from job.run.manifest import Manifest
 from job.run.report import SHAPES, _read

@@ -21,29 +21,18 @@ import torch
 import yaml
 
 from job import __version__
-from job.config import (
-    SMOKE_MODEL_NAME,
-    DPOConfig,
-    FinetuneConfig,
-    GenerateConfig,
-    JudgeConfig,
-    ModelOrigin,
-    RunConfig,
-    parse_duration,
-    redacted,
-    result_changes,
-    smoke_data,
-    stage_config,
-)
+from job.config import SMOKE_MODEL_NAME, RunConfig, smoke_data
 from job.core.errors import ConfigError, ExitCode, JobError, exit_code_for
 from job.core.observability import Metrics, MetricsPublisher, RunStatus, bind, get_logger
 from job.core.parsing import ParseError, load_yaml
+from job.core.settings import default_of, parse_duration, redacted, result_changes, stage_config
 from job.data.instructions import load_entries, prompt_style, resolve_data, split_entries
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
 from job.models.families import family, read_shape
 from job.models.gpt2 import GPT2_SIZES, GPTConfig, GPTModel
 from job.models.gpt2_weights import save_hf
+from job.models.origin import ModelOrigin
 from job.models.registry import HUB_REPOS
 from job.models.tokenizer import ByteTokenizer, encode
 from job.run.lock import run_lock
@@ -70,10 +59,14 @@ from job.stages.download import (
     tokenizer_folder,
 )
 from job.stages.dpo import run_dpo
+from job.stages.dpo_config import DPOConfig
 from job.stages.finetune import run_finetune, training_splits
+from job.stages.finetune_config import FinetuneConfig
 from job.stages.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate
+from job.stages.generate_config import GenerateConfig
 from job.stages.judge import preflight as judge_preflight
 from job.stages.judge import run_judge
+from job.stages.judge_config import JudgeConfig
 from job.storage.store import LocalStorage, Storage, open_storage, sha256_file, upload_tree
 from job.training.binding import model_digest, run_binding, stage_name
 from job.training.checkpoint import fetch_checkpoint
@@ -554,7 +547,7 @@ def random_model(cfg: RunConfig) -> bool:
 def stage_model(cfg: RunConfig, start: str) -> dict:
     """A training stage's model: the folder it starts from. The smoke's random model has no name a stage
     knows; the stage reads it from its folder, so the stage's --model keeps its default."""
-    return {"model_dir": start} | ({"model": ModelOrigin.model} if random_model(cfg) else {})
+    return {"model_dir": start} | ({"model": default_of(ModelOrigin, "model")} if random_model(cfg) else {})
 
 
 def _gpt2(cfg: RunConfig) -> bool:

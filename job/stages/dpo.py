@@ -5,13 +5,12 @@ DPO objective; the reference is a frozen copy of the starting model, or with LoR
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from job.config import DPOConfig
 from job.core.observability import Metrics, get_logger
 from job.data.preference import fitting_pairs, preference_problem
+from job.stages.dpo_config import DPOConfig
 from job.stages.finetune import load_inputs, save_outputs, write_config_once
 from job.stages.generate import saved_prompt_style
 from job.training.binding import run_binding
@@ -28,7 +27,7 @@ def with_model_style(cfg: DPOConfig) -> DPOConfig:
     the recorded one is the user's choice: used, with a warning (the DPO model then records it)."""
     recorded = saved_prompt_style(cfg.model_dir) if cfg.model_dir else None
     if cfg.prompt_style is None:
-        return dataclasses.replace(cfg, prompt_style=recorded or "alpaca")
+        return cfg.model_copy(update={"prompt_style": recorded or "alpaca"})
     if recorded is not None and recorded != cfg.prompt_style:
         log.warning(
             "prompt_style_differs_from_model",

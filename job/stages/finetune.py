@@ -9,7 +9,6 @@ from pathlib import Path
 
 import yaml
 
-from job.config import FinetuneConfig, TrainConfig
 from job.core.observability import Metrics, get_logger
 from job.data.instructions import (
     Collator,
@@ -35,10 +34,12 @@ from job.stages.download import (
     model_tokenizer,
     tokenizer_folder,
 )
+from job.stages.finetune_config import FinetuneConfig
 from job.storage.store import atomic_write_text
 from job.training.binding import run_binding
 from job.training.objectives import SFTEvaluator, SFTObjective
 from job.training.outputs import write_outputs
+from job.training.train_config import TrainConfig
 from job.training.trainer import Task, Trainer
 
 log = get_logger(__name__)

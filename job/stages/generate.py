@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from job.config import GenerateConfig, resolve_precision
 from job.core.errors import ConfigError
 from job.core.observability import Metrics, Progress, get_logger
 from job.data.instructions import (
@@ -26,7 +25,9 @@ from job.models.families import load_model
 from job.models.gpt2_weights import recorded_settings
 from job.models.tokenizer import decode_response, encode
 from job.stages.download import model_tokenizer
+from job.stages.generate_config import GenerateConfig
 from job.storage.store import atomic_write_text, read_progress
+from job.training.train_config import resolve_precision
 
 log = get_logger(__name__)
 PROGRESS_FILE = "instruction-data-with-response.progress.jsonl"

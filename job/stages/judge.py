@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from job.config import JudgeConfig
 from job.core import retry
 from job.core.bounded_http import ReplyError, bounded_transport
 from job.core.errors import ConfigError, JobError, TransientError
@@ -22,6 +21,7 @@ from job.core.observability import Metrics, Progress, get_logger, stderr_is_term
 from job.core.parsing import ParseError, load_json, read_bounded, short, validated
 from job.core.retry import Policy, Retried
 from job.data.instructions import MAX_DATASET_BYTES, PROMPT_STYLES
+from job.stages.judge_config import JudgeConfig
 from job.storage.store import atomic_write_text, read_progress
 
 log = get_logger(__name__)

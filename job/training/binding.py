@@ -19,15 +19,15 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from job.config import DPOConfig, FinetuneConfig, TrainConfig, operational_options, redacted, result_changes
 from job.core.errors import ConfigError, JobError
+from job.core.settings import operational_options, redacted, result_changes
 from job.data.instructions import resolve_data
 from job.stages.download import cached_model_dir
 from job.storage.store import sha256_file, sha256_files
+from job.training.train_config import TrainConfig
 
 # Not options of the trajectory: the inputs are bound by their sha256, the rest only stop or save it.
 UNBOUND = frozenset({"output", "model_dir", "data", "max_steps", "checkpoint_every", "keep_checkpoints"})
-STAGE_CONFIGS = {"finetune": FinetuneConfig, "dpo": DPOConfig}
 
 
 class ForeignStateError(JobError):
@@ -35,7 +35,7 @@ class ForeignStateError(JobError):
 
 
 def stage_name(cfg: TrainConfig) -> str:
-    return "dpo" if isinstance(cfg, DPOConfig) else "finetune"
+    return cfg.stage
 
 
 def model_digest(folder: Path) -> str:
@@ -86,7 +86,7 @@ def binding_refusal(found: dict | None, ours: dict, where: str) -> JobError | No
                 f"{flag} {ours[name][place]} changed since {where} was written: sha256 {then} then, {now} now. "
                 "Restore it, or train into another output"
             )
-    changes = result_changes(found.get("options", {}), ours["options"], STAGE_CONFIGS[ours["stage"]])
+    changes = result_changes(found.get("options", {}), ours["options"], TrainConfig)  # every stage's operational ones
     if changes:
         return ConfigError(
             f"{where} was written with other options: {'; '.join(changes)}. Rerun with them, or train into "

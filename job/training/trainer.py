@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from job.config import TrainConfig, lora_layers, redacted, resolve_precision
 from job.core.errors import STOP_SIGNALS, ConfigError, Preempted
 from job.core.observability import Metrics, Progress, get_logger
+from job.core.settings import redacted
 from job.data.order import data_order
 from job.models.decoding import generate
 from job.models.families import Model
@@ -32,6 +32,7 @@ from job.training.checkpoint import CheckpointManager
 from job.training.checkpoint_files import read_key
 from job.training.objectives import Evaluator, Objective
 from job.training.roles import Roles
+from job.training.train_config import TrainConfig, lora_layers, resolve_precision
 
 log = get_logger(__name__)
 

@@ -1,6 +1,5 @@
 """The deployment files, each checked by the real tool: Helm's engine, Kubernetes schemas, Compose, hadolint."""
 
-import dataclasses
 import json
 import os
 import re
@@ -106,11 +105,9 @@ def test_default_chart_runs_ollama_as_a_native_sidecar_on_a_created_pvc():
 
 
 def test_config_keys_in_values_are_options_the_job_accepts():
-    import dataclasses
-
     from job.config import RunConfig
 
-    fields = {f.name for f in dataclasses.fields(RunConfig)} | {"log_format"}
+    fields = set(RunConfig.model_fields) | {"log_format"}
     docs, _ = _render(GPU_S3_PVC_EXTERNAL)
     config = yaml.safe_load(_by_kind(docs)["ConfigMap"]["data"]["job.yaml"])
     assert set(config) <= fields, set(config) - fields
@@ -211,13 +208,14 @@ def test_a_config_value_the_job_would_refuse_is_refused_at_template_time(given):
     ],
 )
 def test_a_config_value_the_job_takes_renders_and_reaches_the_job_as_given(given):
-    from job.config import RunConfig, check_value
+    from job.config import RunConfig
+    from job.core.settings import check_value
 
     values = helm.parse_set_json(given[5:]) if given.startswith("json:") else helm.parse_set_string(given)
     [(key, value)] = values["config"].items()
     options = yaml.safe_load(_by_kind(_render(values)[0])["ConfigMap"]["data"]["job.yaml"])
     assert options.get(key) == value  # null: left out, the job's own default
-    known = {f.name for f in dataclasses.fields(RunConfig)}
+    known = set(RunConfig.model_fields)
     RunConfig(**{k: check_value(RunConfig, k, v) for k, v in options.items() if k in known})  # as --config reads it
 
 
@@ -750,7 +748,7 @@ def _run_config(values: dict | None):
     options = yaml.safe_load(kinds["ConfigMap"]["data"]["job.yaml"])
     [main] = [c for c in kinds["Job"]["spec"]["template"]["spec"]["containers"] if c["name"] == "sft-job"]
     env = {e["name"]: e.get("value") for e in main["env"]}
-    known = {f.name for f in dataclasses.fields(RunConfig)}
+    known = set(RunConfig.model_fields)
     options = {k: v for k, v in options.items() if k in known} | {"cache": env["SFT_JOB_CACHE"]}
     return RunConfig(**options), env, kinds
 

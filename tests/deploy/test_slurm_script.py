@@ -199,7 +199,8 @@ def test_without_the_jobs_python_the_script_says_so_in_one_line(fake_slurm, tmp_
 
 
 def test_every_variable_the_header_names_is_read_by_the_script_or_the_job():
-    from job.config import RunConfig, field_names
+    from job.config import RunConfig
+    from job.core.settings import field_names
 
     text = SCRIPT.read_text()
     header = "\n".join(line for line in text.splitlines() if line.startswith("#"))

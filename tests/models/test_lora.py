@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from job.config import lora_layers
 from job.core.errors import ExitCode
 from job.core.observability import Metrics
 from job.models.gpt2 import GPT2_SIZES, GPTConfig, GPTModel
@@ -19,6 +18,7 @@ from job.models.gpt2_weights import book_state_dict, load_pretrained
 from job.models.lora import adapters, add_adapters, merge_adapters, peft_target_modules, save_peft_adapter
 from job.storage.store import tree_bytes
 from job.training.checkpoint import CheckpointManager
+from job.training.train_config import lora_layers
 from tests.helpers import cli, events, finetune_run, smoke_run, start_cli, wait_for_event
 
 SMALL = GPTConfig(vocab_size=96, context_length=32, emb_dim=32, n_heads=4, n_layers=2)

@@ -89,9 +89,9 @@ def test_values_equal_to_the_defaults_win_over_the_smoke_from_every_source(sourc
 
 
 def test_a_data_url_given_by_hand_is_not_replaced_by_the_smokes_data(tmp_path, monkeypatch, capsys):
-    from job.config import DataConfig
+    from job.data.data_config import BOOK_DATA
 
-    book = DataConfig.data  # the default's URL, typed by hand
+    book = BOOK_DATA  # the default's URL, typed by hand
     cfg = _cfg_from_cli(["run", "--smoke", "--data", book, "--output", tmp_path], monkeypatch, capsys)
     assert cfg.data == book and cfg.dpo_data.endswith("smoke/instruction-data.json")
 

@@ -1,0 +1,37 @@
+"""The instruction dataset's settings: which file, and how its entries become training text."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import model_validator
+
+from job.core.settings import Settings, check_s3_key, positive, seed
+
+BOOK_DATA = (
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
+)
+
+
+class DataConfig(Settings):
+    """The instruction dataset and how its entries become training text."""
+
+    help_section: ClassVar[str] = "Data"
+    data: str = BOOK_DATA
+    """Dataset: a local JSON/JSON Lines file, an http(s):// URL (fetched into the cache) or s3://bucket/key."""
+    prompt_style: Literal["alpaca", "phi3", "chat"] = "alpaca"
+    """Prompt template: the book's Alpaca text, Phi-3's (exercise 7.1), or chat: the model's own chat template
+    (chat_template.jinja, else tokenizer_config.json's; Llama 3 and Qwen3 checkpoints carry one, GPT-2 none)."""
+    shuffle_seed: int | None = None
+    """Shuffle entries with this seed before the 85/10/5 split (the book splits in file order)."""
+    skip_invalid: bool = False
+    """Drop entries with a missing or non-string field (and log how many) instead of failing."""
+    allowed_max_length: int = 1024
+    """Longest training sequence in tokens; longer ones are truncated (and counted in the log)."""
+
+    @model_validator(mode="after")
+    def _check_data(self):
+        positive(self, "allowed_max_length")
+        seed(self, "shuffle_seed")
+        check_s3_key("data", self.data)
+        return self
