@@ -15,6 +15,7 @@ from job import __version__
 from job.config import (
     DownloadConfig,
     DPOConfig,
+    ExportConfig,
     FinetuneConfig,
     GenerateConfig,
     JudgeConfig,
@@ -108,6 +109,7 @@ DECLARED_IN = {
     "JudgeConfig": "Judge",
     "RunConfig": "Run",
     "DownloadConfig": "Download",
+    "ExportConfig": "Export",
 }
 
 
@@ -267,6 +269,15 @@ def judge(log_format, log_file, **params):
     from job.stages.judge import run_judge
 
     _run("judge", run_judge, build(JudgeConfig, params), log_format, log_file)
+
+
+@main.command(cls=cloup.Command)
+@dataclass_options(ExportConfig)
+def export(log_format, log_file, **params):
+    """Write a model folder as GGUF (llama.cpp, Ollama, LM Studio) with an Ollama Modelfile beside it."""
+    from job.stages.export import run_export
+
+    _run("export", run_export, build(ExportConfig, params), log_format, log_file)
 
 
 @main.command(cls=cloup.Command)
