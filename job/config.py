@@ -852,6 +852,11 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
     with 75, its checkpoints kept in the scratch folder."""
     lock_lease: str = option("10m", operational=True, section="Storage")
     """How long the run's lock outlives a run that died without releasing it (renewed while the run lives)."""
+    export: Literal["gguf"] | None = option(None, operational=True, feeds=("export", "format"))
+    """After training, write the model (DPO's with --dpo) as GGUF with an Ollama Modelfile into {run_id}/export/
+    (sft-job export's files); a rerun may add it."""
+    export_dtype: Literal["f32", "f16", "bf16", "q8_0"] = option("f16", feeds=("export", "dtype"))
+    """Type of the exported weight matrices (sft-job export's --dtype)."""
 
     given_by_hand: dataclasses.InitVar[frozenset[str] | None] = None
     """The options the user gave (flag, SFT_JOB_* variable or --config key), as the CLI saw them: --smoke fills

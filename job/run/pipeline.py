@@ -24,6 +24,7 @@ from job import __version__
 from job.config import (
     SMOKE_MODEL_NAME,
     DPOConfig,
+    ExportConfig,
     FinetuneConfig,
     GenerateConfig,
     JudgeConfig,
@@ -70,6 +71,7 @@ from job.stages.download import (
     tokenizer_folder,
 )
 from job.stages.dpo import run_dpo
+from job.stages.export import GGUF_FILE, MODELFILE, run_export
 from job.stages.finetune import run_finetune, training_splits
 from job.stages.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate
 from job.stages.judge import preflight as judge_preflight
@@ -252,6 +254,8 @@ class Pipeline:
             return {}
         for name in training:  # as decided for every process
             self.stages.run(name, getattr(self, name), done=lambda name=name: done[name])
+        if self.cfg.export:
+            self.stages.run("export", self.export)
         self.stages.run("generate", self.generate)
         if not self.cfg.skip_judge:
             self.stages.run("judge", self.judge)
@@ -319,6 +323,14 @@ class Pipeline:
             save_hf(GPTModel(SMOKE_MODEL), path, extra_config={"sft_job": {"tokenizer": ByteTokenizer.name}})
         self.roles.together()
         return str(path)
+
+    def export(self) -> list[str]:
+        """The last model trained (DPO's with --dpo) as GGUF with its Modelfile, under export/."""
+        trained = generated_from(self.cfg)[-1][0]
+        self._ensure_local(model_keys(self.stages.manifest, trained))
+        model, folder = str(self.work / trained / "model"), self.work / "export"
+        run_export(stage_config(self.cfg, "export", ExportConfig, model_dir=model, output=str(folder)), self.metrics)
+        return [f"export/{GGUF_FILE}", f"export/{MODELFILE}"]
 
     def generate(self) -> list[str]:
         """Responses of the last model trained; with --dpo also the finetuned model's, under sft/."""
