@@ -325,12 +325,8 @@ class Pipeline:
         return str(path)
 
     def export(self) -> list[str]:
-        """The last model trained (DPO's with --dpo) as GGUF with its Modelfile, under export/."""
-        trained = generated_from(self.cfg)[-1][0]
-        self._ensure_local(model_keys(self.stages.manifest, trained))
-        model, folder = str(self.work / trained / "model"), self.work / "export"
-        run_export(stage_config(self.cfg, "export", ExportConfig, model_dir=model, output=str(folder)), self.metrics)
-        return [f"export/{GGUF_FILE}", f"export/{MODELFILE}"]
+        self._ensure_local(model_keys(self.stages.manifest, generated_from(self.cfg)[-1][0]))
+        return export_last_model(self.cfg, self.work, self.metrics)
 
     def generate(self) -> list[str]:
         """Responses of the last model trained; with --dpo also the finetuned model's, under sft/."""
@@ -361,6 +357,13 @@ class Pipeline:
         for key in keys:
             if not (self.work / key).is_file():
                 self.storage.get_file(key, self.work / key)
+
+
+def export_last_model(cfg: RunConfig, work: Path, metrics: Metrics) -> list[str]:
+    """The last model trained (DPO's with --dpo) as GGUF with its Modelfile, under export/."""
+    model = str(work / generated_from(cfg)[-1][0] / "model")
+    run_export(stage_config(cfg, "export", ExportConfig, model_dir=model, output=str(work / "export")), metrics)
+    return [f"export/{GGUF_FILE}", f"export/{MODELFILE}"]
 
 
 def generated_from(cfg: RunConfig) -> list[tuple[str, str]]:
