@@ -36,7 +36,7 @@ class Vocabulary:
     types: list[int]
     merges: list[str]
     pre: str
-    """llama.cpp's name of the pre-tokenizer (``gpt2``, ``llama-bpe``, ``qwen2``)."""
+    """llama.cpp's name of the pre-tokenizer (``gpt-2``, ``llama-bpe``, ``qwen2``)."""
     end_id: int
     pad_id: int
     bos_id: int | None = None
@@ -71,7 +71,7 @@ def byte_vocabulary() -> Vocabulary:
     chars = char_of_byte()
     tokens = [chars[b] for b in range(256)] + [END_OF_TEXT]
     end = ByteTokenizer.eot_token
-    return Vocabulary(tokens, [NORMAL] * 256 + [CONTROL], [NO_MERGE], "gpt2", end, end, end)
+    return Vocabulary(tokens, [NORMAL] * 256 + [CONTROL], [NO_MERGE], "gpt-2", end, end, end)
 
 
 def gpt2_vocabulary(directory: Path) -> Vocabulary:
@@ -84,7 +84,7 @@ def gpt2_vocabulary(directory: Path) -> Vocabulary:
     merges = [line for line in lines[1:] if line]  # the first line is "#version: 0.2"
     types = [CONTROL if t == END_OF_TEXT else NORMAL for t in tokens]
     end = encoder[END_OF_TEXT]
-    return Vocabulary(tokens, types, merges, "gpt2", end, end, end)
+    return Vocabulary(tokens, types, merges, "gpt-2", end, end, end)
 
 
 def hf_vocabulary(directory: Path, tokenizer: HFTokenizer) -> Vocabulary:
@@ -131,7 +131,7 @@ def _pre(where: Path, pre_tokenizer) -> str:
     Split before a ByteLevel that does not split; another is not one llama.cpp would split alike (exit 2)."""
     pre = pre_tokenizer if isinstance(pre_tokenizer, dict) else {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
-        return "gpt2"
+        return "gpt-2"
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
     if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
         regex = (steps[0].get("pattern") or {}).get("Regex")
