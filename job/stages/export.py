@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from job.config import ExportConfig
+from job.core.errors import ConfigError
 from job.core.observability import Metrics, get_logger
 from job.data.chat_layout import TurnLayout, turn_layout
 from job.data.instructions import ChatStyle, prompt_style
@@ -69,6 +70,8 @@ def run_export(cfg: ExportConfig, metrics: Metrics | None = None) -> Path:
     """``model.gguf`` and ``Modelfile`` in ``cfg.output``; returns the folder."""
     model_dir, output, cache = Path(cfg.model_dir), Path(cfg.output), Path(cfg.cache)
     _not_a_model(model_dir)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is not a folder")
     tokenizer = model_tokenizer(model_dir, cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style or saved_prompt_style(model_dir) or "alpaca", tokenizer)
     stop = end_text(tokenizer)

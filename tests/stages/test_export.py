@@ -124,3 +124,10 @@ def test_bad_flags_are_exit_2(tiny_model_dir, cache, tmp_path, flags, named):
 def test_chat_for_gpt2_is_exit_2(tiny_model_dir, cache, tmp_path):
     done = export(tiny_model_dir, tmp_path / "out", cache, "--prompt-style", "chat")
     assert done.returncode == 2 and "chat template" in done.stderr
+
+
+def test_an_output_that_is_a_file_is_exit_2(tiny_model_dir, cache, tmp_path):
+    (tmp_path / "out").write_text("a file")
+    done = export(tiny_model_dir, tmp_path / "out", cache)
+    assert done.returncode == 2 and "--output" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert (tmp_path / "out").read_text() == "a file"
