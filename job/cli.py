@@ -23,6 +23,7 @@ from job.core.observability import Metrics, bind, configure_logging, get_logger
 from job.core.settings import Settings, config_file_values, default_of, field_help, field_names, marks
 from job.stages.download_config import DownloadConfig
 from job.stages.dpo_config import DPOConfig
+from job.stages.export_config import ExportConfig
 from job.stages.finetune_config import FinetuneConfig
 from job.stages.generate_config import GenerateConfig
 from job.stages.judge_config import JudgeConfig
@@ -245,6 +246,15 @@ def judge(log_format, log_file, **params):
     from job.stages.judge import run_judge
 
     _run("judge", run_judge, build(JudgeConfig, params), log_format, log_file)
+
+
+@main.command(cls=cloup.Command)
+@settings_options(ExportConfig)
+def export(log_format, log_file, **params):
+    """Write a model folder as GGUF (llama.cpp, Ollama, LM Studio) with an Ollama Modelfile beside it."""
+    from job.stages.export import run_export
+
+    _run("export", run_export, build(ExportConfig, params), log_format, log_file)
 
 
 @main.command(cls=cloup.Command)

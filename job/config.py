@@ -30,6 +30,7 @@ from job.models.origin import ModelOrigin, ModelSourceConfig
 from job.models.registry import ModelName
 from job.stages.download_config import DownloadConfig
 from job.stages.dpo_config import DPOConfig, DPOSettings
+from job.stages.export_config import ExportConfig, ExportSettings
 from job.stages.finetune_config import FinetuneConfig, FinetuneSettings
 from job.stages.generate_config import GenerateConfig
 from job.stages.judge_config import JudgeConfig, JudgeSettings
@@ -40,6 +41,7 @@ __all__ = [  # the owners' classes, for code that still names them from here
     "DecodingSettings",
     "DownloadConfig",
     "DPOConfig",
+    "ExportConfig",
     "FinetuneConfig",
     "GenerateConfig",
     "JudgeConfig",
@@ -92,6 +94,7 @@ class RunConfig(
     DecodingSettings,
     JudgeSettings,
     DPOSettings,
+    ExportSettings,
 ):
     """``sft-job run``: download, finetune, generate and judge in one job, into one run folder."""
 

@@ -8,8 +8,8 @@
 # --deps-only     torch, then the dependencies of the project and the extras (the image's cached layer)
 # --project-only  the project itself, without dependencies (after --deps-only)
 # --editable      install the project with `pip install -e` (a working checkout)
-# EXTRA           optional groups of pyproject.toml: tf (OpenAI's checkpoints), test (with the
-#                 book's own code from requirements/book.txt)
+# EXTRA           optional groups of pyproject.toml: tf (OpenAI's checkpoints), export (gguf, for sft-job
+#                 export), test (with the book's own code from requirements/book.txt, and llama.cpp)
 #
 # torch goes first and alone, at the lock's version: pip takes the wheel it finds for this machine
 # (the CUDA build from PyPI on Linux, a CPU wheel where pip is configured to find one) before
@@ -36,6 +36,10 @@ if [ "$want" != "$have" ]; then
 fi
 
 pip=(python3 -m pip install --no-input --disable-pip-version-check)
+# llama-cpp-python (the test extra) is an sdist that builds llama.cpp: for any x86-64 CPU, not only this one's
+# instruction set (a wheel in pip's cache may serve another machine or the image); about 25 minutes on 2
+# busy cores the first time, then pip's cache holds the wheel.
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 if [ "$deps" = 1 ]; then
   "${pip[@]}" -c "$lock" "$(grep -E '^torch==' "$lock" | cut -d' ' -f1)"
   # The project's requirements (and those of the extras, self-references expanded), read from

@@ -129,7 +129,8 @@ def _another_value(param: click.Option) -> tuple[str, object]:
     if param.is_flag:
         return ("false", False) if param.default else ("true", True)
     if isinstance(param.type, click.Choice):
-        choice = next(c for c in param.type.choices if c != param.default)
+        # a choice of one (export's --format gguf) has no other value to set
+        choice = next((c for c in param.type.choices if c != param.default), param.default)
         return choice, choice
     if param.type is click.INT:
         return str((param.default or 0) + 3), (param.default or 0) + 3

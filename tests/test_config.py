@@ -13,6 +13,7 @@ from job.data.data_config import DataConfig
 from job.models.decoding_config import DecodingSettings
 from job.models.origin import ModelOrigin, ModelSourceConfig
 from job.stages.dpo_config import DPOConfig, DPOSettings
+from job.stages.export_config import ExportSettings
 from job.stages.finetune_config import FinetuneConfig, FinetuneSettings
 from job.stages.generate_config import GenerateConfig
 from job.stages.judge_config import JudgeConfig, JudgeSettings
@@ -27,6 +28,7 @@ PARTS = (
     DecodingSettings,
     JudgeSettings,
     DPOSettings,
+    ExportSettings,
 )
 
 

@@ -60,6 +60,8 @@ from job.stages.download import (
 )
 from job.stages.dpo import run_dpo
 from job.stages.dpo_config import DPOConfig
+from job.stages.export import GGUF_FILE, MODELFILE, run_export
+from job.stages.export_config import ExportConfig
 from job.stages.finetune import run_finetune, training_splits
 from job.stages.finetune_config import FinetuneConfig
 from job.stages.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate
@@ -245,6 +247,8 @@ class Pipeline:
             return {}
         for name in training:  # as decided for every process
             self.stages.run(name, getattr(self, name), done=lambda name=name: done[name])
+        if self.cfg.export:
+            self.stages.run("export", self.export)
         self.stages.run("generate", self.generate)
         if not self.cfg.skip_judge:
             self.stages.run("judge", self.judge)
@@ -313,6 +317,10 @@ class Pipeline:
         self.roles.together()
         return str(path)
 
+    def export(self) -> list[str]:
+        self._ensure_local(model_keys(self.stages.manifest, generated_from(self.cfg)[-1][0]))
+        return export_last_model(self.cfg, self.work, self.metrics)
+
     def generate(self) -> list[str]:
         """Responses of the last model trained; with --dpo also the finetuned model's, under sft/."""
         keys = []
@@ -342,6 +350,13 @@ class Pipeline:
         for key in keys:
             if not (self.work / key).is_file():
                 self.storage.get_file(key, self.work / key)
+
+
+def export_last_model(cfg: RunConfig, work: Path, metrics: Metrics) -> list[str]:
+    """The last model trained (DPO's with --dpo) as GGUF with its Modelfile, under export/."""
+    model = str(work / generated_from(cfg)[-1][0] / "model")
+    run_export(stage_config(cfg, "export", ExportConfig, model_dir=model, output=str(work / "export")), metrics)
+    return [f"export/{GGUF_FILE}", f"export/{MODELFILE}"]
 
 
 def generated_from(cfg: RunConfig) -> list[tuple[str, str]]:

@@ -347,6 +347,23 @@ def _stages(manifest) -> str:
     return f'<table id="stages"><tr><th>Stage</th><th>Status</th><th>Seconds</th><th>Error</th></tr>{rows}</table>'
 
 
+def _export(manifest) -> str:
+    """The files of run --export, as the manifest records them, and how Ollama takes them."""
+    stage = ((manifest or {}).get("stages") or {}).get("export") or {}
+    files = stage.get("artifacts") or {}
+    if stage.get("status") != "complete" or not isinstance(files, dict) or not files:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(str(meta.get('size')))}</td>"
+        f"<td><code>{html.escape(str(meta.get('sha256')))}</code></td></tr>"
+        for key, meta in files.items()
+        if isinstance(meta, dict)
+    )
+    how = "cd export && ollama create MODEL -f Modelfile && ollama run MODEL"
+    head = "<tr><th>File</th><th>Bytes</th><th>sha256</th></tr>"
+    return f'<h2>Export</h2><table id="export">{head}{rows}</table><pre>{how}</pre>'
+
+
 def _seconds(stage: dict) -> str:
     """A stage's seconds: as recorded, else from its start and end (a failed stage of an older run)."""
     if stage.get("duration_s") is not None:
@@ -447,7 +464,7 @@ def render(folder: Path) -> str:
 <body><h1>{title}</h1>{_warnings(problems)}
 <h2>Figures</h2><table class="figures">{figures}</table>
 <h2>Plots</h2><div class="plots">{"".join(plots) or _no_plots(data["manifest.json"], data["checkpoint"])}</div>
-<h2>Stages</h2>{_stages(data["manifest.json"])}
+<h2>Stages</h2>{_stages(data["manifest.json"])}{_export(data["manifest.json"])}
 {_side_by_side(data["sft/scores.json"] or data[f"sft/{RESPONSES_FILE}"] or [], entries)}
 <h2>Responses and scores</h2>
 {_caption(marks, judged) + _entries_table(entries, marks) if entries else "<p>No responses yet.</p>"}

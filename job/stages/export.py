@@ -1,0 +1,87 @@
+"""The export stage: a model folder as ``model.gguf`` (job/models/gguf_export.py) and an Ollama ``Modelfile``
+beside it whose ``TEMPLATE`` renders the prompt the model was trained on (job/data/chat_layout.py), with its
+end token as ``stop`` and the job's generation defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from job.core.errors import ConfigError
+from job.core.observability import Metrics, get_logger
+from job.data.chat_layout import TurnLayout, turn_layout
+from job.data.instructions import ChatStyle, prompt_style
+from job.models.families import load_model
+from job.models.gguf_export import write_gguf
+from job.models.gguf_vocab import Vocabulary, byte_vocabulary, gpt2_vocabulary, hf_vocabulary
+from job.models.gpt2_weights import WeightsError
+from job.models.tokenizer import END_OF_TEXT, ByteTokenizer, HFTokenizer
+from job.stages.download import model_tokenizer
+from job.stages.export_config import ExportConfig
+from job.stages.generate import saved_prompt_style
+from job.storage.store import atomic_write_text
+
+log = get_logger(__name__)
+GGUF_FILE, MODELFILE = "model.gguf", "Modelfile"
+# Ollama allocates the whole context's KV cache up front: a model made for 128k tokens gets this many.
+MAX_NUM_CTX = 8192
+
+
+def vocabulary(model_dir: Path, tokenizer, cache: Path) -> Vocabulary:
+    """The tokenizer the model was trained with, as GGUF holds it."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return byte_vocabulary()
+    if isinstance(tokenizer, HFTokenizer):
+        return hf_vocabulary(model_dir, tokenizer)
+    return gpt2_vocabulary(cache / "gpt2")
+
+
+def end_text(tokenizer) -> str:
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.tokenizer.id_to_token(tokenizer.end_id)
+    return END_OF_TEXT
+
+
+def modelfile(layout: TurnLayout, stop: str, num_ctx: int, cfg: ExportConfig) -> str:
+    """Ollama's Modelfile: the GGUF beside it, the layout as its TEMPLATE, the end token as ``stop``, and the
+    job's decoding (greedy at temperature 0; no top-p, min-p or repeat penalty, which the job does not apply)."""
+    lines = [
+        f"FROM ./{GGUF_FILE}",
+        f'TEMPLATE """{layout.go_template()}"""',
+        f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}",
+        f"PARAMETER num_ctx {num_ctx}",
+        f"PARAMETER num_predict {cfg.max_new_tokens}",
+        f"PARAMETER temperature {cfg.temperature:g}",
+        f"PARAMETER top_k {cfg.top_k or 0}",
+        "PARAMETER top_p 1",
+        "PARAMETER min_p 0",
+        "PARAMETER repeat_penalty 1",
+        f"PARAMETER seed {cfg.seed}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _not_a_model(model_dir: Path) -> None:
+    if not (model_dir / "config.json").is_file() and not (model_dir / "hparams.json").is_file():
+        raise WeightsError(f"{model_dir} is not a model folder: it has no config.json (nor hparams.json)")
+
+
+def run_export(cfg: ExportConfig, metrics: Metrics | None = None) -> Path:
+    """``model.gguf`` and ``Modelfile`` in ``cfg.output``; returns the folder."""
+    model_dir, output, cache = Path(cfg.model_dir), Path(cfg.output), Path(cfg.cache)
+    _not_a_model(model_dir)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is not a folder")
+    tokenizer = model_tokenizer(model_dir, cache, cfg.base_url)
+    style = prompt_style(cfg.prompt_style or saved_prompt_style(model_dir) or "alpaca", tokenizer)
+    stop = end_text(tokenizer)
+    layout = turn_layout(style, stop)
+    # The GGUF's own template: the model's for chat, else the style's layout (llama.cpp's chat reads it).
+    chat_template = tokenizer.chat_template.source if isinstance(style, ChatStyle) else layout.jinja_template()
+    vocab = vocabulary(model_dir, tokenizer, cache)
+    model = load_model(model_dir).eval()
+    write_gguf(model, vocab, output / GGUF_FILE, cfg.dtype, chat_template, model_dir.name)
+    num_ctx = min(model.cfg.context_length, MAX_NUM_CTX)
+    atomic_write_text(output / MODELFILE, modelfile(layout, stop, num_ctx, cfg))
+    log.info("exported", model_dir=str(model_dir), output=str(output), dtype=cfg.dtype, prompt_style=style.name)
+    return output
