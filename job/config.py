@@ -23,14 +23,12 @@ from urllib.parse import urlparse
 
 from job.core.errors import ConfigError
 from job.core.parsing import finite, short
-from job.models.registry import MODEL_NAMES, ModelName
+from job.data.sources import DATASETS
+from job.models.registry import ModelName, model_names
 
 MIRROR_SCHEMES = ("http", "https", "s3")
 REDACTED = "<redacted>"
-PREFERENCE_DATA = (  # the book's preference data (ch07/04), as job/stages/download.py knows it
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
-    "instruction-data-with-preference.json"
-)
+PREFERENCE_DATA = DATASETS["preferences"].url  # the book's preference data (ch07/04)
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sft-job")
 
 
@@ -258,10 +256,10 @@ class ModelOrigin:
     """Where a named model comes from: GPT-2's sizes from OpenAI or Hugging Face, the Llama 3.2 and Qwen3
     base models from the Hugging Face hub, each into the cache."""
 
-    MODELS: typing.ClassVar[tuple[str, ...]] = MODEL_NAMES  # the names ``model`` takes (``run`` adds smoke)
+    OTHER_MODELS: typing.ClassVar[tuple[str, ...]] = ()  # names ``model`` takes beside the registry's (run's smoke)
     model: ModelName = "gpt2-medium"
     """Named model, fetched into the cache: a GPT-2 size (the book finetunes gpt2-medium, 355M) or a base model
-    on the Hugging Face hub (qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b, llama3.2-1b, llama3.2-3b)."""
+    on the Hugging Face hub (the choices: job/models/registry.py)."""
     source: Literal["openai", "hf"] = option("openai", section="Storage")
     """Where a GPT-2 size comes from: OpenAI's TensorFlow checkpoint (as in the book; reading it needs the tf
     extra) or Hugging Face's safetensors. The hub's models always come from the hub."""
@@ -281,8 +279,9 @@ class ModelOrigin:
 
     def __post_init__(self) -> None:
         check_finite(self)
-        if self.model not in self.MODELS:
-            raise ConfigError(f"model must be one of {', '.join(self.MODELS)}, got {short(self.model)}")
+        names = (*model_names(), *self.OTHER_MODELS)  # read now: a test may register a size
+        if self.model not in names:
+            raise ConfigError(f"model must be one of {', '.join(names)}, got {short(self.model)}")
         if self.source not in ("openai", "hf"):
             raise ConfigError(f"source must be openai or hf, got {short(self.source)}")
         _check_url("base_url", self.base_url, MIRROR_SCHEMES)
@@ -321,9 +320,7 @@ class ModelSourceConfig(ModelOrigin):
 class DataConfig:
     """The instruction dataset and how its entries become training text."""
 
-    data: str = (
-        "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
-    )
+    data: str = DATASETS["instructions"].url
     """Dataset: a local JSON/JSON Lines file, an http(s):// URL (fetched into the cache) or s3://bucket/key."""
     prompt_style: Literal["alpaca", "phi3", "chat"] = "alpaca"
     """Prompt template: the book's Alpaca text, Phi-3's (exercise 7.1), or chat: the model's own chat template
@@ -769,10 +766,10 @@ class DPOSettings:
 class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
     """``sft-job run``: download, finetune, generate and judge in one job, into one run folder."""
 
-    MODELS: typing.ClassVar[tuple[str, ...]] = typing.get_args(RunModelName)
+    OTHER_MODELS: typing.ClassVar[tuple[str, ...]] = (SMOKE_MODEL_NAME,)
     model: RunModelName | None = "gpt2-medium"
     """Named model, fetched into the cache: a GPT-2 size (the book finetunes gpt2-medium, 355M), a base model
-    on the Hugging Face hub (qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b, llama3.2-1b, llama3.2-3b), or smoke:
+    on the Hugging Face hub (the choices: job/models/registry.py), or smoke:
     the smoke's random 2-layer GPT-2 with its byte tokenizer (nothing downloaded; --smoke's). Unused with
     --model-dir: config.yaml then records null."""
     output: str = option("runs", operational=True)

@@ -42,9 +42,9 @@ from job.data.instructions import load_entries, prompt_style, resolve_data, spli
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
 from job.models.families import family, read_shape
-from job.models.gpt2 import GPT2_SIZES, GPTConfig, GPTModel
+from job.models.gpt2 import GPTConfig, GPTModel, gpt2_config
 from job.models.gpt2_weights import save_hf
-from job.models.registry import HUB_REPOS
+from job.models.registry import gpt2_names, model_entry
 from job.models.tokenizer import ByteTokenizer, encode
 from job.run.lock import run_lock
 from job.run.manifest import FAILURE_RECORD_PATIENCE_S, Manifest
@@ -385,8 +385,8 @@ def run_inputs(cfg: RunConfig) -> dict:
         model = f"random {SMOKE_MODEL.n_layers}-layer GPT-2 (the smoke's own, seed {cfg.seed}), byte tokenizer"
     elif cfg.model_dir:
         model = cfg.model_dir
-    elif cfg.model in HUB_REPOS:  # the commit the preflight's first file named, so a moved branch shows
-        model = f"{cfg.model} ({HUB_REPOS[cfg.model]} at {hub_commit(cfg) or cfg.hub_revision})"
+    elif model_entry(cfg.model).from_hub:  # the commit the preflight's first file named, so a moved branch shows
+        model = f"{cfg.model} ({model_entry(cfg.model).repo} at {hub_commit(cfg) or cfg.hub_revision})"
     else:
         model = f"{cfg.model} ({'OpenAI' if cfg.source == 'openai' else 'Hugging Face'} weights)"
     inputs = {"model": model}
@@ -511,7 +511,7 @@ def missing_pieces(cfg: RunConfig) -> list[Needed]:
         pieces.append(Needed("GPT-2's tokenizer", tuple(tokenizer_files(cfg.base_url)), way_in))
     pieces = [p for p in pieces if not _cached(p, cache)]
     if not (random_model(cfg) or cfg.model_dir or model_cached(cfg)):
-        hub = cfg.model in HUB_REPOS
+        hub = model_entry(cfg.model).from_hub
         files = (hub_file(cfg, HUB_HEAD_FILES[0]),) if hub else tuple(model_files(cfg.model, cfg.source, cfg.base_url))
         what = f"the weights{' and tokenizer' if hub else ''} of {cfg.model}"
         pieces.append(Needed(what, files, files[0].way_in))
@@ -559,7 +559,7 @@ def stage_model(cfg: RunConfig, start: str) -> dict:
 
 def _gpt2(cfg: RunConfig) -> bool:
     """Whether the run starts from a GPT-2 (a named size, or a folder of one)."""
-    return family(cfg.model_dir) == "gpt2" if cfg.model_dir else cfg.model in GPT2_SIZES
+    return family(cfg.model_dir) == "gpt2" if cfg.model_dir else cfg.model in gpt2_names()
 
 
 def check_model_fit(cfg: RunConfig, test: list[dict]) -> tuple:
@@ -571,7 +571,7 @@ def check_model_fit(cfg: RunConfig, test: list[dict]) -> tuple:
     if random:
         shape = SMOKE_MODEL
     else:
-        shape = read_shape(folder) if folder else GPT2_SIZES[cfg.model]
+        shape = read_shape(folder) if folder else gpt2_config(cfg.model)
     if cfg.lora_rank is not None and cfg.lora_rank > shape.emb_dim:
         raise ConfigError(f"--lora-rank {cfg.lora_rank} is more than the model's width of {shape.emb_dim}")
     tokenizer = ByteTokenizer() if random else model_tokenizer(folder, cfg.cache, cfg.base_url)

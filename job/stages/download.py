@@ -31,11 +31,11 @@ from job.core.errors import JobError, TransientError
 from job.core.observability import Metrics, get_logger, stderr_is_terminal
 from job.core.parsing import ParseError, load_json, read_bounded
 from job.core.retry import BOTOCORE_RETRIES, Policy, Retried
+from job.data.sources import DATASETS, known_dataset
 from job.models.families import folder_tokenizer
-from job.models.gpt2 import OPENAI_SIZE_NAMES
 from job.models.gpt2_weights import WeightsError, recorded_settings
 from job.models.llama_weights import INDEX, index_shards, shard_files
-from job.models.registry import HUB_REPOS
+from job.models.registry import MODELS, OPENAI_FILES, model_entry
 from job.models.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256, ByteTokenizer, load_tokenizer
 from job.storage.store import atomic_write_text, sha256_file
 
@@ -47,34 +47,7 @@ OPENAI_BASES = (
 )
 HF_BASE = "https://huggingface.co"
 TOKENIZER_BASE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
-DATASET_URL = (
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
-)
-DATASET_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
-PREFERENCE_URL = (  # the book's preference data for DPO (ch07/04): the 1,100 entries with chosen and rejected
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
-    "instruction-data-with-preference.json"
-)
-KNOWN_DATASETS = {
-    DATASET_URL: DATASET_SHA256,
-    PREFERENCE_URL: "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
-}
-OPENAI_FILES = (
-    "checkpoint",
-    "encoder.json",
-    "hparams.json",
-    "model.ckpt.data-00000-of-00001",
-    "model.ckpt.index",
-    "model.ckpt.meta",
-    "vocab.bpe",
-)
 HF_FILES = ("config.json", "model.safetensors")
-HF_REPOS = {  # each size's Hugging Face repository (the id a PEFT adapter names as its base)
-    "gpt2-small": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
 KNOWN_SHA256 = {"encoder.json": ENCODER_JSON_SHA256, "vocab.bpe": VOCAB_BPE_SHA256}
 WEIGHTS_WAY_IN = "--model-dir DIR (a folder of GPT-2 weights: Hugging Face's or OpenAI's files)"
 HUB_WAY_IN = "--model-dir DIR (the model's Hugging Face folder)"
@@ -170,19 +143,21 @@ def tokenizer_files(base_url: str | None = None) -> list[RemoteFile]:
     ]
 
 
-def dataset_file(url: str = DATASET_URL, base_url: str | None = None) -> RemoteFile:
+def dataset_file(url: str = DATASETS["instructions"].url, base_url: str | None = None) -> RemoteFile:
+    """A dataset by URL, with the sha256 the registry knows for it (``job/data/sources.py``)."""
     name = Path(urlparse(url).path).name
-    sha = KNOWN_DATASETS.get(url)
-    way_in = "--dpo-data FILE" if url == PREFERENCE_URL else "--data FILE"
+    known = known_dataset(url)
+    sha, way_in = (known.sha256, known.way_in) if known else (None, "--data FILE")
     return RemoteFile(name, _urls(base_url, name, (url,)), sha, way_in=way_in)
 
 
 def model_files(model: str, source: str, base_url: str | None = None) -> list[RemoteFile]:
     """The files of a named size (``gpt2-medium``...) from ``openai`` or ``hf``."""
-    if model not in OPENAI_SIZE_NAMES:
-        raise DownloadError(f"--model {model!r} is not a GPT-2 size: one of {', '.join(OPENAI_SIZE_NAMES)}")
+    sizes = [name for name, entry in MODELS.items() if entry.openai_folder is not None]
+    if model not in sizes:
+        raise DownloadError(f"--model {model!r} is not a GPT-2 size: one of {', '.join(sizes)}")
     if source == "openai":
-        size = OPENAI_SIZE_NAMES[model]
+        size = model_entry(model).openai_folder
         return [
             RemoteFile(
                 f"gpt2/{size}/{name}",
@@ -193,7 +168,7 @@ def model_files(model: str, source: str, base_url: str | None = None) -> list[Re
             for name in OPENAI_FILES
         ]
     if source == "hf":
-        repo = HF_REPOS[model]
+        repo = model_entry(model).repo
         return [
             RemoteFile(
                 f"gpt2-hf/{model}/{name}",
@@ -220,13 +195,13 @@ def model_tokenizer(model_dir: str | Path | None, cache: str | Path, base_url: s
 
 def hf_repo_id(model: str) -> str:
     """Hugging Face's repository of a named model (``openai-community/gpt2-medium``, ``Qwen/Qwen3-0.6B-Base``)."""
-    return HF_REPOS.get(model) or HUB_REPOS[model]
+    return model_entry(model).repo
 
 
 def cached_model_dir(origin) -> Path:
     """Where ``fetch_model`` puts ``origin``'s named model (a ``ModelOrigin``) in the cache."""
-    if origin.model in HUB_REPOS:
-        return Path(origin.cache) / "hf" / HUB_REPOS[origin.model] / origin.hub_revision
+    if model_entry(origin.model).from_hub:
+        return Path(origin.cache) / "hf" / model_entry(origin.model).repo / origin.hub_revision
     return Path(origin.cache) / Path(model_files(origin.model, origin.source)[0].relpath).parent
 
 
@@ -257,7 +232,7 @@ def hub_commit(origin) -> str | None:
 def hub_file(origin, name: str, commit: str | None = None) -> RemoteFile:
     """One file of a hub model's repository, at ``commit`` (else at its revision's name); from --base-url's
     mirror where one is given. Its place in the cache is by the revision's name, as the user gave it."""
-    repo, hub = HUB_REPOS[origin.model], hub_url(origin.hub_url)
+    repo, hub = model_entry(origin.model).repo, hub_url(origin.hub_url)
     relpath = f"hf/{repo}/{origin.hub_revision}/{name}"
     url = f"{hub}/{repo}/resolve/{commit or origin.hub_revision}/{name}"
     check = json_object_problem if name.endswith(".json") else None
@@ -310,7 +285,7 @@ def _no_revision(origin, commit: str | None, reason: str) -> DownloadError:
     file alone is missing (``EntryNotFound``, as huggingface_hub reads it)."""
     if origin.base_url or "EntryNotFound" in reason:
         return NotFound(reason)
-    repo, hub = HUB_REPOS[origin.model], hub_url(origin.hub_url)
+    repo, hub = model_entry(origin.model).repo, hub_url(origin.hub_url)
     if commit is not None and commit != origin.hub_revision:  # the commit .commit recorded is gone
         folder = cached_model_dir(origin)
         return DownloadError(
@@ -325,14 +300,14 @@ def tokenizer_folder(origin) -> Path | None:
     (its head files fetched), else None: GPT-2's tokenizer, from the cache."""
     if origin.model_dir:
         return Path(origin.model_dir)
-    return fetch_model_head(origin, model_downloader(origin)) if origin.model in HUB_REPOS else None
+    return fetch_model_head(origin, model_downloader(origin)) if model_entry(origin.model).from_hub else None
 
 
 def fetch_model(origin, downloader: Downloader) -> Path:
     """A named model's files into the cache, and its folder there: GPT-2's fixed set; a hub model's head
     files and generation_config.json, then its ``model.safetensors``, or its index and every shard the
     index names."""
-    if origin.model not in HUB_REPOS:
+    if not model_entry(origin.model).from_hub:
         downloader.fetch_all(model_files(origin.model, origin.source, origin.base_url))
         return cached_model_dir(origin)
     if model_cached(origin):  # an offline rerun asks the hub nothing
@@ -362,7 +337,7 @@ def fetch_model(origin, downloader: Downloader) -> Path:
 def model_cached(origin) -> bool:
     """Whether every file of ``origin``'s named model is in the cache (no network asked)."""
     folder = cached_model_dir(origin)
-    if origin.model not in HUB_REPOS:
+    if not model_entry(origin.model).from_hub:
         return all(_cached_whole(Path(origin.cache), f) for f in model_files(origin.model, origin.source))
     if not all((folder / name).is_file() and json_object_problem(folder / name) is None for name in HUB_HEAD_FILES):
         return False  # the downloader names a damaged one and fetches it again
@@ -782,7 +757,8 @@ class _Progress:
 def run_download(cfg, metrics: Metrics | None = None) -> Path:
     """The ``download`` stage: a named model's weights, its tokenizer and (optionally) the dataset."""
     downloader = model_downloader(cfg, metrics)
-    files = [] if cfg.model in HUB_REPOS else tokenizer_files(cfg.base_url)  # a hub model carries its own
+    carried = model_entry(cfg.model).tokenizer == "carried"
+    files = [] if carried else tokenizer_files(cfg.base_url)  # a hub model carries its own
     if cfg.dataset:
         files.append(dataset_file(base_url=cfg.base_url))
     log.info("download_start", model=cfg.model, source=cfg.source, cache=str(cfg.cache), files=len(files))

@@ -25,7 +25,8 @@ from job.data.instructions import (
 )
 from job.models.families import Model, family
 from job.models.families import load_model as load_model_folder
-from job.models.gpt2 import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
+from job.models.gpt2 import GPTModel, gpt2_sizes
+from job.models.registry import model_entry
 from job.models.tokenizer import Tokenizer
 from job.stages.download import (
     cached_model_dir,
@@ -118,11 +119,11 @@ def load_model(cfg: TrainConfig) -> tuple[Model, str]:
     folder = Path(cfg.model_dir) if cfg.model_dir else fetch_model(cfg, model_downloader(cfg))
     model = load_model_folder(folder)
     if folder == cached_model_dir(cfg):  # the named model, as downloaded
-        return model, f"{cfg.model}{OPENAI_SIZE_NAMES.get(cfg.model, '')}"
+        return model, f"{cfg.model}{model_entry(cfg.model).openai_folder or ''}"
     if not isinstance(model, GPTModel):
         return model, f"{family(folder)}-custom"
-    named = next((n for n, c in GPT2_SIZES.items() if c == model.cfg), None)
-    return model, f"{named}{OPENAI_SIZE_NAMES[named]}" if named else "gpt2-custom"
+    named = next((n for n, c in gpt2_sizes().items() if c == model.cfg), None)
+    return model, f"{named}{model_entry(named).openai_folder}" if named else "gpt2-custom"
 
 
 def sft_task(cfg: FinetuneConfig, prep: Prepared) -> Task:

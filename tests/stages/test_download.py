@@ -14,12 +14,11 @@ from hypothesis import strategies as st
 from requests.structures import CaseInsensitiveDict
 
 from job.config import DownloadConfig
+from job.data.sources import DATASETS
 from job.models.llama_weights import INDEX
-from job.models.registry import HUB_REPOS
+from job.models.registry import MODELS
 from job.stages.download import (
-    DATASET_URL,
     HUB_HEAD_FILES,
-    PREFERENCE_URL,
     WEIGHTS_WAY_IN,
     Downloader,
     DownloadError,
@@ -130,8 +129,8 @@ def test_an_outage_on_one_source_and_a_404_on_the_other_is_not_worth_a_rerun(tmp
 @pytest.mark.parametrize(
     "remote, way_in",
     [
-        (dataset_file(DATASET_URL), "--data FILE, "),
-        (dataset_file(PREFERENCE_URL), "--dpo-data FILE, "),
+        (dataset_file(DATASETS["instructions"].url), "--data FILE, "),
+        (dataset_file(DATASETS["preferences"].url), "--dpo-data FILE, "),
         (model_files("gpt2-small", "hf")[1], f"{WEIGHTS_WAY_IN}, "),
         (model_files("gpt2-medium", "openai")[3], f"{WEIGHTS_WAY_IN}, "),
         (tokenizer_files()[0], ""),
@@ -312,7 +311,7 @@ def test_bytes_from_the_hubs_cdn_are_checked_against_the_sha256_the_hub_states(b
 def test_a_hub_download_takes_every_file_from_the_commit_its_first_file_named_also_after_main_moved(tmp_path):
     """The first file asks for ``main`` and the hub names its commit; the rest come from that commit. A
     download cut off, then resumed after ``main`` moved on the hub, still ends with one commit's files."""
-    repo, before, after = HUB_REPOS["qwen3-0.6b"], "a" * 40, "b" * 40
+    repo, before, after = MODELS["qwen3-0.6b"].repo, "a" * 40, "b" * 40
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     index = json.dumps({"weight_map": {"x": shards[0], "y": shards[1]}}).encode()
 
@@ -372,7 +371,7 @@ def test_the_hubs_headers_of_the_right_form_are_read_from_the_redirect_or_the_an
 def test_a_cached_commit_file_that_holds_no_commit_is_one_line_naming_it_before_any_request(damaged):
     with tempfile.TemporaryDirectory() as cache:
         origin = DownloadConfig(model="qwen3-0.6b", cache=cache, hub_url="http://127.0.0.1:9")
-        folder = Path(cache) / "hf" / HUB_REPOS["qwen3-0.6b"] / "main"
+        folder = Path(cache) / "hf" / MODELS["qwen3-0.6b"].repo / "main"
         folder.mkdir(parents=True)
         (folder / ".commit").write_bytes(damaged)
         with pytest.raises(DownloadError) as refused:

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from job.models.registry import HUB_REPOS
+from job.models.registry import MODELS
 from job.stages.download import HF_FILES, HUB_HEAD_FILES
 from tests.file_server import FileServer
 from tests.helpers import cli, events, free_port
 
-REPO = HUB_REPOS["qwen3-0.6b"]
+REPO = MODELS["qwen3-0.6b"].repo
 COMMIT = "5eed" * 10
 LOGIN_PAGE = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Log in to continue</body></html>\n"
 GOOD = {
