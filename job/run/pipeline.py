@@ -38,42 +38,36 @@ from job.config import (
 from job.core.errors import ConfigError, ExitCode, JobError, exit_code_for
 from job.core.observability import Metrics, MetricsPublisher, RunStatus, bind, get_logger
 from job.core.parsing import ParseError, load_yaml
-from job.data.instructions import load_entries, prompt_style, resolve_data, split_entries
+from job.data.instructions import dataset_file, load_entries, prompt_style, resolve_data, split_entries
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
-from job.models.families import family, read_shape
+from job.models.families import family, model_tokenizer, read_shape
 from job.models.gpt2 import GPTConfig, GPTModel, gpt2_config
 from job.models.gpt2_weights import save_hf
+from job.models.hub import (
+    HUB_HEAD_FILES,
+    cached_model_dir,
+    fetch_model,
+    hub_commit,
+    hub_file,
+    model_cached,
+    model_downloader,
+    model_files,
+    tokenizer_files,
+    tokenizer_folder,
+)
 from job.models.registry import gpt2_names, model_entry
 from job.models.tokenizer import ByteTokenizer, encode
 from job.run.lock import run_lock
 from job.run.manifest import FAILURE_RECORD_PATIENCE_S, Manifest
 from job.run.report import REPORT, fetch_inputs, write_report
 from job.run.stage_record import StageRecorder
-from job.stages.download import (
-    HUB_HEAD_FILES,
-    Needed,
-    cached_model_dir,
-    check_local_inputs,
-    check_reachable,
-    damaged_files,
-    dataset_file,
-    fetch_model,
-    file_problem,
-    hub_commit,
-    hub_file,
-    model_cached,
-    model_downloader,
-    model_files,
-    model_tokenizer,
-    tokenizer_files,
-    tokenizer_folder,
-)
 from job.stages.dpo import run_dpo
 from job.stages.finetune import run_finetune, training_splits
 from job.stages.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate
 from job.stages.judge import preflight as judge_preflight
 from job.stages.judge import run_judge
+from job.storage.fetch import Needed, check_local_inputs, check_reachable, damaged_files, file_problem
 from job.storage.store import LocalStorage, Storage, open_storage, sha256_file, upload_tree
 from job.training.binding import model_digest, run_binding, stage_name
 from job.training.checkpoint import fetch_checkpoint
@@ -567,7 +561,8 @@ def check_model_fit(cfg: RunConfig, test: list[dict]) -> tuple:
     --max-new-tokens fit its context; a LoRA rank is at most its width. Returns the model's tokenizer, the
     prompt style and the context length."""
     random = random_model(cfg)
-    folder = None if random else tokenizer_folder(cfg)  # a hub model's config and tokenizer, before its weights
+    # a hub model's config and tokenizer, before its weights
+    folder = None if random else tokenizer_folder(cfg, cfg.model_dir)
     if random:
         shape = SMOKE_MODEL
     else:

@@ -23,19 +23,12 @@ from job.data.instructions import (
     split_entries,
     tokenize,
 )
-from job.models.families import Model, family
+from job.models.families import Model, family, model_tokenizer
 from job.models.families import load_model as load_model_folder
 from job.models.gpt2 import GPTModel, gpt2_sizes
+from job.models.hub import cached_model_dir, fetch_model, hf_repo_id, model_downloader, tokenizer_folder
 from job.models.registry import model_entry
 from job.models.tokenizer import Tokenizer
-from job.stages.download import (
-    cached_model_dir,
-    fetch_model,
-    hf_repo_id,
-    model_downloader,
-    model_tokenizer,
-    tokenizer_folder,
-)
 from job.storage.store import atomic_write_text
 from job.training.binding import run_binding
 from job.training.objectives import SFTEvaluator, SFTObjective
@@ -91,7 +84,7 @@ def load_inputs(cfg: TrainConfig, check=entry_problem) -> Inputs:
     the tokenizer and the model."""
     cache = Path(cfg.cache)
     path, train, val = training_splits(cfg, check)
-    tokenizer = model_tokenizer(tokenizer_folder(cfg), cache, cfg.base_url)
+    tokenizer = model_tokenizer(tokenizer_folder(cfg, cfg.model_dir), cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style, tokenizer)
     model, name = load_model(cfg)
     max_length = min(cfg.allowed_max_length, model.cfg.context_length)

@@ -22,10 +22,9 @@ from job.data.instructions import (
     split_entries,
 )
 from job.models.decoding import generate, generate_fixed_batch
-from job.models.families import load_model
+from job.models.families import load_model, model_tokenizer
 from job.models.gpt2_weights import recorded_settings
 from job.models.tokenizer import decode_response, encode
-from job.stages.download import model_tokenizer
 from job.storage.store import atomic_write_text, read_progress
 
 log = get_logger(__name__)

@@ -22,7 +22,7 @@ from pathlib import Path
 from job.config import DPOConfig, FinetuneConfig, TrainConfig, operational_options, redacted, result_changes
 from job.core.errors import ConfigError, JobError
 from job.data.instructions import resolve_data
-from job.stages.download import cached_model_dir
+from job.models.hub import cached_model_dir
 from job.storage.store import sha256_file, sha256_files
 
 # Not options of the trajectory: the inputs are bound by their sha256, the rest only stop or save it.

@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 
 from job.config import DataConfig, DPOConfig, RunConfig
+from job.data.instructions import dataset_file
 from job.data.sources import DATASETS, known_dataset
-from job.stages.download import dataset_file
 
 
 def test_each_known_sha256_is_the_one_of_the_books_file(shared_data):

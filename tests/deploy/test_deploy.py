@@ -761,8 +761,9 @@ def _reached(values: dict | None) -> set[tuple[str, int]]:
     registry an Ollama sidecar pulls the judge model from."""
     from urllib.parse import urlparse
 
+    from job.data.instructions import dataset_file
+    from job.models.hub import hub_file, model_files, tokenizer_files
     from job.models.registry import model_entry
-    from job.stages.download import dataset_file, hub_file, model_files, tokenizer_files
 
     cfg, env, _ = _run_config(values)
     if model_entry(cfg.model).from_hub:

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from job.models.hub import HF_FILES, HUB_HEAD_FILES
 from job.models.registry import MODELS
-from job.stages.download import HF_FILES, HUB_HEAD_FILES
 from tests.file_server import FileServer
 from tests.helpers import cli, events, free_port
 
@@ -178,7 +178,7 @@ def test_a_page_cached_for_gpt2s_config_json_is_not_a_cached_model_and_is_fetche
     """GPT-2's Hugging Face files too: a stage never takes the page as the config (the cache is not
     complete), the download names it offline and fetches it again from the mirror."""
     from job.config import DownloadConfig
-    from job.stages.download import model_cached
+    from job.models.hub import model_cached
 
     files = {f"/gpt2-hf/gpt2-small/{n}": (tiny_model_dir / n).read_bytes() for n in HF_FILES}
     origin = DownloadConfig(model="gpt2-small", source="hf", cache=str(cache))
