@@ -36,6 +36,11 @@ class ModelEntry:
     shape: GPT2Shape | None = None
     """A GPT-2 size's shape, context length included; None: the repository's config.json states it."""
 
+    def __post_init__(self) -> None:
+        # A GPT-2 size is built from its shape and comes from OpenAI's folder; the other families from the hub.
+        if (self.family == "gpt2") != (self.openai_folder is not None) or (self.shape is None) != self.from_hub:
+            raise ValueError(f"a {self.family} entry ({self.repo}) has GPT-2's OpenAI folder and shape, or neither")
+
     @property
     def from_hub(self) -> bool:
         """Whether the model comes from the hub at --hub-revision (else from OpenAI's files)."""

@@ -93,6 +93,18 @@ def test_an_unregistered_name_is_refused_naming_the_registrys_names_and_a_regist
         RunConfig(model="Smoke")
 
 
+def test_an_entry_is_a_gpt2_size_with_its_openai_folder_and_shape_or_a_hub_model_with_neither():
+    shape = TINY_GPT2.shape
+    for kind, folder, shaped in [
+        ("gpt2", "9M", None),
+        ("gpt2", None, shape),
+        ("qwen3", "9M", shape),
+        ("llama", None, shape),
+    ]:
+        with pytest.raises(ValueError, match=f"a {kind} entry"):
+            ModelEntry(kind, "test-org/x", folder, shaped)
+
+
 def test_the_registry_is_as_it_was_without_a_registering_test():
     assert "gpt2-tiny" not in model_names() and "qwen3-tiny" not in model_names()
     with pytest.raises(ConfigError, match="got 'gpt2-tiny'"):
