@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from job.data.instructions import PROMPT_STYLES, Collator, load_entries, split_entries, tokenize
 from job.data.order import SeededOrder
-from job.models.gpt2 import GPT2_SIZES, GPTConfig, GPTModel
+from job.models.gpt2 import GPTConfig, GPTModel, gpt2_config
 from job.models.gpt2_weights import book_state_dict, hf_state_dict
 from job.models.lora import LAYERS, add_adapters
 from job.models.tokenizer import encode, load_tokenizer
@@ -49,7 +49,7 @@ class Setup:
 
     @property
     def model_config(self) -> GPTConfig:
-        cfg = GPT2_SIZES[self.size]
+        cfg = gpt2_config(self.size)
         if self.n_layers:
             cfg = GPTConfig(**{**cfg.__dict__, "n_layers": self.n_layers})
         return cfg

@@ -99,9 +99,10 @@ class RunConfig(
     """``sft-job run``: download, finetune, generate and judge in one job, into one run folder."""
 
     help_section: ClassVar[str] = "Run"
+    OTHER_MODELS: ClassVar[tuple[str, ...]] = (SMOKE_MODEL_NAME,)
     model: RunModelName | None = "gpt2-medium"
     """Named model, fetched into the cache: a GPT-2 size (the book finetunes gpt2-medium, 355M), a base model
-    on the Hugging Face hub (qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b, llama3.2-1b, llama3.2-3b), or smoke:
+    on the Hugging Face hub (the choices: job/models/registry.py), or smoke:
     the smoke's random 2-layer GPT-2 with its byte tokenizer (nothing downloaded; --smoke's). Unused with
     --model-dir: config.yaml then records null."""
     output: str = option("runs", operational=True)

@@ -11,11 +11,6 @@ from tests.helpers import REPO
 
 JOB = REPO / "job"
 MAX_CLASS_LINES, MAX_FUNCTION_LINES = 200, 60
-# Imports that still run upward, each to be moved where it belongs (issue 37); none may be added.
-NOT_YET_LAYERED = {
-    ("job.data.instructions", "job.stages.download"),
-    ("job.training.binding", "job.stages.download"),
-}
 
 
 def _layers_from_readme() -> dict[str, int]:
@@ -89,8 +84,7 @@ def test_every_package_has_a_layer_and_no_import_runs_upward():
         for dep in _job_imports(path.read_text()):
             if layers[dep.split(".")[1]] > layers[here]:
                 upward.add((_module_name(path), dep))
-    assert upward - NOT_YET_LAYERED == set()
-    assert NOT_YET_LAYERED - upward == set(), "an import moved where it belongs: take it off NOT_YET_LAYERED"
+    assert upward == set()
 
 
 def test_the_layer_check_sees_an_upward_import(tmp_path):

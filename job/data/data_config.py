@@ -7,10 +7,9 @@ from typing import ClassVar, Literal
 from pydantic import model_validator
 
 from job.core.settings import Settings, check_s3_key, positive, seed
+from job.data.book_datasets import DATASETS
 
-BOOK_DATA = (
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
-)
+BOOK_DATA = DATASETS["instructions"].url
 
 
 class DataConfig(Settings):

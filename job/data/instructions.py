@@ -13,7 +13,9 @@ import torch
 from job.core.errors import ConfigError, JobError
 from job.core.observability import get_logger
 from job.core.parsing import ParseError, load_json, read_bounded
+from job.data.book_datasets import DATASETS, known_dataset
 from job.models.tokenizer import END_OF_TEXT_ID, encode, encode_parts
+from job.storage.fetch import Downloader, RemoteFile, mirror_urls
 
 log = get_logger(__name__)
 IGNORE_INDEX = -100
@@ -31,10 +33,16 @@ class DataError(JobError):
 def resolve_data(source: str, cache: str | Path, base_url: str | None = None) -> Path:
     """A local path for ``source``: a path as is, an http(s)/s3 URL fetched into the cache."""
     if urlparse(source).scheme in ("http", "https", "s3"):
-        from job.stages.download import Downloader, dataset_file
-
         return Downloader(Path(cache)).fetch(dataset_file(source, base_url))
     return Path(source)
+
+
+def dataset_file(url: str = DATASETS["instructions"].url, base_url: str | None = None) -> RemoteFile:
+    """A dataset by URL, with the sha256 the registry knows for it (``job/data/book_datasets.py``)."""
+    name = Path(urlparse(url).path).name
+    known = known_dataset(url)
+    sha, way_in = (known.sha256, known.way_in) if known else (None, "--data FILE")
+    return RemoteFile(name, mirror_urls(base_url, name, (url,)), sha, way_in=way_in)
 
 
 def parse_entries(path: Path) -> list:

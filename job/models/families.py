@@ -14,10 +14,19 @@ import torch
 
 from job.core.parsing import ParseError, load_json
 from job.models.gpt2 import GPTConfig, GPTModel
-from job.models.gpt2_weights import load_pretrained, read_config, save_hf
+from job.models.gpt2_weights import load_pretrained, read_config, recorded_settings, save_hf
+from job.models.hub import tokenizer_files
 from job.models.llama import LlamaConfig, LlamaModel
 from job.models.llama_weights import FAMILIES, load_llama, read_hf_config, save_llama
-from job.models.tokenizer import CHAT_TEMPLATE_FILE, HFTokenizer, load_hf_tokenizer
+from job.models.tokenizer import (
+    CHAT_TEMPLATE_FILE,
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    load_hf_tokenizer,
+    load_tokenizer,
+)
+from job.storage.fetch import Downloader
 from job.storage.store import atomic_path
 
 Model = GPTModel | LlamaModel
@@ -58,6 +67,18 @@ def read_shape(path: str | Path) -> GPTConfig | LlamaConfig:
 def folder_tokenizer(path: str | Path) -> HFTokenizer | None:
     """The tokenizer a Llama 3 / Qwen3 folder carries; None for GPT-2 (tiktoken's, from the cache)."""
     return None if family(path) == "gpt2" else load_hf_tokenizer(path)
+
+
+def model_tokenizer(model_dir: str | Path | None, cache: str | Path, base_url: str | None = None) -> Tokenizer:
+    """The tokenizer a model was trained with: the smoke's byte tokenizer where its config.json says so
+    (nothing to fetch), the one a Llama 3 / Qwen3 folder carries, else GPT-2's, fetched into the cache
+    where it is missing."""
+    if model_dir and recorded_settings(model_dir).get("tokenizer") == ByteTokenizer.name:
+        return ByteTokenizer()
+    if model_dir and (carried := folder_tokenizer(model_dir)) is not None:
+        return carried
+    Downloader(Path(cache)).fetch_all(tokenizer_files(base_url))
+    return load_tokenizer(Path(cache) / "gpt2")
 
 
 def save_model(model: Model, directory: Path, source: str | Path | None, recorded: dict) -> None:

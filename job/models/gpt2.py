@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from job.models.registry import MODEL_NAMES, OPENAI_SIZE_NAMES, ModelName  # noqa: F401  (re-exported)
+from job.models.registry import MODELS
 
 
 @dataclass(frozen=True)
@@ -55,13 +55,17 @@ class GPTConfig:
         return self.n_heads
 
 
-# The book's four sizes (section 7.5), keyed by the names users type.
-GPT2_SIZES: dict[ModelName, GPTConfig] = {
-    "gpt2-small": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),
-    "gpt2-medium": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),
-    "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),
-    "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),
-}
+def gpt2_config(name: str) -> GPTConfig:
+    """The shape of a GPT-2 size the registry names (the book's four, section 7.5)."""
+    shape = MODELS[name].shape
+    return GPTConfig(
+        context_length=shape.context_length, emb_dim=shape.emb_dim, n_layers=shape.n_layers, n_heads=shape.n_heads
+    )
+
+
+def gpt2_sizes() -> dict[str, GPTConfig]:
+    """Every GPT-2 size of the registry and its shape."""
+    return {name: gpt2_config(name) for name, entry in MODELS.items() if entry.shape is not None}
 
 
 class KVCache:

@@ -6,12 +6,12 @@ import os
 import re
 from typing import ClassVar, Literal
 
-from pydantic import model_validator
+from pydantic import ValidatorFunctionWrapHandler, field_validator, model_validator
 
 from job.core.errors import ConfigError
 from job.core.parsing import short
 from job.core.settings import MIRROR_SCHEMES, Settings, check_url, option
-from job.models.registry import ModelName
+from job.models.registry import ModelName, model_names
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sft-job")
 # A hub revision: a branch, tag or commit (letters, digits, '.', '_', '-', '/'; no '..').
@@ -23,9 +23,10 @@ class ModelOrigin(Settings):
     base models from the Hugging Face hub, each into the cache."""
 
     help_section: ClassVar[str] = "Finetune"
+    OTHER_MODELS: ClassVar[tuple[str, ...]] = ()  # names ``model`` takes beside the registry's (run's smoke)
     model: ModelName = "gpt2-medium"
     """Named model, fetched into the cache: a GPT-2 size (the book finetunes gpt2-medium, 355M) or a base model
-    on the Hugging Face hub (qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b, llama3.2-1b, llama3.2-3b)."""
+    on the Hugging Face hub (the choices: job/models/registry.py)."""
     source: Literal["openai", "hf"] = option("openai", section="Storage")
     """Where a GPT-2 size comes from: OpenAI's TensorFlow checkpoint (as in the book; reading it needs the tf
     extra) or Hugging Face's safetensors. The hub's models always come from the hub."""
@@ -42,6 +43,16 @@ class ModelOrigin(Settings):
     hf_token: str | None = option(None, secret=True, section="Storage")
     """Hugging Face access token for gated repositories (Llama 3.2: accept its license on the hub first);
     defaults to HF_TOKEN. Sent to the hub's host only, never logged."""
+
+    @field_validator("model", mode="wrap")
+    @classmethod
+    def _registered(cls, value, handler: ValidatorFunctionWrapHandler):
+        """A name the registry holds now (a test may register a size after the type was made), else one line
+        naming the choices; a value of another type gets the type's own check."""
+        names = (*model_names(), *cls.OTHER_MODELS)
+        if isinstance(value, str) and value not in names:
+            raise ConfigError(f"model must be one of {', '.join(names)}, got {short(value)}")
+        return value if isinstance(value, str) else handler(value)
 
     @model_validator(mode="after")
     def _check_origin(self):

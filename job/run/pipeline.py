@@ -26,38 +26,31 @@ from job.core.errors import ConfigError, ExitCode, JobError, exit_code_for
 from job.core.observability import Metrics, MetricsPublisher, RunStatus, bind, get_logger
 from job.core.parsing import ParseError, load_yaml
 from job.core.settings import default_of, parse_duration, redacted, result_changes, stage_config
-from job.data.instructions import load_entries, prompt_style, resolve_data, split_entries
+from job.data.instructions import dataset_file, load_entries, prompt_style, resolve_data, split_entries
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
-from job.models.families import family, read_shape
-from job.models.gpt2 import GPT2_SIZES, GPTConfig, GPTModel
+from job.models.families import family, model_tokenizer, read_shape
+from job.models.gpt2 import GPTConfig, GPTModel, gpt2_config
 from job.models.gpt2_weights import save_hf
-from job.models.origin import ModelOrigin
-from job.models.registry import HUB_REPOS
-from job.models.tokenizer import ByteTokenizer, encode
-from job.run.lock import run_lock
-from job.run.manifest import FAILURE_RECORD_PATIENCE_S, Manifest
-from job.run.report import REPORT, fetch_inputs, write_report
-from job.run.stage_record import StageRecorder
-from job.stages.download import (
+from job.models.hub import (
     HUB_HEAD_FILES,
-    Needed,
     cached_model_dir,
-    check_local_inputs,
-    check_reachable,
-    damaged_files,
-    dataset_file,
     fetch_model,
-    file_problem,
     hub_commit,
     hub_file,
     model_cached,
     model_downloader,
     model_files,
-    model_tokenizer,
     tokenizer_files,
     tokenizer_folder,
 )
+from job.models.origin import ModelOrigin
+from job.models.registry import gpt2_names, model_entry
+from job.models.tokenizer import ByteTokenizer, encode
+from job.run.lock import run_lock
+from job.run.manifest import FAILURE_RECORD_PATIENCE_S, Manifest
+from job.run.report import REPORT, fetch_inputs, write_report
+from job.run.stage_record import StageRecorder
 from job.stages.dpo import run_dpo
 from job.stages.dpo_config import DPOConfig
 from job.stages.export import GGUF_FILE, MODELFILE, run_export
@@ -69,6 +62,7 @@ from job.stages.generate_config import GenerateConfig
 from job.stages.judge import preflight as judge_preflight
 from job.stages.judge import run_judge
 from job.stages.judge_config import JudgeConfig
+from job.storage.fetch import Needed, check_local_inputs, check_reachable, damaged_files, file_problem
 from job.storage.store import LocalStorage, Storage, open_storage, sha256_file, upload_tree
 from job.training.binding import model_digest, run_binding, stage_name
 from job.training.checkpoint import fetch_checkpoint
@@ -393,8 +387,8 @@ def run_inputs(cfg: RunConfig) -> dict:
         model = f"random {SMOKE_MODEL.n_layers}-layer GPT-2 (the smoke's own, seed {cfg.seed}), byte tokenizer"
     elif cfg.model_dir:
         model = cfg.model_dir
-    elif cfg.model in HUB_REPOS:  # the commit the preflight's first file named, so a moved branch shows
-        model = f"{cfg.model} ({HUB_REPOS[cfg.model]} at {hub_commit(cfg) or cfg.hub_revision})"
+    elif model_entry(cfg.model).from_hub:  # the commit the preflight's first file named, so a moved branch shows
+        model = f"{cfg.model} ({model_entry(cfg.model).repo} at {hub_commit(cfg) or cfg.hub_revision})"
     else:
         model = f"{cfg.model} ({'OpenAI' if cfg.source == 'openai' else 'Hugging Face'} weights)"
     inputs = {"model": model}
@@ -519,7 +513,7 @@ def missing_pieces(cfg: RunConfig) -> list[Needed]:
         pieces.append(Needed("GPT-2's tokenizer", tuple(tokenizer_files(cfg.base_url)), way_in))
     pieces = [p for p in pieces if not _cached(p, cache)]
     if not (random_model(cfg) or cfg.model_dir or model_cached(cfg)):
-        hub = cfg.model in HUB_REPOS
+        hub = model_entry(cfg.model).from_hub
         files = (hub_file(cfg, HUB_HEAD_FILES[0]),) if hub else tuple(model_files(cfg.model, cfg.source, cfg.base_url))
         what = f"the weights{' and tokenizer' if hub else ''} of {cfg.model}"
         pieces.append(Needed(what, files, files[0].way_in))
@@ -567,7 +561,7 @@ def stage_model(cfg: RunConfig, start: str) -> dict:
 
 def _gpt2(cfg: RunConfig) -> bool:
     """Whether the run starts from a GPT-2 (a named size, or a folder of one)."""
-    return family(cfg.model_dir) == "gpt2" if cfg.model_dir else cfg.model in GPT2_SIZES
+    return family(cfg.model_dir) == "gpt2" if cfg.model_dir else cfg.model in gpt2_names()
 
 
 def check_model_fit(cfg: RunConfig, test: list[dict]) -> tuple:
@@ -575,11 +569,12 @@ def check_model_fit(cfg: RunConfig, test: list[dict]) -> tuple:
     --max-new-tokens fit its context; a LoRA rank is at most its width. Returns the model's tokenizer, the
     prompt style and the context length."""
     random = random_model(cfg)
-    folder = None if random else tokenizer_folder(cfg)  # a hub model's config and tokenizer, before its weights
+    # a hub model's config and tokenizer, before its weights
+    folder = None if random else tokenizer_folder(cfg, cfg.model_dir)
     if random:
         shape = SMOKE_MODEL
     else:
-        shape = read_shape(folder) if folder else GPT2_SIZES[cfg.model]
+        shape = read_shape(folder) if folder else gpt2_config(cfg.model)
     if cfg.lora_rank is not None and cfg.lora_rank > shape.emb_dim:
         raise ConfigError(f"--lora-rank {cfg.lora_rank} is more than the model's width of {shape.emb_dim}")
     tokenizer = ByteTokenizer() if random else model_tokenizer(folder, cfg.cache, cfg.base_url)

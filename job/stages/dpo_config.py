@@ -8,12 +8,10 @@ from pydantic import model_validator
 
 from job.core.errors import ConfigError
 from job.core.settings import Settings, check_s3_key, option, positive
+from job.data.book_datasets import DATASETS
 from job.training.train_config import TrainConfig
 
-PREFERENCE_DATA = (  # the book's preference data (ch07/04), as job/stages/download.py knows it
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
-    "instruction-data-with-preference.json"
-)
+PREFERENCE_DATA = DATASETS["preferences"].url  # the book's preference data (ch07/04)
 
 
 class DPOConfig(TrainConfig):

@@ -11,12 +11,11 @@ from job.core.errors import ConfigError
 from job.core.observability import Metrics, get_logger
 from job.data.chat_layout import TurnLayout, turn_layout
 from job.data.instructions import ChatStyle, prompt_style
-from job.models.families import load_model
+from job.models.families import load_model, model_tokenizer
 from job.models.gguf_export import write_gguf
 from job.models.gguf_vocab import Vocabulary, byte_vocabulary, gpt2_vocabulary, hf_vocabulary
 from job.models.gpt2_weights import WeightsError
 from job.models.tokenizer import END_OF_TEXT, ByteTokenizer, HFTokenizer
-from job.stages.download import model_tokenizer
 from job.stages.export_config import ExportConfig
 from job.stages.generate import saved_prompt_style
 from job.storage.store import atomic_write_text

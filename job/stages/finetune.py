@@ -22,18 +22,12 @@ from job.data.instructions import (
     split_entries,
     tokenize,
 )
-from job.models.families import Model, family
+from job.models.families import Model, family, model_tokenizer
 from job.models.families import load_model as load_model_folder
-from job.models.gpt2 import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
+from job.models.gpt2 import GPTModel, gpt2_sizes
+from job.models.hub import cached_model_dir, fetch_model, hf_repo_id, model_downloader, tokenizer_folder
+from job.models.registry import model_entry
 from job.models.tokenizer import Tokenizer
-from job.stages.download import (
-    cached_model_dir,
-    fetch_model,
-    hf_repo_id,
-    model_downloader,
-    model_tokenizer,
-    tokenizer_folder,
-)
 from job.stages.finetune_config import FinetuneConfig
 from job.storage.store import atomic_write_text
 from job.training.binding import run_binding
@@ -91,7 +85,7 @@ def load_inputs(cfg: TrainConfig, check=entry_problem) -> Inputs:
     the tokenizer and the model."""
     cache = Path(cfg.cache)
     path, train, val = training_splits(cfg, check)
-    tokenizer = model_tokenizer(tokenizer_folder(cfg), cache, cfg.base_url)
+    tokenizer = model_tokenizer(tokenizer_folder(cfg, cfg.model_dir), cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style, tokenizer)
     model, name = load_model(cfg)
     max_length = min(cfg.allowed_max_length, model.cfg.context_length)
@@ -119,11 +113,11 @@ def load_model(cfg: TrainConfig) -> tuple[Model, str]:
     folder = Path(cfg.model_dir) if cfg.model_dir else fetch_model(cfg, model_downloader(cfg))
     model = load_model_folder(folder)
     if folder == cached_model_dir(cfg):  # the named model, as downloaded
-        return model, f"{cfg.model}{OPENAI_SIZE_NAMES.get(cfg.model, '')}"
+        return model, f"{cfg.model}{model_entry(cfg.model).openai_folder or ''}"
     if not isinstance(model, GPTModel):
         return model, f"{family(folder)}-custom"
-    named = next((n for n, c in GPT2_SIZES.items() if c == model.cfg), None)
-    return model, f"{named}{OPENAI_SIZE_NAMES[named]}" if named else "gpt2-custom"
+    named = next((n for n, c in gpt2_sizes().items() if c == model.cfg), None)
+    return model, f"{named}{model_entry(named).openai_folder}" if named else "gpt2-custom"
 
 
 def sft_task(cfg: FinetuneConfig, prep: Prepared) -> Task:

@@ -21,10 +21,9 @@ from job.data.instructions import (
     split_entries,
 )
 from job.models.decoding import generate, generate_fixed_batch
-from job.models.families import load_model
+from job.models.families import load_model, model_tokenizer
 from job.models.gpt2_weights import recorded_settings
 from job.models.tokenizer import decode_response, encode
-from job.stages.download import model_tokenizer
 from job.stages.generate_config import GenerateConfig
 from job.storage.store import atomic_write_text, read_progress
 from job.training.train_config import resolve_precision

@@ -22,7 +22,7 @@ from pathlib import Path
 from job.core.errors import ConfigError, JobError
 from job.core.settings import operational_options, redacted, result_changes
 from job.data.instructions import resolve_data
-from job.stages.download import cached_model_dir
+from job.models.hub import cached_model_dir
 from job.storage.store import sha256_file, sha256_files
 from job.training.train_config import TrainConfig
 

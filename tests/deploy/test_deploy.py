@@ -759,10 +759,12 @@ def _reached(values: dict | None) -> set[tuple[str, int]]:
     registry an Ollama sidecar pulls the judge model from."""
     from urllib.parse import urlparse
 
-    from job.stages.download import HUB_REPOS, dataset_file, hub_file, model_files, tokenizer_files
+    from job.data.instructions import dataset_file
+    from job.models.hub import hub_file, model_files, tokenizer_files
+    from job.models.registry import model_entry
 
     cfg, env, _ = _run_config(values)
-    if cfg.model in HUB_REPOS:
+    if model_entry(cfg.model).from_hub:
         files = [hub_file(cfg, "config.json")]
     else:
         files = model_files(cfg.model, cfg.source, cfg.base_url) + tokenizer_files(cfg.base_url)

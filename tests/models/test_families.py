@@ -18,7 +18,7 @@ from job.config import RunConfig
 from job.core.errors import ExitCode
 from job.core.observability import Metrics
 from job.models.families import family, load_model
-from job.models.registry import HUB_REPOS
+from job.models.registry import MODELS
 from job.run.pipeline import run_pipeline
 from tests.family_folders import END, VOCAB, write_family_folder
 from tests.file_server import FileServer
@@ -179,7 +179,7 @@ def test_a_named_model_comes_from_the_hub_in_shards_with_the_token_sent_to_the_h
     from transformers import AutoModelForCausalLM
 
     name, commit = HUB_NAMES[family(family_dir)], "c0ffee" * 6 + "c0ff"
-    repo, resolve = HUB_REPOS[name], f"/{HUB_REPOS[name]}/resolve/{commit}"  # main resolves to the commit
+    repo, resolve = MODELS[name].repo, f"/{MODELS[name].repo}/resolve/{commit}"  # main resolves to the commit
     files = _hub_repository(family_dir, tmp_path / "repository")
     shards = sorted(n for n in files if n.startswith("model-"))
     assert len(shards) >= 2 and "model.safetensors" not in files

@@ -10,11 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from job.data.instructions import PROMPT_STYLES
-from job.models.families import load_model
+from job.models.families import load_model, model_tokenizer
 from job.models.gpt2 import GPTConfig, GPTModel
 from job.models.gpt2_weights import save_hf
 from job.models.tokenizer import encode
-from job.stages.download import model_tokenizer
 from job.stages.export import GGUF_FILE, run_export
 from job.stages.export_config import ExportConfig
 from tests.family_folders import write_family_folder

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from job.models.gpt2 import GPT2_SIZES, MODEL_NAMES, OPENAI_SIZE_NAMES, GPTConfig, GPTModel, KVCache, head_loss
-from job.models.registry import HUB_REPOS
+from job.models.gpt2 import GPTConfig, GPTModel, KVCache, gpt2_config, gpt2_sizes, head_loss
+from job.models.registry import MODELS, hub_names, model_names
 
 TINY = GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2)
 
@@ -14,23 +14,23 @@ def model():
 
 
 def test_the_books_four_sizes():
-    shapes = {name: (c.emb_dim, c.n_layers, c.n_heads) for name, c in GPT2_SIZES.items()}
+    shapes = {name: (c.emb_dim, c.n_layers, c.n_heads) for name, c in gpt2_sizes().items()}
     assert shapes == {
         "gpt2-small": (768, 12, 12),
         "gpt2-medium": (1024, 24, 16),
         "gpt2-large": (1280, 36, 20),
         "gpt2-xl": (1600, 48, 25),
     }
-    for c in GPT2_SIZES.values():
+    for c in gpt2_sizes().values():
         assert (c.vocab_size, c.context_length, c.qkv_bias, c.drop_rate) == (50257, 1024, True, 0.0)
     # One list of names: the flags' choices are GPT-2's shapes (OpenAI's folder names) and the hub's models.
-    assert tuple(GPT2_SIZES) == tuple(OPENAI_SIZE_NAMES)
-    assert MODEL_NAMES == (*GPT2_SIZES, *HUB_REPOS)
+    assert [MODELS[name].openai_folder for name in gpt2_sizes()] == ["124M", "355M", "774M", "1558M"]
+    assert model_names() == (*gpt2_sizes(), *hub_names())
 
 
 def test_parameter_count_of_gpt2_small_matches_124m():
     with torch.device("meta"):
-        model = GPTModel(GPT2_SIZES["gpt2-small"])
+        model = GPTModel(gpt2_config("gpt2-small"))
     assert model.num_parameters() == 124_439_808  # tied head, as OpenAI's release
 
 

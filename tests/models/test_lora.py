@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from job.core.errors import ExitCode
 from job.core.observability import Metrics
-from job.models.gpt2 import GPT2_SIZES, GPTConfig, GPTModel
+from job.models.gpt2 import GPTConfig, GPTModel, gpt2_config
 from job.models.gpt2_weights import book_state_dict, load_pretrained
 from job.models.lora import adapters, add_adapters, merge_adapters, peft_target_modules, save_peft_adapter
 from job.storage.store import tree_bytes
@@ -143,9 +143,9 @@ def _checkpoint_bytes(model: GPTModel, folder) -> int:
 
 def test_a_lora_checkpoint_of_gpt2_small_holds_only_the_adapters_and_their_moments(tmp_path):
     with torch.device("meta"):
-        full = sum(p.numel() for p in GPTModel(GPT2_SIZES["gpt2-small"]).parameters())
+        full = sum(p.numel() for p in GPTModel(gpt2_config("gpt2-small")).parameters())
     torch.manual_seed(0)
-    model = GPTModel(GPT2_SIZES["gpt2-small"])
+    model = GPTModel(gpt2_config("gpt2-small"))
     full_bytes = 3 * 4 * full  # the model and AdamW's two moments in fp32, as a full checkpoint writes them
     ratios = {}
     for rank, targets in ((16, "all"), (16, "attn,mlp"), (8, "all")):

@@ -11,8 +11,8 @@ from safetensors.torch import load
 
 from job.config import RunConfig
 from job.core.observability import Metrics
+from job.models.hub import HF_FILES
 from job.run.pipeline import run_pipeline
-from job.stages.download import HF_FILES
 from tests.helpers import cli, events, start_cli, wait_for_event
 
 STAGES = ["download", "finetune", "generate", "judge"]

@@ -420,7 +420,7 @@ def test_run_dpo_with_preference_data_too_small_to_split_names_the_file(cache, t
 def test_a_host_that_answers_on_a_later_try_is_not_taken_for_no_network():
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from job.stages.download import host_fails
+    from job.storage.fetch import host_fails
 
     port = free_port()
     servers, waits = [], []

@@ -14,25 +14,20 @@ from hypothesis import strategies as st
 from requests.structures import CaseInsensitiveDict
 
 from job.config import DownloadConfig
-from job.models.llama_weights import INDEX
-from job.models.registry import HUB_REPOS
-from job.stages.download import (
-    DATASET_URL,
+from job.data.book_datasets import DATASETS
+from job.data.instructions import dataset_file
+from job.models.hub import (
     HUB_HEAD_FILES,
-    PREFERENCE_URL,
     WEIGHTS_WAY_IN,
-    Downloader,
-    DownloadError,
-    DownloadUnavailable,
-    RemoteFile,
-    _stated,
-    dataset_file,
     fetch_model,
     hub_commit,
     model_downloader,
     model_files,
     tokenizer_files,
 )
+from job.models.llama_weights import INDEX
+from job.models.registry import MODELS
+from job.storage.fetch import Downloader, DownloadError, DownloadUnavailable, RemoteFile, _stated
 from tests.file_server import FileServer
 from tests.helpers import cli, free_port
 
@@ -130,8 +125,8 @@ def test_an_outage_on_one_source_and_a_404_on_the_other_is_not_worth_a_rerun(tmp
 @pytest.mark.parametrize(
     "remote, way_in",
     [
-        (dataset_file(DATASET_URL), "--data FILE, "),
-        (dataset_file(PREFERENCE_URL), "--dpo-data FILE, "),
+        (dataset_file(DATASETS["instructions"].url), "--data FILE, "),
+        (dataset_file(DATASETS["preferences"].url), "--dpo-data FILE, "),
         (model_files("gpt2-small", "hf")[1], f"{WEIGHTS_WAY_IN}, "),
         (model_files("gpt2-medium", "openai")[3], f"{WEIGHTS_WAY_IN}, "),
         (tokenizer_files()[0], ""),
@@ -241,6 +236,19 @@ def test_cli_download_from_a_mirror_then_again_offline(tmp_path, tokenizer_dir):
         assert len(server.requests) == 4
 
 
+def test_download_attempts_is_the_number_of_tries_of_a_file_before_exit_75(cache):
+    """``--download-attempts 2``: a mirror answering 503 is asked twice for the file, then the stage ends 75."""
+    from job.cli import main
+
+    config = "/mirror/gpt2-hf/gpt2-small/config.json"
+    with FileServer({config: b"{}", "/mirror/gpt2-hf/gpt2-small/model.safetensors": b"w"}) as server:
+        server.faults[config].extend(["503"] * 3)
+        args = ["download", "--model", "gpt2-small", "--source", "hf", "--cache", str(cache), "--no-dataset"]
+        result = CliRunner().invoke(main, [*args, "--base-url", f"{server.url}/mirror", "--download-attempts", "2"])
+    assert result.exit_code == 75, result.output
+    assert len(server.gets(config)) == 2 and not (cache / "gpt2-hf" / "gpt2-small" / "config.json").exists()
+
+
 def test_tokenizer_files_have_pinned_hashes():
     assert [f.sha256[:8] for f in tokenizer_files()] == ["19613966", "1ce16647"]
 
@@ -270,9 +278,9 @@ def test_s3_missing_key_is_a_clear_error(tmp_path, s3):
 def test_progress_is_json_events_when_no_terminal_watches(tmp_path, monkeypatch):
     import structlog
 
-    import job.stages.download
+    import job.storage.fetch
 
-    monkeypatch.setattr(job.stages.download, "stderr_is_terminal", lambda: False)
+    monkeypatch.setattr(job.storage.fetch, "stderr_is_terminal", lambda: False)
     with FileServer({"/f": BLOB}) as server, structlog.testing.capture_logs() as logs:
         dl, _ = _downloader(tmp_path)
         dl.fetch(RemoteFile("f", (server.url + "/f",)))
@@ -312,7 +320,7 @@ def test_bytes_from_the_hubs_cdn_are_checked_against_the_sha256_the_hub_states(b
 def test_a_hub_download_takes_every_file_from_the_commit_its_first_file_named_also_after_main_moved(tmp_path):
     """The first file asks for ``main`` and the hub names its commit; the rest come from that commit. A
     download cut off, then resumed after ``main`` moved on the hub, still ends with one commit's files."""
-    repo, before, after = HUB_REPOS["qwen3-0.6b"], "a" * 40, "b" * 40
+    repo, before, after = MODELS["qwen3-0.6b"].repo, "a" * 40, "b" * 40
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     index = json.dumps({"weight_map": {"x": shards[0], "y": shards[1]}}).encode()
 
@@ -327,10 +335,10 @@ def test_a_hub_download_takes_every_file_from_the_commit_its_first_file_named_al
         origin.hub_url = hub.url
         hub.faults[f"/{repo}/resolve/{before}/{shards[1]}"].append("503")
         with pytest.raises(DownloadUnavailable):
-            fetch_model(origin, model_downloader(origin))
+            fetch_model(origin, model_downloader(origin, attempts=origin.download_attempts))
         hub.files |= repository("main", "new") | repository(after, "new")  # main moves on
         hub.commit = after
-        folder = fetch_model(origin, model_downloader(origin))
+        folder = fetch_model(origin, model_downloader(origin, attempts=origin.download_attempts))
     asked = [path for path, _ in hub.requests]
     assert asked[0] == f"/{repo}/resolve/main/config.json"
     assert all(path.startswith(f"/{repo}/resolve/{before}/") for path in asked[1:])
@@ -372,11 +380,11 @@ def test_the_hubs_headers_of_the_right_form_are_read_from_the_redirect_or_the_an
 def test_a_cached_commit_file_that_holds_no_commit_is_one_line_naming_it_before_any_request(damaged):
     with tempfile.TemporaryDirectory() as cache:
         origin = DownloadConfig(model="qwen3-0.6b", cache=cache, hub_url="http://127.0.0.1:9")
-        folder = Path(cache) / "hf" / HUB_REPOS["qwen3-0.6b"] / "main"
+        folder = Path(cache) / "hf" / MODELS["qwen3-0.6b"].repo / "main"
         folder.mkdir(parents=True)
         (folder / ".commit").write_bytes(damaged)
         with pytest.raises(DownloadError) as refused:
-            fetch_model(origin, model_downloader(origin))
+            fetch_model(origin, model_downloader(origin, attempts=origin.download_attempts))
     assert str(refused.value) == (
         f"{folder / '.commit'} does not hold a commit (40 hex digits): remove {folder} to download the model again"
     )

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from job.models.registry import HUB_REPOS
-from job.stages.download import HF_FILES, HUB_HEAD_FILES
+from job.models.hub import HF_FILES, HUB_HEAD_FILES
+from job.models.registry import MODELS
 from tests.file_server import FileServer
 from tests.helpers import cli, events, free_port
 
-REPO = HUB_REPOS["qwen3-0.6b"]
+REPO = MODELS["qwen3-0.6b"].repo
 COMMIT = "5eed" * 10
 LOGIN_PAGE = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Log in to continue</body></html>\n"
 GOOD = {
@@ -178,7 +178,7 @@ def test_a_page_cached_for_gpt2s_config_json_is_not_a_cached_model_and_is_fetche
     """GPT-2's Hugging Face files too: a stage never takes the page as the config (the cache is not
     complete), the download names it offline and fetches it again from the mirror."""
     from job.config import DownloadConfig
-    from job.stages.download import model_cached
+    from job.models.hub import model_cached
 
     files = {f"/gpt2-hf/gpt2-small/{n}": (tiny_model_dir / n).read_bytes() for n in HF_FILES}
     origin = DownloadConfig(model="gpt2-small", source="hf", cache=str(cache))
