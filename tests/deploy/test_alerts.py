@@ -447,7 +447,7 @@ def _checkpoint(work: Path) -> Path:
 
 
 def test_a_checkpoint_counts_as_uploaded_once_it_is_in_the_store_and_not_when_the_store_fails(tmp_path):
-    from job.run.pipeline import CheckpointUploader
+    from job.training.checkpoint import CheckpointUploader
     from job.storage.store import LocalStorage
 
     metrics, uploaded = Metrics(), "sft_job_last_checkpoint_upload_timestamp_seconds"
