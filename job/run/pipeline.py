@@ -68,7 +68,7 @@ from job.stages.download import (
     tokenizer_folder,
 )
 from job.stages.dpo import run_dpo
-from job.stages.finetune import run_finetune, training_splits
+from job.stages.finetune import run_finetune
 from job.stages.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate
 from job.stages.judge import preflight as judge_preflight
 from job.stages.judge import run_judge
@@ -77,6 +77,7 @@ from job.training.binding import model_digest, run_binding, stage_name
 from job.training.checkpoint import CheckpointUploader, fetch_checkpoint
 from job.training.checkpoint_files import read_key
 from job.training.roles import Roles
+from job.training.stage_io import training_splits
 from job.training.trainer import check_batches
 
 log = get_logger(__name__)
