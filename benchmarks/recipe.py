@@ -77,7 +77,7 @@ def full_recipe(setup: Setup) -> dict:
         trainer.fit()
         _sync(setup.device)
         fitted = time.perf_counter()
-        save_outputs(trainer, cfg, prep.start, prep.model_name)
+        save_outputs(trainer, cfg, prep.start, model_name=prep.model_name)
         done = time.perf_counter()
         history = trainer.state.history
     return {

@@ -234,7 +234,8 @@ class Pipeline:
         process of every node fetches the newest checkpoint, and none starts before every fetch is done."""
         binding = run_binding(cfg, self.run_id) if self.roles.prepares_node else None
         if self.roles.prepares_node and self.remote:
-            fetch_checkpoint(self.storage, self.work, read_key(self.cfg.checkpoint_key_file), folder, binding)
+            key = read_key(self.cfg.checkpoint_key_file)
+            fetch_checkpoint(self.storage, self.work, key=key, folder=folder, binding=binding)
         self.roles.together()
         binding = binding or run_binding(cfg, self.run_id)  # once this node's inputs are in place
         if self.roles.keeps_run:

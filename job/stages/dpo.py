@@ -76,7 +76,7 @@ def run_dpo(
     start = starting_model(cfg)
     task, name = dpo_task(cfg, start)  # may fail: nothing has been written yet
     binding = binding or run_binding(cfg, (saved_config or {}).get("run_id"))
-    trainer = Trainer(cfg, task, metrics, saved_config, on_checkpoint, binding)
+    trainer = Trainer(cfg, task, metrics, saved_config=saved_config, on_checkpoint=on_checkpoint, binding=binding)
     if trainer.roles.keeps_run:
         write_config_once(trainer)
         log.info(
@@ -91,7 +91,7 @@ def run_dpo(
             logprob_reduction=cfg.logprob_reduction,
         )
     trainer.fit()
-    outputs = save_outputs(trainer, cfg, start, name, kind="dpo")
+    outputs = save_outputs(trainer, cfg, start, model_name=name, kind="dpo")
     if trainer.roles.keeps_run:
         margins = trainer.output / "reward-margins-plot.png"
         plot_reward_margins(trainer.state.history, trainer.state.step / trainer.batches_per_epoch, margins)

@@ -82,7 +82,9 @@ def run_finetune(
     metrics = metrics or Metrics()
     prep = prepare(cfg)  # may fail: nothing has been written yet
     binding = binding or run_binding(cfg, (saved_config or {}).get("run_id"))
-    trainer = Trainer(cfg, sft_task(cfg, prep), metrics, saved_config, on_checkpoint, binding)
+    trainer = Trainer(
+        cfg, sft_task(cfg, prep), metrics, saved_config=saved_config, on_checkpoint=on_checkpoint, binding=binding
+    )
     if trainer.roles.keeps_run:
         write_config_once(trainer)
         log.info(
@@ -98,7 +100,7 @@ def run_finetune(
             device=str(trainer.accelerator.device),
         )
     trainer.fit()
-    outputs = save_outputs(trainer, cfg, prep.start, prep.model_name)
+    outputs = save_outputs(trainer, cfg, prep.start, model_name=prep.model_name)
     if trainer.roles.keeps_run:
         log.info(
             "finetune_done",

@@ -96,6 +96,7 @@ class CheckpointManager:
         optimizer,
         keep: int,
         metrics: Metrics,
+        *,
         on_checkpoint: Callable[[Path], None] | None = None,
         key: bytes | None = None,
         binding: dict | None = None,
@@ -281,7 +282,7 @@ def check_binding(path: Path, binding: dict | None, name: str | None = None) -> 
 
 
 def fetch_checkpoint(
-    storage: Storage, work: Path, key: bytes | None, folder: str = "checkpoints", binding: dict | None = None
+    storage: Storage, work: Path, *, key: bytes | None, folder: str = "checkpoints", binding: dict | None = None
 ) -> None:
     """Into ``work/{folder}``, when it holds none (a new pod, another node), the newest checkpoint under
     ``folder`` in ``storage`` that passes every check, older ones where it does not; a CheckpointError

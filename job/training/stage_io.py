@@ -26,7 +26,7 @@ from job.models.families import load_model as load_model_folder
 from job.models.gpt2 import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
 from job.models.tokenizer import Tokenizer
 from job.storage.store import atomic_write_text
-from job.training.outputs import write_outputs
+from job.training.outputs import Adapter, Trained, write_outputs
 from job.training.trainer import Trainer
 
 
@@ -103,26 +103,24 @@ def load_model(named: str, start: StartingModel) -> tuple[Model, str]:
 
 
 def save_outputs(
-    trainer: Trainer, cfg: TrainConfig, start: StartingModel, model_name: str, kind: str = "sft"
+    trainer: Trainer, cfg: TrainConfig, start: StartingModel, *, model_name: str, kind: str = "sft"
 ) -> dict[str, Path]:
     """The trained model's outputs, written by the main process once every process is done."""
     trainer.roles.together()
     if not trainer.roles.keeps_run:
         return {}
-    epochs = trainer.state.step / trainer.batches_per_epoch  # a fraction where training stopped early
+    state = trainer.state
+    epochs = state.step / trainer.batches_per_epoch  # a fraction where training stopped early
     return write_outputs(
         trainer.trained_model(),
         trainer.output,
-        trainer.state.history,
-        epochs,
-        model_name,
-        cfg.prompt_style,
-        start.adapter_base if cfg.lora_rank else None,
-        cfg.lora_dropout,
-        kind,
-        getattr(trainer.task.tokenizer, "name", "gpt2"),
-        trained={"steps": trainer.state.step, "tokens_seen": trainer.state.tokens_seen, "epochs": round(epochs, 4)},
+        Trained(state.history, state.step, state.tokens_seen, epochs),
+        book_name=model_name,
+        prompt_style=cfg.prompt_style,
+        kind=kind,
+        tokenizer=getattr(trainer.task.tokenizer, "name", "gpt2"),
         source=start.folder,
+        adapter=Adapter(start.adapter_base, cfg.lora_dropout) if cfg.lora_rank else None,
     )
 
 

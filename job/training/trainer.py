@@ -114,6 +114,7 @@ class Trainer:
         cfg: TrainConfig,
         task: Task,
         metrics: Metrics,
+        *,
         saved_config: dict | None = None,
         on_checkpoint: Callable[[Path], None] | None = None,
         binding: dict | None = None,
@@ -155,9 +156,9 @@ class Trainer:
             self.optimizer,
             cfg.keep_checkpoints,
             metrics,
-            on_checkpoint,
-            key,
-            binding,
+            on_checkpoint=on_checkpoint,
+            key=key,
+            binding=binding,
         )
         self._signalled = threading.Event()
         self._signals: list[str] = []  # the stop signals this process got, by name, for the message
