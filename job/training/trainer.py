@@ -147,17 +147,15 @@ class Trainer:
         self.state = TrainState()
         self._saved_step: int | None = None
         self.loop_seconds = 0.0
-        key = read_key(cfg.checkpoint_key_file)
-        checkpoints = self.output / "checkpoints"
         self.checkpointer = CheckpointManager(
-            checkpoints,
+            self.output / "checkpoints",
             self.accelerator,
             self.model,
             self.optimizer,
             cfg.keep_checkpoints,
             metrics,
             on_checkpoint=on_checkpoint,
-            key=key,
+            key=read_key(cfg.checkpoint_key_file),
             binding=binding,
         )
         self._signalled = threading.Event()
