@@ -16,8 +16,9 @@ from job.data.instructions import load_entries, split_entries
 from job.models.gpt2 import GPTModel
 from job.models.gpt2_weights import save_hf
 from job.models.tokenizer import load_tokenizer
-from job.stages.finetune import prepare, save_outputs, sft_task
+from job.stages.finetune import prepare, sft_task
 from job.stages.finetune_config import FinetuneConfig
+from job.training.stage_io import save_outputs
 from job.training.trainer import Trainer
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}  # dense, per card
@@ -76,7 +77,7 @@ def full_recipe(setup: Setup) -> dict:
         trainer.fit()
         _sync(setup.device)
         fitted = time.perf_counter()
-        save_outputs(trainer, cfg, prep.model_name)
+        save_outputs(trainer, cfg, prep.start, model_name=prep.model_name)
         done = time.perf_counter()
         history = trainer.state.history
     return {

@@ -17,9 +17,22 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE_FILES = ("instruction-data.json", "instruction-data-with-preference.json", "gpt2/encoder.json", "gpt2/vocab.bpe")
 
 
+# What asks a run for a metrics endpoint of the test's own (a port, a scrape target, or a file that may name one).
+METRICS_FLAGS = ("--metrics-port", "--metrics-sd-dir", "--config")
+METRICS_VARIABLES = ("SFT_JOB_METRICS_PORT", "SFT_JOB_METRICS_SD_DIR")
+
+
+def without_endpoint(args, env: dict | None) -> list[str]:
+    """``sft-job run`` arguments with ``--metrics-port 0`` (no endpoint) added, unless the test asks for a port,
+    a scrape target or a config file: no test depends on a port being free, nor serves one it does not read."""
+    args = [str(a) for a in args]
+    asked = any(a.split("=")[0] in METRICS_FLAGS for a in args) or any(v in (env or {}) for v in METRICS_VARIABLES)
+    return ["run", "--metrics-port", "0", *args[1:]] if args[:1] == ["run"] and not asked else args
+
+
 def cli(*args, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "job.cli", *map(str, args)],
+        [sys.executable, "-m", "job.cli", *without_endpoint(args, env)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -31,7 +44,7 @@ def cli(*args, env: dict | None = None, timeout: float = 600) -> subprocess.Comp
 def start_cli(*args, env: dict | None = None, umask: int | None = None) -> subprocess.Popen:
     """The CLI as a process; ``umask``: the one it starts with (a cluster's users may have 077)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "job.cli", *map(str, args)],
+        [sys.executable, "-m", "job.cli", *without_endpoint(args, env)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -7,13 +7,11 @@ at something missing; a rerun with the same run id skips stages whose artifacts 
 
 from __future__ import annotations
 
-import contextvars
+import contextlib
 import dataclasses
 import hashlib
 import os
 import shutil
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -55,7 +53,7 @@ from job.stages.dpo import run_dpo
 from job.stages.dpo_config import DPOConfig
 from job.stages.export import GGUF_FILE, MODELFILE, run_export
 from job.stages.export_config import ExportConfig
-from job.stages.finetune import run_finetune, training_splits
+from job.stages.finetune import run_finetune
 from job.stages.finetune_config import FinetuneConfig
 from job.stages.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate
 from job.stages.generate_config import GenerateConfig
@@ -63,11 +61,12 @@ from job.stages.judge import preflight as judge_preflight
 from job.stages.judge import run_judge
 from job.stages.judge_config import JudgeConfig
 from job.storage.fetch import Needed, check_local_inputs, check_reachable, damaged_files, file_problem
-from job.storage.store import LocalStorage, Storage, open_storage, sha256_file, upload_tree
+from job.storage.store import LocalStorage, Storage, open_storage, sha256_file
 from job.training.binding import model_digest, run_binding, stage_name
-from job.training.checkpoint import fetch_checkpoint
-from job.training.checkpoint_files import INDEX, checkpoint_dirs, read_key
+from job.training.checkpoint import CheckpointUploader, fetch_checkpoint
+from job.training.checkpoint_files import read_key
 from job.training.roles import Roles
+from job.training.stage_io import training_splits
 from job.training.trainer import check_batches
 
 log = get_logger(__name__)
@@ -86,62 +85,6 @@ def recorded_options(cfg: RunConfig) -> dict:
 def default_run_id(cfg: RunConfig) -> str:
     digest = hashlib.sha256(yaml.safe_dump(redacted(cfg), sort_keys=True).encode()).hexdigest()[:8]
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{digest}"
-
-
-class CheckpointUploader:
-    """Uploads each checkpoint in the background while training goes on; ``wait`` before exit."""
-
-    def __init__(self, storage: Storage, metrics: Metrics, folder: str = "checkpoints"):
-        self.storage, self.metrics, self.folder = storage, metrics, folder
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
-        self.pending: list[Future] = []
-
-    def __call__(self, checkpoint: Path) -> None:
-        self.raise_if_failed()  # an upload that gave up ends training at its next checkpoint
-        # The log context (run_id, stage, rank) lives in contextvars, which threads do not inherit.
-        context = contextvars.copy_context()
-        self.pending.append(self.pool.submit(context.run, self._upload, checkpoint, checkpoint.stat().st_ino))
-
-    def _upload(self, checkpoint: Path, inode: int) -> None:
-        started = time.perf_counter()
-        keep = {p.name for p in checkpoint_dirs(checkpoint.parent)}
-        try:
-            upload_tree(
-                self.storage,
-                checkpoint,
-                f"{self.folder}/{checkpoint.name}",
-                on_bytes=self.metrics.artifact_bytes_uploaded_total.inc,
-                last=INDEX,  # uploaded last: its presence marks the checkpoint complete
-            )
-        except FileNotFoundError:
-            if checkpoint.exists() and checkpoint.stat().st_ino == inode:
-                raise
-            # Rotated away (or written again) while the store was slow: a newer one is queued behind it.
-            log.info("checkpoint_upload_skipped", checkpoint=checkpoint.name, reason="superseded")
-            return
-        self.metrics.checkpoint_stored()
-        for key in self.storage.list(f"{self.folder}/"):
-            name = key[len(self.folder) + 1 :].split("/")[0]
-            if name not in keep and name != checkpoint.name:
-                self.storage.delete_prefix(f"{self.folder}/{name}")
-        log.info("checkpoint_uploaded", checkpoint=checkpoint.name, seconds=round(time.perf_counter() - started, 3))
-
-    def raise_if_failed(self) -> None:
-        for future in self.pending:
-            if future.done() and future.exception() is not None:
-                raise future.exception()
-
-    def wait(self) -> None:
-        """Every upload finished; the first failure is raised."""
-        self.pool.shutdown(wait=True)
-        self.raise_if_failed()
-
-    def wait_quietly(self) -> None:
-        """Every upload finished (on the way out of a failed stage); failures are only logged."""
-        self.pool.shutdown(wait=True)
-        for future in self.pending:
-            if future.exception() is not None:
-                log.error("checkpoint_upload_failed", error=str(future.exception()))
 
 
 class Pipeline:
@@ -282,22 +225,16 @@ class Pipeline:
         process of every node fetches the newest checkpoint, and none starts before every fetch is done."""
         binding = run_binding(cfg, self.run_id) if self.roles.prepares_node else None
         if self.roles.prepares_node and self.remote:
-            fetch_checkpoint(self.storage, self.work, read_key(self.cfg.checkpoint_key_file), folder, binding)
+            key = read_key(self.cfg.checkpoint_key_file)
+            fetch_checkpoint(self.storage, self.work, key=key, folder=folder, binding=binding)
         self.roles.together()
         binding = binding or run_binding(cfg, self.run_id)  # once this node's inputs are in place
         if self.roles.keeps_run:
             self.stages.manifest.update(stage_name(cfg), binding=binding)  # written with the stage's record
         uploads = self.remote and self.roles.keeps_run
         uploader = CheckpointUploader(self.storage, self.metrics, folder) if uploads else None
-        try:
-            outputs = runner(cfg, self.metrics, saved_config=self.resolved, on_checkpoint=uploader, binding=binding)
-        except BaseException:
-            if uploader is not None:
-                uploader.wait_quietly()  # also on preemption: the checkpoint must reach storage first
-            raise
-        if uploader is not None:
-            uploader.wait()
-        return outputs
+        with uploader or contextlib.nullcontext():
+            return runner(cfg, self.metrics, saved_config=self.resolved, on_checkpoint=uploader, binding=binding)
 
     def _start_model_dir(self) -> str:
         cfg = self.cfg

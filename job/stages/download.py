@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from job.stages.download_config import DownloadConfig
 from job.core.observability import Metrics, get_logger
 from job.data.instructions import dataset_file
 from job.models.hub import fetch_model, model_downloader, tokenizer_files
 from job.models.registry import model_entry
+from job.stages.download_config import DownloadConfig
 
 log = get_logger(__name__)
 

@@ -11,11 +11,12 @@ from pathlib import Path
 from job.core.observability import Metrics, get_logger
 from job.data.preference import fitting_pairs, preference_problem
 from job.stages.dpo_config import DPOConfig
-from job.stages.finetune import load_inputs, save_outputs, write_config_once
 from job.stages.generate import saved_prompt_style
 from job.training.binding import run_binding
 from job.training.objectives import DPOEvaluator, DPOObjective, Reference
 from job.training.outputs import plot_reward_margins
+from job.training.stage_io import StartingModel, load_inputs, save_outputs, write_config_once
+from job.training.starting_model import starting_model
 from job.training.trainer import Task, Trainer
 
 log = get_logger(__name__)
@@ -38,11 +39,11 @@ def with_model_style(cfg: DPOConfig) -> DPOConfig:
     return cfg
 
 
-def dpo_task(cfg: DPOConfig) -> tuple[Task, str]:
-    """The dataset first (a bad one fails before any model loads), then the tokenizer and the model; the
-    task, and the book-style name of the model's size."""
+def dpo_task(cfg: DPOConfig, start: StartingModel | None = None) -> tuple[Task, str]:
+    """The dataset first (a bad one fails before any model loads), then the tokenizer and the model ``start``
+    names (``cfg``'s where not given); the task, and the book-style name of the model's size."""
     cfg = with_model_style(cfg) if cfg.prompt_style is None else cfg
-    inputs = load_inputs(cfg, preference_problem)
+    inputs = load_inputs(cfg, start or starting_model(cfg), preference_problem)
     model, tokenizer, style, max_length = inputs.model, inputs.tokenizer, inputs.style, inputs.max_length
     limits = (cfg.allowed_max_length, model.cfg.context_length)
     pairs, val_pairs = fitting_pairs(inputs.train, inputs.val, tokenizer, style, limits, cfg.batch_size, inputs.path)
@@ -71,9 +72,10 @@ def run_dpo(
     outputs also hold the book's reward-margin plot."""
     metrics = metrics or Metrics()
     cfg = with_model_style(cfg)  # before anything records the options: config.yaml, the binding, the model
-    task, name = dpo_task(cfg)  # may fail: nothing has been written yet
+    start = starting_model(cfg)
+    task, name = dpo_task(cfg, start)  # may fail: nothing has been written yet
     binding = binding or run_binding(cfg, (saved_config or {}).get("run_id"))
-    trainer = Trainer(cfg, task, metrics, saved_config, on_checkpoint, binding)
+    trainer = Trainer(cfg, task, metrics, saved_config=saved_config, on_checkpoint=on_checkpoint, binding=binding)
     if trainer.roles.keeps_run:
         write_config_once(trainer)
         log.info(
@@ -88,7 +90,7 @@ def run_dpo(
             logprob_reduction=cfg.logprob_reduction,
         )
     trainer.fit()
-    outputs = save_outputs(trainer, cfg, name, kind="dpo")
+    outputs = save_outputs(trainer, cfg, start, model_name=name, kind="dpo")
     if trainer.roles.keeps_run:
         margins = trainer.output / "reward-margins-plot.png"
         plot_reward_margins(trainer.state.history, trainer.state.step / trainer.batches_per_epoch, margins)

@@ -23,10 +23,16 @@ good one is rotated away because of it. Where checkpoints exist and none passes,
 rather than start again from step 0. The newest one that passes is resumed only where its run binding is
 this stage's: one of another run or stage, or one without a binding, stops the job (exit 1), one written
 with other options, data or starting weights too (exit 2); it is left where it is, never deleted.
+
+With a bucket, the run's storage holds them too: ``CheckpointUploader`` uploads each one in the
+background (``index.json`` last) and rotates the bucket's copies as the local folder's;
+``fetch_checkpoint`` brings the newest one that passes back into an empty local folder (a new pod,
+another node). The pipeline only wires both.
 """
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import json
 import random
@@ -34,6 +40,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -42,7 +49,7 @@ from safetensors.torch import load_file, save_file
 
 from job.core.errors import ConfigError, DiskFullError, JobError
 from job.core.observability import Metrics, get_logger
-from job.storage.store import Storage, contained_path, ensure_room, sha256_files, tree_bytes
+from job.storage.store import Storage, contained_path, ensure_room, sha256_files, tree_bytes, upload_tree
 from job.training.binding import binding_refusal
 from job.training.checkpoint_files import (
     CHECKPOINT_RE,
@@ -89,6 +96,7 @@ class CheckpointManager:
         optimizer,
         keep: int,
         metrics: Metrics,
+        *,
         on_checkpoint: Callable[[Path], None] | None = None,
         key: bytes | None = None,
         binding: dict | None = None,
@@ -274,7 +282,7 @@ def check_binding(path: Path, binding: dict | None, name: str | None = None) -> 
 
 
 def fetch_checkpoint(
-    storage: Storage, work: Path, key: bytes | None, folder: str = "checkpoints", binding: dict | None = None
+    storage: Storage, work: Path, *, key: bytes | None, folder: str = "checkpoints", binding: dict | None = None
 ) -> None:
     """Into ``work/{folder}``, when it holds none (a new pod, another node), the newest checkpoint under
     ``folder`` in ``storage`` that passes every check, older ones where it does not; a CheckpointError
@@ -321,3 +329,71 @@ def _fetch_one(storage: Storage, work: Path, where: str, key: bytes | None, bind
         raise
     fetched.rename(final)
     return True
+
+
+class CheckpointUploader:
+    """Uploads each checkpoint in the background while training goes on, and rotates the store's copies as
+    the local folder was rotated (``fetch_checkpoint`` brings the newest good one back). Used as a context
+    around training: on the way out every upload has finished; the first failure is raised where training
+    succeeded, only logged where it failed (also on preemption: the checkpoint must reach storage first)."""
+
+    def __init__(self, storage: Storage, metrics: Metrics, folder: str = "checkpoints"):
+        self.storage, self.metrics, self.folder = storage, metrics, folder
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self.pending: list[Future] = []
+
+    def __enter__(self) -> CheckpointUploader:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is None:
+            self.wait()
+        else:
+            self.wait_quietly()
+
+    def __call__(self, checkpoint: Path) -> None:
+        self.raise_if_failed()  # an upload that gave up ends training at its next checkpoint
+        # The log context (run_id, stage, rank) lives in contextvars, which threads do not inherit.
+        context = contextvars.copy_context()
+        self.pending.append(self.pool.submit(context.run, self._upload, checkpoint, checkpoint.stat().st_ino))
+
+    def _upload(self, checkpoint: Path, inode: int) -> None:
+        started = time.perf_counter()
+        keep = {p.name for p in checkpoint_dirs(checkpoint.parent)}
+        try:
+            upload_tree(
+                self.storage,
+                checkpoint,
+                f"{self.folder}/{checkpoint.name}",
+                on_bytes=self.metrics.artifact_bytes_uploaded_total.inc,
+                last=INDEX,  # uploaded last: its presence marks the checkpoint complete
+            )
+        except FileNotFoundError:
+            if checkpoint.exists() and checkpoint.stat().st_ino == inode:
+                raise
+            # Rotated away (or written again) while the store was slow: a newer one is queued behind it.
+            log.info("checkpoint_upload_skipped", checkpoint=checkpoint.name, reason="superseded")
+            return
+        self.metrics.checkpoint_stored()
+        for key in self.storage.list(f"{self.folder}/"):
+            name = key[len(self.folder) + 1 :].split("/")[0]
+            if name not in keep and name != checkpoint.name:
+                self.storage.delete_prefix(f"{self.folder}/{name}")
+        log.info("checkpoint_uploaded", checkpoint=checkpoint.name, seconds=round(time.perf_counter() - started, 3))
+
+    def raise_if_failed(self) -> None:
+        for future in self.pending:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+
+    def wait(self) -> None:
+        """Every upload finished; the first failure is raised."""
+        self.pool.shutdown(wait=True)
+        self.raise_if_failed()
+
+    def wait_quietly(self) -> None:
+        """Every upload finished (on the way out of a failed stage); failures are only logged."""
+        self.pool.shutdown(wait=True)
+        for future in self.pending:
+            if future.exception() is not None:
+                log.error("checkpoint_upload_failed", error=str(future.exception()))

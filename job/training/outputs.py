@@ -5,6 +5,7 @@ temporary name and renamed, so a reader never sees half of one."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,45 +18,64 @@ from job.storage.store import atomic_path, atomic_write_text, ensure_room
 PLOT_TITLES = {"sft": "Finetune loss", "dpo": "DPO loss"}  # the report shows both: each says which it is
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What training did: its evaluations, and the totals the run's report shows."""
+
+    history: list[dict]
+    steps: int
+    tokens_seen: int
+    epochs: float
+    """How many were trained: a fraction where training stopped early (the plots' x-axis)."""
+
+    def totals(self) -> dict:
+        return {"steps": self.steps, "tokens_seen": self.tokens_seen, "epochs": round(self.epochs, 4)}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """With LoRA: the adapter is written alone first, naming its ``base`` model as PEFT records it."""
+
+    base: str
+    dropout: float = 0.0
+
+
 def write_outputs(
     model: Model,
     out: Path,
-    history: list[dict],
-    epochs: float,
+    trained: Trained,
+    *,
     book_name: str,
     prompt_style: str,
-    adapter_base: str | None = None,
-    lora_dropout: float = 0.0,
     kind: str = "sft",
     tokenizer: str = "gpt2",
-    trained: dict | None = None,
     source: str | Path | None = None,
+    adapter: Adapter | None = None,
 ) -> dict[str, Path]:
-    """The outputs of a trained ``model`` into ``out``; with ``adapter_base`` (LoRA) the adapter alone
-    first, naming that base model, then the model with the adapters merged. ``epochs``: how many were
-    trained (a fraction where training stopped early), the plot's x-axis; ``kind`` names the ``.pth``
-    (``gpt2-medium355M-sft.pth``, ``-dpo.pth``); a ``tokenizer`` other than GPT-2's (the smoke's bytes) is
-    recorded in config.json, where the next stage reads it, as are the ``trained`` totals (steps, tokens
-    seen) that the run's report shows. ``source``: the folder training started from (a Llama 3 / Qwen3
-    model/ keeps its config and tokenizer files; such a model has no book ``.pth``)."""
+    """The outputs of a trained ``model`` into ``out``; with an ``adapter`` (LoRA) the adapter alone first,
+    then the model with the adapters merged. ``kind`` names the ``.pth`` (``gpt2-medium355M-sft.pth``,
+    ``-dpo.pth``) and titles the loss plot; a ``tokenizer`` other than GPT-2's (the smoke's bytes) is
+    recorded in config.json, where the next stage reads it, as are the prompt style and the ``trained``
+    totals (steps, tokens seen) that the run's report shows. ``source``: the folder training started from
+    (a Llama 3 / Qwen3 model/ keeps its config and tokenizer files; such a model has no book ``.pth``)."""
     written = {}
-    if adapter_base is not None:
-        written["adapter"] = save_peft_adapter(model, out / "adapter", adapter_base, lora_dropout)
+    if adapter is not None:
+        written["adapter"] = save_peft_adapter(model, out / "adapter", adapter.base, adapter.dropout)
         merge_adapters(model)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     pth = out / f"{book_name}-{kind}.pth" if writes_book_pth(model) else None
     ensure_room(out, (2 if pth else 1) * params, "the final model" + (" (safetensors and the book's .pth)" * bool(pth)))
     recorded = {"prompt_style": prompt_style} | ({"tokenizer": tokenizer} if tokenizer != "gpt2" else {})
-    recorded |= {"trained": trained} if trained else {}
+    recorded |= {"trained": trained.totals()}
     save_model(model, out / "model", source, recorded)
     if pth:
         with atomic_path(pth) as tmp:
             torch.save(book_state_dict(model), tmp)
         written["pth"] = pth
     losses = out / "losses.json"
-    atomic_write_text(losses, json.dumps(history, indent=2) + "\n")
+    atomic_write_text(losses, json.dumps(trained.history, indent=2) + "\n")
     plot = out / "loss-plot.png"
-    plot_losses(history, epochs, plot, PLOT_TITLES[kind])
+    plot_losses(trained.history, trained.epochs, plot, PLOT_TITLES[kind])
     return written | {"model": out / "model", "losses": losses, "plot": plot}
 
 

@@ -115,6 +115,7 @@ class Trainer:
         cfg: TrainConfig,
         task: Task,
         metrics: Metrics,
+        *,
         saved_config: dict | None = None,
         on_checkpoint: Callable[[Path], None] | None = None,
         binding: dict | None = None,
@@ -147,18 +148,16 @@ class Trainer:
         self.state = TrainState()
         self._saved_step: int | None = None
         self.loop_seconds = 0.0
-        key = read_key(cfg.checkpoint_key_file)
-        checkpoints = self.output / "checkpoints"
         self.checkpointer = CheckpointManager(
-            checkpoints,
+            self.output / "checkpoints",
             self.accelerator,
             self.model,
             self.optimizer,
             cfg.keep_checkpoints,
             metrics,
-            on_checkpoint,
-            key,
-            binding,
+            on_checkpoint=on_checkpoint,
+            key=read_key(cfg.checkpoint_key_file),
+            binding=binding,
         )
         self._signalled = threading.Event()
         self._signals: list[str] = []  # the stop signals this process got, by name, for the message

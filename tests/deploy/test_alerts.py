@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import helm_python as helm
 import jsonschema
@@ -436,33 +435,3 @@ def test_a_process_refused_the_run_id_leaves_the_holders_pushed_status_alone(pus
         lock.release()
     assert refused.returncode == 1 and "already running" in refused.stderr, refused.stderr
     assert _pushed(pushgateway, "held1")["sft_job_run_status"] == RunStatus.RUNNING
-
-
-def _checkpoint(work: Path) -> Path:
-    checkpoint = work / "checkpoints" / "step-00000002"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "model.safetensors").write_bytes(b"weights")
-    (checkpoint / "index.json").write_text("{}")
-    return checkpoint
-
-
-def test_a_checkpoint_counts_as_uploaded_once_it_is_in_the_store_and_not_when_the_store_fails(tmp_path):
-    from job.run.pipeline import CheckpointUploader
-    from job.storage.store import LocalStorage
-
-    metrics, uploaded = Metrics(), "sft_job_last_checkpoint_upload_timestamp_seconds"
-    metrics.for_run("u1", None)
-    uploader = CheckpointUploader(LocalStorage(tmp_path / "bucket"), metrics)
-    uploader(_checkpoint(tmp_path / "work"))
-    uploader.wait()
-    assert (tmp_path / "bucket/checkpoints/step-00000002/index.json").is_file()
-    assert metrics.value(uploaded, {"run_id": "u1"}) > 1.7e9
-
-    (tmp_path / "not-a-folder").write_text("")  # a store that refuses every write
-    metrics = Metrics()
-    metrics.for_run("u2", None)
-    failing = CheckpointUploader(LocalStorage(tmp_path / "not-a-folder"), metrics)
-    failing(_checkpoint(tmp_path / "work2"))
-    with pytest.raises(OSError):
-        failing.wait()
-    assert metrics.value(uploaded, {"run_id": "u2"}) == 0  # what SftJobCheckpointNotUploaded waits on

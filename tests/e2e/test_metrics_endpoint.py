@@ -8,7 +8,7 @@ import stat
 import pytest
 import requests
 
-from tests.helpers import cli, start_cli, wait_for_event, wait_until
+from tests.helpers import cli, start_cli, wait_for_event, wait_until, without_endpoint
 
 
 def _smoke(cache, tmp_path, run_id: str, *extra) -> list:
@@ -104,3 +104,14 @@ def test_an_existing_sd_dir_others_cannot_list_is_warned_about_and_its_target_is
     finally:
         proc.terminate()
         proc.communicate(timeout=120)
+
+
+def test_the_cli_helper_runs_without_an_endpoint_unless_the_test_asks_for_one():
+    """``tests.helpers.cli`` and ``start_cli`` add ``--metrics-port 0`` to ``run``: no test depends on a port
+    being free; a test that names a port, a scrape target, a config file or the variables gets what it asked."""
+    assert without_endpoint(["run", "--smoke"], None) == ["run", "--metrics-port", "0", "--smoke"]
+    assert without_endpoint(["run", "--lr"], None)[-1] == "--lr"  # a flag left without its value stays so
+    for asked in (["--metrics-port", "9"], ["--metrics-port=9"], ["--metrics-sd-dir", "sd"], ["--config", "c.yaml"]):
+        assert without_endpoint(["run", *asked], None) == ["run", *asked]
+    assert without_endpoint(["run"], {"SFT_JOB_METRICS_PORT": "9"}) == ["run"]
+    assert without_endpoint(["finetune", "--output", "x"], None) == ["finetune", "--output", "x"]  # only run serves

@@ -459,7 +459,8 @@ def test_a_dataset_too_small_for_the_split_fails_before_any_model_loads(stage, p
     from job.config import FinetuneConfig
     from job.data.instructions import DataError
     from job.data.preference import preference_problem
-    from job.stages.finetune import load_inputs
+    from job.stages.starting_model import starting_model
+    from job.training.stage_io import load_inputs
 
     data = tmp_path / "one.json"
     data.write_text(json.dumps(preference_data[:1]))  # no training entry in 85 % of one
@@ -467,4 +468,4 @@ def test_a_dataset_too_small_for_the_split_fails_before_any_model_loads(stage, p
     cfg = cls(model_dir=str(tmp_path / "no-model"), data=str(data), cache=str(cache), output=str(tmp_path))
     too_small = rf"^dataset {re.escape(str(data))} of 1 entries is too small for the 85/10/5 split$"
     with pytest.raises(DataError, match=too_small):
-        load_inputs(cfg, check) if check else load_inputs(cfg)
+        load_inputs(cfg, starting_model(cfg), check) if check else load_inputs(cfg, starting_model(cfg))

@@ -1,0 +1,132 @@
+"""A training stage's inputs and outputs, the same for finetune and DPO: the dataset's splits (checked
+before any model loads), then the tokenizer and the starting model from where the stage says they come
+from; the resolved configuration beside the outputs; the trained model's files once every process is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from job.data.instructions import (
+    DataError,
+    PromptStyle,
+    entry_problem,
+    load_entries,
+    prompt_style,
+    resolve_data,
+    split_entries,
+)
+from job.models.families import Model, family
+from job.models.families import load_model as load_model_folder
+from job.models.gpt2 import GPTModel, gpt2_sizes
+from job.models.registry import model_entry
+from job.models.tokenizer import Tokenizer
+from job.storage.store import atomic_write_text
+from job.training.outputs import Adapter, Trained, write_outputs
+from job.training.train_config import TrainConfig
+from job.training.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class StartingModel:
+    """Where a training stage's model comes from, as the stage resolved it (the stages know the downloads):
+    nothing is fetched or loaded until the dataset has passed its checks."""
+
+    folder: Path
+    """The folder training starts from: --model-dir, else the named model's in the cache."""
+    hub_id: str | None
+    """Hugging Face's id of the named model where training starts from it as downloaded (the base a LoRA
+    adapter names, as PEFT records it); None for a folder of one's own (the adapter names the folder)."""
+    fetch: Callable[[], Path]
+    """The folder, its files fetched into the cache where they are missing."""
+    tokenizer: Callable[[], Tokenizer]
+    """The model's tokenizer (GPT-2's fetched into the cache where missing)."""
+
+    @property
+    def adapter_base(self) -> str:
+        return self.hub_id or str(self.folder)
+
+
+@dataclass
+class Inputs:
+    """A training stage's inputs before tokenizing: its splits (the book's 85/10/5), tokenizer, model (and
+    the book-style name of its size), prompt style and the longest sequence it trains on."""
+
+    train: list[dict]
+    val: list[dict]
+    tokenizer: Tokenizer
+    model: Model
+    model_name: str
+    style: PromptStyle
+    max_length: int
+    path: Path
+    """The dataset's file."""
+
+
+def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[dict], list[dict]]:
+    """The dataset's file and its training (cut to --train-limit) and validation splits, each entry checked
+    (``check`` says what a bad entry is); a split left empty is a DataError."""
+    path = resolve_data(cfg.data, Path(cfg.cache), cfg.base_url)
+    entries = load_entries(path, cfg.skip_invalid, check)
+    train, _test, val = split_entries(entries, cfg.shuffle_seed)
+    train = train[: cfg.train_limit]
+    if not train or not val:
+        raise DataError(f"dataset {path} of {len(entries)} entries is too small for the 85/10/5 split")
+    return path, train, val
+
+
+def load_inputs(cfg: TrainConfig, start: StartingModel, check=entry_problem) -> Inputs:
+    """The dataset first (a bad one fails before any model loads; ``check`` says what a bad entry is), then
+    the tokenizer and the model ``start`` names."""
+    path, train, val = training_splits(cfg, check)
+    tokenizer = start.tokenizer()
+    style = prompt_style(cfg.prompt_style, tokenizer)
+    model, name = load_model(cfg.model, start)
+    max_length = min(cfg.allowed_max_length, model.cfg.context_length)
+    return Inputs(train, val, tokenizer, model, name, style, max_length, path)
+
+
+def load_model(named: str, start: StartingModel) -> tuple[Model, str]:
+    """The starting model and the book-style name of its size (``gpt2-medium355M``, ``qwen3-0.6b``; the
+    family's name for a folder of another: ``qwen3-custom``); ``named``: the --model it was asked by."""
+    folder = start.fetch()
+    model = load_model_folder(folder)
+    if start.hub_id is not None:  # the named model, as downloaded
+        return model, f"{named}{model_entry(named).openai_folder or ''}"
+    if not isinstance(model, GPTModel):
+        return model, f"{family(folder)}-custom"
+    size = next((n for n, c in gpt2_sizes().items() if c == model.cfg), None)
+    return model, f"{size}{model_entry(size).openai_folder}" if size else "gpt2-custom"
+
+
+def save_outputs(
+    trainer: Trainer, cfg: TrainConfig, start: StartingModel, *, model_name: str, kind: str = "sft"
+) -> dict[str, Path]:
+    """The trained model's outputs, written by the main process once every process is done."""
+    trainer.roles.together()
+    if not trainer.roles.keeps_run:
+        return {}
+    state = trainer.state
+    epochs = state.step / trainer.batches_per_epoch  # a fraction where training stopped early
+    return write_outputs(
+        trainer.trained_model(),
+        trainer.output,
+        Trained(state.history, state.step, state.tokens_seen, epochs),
+        book_name=model_name,
+        prompt_style=cfg.prompt_style,
+        kind=kind,
+        tokenizer=getattr(trainer.task.tokenizer, "name", "gpt2"),
+        source=start.folder,
+        adapter=Adapter(start.adapter_base, cfg.lora_dropout) if cfg.lora_rank else None,
+    )
+
+
+def write_config_once(trainer: Trainer) -> None:
+    """The resolved configuration beside the outputs; a rerun keeps the record of how the stage started."""
+    trainer.output.mkdir(parents=True, exist_ok=True)
+    if not (trainer.output / "config.yaml").is_file():
+        atomic_write_text(trainer.output / "config.yaml", yaml.safe_dump(trainer.saved_config, sort_keys=False))
