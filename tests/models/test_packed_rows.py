@@ -12,9 +12,20 @@ from hypothesis import strategies as st
 from job.data.instructions import Collator, Example
 from job.data.packing import Packer
 from job.models.gpt2 import GPTConfig, GPTModel, document_mask
-from tests.models.test_llama import _ours, _theirs
+from tests.models.test_llama import LLAMA, QWEN3, _ours
 
 VOCAB = 640
+
+
+def small_vocab_family(family: str):
+    """tests/models/test_llama.py's tiny Llama 3 or Qwen3 (transformers' random weights, ours loaded from them)
+    with a vocabulary of VOCAB ids, where the head's cost is small."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(11)
+    if family == "llama":
+        return _ours(LlamaForCausalLM(LlamaConfig(**LLAMA | {"vocab_size": VOCAB})))
+    return _ours(Qwen3ForCausalLM(Qwen3Config(**QWEN3 | {"vocab_size": VOCAB})))
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "qwen3"])
@@ -22,7 +33,7 @@ def model(request):
     if request.param == "gpt2":
         torch.manual_seed(0)
         return GPTModel(GPTConfig(vocab_size=VOCAB, context_length=128, emb_dim=64, n_heads=4, n_layers=2)).eval()
-    return _ours(_theirs(request.param)).eval()
+    return small_vocab_family(request.param).eval()
 
 
 sequences = st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=24), min_size=1, max_size=8)
