@@ -352,7 +352,8 @@ class TrainConfig(ModelSourceConfig, DataConfig):
     epochs: int = 2
     """Passes over the training split."""
     batch_size: int = 8
-    """Examples per optimizer step across all processes (each of N processes takes batch_size / N)."""
+    """Examples per optimizer step across all processes (each of N processes takes batch_size / N); with
+    --packing, packed rows of --pack-length tokens."""
     lr: float = 5e-5
     """AdamW learning rate."""
     weight_decay: float = 0.1
@@ -448,9 +449,26 @@ class FinetuneConfig(TrainConfig):
     batched_eval: bool = False
     """Each evaluation's training and validation batches in one forward pass, their per-batch means taken
     from per-token losses (the book's numbers; fewer launches for a GPU, off until measured there)."""
+    packing: bool = False
+    """Pack the training split's sequences into rows of --pack-length tokens (best-fit decreasing, from --seed),
+    each keeping its own positions and attending only to itself: no padding in training's forward passes, the
+    same loss. --batch-size then counts packed rows, tokens_seen real tokens, and the training-loss estimate is
+    taken on packed rows. Needs --data-order seeded; not with --dpo."""
+    pack_length: int | None = None
+    """Tokens per packed row with --packing (default: --allowed-max-length, capped at the model's context; more than
+    the context is exit 2)."""
 
     def __post_init__(self) -> None:
         TrainConfig.__post_init__(self)
+        if self.pack_length is not None:
+            _positive(self, "pack_length")
+            if not self.packing:
+                raise ConfigError(f"--pack-length {self.pack_length} needs --packing")
+        if self.packing and self.data_order == "book":
+            raise ConfigError(
+                "--packing and --data-order book cannot go together: the book's draws are of padded batches; "
+                "add --data-order seeded"
+            )
         if self.pad_to_multiple is not None:
             _positive(self, "pad_to_multiple")
             limit = self.allowed_max_length
@@ -833,6 +851,11 @@ class RunConfig(FinetuneConfig, DecodingSettings, JudgeSettings, DPOSettings):
         DecodingSettings.__post_init__(self)
         JudgeSettings.__post_init__(self)
         DPOSettings.__post_init__(self)
+        if self.packing and self.dpo:
+            raise ConfigError(
+                "--packing and --dpo cannot go together: each preference pair's log-probabilities need rows of "
+                "their own; drop --packing or --dpo"
+            )
         _positive(self, "generate_batch_size")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")

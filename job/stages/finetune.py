@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from job.config import FinetuneConfig, TrainConfig
+from job.core.errors import ConfigError
 from job.core.observability import Metrics, get_logger
 from job.data.instructions import (
     Collator,
@@ -23,6 +24,7 @@ from job.data.instructions import (
     split_entries,
     tokenize,
 )
+from job.data.packing import Packer
 from job.models.families import Model, family
 from job.models.families import load_model as load_model_folder
 from job.models.gpt2 import GPT2_SIZES, OPENAI_SIZE_NAMES, GPTModel
@@ -37,7 +39,7 @@ from job.stages.download import (
 )
 from job.storage.store import atomic_write_text
 from job.training.binding import run_binding
-from job.training.objectives import SFTEvaluator, SFTObjective
+from job.training.objectives import PackedSFTEvaluator, PackedSFTObjective, SFTEvaluator, SFTObjective
 from job.training.outputs import write_outputs
 from job.training.trainer import Task, Trainer
 
@@ -128,6 +130,8 @@ def load_model(cfg: TrainConfig) -> tuple[Model, str]:
 def sft_task(cfg: FinetuneConfig, prep: Prepared) -> Task:
     """The book's supervised finetuning of ``prep``: its objective and evaluator on the collated batches."""
     collate = Collator(prep.max_length, cfg.mask_instruction, cfg.pad_to_multiple, prep.tokenizer.eot_token)
+    if cfg.packing:
+        return packed_task(cfg, prep, collate)
     return Task(
         model=prep.model,
         objective=SFTObjective(prep.train, collate, prep.max_length),
@@ -135,6 +139,38 @@ def sft_task(cfg: FinetuneConfig, prep: Prepared) -> Task:
         train_size=len(prep.train),
         tokenizer=prep.tokenizer,
         sample_prompt=prep.sample_prompt,
+    )
+
+
+def packed_task(cfg: FinetuneConfig, prep: Prepared, collate: Collator) -> Task:
+    """``--packing``: the training split packed into rows of --pack-length tokens, a batch a number of rows."""
+    context = prep.model.cfg.context_length
+    pack_length = cfg.pack_length or prep.max_length
+    if pack_length > context:
+        raise ConfigError(f"--pack-length {pack_length} is more than the model's context of {context} tokens")
+    lengths = [min(len(e.token_ids), prep.max_length) for e in prep.train]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] > pack_length:
+        raise ConfigError(
+            f"--pack-length {pack_length} is shorter than training entry {longest} ({lengths[longest]} tokens): "
+            f"use --pack-length {lengths[longest]} or more, or cut sequences with --allowed-max-length {pack_length}"
+        )
+    packer = Packer(prep.train, collate, pack_length, cfg.seed)
+    log.info(
+        "packed",
+        sequences=len(prep.train),
+        rows=len(packer.rows),
+        pack_length=pack_length,
+        padding_fraction=round(1 - sum(lengths) / (len(packer.rows) * pack_length), 4),
+    )
+    return Task(
+        model=prep.model,
+        objective=PackedSFTObjective(packer),
+        evaluator=PackedSFTEvaluator(packer, prep.val, collate, cfg.batch_size, cfg),
+        train_size=len(packer.rows),
+        tokenizer=prep.tokenizer,
+        sample_prompt=prep.sample_prompt,
+        train_unit="packed rows",
     )
 
 
