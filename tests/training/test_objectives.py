@@ -91,3 +91,21 @@ def test_a_copy_trains_the_same_parameters():
     model = copy.deepcopy(_with_lora())
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(n.endswith((".A", ".B")) for n in trained)
+
+
+def test_the_packed_training_estimate_is_the_padded_mean_over_the_same_sequences():
+    from types import SimpleNamespace
+
+    from job.training.objectives import PackedSFTEvaluator, SFTEvaluator
+
+    g = torch.Generator().manual_seed(4)
+    examples = [Example(torch.randint(0, END, (n,), generator=g).tolist(), 3) for n in (5, 17, 9, 22, 11, 30, 4)]
+    collate, cfg = Collator(24, True, end_id=END), SimpleNamespace(batched_eval=False, eval_iter=5)
+    packer = Packer(examples, collate, 40, seed=9)
+    model = _gpt2().eval()
+    packed = PackedSFTEvaluator(packer, examples[:3], collate, len(examples), cfg)(
+        model, [list(range(len(packer.rows)))]
+    )
+    padded = SFTEvaluator(examples, examples[:3], collate, len(examples), cfg)(model, [list(range(len(examples)))])
+    assert len(packer.rows) < len(examples)
+    assert packed == pytest.approx(padded, abs=1e-5)
