@@ -1,4 +1,5 @@
-"""python -m benchmarks cpu|gpu [--quick] [--out FILE]: our figures and the two baselines', in one run."""
+"""python -m benchmarks cpu|gpu [--quick] [--out FILE]: our figures and the two baselines', in one run
+(``python -m benchmarks packing``: ``--packing``'s, benchmarks/packing.py)."""
 
 from __future__ import annotations
 
@@ -180,6 +181,11 @@ def summarize(report: dict, mode: str) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["packing"]:  # --packing's own measurements (benchmarks/packing.py)
+        from benchmarks.packing import main as packing_main
+
+        return packing_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("mode", choices=["cpu", "gpu"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the harness, not the speed")

@@ -162,6 +162,11 @@ class RunConfig(
                 f"model smoke (the smoke's random model) and model_dir {short(self.model_dir)} name two models: "
                 "give one"
             )
+        if self.packing and self.dpo:
+            raise ConfigError(
+                "--packing and --dpo cannot go together: each preference pair's log-probabilities need rows of "
+                "their own; drop --packing or --dpo"
+            )
         positive(self, "generate_batch_size")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")

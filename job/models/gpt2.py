@@ -127,6 +127,15 @@ def cache_positions_and_mask(cache: KVCache, T: int, valid):
     return positions, mask[:, None]  # (B, 1, T, S)
 
 
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal causal mask (B, 1, T, T) of packed rows: a token attends to the earlier tokens of its own
+    sequence, ``documents`` (B, T) giving each token's sequence. SDPA with this boolean mask measured fastest of
+    the CPU's ways to attend within documents (BENCHMARKS.md, packing)."""
+    T = documents.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()  # (T, T)
+    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+
+
 # cuDNN's attention (torch's first choice on Hopper) builds a plan on the host for every new
 # sequence length: 3.3 ms per backward call on an H100 (torch 2.11), most of a training step when
 # every batch has its own length. Flash and memory-efficient attention have no such cost.
@@ -217,14 +226,18 @@ class GPTModel(nn.Module):
         valid: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         reduction: str = "mean",
+        positions: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
     ):
         """Logits (B, T, vocab) for token ids ``idx`` (B, T); with ``targets``, the loss instead (the
         mean over targets != -100, or their ``reduction="sum"``).
 
         Without ``cache`` this is the plain causal forward pass. With it, ``idx`` continues the
         cached sequences and ``valid`` (B, T, bool) marks real tokens (False for left padding).
+        Packed rows (``--packing``) give each token's ``positions`` and ``documents`` (B, T): its position
+        within its own sequence and which sequence it belongs to, which alone it attends to.
         """
-        x = self.hidden_states(idx, cache, valid)  # (B, T, C)
+        x = self.hidden_states(idx, cache, valid, positions, documents)  # (B, T, C)
         if targets is None:
             return self.lm_head(x)
         # The book's cross entropy over targets != -100. On CPUs the head (the costliest matmul)
@@ -232,14 +245,15 @@ class GPTModel(nn.Module):
         # stop the host for the mask's count every step, which costs more than the skipped work.
         return head_loss(self.lm_head, x, targets, select_targets=not idx.is_cuda, reduction=reduction)
 
-    def hidden_states(self, idx, cache: KVCache | None = None, valid=None):
+    def hidden_states(self, idx, cache: KVCache | None = None, valid=None, positions=None, documents=None):
         """Final-LayerNorm output (B, T, C): everything but the output head."""
         B, T = idx.shape
         if cache is None:
             if T > self.cfg.context_length:
                 raise ValueError(f"sequence of {T} tokens exceeds the context length {self.cfg.context_length}")
-            positions = torch.arange(T, device=idx.device)  # (T,)
-            attn_mask = None
+            attn_mask = None if documents is None else document_mask(documents)
+            if positions is None:
+                positions = torch.arange(T, device=idx.device)  # (T,)
         else:
             positions, attn_mask = cache_positions_and_mask(cache, T, valid)
         x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)

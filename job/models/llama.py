@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from job.models.gpt2 import KVCache, cache_positions_and_mask, head_loss, run_block
+from job.models.gpt2 import KVCache, cache_positions_and_mask, document_mask, head_loss, run_block
 
 
 @dataclass(frozen=True)
@@ -205,19 +205,31 @@ class LlamaModel(nn.Module):
         self.inv_freq: dict[torch.device, torch.Tensor] = {}
         self.checkpointing = False  # --gradient-checkpointing: see job.models.gpt2.run_block
 
-    def forward(self, idx, cache: KVCache | None = None, valid=None, targets=None, reduction: str = "mean"):
+    def forward(
+        self,
+        idx,
+        cache: KVCache | None = None,
+        valid=None,
+        targets=None,
+        reduction="mean",
+        positions=None,
+        documents=None,
+    ):
         """Logits (B, T, vocab), or with ``targets`` the loss over those != -100; ``cache`` and ``valid``
-        as GPT-2's (left-padded rows continuing cached sequences)."""
-        x = self.hidden_states(idx, cache, valid)  # (B, T, C)
+        as GPT-2's (left-padded rows continuing cached sequences), ``positions`` and ``documents`` as its
+        packed rows' (the rotary angles from each token's position within its own sequence)."""
+        x = self.hidden_states(idx, cache, valid, positions, documents)  # (B, T, C)
         if targets is None:
             return self.lm_head(x)
         return head_loss(self.lm_head, x, targets, select_targets=not idx.is_cuda, reduction=reduction)
 
-    def hidden_states(self, idx, cache: KVCache | None = None, valid=None):
+    def hidden_states(self, idx, cache: KVCache | None = None, valid=None, positions=None, documents=None):
         """Final-RMSNorm output (B, T, C): everything but the output head."""
         B, T = idx.shape
         if cache is None:
-            positions, attn_mask = torch.arange(T, device=idx.device)[None].expand(B, T), None  # (B, T)
+            attn_mask = None if documents is None else document_mask(documents)
+            if positions is None:
+                positions = torch.arange(T, device=idx.device)[None].expand(B, T)  # (B, T)
         else:
             positions, attn_mask = cache_positions_and_mask(cache, T, valid)
         x = self.embed_tokens(idx)  # (B, T, C)

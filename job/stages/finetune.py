@@ -7,13 +7,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from job.core.errors import ConfigError
 from job.core.observability import Metrics, get_logger
 from job.data.instructions import Collator, Example, tokenize
+from job.data.packing import Packer
 from job.models.families import Model
 from job.models.tokenizer import Tokenizer
 from job.stages.finetune_config import FinetuneConfig
 from job.training.binding import run_binding
-from job.training.objectives import SFTEvaluator, SFTObjective
+from job.training.objectives import PackedSFTEvaluator, PackedSFTObjective, SFTEvaluator, SFTObjective
 from job.training.stage_io import StartingModel, load_inputs, save_outputs, write_config_once
 from job.training.starting_model import starting_model
 from job.training.trainer import Task, Trainer
@@ -56,6 +58,8 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
 def sft_task(cfg: FinetuneConfig, prep: Prepared) -> Task:
     """The book's supervised finetuning of ``prep``: its objective and evaluator on the collated batches."""
     collate = Collator(prep.max_length, cfg.mask_instruction, cfg.pad_to_multiple, prep.tokenizer.eot_token)
+    if cfg.packing:
+        return packed_task(cfg, prep, collate)
     return Task(
         model=prep.model,
         objective=SFTObjective(prep.train, collate, prep.max_length),
@@ -63,6 +67,38 @@ def sft_task(cfg: FinetuneConfig, prep: Prepared) -> Task:
         train_size=len(prep.train),
         tokenizer=prep.tokenizer,
         sample_prompt=prep.sample_prompt,
+    )
+
+
+def packed_task(cfg: FinetuneConfig, prep: Prepared, collate: Collator) -> Task:
+    """``--packing``: the training split packed into rows of --pack-length tokens, a batch a number of rows."""
+    context = prep.model.cfg.context_length
+    pack_length = cfg.pack_length or prep.max_length
+    if pack_length > context:
+        raise ConfigError(f"--pack-length {pack_length} is more than the model's context of {context} tokens")
+    lengths = [min(len(e.token_ids), prep.max_length) for e in prep.train]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] > pack_length:
+        raise ConfigError(
+            f"--pack-length {pack_length} is shorter than training entry {longest} ({lengths[longest]} tokens): "
+            f"use --pack-length {lengths[longest]} or more, or cut sequences with --allowed-max-length {pack_length}"
+        )
+    packer = Packer(prep.train, collate, pack_length, cfg.seed)
+    log.info(
+        "packed",
+        sequences=len(prep.train),
+        rows=len(packer.rows),
+        pack_length=pack_length,
+        padding_fraction=round(1 - sum(lengths) / (len(packer.rows) * pack_length), 4),
+    )
+    return Task(
+        model=prep.model,
+        objective=PackedSFTObjective(packer),
+        evaluator=PackedSFTEvaluator(packer, prep.val, collate, cfg.batch_size, cfg),
+        train_size=len(packer.rows),
+        tokenizer=prep.tokenizer,
+        sample_prompt=prep.sample_prompt,
+        train_unit="packed rows",
     )
 
 

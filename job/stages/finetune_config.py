@@ -23,9 +23,26 @@ class FinetuneSettings(Settings):
     batched_eval: bool = False
     """Each evaluation's training and validation batches in one forward pass, their per-batch means taken
     from per-token losses (the book's numbers; fewer launches for a GPU, off until measured there)."""
+    packing: bool = False
+    """Pack the training split's sequences into rows of --pack-length tokens (best-fit decreasing, from --seed),
+    each keeping its own positions and attending only to itself: no padding in training's forward passes, the
+    same loss. --batch-size then counts packed rows, tokens_seen real tokens, and the training-loss estimate is
+    taken on packed rows. Needs --data-order seeded; not with --dpo."""
+    pack_length: int | None = None
+    """Tokens per packed row with --packing (default: --allowed-max-length, capped at the model's context; more than
+    the context is exit 2)."""
 
     @model_validator(mode="after")
     def _check_finetune(self):
+        if self.pack_length is not None:
+            positive(self, "pack_length")
+            if not self.packing:
+                raise ConfigError(f"--pack-length {self.pack_length} needs --packing")
+        if self.packing and self.data_order == "book":  # TrainSettings': every class composing this one has it
+            raise ConfigError(
+                "--packing and --data-order book cannot go together: the book's draws are of padded batches; "
+                "add --data-order seeded"
+            )
         if self.pad_to_multiple is not None:
             positive(self, "pad_to_multiple")
             limit = self.allowed_max_length  # DataConfig's: every class that composes this one composes it

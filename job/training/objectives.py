@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from job.data.instructions import IGNORE_INDEX, Collator, Example
+from job.data.packing import Packer
 from job.data.preference import Pair, collate_pairs
 from job.models.gpt2 import GPTModel, head_loss
 from job.models.lora import adapters_off
@@ -94,6 +95,51 @@ class SFTEvaluator:
         sums = torch.zeros(len(batches), device=device).index_add_(0, owner, per_target.float())
         counts = torch.zeros(len(batches), device=device).index_add_(0, owner, torch.ones_like(per_target.float()))
         return sums / counts
+
+
+class PackedSFTObjective:
+    """``--packing``: the book's cross entropy over packed rows (``Packer``), a batch a list of rows. Each
+    sequence's targets are those it has padded, so a step's loss (the summed losses over the summed counted
+    targets) is that of the same sequences in a padded batch."""
+
+    def __init__(self, packer: Packer):
+        self.packer = packer
+        counts = [int((packer.sequence(e)[1] != IGNORE_INDEX).sum()) for e in packer.examples]
+        self.target_counts = [sum(counts[i] for i in row) for row in packer.rows]  # per row
+
+    def units(self, batch: list[int]) -> int:
+        return sum(self.target_counts[r] for r in batch)
+
+    def loss_sum(self, model: torch.nn.Module, micro: list[int], device: torch.device) -> torch.Tensor:
+        rows = self.packer(micro).to(device)
+        return model(
+            rows.inputs, targets=rows.targets, reduction="sum", positions=rows.positions, documents=rows.documents
+        )
+
+    def tokens(self, batch: list[int]) -> int:
+        return sum(self.packer.row_tokens(r) for r in batch)  # real tokens: a row's padding is not counted
+
+
+class PackedSFTEvaluator(SFTEvaluator):
+    """The book's ``evaluate_model`` with ``--packing``: the training loss estimated on the packed rows trained on
+    (each batch of rows' mean over its counted targets), the validation loss on the book's padded batches."""
+
+    def __init__(self, packer: Packer, val: list[Example], collate: Collator, batch_size: int, cfg):
+        super().__init__(packer.examples, val, collate, batch_size, cfg)
+        self.packer = packer
+
+    @torch.no_grad()
+    def __call__(self, model: GPTModel, estimate: list[list[int]]) -> dict[str, float]:
+        device = next(model.parameters()).device
+        train = []
+        for batch in estimate:
+            rows = self.packer(batch).to(device)
+            train.append(
+                model(rows.inputs, targets=rows.targets, positions=rows.positions, documents=rows.documents).float()
+            )
+        losses = torch.cat([torch.stack(train), self.batch_losses(model, self.val)]).tolist()  # one device sync
+        train, val = losses[: len(estimate)], losses[len(estimate) :]
+        return {"train_loss": sum(train) / len(train), "val_loss": sum(val) / len(val)}
 
 
 # --- preference tuning (the book's ch07/04, DPO) -------------------------------------------------

@@ -22,7 +22,8 @@ class TrainSettings(Settings):
     epochs: int = 2
     """Passes over the training split."""
     batch_size: int = 8
-    """Examples per optimizer step across all processes (each of N processes takes batch_size / N)."""
+    """Examples per optimizer step across all processes (each of N processes takes batch_size / N); with
+    --packing, packed rows of --pack-length tokens."""
     lr: float = 5e-5
     """AdamW learning rate."""
     weight_decay: float = 0.1

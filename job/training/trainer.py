@@ -49,7 +49,8 @@ class TrainState:
     """Global batches of the current epoch already consumed."""
     tokens_seen: int = 0
     """Input tokens of the global batches trained on, padding included, as the book counts them
-    (``input_batch.numel()``): the same however the batch is split into processes and micro-batches."""
+    (``input_batch.numel()``): the same however the batch is split into processes and micro-batches.
+    With --packing, the real tokens of the packed rows (their padding left out)."""
     history: list[dict] = field(default_factory=list)
 
 
@@ -64,9 +65,11 @@ class Task:
     train_size: int
     tokenizer: Tokenizer | None
     sample_prompt: str | None
+    train_unit: str = "entries"
+    """What ``train_size`` counts (``packed rows`` with --packing), for messages."""
 
 
-def check_batches(cfg: TrainConfig, world: int, train_examples: int) -> None:
+def check_batches(cfg: TrainConfig, world: int, train_examples: int, unit: str = "entries") -> None:
     """--batch-size splits evenly into processes x --grad-accum micro-batches, and the training split
     holds at least one batch (the run's preflight checks this before anything is written)."""
     parts = world * cfg.grad_accum
@@ -79,7 +82,7 @@ def check_batches(cfg: TrainConfig, world: int, train_examples: int) -> None:
     if train_examples < cfg.batch_size:
         limited = " (--train-limit)" if cfg.train_limit is not None else ""
         raise ConfigError(
-            f"--batch-size {cfg.batch_size} is larger than the training split of {train_examples} entries{limited}: "
+            f"--batch-size {cfg.batch_size} is larger than the training split of {train_examples} {unit}{limited}: "
             "use a smaller --batch-size or more data"
         )
 
@@ -128,7 +131,7 @@ class Trainer:
             mixed_precision=_mixed_precision(cfg.precision), cpu=not torch.cuda.is_available()
         )
         self.roles = Roles(self.accelerator)
-        check_batches(cfg, self.roles.world, task.train_size)
+        check_batches(cfg, self.roles.world, task.train_size, task.train_unit)
         self.micro = cfg.batch_size // (self.roles.world * cfg.grad_accum)
         self.output = Path(cfg.output)
         torch.manual_seed(cfg.seed)
