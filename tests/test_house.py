@@ -15,6 +15,7 @@ MAX_CLASS_LINES, MAX_FUNCTION_LINES = 200, 60
 NOT_YET_LAYERED = {
     ("job.data.instructions", "job.stages.download"),
     ("job.training.binding", "job.stages.download"),
+    ("job.data.sources", "job.stages.hub_dataset"),
 }
 
 
