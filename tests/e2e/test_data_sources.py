@@ -109,3 +109,27 @@ def test_dolly_columns_train_with_data_fields_and_a_bad_spec_or_missing_column_i
         "(--skip-invalid drops such entries)"
     ]
     assert not any((tmp_path / name).exists() for name in ("bad", "unnamed", "lost"))
+
+
+def test_dpo_trains_on_trls_text_pairs_in_parquet_and_names_a_malformed_one(tiny_model_dir, cache, tmp_path):
+    book = json.loads((cache / "instruction-data-with-preference.json").read_text())[:40]
+    pairs = [{"prompt": f"Q: {e['instruction']}\nA:", "chosen": " " + e["chosen"], "rejected": " " + e["rejected"]}
+             for e in book]  # fmt: skip
+    data = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(pairs), data)
+    args = ("dpo", "--model-dir", tiny_model_dir, "--data", data, "--cache", cache, "--log-format", "json")
+    small = ("--batch-size", "4", "--max-steps", "2", "--precision", "fp32")
+    done = cli(*args, "--output", tmp_path / "dpo", *small)
+    assert done.returncode == 0, done.stderr[-2000:]
+    start = next(e for e in events(done.stdout) if e["event"] == "dpo_start")
+    assert start["train_pairs"] == 34
+    assert (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
+
+    pairs[5] = {"prompt": "Q", "chosen": "A"}
+    pq.write_table(pa.Table.from_pylist(pairs), data)
+    bad = cli(*args, "--output", tmp_path / "bad", *small)
+    assert bad.returncode == 1 and bad.stderr.splitlines() == [
+        f"Error: dataset {data}: entry 5: field 'rejected' must be a string, got NoneType "
+        "(--skip-invalid drops such entries)"
+    ]
+    assert not (tmp_path / "bad").exists()
