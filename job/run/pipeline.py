@@ -41,7 +41,7 @@ from job.core.parsing import ParseError, load_yaml
 from job.data.instructions import prompt_style
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
-from job.data.sources import HUB_PREFIX, load_splits, parse_fields, resolve_source, source_digest
+from job.data.sources import FILE_TYPES, HUB_PREFIX, load_splits, parse_fields, resolve_source, source_digest
 from job.models.families import family, read_shape
 from job.models.gpt2 import GPT2_SIZES, GPTConfig, GPTModel
 from job.models.gpt2_weights import save_hf
@@ -497,8 +497,13 @@ def _absent(flag: str, value: str) -> str | None:
     if not value:
         return f"{flag} is empty"
     path = Path(value)
-    readable = path.is_file() or path.is_dir()
-    return None if readable else f"{flag} {value} {'is not a file' if path.exists() else 'does not exist'}"
+    if path.is_dir():  # a folder of split files needs its train file
+        trains = [path / f"train{suffix}" for suffix in FILE_TYPES]
+        kinds = ", ".join(p.name for p in trains)
+        return (
+            None if any(p.is_file() for p in trains) else f"{flag} {value} is a folder without a train file ({kinds})"
+        )
+    return None if path.is_file() else f"{flag} {value} {'is not a file' if path.exists() else 'does not exist'}"
 
 
 def missing_pieces(cfg: RunConfig) -> list[Needed]:
