@@ -171,7 +171,7 @@ def resolve_source(data: str, cache: str | Path, base_url: str | None = None, da
     if parse_hub_dataset(data) is not None:
         from job.stages.hub_dataset import fetch_hub_dataset  # the downloader lives with the stages
 
-        return hub_source(data, fetch_hub_dataset(data, Path(cache)), data_split)
+        return hub_source(data, fetch_hub_dataset(data, Path(cache), data_split), data_split)
     return local_source(resolve_data(data, cache, base_url), data, data_split)
 
 

@@ -18,7 +18,8 @@ from urllib.parse import quote
 import pydantic
 
 from job.core.parsing import ParseError, load_json, read_bounded, validated
-from job.data.sources import FILE_TYPES, parse_hub_dataset, split_of
+from job.data.instructions import DataError
+from job.data.sources import FILE_TYPES, SPLITS, parse_hub_dataset, split_of
 from job.stages.download import (
     COMMIT_RE,
     Downloader,
@@ -65,6 +66,9 @@ def fetch_hub_dataset(data: str, cache: Path, data_split: str | None = None) -> 
         by_split.setdefault(split_of(sibling.rfilename) or "", []).append(sibling)
     if set(by_split) == {""} and len(files) == 1:
         by_split = {"train": files}
+    if data_split and data_split not in by_split:
+        have = ", ".join(s for s in SPLITS if s in by_split) or "none"
+        raise DataError(f"hub dataset {data} has no {data_split} split (--data-split; it has: {have})")
     wanted = [data_split] if data_split else [s for s in by_split if s]
     fetched = {}
     for split in wanted:

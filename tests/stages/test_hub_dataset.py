@@ -120,6 +120,7 @@ def test_a_listing_of_another_shape_a_path_outside_or_an_unknown_dataset_is_one_
     cases = {
         json.dumps({"sha": COMMIT, "siblings": [{"rfilename": "../../escape.json"}]}): "a file outside",
         json.dumps({"sha": COMMIT, "siblings": [{"rfilename": "/etc/passwd.json"}]}): "a file outside",
+        json.dumps({"sha": COMMIT, "siblings": [{"rfilename": "data/../../../escape.json"}]}): "a file outside",
         json.dumps({"sha": "main", "siblings": []}): "names no commit",
         json.dumps({"siblings": []}): "sha: Field required",
     }
