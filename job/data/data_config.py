@@ -17,7 +17,8 @@ class DataConfig(Settings):
 
     help_section: ClassVar[str] = "Data"
     data: str = BOOK_DATA
-    """Dataset: a local JSON/JSON Lines file, an http(s):// URL (fetched into the cache) or s3://bucket/key."""
+    """Dataset: a local JSON/JSON Lines/Parquet file, a folder of train/validation/test files, an http(s):// URL
+    (fetched into the cache), s3://bucket/key or hf://datasets/ORG/NAME[@REVISION] (the hub's, at a commit)."""
     prompt_style: Literal["alpaca", "phi3", "chat"] = "alpaca"
     """Prompt template: the book's Alpaca text, Phi-3's (exercise 7.1), or chat: the model's own chat template
     (chat_template.jinja, else tokenizer_config.json's; Llama 3 and Qwen3 checkpoints carry one, GPT-2 none)."""
@@ -27,10 +28,20 @@ class DataConfig(Settings):
     """Drop entries with a missing or non-string field (and log how many) instead of failing."""
     allowed_max_length: int = 1024
     """Longest training sequence in tokens; longer ones are truncated (and counted in the log)."""
+    data_fields: str | None = None
+    """Other column names: FIELD=COLUMN,... for instruction, input, output, prompt, chosen, rejected (Dolly's:
+    input=context,output=response); every entry must have each column named."""
+    data_split: Literal["train", "validation", "test"] | None = None
+    """With a --data folder or hf://datasets/ORG/NAME: read only this split's files, cut 85/10/5; without it
+    the train, validation and test files are the splits."""
 
     @model_validator(mode="after")
     def _check_data(self):
+        from job.data.sources import parse_fields, parse_hub_dataset  # kept out of --help: it loads the data code
+
         positive(self, "allowed_max_length")
         seed(self, "shuffle_seed")
         check_s3_key("data", self.data)
+        parse_fields(self.data_fields)
+        parse_hub_dataset(self.data)
         return self

@@ -9,7 +9,8 @@ import torch
 
 from job.core.errors import ConfigError
 from job.core.observability import get_logger
-from job.data.instructions import DataError, PromptStyle, entry_problem
+from job.data.instructions import DataError, Laid, PromptStyle, entry_problem
+from job.data.trl_preference import is_trl_text, trl_pair_ids, trl_text_problem
 from job.models.tokenizer import END_OF_TEXT_ID
 
 log = get_logger(__name__)
@@ -17,7 +18,10 @@ RESPONSE_KEYS = ("chosen", "rejected")
 
 
 def preference_problem(entry) -> str | None:
-    """Why an entry cannot be a preference pair (an instruction entry with both responses as text), or None."""
+    """Why an entry cannot be a preference pair (an instruction entry with both responses as text, or TRL's
+    prompt, chosen and rejected), or None."""
+    if is_trl_text(entry):
+        return trl_text_problem(entry)
     problem = entry_problem(entry)
     if problem is not None:
         return problem
@@ -56,8 +60,12 @@ def tokenize_split(entries: list[dict], tokenizer, style: PromptStyle, max_lengt
     """``tokenize_pairs`` with what it left out counted (each count logged once, where not 0)."""
     out, truncated = Tokenized([]), 0
     for entry in entries:
-        laid = [style.lay_out(tokenizer, entry, entry[k]) for k in RESPONSE_KEYS]
-        starts = [style.preference_start(tokenizer, entry, one) for one in laid]
+        if is_trl_text(entry):  # TRL's own tokenization: no prompt style, an end token after each response
+            chosen, rejected, start = trl_pair_ids(tokenizer, entry)
+            laid, starts = [Laid(chosen, start), Laid(rejected, start)], [start, start]
+        else:
+            laid = [style.lay_out(tokenizer, entry, entry[k]) for k in RESPONSE_KEYS]
+            starts = [style.preference_start(tokenizer, entry, one) for one in laid]
         truncated += max(len(one.ids) for one in laid) + 1 > max_length
         if any(len(one.ids) <= start for one, start in zip(laid, starts, strict=True)):
             out.empty += 1

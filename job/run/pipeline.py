@@ -24,9 +24,10 @@ from job.core.errors import ConfigError, ExitCode, JobError, exit_code_for
 from job.core.observability import Metrics, MetricsPublisher, RunStatus, bind, get_logger
 from job.core.parsing import ParseError, load_yaml
 from job.core.settings import default_of, parse_duration, redacted, result_changes, stage_config
-from job.data.instructions import dataset_file, load_entries, prompt_style, resolve_data, split_entries
+from job.data.instructions import dataset_file, prompt_style
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
+from job.data.sources import FILE_TYPES, HUB_PREFIX, load_splits, parse_fields, resolve_source, source_digest
 from job.models.families import family, model_tokenizer, read_shape
 from job.models.gpt2 import GPTConfig, GPTModel, gpt2_config
 from job.models.gpt2_weights import save_hf
@@ -61,7 +62,7 @@ from job.stages.judge import preflight as judge_preflight
 from job.stages.judge import run_judge
 from job.stages.judge_config import JudgeConfig
 from job.storage.fetch import Needed, check_local_inputs, check_reachable, damaged_files, file_problem
-from job.storage.store import LocalStorage, Storage, open_storage, sha256_file
+from job.storage.store import LocalStorage, Storage, open_storage
 from job.training.binding import model_digest, run_binding, stage_name
 from job.training.checkpoint import CheckpointUploader, fetch_checkpoint
 from job.training.checkpoint_files import read_key
@@ -117,8 +118,11 @@ class Pipeline:
         pieces = missing_pieces(cfg)
         check_local_inputs(absent_local_data(cfg), pieces, Path(cfg.cache))
         check_reachable(pieces, Path(cfg.cache))
-        entries = load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
-        train, test, _val = split_entries(entries, cfg.shuffle_seed)
+        source = resolve_source(cfg.data, Path(cfg.cache), cfg.base_url, cfg.data_split)
+        fields = parse_fields(cfg.data_fields)
+        need = ("validation", "test")
+        splits = load_splits(source, cfg.skip_invalid, fields=fields, shuffle_seed=cfg.shuffle_seed, need=need)
+        train, test = splits.train, splits.test
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
         check_preference_data(cfg, *check_model_fit(cfg, test[: cfg.limit]))
         if not cfg.skip_judge:
@@ -332,8 +336,8 @@ def run_inputs(cfg: RunConfig) -> dict:
     if cfg.model_dir and not cfg.smoke:
         inputs["model_dir"] = {"source": cfg.model_dir, "sha256": model_digest(Path(cfg.model_dir))}
     for name in ("data", "dpo_data") if cfg.dpo else ("data",):
-        path = resolve_data(getattr(cfg, name), Path(cfg.cache), cfg.base_url)
-        inputs[name] = {"source": getattr(cfg, name), "sha256": sha256_file(path)}
+        source = resolve_source(getattr(cfg, name), Path(cfg.cache), cfg.base_url, cfg.data_split)
+        inputs[name] = {"source": getattr(cfg, name), "sha256": source_digest(source)}
     return inputs
 
 
@@ -424,7 +428,7 @@ def _datasets(cfg: RunConfig) -> list[tuple[str, str]]:
 
 def absent_local_data(cfg: RunConfig) -> list[str]:
     """Each local --data / --dpo-data file that is not there (a URL's is the download's to fetch)."""
-    local = [(flag, value) for flag, value in _datasets(cfg) if not value.startswith(REMOTE_SCHEMES)]
+    local = [(flag, value) for flag, value in _datasets(cfg) if not value.startswith((*REMOTE_SCHEMES, HUB_PREFIX))]
     return [why for flag, value in local if (why := _absent(flag, value)) is not None]
 
 
@@ -432,6 +436,12 @@ def _absent(flag: str, value: str) -> str | None:
     if not value:
         return f"{flag} is empty"
     path = Path(value)
+    if path.is_dir():  # a folder of split files needs its train file
+        trains = [path / f"train{suffix}" for suffix in FILE_TYPES]
+        kinds = ", ".join(p.name for p in trains)
+        return (
+            None if any(p.is_file() for p in trains) else f"{flag} {value} is a folder without a train file ({kinds})"
+        )
     return None if path.is_file() else f"{flag} {value} {'is not a file' if path.exists() else 'does not exist'}"
 
 

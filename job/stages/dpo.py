@@ -10,6 +10,7 @@ from pathlib import Path
 
 from job.core.observability import Metrics, get_logger
 from job.data.preference import fitting_pairs, preference_problem
+from job.data.trl_preference import prompt_text
 from job.stages.dpo_config import DPOConfig
 from job.stages.generate import saved_prompt_style
 from job.training.binding import run_binding
@@ -56,7 +57,7 @@ def dpo_task(cfg: DPOConfig, start: StartingModel | None = None) -> tuple[Task, 
         evaluator=DPOEvaluator(objective, val_pairs, cfg.batch_size, cfg.eval_iter),
         train_size=len(pairs),
         tokenizer=tokenizer,
-        sample_prompt=style.format_input(inputs.val[min(2, len(inputs.val) - 1)]),  # the book's: val_data[2]
+        sample_prompt=prompt_text(style, inputs.val[min(2, len(inputs.val) - 1)]),  # the book's: val_data[2]
     )
     return task, inputs.model_name
 

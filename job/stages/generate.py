@@ -15,11 +15,9 @@ from job.data.instructions import (
     RESPONSES_FILE,
     STYLE_NAMES,
     DataError,
-    load_entries,
     prompt_style,
-    resolve_data,
-    split_entries,
 )
+from job.data.sources import load_splits, parse_fields, resolve_source
 from job.models.decoding import generate, generate_fixed_batch
 from job.models.families import load_model, model_tokenizer
 from job.models.gpt2_weights import recorded_settings
@@ -90,8 +88,10 @@ def _load(cfg: GenerateConfig):
     """The test split (the dataset first: a bad one fails before the model loads), its prompt style, the
     tokenizer and the model on the device."""
     cache = Path(cfg.cache)
-    entries = load_entries(resolve_data(cfg.data, cache, cfg.base_url), cfg.skip_invalid)
-    test = split_entries(entries, cfg.shuffle_seed)[1][: cfg.limit]
+    source = resolve_source(cfg.data, cache, cfg.base_url, cfg.data_split)
+    fields = parse_fields(cfg.data_fields)
+    test = load_splits(source, cfg.skip_invalid, fields=fields, shuffle_seed=cfg.shuffle_seed, need=("test",)).test
+    test = test[: cfg.limit]
     tokenizer = model_tokenizer(cfg.model_dir, cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style or saved_prompt_style(cfg.model_dir) or "alpaca", tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from job.core.errors import ConfigError, JobError
 from job.core.settings import operational_options, redacted, result_changes
-from job.data.instructions import resolve_data
+from job.data.sources import resolve_source, source_digest
 from job.models.hub import cached_model_dir
-from job.storage.store import sha256_file, sha256_files
+from job.storage.store import sha256_files
 from job.training.train_config import TrainConfig
 
 # Not options of the trajectory: the inputs are bound by their sha256, the rest only stop or save it.
@@ -51,13 +51,13 @@ def run_binding(cfg: TrainConfig, run_id: str | None) -> dict:
     values = redacted(cfg)
     skip = UNBOUND | operational_options(type(cfg))
     options = {k: v for k, v in values.items() if k not in skip}
-    data = resolve_data(cfg.data, cfg.cache, cfg.base_url)
+    data = resolve_source(cfg.data, cfg.cache, cfg.base_url, cfg.data_split)
     model = Path(cfg.model_dir) if cfg.model_dir else cached_model_dir(cfg)
     return {
         "run_id": run_id,
         "stage": stage_name(cfg),
         "options": options,
-        "data": {"file": str(data), "sha256": sha256_file(data)},
+        "data": {"file": data.label, "sha256": source_digest(data)},
         "model": {"folder": str(model), "sha256": model_digest(model)},
     }
 

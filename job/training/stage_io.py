@@ -15,11 +15,9 @@ from job.data.instructions import (
     DataError,
     PromptStyle,
     entry_problem,
-    load_entries,
     prompt_style,
-    resolve_data,
-    split_entries,
 )
+from job.data.sources import load_splits, parse_fields, resolve_source
 from job.models.families import Model, family
 from job.models.families import load_model as load_model_folder
 from job.models.gpt2 import GPTModel, gpt2_sizes
@@ -69,14 +67,16 @@ class Inputs:
 
 def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[dict], list[dict]]:
     """The dataset's file and its training (cut to --train-limit) and validation splits, each entry checked
-    (``check`` says what a bad entry is); a split left empty is a DataError."""
-    path = resolve_data(cfg.data, Path(cfg.cache), cfg.base_url)
-    entries = load_entries(path, cfg.skip_invalid, check)
-    train, _test, val = split_entries(entries, cfg.shuffle_seed)
-    train = train[: cfg.train_limit]
+    (``check`` says what a bad entry is): a file's 85/10/5 cut, or a folder's train and validation files; a
+    split left empty is a DataError."""
+    source = resolve_source(cfg.data, Path(cfg.cache), cfg.base_url, cfg.data_split)
+    fields = parse_fields(cfg.data_fields)
+    splits = load_splits(source, cfg.skip_invalid, check, fields, cfg.shuffle_seed, need=("validation",))
+    train, val = splits.train[: cfg.train_limit], splits.val
     if not train or not val:
-        raise DataError(f"dataset {path} of {len(entries)} entries is too small for the 85/10/5 split")
-    return path, train, val
+        count = len(splits.train) + len(splits.test) + len(splits.val)
+        raise DataError(f"dataset {source.label} of {count} entries is too small for the 85/10/5 split")
+    return Path(splits.where["train"]), train, val
 
 
 def load_inputs(cfg: TrainConfig, start: StartingModel, check=entry_problem) -> Inputs:

@@ -389,11 +389,14 @@ def test_a_missing_local_data_file_is_named_with_every_missing_piece_before_any_
     assert WEIGHTS in line and "no answer" not in line and "rerun" not in line  # no host was asked
     assert seconds < 150, seconds
     assert not (tmp_path / "runs" / "off").exists() and not any(cache.rglob("*"))
-    # a hub model's the same; a folder given as --data is named as not a file
+    # a hub model's the same; a folder given as --data without a train file is named so
     hub = f"http://127.0.0.1:{free_port()}"
     result, _ = _offline_run(cache, tmp_path, "--model", "qwen3-0.6b", "--hub-url", hub, "--data", tmp_path)
     line = _one_line(result, 1)
-    assert line.startswith(f"Error: --data {tmp_path} is not a file; the cache {cache} also lacks: the weights and ")
+    assert line.startswith(
+        f"Error: --data {tmp_path} is a folder without a train file (train.json, train.jsonl, train.parquet); "
+        f"the cache {cache} also lacks: the weights and "
+    )
     assert "tokenizer of qwen3-0.6b: --model-dir DIR" in line and "no answer" not in line
     result, _ = _offline_run(cache, tmp_path, "--data", "")
     assert _one_line(result, 1).startswith(f"Error: --data is empty; the cache {cache} also lacks: GPT-2's tokenizer")

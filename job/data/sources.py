@@ -1,0 +1,281 @@
+"""Where a dataset's entries come from: a file (JSON, JSON Lines or Parquet) cut 85/10/5, or a folder of
+``train``/``validation``/``test`` files used as the splits; columns renamed by ``--data-fields``; every
+entry checked and a bad one named (file, entry, field)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.core.errors import ConfigError
+from job.core.observability import get_logger
+from job.core.parsing import short
+from job.data.instructions import (
+    MAX_DATASET_BYTES,
+    DataError,
+    entry_problem,
+    parse_entries,
+    resolve_data,
+    split_entries,
+)
+from job.storage.store import sha256_file, sha256_files
+
+log = get_logger(__name__)
+SPLITS = ("train", "validation", "test")
+FILE_TYPES = (".json", ".jsonl", ".parquet")
+FIELD_TARGETS = ("instruction", "input", "output", "prompt", "chosen", "rejected")
+HUB_PREFIX = "hf://datasets/"
+HUB_DATASET = re.compile(r"hf://datasets/([A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@([\w.-][\w./-]{0,199}))?")
+MAX_PARQUET_EXPANSION = 8
+"""A Parquet file's data, uncompressed, may be this many times the JSON bound (its text, decoded)."""
+
+
+# --- reading one file -----------------------------------------------------------------------------
+
+
+def read_rows(path: Path) -> list:
+    """A file's rows: Parquet by its suffix (``.parquet``), else JSON or JSON Lines."""
+    if path.suffix == ".parquet":
+        return parquet_rows(path)
+    return parse_entries(path)
+
+
+def parquet_rows(path: Path) -> list[dict]:
+    """A Parquet file's rows as dicts (pyarrow), bounded as a JSON dataset is: the file's size, and its data's
+    size uncompressed as its footer states it, before any column is read. A file pyarrow cannot read
+    (truncated, not Parquet, a damaged page) is one line naming it."""
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"dataset {path} does not exist") from None
+    except OSError as exc:
+        raise DataError(f"dataset {path} is not readable: {exc.strerror or exc}") from None
+    if size > MAX_DATASET_BYTES:
+        raise DataError(f"dataset {path} is larger than {MAX_DATASET_BYTES >> 20} MB")
+    try:
+        with pq.ParquetFile(path) as parquet:
+            meta = parquet.metadata
+            expanded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+            if expanded > MAX_PARQUET_EXPANSION * MAX_DATASET_BYTES:
+                raise DataError(f"dataset {path} holds {expanded >> 20} MB of data uncompressed: more than we read")
+            rows = parquet.read().to_pylist()
+    except (pyarrow.ArrowException, OSError) as exc:
+        reason = short(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[1:-1]
+        raise DataError(f"dataset {path} is not a Parquet file we can read: {reason}") from None
+    if not rows:
+        raise DataError(f"dataset {path} has no entries")
+    return rows
+
+
+# --- other column names ---------------------------------------------------------------------------
+
+
+def parse_fields(spec: str | None) -> dict[str, str]:
+    """``--data-fields instruction=question,input=context,output=response``: each field the entries' column
+    that holds it. A malformed spec is a ConfigError (exit 2) naming the flag."""
+    if spec is None:
+        return {}
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        target, sep, column = (s.strip() for s in part.partition("="))
+        if not sep or not target or not column:
+            raise ConfigError(f"--data-fields {spec!r}: {part.strip()!r} is not FIELD=COLUMN")
+        if target not in FIELD_TARGETS:
+            raise ConfigError(f"--data-fields {spec!r}: {target!r} is not one of {', '.join(FIELD_TARGETS)}")
+        if target in fields:
+            raise ConfigError(f"--data-fields {spec!r}: {target!r} is named twice")
+        fields[target] = column
+    if len(set(fields.values())) < len(fields):
+        raise ConfigError(f"--data-fields {spec!r}: one column is named for two fields")
+    return fields
+
+
+def renamed(entry, fields: dict[str, str]) -> tuple[object, str | None]:
+    """``entry`` with each field taken from its column (the column's own name dropped), or the entry as it is
+    and why not: a column ``--data-fields`` names that the entry lacks."""
+    if not fields or not isinstance(entry, dict):
+        return entry, None
+    for target, column in fields.items():
+        if column not in entry:
+            return entry, f"column {column!r} (--data-fields {target}={column}) is missing"
+    columns = set(fields.values())
+    out = {k: v for k, v in entry.items() if k not in columns and k not in fields}
+    out.update({target: entry[column] for target, column in fields.items() if column in entry})
+    return out, None
+
+
+def checked_entries(
+    path: Path, rows: list, skip_invalid: bool, check: Callable = entry_problem, fields: dict | None = None
+) -> list[dict]:
+    """``rows`` renamed and checked as ``load_entries`` checks a file's (``input`` filled in as "" where
+    absent); a bad one is an error naming the file, the entry and the field."""
+    entries, skipped = [], 0
+    for index, row in enumerate(rows):
+        entry, problem = renamed(row, fields or {})
+        problem = problem or check(entry)
+        if problem is None:
+            entries.append({**entry, "input": entry.get("input", "")})
+        elif skip_invalid:
+            skipped += 1
+        else:
+            raise DataError(f"dataset {path}: entry {index}: {problem} (--skip-invalid drops such entries)")
+    if skipped:
+        log.warning("dataset_entries_skipped", count=skipped, path=str(path))
+    if not entries:
+        raise DataError(f"dataset {path} has no valid entries")
+    return entries
+
+
+# --- a file or a folder of splits -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """A dataset as found: one file (``whole``, cut 85/10/5) or each split's files (a folder's; a hub split
+    may come in shards, read in order)."""
+
+    label: str
+    """What the user named (the file, the folder, the hub dataset)."""
+    whole: tuple[Path, ...] = ()
+    splits: tuple[tuple[str, tuple[Path, ...]], ...] = ()
+
+    def files(self) -> list[Path]:
+        return list(self.whole) or [p for _, paths in self.splits for p in paths]
+
+    def split(self, name: str) -> tuple[Path, ...]:
+        return dict(self.splits).get(name, ())
+
+
+def parse_hub_dataset(data: str) -> tuple[str, str] | None:
+    """``hf://datasets/ORG/NAME[@REVISION]`` as (repository, revision; ``main`` by default), None for any other
+    --data; a malformed one is a ConfigError (exit 2) naming the flag."""
+    if not data.startswith(HUB_PREFIX):
+        return None
+    match = HUB_DATASET.fullmatch(data)
+    if match is None or ".." in data:
+        raise ConfigError(
+            f"--data {short(data)}: a hub dataset is hf://datasets/ORG/NAME or hf://datasets/ORG/NAME@REVISION"
+        )
+    return match.group(1), match.group(2) or "main"
+
+
+def resolve_source(data: str, cache: str | Path, base_url: str | None = None, data_split: str | None = None) -> Source:
+    """``--data`` as a Source: a hub dataset's files fetched into the cache at a pinned commit, a URL's file
+    fetched, or a local file or folder."""
+    if parse_hub_dataset(data) is not None:
+        from job.data.hub_dataset import fetch_hub_dataset  # imports this module: called, not imported, at the top
+
+        return hub_source(data, fetch_hub_dataset(data, Path(cache), data_split), data_split)
+    return local_source(resolve_data(data, cache, base_url), data, data_split)
+
+
+def hub_source(label: str, by_split: dict[str, tuple[Path, ...]], data_split: str | None) -> Source:
+    """A hub dataset's fetched files by split (shards in order) as a Source: ``--data-split``'s alone as the
+    whole dataset, else its splits (a train split needed)."""
+    if data_split is not None:
+        if not by_split.get(data_split):
+            have = ", ".join(s for s in SPLITS if by_split.get(s)) or "none"
+            raise DataError(f"hub dataset {label} has no {data_split} split (--data-split; it has: {have})")
+        return Source(label, whole=by_split[data_split])
+    if not by_split.get("train"):
+        raise DataError(f"hub dataset {label} has no train split among its files (--data-split names another)")
+    return Source(label, splits=tuple((s, by_split[s]) for s in SPLITS if by_split.get(s)))
+
+
+def split_of(name: str) -> str | None:
+    """The split a hub file's path names (``data/train-00000-of-00002.parquet``, ``test.jsonl``), as the
+    hub's own viewer tells them (``valid``, ``val`` and ``dev`` are validation), or None."""
+    path = Path(name)
+    if path.suffix not in FILE_TYPES:
+        return None
+    aliases = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation"}
+    aliases |= {"dev": "validation", "test": "test"}
+    for part in (path.name, *reversed(path.parts[:-1])):
+        word = re.split(r"[-_.]", part, maxsplit=1)[0].lower()
+        if word in aliases:
+            return aliases[word]
+    return None
+
+
+def local_source(path: Path, label: str | None = None, data_split: str | None = None) -> Source:
+    """``path`` as a dataset: a folder's split files (``--data-split`` picks one of them as the whole dataset),
+    else the file itself."""
+    label = label or str(path)
+    if not path.is_dir():
+        if data_split is not None:
+            raise ConfigError(f"--data-split {data_split} names a split of a folder or a hub dataset, not of {label}")
+        return Source(label, whole=(path,))
+    found = folder_splits(path)
+    if data_split is None:
+        return Source(label, splits=tuple((s, (p,)) for s, p in found.items()))
+    if data_split not in found:
+        raise DataError(f"dataset folder {label} has no {data_split} file (--data-split {data_split})")
+    return Source(label, whole=(found[data_split],))
+
+
+def folder_splits(folder: Path) -> dict[str, Path]:
+    """A folder's ``train``/``validation``/``test`` files (``.json``, ``.jsonl`` or ``.parquet``); a folder
+    without a train file, or with two files for one split, is a DataError naming it."""
+    found: dict[str, list[Path]] = {split: [] for split in SPLITS}
+    for path in sorted(folder.iterdir()):
+        if path.suffix in FILE_TYPES and path.stem in SPLITS:
+            found[path.stem].append(path)
+    for split, paths in found.items():
+        if len(paths) > 1:
+            names = " and ".join(p.name for p in paths)
+            raise DataError(f"dataset folder {folder} has two {split} files, {names}: keep one")
+    if not found["train"]:
+        kinds = ", ".join(f"train{suffix}" for suffix in FILE_TYPES)
+        raise DataError(f"dataset folder {folder} has no train file ({kinds}); validation and test files are optional")
+    return {split: paths[0] for split, paths in found.items() if paths}
+
+
+def source_digest(source: Source) -> str:
+    """The sha256 a run binds its data by: a file's own (as before folders), else one over each split's files
+    (their split, names and contents), so a changed, added or removed file changes it."""
+    if len(source.whole) == 1:
+        return sha256_file(source.whole[0])
+    files = [("", p) for p in source.whole] or [(split, p) for split, paths in source.splits for p in paths]
+    digests = sha256_files([p for _, p in files])
+    listing = "".join(f"{split}\0{p.name}\0{d}\n" for (split, p), d in zip(files, digests, strict=True))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+@dataclass
+class Splits:
+    """A dataset's (train, test, validation) entries, and the file each came from (for messages)."""
+
+    train: list[dict]
+    test: list[dict]
+    val: list[dict]
+    where: dict[str, str]
+
+
+def load_splits(
+    source: Source,
+    skip_invalid: bool = False,
+    check: Callable = entry_problem,
+    fields: dict | None = None,
+    shuffle_seed: int | None = None,
+    need: tuple[str, ...] = (),
+) -> Splits:
+    """Each split's checked entries: a file's cut 85/10/5 (the book's), a folder's as its files give them. A
+    split in ``need`` that the folder lacks is a DataError naming the folder and the split."""
+    if source.whole:
+        entries = [e for p in source.whole for e in checked_entries(p, read_rows(p), skip_invalid, check, fields)]
+        train, test, val = split_entries(entries, shuffle_seed)
+        return Splits(train, test, val, dict.fromkeys(SPLITS, ", ".join(map(str, source.whole))))
+    loaded, where = {}, {}
+    for split in SPLITS:
+        paths = source.split(split)
+        if not paths and split in need:
+            raise DataError(f"dataset {source.label} has no {split} file: the stage needs its {split} split")
+        loaded[split] = [e for p in paths for e in checked_entries(p, read_rows(p), skip_invalid, check, fields)]
+        where[split] = ", ".join(str(p) for p in paths) or source.label
+    return Splits(loaded["train"], loaded["test"], loaded["validation"], where)
