@@ -38,7 +38,8 @@ from job.config import (
 from job.core.errors import ConfigError, ExitCode, JobError, exit_code_for
 from job.core.observability import Metrics, MetricsPublisher, RunStatus, bind, get_logger
 from job.core.parsing import ParseError, load_yaml
-from job.data.instructions import load_entries, prompt_style, resolve_data, split_entries
+from job.data.formats import layout, load_formatted
+from job.data.instructions import prompt_style, resolve_data, split_entries
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
 from job.models.families import family, read_shape
@@ -185,10 +186,11 @@ class Pipeline:
         pieces = missing_pieces(cfg)
         check_local_inputs(absent_local_data(cfg), pieces, Path(cfg.cache))
         check_reachable(pieces, Path(cfg.cache))
-        entries = load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
+        path = resolve_data(cfg.data, Path(cfg.cache), cfg.base_url)
+        data_format, entries = load_formatted(path, cfg.data_format, cfg.skip_invalid)
         train, test, _val = split_entries(entries, cfg.shuffle_seed)
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
-        check_preference_data(cfg, *check_model_fit(cfg, test[: cfg.limit]))
+        check_preference_data(cfg, *check_model_fit(cfg, test[: cfg.limit], data_format, entries))
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))
@@ -562,10 +564,10 @@ def _gpt2(cfg: RunConfig) -> bool:
     return family(cfg.model_dir) == "gpt2" if cfg.model_dir else cfg.model in GPT2_SIZES
 
 
-def check_model_fit(cfg: RunConfig, test: list[dict]) -> tuple:
+def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca", entries=None) -> tuple:
     """What depends on the model's shape, known before training: the longest test prompt and
-    --max-new-tokens fit its context; a LoRA rank is at most its width. Returns the model's tokenizer, the
-    prompt style and the context length."""
+    --max-new-tokens fit its context; a LoRA rank is at most its width; conversations have a chat template
+    (exit 2). Returns the model's tokenizer, the prompt style and the context length."""
     random = random_model(cfg)
     folder = None if random else tokenizer_folder(cfg)  # a hub model's config and tokenizer, before its weights
     if random:
@@ -576,7 +578,8 @@ def check_model_fit(cfg: RunConfig, test: list[dict]) -> tuple:
         raise ConfigError(f"--lora-rank {cfg.lora_rank} is more than the model's width of {shape.emb_dim}")
     tokenizer = ByteTokenizer() if random else model_tokenizer(folder, cfg.cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style, tokenizer)
-    longest, which = longest_prompt([encode(tokenizer, style.format_input(e)) for e in test])
+    how = layout(cfg, data_format, entries or test, tokenizer, style)
+    longest, which = longest_prompt([encode(tokenizer, how.prompt(e)) for e in test])
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)
     return tokenizer, style, shape.context_length
 
@@ -587,7 +590,7 @@ def check_preference_data(cfg: RunConfig, tokenizer, style, context_length: int)
     if not cfg.dpo:
         return
     dpo = stage_config(cfg, "dpo", DPOConfig, **stage_model(cfg, cfg.model_dir))
-    path, train, val = training_splits(dpo, preference_problem)
+    path, train, val, _format = training_splits(dpo, preference_problem)
     fitting_pairs(train, val, tokenizer, style, (dpo.allowed_max_length, context_length), dpo.batch_size, path)
 
 

@@ -11,17 +11,16 @@ import yaml
 
 from job.config import FinetuneConfig, TrainConfig
 from job.core.observability import Metrics, get_logger
+from job.data.formats import Layout, layout, load_formatted
 from job.data.instructions import (
     Collator,
     DataError,
     Example,
     PromptStyle,
     entry_problem,
-    load_entries,
     prompt_style,
     resolve_data,
     split_entries,
-    tokenize,
 )
 from job.models.families import Model, family
 from job.models.families import load_model as load_model_folder
@@ -71,42 +70,45 @@ class Inputs:
     max_length: int
     path: Path
     """The dataset's file."""
+    layout: Layout
+    """How its entries become examples (their format; the chat template of conversations)."""
 
 
-def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[dict], list[dict]]:
-    """The dataset's file and its training (cut to --train-limit) and validation splits, each entry checked
-    (``check`` says what a bad entry is); a split left empty is a DataError."""
+def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[dict], list[dict], str]:
+    """The dataset's file, its training (cut to --train-limit) and validation splits, each entry checked
+    (``check`` says what a bad book-shaped entry is), and its format; a split left empty is a DataError."""
     path = resolve_data(cfg.data, Path(cfg.cache), cfg.base_url)
-    entries = load_entries(path, cfg.skip_invalid, check)
+    data_format, entries = load_formatted(path, cfg.data_format, cfg.skip_invalid, check)
     train, _test, val = split_entries(entries, cfg.shuffle_seed)
     train = train[: cfg.train_limit]
     if not train or not val:
         raise DataError(f"dataset {path} of {len(entries)} entries is too small for the 85/10/5 split")
-    return path, train, val
+    return path, train, val, data_format
 
 
 def load_inputs(cfg: TrainConfig, check=entry_problem) -> Inputs:
     """The dataset first (a bad one fails before any model loads; ``check`` says what a bad entry is), then
     the tokenizer and the model."""
     cache = Path(cfg.cache)
-    path, train, val = training_splits(cfg, check)
+    path, train, val, data_format = training_splits(cfg, check)
     tokenizer = model_tokenizer(tokenizer_folder(cfg), cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style, tokenizer)
+    how = layout(cfg, data_format, train, tokenizer, style)
     model, name = load_model(cfg)
     max_length = min(cfg.allowed_max_length, model.cfg.context_length)
-    return Inputs(train, val, tokenizer, model, name, style, max_length, path)
+    return Inputs(train, val, tokenizer, model, name, style, max_length, path, how)
 
 
 def prepare(cfg: FinetuneConfig) -> Prepared:
     """The stage's inputs, the examples tokenized."""
     inputs = load_inputs(cfg)
-    tokenizer, style, max_length = inputs.tokenizer, inputs.style, inputs.max_length
+    tokenizer, how, max_length = inputs.tokenizer, inputs.layout, inputs.max_length
     return Prepared(
         model=inputs.model,
         tokenizer=tokenizer,
-        train=tokenize(inputs.train, tokenizer, style, max_length),
-        val=tokenize(inputs.val, tokenizer, style, max_length),
-        sample_prompt=style.format_input(inputs.val[0]),
+        train=how.examples(inputs.train, tokenizer, max_length),
+        val=how.examples(inputs.val, tokenizer, max_length),
+        sample_prompt=how.prompt(inputs.val[0]),
         model_name=inputs.model_name,
         max_length=max_length,
     )

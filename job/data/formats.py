@@ -1,0 +1,194 @@
+"""A dataset's format: told from its entries' keys (every entry must agree) or named with ``--data-format``;
+each format's check of an entry, and its entries made into training examples: ``alpaca`` (the book's, through
+its prompt styles, unchanged), ``messages`` (conversations through a chat template, job/data/conversation.py),
+``prompt-completion`` (the loss on the completion only, as TRL's ``completion_only_loss``) and ``text`` (every
+token trained)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.core.errors import ConfigError
+from job.core.observability import get_logger
+from job.data.conversation import lay_out_conversation, load_template_file, split_last_answer, turns_problem
+from job.data.instructions import DataError, Example, PromptStyle, entry_problem, parse_entries, tokenize
+from job.models.chat_template import ChatTemplate
+from job.models.tokenizer import encode
+
+log = get_logger(__name__)
+FORMATS = ("alpaca", "messages", "prompt-completion", "text")
+SHAPES = (
+    "alpaca (instruction, output), messages (a list of role/content turns), prompt-completion (prompt, completion), "
+    "text (text)"
+)
+
+
+def entry_format(entry) -> str | None:
+    """The format an entry's keys say, or None."""
+    if not isinstance(entry, dict):
+        return None
+    if "messages" in entry:
+        return "messages"
+    if "prompt" in entry and "completion" in entry:
+        return "prompt-completion"
+    if "instruction" in entry:
+        return "alpaca"
+    if "text" in entry:
+        return "text"
+    return None
+
+
+def detect_format(entries: list, path: Path) -> str:
+    """The one format all of ``entries`` have; a mixed file is a DataError naming the first entry that differs."""
+    first = entry_format(entries[0])
+    for index, entry in enumerate(entries):
+        found = entry_format(entry)
+        if found is None:
+            keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise DataError(f"dataset {path}: entry {index} ({keys}) has none of the shapes accepted: {SHAPES}")
+        if found != first:
+            raise DataError(
+                f"dataset {path}: entry {index} is {found}-shaped but entry 0 is {first}-shaped: a dataset holds one "
+                "format (--data-format names it)"
+            )
+    return first
+
+
+def pair_problem(entry: dict) -> str | None:
+    """A prompt-completion entry's problem: both text, or the prompt turns and the completion assistant turns."""
+    prompt, completion = entry["prompt"], entry["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return None
+    if isinstance(prompt, str) or isinstance(completion, str):
+        return "fields 'prompt' and 'completion' must both be text or both be lists of turns"
+    problem = turns_problem(prompt, "prompt", needs_assistant=False) or turns_problem(completion, "completion")
+    if problem is None and any(turn["role"] != "assistant" for turn in completion):
+        return "field 'completion' must hold assistant turns only"
+    return problem
+
+
+def format_problem(data_format: str, entry, alpaca_check=entry_problem) -> str | None:
+    """Why ``entry`` is not a usable entry of ``data_format`` (naming the field), or None."""
+    if data_format == "alpaca":
+        return alpaca_check(entry)
+    if not isinstance(entry, dict):
+        return f"is a {type(entry).__name__}, not an object"
+    needed = {"messages": ("messages",), "prompt-completion": ("prompt", "completion"), "text": ("text",)}
+    for name in needed[data_format]:
+        if name not in entry:
+            return f"field {name!r} is missing ({data_format} entries have {', '.join(needed[data_format])})"
+    if data_format == "messages":
+        return turns_problem(entry["messages"], "messages")
+    if data_format == "text":
+        text = entry["text"]
+        return None if isinstance(text, str) else f"field 'text' must be a string, got {type(text).__name__}"
+    return pair_problem(entry)
+
+
+def load_formatted(path: Path, data_format: str | None, skip_invalid: bool = False, alpaca_check=entry_problem):
+    """The dataset's format and its entries, each checked (a bad one is a DataError naming it and its field);
+    alpaca entries as ``load_entries`` gives them (``input`` filled in as "")."""
+    data = parse_entries(path)
+    data_format = data_format or detect_format(data, path)
+    entries, skipped = [], 0
+    for index, entry in enumerate(data):
+        problem = format_problem(data_format, entry, alpaca_check)
+        if problem is None:
+            entries.append({**entry, "input": entry.get("input", "")} if data_format == "alpaca" else entry)
+        elif skip_invalid:
+            skipped += 1
+        else:
+            raise DataError(f"dataset {path}: entry {index}: {problem} (--skip-invalid drops such entries)")
+    if skipped:
+        log.warning("dataset_entries_skipped", count=skipped, path=str(path))
+    if not entries:
+        raise DataError(f"dataset {path} has no valid entries")
+    return data_format, entries
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a run's entries become examples: the format, the book's prompt style (alpaca), the chat template
+    (messages, and prompt-completion's turns) and which turns train."""
+
+    data_format: str
+    style: PromptStyle
+    template: ChatTemplate | None
+    train_on: str = "assistant"
+
+    def examples(self, entries: list[dict], tokenizer, max_length: int) -> list[Example]:
+        """Every entry tokenized; one with nothing to train within ``max_length`` is left out (and counted)."""
+        if self.data_format == "alpaca":
+            return tokenize(entries, tokenizer, self.style, max_length)
+        examples = [self.example(entry, tokenizer) for entry in entries]
+        kept = [e for e in examples if any(e.trained[1 : max_length + 1])]
+        if len(kept) < len(examples):
+            log.warning("examples_without_trained_tokens", count=len(examples) - len(kept), max_length=max_length)
+        if not kept:
+            raise DataError(f"no entry has a token to train on within --allowed-max-length {max_length}")
+        return kept
+
+    def example(self, entry: dict, tokenizer) -> Example:
+        """One entry's ids and which of them train (the appended end token last: the book's collate adds it)."""
+        if self.data_format == "messages":
+            ids, mask = lay_out_conversation(tokenizer, self.template, entry["messages"], self.train_on)
+            return _example(ids, [*mask, False])  # the template's own end token closed the turn
+        if self.data_format == "text":
+            ids = encode(tokenizer, entry["text"])
+            return _example(ids, [True] * (len(ids) + 1))
+        prompt, completion = entry["prompt"], entry["completion"]
+        if isinstance(prompt, str):  # TRL appends the end token to a text completion, and trains it
+            prompt_ids, ids = encode(tokenizer, prompt), encode(tokenizer, prompt + completion)
+            start = _common_prefix(prompt_ids, ids)
+            return _example(ids, [i >= start for i in range(len(ids))] + [True])
+        prompt_ids = encode(tokenizer, self.template.prompt(prompt))
+        ids = encode(tokenizer, self.template.render(prompt + completion)[0])
+        start = _common_prefix(prompt_ids, ids)
+        return _example(ids, [i >= start for i in range(len(ids))] + [False])
+
+    def prompt(self, entry: dict) -> str:
+        """What a model is asked (generation, the epoch's sample): the prompt, or the conversation up to its
+        last assistant turn with the template's generation prompt after it."""
+        if self.data_format == "alpaca":
+            return self.style.format_input(entry)
+        if self.data_format == "text":
+            return entry["text"][: len(entry["text"]) // 2]
+        if self.data_format == "messages":
+            return self.template.prompt(split_last_answer(entry["messages"])[0])
+        prompt = entry["prompt"]
+        return prompt if isinstance(prompt, str) else self.template.prompt(prompt)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """TRL's ``common_prefix_length``: the completion starts where the two tokenizations part."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _example(ids: list[int], trained: list[bool]) -> Example:
+    first = next((i for i, t in enumerate(trained) if t), len(ids))
+    return Example(ids, max(first, 1), trained)
+
+
+def needs_template(data_format: str, entries: list[dict]) -> bool:
+    """Whether the entries are conversations, which only a chat template renders."""
+    if data_format == "messages":
+        return True
+    return data_format == "prompt-completion" and not isinstance(entries[0]["prompt"], str)
+
+
+def layout(cfg, data_format: str, entries: list[dict], tokenizer, style: PromptStyle) -> Layout:
+    """The run's layout: a conversation's template is ``--chat-template FILE``, else the model's own; neither
+    is a ConfigError (exit 2)."""
+    template = None
+    if needs_template(data_format, entries):
+        if getattr(cfg, "chat_template", None):
+            template = load_template_file(cfg.chat_template, tokenizer)
+        else:
+            template = getattr(tokenizer, "chat_template", None)
+        if template is None:
+            raise ConfigError(
+                f"{data_format} data needs a chat template, which this model's tokenizer lacks (GPT-2's has none): "
+                "give one with --chat-template FILE (a Jinja file)"
+            )
+    return Layout(data_format, style, template, getattr(cfg, "train_on", "assistant"))

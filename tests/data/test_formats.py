@@ -1,0 +1,171 @@
+"""Dataset formats: told from the entries' keys (a file holds one) or named, each entry checked and named when
+bad, and each format's examples trained as TRL's ``SFTTrainer`` trains them: conversations with
+``assistant_only_loss``, prompt/completion pairs with ``completion_only_loss``, plain text on every token."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from job.data.formats import Layout, detect_format, load_formatted
+from job.data.instructions import PROMPT_STYLES, Collator, DataError, load_entries
+from job.models.chat_template import ChatTemplate
+from job.models.tokenizer import load_hf_tokenizer
+from tests.helpers import cli
+
+TRL_TEMPLATES = Path(__import__("trl").__file__).parent / "chat_templates"
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief; {{ not jinja }}."},
+            {"role": "user", "content": "Two plus two?"},
+            {"role": "assistant", "content": "Four."},
+            {"role": "user", "content": "And three more?"},
+            {"role": "assistant", "content": "Seven."},
+        ]
+    },
+]
+PAIRS = [{"prompt": "Say hi.", "completion": " Hi there."}, {"prompt": "Two plus two is", "completion": "four"}]
+CONVERSATIONAL_PAIRS = [
+    {
+        "prompt": [{"role": "system", "content": "Terse."}, {"role": "user", "content": "Capital of France?"}],
+        "completion": [{"role": "assistant", "content": "Paris."}],
+    },
+    {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello!"}]},
+]
+TEXTS = [{"text": "The cat sat on the mat."}, {"text": "Rain falls in spring, and rivers rise."}]
+
+
+def _write(path: Path, entries) -> Path:
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        (CONVERSATIONS, "messages"),
+        (PAIRS, "prompt-completion"),
+        (CONVERSATIONAL_PAIRS, "prompt-completion"),
+        (TEXTS, "text"),
+    ],
+)
+def test_each_format_is_told_from_its_keys(tmp_path, entries, expected):
+    assert load_formatted(_write(tmp_path / "d.jsonl", entries), None) == (expected, entries)
+
+
+def test_the_books_entries_load_as_they_always_have(shared_data):
+    path = shared_data / "instruction-data.json"
+    assert load_formatted(path, None) == ("alpaca", load_entries(path))
+    assert load_formatted(path, "alpaca") == ("alpaca", load_entries(path))
+
+
+def test_a_mixed_file_names_its_first_entry_of_another_format(tmp_path):
+    path = _write(tmp_path / "mixed.jsonl", [*CONVERSATIONS, PAIRS[0], TEXTS[0]])
+    with pytest.raises(DataError, match=r"entry 2 is prompt-completion-shaped but entry 0 is messages-shaped"):
+        detect_format(json.loads(f"[{','.join(path.read_text().splitlines())}]"), path)
+
+
+USER, ASSISTANT = {"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}
+
+
+@pytest.mark.parametrize(
+    ("data_format", "entries", "problem"),
+    [
+        (None, [PAIRS[0], {"question": "q", "answer": "a"}], "entry 1 (['answer', 'question']) has none of the shapes"),
+        (None, [TEXTS[0], ["user", "hi"]], "entry 1 (list) has none of the shapes accepted: alpaca (instruction"),
+        ("messages", [CONVERSATIONS[0], TEXTS[0]], "entry 1: field 'messages' is missing (messages entries have"),
+        ("text", [TEXTS[0], {"text": 3}], "entry 1: field 'text' must be a string, got int"),
+        (None, [PAIRS[0], {"prompt": "p", "completion": [ASSISTANT]}], "entry 1: fields 'prompt' and 'completion'"),
+        (None, [PAIRS[0], {"prompt": [], "completion": []}], "entry 1: field 'prompt' is an empty conversation"),
+        (None, [PAIRS[0], {"prompt": [USER], "completion": [USER]}], "entry 1: field 'completion' has no assistant"),
+        (None, [PAIRS[0], {"prompt": [USER], "completion": [USER, ASSISTANT]}], "must hold assistant turns only"),
+        ("prompt-completion", [PAIRS[0], {"prompt": "p"}], "entry 1: field 'completion' is missing"),
+        ("alpaca", CONVERSATIONS, "entry 0: field 'instruction' is missing"),
+        (None, [CONVERSATIONS[0], {"messages": [USER]}], "entry 1: field 'messages' has no assistant turn to train on"),
+    ],
+)
+def test_a_bad_entry_is_named_with_its_field(tmp_path, data_format, entries, problem):
+    path = _write(tmp_path / "bad.jsonl", entries)
+    with pytest.raises(DataError) as raised:
+        load_formatted(path, data_format)
+    assert problem in str(raised.value) and str(path) in str(raised.value)
+
+
+def test_the_cli_refuses_a_mixed_file_in_one_line_and_writes_nothing(qwen3_dir, cache, tmp_path):
+    path = _write(tmp_path / "mixed.jsonl", [*CONVERSATIONS * 10, PAIRS[0]])
+    result = cli("finetune", "--model-dir", qwen3_dir, "--data", path, "--cache", cache, "--output", tmp_path / "out")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "entry 20 is prompt-completion-shaped" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_conversations_without_a_template_are_a_usage_error_before_anything_is_written(tiny_model_dir, cache, tmp_path):
+    path = _write(tmp_path / "conv.jsonl", CONVERSATIONS * 10)
+    result = cli(
+        "finetune", "--model-dir", tiny_model_dir, "--data", path, "--cache", cache, "--output", tmp_path / "out"
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "--chat-template FILE" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- parity with TRL's SFTTrainer ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trl_trainer(qwen3_dir, tmp_path_factory):
+    """TRL's trainer on the tiny Qwen3 folder: its tokenizer and collated labels for a dataset and options."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(qwen3_dir)
+    output = tmp_path_factory.mktemp("trl")
+
+    def collated(entries, template=None, **options):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(qwen3_dir)
+        tokenizer.chat_template = template or tokenizer.chat_template
+        args = SFTConfig(output_dir=str(output), report_to=[], use_cpu=True, bf16=False, **options)
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(entries), processing_class=tokenizer
+        )
+        rows = [trainer.train_dataset[i] for i in range(len(entries))]
+        return [(row["input_ids"], row["labels"][1:]) for row in rows]  # the first token is no one's target
+
+    return collated
+
+
+def _ours(layout: Layout, entries, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """Our examples as TRL's rows: the ids (with the end token the collate appends, where it is trained) and
+    the targets of tokens 1 on (a token's own id where it is trained, else -100)."""
+    rows = []
+    for entry in entries:
+        example = layout.example(entry, tokenizer)
+        _inputs, targets = Collator(4096, False, end_id=tokenizer.end_id)([example])
+        ids = example.token_ids + ([tokenizer.end_id] if example.trained[-1] else [])
+        rows.append((ids, targets[0][: len(ids) - 1].tolist()))
+    return rows
+
+
+def test_messages_train_as_trls_assistant_only_loss(qwen3_dir, trl_trainer):
+    source = (TRL_TEMPLATES / "llama3_training.jinja").read_text()
+    tokenizer = load_hf_tokenizer(qwen3_dir)
+    template = ChatTemplate(source, tokenizer.chat_template.variables, "llama3_training")
+    layout = Layout("messages", PROMPT_STYLES["alpaca"], template, "assistant")
+    assert _ours(layout, CONVERSATIONS, tokenizer) == trl_trainer(CONVERSATIONS, source, assistant_only_loss=True)
+
+
+@pytest.mark.parametrize("entries", [PAIRS, CONVERSATIONAL_PAIRS], ids=["text", "conversational"])
+def test_prompt_completion_trains_as_trls_completion_only_loss(qwen3_dir, trl_trainer, entries):
+    tokenizer = load_hf_tokenizer(qwen3_dir)
+    layout = Layout("prompt-completion", PROMPT_STYLES["alpaca"], tokenizer.chat_template)
+    assert _ours(layout, entries, tokenizer) == trl_trainer(entries, completion_only_loss=True)
+
+
+def test_text_trains_every_token_as_trl_does(qwen3_dir, trl_trainer):
+    tokenizer = load_hf_tokenizer(qwen3_dir)
+    assert _ours(Layout("text", PROMPT_STYLES["alpaca"], None), TEXTS, tokenizer) == trl_trainer(TEXTS)
