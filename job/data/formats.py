@@ -160,6 +160,31 @@ class Layout:
         return prompt if isinstance(prompt, str) else self.template.prompt(prompt)
 
 
+def transcript(turns: list[dict]) -> str:
+    """Turns as text a reader (and the judge) reads: ``role: content``, a blank line between turns."""
+    return "\n\n".join(f"{turn['role']}: {turn['content']}" for turn in turns)
+
+
+def as_book_entry(data_format: str, entry: dict) -> dict:
+    """The entry with the book's fields that generate, the judge and the report read: ``instruction`` what the
+    model is asked (a conversation's turns before its last answer, shown as a transcript), ``output`` the
+    expected answer (the last assistant turn, the completion, a text's second half); its own fields kept.
+    A book entry is itself."""
+    if data_format == "alpaca":
+        return entry
+    if data_format == "messages":
+        asked, answer = split_last_answer(entry["messages"])
+        asked = transcript(asked)
+    elif data_format == "text":
+        half = len(entry["text"]) // 2
+        asked, answer = entry["text"][:half], entry["text"][half:]
+    else:
+        prompt, completion = entry["prompt"], entry["completion"]
+        asked = prompt if isinstance(prompt, str) else transcript(prompt)
+        answer = completion if isinstance(completion, str) else "\n\n".join(t["content"] for t in completion)
+    return {"instruction": asked, "input": "", "output": answer, **entry}
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     """TRL's ``common_prefix_length``: the completion starts where the two tokenizations part."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
