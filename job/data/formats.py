@@ -12,7 +12,8 @@ from pathlib import Path
 from job.core.errors import ConfigError
 from job.core.observability import get_logger
 from job.data.conversation import lay_out_conversation, load_template_file, split_last_answer, turns_problem
-from job.data.instructions import DataError, Example, PromptStyle, entry_problem, parse_entries, tokenize
+from job.data.instructions import DataError, Example, Laid, PromptStyle, entry_problem, parse_entries, tokenize
+from job.data.preference import preference_problem
 from job.models.chat_template import ChatTemplate
 from job.models.tokenizer import encode
 
@@ -28,7 +29,7 @@ def entry_format(entry) -> str | None:
     """The format an entry's keys say, or None."""
     if not isinstance(entry, dict):
         return None
-    if "messages" in entry:
+    if "messages" in entry or isinstance(entry.get("chosen"), list):  # TRL's conversational preference pairs too
         return "messages"
     if "prompt" in entry and "completion" in entry:
         return "prompt-completion"
@@ -68,12 +69,48 @@ def pair_problem(entry: dict) -> str | None:
     return problem
 
 
+def pair_turns_problem(entry: dict) -> str | None:
+    """A conversational preference pair's problem (TRL's shapes): ``chosen`` and ``rejected`` conversations
+    after an explicit ``prompt`` (turns) or sharing their first turns as the prompt; each with an answer."""
+    for name in ("chosen", "rejected"):
+        if name not in entry:
+            return f"field {name!r} is missing (preference data needs chosen and rejected responses)"
+    if "prompt" in entry:
+        problem = turns_problem(entry["prompt"], "prompt", needs_assistant=False)
+        if problem is not None:
+            return problem
+    for name in ("chosen", "rejected"):
+        problem = turns_problem(entry[name], name)
+        if problem is not None:
+            return problem
+    prompt, chosen, rejected = explicit_pair(entry)
+    if not prompt:
+        return "fields 'chosen' and 'rejected' share no prompt turn (give a 'prompt' field, or begin both with it)"
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not any(turn["role"] == "assistant" for turn in answer):
+            return f"field {name!r} has no assistant turn after the prompt"
+    return None
+
+
+def explicit_pair(entry: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen, rejected) turns: the entry's own prompt, else the turns chosen and rejected share from
+    their start (TRL's ``extract_prompt``)."""
+    if "prompt" in entry:
+        return entry["prompt"], entry["chosen"], entry["rejected"]
+    chosen, rejected = entry["chosen"], entry["rejected"]
+    shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b), None)
+    shared = min(len(chosen), len(rejected)) - 1 if shared is None else shared  # the same turns: last is the answer
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
 def format_problem(data_format: str, entry, alpaca_check=entry_problem) -> str | None:
     """Why ``entry`` is not a usable entry of ``data_format`` (naming the field), or None."""
     if data_format == "alpaca":
         return alpaca_check(entry)
     if not isinstance(entry, dict):
         return f"is a {type(entry).__name__}, not an object"
+    if alpaca_check is preference_problem and data_format == "messages":  # DPO's pairs in TRL's shapes
+        return pair_turns_problem(entry)
     needed = {"messages": ("messages",), "prompt-completion": ("prompt", "completion"), "text": ("text",)}
     for name in needed[data_format]:
         if name not in entry:
@@ -217,3 +254,37 @@ def layout(cfg, data_format: str, entries: list[dict], tokenizer, style: PromptS
                 "give one with --chat-template FILE (a Jinja file)"
             )
     return Layout(data_format, style, template, getattr(cfg, "train_on", "assistant"))
+
+
+@dataclass(frozen=True)
+class ConversationPairs:
+    """DPO's layout of conversational pairs, as TRL's ``DPOTrainer`` tokenizes them: the prompt rendered with
+    the generation prompt, each of prompt + chosen and prompt + rejected rendered whole, and the scored tokens
+    from where the prompt's tokens and either pair's first part ways (``preference_start``). It stands where
+    the book's pairs have a prompt style (job/data/preference.py asks it the same)."""
+
+    template: ChatTemplate
+    name: str = "messages"
+
+    def format_input(self, entry: dict) -> str:
+        return self.template.prompt(explicit_pair(entry)[0])
+
+    def _ids(self, tokenizer, entry: dict, response: list[dict]) -> tuple[list[int], list[int]]:
+        """The prompt's ids and those of the prompt and ``response`` (the entry's chosen or rejected turns)."""
+        prompt = explicit_pair(entry)[0]
+        answer = response if "prompt" in entry else response[len(prompt) :]
+        prompt_ids = encode(tokenizer, self.template.prompt(prompt))
+        return prompt_ids, encode(tokenizer, self.template.render(prompt + answer)[0])
+
+    def lay_out(self, tokenizer, entry: dict, response: list[dict]) -> Laid:
+        prompt_ids, ids = self._ids(tokenizer, entry, response)
+        return Laid(ids, _common_prefix(prompt_ids, ids))
+
+    def preference_start(self, tokenizer, entry: dict, laid: Laid) -> int:
+        """Where both of the pair's sequences still agree with the prompt's tokens (TRL's ``prompt_len``)."""
+        return min(_common_prefix(*self._ids(tokenizer, entry, entry[key])) for key in ("chosen", "rejected"))
+
+
+def pair_style(how: Layout):
+    """What DPO lays its pairs out with: the book's prompt style, or the conversations' template."""
+    return ConversationPairs(how.template) if how.data_format == "messages" else how.style

@@ -38,7 +38,7 @@ from job.config import (
 from job.core.errors import ConfigError, ExitCode, JobError, exit_code_for
 from job.core.observability import Metrics, MetricsPublisher, RunStatus, bind, get_logger
 from job.core.parsing import ParseError, load_yaml
-from job.data.formats import layout, load_formatted
+from job.data.formats import layout, load_formatted, pair_style
 from job.data.instructions import prompt_style, resolve_data, split_entries
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
@@ -590,8 +590,9 @@ def check_preference_data(cfg: RunConfig, tokenizer, style, context_length: int)
     if not cfg.dpo:
         return
     dpo = stage_config(cfg, "dpo", DPOConfig, **stage_model(cfg, cfg.model_dir))
-    path, train, val, _format = training_splits(dpo, preference_problem)
-    fitting_pairs(train, val, tokenizer, style, (dpo.allowed_max_length, context_length), dpo.batch_size, path)
+    path, train, val, data_format = training_splits(dpo, preference_problem)
+    pairs = pair_style(layout(dpo, data_format, train, tokenizer, style))
+    fitting_pairs(train, val, tokenizer, pairs, (dpo.allowed_max_length, context_length), dpo.batch_size, path)
 
 
 def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from job.config import DPOConfig
 from job.core.observability import Metrics, get_logger
+from job.data.formats import pair_style
 from job.data.preference import fitting_pairs, preference_problem
 from job.stages.finetune import load_inputs, save_outputs, write_config_once
 from job.stages.generate import saved_prompt_style
@@ -44,7 +45,8 @@ def dpo_task(cfg: DPOConfig) -> tuple[Task, str]:
     task, and the book-style name of the model's size."""
     cfg = with_model_style(cfg) if cfg.prompt_style is None else cfg
     inputs = load_inputs(cfg, preference_problem)
-    model, tokenizer, style, max_length = inputs.model, inputs.tokenizer, inputs.style, inputs.max_length
+    model, tokenizer, max_length = inputs.model, inputs.tokenizer, inputs.max_length
+    style = pair_style(inputs.layout)
     limits = (cfg.allowed_max_length, model.cfg.context_length)
     pairs, val_pairs = fitting_pairs(inputs.train, inputs.val, tokenizer, style, limits, cfg.batch_size, inputs.path)
     # Full DPO holds the starting model, frozen; with LoRA the reference is the base under the adapters.

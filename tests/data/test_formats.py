@@ -5,6 +5,7 @@ bad, and each format's examples trained as TRL's ``SFTTrainer`` trains them: con
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,69 @@ def test_prompt_completion_trains_as_trls_completion_only_loss(qwen3_dir, trl_tr
 def test_text_trains_every_token_as_trl_does(qwen3_dir, trl_trainer):
     tokenizer = load_hf_tokenizer(qwen3_dir)
     assert _ours(Layout("text", PROMPT_STYLES["alpaca"], None), TEXTS, tokenizer) == trl_trainer(TEXTS)
+
+
+PREFERENCES = [
+    {  # an explicit prompt of turns
+        "prompt": [{"role": "system", "content": "Terse."}, {"role": "user", "content": "Sky color?"}],
+        "chosen": [{"role": "assistant", "content": "Blue."}],
+        "rejected": [{"role": "assistant", "content": "Green, {{ surely }}."}],
+    },
+    {  # the prompt implicit: the turns both conversations begin with
+        "chosen": [
+            {"role": "user", "content": "Where is the sun?"},
+            {"role": "assistant", "content": "In the sky."},
+            {"role": "user", "content": "And at night?"},
+            {"role": "assistant", "content": "Below the horizon."},
+        ],
+        "rejected": [
+            {"role": "user", "content": "Where is the sun?"},
+            {"role": "assistant", "content": "In the sky."},
+            {"role": "user", "content": "And at night?"},
+            {"role": "assistant", "content": "In the sea."},
+        ],
+    },
+]
+
+
+def test_conversational_preference_pairs_tokenize_as_trls_dpo_trainer(qwen3_dir, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from trl import DPOConfig, DPOTrainer
+
+    from job.data.formats import ConversationPairs
+    from job.data.preference import preference_problem, tokenize_pairs
+
+    path = _write(tmp_path / "pairs.jsonl", PREFERENCES)
+    assert load_formatted(path, None, alpaca_check=preference_problem) == ("messages", PREFERENCES)
+    tokenizer = load_hf_tokenizer(qwen3_dir)
+    ours = tokenize_pairs(PREFERENCES, tokenizer, ConversationPairs(tokenizer.chat_template), 4096)
+
+    model = AutoModelForCausalLM.from_pretrained(qwen3_dir)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False)
+    hf = PreTrainedTokenizerFast.from_pretrained(qwen3_dir)
+    for pair, entry in zip(ours, PREFERENCES, strict=True):  # one at a time: TRL reads a dataset's shape off its first
+        dataset = Dataset.from_list([entry])
+        row = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=hf).train_dataset[0]
+        prompt = row["prompt_ids"]
+        assert (pair.chosen, pair.chosen_start) == (prompt + row["chosen_ids"], len(prompt))
+        assert (pair.rejected, pair.rejected_start) == (prompt + row["rejected_ids"], len(prompt))
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ({"chosen": [USER, ASSISTANT]}, "entry 1: field 'rejected' is missing"),
+        ({"prompt": "p", "chosen": [ASSISTANT], "rejected": [ASSISTANT]}, "entry 1: field 'prompt' must be a list"),
+        ({"chosen": [ASSISTANT], "rejected": [{"role": "assistant", "content": "d"}]}, "share no prompt turn"),
+        ({"prompt": [USER], "chosen": [ASSISTANT], "rejected": [USER]}, "field 'rejected' has no assistant turn"),
+        ({"chosen": [USER, ASSISTANT], "rejected": [USER, USER]}, "field 'rejected' has no assistant turn"),
+        ({"prompt": [USER], "chosen": [ASSISTANT], "rejected": [{"role": "x", "content": ""}]}, "role 'x' is not"),
+    ],
+)
+def test_a_bad_conversational_pair_is_named_with_its_field(tmp_path, entry, problem):
+    from job.data.preference import preference_problem
+
+    path = _write(tmp_path / "pairs.jsonl", [PREFERENCES[0], entry])
+    with pytest.raises(DataError, match=re.escape(problem)):
+        load_formatted(path, None, alpaca_check=preference_problem)
