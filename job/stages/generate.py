@@ -119,7 +119,6 @@ def _response_text(how: Layout, prompt: str, generated: str) -> str:
 def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     metrics, output = metrics or Metrics(), Path(cfg.output)
     test, how, tokenizer, model, device = _load(cfg)
-    style = how.style
     precision = resolve_precision(cfg.precision)
     autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision != "fp32" else nullcontext()
 
@@ -138,7 +137,7 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
         entries=len(test),
         already_done=len(done),
         to_decode=sum(len(x) for _, x in todo),
-        prompt_style=style.name,
+        prompt_style=how.style.name,
         device=str(device),
         max_new_tokens=cfg.max_new_tokens,
         precision=precision,

@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from job.data.formats import Layout, detect_format, load_formatted
 from job.data.instructions import PROMPT_STYLES, Collator, DataError, load_entries
@@ -236,3 +238,31 @@ def test_a_bad_conversational_pair_is_named_with_its_field(tmp_path, entry, prob
     path = _write(tmp_path / "pairs.jsonl", [PREFERENCES[0], entry])
     with pytest.raises(DataError, match=re.escape(problem)):
         load_formatted(path, None, alpaca_check=preference_problem)
+
+
+CORRUPTIONS = {  # a way to spoil a conversation entry, and the words its error must hold
+    "role": (lambda e: {"messages": [{"role": "bot", "content": "x"}, *e["messages"]]}, "turn 0: role 'bot'"),
+    "empty": (lambda e: {"messages": []}, "field 'messages' is an empty conversation"),
+    "no answer": (lambda e: {"messages": [t for t in e["messages"] if t["role"] != "assistant"]}, "no assistant turn"),
+    "content": (lambda e: {"messages": [{**e["messages"][0], "content": [1]}]}, "turn 0: content must be a string"),
+    "not a list": (lambda e: {"messages": {"role": "user"}}, "field 'messages' must be a list"),
+    "other shape": (lambda e: {"text": "plain"}, "is text-shaped but entry 0 is messages-shaped"),
+    "no shape": (lambda e: {"conversation": e["messages"]}, "has none of the shapes accepted"),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    count=st.integers(1, 30),
+    where=st.floats(0, 1, exclude_max=True),
+    how=st.sampled_from(sorted(CORRUPTIONS)),
+)
+def test_any_malformed_entry_is_one_error_naming_it(tmp_path_factory, count, where, how):
+    entries = [CONVERSATIONS[i % 2] for i in range(count)]
+    bad = max(1, int(where * count)) if how == "other shape" else int(where * count)  # entry 0 sets the shape
+    entries.insert(bad, CORRUPTIONS[how][0](CONVERSATIONS[1]))
+    path = _write(tmp_path_factory.mktemp("bad") / "d.jsonl", entries)
+    with pytest.raises(DataError) as raised:
+        load_formatted(path, None)
+    message = str(raised.value)
+    assert f"entry {bad}" in message and CORRUPTIONS[how][1] in message and "\n" not in message
