@@ -266,3 +266,33 @@ def test_any_malformed_entry_is_one_error_naming_it(tmp_path_factory, count, whe
         load_formatted(path, None)
     message = str(raised.value)
     assert f"entry {bad}" in message and CORRUPTIONS[how][1] in message and "\n" not in message
+
+
+def test_gpt2_trains_conversations_through_a_chat_template_file(tiny_model_dir, cache, tmp_path, book_data):
+    template = tmp_path / "chat.jinja"  # GPT-2 has no template: the user's, its one special token ending turns
+    template.write_text(
+        "{% for m in messages %}{{ m.role }}: {% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+        "{{ eos_token }}{% endgeneration %}{% else %}{{ m.content }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    pairs = [(e["instruction"], e["output"]) for e in book_data[:40]]
+    turns = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs]
+    path = _write(tmp_path / "conv.jsonl", [{"messages": t} for t in turns])
+    result = cli(
+        "finetune", "--model-dir", tiny_model_dir, "--output", tmp_path / "out", "--chat-template", template,
+        "--data", path, "--cache", cache, "--max-steps", "2", "--log-format", "json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    done = [e for e in map(json.loads, result.stdout.splitlines()) if e.get("event") == "finetune_done"]
+    assert done and done[0]["steps"] == 2 and done[0]["final_val_loss"] > 0
+
+
+def test_run_without_a_template_for_conversations_stops_at_preflight(tiny_model_dir, cache, tmp_path):
+    path = _write(tmp_path / "conv.jsonl", CONVERSATIONS * 20)
+    result = cli(
+        "run", "--model-dir", tiny_model_dir, "--data", path, "--cache", cache, "--output", tmp_path / "runs",
+        "--run-id", "r", "--skip-judge", "--metrics-port", "0", "--log-format", "json",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().count("\n") == 0 and "--chat-template FILE" in result.stderr
+    assert not (tmp_path / "runs" / "r").exists()
