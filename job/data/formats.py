@@ -11,7 +11,14 @@ from pathlib import Path
 
 from job.core.errors import ConfigError
 from job.core.observability import get_logger
-from job.data.conversation import lay_out_conversation, load_template_file, split_last_answer, turns_problem
+from job.data.conversation import (
+    assistant_spans,
+    lay_out_conversation,
+    load_template_file,
+    special_tokens,
+    split_last_answer,
+    turns_problem,
+)
 from job.data.instructions import DataError, Example, Laid, PromptStyle, entry_problem, parse_entries, tokenize
 from job.data.preference import preference_problem
 from job.models.chat_template import ChatTemplate
@@ -163,7 +170,9 @@ class Layout:
         if len(kept) < len(examples):
             log.warning("examples_without_trained_tokens", count=len(examples) - len(kept), max_length=max_length)
         if not kept:
-            raise DataError(f"no entry has a token to train on within --allowed-max-length {max_length}")
+            raise DataError(
+                f"no {self.data_format} entry has a token to train on within --allowed-max-length {max_length}"
+            )
         return kept
 
     def example(self, entry: dict, tokenizer) -> Example:
@@ -236,7 +245,7 @@ def needs_template(data_format: str, entries: list[dict]) -> bool:
     """Whether the entries are conversations, which only a chat template renders."""
     if data_format == "messages":
         return True
-    return data_format == "prompt-completion" and not isinstance(entries[0]["prompt"], str)
+    return data_format == "prompt-completion" and any(not isinstance(e["prompt"], str) for e in entries)
 
 
 def layout(cfg, data_format: str, entries: list[dict], tokenizer, style: PromptStyle) -> Layout:
@@ -253,7 +262,11 @@ def layout(cfg, data_format: str, entries: list[dict], tokenizer, style: PromptS
                 f"{data_format} data needs a chat template, which this model's tokenizer lacks (GPT-2's has none): "
                 "give one with --chat-template FILE (a Jinja file)"
             )
-    return Layout(data_format, style, template, getattr(cfg, "train_on", "assistant"))
+    how = Layout(data_format, style, template, getattr(cfg, "train_on", "assistant"))
+    first = next((e for e in entries if "messages" in e), None)
+    if first is not None:  # a template we cannot read the assistant's tokens from fails here, at preflight
+        assistant_spans(template, first["messages"], special_tokens(tokenizer))
+    return how
 
 
 @dataclass(frozen=True)

@@ -296,3 +296,22 @@ def test_run_without_a_template_for_conversations_stops_at_preflight(tiny_model_
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().count("\n") == 0 and "--chat-template FILE" in result.stderr
     assert not (tmp_path / "runs" / "r").exists()
+
+
+def test_layout_reads_the_template_before_any_training(qwen3_dir, tmp_path):
+    # A template that rewrites the assistant's text, without blocks, is refused when the layout is made (the
+    # preflight), not at the first batch; a file mixing text and conversational pairs gets its template.
+    from types import SimpleNamespace
+
+    from job.data.formats import layout
+    from job.models.chat_template import ChatTemplateError
+
+    tokenizer = load_hf_tokenizer(qwen3_dir)
+    rewriting = tmp_path / "upper.jinja"
+    rewriting.write_text("{% for m in messages %}{{ m.content | upper }}<|eot_id|>{% endfor %}")
+    cfg = SimpleNamespace(chat_template=str(rewriting), train_on="assistant")
+    with pytest.raises(ChatTemplateError, match=r"upper.jinja: the chat template changes the assistant turns' text"):
+        layout(cfg, "messages", CONVERSATIONS, tokenizer, PROMPT_STYLES["alpaca"])
+    mixed = [PAIRS[0], CONVERSATIONAL_PAIRS[0]]
+    how = layout(SimpleNamespace(chat_template=None), "prompt-completion", mixed, tokenizer, PROMPT_STYLES["alpaca"])
+    assert len(how.examples(mixed, tokenizer, 1024)) == 2
