@@ -28,6 +28,16 @@ class DataConfig(Settings):
     """Drop entries with a missing or non-string field (and log how many) instead of failing."""
     allowed_max_length: int = 1024
     """Longest training sequence in tokens; longer ones are truncated (and counted in the log)."""
+    data_format: Literal["alpaca", "messages", "prompt-completion", "text"] | None = None
+    """The dataset's format; by default told from its entries' keys (all must agree): alpaca (instruction,
+    input, output: the book's), messages (role/content turns through the chat template), prompt-completion
+    (prompt, completion: text or turns), text (plain documents, every token trained)."""
+    chat_template: str | None = None
+    """A Jinja chat template file for messages data (and prompt-completion turns), instead of the model's own;
+    GPT-2 has none. One with {% generation %} blocks marks the assistant's tokens as transformers reads them."""
+    train_on: Literal["assistant", "last", "all"] = "assistant"
+    """Which tokens of messages data train: every assistant turn (each with its end token), the last one, or
+    all tokens."""
     data_fields: str | None = None
     """Other column names: FIELD=COLUMN,... for instruction, input, output, prompt, chosen, rejected (Dolly's:
     input=context,output=response); every entry must have each column named."""

@@ -229,6 +229,9 @@ class Example:
     prompt_length: int
     """Tokens before the response's first (prompt and header): their targets are masked with
     ``--mask-instruction``, so the response's first token is the first target left."""
+    trained: list[bool] | None = None
+    """Formats other than the book's (job/data/formats.py): which tokens are trained targets, one more for the
+    end token the collate appends; it holds whatever --mask-instruction says."""
 
 
 def tokenize(entries: list[dict], tokenizer, style: PromptStyle, max_length: int) -> list[Example]:
@@ -250,6 +253,7 @@ def collate(
     ignore_index: int = IGNORE_INDEX,
     allowed_max_length: int | None = None,
     prompt_lengths: list[int] | None = None,
+    trained: list[list[bool] | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The book's ``custom_collate_fn``: pad to the longest + 1, shift by one, mask all padding
     targets but the first end-of-text, truncate. ``prompt_lengths`` also masks prompt targets."""
@@ -263,6 +267,8 @@ def collate(
         y[len(item) :] = ignore_index
         if prompt_lengths is not None:
             y[: prompt_lengths[row] - 1] = ignore_index  # targets that are still prompt tokens
+        if trained is not None and trained[row] is not None:
+            y[: len(item)][~torch.tensor(trained[row][1:], dtype=torch.bool)] = ignore_index
         if allowed_max_length is not None:
             x, y = x[:allowed_max_length], y[:allowed_max_length]
         inputs.append(x)
@@ -297,6 +303,7 @@ class Collator:
             self.end_id,
             allowed_max_length=self.allowed_max_length,
             prompt_lengths=prompt_lengths,
+            trained=[e.trained for e in examples],
         )
         if self.pad_to_multiple:
             width = inputs.shape[1]

@@ -13,6 +13,7 @@ from pathlib import Path
 from job.core.errors import ConfigError
 from job.core.observability import get_logger
 from job.core.parsing import short
+from job.data.formats import detect_format, format_problem
 from job.data.instructions import (
     MAX_DATASET_BYTES,
     DataError,
@@ -111,16 +112,26 @@ def renamed(entry, fields: dict[str, str]) -> tuple[object, str | None]:
 
 
 def checked_entries(
-    path: Path, rows: list, skip_invalid: bool, check: Callable = entry_problem, fields: dict | None = None
-) -> list[dict]:
-    """``rows`` renamed and checked as ``load_entries`` checks a file's (``input`` filled in as "" where
-    absent); a bad one is an error naming the file, the entry and the field."""
+    path: Path,
+    rows: list,
+    skip_invalid: bool,
+    check: Callable = entry_problem,
+    fields: dict | None = None,
+    data_format: str | None = None,
+) -> tuple[str, list[dict]]:
+    """``rows`` renamed, their format (``data_format``, else told from their keys: job/data/formats.py) and
+    each checked as that format's (alpaca's by ``check``, ``input`` filled in as "" where absent); a bad one is
+    an error naming the file, the entry and the field."""
+    pairs = [renamed(row, fields or {}) for row in rows]
+    if not skip_invalid:
+        _raise_first(path, pairs)
+    named = [entry for entry, problem in pairs if problem is None]
+    data_format = data_format or (detect_format(named, path) if named else "alpaca")
     entries, skipped = [], 0
-    for index, row in enumerate(rows):
-        entry, problem = renamed(row, fields or {})
-        problem = problem or check(entry)
+    for index, (entry, problem) in enumerate(pairs):
+        problem = problem or format_problem(data_format, entry, check)
         if problem is None:
-            entries.append({**entry, "input": entry.get("input", "")})
+            entries.append({**entry, "input": entry.get("input", "")} if data_format == "alpaca" else entry)
         elif skip_invalid:
             skipped += 1
         else:
@@ -129,7 +140,14 @@ def checked_entries(
         log.warning("dataset_entries_skipped", count=skipped, path=str(path))
     if not entries:
         raise DataError(f"dataset {path} has no valid entries")
-    return entries
+    return data_format, entries
+
+
+def _raise_first(path: Path, pairs: list[tuple[object, str | None]]) -> None:
+    """The first entry ``--data-fields`` cannot rename, as the error naming it."""
+    for index, (_entry, problem) in enumerate(pairs):
+        if problem is not None:
+            raise DataError(f"dataset {path}: entry {index}: {problem} (--skip-invalid drops such entries)")
 
 
 # --- a file or a folder of splits -----------------------------------------------------------------
@@ -255,6 +273,10 @@ class Splits:
     test: list[dict]
     val: list[dict]
     where: dict[str, str]
+    data_format: str = "alpaca"
+    """The entries' format (job/data/formats.py)."""
+    label: str = ""
+    """The dataset as errors name it: its file, folder or hub dataset."""
 
 
 def load_splits(
@@ -264,18 +286,33 @@ def load_splits(
     fields: dict | None = None,
     shuffle_seed: int | None = None,
     need: tuple[str, ...] = (),
+    data_format: str | None = None,
 ) -> Splits:
-    """Each split's checked entries: a file's cut 85/10/5 (the book's), a folder's as its files give them. A
-    split in ``need`` that the folder lacks is a DataError naming the folder and the split."""
+    """Each split's checked entries: a file's cut 85/10/5 (the book's), a folder's as its files give them; every
+    file of one format (the first file's, unless ``data_format`` names it). A split in ``need`` that the folder
+    lacks is a DataError naming the folder and the split."""
+    files = source.whole or [p for split in SPLITS for p in source.split(split)]
+    loaded: dict[Path, list[dict]] = {}
+    for path in files:
+        data_format, loaded[path] = checked_entries(path, read_rows(path), skip_invalid, check, fields, data_format)
     if source.whole:
-        entries = [e for p in source.whole for e in checked_entries(p, read_rows(p), skip_invalid, check, fields)]
+        entries = [e for p in source.whole for e in loaded[p]]
         train, test, val = split_entries(entries, shuffle_seed)
-        return Splits(train, test, val, dict.fromkeys(SPLITS, ", ".join(map(str, source.whole))))
-    loaded, where = {}, {}
+        where = dict.fromkeys(SPLITS, ", ".join(map(str, source.whole)))
+        return Splits(train, test, val, where, data_format, source.label)
+    by_split, where = {}, {}
     for split in SPLITS:
         paths = source.split(split)
         if not paths and split in need:
             raise DataError(f"dataset {source.label} has no {split} file: the stage needs its {split} split")
-        loaded[split] = [e for p in paths for e in checked_entries(p, read_rows(p), skip_invalid, check, fields)]
+        by_split[split] = [e for p in paths for e in loaded[p]]
         where[split] = ", ".join(str(p) for p in paths) or source.label
-    return Splits(loaded["train"], loaded["test"], loaded["validation"], where)
+    return Splits(by_split["train"], by_split["test"], by_split["validation"], where, data_format, source.label)
+
+
+def dataset_splits(cfg, check: Callable = entry_problem, need: tuple[str, ...] = ()) -> Splits:
+    """The splits of the dataset a stage's settings name (``DataConfig``'s data, data_split, data_fields,
+    data_format; the cache and mirror it is fetched through)."""
+    source = resolve_source(cfg.data, Path(cfg.cache), cfg.base_url, cfg.data_split)
+    fields = parse_fields(cfg.data_fields)
+    return load_splits(source, cfg.skip_invalid, check, fields, cfg.shuffle_seed, need, cfg.data_format)

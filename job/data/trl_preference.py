@@ -13,8 +13,14 @@ TRL_KEYS = ("prompt", "chosen", "rejected")
 
 
 def is_trl_text(entry) -> bool:
-    """Whether ``entry`` is in TRL's text shape (a ``prompt``, no ``instruction``) rather than the book's."""
-    return isinstance(entry, dict) and "prompt" in entry and "instruction" not in entry
+    """Whether ``entry`` is in TRL's text shape (a ``prompt``, no ``instruction``) rather than the book's; one
+    whose ``chosen`` is a list of turns is TRL's conversational shape (job/data/formats.py)."""
+    return (
+        isinstance(entry, dict)
+        and "prompt" in entry
+        and "instruction" not in entry
+        and not isinstance(entry.get("chosen"), list)
+    )
 
 
 def trl_text_problem(entry: dict) -> str | None:

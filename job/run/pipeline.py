@@ -24,10 +24,11 @@ from job.core.errors import ConfigError, ExitCode, JobError, exit_code_for
 from job.core.observability import Metrics, MetricsPublisher, RunStatus, bind, get_logger
 from job.core.parsing import ParseError, load_yaml
 from job.core.settings import default_of, parse_duration, redacted, result_changes, stage_config
+from job.data.formats import layout, pair_style
 from job.data.instructions import dataset_file, prompt_style
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
-from job.data.sources import FILE_TYPES, HUB_PREFIX, load_splits, parse_fields, resolve_source, source_digest
+from job.data.sources import FILE_TYPES, HUB_PREFIX, dataset_splits, resolve_source, source_digest
 from job.models.families import family, model_tokenizer, read_shape
 from job.models.gpt2 import GPTConfig, GPTModel, gpt2_config
 from job.models.gpt2_weights import save_hf
@@ -118,13 +119,11 @@ class Pipeline:
         pieces = missing_pieces(cfg)
         check_local_inputs(absent_local_data(cfg), pieces, Path(cfg.cache))
         check_reachable(pieces, Path(cfg.cache))
-        source = resolve_source(cfg.data, Path(cfg.cache), cfg.base_url, cfg.data_split)
-        fields = parse_fields(cfg.data_fields)
-        need = ("validation", "test")
-        splits = load_splits(source, cfg.skip_invalid, fields=fields, shuffle_seed=cfg.shuffle_seed, need=need)
-        train, test = splits.train, splits.test
+        splits = dataset_splits(cfg, need=("validation", "test"))
+        train, test, data_format = splits.train, splits.test, splits.data_format
+        entries = splits.train + splits.val + splits.test
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
-        check_preference_data(cfg, *check_model_fit(cfg, test[: cfg.limit]))
+        check_preference_data(cfg, *check_model_fit(cfg, test[: cfg.limit], data_format, entries))
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))
@@ -511,10 +510,10 @@ def _gpt2(cfg: RunConfig) -> bool:
     return family(cfg.model_dir) == "gpt2" if cfg.model_dir else cfg.model in gpt2_names()
 
 
-def check_model_fit(cfg: RunConfig, test: list[dict]) -> tuple:
+def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca", entries=None) -> tuple:
     """What depends on the model's shape, known before training: the longest test prompt and
-    --max-new-tokens fit its context; a LoRA rank is at most its width. Returns the model's tokenizer, the
-    prompt style and the context length."""
+    --max-new-tokens fit its context; a LoRA rank is at most its width; conversations have a chat template
+    (exit 2). Returns the model's tokenizer, the prompt style and the context length."""
     random = random_model(cfg)
     # a hub model's config and tokenizer, before its weights
     folder = None if random else tokenizer_folder(cfg, cfg.model_dir)
@@ -526,7 +525,8 @@ def check_model_fit(cfg: RunConfig, test: list[dict]) -> tuple:
         raise ConfigError(f"--lora-rank {cfg.lora_rank} is more than the model's width of {shape.emb_dim}")
     tokenizer = ByteTokenizer() if random else model_tokenizer(folder, cfg.cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style, tokenizer)
-    longest, which = longest_prompt([encode(tokenizer, style.format_input(e)) for e in test])
+    how = layout(cfg, data_format, entries or test, tokenizer, style)
+    longest, which = longest_prompt([encode(tokenizer, how.prompt(e)) for e in test])
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)
     return tokenizer, style, shape.context_length
 
@@ -537,8 +537,9 @@ def check_preference_data(cfg: RunConfig, tokenizer, style, context_length: int)
     if not cfg.dpo:
         return
     dpo = stage_config(cfg, "dpo", DPOConfig, **stage_model(cfg, cfg.model_dir))
-    path, train, val = training_splits(dpo, preference_problem)
-    fitting_pairs(train, val, tokenizer, style, (dpo.allowed_max_length, context_length), dpo.batch_size, path)
+    path, train, val, data_format = training_splits(dpo, preference_problem)
+    pairs = pair_style(layout(dpo, data_format, train, tokenizer, style))
+    fitting_pairs(train, val, tokenizer, pairs, (dpo.allowed_max_length, context_length), dpo.batch_size, path)
 
 
 def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from job.core.observability import Metrics, get_logger
+from job.data.formats import pair_style
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.trl_preference import prompt_text
 from job.stages.dpo_config import DPOConfig
@@ -45,7 +46,8 @@ def dpo_task(cfg: DPOConfig, start: StartingModel | None = None) -> tuple[Task, 
     names (``cfg``'s where not given); the task, and the book-style name of the model's size."""
     cfg = with_model_style(cfg) if cfg.prompt_style is None else cfg
     inputs = load_inputs(cfg, start or starting_model(cfg), preference_problem)
-    model, tokenizer, style, max_length = inputs.model, inputs.tokenizer, inputs.style, inputs.max_length
+    model, tokenizer, max_length = inputs.model, inputs.tokenizer, inputs.max_length
+    style = pair_style(inputs.layout)
     limits = (cfg.allowed_max_length, model.cfg.context_length)
     pairs, val_pairs = fitting_pairs(inputs.train, inputs.val, tokenizer, style, limits, cfg.batch_size, inputs.path)
     # Full DPO holds the starting model, frozen; with LoRA the reference is the base under the adapters.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from job.core.errors import ConfigError
 from job.core.observability import Metrics, get_logger
-from job.data.instructions import Collator, Example, tokenize
+from job.data.instructions import Collator, Example
 from job.data.packing import Packer
 from job.models.families import Model
 from job.models.tokenizer import Tokenizer
@@ -42,13 +42,13 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     """The stage's inputs, the examples tokenized."""
     start = starting_model(cfg)
     inputs = load_inputs(cfg, start)
-    tokenizer, style, max_length = inputs.tokenizer, inputs.style, inputs.max_length
+    tokenizer, how, max_length = inputs.tokenizer, inputs.layout, inputs.max_length
     return Prepared(
         model=inputs.model,
         tokenizer=tokenizer,
-        train=tokenize(inputs.train, tokenizer, style, max_length),
-        val=tokenize(inputs.val, tokenizer, style, max_length),
-        sample_prompt=style.format_input(inputs.val[0]),
+        train=how.examples(inputs.train, tokenizer, max_length),
+        val=how.examples(inputs.val, tokenizer, max_length),
+        sample_prompt=how.prompt(inputs.val[0]),
         model_name=inputs.model_name,
         max_length=max_length,
         start=start,

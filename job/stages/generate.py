@@ -11,13 +11,14 @@ import torch
 
 from job.core.errors import ConfigError
 from job.core.observability import Metrics, Progress, get_logger
+from job.data.formats import Layout, as_book_entry, layout
 from job.data.instructions import (
     RESPONSES_FILE,
     STYLE_NAMES,
     DataError,
     prompt_style,
 )
-from job.data.sources import load_splits, parse_fields, resolve_source
+from job.data.sources import dataset_splits
 from job.models.decoding import generate, generate_fixed_batch
 from job.models.families import load_model, model_tokenizer
 from job.models.gpt2_weights import recorded_settings
@@ -85,34 +86,40 @@ def _decode(model, batch_ids: list[list[int]], cfg: GenerateConfig, end_id: int,
 
 
 def _load(cfg: GenerateConfig):
-    """The test split (the dataset first: a bad one fails before the model loads), its prompt style, the
-    tokenizer and the model on the device."""
+    """The test split (the dataset first: a bad one fails before the model loads), its layout (the format,
+    the prompt style, a conversation's template), the tokenizer and the model on the device."""
     cache = Path(cfg.cache)
-    source = resolve_source(cfg.data, cache, cfg.base_url, cfg.data_split)
-    fields = parse_fields(cfg.data_fields)
-    test = load_splits(source, cfg.skip_invalid, fields=fields, shuffle_seed=cfg.shuffle_seed, need=("test",)).test
-    test = test[: cfg.limit]
+    splits = dataset_splits(cfg, need=("test",))
+    test, data_format, entries = splits.test[: cfg.limit], splits.data_format, splits.train + splits.val + splits.test
     tokenizer = model_tokenizer(cfg.model_dir, cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style or saved_prompt_style(cfg.model_dir) or "alpaca", tokenizer)
+    how = layout(cfg, data_format, entries, tokenizer, style)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return test, style, tokenizer, load_model(cfg.model_dir).to(device).eval(), device
+    return test, how, tokenizer, load_model(cfg.model_dir).to(device).eval(), device
 
 
-def _write_responses(final: Path, test: list[dict], responses: dict[int, str]) -> Path:
-    """The test entries with their responses, as the book's instruction-data-with-response.json."""
-    atomic_write_text(
-        final, json.dumps([{**e, "model_response": responses[i]} for i, e in enumerate(test)], indent=4) + "\n"
-    )
+def _write_responses(final: Path, test: list[dict], responses: dict[int, str], data_format: str) -> Path:
+    """The test entries with their responses, as the book's instruction-data-with-response.json (an entry of
+    another format with the book's fields the judge reads: job/data/formats.py's ``as_book_entry``)."""
+    rows = [{**as_book_entry(data_format, e), "model_response": responses[i]} for i, e in enumerate(test)]
+    atomic_write_text(final, json.dumps(rows, indent=4) + "\n")
     return final
+
+
+def _response_text(how: Layout, prompt: str, generated: str) -> str:
+    """The book's extraction for its format; another format's response is the generated text, stripped."""
+    if how.data_format == "alpaca":
+        return how.style.extract_response(prompt + generated, prompt)
+    return generated.strip()
 
 
 def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     metrics, output = metrics or Metrics(), Path(cfg.output)
-    test, style, tokenizer, model, device = _load(cfg)
+    test, how, tokenizer, model, device = _load(cfg)
     precision = resolve_precision(cfg.precision)
     autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision != "fp32" else nullcontext()
 
-    prompts = [style.format_input(e) for e in test]
+    prompts = [how.prompt(e) for e in test]
     prompt_ids = [encode(tokenizer, p) for p in prompts]
     longest, which = longest_prompt(prompt_ids)
     check_room(cfg.max_new_tokens, longest, model.cfg.context_length, which)
@@ -127,7 +134,7 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
         entries=len(test),
         already_done=len(done),
         to_decode=sum(len(x) for _, x in todo),
-        prompt_style=style.name,
+        prompt_style=how.style.name,
         device=str(device),
         max_new_tokens=cfg.max_new_tokens,
         precision=precision,
@@ -140,7 +147,7 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
         for b, batch in todo:
             outputs = _decode(model, [prompt_ids[i] for i in batch], cfg, tokenizer.eot_token, seed=cfg.seed + b)
             for i, ids in zip(batch, outputs, strict=True):
-                response = style.extract_response(prompts[i] + decode_response(tokenizer, ids), prompts[i])
+                response = _response_text(how, prompts[i], decode_response(tokenizer, ids))
                 progress.write(json.dumps({"index": i, "model_response": response}) + "\n")
                 done[i] = response
             progress.flush()
@@ -153,7 +160,7 @@ def run_generate(cfg: GenerateConfig, metrics: Metrics | None = None) -> Path:
     elapsed = time.perf_counter() - started
     tokens_per_second = new_tokens / elapsed if elapsed > 0 else 0.0
     metrics.generate_tokens_per_second.set(tokens_per_second)
-    final = _write_responses(output / RESPONSES_FILE, test, done)
+    final = _write_responses(output / RESPONSES_FILE, test, done, how.data_format)
     progress_path.unlink()
     bar.close()
     rate, seconds = round(tokens_per_second, 1), round(elapsed, 3)

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import yaml
 
+from job.data.formats import Layout, layout
 from job.data.instructions import (
     DataError,
     PromptStyle,
     entry_problem,
     prompt_style,
 )
-from job.data.sources import load_splits, parse_fields, resolve_source
+from job.data.sources import dataset_splits
 from job.models.families import Model, family
 from job.models.families import load_model as load_model_folder
 from job.models.gpt2 import GPTModel, gpt2_sizes
@@ -63,31 +64,32 @@ class Inputs:
     max_length: int
     path: Path
     """The dataset's file."""
+    layout: Layout
+    """How its entries become examples (their format; the chat template of conversations)."""
 
 
-def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[dict], list[dict]]:
-    """The dataset's file and its training (cut to --train-limit) and validation splits, each entry checked
-    (``check`` says what a bad entry is): a file's 85/10/5 cut, or a folder's train and validation files; a
-    split left empty is a DataError."""
-    source = resolve_source(cfg.data, Path(cfg.cache), cfg.base_url, cfg.data_split)
-    fields = parse_fields(cfg.data_fields)
-    splits = load_splits(source, cfg.skip_invalid, check, fields, cfg.shuffle_seed, need=("validation",))
+def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[dict], list[dict], str]:
+    """The dataset's file, its training (cut to --train-limit) and validation splits, each entry checked
+    (``check`` says what a bad book-shaped entry is): a file's 85/10/5 cut, or a folder's train and validation
+    files; and its format (job/data/formats.py). A split left empty is a DataError."""
+    splits = dataset_splits(cfg, check, need=("validation",))
     train, val = splits.train[: cfg.train_limit], splits.val
     if not train or not val:
         count = len(splits.train) + len(splits.test) + len(splits.val)
-        raise DataError(f"dataset {source.label} of {count} entries is too small for the 85/10/5 split")
-    return Path(splits.where["train"]), train, val
+        raise DataError(f"dataset {splits.label} of {count} entries is too small for the 85/10/5 split")
+    return Path(splits.where["train"]), train, val, splits.data_format
 
 
 def load_inputs(cfg: TrainConfig, start: StartingModel, check=entry_problem) -> Inputs:
     """The dataset first (a bad one fails before any model loads; ``check`` says what a bad entry is), then
     the tokenizer and the model ``start`` names."""
-    path, train, val = training_splits(cfg, check)
+    path, train, val, data_format = training_splits(cfg, check)
     tokenizer = start.tokenizer()
     style = prompt_style(cfg.prompt_style, tokenizer)
+    how = layout(cfg, data_format, train, tokenizer, style)
     model, name = load_model(cfg.model, start)
     max_length = min(cfg.allowed_max_length, model.cfg.context_length)
-    return Inputs(train, val, tokenizer, model, name, style, max_length, path)
+    return Inputs(train, val, tokenizer, model, name, style, max_length, path, how)
 
 
 def load_model(named: str, start: StartingModel) -> tuple[Model, str]:

@@ -16,7 +16,7 @@ import pytest
 from job.data.hub_dataset import fetch_hub_dataset
 from job.data.instructions import DataError
 from job.data.sources import load_splits, resolve_source, source_digest
-from job.stages.download import DownloadError
+from job.storage.fetch import DownloadError
 from tests.file_server import FileServer
 from tests.helpers import cli, events
 

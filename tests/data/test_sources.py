@@ -223,7 +223,7 @@ def test_a_named_column_missing_in_an_entry_is_exit_1_naming_the_entry_and_colum
     assert _one_line(info).startswith(
         f"dataset {path}: entry 1: column 'response' (--data-fields output=response) is missing"
     )
-    kept = sources.checked_entries(path, rows, True, fields=parse_fields("input=context,output=response"))
+    _format, kept = sources.checked_entries(path, rows, True, fields=parse_fields("input=context,output=response"))
     assert kept == [{"instruction": "a", "input": "", "output": "b"}]
 
 

@@ -62,7 +62,7 @@ def trl_batch(shared_data, tmp_path_factory):
 def test_trl_shaped_pairs_tokenize_and_mask_as_trls_dpo_trainer(trl_batch, shared_data):
     entries, rows, batch = trl_batch
     tokenizer = load_tokenizer(shared_data / "gpt2")
-    checked = checked_entries(shared_data, entries, False, preference_problem)
+    _format, checked = checked_entries(shared_data, entries, False, preference_problem)
     tokenized = tokenize_split(checked, tokenizer, PROMPT_STYLES["alpaca"], 1024)
     assert len(tokenized.pairs) == len(rows) == len(entries) and tokenized.empty == 0
     for pair, row in zip(tokenized.pairs, rows, strict=True):
@@ -87,7 +87,7 @@ def test_trl_shaped_pairs_tokenize_and_mask_as_trls_dpo_trainer(trl_batch, share
     ("entry", "message"),
     [
         ({"prompt": "p", "chosen": "a"}, "field 'rejected' is missing (TRL's preference shape: prompt, chosen"),
-        ({"prompt": "p", "chosen": ["a"], "rejected": "b"}, "field 'chosen' must be a string, got list"),
+        ({"prompt": "p", "chosen": ["a"], "rejected": "b"}, "is messages-shaped but entry 0 is alpaca-shaped"),
         ({"prompt": None, "chosen": "a", "rejected": "b"}, "field 'prompt' must be a string, got NoneType"),
         ({"instruction": "p", "output": "o", "chosen": "a"}, "field 'rejected' is missing (preference data needs"),
     ],
@@ -96,5 +96,6 @@ def test_a_malformed_trl_pair_is_one_line_naming_the_entry_and_field(tmp_path, e
     good = {"prompt": "p", "chosen": "a", "rejected": "b"}
     with pytest.raises(DataError) as info:
         checked_entries(tmp_path / "pairs.jsonl", [good, entry], False, preference_problem)
-    assert str(info.value).startswith(f"dataset {tmp_path / 'pairs.jsonl'}: entry 1: {message}"), info.value
+    assert str(info.value).startswith(f"dataset {tmp_path / 'pairs.jsonl'}: entry 1"), info.value
+    assert message in str(info.value)
     assert "\n" not in str(info.value)
