@@ -57,6 +57,7 @@ def dpo_task(cfg: DPOConfig) -> tuple[Task, str]:
         train_size=len(pairs),
         tokenizer=tokenizer,
         sample_prompt=style.format_input(inputs.val[min(2, len(inputs.val) - 1)]),  # the book's: val_data[2]
+        companions=(reference.frozen,) if reference.frozen is not None else (),
     )
     return task, inputs.model_name
 
