@@ -80,6 +80,33 @@ def _check_fits(path: Path, saved: dict[str, torch.Tensor], shapes: dict[str, to
         )
 
 
+def state_tensors(model, optimizer, whole: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """The parameters that train and the optimizer's per-parameter state (by kind, then index): ``whole``,
+    on the CPU (with fsdp gathered from the shards, so every process calls it), or as held (shards)."""
+    parameters = trained_parameters(model) if whole else {n: p for n, p in model.named_parameters() if p.requires_grad}
+    by_kind: dict[str, dict[str, torch.Tensor]] = {}
+    for index, per_param in optimizer.state_dict()["state"].items():
+        for kind, tensor in per_param.items():
+            value = full_tensor(tensor.detach()).cpu().contiguous() if whole else tensor
+            by_kind.setdefault(kind, {})[str(index)] = value
+    return parameters, by_kind
+
+
+def whole_optimizer_files(path: Path, files: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimizer's per-parameter state by kind, from the whole files the main process wrote."""
+    kinds = (re.fullmatch(r"optimizer-(\w+)\.safetensors", name) for name in sorted(files))
+    return {kind.group(1): load_file(path / kind.group(0)) for kind in kinds if kind}
+
+
+def write_rng(tmp: Path, rank: int) -> None:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
+    version, internal, gauss = random.getstate()
+    (tmp / f"rng-{rank}.json").write_text(json.dumps({"python": [version, list(internal), gauss]}))
+
+
 class CheckpointManager:
     """Saves, rotates, verifies and loads the training state of every process; hands each finished
     checkpoint to ``on_checkpoint`` (the run's uploader). Each is bound to ``binding`` (None: unbound,
@@ -124,10 +151,12 @@ class CheckpointManager:
         shards = is_sharded(self.model) and self.shards_meet
         # fsdp: each process's own rows; else whole on the main process (gathered with fsdp: a collective)
         gather = is_sharded(self.model) and not shards
-        tensors = self._state_tensors(not shards) if self.roles.keeps_run or shards or gather else None
+        model = self.accelerator.unwrap_model(self.model)
+        needed = self.roles.keeps_run or shards or gather
+        tensors = state_tensors(model, self.optimizer, not shards) if needed else None
         try:
             tmp.mkdir(parents=True, exist_ok=True)
-            self._write_rng(tmp, self.roles.rank)
+            write_rng(tmp, self.roles.rank)
             if shards:
                 write_shards(tmp, self.roles.rank, self.roles.world, *tensors)
             if self.roles.keeps_run:
@@ -148,20 +177,6 @@ class CheckpointManager:
         """About what a first checkpoint takes: the parameters and AdamW's two moments."""
         return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
 
-    def _state_tensors(self, whole: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-        """The parameters that train and the optimizer's per-parameter state (by kind, then index): ``whole``,
-        on the CPU (with fsdp gathered from the shards, so every process calls it), or as held (shards)."""
-        model = self.accelerator.unwrap_model(self.model)
-        parameters = (
-            trained_parameters(model) if whole else {n: p for n, p in model.named_parameters() if p.requires_grad}
-        )
-        by_kind: dict[str, dict[str, torch.Tensor]] = {}
-        for index, per_param in self.optimizer.state_dict()["state"].items():
-            for kind, tensor in per_param.items():
-                value = full_tensor(tensor.detach()).cpu().contiguous() if whole else tensor
-                by_kind.setdefault(kind, {})[str(index)] = value
-        return parameters, by_kind
-
     def _write_main(self, tmp: Path, tensors, trainer_state: dict, config: dict) -> None:
         """The files the main process writes: the whole ``tensors`` (None: every process wrote its shards)
         and what every process shares."""
@@ -176,15 +191,6 @@ class CheckpointManager:
             (tmp / "scaler.json").write_text(json.dumps(self.accelerator.scaler.state_dict()))
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-
-    @staticmethod
-    def _write_rng(tmp: Path, rank: int) -> None:
-        tensors = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-        save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
-        version, internal, gauss = random.getstate()
-        (tmp / f"rng-{rank}.json").write_text(json.dumps({"python": [version, list(internal), gauss]}))
 
     def _finish(self, tmp: Path, final: Path, started: float) -> None:
         paths = sorted(p for p in tmp.iterdir() if p.is_file())
@@ -239,7 +245,7 @@ class CheckpointManager:
         model = self.accelerator.unwrap_model(self.model)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if "model.safetensors" in files:  # on the CPU; copy_ moves each to its parameter's device
-            saved, by_kind = load_file(listed("model.safetensors")), self._whole_optimizer_files(path, files)
+            saved, by_kind = load_file(listed("model.safetensors")), whole_optimizer_files(path, files)
         else:  # every process's shards, joined
             try:
                 saved, by_kind = read_shards(path, files)
@@ -255,12 +261,6 @@ class CheckpointManager:
             self.accelerator.scaler.load_state_dict(json.loads(listed("scaler.json").read_text()))
         self._load_rng(path, files)
         return json.loads(listed("trainer_state.json").read_text())
-
-    @staticmethod
-    def _whole_optimizer_files(path: Path, files: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
-        """The optimizer's per-parameter state by kind, from the whole files the main process wrote."""
-        kinds = (re.fullmatch(r"optimizer-(\w+)\.safetensors", name) for name in sorted(files))
-        return {kind.group(1): load_file(path / kind.group(0)) for kind in kinds if kind}
 
     def _optimizer_state(self, path: Path, by_kind: dict[str, dict], params: list[torch.Tensor]) -> dict:
         """The optimizer's state dict from the checkpoint, its groups and tensors checked against ours
