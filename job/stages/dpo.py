@@ -60,6 +60,7 @@ def dpo_task(cfg: DPOConfig, start: StartingModel | None = None) -> tuple[Task, 
         train_size=len(pairs),
         tokenizer=tokenizer,
         sample_prompt=prompt_text(style, inputs.val[min(2, len(inputs.val) - 1)]),  # the book's: val_data[2]
+        companions=(reference.frozen,) if reference.frozen is not None else (),
     )
     return task, inputs.model_name
 

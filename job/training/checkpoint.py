@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextvars
 import errno
 import json
+import os
 import random
 import re
 import shutil
@@ -59,7 +60,9 @@ from job.training.checkpoint_files import (
     index_binding,
     index_text,
 )
+from job.training.checkpoint_shards import ShardsError, read_shards, write_shards
 from job.training.roles import Roles
+from job.training.sharding import full_tensor, is_sharded, placed_like
 
 log = get_logger(__name__)
 
@@ -69,8 +72,9 @@ class CheckpointError(JobError):
 
 
 def trained_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train, by name (a tied tensor once), on the CPU."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The parameters that train, by name (a tied tensor once), whole on the CPU (with fsdp gathered from
+    every process's shards: a collective)."""
+    return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _check_fits(path: Path, saved: dict[str, torch.Tensor], shapes: dict[str, torch.Size], what: str) -> None:
@@ -81,6 +85,33 @@ def _check_fits(path: Path, saved: dict[str, torch.Tensor], shapes: dict[str, to
             f"checkpoint {path} was written by a differently configured run ({what} {differ[0]}): "
             "resume with its options or use another --output"
         )
+
+
+def state_tensors(model, optimizer, whole: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """The parameters that train and the optimizer's per-parameter state (by kind, then index): ``whole``,
+    on the CPU (with fsdp gathered from the shards, so every process calls it), or as held (shards)."""
+    parameters = trained_parameters(model) if whole else {n: p for n, p in model.named_parameters() if p.requires_grad}
+    by_kind: dict[str, dict[str, torch.Tensor]] = {}
+    for index, per_param in optimizer.state_dict()["state"].items():
+        for kind, tensor in per_param.items():
+            value = full_tensor(tensor.detach()).cpu().contiguous() if whole else tensor
+            by_kind.setdefault(kind, {})[str(index)] = value
+    return parameters, by_kind
+
+
+def whole_optimizer_files(path: Path, files: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimizer's per-parameter state by kind, from the whole files the main process wrote."""
+    kinds = (re.fullmatch(r"optimizer-(\w+)\.safetensors", name) for name in sorted(files))
+    return {kind.group(1): load_file(path / kind.group(0)) for kind in kinds if kind}
+
+
+def write_rng(tmp: Path, rank: int) -> None:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
+    version, internal, gauss = random.getstate()
+    (tmp / f"rng-{rank}.json").write_text(json.dumps({"python": [version, list(internal), gauss]}))
 
 
 class CheckpointManager:
@@ -109,6 +140,10 @@ class CheckpointManager:
         self.last_bytes = 0  # the last checkpoint's size: the room the next one needs
         self.seconds = 0.0
         """Wall time spent writing checkpoints in this process (benchmarks subtract it from the loop)."""
+        # fsdp's processes write their shards side by side where they all see one folder: on one node. Over
+        # several nodes each has its own scratch folder and only the main process's is uploaded, so the
+        # state is gathered into the main process's whole files there instead.
+        self.shards_meet = int(os.environ.get("LOCAL_WORLD_SIZE", self.roles.world)) == self.roles.world
 
     # --- saving ----------------------------------------------------------------------------------
 
@@ -121,11 +156,19 @@ class CheckpointManager:
             self.folder.mkdir(parents=True, exist_ok=True)
             ensure_room(self.folder, self.last_bytes or self._state_bytes(), f"checkpoint {final.name}")
         self.roles.together()
+        shards = is_sharded(self.model) and self.shards_meet
+        # fsdp: each process's own rows; else whole on the main process (gathered with fsdp: a collective)
+        gather = is_sharded(self.model) and not shards
+        model = self.accelerator.unwrap_model(self.model)
+        needed = self.roles.keeps_run or shards or gather
+        tensors = state_tensors(model, self.optimizer, not shards) if needed else None
         try:
             tmp.mkdir(parents=True, exist_ok=True)
-            self._write_rng(tmp, self.roles.rank)
+            write_rng(tmp, self.roles.rank)
+            if shards:
+                write_shards(tmp, self.roles.rank, self.roles.world, *tensors)
             if self.roles.keeps_run:
-                self._write_main(tmp, trainer_state, config)
+                self._write_main(tmp, None if shards else tensors, trainer_state, config)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if exc.errno == errno.ENOSPC:
@@ -142,29 +185,20 @@ class CheckpointManager:
         """About what a first checkpoint takes: the parameters and AdamW's two moments."""
         return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
 
-    def _write_main(self, tmp: Path, trainer_state: dict, config: dict) -> None:
-        save_file(trained_parameters(self.accelerator.unwrap_model(self.model)), str(tmp / "model.safetensors"))
+    def _write_main(self, tmp: Path, tensors, trainer_state: dict, config: dict) -> None:
+        """The files the main process writes: the whole ``tensors`` (None: every process wrote its shards)
+        and what every process shares."""
+        if tensors is not None:
+            parameters, by_kind = tensors
+            save_file(parameters, str(tmp / "model.safetensors"))
+            for kind, per_kind in by_kind.items():
+                save_file(per_kind, str(tmp / f"optimizer-{kind}.safetensors"))
         state = self.optimizer.state_dict()
-        by_kind: dict[str, dict[str, torch.Tensor]] = {}
-        for index, per_param in state["state"].items():
-            for kind, tensor in per_param.items():
-                by_kind.setdefault(kind, {})[str(index)] = tensor.detach().cpu().contiguous()
-        for kind, tensors in by_kind.items():
-            save_file(tensors, str(tmp / f"optimizer-{kind}.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"]}))
         if self.accelerator.scaler is not None:
             (tmp / "scaler.json").write_text(json.dumps(self.accelerator.scaler.state_dict()))
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-
-    @staticmethod
-    def _write_rng(tmp: Path, rank: int) -> None:
-        tensors = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-        save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
-        version, internal, gauss = random.getstate()
-        (tmp / f"rng-{rank}.json").write_text(json.dumps({"python": [version, list(internal), gauss]}))
 
     def _finish(self, tmp: Path, final: Path, started: float) -> None:
         paths = sorted(p for p in tmp.iterdir() if p.is_file())
@@ -218,20 +252,28 @@ class CheckpointManager:
 
         model = self.accelerator.unwrap_model(self.model)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        saved = load_file(listed("model.safetensors"))  # on the CPU; copy_ moves each to its parameter's device
+        if "model.safetensors" in files:  # on the CPU; copy_ moves each to its parameter's device
+            saved, by_kind = load_file(listed("model.safetensors")), whole_optimizer_files(path, files)
+        else:  # every process's shards, joined
+            try:
+                saved, by_kind = read_shards(path, files)
+            except ShardsError as exc:
+                raise CheckpointError(f"checkpoint {path}: {exc}") from None
         _check_fits(path, saved, {n: p.shape for n, p in params.items()}, "parameter")
-        state = self._optimizer_state(path, files, [p.shape for p in params.values()])
+        state = self._optimizer_state(path, by_kind, list(params.values()))
         with torch.no_grad():
             for name, param in params.items():
-                param.copy_(saved[name])
+                param.copy_(placed_like(saved[name], param))  # with fsdp: this process's shard of it
         self.optimizer.load_state_dict(state)
         if self.accelerator.scaler is not None and "scaler.json" in files:
             self.accelerator.scaler.load_state_dict(json.loads(listed("scaler.json").read_text()))
         self._load_rng(path, files)
         return json.loads(listed("trainer_state.json").read_text())
 
-    def _optimizer_state(self, path: Path, files: dict[str, str], shapes: list[torch.Size]) -> dict:
-        """The optimizer's state dict from the checkpoint, its groups and tensors checked against ours."""
+    def _optimizer_state(self, path: Path, by_kind: dict[str, dict], params: list[torch.Tensor]) -> dict:
+        """The optimizer's state dict from the checkpoint, its groups and tensors checked against ours
+        (each moment placed as its parameter is: with fsdp, this process's shard)."""
+        shapes = [p.shape for p in params]
         state: dict = {"state": {}, **json.loads((path / "optimizer.json").read_text())}
         ours = self.optimizer.state_dict()["param_groups"]
         if [g["params"] for g in state["param_groups"]] != [g["params"] for g in ours]:
@@ -239,15 +281,15 @@ class CheckpointManager:
                 f"checkpoint {path} was written by a differently configured run (its optimizer's parameter "
                 "groups differ): resume with its options or use another --output"
             )
-        for name in sorted(files):
-            kind = re.fullmatch(r"optimizer-(\w+)\.safetensors", name)
-            for index, tensor in load_file(path / name).items() if kind else ():
+        for kind, tensors in by_kind.items():
+            for index, tensor in tensors.items():
                 i = int(index) if index.isdigit() else -1
-                want = torch.Size([]) if kind.group(1) == "step" else shapes[i] if 0 <= i < len(shapes) else None
+                want = torch.Size([]) if kind == "step" else shapes[i] if 0 <= i < len(shapes) else None
                 if want is None or tensor.shape != want:
                     shape = list(tensor.shape)
-                    raise CheckpointError(f"checkpoint {path}: {name} holds {index[:20]!r} of shape {shape}")
-                state["state"].setdefault(i, {})[kind.group(1)] = tensor
+                    raise CheckpointError(f"checkpoint {path}: optimizer {kind} holds {index[:20]!r} of shape {shape}")
+                placed = tensor if want == () else placed_like(tensor, params[i])
+                state["state"].setdefault(i, {})[kind] = placed
         for group in state["param_groups"]:
             group["betas"] = tuple(group["betas"])
         return state

@@ -24,8 +24,11 @@ from job.storage.store import sha256_files
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 INDEX = "index.json"
-REQUIRED = ("model.safetensors", "optimizer.json", "trainer_state.json")
-FILE_RE = re.compile(r"^(model|optimizer-\w+|rng-\d+)\.safetensors$|^(optimizer|scaler|trainer_state|rng-\d+)\.json$")
+REQUIRED = ("optimizer.json", "trainer_state.json")  # and the model: whole, or every process's shards
+FILE_RE = re.compile(
+    r"^(model|optimizer-\w+|rng-\d+|model-\d+|optimizer-\w+-\d+)\.safetensors$"
+    r"|^(optimizer|scaler|trainer_state|rng-\d+|shards-\d+)\.json$"
+)
 MAX_JSON_BYTES = 16 << 20  # the trainer state with its loss history is KBs; optimizer.json less
 
 
@@ -97,7 +100,23 @@ class ScalerFile(RootModel[dict[str, float | int | bool]]):
     pass
 
 
+class ShardPlace(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shape: list[int] = Field(max_length=8)
+    offset: int = Field(ge=0)
+
+
+class ShardsFile(BaseModel):
+    """``shards-{rank}.json`` (``job/training/checkpoint_shards.py``): where each of a process's rows sit."""
+
+    model_config = ConfigDict(extra="forbid")
+    world: int = Field(ge=1, le=1 << 16)
+    rank: int = Field(ge=0)
+    tensors: dict[str, ShardPlace]
+
+
 SHAPES = {"trainer_state.json": TrainStateFile, "optimizer.json": OptimizerFile, "scaler.json": ScalerFile}
+SHARDS_RE = re.compile(r"^shards-\d+\.json$")
 
 
 def read_key(path: str | None) -> bytes | None:
@@ -173,7 +192,8 @@ def _index_files(path: Path, key: bytes | None) -> dict[str, str]:
         raise Rejected(INDEX, f"lists {odd[:60]!r}, not a checkpoint file")
     if any(not re.fullmatch(r"[0-9a-fA-F]{64}", d) for d in files.values()):
         raise Rejected(INDEX, "a sha256 is not 64 hex digits")
-    missing = next((n for n in (*REQUIRED, *files) if n not in files or not (path / n).is_file()), None)
+    missing = next((n for n in (*REQUIRED, *_model_files(path, files)) if n not in files), None)
+    missing = missing or next((n for n in files if not (path / n).is_file()), None)
     if missing is not None:
         raise Rejected(missing, "missing from the checkpoint or its index")
     if key is not None:
@@ -181,6 +201,24 @@ def _index_files(path: Path, key: bytes | None) -> dict[str, str]:
         if not (parsed.hmac and hmac.compare_digest(parsed.hmac, expected)):
             raise Rejected(INDEX, "not signed with --checkpoint-key-file's key")
     return files
+
+
+def _model_files(path: Path, files: dict[str, str]) -> tuple[str, ...]:
+    """The model's files a checkpoint must hold: ``model.safetensors``, or each process's shards and
+    their places (as many as ``shards-0.json`` says processes wrote it)."""
+    if "model.safetensors" in files or "shards-0.json" not in files:
+        return ("model.safetensors",)
+    world = _shards(path, "shards-0.json").world
+    return tuple(
+        f"{kind}-{rank}.{ext}" for rank in range(world) for kind, ext in (("shards", "json"), ("model", "safetensors"))
+    )
+
+
+def _shards(path: Path, name: str) -> ShardsFile:
+    try:
+        return validated(ShardsFile, _json(path, name), name)
+    except ParseError as exc:
+        raise Rejected(name, str(exc).removeprefix(f"{name}: ")) from None
 
 
 def _check_content(path: Path, name: str) -> None:
@@ -191,6 +229,8 @@ def _check_content(path: Path, name: str) -> None:
             _check_python_random(validated(PythonRandomFile, _json(path, name), name).python, name)
         elif name in SHAPES:
             validated(SHAPES[name], _json(path, name), name)
+        elif SHARDS_RE.match(name):
+            _shards(path, name)
     except ParseError as exc:
         raise Rejected(name, str(exc).removeprefix(f"{name}: ")) from None
 

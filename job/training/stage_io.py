@@ -109,13 +109,14 @@ def save_outputs(
     trainer: Trainer, cfg: TrainConfig, start: StartingModel, *, model_name: str, kind: str = "sft"
 ) -> dict[str, Path]:
     """The trained model's outputs, written by the main process once every process is done."""
+    model = trainer.final_model()  # with fsdp, gathered from every process's shards
     trainer.roles.together()
     if not trainer.roles.keeps_run:
         return {}
     state = trainer.state
     epochs = state.step / trainer.batches_per_epoch  # a fraction where training stopped early
     return write_outputs(
-        trainer.trained_model(),
+        model,
         trainer.output,
         Trained(state.history, state.step, state.tokens_seen, epochs),
         book_name=model_name,

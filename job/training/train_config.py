@@ -48,6 +48,10 @@ class TrainSettings(Settings):
     """Keep only each block's input for the backward pass and recompute the rest there: far less activation
     memory (long sequences, large models) for about a third more compute; the same gradients, so a run that
     ran out of memory may be resumed with it."""
+    sharding: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every process holds the whole model, its gradients and AdamW's state; fsdp: each holds 1/N of
+    them (torch's FSDP2, each transformer block sharded over all processes) and checkpoints are written as
+    each process's shards: models too big for one GPU, on the same loop and with the same losses."""
     checkpoint_every: int = 50
     """Write a resumable checkpoint every this many steps (and at each epoch's end and on SIGTERM/SIGUSR1)."""
     keep_checkpoints: int = 2
@@ -93,6 +97,8 @@ class TrainSettings(Settings):
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         lora_layers(self.lora_targets)  # refuses an unknown name before anything loads
+        if self.sharding == "fsdp" and self.precision == "fp16":  # FSDP2 would need a sharded gradient scaler
+            raise ConfigError("--precision fp16 does not combine with --sharding fsdp: use --precision bf16 or fp32")
         return self
 
 

@@ -32,6 +32,15 @@ from job.training.checkpoint import CheckpointManager
 from job.training.checkpoint_files import read_key
 from job.training.objectives import Evaluator, Objective
 from job.training.roles import Roles
+from job.training.sharding import (
+    clip_grad_norm,
+    gathered_model,
+    is_sharded,
+    root_gathered,
+    shard_model,
+    skeleton,
+    start_group,
+)
 from job.training.train_config import TrainConfig, lora_layers, resolve_precision
 
 log = get_logger(__name__)
@@ -67,6 +76,8 @@ class Task:
     sample_prompt: str | None
     train_unit: str = "entries"
     """What ``train_size`` counts (``packed rows`` with --packing), for messages."""
+    companions: tuple[torch.nn.Module, ...] = ()
+    """Frozen models the objective runs beside the model (DPO's reference): sharded as it is."""
 
 
 def check_batches(cfg: TrainConfig, world: int, train_examples: int, unit: str = "entries") -> None:
@@ -109,6 +120,28 @@ def compile_blocks(model: Model) -> None:
         block.compile(dynamic=True)
 
 
+def place_model(cfg: TrainConfig, task: Task, accelerator, trainable: list[torch.nn.Parameter]):
+    """The model and its AdamW ready for the loop, with what trains and (fsdp) the model's skeleton: with
+    ddp accelerate wraps the model in DDP; with fsdp it is sharded here (the objective's companions too),
+    since accelerate would wrap it in DDP on CPUs, and the optimizer holds the shards."""
+    plain = None
+    if cfg.sharding == "fsdp":
+        plain = skeleton(task.model)
+        start_group(accelerator.device)
+        bf16 = accelerator.device.type == "cuda" and _mixed_precision(cfg.precision) == "bf16"
+        for module in (*task.companions, task.model):
+            shard_model(module, accelerator.device, bf16)
+        trainable = [p for p in task.model.parameters() if p.requires_grad]  # the shards now
+    if cfg.compile:
+        compile_blocks(task.model)
+    # The fused kernel (CUDA and CPU) does the whole update in one pass over the parameters.
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    if plain is not None:
+        return task.model, optimizer, trainable, plain
+    model, optimizer = accelerator.prepare(task.model, optimizer)
+    return model, optimizer, trainable, None
+
+
 class Trainer:
     """The loop over a ``Task`` on an ``Accelerator``, with checkpoints and preemption; ``binding`` (the
     stage's run binding, ``job/training/binding.py``) goes into every checkpoint and must match on resume."""
@@ -143,11 +176,8 @@ class Trainer:
         for kind, count in self.parameter_counts.items():
             metrics.parameters.labels(kind).set(count)
         task.model.checkpointing = cfg.gradient_checkpointing
-        if cfg.compile:
-            compile_blocks(task.model)
-        # The fused kernel (CUDA and CPU) does the whole update in one pass over the parameters.
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        self.model, self.optimizer = self.accelerator.prepare(task.model, optimizer)
+        # with fsdp, plain is the model's skeleton, which the trained weights are gathered into
+        self.model, self.optimizer, self.trainable, self.plain = place_model(cfg, task, self.accelerator, trainable)
         self.state = TrainState()
         self._saved_step: int | None = None
         self.loop_seconds = 0.0
@@ -173,8 +203,15 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
     def trained_model(self) -> Model:
-        """The model without its DDP wrapper (after ``fit``: as trained)."""
+        """The model without its DDP wrapper (after ``fit``: as trained); with fsdp the sharded model."""
         return self.accelerator.unwrap_model(self.model)
+
+    def final_model(self) -> Model | None:
+        """The trained model whole, on the main process (a collective: every process calls it; with fsdp
+        the shards are gathered into a plain model on the main process's CPU, None elsewhere)."""
+        if self.plain is None:
+            return self.trained_model()
+        return gathered_model(self.model, self.plain, self.roles.keeps_run)
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -240,12 +277,15 @@ class Trainer:
         scale = world / objective.units(batch)
         for i, micro in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            with self.accelerator.no_sync(self.model) if not last else nullcontext():
+            # FSDP reduce-scatters each micro-batch's gradients into the shards (no unsharded sum is held).
+            skip_sync = not last and self.plain is None
+            with self.accelerator.no_sync(self.model) if skip_sync else nullcontext():
                 with self.accelerator.autocast():
                     loss = objective.loss_sum(self.model, micro, self.accelerator.device)
                 self.accelerator.backward(loss * scale)
-        if self.cfg.grad_clip is not None:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.cfg.grad_clip is not None:  # the global norm: over every process's shards with fsdp
+            clip = self.accelerator.clip_grad_norm_ if self.plain is None else clip_grad_norm
+            clip(self.trainable, self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return objective.tokens(batch)
@@ -254,7 +294,7 @@ class Trainer:
         st = self.state
         model = self.trained_model()
         model.eval()
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), root_gathered(model):
             figures = self.task.evaluator(model, self.order.estimate_batches(st.step - 1))
         st.history.append({"step": st.step - 1, "epoch": st.epoch + 1, "tokens_seen": st.tokens_seen, **figures})
         self.metrics.observe_evaluation(figures)
@@ -278,19 +318,8 @@ class Trainer:
             m.gpu_memory_allocated_bytes.set(torch.cuda.memory_allocated())
 
     def _log_sample(self) -> None:
-        """The book's sample after each epoch: 50 greedy tokens after the sample prompt
-        (``generated``, past any end-of-text as the book decodes; ``response``, up to it)."""
-        if not self.roles.keeps_run or self.task.sample_prompt is None:
-            return
-        model, tokenizer, prompt = self.trained_model(), self.task.tokenizer, self.task.sample_prompt
-        model.eval()
-        # Decoding runs eagerly: its per-step shapes and cache writes would only make compiled blocks recompile.
-        with self.accelerator.autocast(), torch.compiler.set_stance("force_eager"):
-            [new] = generate(model, [encode(tokenizer, prompt)], max_new_tokens=50, eos_id=None)
-        end_id = tokenizer.eot_token
-        end = new.index(end_id) if end_id in new else len(new)
-        response, generated = tokenizer.decode(new[:end]), tokenizer.decode(new)
-        log.info("sample", epoch=self.state.epoch + 1, prompt=prompt, response=response, generated=generated)
+        if self.task.sample_prompt is not None:
+            log_sample(self.trained_model(), self.task, self.accelerator, self.roles.keeps_run, self.state.epoch)
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -308,6 +337,25 @@ class Trainer:
         self._saved_step = self.state.step
         if self.roles.keeps_run:
             log.info("resumed", step=self.state.step, epoch=self.state.epoch + 1, checkpoint=str(path))
+
+
+def log_sample(model: Model, task: Task, accelerator, keeps_run: bool, epoch: int) -> None:
+    """The book's sample after each epoch: 50 greedy tokens after the sample prompt (``generated``, past any
+    end-of-text as the book decodes; ``response``, up to it), logged by the main process. A sharded model
+    decodes on every process: each forward gathers from all of them."""
+    if not (keeps_run or is_sharded(model)):
+        return
+    tokenizer, prompt = task.tokenizer, task.sample_prompt
+    model.eval()
+    # Decoding runs eagerly: its per-step shapes and cache writes would only make compiled blocks recompile.
+    with accelerator.autocast(), torch.compiler.set_stance("force_eager"), root_gathered(model):
+        [new] = generate(model, [encode(tokenizer, prompt)], max_new_tokens=50, eos_id=None)
+    if not keeps_run:
+        return
+    end_id = tokenizer.eot_token
+    end = new.index(end_id) if end_id in new else len(new)
+    response, generated = tokenizer.decode(new[:end]), tokenizer.decode(new)
+    log.info("sample", epoch=epoch + 1, prompt=prompt, response=response, generated=generated)
 
 
 def _mixed_precision(precision: str) -> str:

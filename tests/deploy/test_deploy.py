@@ -846,3 +846,22 @@ def test_every_example_variable_of_dot_env_uncommented_is_a_value_the_job_accept
     config = cli.build(cli.RunConfig, context.params)
     for name in example:
         assert str(getattr(config, name.removeprefix("SFT_JOB_").lower())) == given[name], name
+
+
+def test_sharding_reaches_the_job_from_the_chart_compose_and_the_slurm_scripts_config():
+    """--sharding fsdp: the chart's Indexed Job and TrainJob read it from their config file, compose passes
+    SFT_JOB_SHARDING, and the Slurm script's job file is the job's own --config."""
+    from job.cli import main
+
+    for values in (MULTI_NODE, MULTI_NODE | {"trainJob": {"enabled": True}}):
+        values = values | {"config": {**values.get("config", {}), "sharding": "fsdp", "skip_judge": True}}
+        values |= {"ollama": {"sidecar": False}}
+        kinds = _by_kind(_render(values)[0])
+        assert yaml.safe_load(kinds["ConfigMap"]["data"]["job.yaml"])["sharding"] == "fsdp"
+        trainer = kinds["TrainJob"]["spec"]["trainer"] if "TrainJob" in kinds else None
+        args = trainer["args"] if trainer else kinds["Job"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[-2:] == ["--config", "/etc/sft-job/job.yaml"], args
+    written = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["sft-job"]["environment"]
+    assert "SFT_JOB_SHARDING" in written
+    assert "SFT_JOB_SHARDING" in {p.envvar for p in main.commands["run"].params if p.envvar}
+    assert 'job_args=(--config "$config")' in (REPO / "slurm" / "finetune.sbatch").read_text()
