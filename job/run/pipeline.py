@@ -60,7 +60,7 @@ from job.stages.download import (
 )
 from job.stages.dpo import run_dpo
 from job.stages.dpo_config import DPOConfig
-from job.stages.export import GGUF_FILE, MODELFILE, run_export
+from job.stages.export import GGUF_FILE, MODELFILE, check_exportable, run_export
 from job.stages.export_config import ExportConfig
 from job.stages.finetune import run_finetune, training_splits
 from job.stages.finetune_config import FinetuneConfig
@@ -183,7 +183,11 @@ class Pipeline:
         entries = load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
         train, test, _val = split_entries(entries, cfg.shuffle_seed)
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
-        check_preference_data(cfg, *check_model_fit(cfg, test[: cfg.limit]))
+        tokenizer, style, context_length = check_model_fit(cfg, test[: cfg.limit])
+        check_preference_data(cfg, tokenizer, style, context_length)
+        if cfg.export:  # what the export stage would refuse, before the training it follows
+            folder = None if random_model(cfg) else tokenizer_folder(cfg)
+            check_exportable(folder, tokenizer, style, Path(cfg.cache))
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))

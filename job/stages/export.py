@@ -66,6 +66,17 @@ def _not_a_model(model_dir: Path) -> None:
         raise WeightsError(f"{model_dir} is not a model folder: it has no config.json (nor hparams.json)")
 
 
+def check_exportable(folder: Path | None, tokenizer, style, cache: Path) -> None:
+    """What the export would refuse, known before any training (``run --export``'s preflight): the tokenizer as
+    GGUF holds it and the prompt layout as a Go template. ``folder`` holds the tokenizer's files (None for GPT-2's
+    and the smoke's)."""
+    try:
+        turn_layout(style, end_text(tokenizer))
+        vocabulary(folder, tokenizer, cache)
+    except ConfigError as exc:
+        raise ConfigError(f"--export gguf: {exc}") from None
+
+
 def run_export(cfg: ExportConfig, metrics: Metrics | None = None) -> Path:
     """``model.gguf`` and ``Modelfile`` in ``cfg.output``; returns the folder."""
     model_dir, output, cache = Path(cfg.model_dir), Path(cfg.output), Path(cfg.cache)

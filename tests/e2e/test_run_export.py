@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from tests.family_folders import write_family_folder
 from tests.helpers import cli, events, smoke_run
 
 
@@ -63,3 +64,35 @@ def test_export_is_uploaded_to_the_bucket(s3, cache, tmp_path):
         body = s3.get_object(Bucket="runs", Key=f"team/r2/{key}")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == meta["sha256"], key
     assert set(manifest["stages"]["export"]["artifacts"]) == {"export/model.gguf", "export/Modelfile"}
+
+
+def _unexportable(kind: str, tmp_path, book_data, gpt2_dir) -> tuple:
+    """A model folder and flags the run trains but the export cannot represent, and what the error names."""
+    if kind == "chat for GPT-2":
+        return gpt2_dir, ("--prompt-style", "chat"), "chat template"
+    folder = write_family_folder(tmp_path / "llama", "llama", book_data)
+    if kind == "not byte-level BPE":
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        spec["pre_tokenizer"] = {"type": "Whitespace"}
+        (folder / "tokenizer.json").write_text(json.dumps(spec))
+        return folder, (), "pre-tokenizer"
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m.content | lower }}{% endfor %}"  # changes the text
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder, ("--prompt-style", "chat"), "TEMPLATE"
+
+
+@pytest.mark.parametrize("kind", ["not byte-level BPE", "chat template changing the text", "chat for GPT-2"])
+def test_a_model_the_export_cannot_represent_is_exit_2_at_preflight(cache, tmp_path, book_data, tiny_model_dir, kind):
+    """Before any training: one line naming why, and no run folder (nothing trained, nothing to resume)."""
+    folder, flags, named = _unexportable(kind, tmp_path, book_data, tiny_model_dir)
+    args = smoke_run(cache, tmp_path / "runs", "r3", "--model-dir", folder, *flags, "--skip-judge", "--export", "gguf")
+    done = cli(*args)
+    assert done.returncode == 2, done.stderr[-3000:]
+    [line] = done.stderr.splitlines()
+    assert line.startswith("Error: ") and named in line
+    if kind != "chat for GPT-2":  # that one the run itself refuses (no chat template to train with)
+        assert line.startswith("Error: --export gguf: ")
+        assert "preflight_ok" not in [e["event"] for e in events(done.stdout)]  # refused by it, not after it
+    assert not (tmp_path / "runs" / "r3").exists()
+    assert not [e for e in events(done.stdout) if e["event"] == "stage_start"]
