@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from safetensors.numpy import load_file
 
 from tests.family_folders import write_family_folder
@@ -96,3 +97,30 @@ def test_a_model_the_export_cannot_represent_is_exit_2_at_preflight(cache, tmp_p
         assert "preflight_ok" not in [e["event"] for e in events(done.stdout)]  # refused by it, not after it
     assert not (tmp_path / "runs" / "r3").exists()
     assert not [e for e in events(done.stdout) if e["event"] == "stage_start"]
+
+
+@pytest.mark.slow
+def test_a_lora_dpo_runs_folder_names_its_models_and_its_dpo_model_exports_as_the_run_did(cache, tmp_path):
+    """A LoRA run's models are merged: the run's export is its DPO model's, byte for byte what ``sft-job export``
+    writes of ``dpo/model``; the run's folder itself is no model: exit 1 naming both model folders."""
+    args = smoke_run(cache, tmp_path / "runs", "r4", "--dpo", "--lora-rank", "4", "--skip-judge")
+    done = cli(*args, "--export", "gguf", "--export-dtype", "f32")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "r4"
+    merged = load_file(run / "dpo" / "model" / "model.safetensors")["transformer.wte.weight"]
+    assert np.array_equal(gguf_tensor(run / "export" / "model.gguf", "token_embd.weight"), merged)
+    export = ["export", "--cache", cache, "--dtype", "f32", "--log-format", "json"]
+    recorded = yaml.safe_load((run / "config.yaml").read_text())  # the run's decoding: the Modelfile's defaults
+    decoding = [f"--{key.replace('_', '-')}={recorded[key]}" for key in ("max_new_tokens", "temperature", "top_k")]
+    again = cli(*export, *decoding, "--model-dir", run / "dpo" / "model", "--output", tmp_path / "again")
+    assert again.returncode == 0, again.stderr
+    for name in ("model.gguf", "Modelfile"):
+        assert (tmp_path / "again" / name).read_bytes() == (run / "export" / name).read_bytes(), name
+    refused = cli(*export, "--model-dir", run, "--output", tmp_path / "whole")
+    assert refused.returncode == 1, refused.stderr
+    [line] = refused.stderr.splitlines()
+    assert line == (
+        f"Error: {run} is a run's folder, not a model's: give --model-dir {run / 'dpo' / 'model'} (its DPO model) "
+        f"or {run / 'model'} (its finetuned model)"
+    )
+    assert not (tmp_path / "whole").exists()
