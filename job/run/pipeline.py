@@ -423,9 +423,15 @@ def check_same_run(storage: Storage, run_id: str, resolved: dict, cls: type) -> 
         options["model"] = None
     changes = result_changes(options, resolved, cls)
     if changes:
+        # A run's export is one of its results; another type of its model is sft-job export's to write.
+        other_type = any(change.startswith("export_dtype ") for change in changes)
+        dtype = resolved.get("export_dtype")
+        export = (
+            f"; for its model in {dtype}: sft-job export --dtype {dtype} --model-dir its model/ (dpo/model/ with --dpo)"
+        )
         raise ConfigError(
             f"run {run_id} was started with other options: {'; '.join(changes)}. "
-            "Rerun with the run's options (its config.yaml), or give another --run-id"
+            f"Rerun with the run's options (its config.yaml), or give another --run-id{export if other_type else ''}"
         )
     return saved
 

@@ -52,6 +52,15 @@ def test_rerun_with_export_writes_the_dpo_model_as_gguf(cache, tmp_path):
     assert third.returncode == 0, third.stderr[-3000:]
     assert "export" in [e["stage"] for e in events(third.stdout) if e["event"] == "stage_skipped"]
 
+    # another --export-dtype: not a skipped stage keeping the f16 files under a q8_0 command, but exit 2
+    exported = {name: (run / "export" / name).read_bytes() for name in ("model.gguf", "Modelfile")}
+    fourth = cli(*args, "--export-dtype", "q8_0")
+    assert fourth.returncode == 2, fourth.stderr[-3000:]
+    [line] = fourth.stderr.splitlines()
+    assert "export_dtype 'f16' (now 'q8_0')" in line
+    assert line.endswith("sft-job export --dtype q8_0 --model-dir its model/ (dpo/model/ with --dpo)")
+    assert {name: (run / "export" / name).read_bytes() for name in exported} == exported
+
 
 @pytest.mark.slow
 def test_export_is_uploaded_to_the_bucket(s3, cache, tmp_path):
