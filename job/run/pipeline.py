@@ -183,11 +183,7 @@ class Pipeline:
         entries = load_entries(resolve_data(cfg.data, Path(cfg.cache), cfg.base_url), cfg.skip_invalid)
         train, test, _val = split_entries(entries, cfg.shuffle_seed)
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
-        tokenizer, style, context_length = check_model_fit(cfg, test[: cfg.limit])
-        check_preference_data(cfg, tokenizer, style, context_length)
-        if cfg.export:  # what the export stage would refuse, before the training it follows
-            folder = None if random_model(cfg) else tokenizer_folder(cfg)
-            check_exportable(folder, tokenizer, style, Path(cfg.cache))
+        check_later_stages(cfg, *check_model_fit(cfg, test[: cfg.limit]))
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))
@@ -597,6 +593,14 @@ def check_model_fit(cfg: RunConfig, test: list[dict]) -> tuple:
     longest, which = longest_prompt([encode(tokenizer, style.format_input(e)) for e in test])
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)
     return tokenizer, style, shape.context_length
+
+
+def check_later_stages(cfg: RunConfig, tokenizer, style, context_length: int) -> None:
+    """What the stages after the finetune need of the model, before it: --dpo's preference data, and what
+    --export's stage would refuse (exit 2 naming why)."""
+    check_preference_data(cfg, tokenizer, style, context_length)
+    if cfg.export:
+        check_exportable(None if random_model(cfg) else tokenizer_folder(cfg), tokenizer, style, Path(cfg.cache))
 
 
 def check_preference_data(cfg: RunConfig, tokenizer, style, context_length: int) -> None:
