@@ -66,9 +66,14 @@ def test_rerun_with_export_writes_the_dpo_model_as_gguf(cache, tmp_path):
 def test_export_is_uploaded_to_the_bucket(s3, cache, tmp_path):
     s3.create_bucket(Bucket="runs")
     scratch = tmp_path / "scratch"
-    args = smoke_run(cache, "s3://runs/team", "r2", "--skip-judge", "--export", "gguf", "--scratch", scratch)
-    done = cli(*args)
+    args = smoke_run(cache, "s3://runs/team", "r2", "--skip-judge", "--scratch", scratch)
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads(s3.get_object(Bucket="runs", Key="team/r2/manifest.json")["Body"].read())
+    assert "export" not in before["stages"]
+    done = cli(*args, "--export", "gguf")  # added by a rerun of the finished run in the bucket
     assert done.returncode == 0, done.stderr[-3000:]
+    assert [e["stage"] for e in events(done.stdout) if e["event"] == "stage_start"] == ["export"]
     manifest = json.loads(s3.get_object(Bucket="runs", Key="team/r2/manifest.json")["Body"].read())
     for key, meta in manifest["stages"]["export"]["artifacts"].items():
         body = s3.get_object(Bucket="runs", Key=f"team/r2/{key}")["Body"].read()
