@@ -66,6 +66,8 @@ class FakeOllama:
         self.chat_times: list[float] = []  # time.monotonic() of every chat request
         self.trickled: list[int] = []  # bytes of each trickled reply sent before the client hung up
         self.healthy_for = 0  # chat requests answered normally before ``mode`` applies
+        # OpenAI response_format types answered with llama-cpp-python's HTTP 500 for a field it does not take.
+        self.refused_formats: set[str] = set()
         self.release = threading.Event()
         self.lock = threading.Lock()
         self.chat_arrived = threading.Condition(self.lock)
@@ -296,6 +298,11 @@ class FakeOllama:
         with self.lock:
             self.chats.append(body)
         if self._misbehave(handler):
+            return
+        refused = (body.get("response_format") or {}).get("type")
+        if refused in self.refused_formats:
+            message = f"1 validation error: response_format.type: Input should be 'text', got {refused!r}"
+            handler._json(500, {"error": {"message": message, "type": "internal_server_error"}})
             return
         content, status = self._grade(body)
         if status != 200:

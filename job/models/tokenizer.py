@@ -164,8 +164,13 @@ def load_hf_tokenizer(directory: str | Path) -> HFTokenizer:
     directory = Path(directory)
     files = {name: directory / name for name in ("tokenizer.json", "tokenizer_config.json")}
     for path in files.values():
-        if not path.is_file() or path.stat().st_size > MAX_TOKENIZER_BYTES:
-            raise TokenizerError(f"{path} is missing or larger than {MAX_TOKENIZER_BYTES >> 20} MB")
+        if not path.is_file():  # a folder from another tool may carry tokenizer.json alone
+            raise TokenizerError(
+                f"{path} is missing: a Llama 3 / Qwen3 folder needs tokenizer.json and tokenizer_config.json "
+                "(its end and padding tokens, its chat template)"
+            )
+        if path.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise TokenizerError(f"{path} is larger than {MAX_TOKENIZER_BYTES >> 20} MB")
     try:
         config = load_json(files["tokenizer_config.json"].read_bytes(), str(files["tokenizer_config.json"]))
     except ParseError as exc:

@@ -53,7 +53,7 @@ from job.run.report import REPORT, fetch_inputs, write_report
 from job.run.stage_record import StageRecorder
 from job.stages.dpo import run_dpo
 from job.stages.dpo_config import DPOConfig
-from job.stages.export import GGUF_FILE, MODELFILE, run_export
+from job.stages.export import GGUF_FILE, MODELFILE, check_exportable, run_export
 from job.stages.export_config import ExportConfig
 from job.stages.finetune import run_finetune
 from job.stages.finetune_config import FinetuneConfig
@@ -123,7 +123,7 @@ class Pipeline:
         train, test, data_format = splits.train, splits.test, splits.data_format
         entries = splits.train + splits.val + splits.test
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
-        check_preference_data(cfg, *check_model_fit(cfg, test[: cfg.limit], data_format, entries))
+        check_later_stages(cfg, *check_model_fit(cfg, test[: cfg.limit], data_format, entries))
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))
@@ -353,9 +353,15 @@ def check_same_run(storage: Storage, run_id: str, resolved: dict, cls: type) -> 
         options["model"] = None
     changes = result_changes(options, resolved, cls)
     if changes:
+        # A run's export is one of its results; another type of its model is sft-job export's to write.
+        other_type = any(change.startswith("export_dtype ") for change in changes)
+        dtype = resolved.get("export_dtype")
+        export = (
+            f"; for its model in {dtype}: sft-job export --dtype {dtype} --model-dir its model/ (dpo/model/ with --dpo)"
+        )
         raise ConfigError(
             f"run {run_id} was started with other options: {'; '.join(changes)}. "
-            "Rerun with the run's options (its config.yaml), or give another --run-id"
+            f"Rerun with the run's options (its config.yaml), or give another --run-id{export if other_type else ''}"
         )
     return saved
 
@@ -529,6 +535,16 @@ def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca
     longest, which = longest_prompt([encode(tokenizer, how.prompt(e)) for e in test])
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)
     return tokenizer, style, shape.context_length
+
+
+def check_later_stages(cfg: RunConfig, tokenizer, style, context_length: int) -> None:
+    """What the stages after the finetune need of the model, before it: --dpo's preference data, and what
+    --export's stage would refuse (exit 2 naming why)."""
+    check_preference_data(cfg, tokenizer, style, context_length)
+    if cfg.export:
+        check_exportable(
+            None if random_model(cfg) else tokenizer_folder(cfg, cfg.model_dir), tokenizer, style, Path(cfg.cache)
+        )
 
 
 def check_preference_data(cfg: RunConfig, tokenizer, style, context_length: int) -> None:

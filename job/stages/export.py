@@ -60,9 +60,28 @@ def modelfile(layout: TurnLayout, stop: str, num_ctx: int, cfg: ExportConfig) ->
     return "\n".join(lines) + "\n"
 
 
+# A run folder's models, the last trained first (run --export exports DPO's where there is one).
+RUN_MODELS = (("dpo/model", "its DPO model"), ("model", "its finetuned model"))
+
+
 def _not_a_model(model_dir: Path) -> None:
-    if not (model_dir / "config.json").is_file() and not (model_dir / "hparams.json").is_file():
-        raise WeightsError(f"{model_dir} is not a model folder: it has no config.json (nor hparams.json)")
+    if (model_dir / "config.json").is_file() or (model_dir / "hparams.json").is_file():
+        return
+    found = [f"{model_dir / sub} ({what})" for sub, what in RUN_MODELS if (model_dir / sub / "config.json").is_file()]
+    if found:  # a run's folder (a LoRA run's model/ is the merged model)
+        raise WeightsError(f"{model_dir} is a run's folder, not a model's: give --model-dir {' or '.join(found)}")
+    raise WeightsError(f"{model_dir} is not a model folder: it has no config.json (nor hparams.json)")
+
+
+def check_exportable(folder: Path | None, tokenizer, style, cache: Path) -> None:
+    """What the export would refuse, known before any training (``run --export``'s preflight): the tokenizer as
+    GGUF holds it and the prompt layout as a Go template. ``folder`` holds the tokenizer's files (None for GPT-2's
+    and the smoke's)."""
+    try:
+        turn_layout(style, end_text(tokenizer))
+        vocabulary(folder, tokenizer, cache)
+    except ConfigError as exc:
+        raise ConfigError(f"--export gguf: {exc}") from None
 
 
 def run_export(cfg: ExportConfig, metrics: Metrics | None = None) -> Path:

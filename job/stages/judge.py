@@ -6,6 +6,7 @@ import json
 import os
 import re
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -31,19 +32,28 @@ SCORE_SCHEMA = {
     "required": ["score"],
 }
 PROGRESS_FILE = "scores.progress.jsonl"
+# OpenAI's structured output, then the shape llama-cpp-python's server takes instead (it answers the first
+# with HTTP 500): ``json_object`` with a ``schema``, which it compiles into a grammar.
+OPENAI_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "score", "schema": SCORE_SCHEMA}}
+SCHEMA_OBJECT_FORMAT = {"type": "json_object", "schema": SCORE_SCHEMA}
+SHAPE_STATUSES = (400, 422, 500)  # how servers answer a request field they do not take
 
 
 class JudgeError(JobError):
     """The judge cannot be used (not reachable, model missing); one line naming host and model."""
 
 
+class StructuredRefused(JobError):
+    """The server answers a plain request but refuses every structured request shape (exit 1, not 75)."""
+
+
 class RetryableError(Exception):
     """A connection error, timeout or 5xx: worth another try (after ``retry_after`` seconds where the
-    server said so)."""
+    server said so); ``status`` is the HTTP status where there was one."""
 
-    def __init__(self, message: str, retry_after: float | None = None):
+    def __init__(self, message: str, retry_after: float | None = None, status: int | None = None):
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after, self.status = retry_after, status
 
 
 class ErrorStatus(Exception):
@@ -228,6 +238,9 @@ class OpenAIJudge:
             )
         except (ValueError, httpx2.InvalidURL):  # OPENAI_BASE_URL as it is; --judge-url is checked with the options
             raise ConfigError(f"judge URL {short(self.host)} is not a URL") from None
+        self._shape: dict | None = None  # the structured response_format the server took
+        self._refusal: StructuredRefused | None = None
+        self._lock = threading.Lock()
 
     def ping(self) -> list[str]:
         return self._call(lambda: [m.id for m in validated(_ModelList, self.client.models.list(), UNREADABLE).data])
@@ -238,9 +251,59 @@ class OpenAIJudge:
             raise JudgeError(f"judge model {self.cfg.judge_model!r} is not served by {self.host}")
 
     def ask(self, prompt: str) -> str:
-        extra = {}
-        if self.cfg.judge_format == "structured":
-            extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "score", "schema": SCORE_SCHEMA}}
+        if self.cfg.judge_format == "plain":
+            return self._complete(prompt, None)
+        if self._refusal is not None:
+            raise self._refusal
+        shape = self._shape or OPENAI_SCHEMA_FORMAT
+        try:
+            reply = self._complete(prompt, shape)
+        except (RetryableError, JudgeError) as exc:
+            if self._shape is not None or _status_of(exc) not in SHAPE_STATUSES:
+                raise
+            return self._other_shape(prompt, exc)
+        self._shape = shape  # a server that took it once takes it: later errors are outages
+        return reply
+
+    def _other_shape(self, prompt: str, refused: Exception) -> str:
+        """OpenAI's ``json_schema`` was answered with an error status: try llama.cpp's ``json_object`` with a
+        schema; where that fails too but a plain request is answered and ``json_schema`` fails again the same
+        way, the server refuses structured output (exit 1: rerunning cannot help). Else an outage, retried."""
+        with self._lock:  # one request finds the shape; the others wait for it
+            if self._refusal is not None:
+                raise self._refusal
+            if self._shape is not None:
+                return self._complete(prompt, self._shape)
+            try:
+                reply = self._complete(prompt, SCHEMA_OBJECT_FORMAT)
+            except (RetryableError, JudgeError) as exc:
+                if _status_of(exc) not in SHAPE_STATUSES or not self._refuses_again(prompt, refused):
+                    raise refused from None
+                self._refusal = StructuredRefused(
+                    f"judge at {self.host} answers plain requests but refuses structured output "
+                    f"(response_format json_schema: {_one_line(refused, 120)}; "
+                    f"json_object with a schema: {_one_line(exc, 120)}): "
+                    "use --judge-format plain"
+                )
+                raise self._refusal from None
+            self._shape = SCHEMA_OBJECT_FORMAT
+            log.info("judge_response_format", host=self.host, response_format="json_object with a schema")
+            return reply
+
+    def _refuses_again(self, prompt: str, refused: Exception) -> bool:
+        """Whether a plain request is answered and ``json_schema`` then fails exactly as it did."""
+        try:
+            self._complete(prompt, None)
+        except (RetryableError, JudgeError):
+            return False  # plain fails too: the server is failing, not the shape
+        try:
+            self._complete(prompt, OPENAI_SCHEMA_FORMAT)
+        except (RetryableError, JudgeError) as again:
+            return str(again) == str(refused)
+        return False
+
+    def _complete(self, prompt: str, response_format: dict | None) -> str:
+        extra = {"response_format": response_format} if response_format is not None else {}
         reply = self._call(
             self.client.chat.completions.create,
             model=self.cfg.judge_model,
@@ -318,8 +381,15 @@ def _raise_error_status(response) -> None:
 def _status_error(status: int, reason: str) -> Exception:
     """A 5xx or 429 is worth another try; any other error status is the judge refusing the request."""
     if status >= 500 or status == 429:
-        return RetryableError(f"HTTP {status}: {_one_line(reason)}")
-    return JudgeError(f"judge answered HTTP {status}: {_one_line(reason)}")
+        return RetryableError(f"HTTP {status}: {_one_line(reason)}", status=status)
+    refusal = JudgeError(f"judge answered HTTP {status}: {_one_line(reason)}")
+    refusal.status = status
+    return refusal
+
+
+def _status_of(exc: Exception) -> int | None:
+    """The HTTP status an error came with, or None (a connection error, a timeout, an unreadable reply)."""
+    return getattr(exc, "status", None)
 
 
 def _one_line(text: Any, limit: int = 200) -> str:

@@ -8,8 +8,10 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from safetensors.numpy import load_file
 
+from tests.family_folders import write_family_folder
 from tests.helpers import cli, events, smoke_run
 
 
@@ -50,16 +52,89 @@ def test_rerun_with_export_writes_the_dpo_model_as_gguf(cache, tmp_path):
     assert third.returncode == 0, third.stderr[-3000:]
     assert "export" in [e["stage"] for e in events(third.stdout) if e["event"] == "stage_skipped"]
 
+    # another --export-dtype: not a skipped stage keeping the f16 files under a q8_0 command, but exit 2
+    exported = {name: (run / "export" / name).read_bytes() for name in ("model.gguf", "Modelfile")}
+    fourth = cli(*args, "--export-dtype", "q8_0")
+    assert fourth.returncode == 2, fourth.stderr[-3000:]
+    [line] = fourth.stderr.splitlines()
+    assert "export_dtype 'f16' (now 'q8_0')" in line
+    assert line.endswith("sft-job export --dtype q8_0 --model-dir its model/ (dpo/model/ with --dpo)")
+    assert {name: (run / "export" / name).read_bytes() for name in exported} == exported
+
 
 @pytest.mark.slow
 def test_export_is_uploaded_to_the_bucket(s3, cache, tmp_path):
     s3.create_bucket(Bucket="runs")
     scratch = tmp_path / "scratch"
-    args = smoke_run(cache, "s3://runs/team", "r2", "--skip-judge", "--export", "gguf", "--scratch", scratch)
-    done = cli(*args)
+    args = smoke_run(cache, "s3://runs/team", "r2", "--skip-judge", "--scratch", scratch)
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads(s3.get_object(Bucket="runs", Key="team/r2/manifest.json")["Body"].read())
+    assert "export" not in before["stages"]
+    done = cli(*args, "--export", "gguf")  # added by a rerun of the finished run in the bucket
     assert done.returncode == 0, done.stderr[-3000:]
+    assert [e["stage"] for e in events(done.stdout) if e["event"] == "stage_start"] == ["export"]
     manifest = json.loads(s3.get_object(Bucket="runs", Key="team/r2/manifest.json")["Body"].read())
     for key, meta in manifest["stages"]["export"]["artifacts"].items():
         body = s3.get_object(Bucket="runs", Key=f"team/r2/{key}")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == meta["sha256"], key
     assert set(manifest["stages"]["export"]["artifacts"]) == {"export/model.gguf", "export/Modelfile"}
+
+
+def _unexportable(kind: str, tmp_path, book_data, gpt2_dir) -> tuple:
+    """A model folder and flags the run trains but the export cannot represent, and what the error names."""
+    if kind == "chat for GPT-2":
+        return gpt2_dir, ("--prompt-style", "chat"), "chat template"
+    folder = write_family_folder(tmp_path / "llama", "llama", book_data)
+    if kind == "not byte-level BPE":
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        spec["pre_tokenizer"] = {"type": "Whitespace"}
+        (folder / "tokenizer.json").write_text(json.dumps(spec))
+        return folder, (), "pre-tokenizer"
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m.content | lower }}{% endfor %}"  # changes the text
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder, ("--prompt-style", "chat"), "TEMPLATE"
+
+
+@pytest.mark.parametrize("kind", ["not byte-level BPE", "chat template changing the text", "chat for GPT-2"])
+def test_a_model_the_export_cannot_represent_is_exit_2_at_preflight(cache, tmp_path, book_data, tiny_model_dir, kind):
+    """Before any training: one line naming why, and no run folder (nothing trained, nothing to resume)."""
+    folder, flags, named = _unexportable(kind, tmp_path, book_data, tiny_model_dir)
+    args = smoke_run(cache, tmp_path / "runs", "r3", "--model-dir", folder, *flags, "--skip-judge", "--export", "gguf")
+    done = cli(*args)
+    assert done.returncode == 2, done.stderr[-3000:]
+    [line] = done.stderr.splitlines()
+    assert line.startswith("Error: ") and named in line
+    if kind != "chat for GPT-2":  # that one the run itself refuses (no chat template to train with)
+        assert line.startswith("Error: --export gguf: ")
+        assert "preflight_ok" not in [e["event"] for e in events(done.stdout)]  # refused by it, not after it
+    assert not (tmp_path / "runs" / "r3").exists()
+    assert not [e for e in events(done.stdout) if e["event"] == "stage_start"]
+
+
+@pytest.mark.slow
+def test_a_lora_dpo_runs_folder_names_its_models_and_its_dpo_model_exports_as_the_run_did(cache, tmp_path):
+    """A LoRA run's models are merged: the run's export is its DPO model's, byte for byte what ``sft-job export``
+    writes of ``dpo/model``; the run's folder itself is no model: exit 1 naming both model folders."""
+    args = smoke_run(cache, tmp_path / "runs", "r4", "--dpo", "--lora-rank", "4", "--skip-judge")
+    done = cli(*args, "--export", "gguf", "--export-dtype", "f32")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "r4"
+    merged = load_file(run / "dpo" / "model" / "model.safetensors")["transformer.wte.weight"]
+    assert np.array_equal(gguf_tensor(run / "export" / "model.gguf", "token_embd.weight"), merged)
+    export = ["export", "--cache", cache, "--dtype", "f32", "--log-format", "json"]
+    recorded = yaml.safe_load((run / "config.yaml").read_text())  # the run's decoding: the Modelfile's defaults
+    decoding = [f"--{key.replace('_', '-')}={recorded[key]}" for key in ("max_new_tokens", "temperature", "top_k")]
+    again = cli(*export, *decoding, "--model-dir", run / "dpo" / "model", "--output", tmp_path / "again")
+    assert again.returncode == 0, again.stderr
+    for name in ("model.gguf", "Modelfile"):
+        assert (tmp_path / "again" / name).read_bytes() == (run / "export" / name).read_bytes(), name
+    refused = cli(*export, "--model-dir", run, "--output", tmp_path / "whole")
+    assert refused.returncode == 1, refused.stderr
+    [line] = refused.stderr.splitlines()
+    assert line == (
+        f"Error: {run} is a run's folder, not a model's: give --model-dir {run / 'dpo' / 'model'} (its DPO model) "
+        f"or {run / 'model'} (its finetuned model)"
+    )
+    assert not (tmp_path / "whole").exists()

@@ -131,3 +131,31 @@ def test_an_output_that_is_a_file_is_exit_2(tiny_model_dir, cache, tmp_path):
     done = export(tiny_model_dir, tmp_path / "out", cache)
     assert done.returncode == 2 and "--output" in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert (tmp_path / "out").read_text() == "a file"
+
+
+@pytest.mark.parametrize("missing", ["tokenizer_config.json", "tokenizer.json"])
+def test_a_folder_with_half_a_tokenizer_is_exit_1_naming_the_missing_file(llama_dir, cache, tmp_path, missing):
+    """A folder from another tool may carry tokenizer.json alone: the missing file named as missing, nothing written."""
+    folder = tmp_path / "half"
+    shutil.copytree(llama_dir, folder)
+    (folder / missing).unlink()
+    done = export(folder, tmp_path / "out", cache)
+    assert done.returncode == 1, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"Error: {folder / missing} is missing: ") and "tokenizer_config.json" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_extra_files_and_an_output_inside_the_model_folder_export_the_same_bytes(llama_dir, cache, tmp_path):
+    """A folder with files of other tools (a stale model.gguf among them), exported into itself and twice."""
+    plain = export(llama_dir, tmp_path / "plain", cache, "--dtype", "f32")
+    assert plain.returncode == 0, plain.stderr
+    folder = tmp_path / "busy" / llama_dir.name  # the GGUF's general.name is the folder's
+    shutil.copytree(llama_dir, folder)
+    (folder / "README.md").write_text("# another tool's card")
+    (folder / GGUF_FILE).write_bytes(b"not a gguf")
+    for output in (folder, folder, folder / "export"):
+        done = export(folder, output, cache, "--dtype", "f32")
+        assert done.returncode == 0, done.stderr
+        for name in (GGUF_FILE, MODELFILE):
+            assert (output / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), (output, name)

@@ -284,6 +284,62 @@ def eight_responses(book_responses, tmp_path):
     return path
 
 
+def _openai_args(server, responses, out) -> list:
+    args = ["judge", "--responses", responses, "--output", out, "--judge-url", server.url + "/v1"]
+    return args + ["--judge-backend", "openai", "--judge-retries", "1", "--judge-concurrency", "1", "--judge-wait", "5"]
+
+
+def test_a_server_refusing_json_schema_is_asked_with_a_schema_object(eight_responses, tmp_path):
+    """llama-cpp-python's server answers OpenAI's json_schema with HTTP 500 and takes json_object with a schema."""
+    server = FakeOllama().start()
+    try:
+        server.refused_formats = {"json_schema"}
+        done = cli(*_openai_args(server, eight_responses, tmp_path / "out"), timeout=120)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    asked = [chat["response_format"]["type"] for chat in server.chats]
+    assert asked == ["json_schema"] + ["json_object"] * 8
+    assert server.chats[-1]["response_format"]["schema"]["required"] == ["score"]
+    entries = json.loads(eight_responses.read_text())
+    scores = [s["score"] for s in json.loads((tmp_path / "out" / "scores.json").read_text())]
+    assert scores == [overlap_grade(e["output"], e["model_response"]) for e in entries]
+
+
+def test_a_server_refusing_every_structured_shape_is_exit_1_naming_plain(eight_responses, tmp_path):
+    server = FakeOllama().start()
+    try:
+        server.refused_formats = {"json_schema", "json_object"}
+        refused = cli(*_openai_args(server, eight_responses, tmp_path / "out"), timeout=120)
+    finally:
+        server.stop()
+    assert refused.returncode == 1, refused.stderr
+    [line] = refused.stderr.splitlines()
+    assert line.startswith(f"Error: judge at {server.url}/v1 answers plain requests but refuses structured output")
+    assert line.endswith("use --judge-format plain") and "HTTP 500" in line
+    # json_schema, json_object with a schema, a plain request, json_schema again: then no more requests
+    assert [chat.get("response_format", {}).get("type") for chat in server.chats] == [
+        "json_schema",
+        "json_object",
+        None,
+        "json_schema",
+    ]
+    assert not (tmp_path / "out" / "scores.json").exists()
+
+
+def test_a_server_failing_every_request_stays_an_outage_exit_75(eight_responses, tmp_path):
+    """A 500 to plain requests too is the server failing, not the request's shape: retried, then 75."""
+    server = FakeOllama().start()
+    try:
+        server.mode = "500"
+        failed = cli(*_openai_args(server, eight_responses, tmp_path / "out"), timeout=120)
+    finally:
+        server.stop()
+    assert failed.returncode == 75, failed.stderr
+    [line] = failed.stderr.splitlines()
+    assert line.startswith("Error: judge: 8 of 8 entries failed (HTTP 500") and "rerun to retry them" in line
+
+
 # A judge answering 500: the same, through the whole run, in test_reliability.py (the run's side: its manifest)
 @pytest.mark.parametrize("mode", ["hang", "drop", "garbage"])
 def test_a_failing_judge_is_never_a_result_exit_75_and_a_rerun_asks_only_for_the_failed(

@@ -1,7 +1,8 @@
 """The judge against a real inference server: llama.cpp's OpenAI-compatible server (``llama_cpp.server``) on a
 GGUF the job itself exported (tests/judge_model.py: a tiny model whose weights answer ``85``), scored through
-``--judge-backend openai``: the 110 test responses, summary.json, and the server stopped mid-way (exit 75; the
-rerun asks for exactly the rest)."""
+``--judge-backend openai``: the 110 test responses, summary.json, in the default structured format (the server
+refuses OpenAI's ``json_schema`` with HTTP 500 and takes ``json_object`` with a schema) and plain, and the server
+stopped mid-way (exit 75; the rerun asks for exactly the rest)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.helpers import cli, free_port, start_cli, wait_until
 from tests.judge_model import SCORE, write_judge_model
 
 CHAT = '"POST /v1/chat/completions HTTP/1.1" 200'
+REFUSED = '"POST /v1/chat/completions HTTP/1.1" 500'
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +57,8 @@ class Server:
                 pytest.fail(f"llama_cpp.server exited: {self.log.read_text()[-2000:]}")
             return False
 
-    def chat_requests(self) -> int:
-        return self.log.read_text().count(CHAT)
+    def chat_requests(self, answer: str = CHAT) -> int:
+        return self.log.read_text().count(answer)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -65,25 +67,33 @@ class Server:
 
 def judge_args(port: int, responses, output, *extra) -> list:
     url = f"http://127.0.0.1:{port}/v1"
-    common = ["--judge-backend", "openai", "--judge-url", url, "--judge-model", "judge", "--judge-format", "plain"]
+    common = ["--judge-backend", "openai", "--judge-url", url, "--judge-model", "judge"]
     return ["judge", *common, "--responses", responses, "--output", output, "--log-format", "json", *extra]
 
 
 @pytest.mark.slow
-def test_110_responses_scored_by_llama_cpp(judge_gguf, responses, tmp_path):
+@pytest.mark.parametrize("judge_format", ["structured", "plain"])
+def test_110_responses_scored_by_llama_cpp(judge_gguf, responses, tmp_path, judge_format):
     port = free_port()
     server = Server(judge_gguf, port, tmp_path / "server.log")
     try:
-        done = cli(*judge_args(port, responses, tmp_path / "judge"))
+        done = cli(*judge_args(port, responses, tmp_path / "judge", "--judge-format", judge_format))
         assert done.returncode == 0, done.stderr
         assert server.chat_requests() == 110
+        # structured: the first requests in flight (--judge-concurrency 4) asked with json_schema, refused
+        refused = server.chat_requests(REFUSED)
+        assert 1 <= refused <= 4 if judge_format == "structured" else refused == 0
     finally:
         server.stop()
     summary = json.loads((tmp_path / "judge" / "summary.json").read_text())
     assert (summary["scored"], summary["unparsed"], summary["failed"]) == (110, 0, 0)
     assert summary["mean"] == summary["min"] == summary["max"] == int(SCORE)
+    assert summary["prompt_mode"] == judge_format
     scores = json.loads((tmp_path / "judge" / "scores.json").read_text())
     assert [s["score"] for s in scores] == [int(SCORE)] * 110
+    # structured: each reply is the JSON object llama.cpp's grammar held the model to, not the plain "85"
+    replies = [json.loads(s["judge_reply"]) if judge_format == "structured" else s["judge_reply"] for s in scores]
+    assert replies == [{"score": int(SCORE)} if judge_format == "structured" else SCORE] * 110
 
 
 @pytest.mark.slow
