@@ -64,6 +64,7 @@ class RunInputs(BaseModel):
     model_dir: InputFile | None = None
     data: InputFile | None = None
     dpo_data: InputFile | None = None
+    chat_template: InputFile | None = None
 
 
 class ManifestFile(BaseModel):

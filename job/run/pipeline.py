@@ -63,7 +63,7 @@ from job.stages.judge import preflight as judge_preflight
 from job.stages.judge import run_judge
 from job.stages.judge_config import JudgeConfig
 from job.storage.fetch import Needed, check_local_inputs, check_reachable, damaged_files, file_problem
-from job.storage.store import LocalStorage, Storage, open_storage
+from job.storage.store import LocalStorage, Storage, open_storage, sha256_file
 from job.training.binding import model_digest, run_binding, stage_name
 from job.training.checkpoint import CheckpointUploader, fetch_checkpoint
 from job.training.checkpoint_files import read_key
@@ -322,7 +322,7 @@ def report_stopped_run(storage: Storage, work: Path, remote: bool) -> None:
 
 def run_inputs(cfg: RunConfig) -> dict:
     """What the run trains from, as the manifest and config.yaml's header record it: the model (the
-    smoke's random one says so) and each dataset, with the sha256 of the file read."""
+    smoke's random one says so), each dataset and a --chat-template file, with the sha256 of what was read."""
     if random_model(cfg):
         model = f"random {SMOKE_MODEL.n_layers}-layer GPT-2 (the smoke's own, seed {cfg.seed}), byte tokenizer"
     elif cfg.model_dir:
@@ -337,6 +337,8 @@ def run_inputs(cfg: RunConfig) -> dict:
     for name in ("data", "dpo_data") if cfg.dpo else ("data",):
         source = resolve_source(getattr(cfg, name), Path(cfg.cache), cfg.base_url, cfg.data_split)
         inputs[name] = {"source": getattr(cfg, name), "sha256": source_digest(source)}
+    if cfg.chat_template:  # it decides the tokens and the loss mask as the data does
+        inputs["chat_template"] = {"source": cfg.chat_template, "sha256": sha256_file(Path(cfg.chat_template))}
     return inputs
 
 

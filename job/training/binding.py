@@ -23,7 +23,7 @@ from job.core.errors import ConfigError, JobError
 from job.core.settings import operational_options, redacted, result_changes
 from job.data.sources import resolve_source, source_digest
 from job.models.hub import cached_model_dir
-from job.storage.store import sha256_files
+from job.storage.store import sha256_file, sha256_files
 from job.training.train_config import TrainConfig
 
 # Not options of the trajectory: the inputs are bound by their sha256, the rest only stop or save it.
@@ -59,7 +59,20 @@ def run_binding(cfg: TrainConfig, run_id: str | None) -> dict:
         "options": options,
         "data": {"file": data.label, "sha256": source_digest(data)},
         "model": {"folder": str(model), "sha256": model_digest(model)},
-    }
+    } | _template_binding(cfg.chat_template)
+
+
+def _template_binding(path: str | None) -> dict:
+    """A --chat-template file decides the tokens and the loss mask as the data does: its sha256 is bound too."""
+    return {"chat_template": {"file": path, "sha256": sha256_file(Path(path))}} if path else {}
+
+
+# What a training stage reads besides its options: each must be the same bytes on resume.
+BOUND_INPUTS = (
+    ("model", "--model-dir", "folder"),
+    ("data", "--data", "file"),
+    ("chat_template", "--chat-template", "file"),
+)
 
 
 def _owner(binding: dict) -> str:
@@ -79,11 +92,17 @@ def binding_refusal(found: dict | None, ours: dict, where: str) -> JobError | No
         return ForeignStateError(
             f"{where} belongs to {_owner(found)}, not to {_owner(ours)}: move it away; it is not resumed"
         )
-    for name, flag, place in (("model", "--model-dir", "folder"), ("data", "--data", "file")):
-        then, now = found.get(name, {}).get("sha256"), ours[name]["sha256"]
+    inputs = (
+        ("model", "--model-dir", "folder"),
+        ("data", "--data", "file"),
+        ("chat_template", "--chat-template", "file"),
+    )
+    for name, flag, place in inputs:
+        then, now = found.get(name, {}).get("sha256"), ours.get(name, {}).get("sha256")
         if then != now:
+            named = ours.get(name, found.get(name, {})).get(place)
             return ConfigError(
-                f"{flag} {ours[name][place]} changed since {where} was written: sha256 {then} then, {now} now. "
+                f"{flag} {named} changed since {where} was written: sha256 {then} then, {now} now. "
                 "Restore it, or train into another output"
             )
     changes = result_changes(found.get("options", {}), ours["options"], TrainConfig)  # every stage's operational ones

@@ -41,6 +41,8 @@ class BindingRecord(BaseModel):
     options: dict[str, Any]
     data: dict[str, str]
     model: dict[str, str]
+    chat_template: dict[str, str] | None = None
+    """The --chat-template file's path and sha256, where one was given."""
 
 
 class IndexFile(BaseModel):

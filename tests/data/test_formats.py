@@ -315,3 +315,30 @@ def test_layout_reads_the_template_before_any_training(qwen3_dir, tmp_path):
     mixed = [PAIRS[0], CONVERSATIONAL_PAIRS[0]]
     how = layout(SimpleNamespace(chat_template=None), "prompt-completion", mixed, tokenizer, PROMPT_STYLES["alpaca"])
     assert len(how.examples(mixed, tokenizer, 1024)) == 2
+
+
+def test_a_chat_template_edited_under_a_checkpoint_is_refused_as_changed_data(
+    tiny_model_dir, cache, tmp_path, book_data
+):
+    """The template decides the tokens and the loss mask: the same path with other bytes is not resumed."""
+    template = tmp_path / "chat.jinja"
+    template.write_text(
+        "{% for m in messages %}{{ m.role }}: {% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+        "{{ eos_token }}{% endgeneration %}{% else %}{{ m.content }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    turns = [
+        [{"role": "user", "content": e["instruction"]}, {"role": "assistant", "content": e["output"]}]
+        for e in book_data[:40]
+    ]
+    path = _write(tmp_path / "conv.jsonl", [{"messages": t} for t in turns])
+    args = (
+        "finetune", "--model-dir", tiny_model_dir, "--output", tmp_path / "out", "--chat-template", template,
+        "--data", path, "--cache", cache, "--checkpoint-every", "1", "--batch-size", "2",
+    )  # fmt: skip
+    assert cli(*args, "--max-steps", "1").returncode == 0
+    template.write_text(template.read_text().replace("{{ m.role }}: ", "{{ m.role }} says: "))
+    again = cli(*args, "--max-steps", "2")
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert "--chat-template" in again.stderr and "changed since" in again.stderr
+    assert again.stderr.strip().count("\n") == 0

@@ -295,3 +295,26 @@ def test_download_stage_is_redone_where_this_machines_cache_lacks_the_files(
         assert other_machine.returncode == 0, other_machine.stderr[-2000:]
         assert [e["stage"] for e in events(other_machine.stdout) if e["event"] == "stage_skipped"] == STAGES[1:]
         assert len(mirror.requests) == 8 and (tmp_path / "cache" / "gpt2-hf" / "gpt2-small" / "config.json").is_file()
+
+
+def test_a_chat_template_is_an_input_of_the_run_and_an_edit_refuses_the_rerun(tiny_model_dir, cache, tmp_path):
+    """A --chat-template file decides the tokens and the mask: the manifest records its sha256 beside the
+    data's, and the same path with other bytes is refused on a rerun, as changed data is."""
+    import hashlib
+
+    from job.core.errors import ConfigError
+    from job.run.pipeline import check_same_inputs, run_inputs
+
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    cfg = RunConfig(model_dir=str(tiny_model_dir), data=str(cache / "instruction-data.json"), cache=str(cache),
+                    chat_template=str(template))  # fmt: skip
+    first = run_inputs(cfg)
+    assert first["chat_template"] == {
+        "source": str(template),
+        "sha256": hashlib.sha256(template.read_bytes()).hexdigest(),
+    }
+    check_same_inputs(first, run_inputs(cfg), "r")  # the same bytes: the rerun goes on
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}")
+    with pytest.raises(ConfigError, match=r"^--chat-template .*chat\.jinja changed since run r began: sha256"):
+        check_same_inputs(first, run_inputs(cfg), "r")
