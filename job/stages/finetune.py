@@ -9,6 +9,7 @@ from pathlib import Path
 
 from job.core.errors import ConfigError
 from job.core.observability import Metrics, get_logger
+from job.data.formats import Layout
 from job.data.instructions import Collator, Example
 from job.data.packing import Packer
 from job.models.families import Model
@@ -36,6 +37,8 @@ class Prepared:
     max_length: int
     start: StartingModel
     """Where the model came from (the outputs name it)."""
+    layout: Layout | None = None
+    """How the entries were laid out (the model records it)."""
 
 
 def prepare(cfg: FinetuneConfig) -> Prepared:
@@ -52,6 +55,7 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         model_name=inputs.model_name,
         max_length=max_length,
         start=start,
+        layout=how,
     )
 
 
@@ -136,7 +140,7 @@ def run_finetune(
             device=str(trainer.accelerator.device),
         )
     trainer.fit()
-    outputs = save_outputs(trainer, cfg, prep.start, model_name=prep.model_name)
+    outputs = save_outputs(trainer, cfg, prep.start, model_name=prep.model_name, how=prep.layout)
     if trainer.roles.keeps_run:
         log.info(
             "finetune_done",
