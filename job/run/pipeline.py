@@ -26,6 +26,7 @@ from job.core.parsing import ParseError, load_yaml
 from job.core.settings import default_of, parse_duration, redacted, result_changes, stage_config
 from job.data.formats import Layout, layout, pair_style
 from job.data.instructions import ChatStyle, dataset_file, prompt_style
+from job.data.packing import best_fit_decreasing, checked_pack_length
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
 from job.data.sources import FILE_TYPES, HUB_PREFIX, dataset_splits, resolve_source, source_digest
@@ -123,7 +124,9 @@ class Pipeline:
         train, test, data_format = splits.train, splits.test, splits.data_format
         entries = splits.train + splits.val + splits.test
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
-        check_later_stages(cfg, *check_model_fit(cfg, test[: cfg.limit], data_format, entries))
+        fit = check_model_fit(cfg, test[: cfg.limit], data_format, entries)
+        check_packed_batches(cfg, self.roles.world, train[: cfg.train_limit], *fit)
+        check_later_stages(cfg, *fit)
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))
@@ -538,6 +541,18 @@ def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca
     longest, which = longest_prompt([encode(tokenizer, how.prompt(e)) for e in test])
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)
     return tokenizer, how, shape.context_length
+
+
+def check_packed_batches(cfg: RunConfig, world: int, train: list[dict], tokenizer, how: Layout, context: int) -> None:
+    """With --packing, what the finetune stage would refuse after the preflight, checked before anything is
+    written: the rows' length, and a batch of packed rows, the training split packed as the stage packs it."""
+    if not cfg.packing:
+        return
+    max_length = min(cfg.allowed_max_length, context)
+    examples = how.examples(train, tokenizer, max_length)
+    pack_length = checked_pack_length(cfg.pack_length, examples, max_length, context)
+    lengths = [min(len(e.token_ids), max_length) for e in examples]
+    check_batches(cfg, world, len(best_fit_decreasing(lengths, pack_length, cfg.seed)), "packed rows")
 
 
 def check_later_stages(cfg: RunConfig, tokenizer, how: Layout, context_length: int) -> None:
