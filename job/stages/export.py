@@ -107,6 +107,9 @@ def run_export(cfg: ExportConfig, metrics: Metrics | None = None) -> Path:
     _not_a_model(model_dir)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output} is not a folder")
+    for target in (output / GGUF_FILE, output / MODELFILE):  # both, before either is written
+        if target.exists() and not target.is_file():
+            raise ConfigError(f"--output {output}: {target} is there and is not a file (a folder?): move it away")
     tokenizer = model_tokenizer(model_dir, cache, cfg.base_url)
     style = prompt_style(export_style_name(cfg.prompt_style, model_dir), tokenizer)
     stop = end_text(tokenizer)
