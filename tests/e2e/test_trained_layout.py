@@ -90,6 +90,15 @@ def test_gpt2_trained_with_a_chat_template_file_carries_it_to_generate_and_expor
         assert made.returncode == 0, made.stderr[-2000:]
         [start] = [e for e in events(made.stdout) if e["event"] == "generate_start"]
         assert start["prompt_style"] == "chat"
+    # DPO from it (the book's pairs, laid out in the recorded chat style) carries the template on
+    preferred = cli(
+        "dpo", "--model-dir", model, "--output", tmp_path / "dpo", "--cache", cache, "--max-steps", "1",
+        "--eval-freq", "1", "--eval-iter", "1", "--batch-size", "2", "--log-format", "json",
+        "--data", cache / "instruction-data-with-preference.json",
+    )  # fmt: skip
+    assert preferred.returncode == 0, preferred.stderr[-2000:]
+    assert (tmp_path / "dpo" / "model" / "chat_template.jinja").read_text() == GPT2_TEMPLATE
+    assert _recorded(tmp_path / "dpo" / "model")["prompt_style"] == "chat"
     exported = cli("export", "--model-dir", model, "--output", tmp_path / "out", "--cache", cache)
     assert exported.returncode == 0, exported.stderr[-2000:]
     style = prompt_style("chat", model_tokenizer(model, cache))
