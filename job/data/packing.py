@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from job.core.errors import ConfigError
 from job.data.instructions import IGNORE_INDEX, Collator, Example, collate
 
 PADDING_DOCUMENT = -1
@@ -43,6 +44,23 @@ def best_fit_decreasing(lengths: list[int], capacity: int, seed: int) -> list[li
         if room:
             bisect.insort(free, (room, row))
     return rows
+
+
+def checked_pack_length(pack_length: int | None, examples: list[Example], max_length: int, context: int) -> int:
+    """The rows' length (--pack-length, else the sequences' longest allowed ``max_length``): at most the model's
+    ``context``, and room for the longest training sequence (cut to ``max_length``), else a ConfigError naming
+    the value that works. The finetune stage and the run's preflight both ask it."""
+    pack_length = pack_length or max_length
+    if pack_length > context:
+        raise ConfigError(f"--pack-length {pack_length} is more than the model's context of {context} tokens")
+    lengths = [min(len(e.token_ids), max_length) for e in examples]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] > pack_length:
+        raise ConfigError(
+            f"--pack-length {pack_length} is shorter than training entry {longest} ({lengths[longest]} tokens): "
+            f"use --pack-length {lengths[longest]} or more, or cut sequences with --allowed-max-length {pack_length}"
+        )
+    return pack_length
 
 
 @dataclass(frozen=True)

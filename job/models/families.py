@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from job.core.parsing import ParseError, load_json
+from job.core.parsing import ParseError, load_json, read_bounded
+from job.models.chat_template import MAX_TEMPLATE_CHARS, ChatTemplate
 from job.models.gpt2 import GPTConfig, GPTModel
 from job.models.gpt2_weights import load_pretrained, read_config, recorded_settings, save_hf
 from job.models.hub import tokenizer_files
@@ -20,9 +21,11 @@ from job.models.llama import LlamaConfig, LlamaModel
 from job.models.llama_weights import FAMILIES, load_llama, read_hf_config, save_llama
 from job.models.tokenizer import (
     CHAT_TEMPLATE_FILE,
+    END_OF_TEXT,
     ByteTokenizer,
     HFTokenizer,
     Tokenizer,
+    TokenizerError,
     load_hf_tokenizer,
     load_tokenizer,
 )
@@ -72,13 +75,28 @@ def folder_tokenizer(path: str | Path) -> HFTokenizer | None:
 def model_tokenizer(model_dir: str | Path | None, cache: str | Path, base_url: str | None = None) -> Tokenizer:
     """The tokenizer a model was trained with: the smoke's byte tokenizer where its config.json says so
     (nothing to fetch), the one a Llama 3 / Qwen3 folder carries, else GPT-2's, fetched into the cache
-    where it is missing."""
+    where it is missing. A GPT-2 (or the smoke's) folder trained with ``--chat-template FILE`` carries that
+    template as ``chat_template.jinja``: the tokenizer returned has it, as a Llama 3 / Qwen3 folder's has."""
     if model_dir and recorded_settings(model_dir).get("tokenizer") == ByteTokenizer.name:
-        return ByteTokenizer()
+        return with_carried_template(ByteTokenizer(), model_dir)
     if model_dir and (carried := folder_tokenizer(model_dir)) is not None:
         return carried
     Downloader(Path(cache)).fetch_all(tokenizer_files(base_url))
-    return load_tokenizer(Path(cache) / "gpt2")
+    return with_carried_template(load_tokenizer(Path(cache) / "gpt2"), model_dir)
+
+
+def with_carried_template(tokenizer: Tokenizer, model_dir: str | Path | None) -> Tokenizer:
+    """``tokenizer`` with the folder's ``chat_template.jinja`` where it has one (its one special token as both
+    ``bos_token`` and ``eos_token``, as ``--chat-template FILE`` was read for training)."""
+    path = Path(model_dir) / CHAT_TEMPLATE_FILE if model_dir else None
+    if path is None or not path.is_file():
+        return tokenizer
+    try:
+        source = read_bounded(path, 4 * MAX_TEMPLATE_CHARS, str(path)).decode("utf-8")
+    except (OSError, ParseError, UnicodeDecodeError) as exc:
+        raise TokenizerError(f"{path} is not readable as UTF-8 text: {str(exc)[:200]}") from None
+    tokenizer.chat_template = ChatTemplate(source, {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT}, str(path))
+    return tokenizer
 
 
 def save_model(model: Model, directory: Path, source: str | Path | None, recorded: dict) -> None:

@@ -24,8 +24,9 @@ from job.core.errors import ConfigError, ExitCode, JobError, exit_code_for
 from job.core.observability import Metrics, MetricsPublisher, RunStatus, bind, get_logger
 from job.core.parsing import ParseError, load_yaml
 from job.core.settings import default_of, parse_duration, redacted, result_changes, stage_config
-from job.data.formats import layout, pair_style
-from job.data.instructions import dataset_file, prompt_style
+from job.data.formats import Layout, layout, pair_style
+from job.data.instructions import ChatStyle, dataset_file, prompt_style
+from job.data.packing import best_fit_decreasing, checked_pack_length
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
 from job.data.sources import FILE_TYPES, HUB_PREFIX, dataset_splits, resolve_source, source_digest
@@ -57,7 +58,7 @@ from job.stages.export import GGUF_FILE, MODELFILE, check_exportable, run_export
 from job.stages.export_config import ExportConfig
 from job.stages.finetune import run_finetune
 from job.stages.finetune_config import FinetuneConfig
-from job.stages.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate
+from job.stages.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate, saved_prompt_style
 from job.stages.generate_config import GenerateConfig
 from job.stages.judge import preflight as judge_preflight
 from job.stages.judge import run_judge
@@ -123,7 +124,9 @@ class Pipeline:
         train, test, data_format = splits.train, splits.test, splits.data_format
         entries = splits.train + splits.val + splits.test
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
-        check_later_stages(cfg, *check_model_fit(cfg, test[: cfg.limit], data_format, entries))
+        fit = check_model_fit(cfg, test[: cfg.limit], data_format, entries)
+        check_packed_batches(cfg, self.roles.world, train[: cfg.train_limit], *fit)
+        check_later_stages(cfg, *fit)
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))
@@ -289,7 +292,10 @@ class Pipeline:
 def export_last_model(cfg: RunConfig, work: Path, metrics: Metrics) -> list[str]:
     """The last model trained (DPO's with --dpo) as GGUF with its Modelfile, under export/."""
     model = str(work / generated_from(cfg)[-1][0] / "model")
-    run_export(stage_config(cfg, "export", ExportConfig, model_dir=model, output=str(work / "export")), metrics)
+    # the model's recorded layout; the run's --prompt-style only where it recorded none (text data)
+    style = None if saved_prompt_style(model) else named_prompt_style(cfg)
+    export = stage_config(cfg, "export", ExportConfig, model_dir=model, output=str(work / "export"), prompt_style=style)
+    run_export(export, metrics)
     return [f"export/{GGUF_FILE}", f"export/{MODELFILE}"]
 
 
@@ -521,7 +527,7 @@ def _gpt2(cfg: RunConfig) -> bool:
 def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca", entries=None) -> tuple:
     """What depends on the model's shape, known before training: the longest test prompt and
     --max-new-tokens fit its context; a LoRA rank is at most its width; conversations have a chat template
-    (exit 2). Returns the model's tokenizer, the prompt style and the context length."""
+    (exit 2). Returns the model's tokenizer, the layout and the context length."""
     random = random_model(cfg)
     # a hub model's config and tokenizer, before its weights
     folder = None if random else tokenizer_folder(cfg, cfg.model_dir)
@@ -536,17 +542,49 @@ def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca
     how = layout(cfg, data_format, entries or test, tokenizer, style)
     longest, which = longest_prompt([encode(tokenizer, how.prompt(e)) for e in test])
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)
-    return tokenizer, style, shape.context_length
+    return tokenizer, how, shape.context_length
 
 
-def check_later_stages(cfg: RunConfig, tokenizer, style, context_length: int) -> None:
+def check_packed_batches(cfg: RunConfig, world: int, train: list[dict], tokenizer, how: Layout, context: int) -> None:
+    """With --packing, what the finetune stage would refuse after the preflight, checked before anything is
+    written: the rows' length, and a batch of packed rows, the training split packed as the stage packs it."""
+    if not cfg.packing:
+        return
+    max_length = min(cfg.allowed_max_length, context)
+    examples = how.examples(train, tokenizer, max_length)
+    pack_length = checked_pack_length(cfg.pack_length, examples, max_length, context)
+    lengths = [min(len(e.token_ids), max_length) for e in examples]
+    check_batches(cfg, world, len(best_fit_decreasing(lengths, pack_length, cfg.seed)), "packed rows")
+
+
+def check_later_stages(cfg: RunConfig, tokenizer, how: Layout, context_length: int) -> None:
     """What the stages after the finetune need of the model, before it: --dpo's preference data, and what
     --export's stage would refuse (exit 2 naming why)."""
-    check_preference_data(cfg, tokenizer, style, context_length)
+    check_preference_data(cfg, tokenizer, how.style, context_length)
     if cfg.export:
-        check_exportable(
-            None if random_model(cfg) else tokenizer_folder(cfg, cfg.model_dir), tokenizer, style, Path(cfg.cache)
+        folder = None if random_model(cfg) else tokenizer_folder(cfg, cfg.model_dir)
+        check_exportable(folder, tokenizer, export_style(cfg, how), Path(cfg.cache))
+
+
+def named_prompt_style(cfg: RunConfig) -> str | None:
+    """--prompt-style where it was given (a flag, a variable, a --config key), else None."""
+    return cfg.prompt_style if "prompt_style" in cfg.model_fields_set else None
+
+
+def export_style(cfg: RunConfig, how: Layout):
+    """The layout the export stage will write, as the finetuned model will record it (``trained_layout``):
+    the conversations' template, the prompt style, or for text (which has none) --prompt-style where given,
+    else exit 2 as sft-job export refuses it."""
+    if how.template is not None:
+        return ChatStyle("chat", "", "", render=how.template.prompt)
+    if how.data_format == "alpaca":
+        return how.style
+    if named_prompt_style(cfg) is None:
+        raise ConfigError(
+            f"--export gguf: {how.data_format} data has no prompt layout (no chat template) for the Modelfile's "
+            "TEMPLATE: name the one to write with --prompt-style alpaca, phi3 or chat"
         )
+    return how.style
 
 
 def check_preference_data(cfg: RunConfig, tokenizer, style, context_length: int) -> None:

@@ -61,6 +61,7 @@ def dpo_task(cfg: DPOConfig, start: StartingModel | None = None) -> tuple[Task, 
         tokenizer=tokenizer,
         sample_prompt=prompt_text(style, inputs.val[min(2, len(inputs.val) - 1)]),  # the book's: val_data[2]
         companions=(reference.frozen,) if reference.frozen is not None else (),
+        layout=inputs.layout,
     )
     return task, inputs.model_name
 

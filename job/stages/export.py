@@ -14,7 +14,7 @@ from job.data.instructions import ChatStyle, prompt_style
 from job.models.families import load_model, model_tokenizer
 from job.models.gguf_export import write_gguf
 from job.models.gguf_vocab import Vocabulary, byte_vocabulary, gpt2_vocabulary, hf_vocabulary
-from job.models.gpt2_weights import WeightsError
+from job.models.gpt2_weights import WeightsError, recorded_settings
 from job.models.tokenizer import END_OF_TEXT, ByteTokenizer, HFTokenizer
 from job.stages.export_config import ExportConfig
 from job.stages.generate import saved_prompt_style
@@ -84,14 +84,34 @@ def check_exportable(folder: Path | None, tokenizer, style, cache: Path) -> None
         raise ConfigError(f"--export gguf: {exc}") from None
 
 
+def export_style_name(named: str | None, model_dir: Path) -> str:
+    """The prompt layout the Modelfile writes: ``--prompt-style``, else the one the model recorded (alpaca where
+    it recorded none: a model from before the record). A model trained on text (or prompt-completion text) had
+    no layout at all: writing Alpaca's would be a guess, so it is exit 2 unless --prompt-style names one."""
+    if named:
+        return named
+    recorded = recorded_settings(model_dir)
+    if "prompt_style" in recorded and recorded["prompt_style"] is None:
+        trained_on = recorded.get("trained_on")
+        trained_on = trained_on.get("data_format", "text") if isinstance(trained_on, dict) else "text"
+        raise ConfigError(
+            f"{model_dir} was trained on {trained_on} data, which has no prompt layout (no chat template) for the "
+            "Modelfile's TEMPLATE: name the one to write with --prompt-style alpaca, phi3 or chat"
+        )
+    return saved_prompt_style(model_dir) or "alpaca"
+
+
 def run_export(cfg: ExportConfig, metrics: Metrics | None = None) -> Path:
     """``model.gguf`` and ``Modelfile`` in ``cfg.output``; returns the folder."""
     model_dir, output, cache = Path(cfg.model_dir), Path(cfg.output), Path(cfg.cache)
     _not_a_model(model_dir)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output} is not a folder")
+    for target in (output / GGUF_FILE, output / MODELFILE):  # both, before either is written
+        if target.exists() and not target.is_file():
+            raise ConfigError(f"--output {output}: {target} is there and is not a file (a folder?): move it away")
     tokenizer = model_tokenizer(model_dir, cache, cfg.base_url)
-    style = prompt_style(cfg.prompt_style or saved_prompt_style(model_dir) or "alpaca", tokenizer)
+    style = prompt_style(export_style_name(cfg.prompt_style, model_dir), tokenizer)
     stop = end_text(tokenizer)
     layout = turn_layout(style, stop)
     # The GGUF's own template: the model's for chat, else the style's layout (llama.cpp's chat reads it).

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.core.errors import ConfigError
 from job.core.observability import Metrics, get_logger
+from job.data.formats import Layout
 from job.data.instructions import Collator, Example
-from job.data.packing import Packer
+from job.data.packing import Packer, checked_pack_length
 from job.models.families import Model
 from job.models.tokenizer import Tokenizer
 from job.stages.finetune_config import FinetuneConfig
@@ -36,6 +36,8 @@ class Prepared:
     max_length: int
     start: StartingModel
     """Where the model came from (the outputs name it)."""
+    layout: Layout | None = None
+    """How the entries were laid out (the model records it)."""
 
 
 def prepare(cfg: FinetuneConfig) -> Prepared:
@@ -52,6 +54,7 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         model_name=inputs.model_name,
         max_length=max_length,
         start=start,
+        layout=how,
     )
 
 
@@ -72,17 +75,8 @@ def sft_task(cfg: FinetuneConfig, prep: Prepared) -> Task:
 
 def packed_task(cfg: FinetuneConfig, prep: Prepared, collate: Collator) -> Task:
     """``--packing``: the training split packed into rows of --pack-length tokens, a batch a number of rows."""
-    context = prep.model.cfg.context_length
-    pack_length = cfg.pack_length or prep.max_length
-    if pack_length > context:
-        raise ConfigError(f"--pack-length {pack_length} is more than the model's context of {context} tokens")
+    pack_length = checked_pack_length(cfg.pack_length, prep.train, prep.max_length, prep.model.cfg.context_length)
     lengths = [min(len(e.token_ids), prep.max_length) for e in prep.train]
-    longest = max(range(len(lengths)), key=lengths.__getitem__)
-    if lengths[longest] > pack_length:
-        raise ConfigError(
-            f"--pack-length {pack_length} is shorter than training entry {longest} ({lengths[longest]} tokens): "
-            f"use --pack-length {lengths[longest]} or more, or cut sequences with --allowed-max-length {pack_length}"
-        )
     packer = Packer(prep.train, collate, pack_length, cfg.seed)
     log.info(
         "packed",
@@ -136,7 +130,7 @@ def run_finetune(
             device=str(trainer.accelerator.device),
         )
     trainer.fit()
-    outputs = save_outputs(trainer, cfg, prep.start, model_name=prep.model_name)
+    outputs = save_outputs(trainer, cfg, prep.start, model_name=prep.model_name, how=prep.layout)
     if trainer.roles.keeps_run:
         log.info(
             "finetune_done",

@@ -13,6 +13,7 @@ import torch
 from job.models.families import Model, save_model, writes_book_pth
 from job.models.gpt2_weights import book_state_dict
 from job.models.lora import merge_adapters, save_peft_adapter
+from job.models.tokenizer import CHAT_TEMPLATE_FILE
 from job.storage.store import atomic_path, atomic_write_text, ensure_room
 
 PLOT_TITLES = {"sft": "Finetune loss", "dpo": "DPO loss"}  # the report shows both: each says which it is
@@ -46,18 +47,23 @@ def write_outputs(
     trained: Trained,
     *,
     book_name: str,
-    prompt_style: str,
+    prompt_style: str | None,
     kind: str = "sft",
     tokenizer: str = "gpt2",
     source: str | Path | None = None,
     adapter: Adapter | None = None,
+    trained_on: dict | None = None,
+    chat_template: str | None = None,
 ) -> dict[str, Path]:
     """The outputs of a trained ``model`` into ``out``; with an ``adapter`` (LoRA) the adapter alone first,
     then the model with the adapters merged. ``kind`` names the ``.pth`` (``gpt2-medium355M-sft.pth``,
     ``-dpo.pth``) and titles the loss plot; a ``tokenizer`` other than GPT-2's (the smoke's bytes) is
     recorded in config.json, where the next stage reads it, as are the prompt style and the ``trained``
     totals (steps, tokens seen) that the run's report shows. ``source``: the folder training started from
-    (a Llama 3 / Qwen3 model/ keeps its config and tokenizer files; such a model has no book ``.pth``)."""
+    (a Llama 3 / Qwen3 model/ keeps its config and tokenizer files; such a model has no book ``.pth``).
+    ``trained_on``: more of the data's layout to record (its format); ``chat_template``: the Jinja source of a
+    ``--chat-template FILE`` trained with, which model/ carries as ``chat_template.jinja`` (as transformers
+    saves one), so the later stages use it."""
     written = {}
     if adapter is not None:
         written["adapter"] = save_peft_adapter(model, out / "adapter", adapter.base, adapter.dropout)
@@ -66,8 +72,11 @@ def write_outputs(
     pth = out / f"{book_name}-{kind}.pth" if writes_book_pth(model) else None
     ensure_room(out, (2 if pth else 1) * params, "the final model" + (" (safetensors and the book's .pth)" * bool(pth)))
     recorded = {"prompt_style": prompt_style} | ({"tokenizer": tokenizer} if tokenizer != "gpt2" else {})
-    recorded |= {"trained": trained.totals()}
+    recorded |= (trained_on or {}) | {"trained": trained.totals()}
     save_model(model, out / "model", source, recorded)
+    if chat_template is not None:
+        with atomic_path(out / "model" / CHAT_TEMPLATE_FILE) as tmp:
+            tmp.write_bytes(chat_template.encode("utf-8"))
     if pth:
         with atomic_path(pth) as tmp:
             torch.save(book_state_dict(model), tmp)

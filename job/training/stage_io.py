@@ -23,7 +23,7 @@ from job.models.families import Model, family
 from job.models.families import load_model as load_model_folder
 from job.models.gpt2 import GPTModel, gpt2_sizes
 from job.models.registry import model_entry
-from job.models.tokenizer import Tokenizer
+from job.models.tokenizer import HFTokenizer, Tokenizer
 from job.storage.store import atomic_write_text
 from job.training.outputs import Adapter, Trained, write_outputs
 from job.training.train_config import TrainConfig
@@ -106,9 +106,16 @@ def load_model(named: str, start: StartingModel) -> tuple[Model, str]:
 
 
 def save_outputs(
-    trainer: Trainer, cfg: TrainConfig, start: StartingModel, *, model_name: str, kind: str = "sft"
+    trainer: Trainer,
+    cfg: TrainConfig,
+    start: StartingModel,
+    *,
+    model_name: str,
+    kind: str = "sft",
+    how: Layout | None = None,
 ) -> dict[str, Path]:
-    """The trained model's outputs, written by the main process once every process is done."""
+    """The trained model's outputs, written by the main process once every process is done; ``how``: the
+    layout it was trained on, which the model records (see ``trained_layout``)."""
     model = trainer.final_model()  # with fsdp, gathered from every process's shards
     trainer.roles.together()
     if not trainer.roles.keeps_run:
@@ -120,12 +127,30 @@ def save_outputs(
         trainer.output,
         Trained(state.history, state.step, state.tokens_seen, epochs),
         book_name=model_name,
-        prompt_style=cfg.prompt_style,
         kind=kind,
         tokenizer=getattr(trainer.task.tokenizer, "name", "gpt2"),
         source=start.folder,
         adapter=Adapter(start.adapter_base, cfg.lora_dropout) if cfg.lora_rank else None,
+        **trained_layout(cfg, how or trainer.task.layout, trainer.task.tokenizer),
     )
+
+
+def trained_layout(cfg: TrainConfig, how: Layout | None, tokenizer=None) -> dict:
+    """What the model records of the layout it was trained on, so export and generate lay prompts out alike:
+    the prompt style (alpaca data); ``chat`` for conversations, with the ``--chat-template FILE``'s source,
+    which the model then carries (as a GPT-2 folder's carried template is carried on: a Llama 3 / Qwen3
+    folder's files are copied whole); no style at all for text (nor prompt-completion text), which has none."""
+    carried = getattr(tokenizer, "chat_template", None) if not isinstance(tokenizer, HFTokenizer) else None
+    if how is None or how.data_format == "alpaca":
+        return {"prompt_style": cfg.prompt_style, "chat_template": carried.source if carried else None}
+    if how.template is None:
+        return {"prompt_style": None, "trained_on": {"data_format": how.data_format}}
+    given = getattr(cfg, "chat_template", None)
+    return {
+        "prompt_style": "chat",
+        "trained_on": {"data_format": how.data_format},
+        "chat_template": how.template.source if given else carried.source if carried else None,
+    }
 
 
 def write_config_once(trainer: Trainer) -> None:

@@ -78,6 +78,8 @@ class Task:
     """What ``train_size`` counts (``packed rows`` with --packing), for messages."""
     companions: tuple[torch.nn.Module, ...] = ()
     """Frozen models the objective runs beside the model (DPO's reference): sharded as it is."""
+    layout: object | None = None
+    """How the entries were laid out (job/data/formats.py's ``Layout``), which the trained model records."""
 
 
 def check_batches(cfg: TrainConfig, world: int, train_examples: int, unit: str = "entries") -> None:

@@ -15,7 +15,7 @@ from job.data.instructions import PROMPT_STYLES, Collator, load_entries, split_e
 from job.data.order import SeededOrder
 from job.data.packing import Packer
 from job.models.tokenizer import load_tokenizer
-from tests.helpers import cli, events, finetune_run
+from tests.helpers import cli, events, finetune_run, smoke_run
 
 PACKED = ("--packing", "--data-order", "seeded", "--pack-length", "128", "--precision", "fp32", "--lr", "5e-5")
 
@@ -95,3 +95,27 @@ def test_packed_rows_of_the_book_data_hold_every_training_entry_once(cache):
     assert sorted(i for row in packer.rows for i in row) == list(range(935))
     batch = packer([0])
     assert batch.inputs.shape[1] <= 256 and torch.equal(batch.positions[0, :1], torch.tensor([0]))
+
+
+@pytest.mark.parametrize(
+    ("wrong", "named"),
+    [
+        (("--pack-length", "512", "--batch-size", "24"), "packed rows (--train-limit)"),
+        (("--pack-length", "40", "--batch-size", "4"), "--pack-length 40 is shorter than training entry"),
+        (("--pack-length", "4096", "--batch-size", "4"), "more than the model's context"),
+    ],
+)
+def test_run_refuses_a_packing_that_cannot_hold_at_preflight_and_the_fixed_rerun_takes_the_id(
+    cache, tmp_path, wrong, named
+):
+    """Before anything is written: one line, no run folder, so the corrected command with the same --run-id runs."""
+    common = ("--packing", "--data-order", "seeded", "--train-limit", "40", "--skip-judge")
+    refused = cli(*smoke_run(cache, tmp_path / "runs", "p", *common, *wrong))
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    [line] = refused.stderr.splitlines()
+    assert line.startswith("Error: ") and named in line, line
+    assert "preflight_ok" not in [e["event"] for e in events(refused.stdout)]
+    assert not (tmp_path / "runs" / "p").exists()
+    rerun = cli(*smoke_run(cache, tmp_path / "runs", "p", *common, "--pack-length", "512", "--batch-size", "4"))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads((tmp_path / "runs" / "p" / "manifest.json").read_text())["status"] == "complete"

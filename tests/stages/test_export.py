@@ -133,6 +133,16 @@ def test_an_output_that_is_a_file_is_exit_2(tiny_model_dir, cache, tmp_path):
     assert (tmp_path / "out").read_text() == "a file"
 
 
+@pytest.mark.parametrize("taken", [GGUF_FILE, MODELFILE])
+def test_a_folder_where_an_exported_file_goes_is_exit_2_and_nothing_is_written(tiny_model_dir, cache, tmp_path, taken):
+    (tmp_path / "out" / taken).mkdir(parents=True)
+    done = export(tiny_model_dir, tmp_path / "out", cache, "--prompt-style", "alpaca")
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.splitlines()
+    assert line.startswith("Error: --output ") and str(tmp_path / "out" / taken) in line
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [taken] and not any((tmp_path / "out" / taken).iterdir())
+
+
 @pytest.mark.parametrize("missing", ["tokenizer_config.json", "tokenizer.json"])
 def test_a_folder_with_half_a_tokenizer_is_exit_1_naming_the_missing_file(llama_dir, cache, tmp_path, missing):
     """A folder from another tool may carry tokenizer.json alone: the missing file named as missing, nothing written."""

@@ -1,0 +1,143 @@
+"""A finetuned model records the layout it was trained on, through the CLI: conversations as ``chat`` (a
+``--chat-template FILE`` carried in the model's folder as ``chat_template.jinja``), so export and generate use
+the model's own template; text, which has no layout, is refused by export (and ``run --export``) unless
+``--prompt-style`` names one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from job.data.chat_layout import entry_message
+from job.data.instructions import prompt_style
+from job.models.families import model_tokenizer
+from job.stages.export import MODELFILE
+from tests.go_template import build_renderer, go_render, modelfile_template
+from tests.helpers import cli, events, smoke_run
+
+GPT2_TEMPLATE = (
+    "{% for m in messages %}{{ m.role }}: {% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+    "{{ eos_token }}{% endgeneration %}{% else %}{{ m.content }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _conversations(book_data, count=40):
+    return [
+        {"messages": [{"role": "user", "content": e["instruction"]}, {"role": "assistant", "content": e["output"]}]}
+        for e in book_data[:count]
+    ]
+
+
+def _finetune(model_dir, data, cache, output, *extra):
+    return cli(
+        "finetune", "--model-dir", model_dir, "--output", output, "--data", data, "--cache", cache,
+        "--max-steps", "1", "--eval-freq", "1", "--eval-iter", "1", "--log-format", "json", *extra,
+    )  # fmt: skip
+
+
+def _recorded(model):
+    return json.loads((model / "config.json").read_text())["sft_job"]
+
+
+def _modelfile_prompts(tmp_path, output, style, entries):
+    (tmp_path / "go").mkdir(exist_ok=True)
+    renderer = build_renderer(tmp_path / "go")
+    template = modelfile_template((output / MODELFILE).read_text())
+    return go_render(renderer, template, [[{"role": "user", "content": entry_message(style, e)}] for e in entries])
+
+
+@pytest.mark.slow
+def test_a_messages_trained_qwen3_exports_its_chat_template(qwen3_dir, cache, tmp_path, book_data):
+    data = _jsonl(tmp_path / "conv.jsonl", _conversations(book_data))
+    trained = _finetune(qwen3_dir, data, cache, tmp_path / "ft")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    model = tmp_path / "ft" / "model"
+    assert _recorded(model)["prompt_style"] == "chat"
+    done = cli("export", "--model-dir", model, "--output", tmp_path / "out", "--cache", cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    modelfile = (tmp_path / "out" / MODELFILE).read_text()
+    assert "### Instruction" not in modelfile
+    style = prompt_style("chat", model_tokenizer(model, cache))
+    entries = book_data[:20]
+    assert _modelfile_prompts(tmp_path, tmp_path / "out", style, entries) == [style.format_input(e) for e in entries]
+
+
+@pytest.mark.slow
+def test_gpt2_trained_with_a_chat_template_file_carries_it_to_generate_and_export(
+    tiny_model_dir, cache, tmp_path, book_data
+):
+    template = tmp_path / "chat.jinja"
+    template.write_text(GPT2_TEMPLATE)
+    data = _jsonl(tmp_path / "conv.jsonl", _conversations(book_data))
+    trained = _finetune(tiny_model_dir, data, cache, tmp_path / "ft", "--chat-template", template)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    model = tmp_path / "ft" / "model"
+    assert (model / "chat_template.jinja").read_text() == GPT2_TEMPLATE
+    assert _recorded(model)["prompt_style"] == "chat"
+    # without --chat-template: conversations, and the book's entries laid out in the model's template
+    for n, source in enumerate((data, cache / "instruction-data.json")):
+        made = cli(
+            "generate", "--model-dir", model, "--data", source, "--cache", cache, "--output", tmp_path / f"gen{n}",
+            "--limit", "2", "--max-new-tokens", "2", "--log-format", "json",
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr[-2000:]
+        [start] = [e for e in events(made.stdout) if e["event"] == "generate_start"]
+        assert start["prompt_style"] == "chat"
+    # DPO from it (the book's pairs, laid out in the recorded chat style) carries the template on
+    preferred = cli(
+        "dpo", "--model-dir", model, "--output", tmp_path / "dpo", "--cache", cache, "--max-steps", "1",
+        "--eval-freq", "1", "--eval-iter", "1", "--batch-size", "2", "--log-format", "json",
+        "--data", cache / "instruction-data-with-preference.json",
+    )  # fmt: skip
+    assert preferred.returncode == 0, preferred.stderr[-2000:]
+    assert (tmp_path / "dpo" / "model" / "chat_template.jinja").read_text() == GPT2_TEMPLATE
+    assert _recorded(tmp_path / "dpo" / "model")["prompt_style"] == "chat"
+    exported = cli("export", "--model-dir", model, "--output", tmp_path / "out", "--cache", cache)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    style = prompt_style("chat", model_tokenizer(model, cache))
+    entries = book_data[:10]
+    assert _modelfile_prompts(tmp_path, tmp_path / "out", style, entries) == [style.format_input(e) for e in entries]
+    assert (
+        style.format_input(entries[0])
+        == f"user: {entries[0]['instruction']}"
+        + (f"\n\n{entries[0]['input']}" if entries[0]["input"] else "")
+        + "\nassistant: "
+    )
+
+
+@pytest.mark.slow
+def test_a_text_trained_model_is_not_exported_with_a_guessed_layout(tiny_model_dir, cache, tmp_path, book_data):
+    data = _jsonl(tmp_path / "text.jsonl", [{"text": e["instruction"] + " " + e["output"]} for e in book_data[:40]])
+    trained = _finetune(tiny_model_dir, data, cache, tmp_path / "ft")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    model = tmp_path / "ft" / "model"
+    refused = cli("export", "--model-dir", model, "--output", tmp_path / "out", "--cache", cache)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    [line] = refused.stderr.splitlines()
+    assert line.startswith("Error: ") and "text data" in line and "--prompt-style" in line
+    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    named = cli("export", "--model-dir", model, "--output", out, "--cache", cache, "--prompt-style", "phi3")
+    assert named.returncode == 0, named.stderr[-2000:]
+    assert "<|user|>" in (tmp_path / "out" / MODELFILE).read_text()
+
+
+def test_run_export_of_text_data_is_exit_2_at_preflight_unless_a_style_is_named(cache, tmp_path, book_data):
+    data = _jsonl(tmp_path / "text.jsonl", [{"text": e["instruction"] + " " + e["output"]} for e in book_data[:60]])
+    args = smoke_run(cache, tmp_path / "runs", "t", "--skip-judge", "--export", "gguf")
+    args[args.index("--data") + 1] = data
+    done = cli(*args)
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.splitlines()
+    assert line.startswith("Error: --export gguf: ") and "--prompt-style" in line
+    assert not (tmp_path / "runs" / "t").exists()
+    again = cli(*args, "--prompt-style", "alpaca")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "### Instruction" in (tmp_path / "runs" / "t" / "export" / MODELFILE).read_text()
