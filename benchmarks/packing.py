@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from job.data.instructions import PROMPT_STYLES, Collator, Example, load_entries, split_entries, tokenize
 from job.data.order import SeededOrder
 from job.data.packing import Packer
-from job.models.gpt2 import GPT2_SIZES, GPTConfig, GPTModel, document_mask
+from job.models.gpt2 import GPTConfig, GPTModel, document_mask, gpt2_config
 from job.models.tokenizer import load_tokenizer
 from job.training.objectives import PackedSFTObjective, SFTObjective
 
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         report["attention"].append(measure_attention(examples, pack_length, rows, repeats))
         print(json.dumps(report["attention"][-1]), flush=True)
         out.write_text(json.dumps(report, indent=2) + "\n")  # after each figure: a cut-off run keeps its own
-    model_cfg = GPT2_SIZES["gpt2-small"] if not args.quick else GPTConfig(emb_dim=64, n_heads=4, n_layers=2)
+    model_cfg = gpt2_config("gpt2-small") if not args.quick else GPTConfig(emb_dim=64, n_heads=4, n_layers=2)
     if args.layers:  # GPT-2 small's width with fewer blocks: a loaded machine's budget
         model_cfg = GPTConfig(**{**model_cfg.__dict__, "n_layers": args.layers})
     report["model"] = model_cfg.__dict__

@@ -459,8 +459,8 @@ def test_a_dataset_too_small_for_the_split_fails_before_any_model_loads(stage, p
     from job.config import FinetuneConfig
     from job.data.instructions import DataError
     from job.data.preference import preference_problem
-    from job.stages.starting_model import starting_model
     from job.training.stage_io import load_inputs
+    from job.training.starting_model import starting_model
 
     data = tmp_path / "one.json"
     data.write_text(json.dumps(preference_data[:1]))  # no training entry in 85 % of one
