@@ -274,7 +274,7 @@ scrape_configs:
     def rules_loaded():
         try:
             groups = requests.get(f"{api}/rules", timeout=1).json()["data"]["groups"]
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout, ValueError):  # still starting: no answer, or not JSON yet
             return False
         return sum(len(g["rules"]) for g in groups) == len(_rules())
 
