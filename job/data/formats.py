@@ -19,7 +19,7 @@ from job.data.conversation import (
     split_last_answer,
     turns_problem,
 )
-from job.data.instructions import DataError, Example, Laid, PromptStyle, entry_problem, parse_entries, tokenize
+from job.data.instructions import DataError, Example, Laid, PromptStyle, entry_problem, tokenize
 from job.data.preference import preference_problem
 from job.models.chat_template import ChatTemplate
 from job.models.tokenizer import encode
@@ -134,23 +134,11 @@ def format_problem(data_format: str, entry, alpaca_check=entry_problem) -> str |
 
 def load_formatted(path: Path, data_format: str | None, skip_invalid: bool = False, alpaca_check=entry_problem):
     """The dataset's format and its entries, each checked (a bad one is a DataError naming it and its field);
-    alpaca entries as ``load_entries`` gives them (``input`` filled in as "")."""
-    data = parse_entries(path)
-    data_format = data_format or detect_format(data, path)
-    entries, skipped = [], 0
-    for index, entry in enumerate(data):
-        problem = format_problem(data_format, entry, alpaca_check)
-        if problem is None:
-            entries.append({**entry, "input": entry.get("input", "")} if data_format == "alpaca" else entry)
-        elif skip_invalid:
-            skipped += 1
-        else:
-            raise DataError(f"dataset {path}: entry {index}: {problem} (--skip-invalid drops such entries)")
-    if skipped:
-        log.warning("dataset_entries_skipped", count=skipped, path=str(path))
-    if not entries:
-        raise DataError(f"dataset {path} has no valid entries")
-    return data_format, entries
+    alpaca entries as ``load_entries`` gives them (``input`` filled in as ""). The sources' reading of one
+    file, which every stage uses (``job/data/sources.py`` builds on this module, hence the late import)."""
+    from job.data.sources import checked_entries, read_rows
+
+    return checked_entries(path, read_rows(path), skip_invalid, alpaca_check, data_format=data_format)
 
 
 @dataclass(frozen=True)
