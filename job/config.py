@@ -26,7 +26,7 @@ from job.core.settings import (
 )
 from job.data.data_config import DataConfig
 from job.models.decoding_config import DecodingSettings
-from job.models.origin import ModelOrigin, ModelSourceConfig
+from job.models.origin import HubAccess, ModelOrigin, ModelSourceConfig
 from job.models.registry import ModelName
 from job.stages.download_config import DownloadConfig
 from job.stages.dpo_config import DPOConfig, DPOSettings
@@ -90,6 +90,7 @@ class RunConfig(
     TrainSettings,
     ModelSourceConfig,
     ModelOrigin,
+    HubAccess,
     DataConfig,
     DecodingSettings,
     JudgeSettings,

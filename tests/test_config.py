@@ -11,7 +11,7 @@ from job.config import SMOKE_PRESET, RunConfig
 from job.core.settings import Settings, default_of, field_names
 from job.data.data_config import DataConfig
 from job.models.decoding_config import DecodingSettings
-from job.models.origin import ModelOrigin, ModelSourceConfig
+from job.models.origin import HubAccess, ModelOrigin, ModelSourceConfig
 from job.stages.dpo_config import DPOConfig, DPOSettings
 from job.stages.export_config import ExportSettings
 from job.stages.finetune_config import FinetuneConfig, FinetuneSettings
@@ -21,6 +21,7 @@ from job.training.train_config import TrainSettings
 
 PARTS = (
     ModelOrigin,
+    HubAccess,
     ModelSourceConfig,
     DataConfig,
     TrainSettings,

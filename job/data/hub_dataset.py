@@ -10,8 +10,10 @@ id it states for a small one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
@@ -21,11 +23,21 @@ from job.core.parsing import ParseError, load_json, read_bounded, validated
 from job.data.instructions import DataError
 from job.data.sources import FILE_TYPES, SPLITS, parse_hub_dataset, split_of
 from job.models.hub import hub_url
-from job.storage.fetch import COMMIT_RE, Downloader, DownloadError, NotFound, RemoteFile, json_object_problem
+from job.models.origin import HubAccess
+from job.storage.fetch import (
+    COMMIT_RE,
+    Downloader,
+    DownloadError,
+    NotFound,
+    RemoteFile,
+    json_object_problem,
+    mirror_urls,
+)
 
 LISTING = ".listing.json"
 MAX_LISTING_BYTES = 64 << 20
 WAY_IN = "--data FILE or FOLDER (the dataset's files, copied by hand)"
+Mirror = Callable[[str, tuple[str, ...]], tuple[str, ...]]  # (relpath, the hub's URLs) -> where to fetch from
 
 
 class _Lfs(pydantic.BaseModel):
@@ -45,13 +57,17 @@ class _Listing(pydantic.BaseModel):
     siblings: list[_Sibling]
 
 
-def fetch_hub_dataset(data: str, cache: Path, data_split: str | None = None) -> dict[str, tuple[Path, ...]]:
+def fetch_hub_dataset(
+    data: str, cache: Path, data_split: str | None = None, access: HubAccess | None = None, base_url: str | None = None
+) -> dict[str, tuple[Path, ...]]:
     """The hub dataset's data files in the cache, by split (shards in name order; only ``data_split``'s where
-    given). A repository with one data file and no split in its name is its train split."""
+    given), from the hub ``access`` names (else HF_ENDPOINT's) or from ``base_url``'s mirror of the cache. A
+    repository with one data file and no split in its name is its train split."""
     repo, revision = parse_hub_dataset(data)
-    hub, folder = hub_url(None), f"hf/datasets/{repo}/{revision}"
-    downloader = Downloader(cache, token=os.environ.get("HF_TOKEN") or None)
-    listing = _listing(downloader, hub, repo, revision, folder)
+    hub, folder = hub_url(access and access.hub_url), f"hf/datasets/{repo}/{revision}"
+    downloader = Downloader(cache, token=(access and access.hf_token) or os.environ.get("HF_TOKEN") or None)
+    mirror = functools.partial(mirror_urls, base_url)
+    listing = _listing(downloader, hub, repo, revision, folder, mirror)
     commit = listing.sha
     files = [s for s in listing.siblings if PurePosixPath(s.rfilename).suffix in FILE_TYPES]
     by_split: dict[str, list[_Sibling]] = {}
@@ -66,16 +82,18 @@ def fetch_hub_dataset(data: str, cache: Path, data_split: str | None = None) -> 
     fetched = {}
     for split in wanted:
         siblings = sorted(by_split.get(split, []), key=lambda s: s.rfilename)
-        remotes = [_remote(hub, repo, commit, folder, s) for s in siblings]
+        remotes = [_remote(hub, repo, commit, folder, s, mirror) for s in siblings]
         fetched[split] = tuple(downloader.fetch_all(remotes))
     return fetched
 
 
-def _listing(downloader: Downloader, hub: str, repo: str, revision: str, folder: str) -> _Listing:
+def _listing(downloader: Downloader, hub: str, repo: str, revision: str, folder: str, mirror: Mirror) -> _Listing:
     """The revision's listing (its commit and files with their hashes), fetched once and then read from the
     cache; a listing of another shape, or naming a file outside the repository, is refused."""
     url = f"{hub}/api/datasets/{repo}/revision/{quote(revision, safe='')}?blobs=true"
-    remote = RemoteFile(f"{folder}/{LISTING}", (url,), way_in=WAY_IN, token_prefix=f"{hub}/", check=json_object_problem)
+    relpath = f"{folder}/{LISTING}"
+    urls = mirror(relpath, (url,))
+    remote = RemoteFile(relpath, urls, way_in=WAY_IN, token_prefix=f"{hub}/", check=json_object_problem)
     try:
         path = downloader.fetch(remote)
     except NotFound as exc:
@@ -94,16 +112,16 @@ def _listing(downloader: Downloader, hub: str, repo: str, revision: str, folder:
     return listing
 
 
-def _remote(hub: str, repo: str, commit: str, folder: str, sibling: _Sibling) -> RemoteFile:
+def _remote(hub: str, repo: str, commit: str, folder: str, sibling: _Sibling, mirror: Mirror) -> RemoteFile:
     """One data file at the listing's commit: an LFS file checked by the sha256 and size the listing states,
     a small one by its git blob id."""
-    url = f"{hub}/datasets/{repo}/resolve/{commit}/{quote(sibling.rfilename)}"
     relpath = f"{folder}/{sibling.rfilename}"
+    urls = mirror(relpath, (f"{hub}/datasets/{repo}/resolve/{commit}/{quote(sibling.rfilename)}",))
     if sibling.lfs is not None:
         sha256 = sibling.lfs.sha256.lower()
-        return RemoteFile(relpath, (url,), sha256, sibling.lfs.size, WAY_IN, f"{hub}/")
+        return RemoteFile(relpath, urls, sha256, sibling.lfs.size, WAY_IN, f"{hub}/")
     blob = (sibling.blobId or "").lower()
-    return RemoteFile(relpath, (url,), None, sibling.size, WAY_IN, f"{hub}/", check=lambda p: _blob_problem(p, blob))
+    return RemoteFile(relpath, urls, None, sibling.size, WAY_IN, f"{hub}/", check=lambda p: _blob_problem(p, blob))
 
 
 def _blob_problem(path: Path, blob_id: str) -> str | None:

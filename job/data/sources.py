@@ -22,6 +22,7 @@ from job.data.instructions import (
     resolve_data,
     split_entries,
 )
+from job.models.origin import HubAccess
 from job.storage.store import sha256_file, sha256_files
 
 log = get_logger(__name__)
@@ -183,13 +184,19 @@ def parse_hub_dataset(data: str) -> tuple[str, str] | None:
     return match.group(1), match.group(2) or "main"
 
 
-def resolve_source(data: str, cache: str | Path, base_url: str | None = None, data_split: str | None = None) -> Source:
-    """``--data`` as a Source: a hub dataset's files fetched into the cache at a pinned commit, a URL's file
-    fetched, or a local file or folder."""
+def resolve_source(
+    data: str,
+    cache: str | Path,
+    base_url: str | None = None,
+    data_split: str | None = None,
+    access: HubAccess | None = None,
+) -> Source:
+    """``--data`` as a Source: a hub dataset's files fetched into the cache at a pinned commit (from the hub
+    ``access`` names, or ``base_url``'s mirror), a URL's file fetched, or a local file or folder."""
     if parse_hub_dataset(data) is not None:
         from job.data.hub_dataset import fetch_hub_dataset  # imports this module: called, not imported, at the top
 
-        return hub_source(data, fetch_hub_dataset(data, Path(cache), data_split), data_split)
+        return hub_source(data, fetch_hub_dataset(data, Path(cache), data_split, access, base_url), data_split)
     return local_source(resolve_data(data, cache, base_url), data, data_split)
 
 
@@ -313,6 +320,6 @@ def load_splits(
 def dataset_splits(cfg, check: Callable = entry_problem, need: tuple[str, ...] = ()) -> Splits:
     """The splits of the dataset a stage's settings name (``DataConfig``'s data, data_split, data_fields,
     data_format; the cache and mirror it is fetched through)."""
-    source = resolve_source(cfg.data, Path(cfg.cache), cfg.base_url, cfg.data_split)
+    source = resolve_source(cfg.data, Path(cfg.cache), cfg.base_url, cfg.data_split, cfg)
     fields = parse_fields(cfg.data_fields)
     return load_splits(source, cfg.skip_invalid, check, fields, cfg.shuffle_seed, need, cfg.data_format)

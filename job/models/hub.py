@@ -71,8 +71,8 @@ def tokenizer_files(base_url: str | None = None) -> list[RemoteFile]:
     return [remote(name) for name in ("encoder.json", "vocab.bpe")]
 
 
-def model_files(model: str, source: str, base_url: str | None = None) -> list[RemoteFile]:
-    """The files of a named size (``gpt2-medium``...) from ``openai`` or ``hf``."""
+def model_files(model: str, source: str, base_url: str | None = None, hub: str | None = None) -> list[RemoteFile]:
+    """The files of a named size (``gpt2-medium``...) from ``openai`` or ``hf`` (the hub ``hub_url(hub)``)."""
     sizes = [name for name, entry in MODELS.items() if entry.openai_folder is not None]
     if model not in sizes:
         raise DownloadError(f"--model {model!r} is not a GPT-2 size: one of {', '.join(sizes)}")
@@ -88,11 +88,11 @@ def model_files(model: str, source: str, base_url: str | None = None) -> list[Re
             for name in OPENAI_FILES
         ]
     if source == "hf":
-        repo = model_entry(model).repo
+        repo, hub = model_entry(model).repo, hub_url(hub)
         return [
             RemoteFile(
                 f"gpt2-hf/{model}/{name}",
-                mirror_urls(base_url, f"gpt2-hf/{model}/{name}", (f"{HF_BASE}/{repo}/resolve/main/{name}",)),
+                mirror_urls(base_url, f"gpt2-hf/{model}/{name}", (f"{hub}/{repo}/resolve/main/{name}",)),
                 way_in=WEIGHTS_WAY_IN,
                 check=json_object_problem if name.endswith(".json") else None,
             )
@@ -114,7 +114,8 @@ def cached_model_dir(origin: Origin) -> Path:
 
 
 def hub_url(configured: str | None) -> str:
-    """The hub the Llama 3.2 and Qwen3 models come from: --hub-url, else HF_ENDPOINT, else Hugging Face."""
+    """The hub the Llama 3.2 and Qwen3 models, GPT-2's Hugging Face weights and the hub's datasets come from:
+    --hub-url, else HF_ENDPOINT, else Hugging Face."""
     return (configured or os.environ.get("HF_ENDPOINT") or HF_BASE).rstrip("/")
 
 
@@ -200,7 +201,7 @@ def fetch_model(origin: Origin, downloader: Downloader) -> Path:
     files and generation_config.json, then its ``model.safetensors``, or its index and every shard the
     index names."""
     if not model_entry(origin.model).from_hub:
-        downloader.fetch_all(model_files(origin.model, origin.source, origin.base_url))
+        downloader.fetch_all(model_files(origin.model, origin.source, origin.base_url, origin.hub_url))
         return cached_model_dir(origin)
     if model_cached(origin):  # an offline rerun asks the hub nothing
         return cached_model_dir(origin)

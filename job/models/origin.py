@@ -18,6 +18,24 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "sft-job")
 REVISION_RE = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
 
 
+class HubAccess(Settings):
+    """Which Hugging Face hub the hub's models and datasets (``hf://datasets/...``) come from, and the token
+    it is asked with."""
+
+    hub_url: str | None = option(None, operational=True, section="Storage")
+    """The Hugging Face hub, or a server laid out like it ({hub}/{repo}/resolve/{revision}/{file}), that the
+    Llama 3.2 and Qwen3 models, GPT-2's Hugging Face weights and hf://datasets/ come from; defaults to
+    HF_ENDPOINT, else https://huggingface.co."""
+    hf_token: str | None = option(None, secret=True, section="Storage")
+    """Hugging Face access token for gated repositories (Llama 3.2: accept its license on the hub first);
+    defaults to HF_TOKEN. Sent to the hub's host only, never logged."""
+
+    @model_validator(mode="after")
+    def _check_hub(self):
+        check_url("hub_url", self.hub_url, ("http", "https"))
+        return self
+
+
 class ModelOrigin(Settings):
     """Where a named model comes from: GPT-2's sizes from OpenAI or Hugging Face, the Llama 3.2 and Qwen3
     base models from the Hugging Face hub, each into the cache."""
@@ -35,14 +53,8 @@ class ModelOrigin(Settings):
     base_url: str | None = option(None, operational=True, section="Storage")
     """Mirror to fetch from instead of the public hosts: an http(s):// URL or s3://bucket/prefix laid out
     like the cache."""
-    hub_url: str | None = option(None, operational=True, section="Storage")
-    """The Hugging Face hub, or a server laid out like it ({hub}/{repo}/resolve/{revision}/{file}), that the
-    Llama 3.2 and Qwen3 models come from; defaults to HF_ENDPOINT, else https://huggingface.co."""
     hub_revision: str = option("main", section="Storage")
     """Branch, tag or commit of the hub repository to fetch; a commit pins the weights."""
-    hf_token: str | None = option(None, secret=True, section="Storage")
-    """Hugging Face access token for gated repositories (Llama 3.2: accept its license on the hub first);
-    defaults to HF_TOKEN. Sent to the hub's host only, never logged."""
 
     @field_validator("model", mode="wrap")
     @classmethod
@@ -57,7 +69,6 @@ class ModelOrigin(Settings):
     @model_validator(mode="after")
     def _check_origin(self):
         check_url("base_url", self.base_url, MIRROR_SCHEMES)
-        check_url("hub_url", self.hub_url, ("http", "https"))
         if not REVISION_RE.fullmatch(self.hub_revision):
             raise ConfigError(
                 f"hub_revision must be a branch, tag or commit (letters, digits, '.', '_', '-', '/'), "

@@ -341,7 +341,7 @@ def run_inputs(cfg: RunConfig) -> dict:
     if cfg.model_dir and not cfg.smoke:
         inputs["model_dir"] = {"source": cfg.model_dir, "sha256": model_digest(Path(cfg.model_dir))}
     for name in ("data", "dpo_data") if cfg.dpo else ("data",):
-        source = resolve_source(getattr(cfg, name), Path(cfg.cache), cfg.base_url, cfg.data_split)
+        source = resolve_source(getattr(cfg, name), Path(cfg.cache), cfg.base_url, cfg.data_split, cfg)
         inputs[name] = {"source": getattr(cfg, name), "sha256": source_digest(source)}
     if cfg.chat_template:  # it decides the tokens and the loss mask as the data does
         inputs["chat_template"] = {"source": cfg.chat_template, "sha256": sha256_file(Path(cfg.chat_template))}
@@ -474,7 +474,8 @@ def missing_pieces(cfg: RunConfig) -> list[Needed]:
     pieces = [p for p in pieces if not _cached(p, cache)]
     if not (random_model(cfg) or cfg.model_dir or model_cached(cfg)):
         hub = model_entry(cfg.model).from_hub
-        files = (hub_file(cfg, HUB_HEAD_FILES[0]),) if hub else tuple(model_files(cfg.model, cfg.source, cfg.base_url))
+        gpt2 = () if hub else tuple(model_files(cfg.model, cfg.source, cfg.base_url, cfg.hub_url))
+        files = (hub_file(cfg, HUB_HEAD_FILES[0]),) if hub else gpt2
         what = f"the weights{' and tokenizer' if hub else ''} of {cfg.model}"
         pieces.append(Needed(what, files, files[0].way_in))
     return [_naming_damage(p, cache) for p in pieces]

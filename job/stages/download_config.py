@@ -7,10 +7,10 @@ from typing import ClassVar
 from pydantic import model_validator
 
 from job.core.settings import positive
-from job.models.origin import ModelOrigin
+from job.models.origin import HubAccess, ModelOrigin
 
 
-class DownloadConfig(ModelOrigin):
+class DownloadConfig(ModelOrigin, HubAccess):
     """What ``sft-job download`` fetches, and from where."""
 
     help_section: ClassVar[str] = "Download"

@@ -9,10 +9,10 @@ from pydantic import model_validator
 from job.core.settings import option, positive, seed
 from job.data.data_config import DataConfig
 from job.models.decoding_config import DecodingSettings
-from job.models.origin import DEFAULT_CACHE
+from job.models.origin import DEFAULT_CACHE, HubAccess
 
 
-class GenerateConfig(DataConfig, DecodingSettings):
+class GenerateConfig(DataConfig, DecodingSettings, HubAccess):
     """``sft-job generate``: responses for the test split (book, 7.7), batched with the KV cache."""
 
     help_section: ClassVar[str] = "Generate"

@@ -51,7 +51,7 @@ def run_binding(cfg: TrainConfig, run_id: str | None) -> dict:
     values = redacted(cfg)
     skip = UNBOUND | operational_options(type(cfg))
     options = {k: v for k, v in values.items() if k not in skip}
-    data = resolve_source(cfg.data, cfg.cache, cfg.base_url, cfg.data_split)
+    data = resolve_source(cfg.data, cfg.cache, cfg.base_url, cfg.data_split, cfg)
     model = Path(cfg.model_dir) if cfg.model_dir else cached_model_dir(cfg)
     return {
         "run_id": run_id,

@@ -10,7 +10,7 @@ from pydantic import model_validator
 from job.core.errors import ConfigError
 from job.core.settings import Settings, option, positive, positive_if_set, seed
 from job.data.data_config import DataConfig
-from job.models.origin import ModelOrigin, ModelSourceConfig
+from job.models.origin import HubAccess, ModelOrigin, ModelSourceConfig
 
 
 class TrainSettings(Settings):
@@ -102,7 +102,7 @@ class TrainSettings(Settings):
         return self
 
 
-class TrainConfig(TrainSettings, ModelSourceConfig, ModelOrigin, DataConfig):
+class TrainConfig(TrainSettings, ModelSourceConfig, ModelOrigin, HubAccess, DataConfig):
     """A training stage's config: the model it starts from, its data and the loop (composed, nothing added)."""
 
     stage: ClassVar[str] = "finetune"  # the stage a checkpoint's binding names

@@ -154,3 +154,49 @@ def test_finetune_trains_on_a_hub_dataset_and_binds_its_files(book, cache, tiny_
     binding = index["binding"]
     source = resolve_source(f"hf://datasets/{REPO}", cache)
     assert binding["data"] == {"file": f"hf://datasets/{REPO}", "sha256": source_digest(source)}
+
+
+def test_hub_url_and_hf_token_name_the_hub_a_dataset_comes_from_over_hf_endpoint(book, cache, tiny_model_dir, tmp_path):
+    """--hub-url (a site's own hub) is asked for the listing and the files, with --hf-token, and HF_ENDPOINT's
+    hub never is; generate takes both too."""
+    with _hub(_files(book)) as hub, FileServer({}) as other:
+        hub.token = "hf_site"  # a gated dataset: every request without the token is refused
+        args = ("finetune", "--model-dir", tiny_model_dir, "--data", f"hf://datasets/{REPO}", "--cache", cache,
+                "--output", tmp_path / "ft", "--max-steps", "1", "--eval-freq", "1", "--eval-iter", "1",
+                "--batch-size", "4", "--hub-url", hub.url, "--hf-token", "hf_site")  # fmt: skip
+        done = cli(*args, env={"HF_ENDPOINT": other.url, "HF_TOKEN": "hf_elsewhere"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert not other.requests and hub.requests
+        assert set(hub.authorizations) == {"Bearer hf_site"}
+        listing = json.loads((cache / "hf" / "datasets" / REPO / "main" / ".listing.json").read_text())
+        assert listing["sha"] == COMMIT
+        args = ("generate", "--model-dir", tmp_path / "ft" / "model", "--data", f"hf://datasets/{REPO}@v1",
+                "--cache", cache, "--output", tmp_path / "gen", "--limit", "1", "--max-new-tokens", "2",
+                "--hub-url", hub.url, "--hf-token", "hf_site")  # fmt: skip
+        generated = cli(*args, env={"HF_ENDPOINT": other.url})
+    assert generated.returncode == 1 and not other.requests
+    assert generated.stderr.splitlines() == [
+        f"Error: {hub.url} has no dataset {REPO} at revision v1 "
+        f"(HTTP 404 from {hub.url}/api/datasets/{REPO}/revision/v1?blobs=true)"
+    ]
+
+
+def test_a_hub_dataset_comes_from_base_urls_mirror_of_the_cache_checked_against_its_listing(book, cache, monkeypatch):
+    """A site without internet copies a cache to a mirror (--base-url): the listing and the files come from
+    there, checked against the listing as the hub's are, and the hub is never asked."""
+    with _hub(_files(book)) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        fetched = load_splits(resolve_source(f"hf://datasets/{REPO}", cache))
+    folder = cache / "hf" / "datasets" / REPO / "main"
+    mirrored = {f"/mirror/{p.relative_to(cache)}": p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with FileServer(mirrored) as mirror, FileServer({}) as gone:
+        monkeypatch.setenv("HF_ENDPOINT", gone.url)
+        source = resolve_source(f"hf://datasets/{REPO}", cache / "site", f"{mirror.url}/mirror")
+        splits = load_splits(source)
+        assert (splits.train, splits.val, splits.test) == (fetched.train, fetched.val, fetched.test)
+        assert not gone.requests
+        damaged = f"/mirror/hf/datasets/{REPO}/main/data/test.jsonl"
+        mirror.files[damaged] = mirror.files[damaged].replace(b"a", b"b", 1)  # its size kept
+        with pytest.raises(DownloadError, match="data/test.jsonl.*of git blob"):
+            fetch_hub_dataset(f"hf://datasets/{REPO}", cache / "damaged", base_url=f"{mirror.url}/mirror")
+    assert not (cache / "damaged" / "hf" / "datasets" / REPO / "main" / "data" / "test.jsonl").exists()

@@ -249,6 +249,22 @@ def test_download_attempts_is_the_number_of_tries_of_a_file_before_exit_75(cache
     assert len(server.gets(config)) == 2 and not (cache / "gpt2-hf" / "gpt2-small" / "config.json").exists()
 
 
+def test_gpt2s_hugging_face_weights_come_from_the_hub_hub_url_names(cache, monkeypatch):
+    """``--source hf --hub-url URL`` (a site's own hub, as for the Llama and Qwen3 models): GPT-2's files are
+    asked of that hub, not of huggingface.co nor HF_ENDPOINT's."""
+    from job.cli import main
+
+    files = {"/openai-community/gpt2/resolve/main/config.json": b"{}"}
+    files["/openai-community/gpt2/resolve/main/model.safetensors"] = b"w"
+    with FileServer(files) as hub, FileServer({}) as other:
+        monkeypatch.setenv("HF_ENDPOINT", other.url)
+        args = ["download", "--model", "gpt2-small", "--source", "hf", "--cache", str(cache), "--no-dataset"]
+        result = CliRunner().invoke(main, [*args, "--hub-url", hub.url, "--download-attempts", "1"])
+    assert result.exit_code == 0, result.output
+    assert sorted(hub.requests) == [(path, None) for path in sorted(files)] and not other.requests
+    assert (cache / "gpt2-hf" / "gpt2-small" / "model.safetensors").read_bytes() == b"w"
+
+
 def test_tokenizer_files_have_pinned_hashes():
     assert [f.sha256[:8] for f in tokenizer_files()] == ["19613966", "1ce16647"]
 
