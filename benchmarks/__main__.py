@@ -1,5 +1,6 @@
 """python -m benchmarks cpu|gpu [--quick] [--out FILE]: our figures and the two baselines', in one run
-(``python -m benchmarks packing``: ``--packing``'s, benchmarks/packing.py)."""
+(``python -m benchmarks packing``: ``--packing``'s, benchmarks/packing.py; ``python -m benchmarks sharding``:
+``--sharding fsdp``'s, benchmarks/sharding.py)."""
 
 from __future__ import annotations
 
@@ -186,6 +187,10 @@ def main(argv=None) -> int:
         from benchmarks.packing import main as packing_main
 
         return packing_main(argv[1:])
+    if argv[:1] == ["sharding"]:  # --sharding fsdp's memory and speed (benchmarks/sharding.py)
+        from benchmarks.sharding import main as sharding_main
+
+        return sharding_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("mode", choices=["cpu", "gpu"])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the harness, not the speed")

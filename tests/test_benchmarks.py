@@ -120,3 +120,31 @@ def test_the_smoke_benchmark_accounts_for_the_smokes_time_and_bytes(tmp_path):
     assert report["ratio_smoke_vs_help"] == round(
         report["smoke_wall_seconds_median"] / report["help_seconds_median"], 1
     )
+
+
+@pytest.mark.slow
+def test_sharding_benchmark_counts_half_of_every_shard_on_two_processes(tmp_path):
+    """``python -m benchmarks sharding --quick``'s memory cases: tiny shapes of both families, whose every
+    dimension 0 is even, so two processes hold exactly half of one process's weights and gradients."""
+    out = tmp_path / "sharding.json"
+    cmd = [sys.executable, "-m", "benchmarks", "sharding", "--quick", "--only", "memory", "--wait", "0"]
+    proc = subprocess.run(cmd + ["--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {(r["model"], r["processes"]): r for r in json.loads(out.read_text())["memory_table"]}
+    assert sorted(rows) == [("gpt2-medium", 1), ("gpt2-medium", 2), ("qwen3-0.6b", 1), ("qwen3-0.6b", 2)]
+    for model in ("gpt2-medium", "qwen3-0.6b"):
+        one, two = rows[(model, 1)], rows[(model, 2)]
+        assert one["weight_bytes"] == 4 * one["parameters"]  # fp32, a tied head counted once
+        assert one["gradient_bytes"] == one["weight_bytes"]
+        assert two["weight_bytes"] * 2 == one["weight_bytes"] and two["gradient_bytes"] * 2 == one["gradient_bytes"]
+        # AdamW's two moments a parameter, and each tensor's step counter (4 bytes, on every process)
+        assert 0 < two["optimizer_bytes"] - one["optimizer_bytes"] / 2 < 4 * 64
+        assert two["rss_peak"] > two["rss_peak_imported"] > 0
+
+
+def test_a_sharding_case_that_cannot_fit_is_reported_and_not_started():
+    from benchmarks.sharding import Case, run_case
+
+    result = run_case(Case("qwen3-0.6b", 4, "ddp"), headroom=1e6, wait=0)
+    assert result["not_run"].startswith("did not fit: needs about ")
+    assert "processes" not in result and result["parameters"] == 596_049_920  # Qwen3-0.6B, the head tied
