@@ -91,6 +91,7 @@ class Piece:
     offset: int
     rows: int
     trailing: list[int]  # the shape of a row
+    dtype: str  # as safetensors' header names it
 
 
 class Shards(contextlib.ExitStack):
@@ -112,6 +113,10 @@ class Shards(contextlib.ExitStack):
     def _list_all(self, folder: Path, files: dict[str, str]) -> None:
         world = json.loads((folder / "shards-0.json").read_text())["world"]
         for rank in range(world):
+            if f"shards-{rank}.json" not in files:
+                raise ShardsError(
+                    f"shards-0.json says {world} processes wrote it; the index lists no shards-{rank}.json"
+                )
             listing = json.loads((folder / f"shards-{rank}.json").read_text())
             if listing["world"] != world or listing["rank"] != rank:
                 raise ShardsError(f"shards-{rank}.json says rank {listing['rank']} of {listing['world']}")
@@ -128,15 +133,22 @@ class Shards(contextlib.ExitStack):
         opened = self._open(file)
         for name in opened.keys():
             key, entry = f"{prefix}/{name}", listing["tensors"].get(f"{prefix}/{name}")
+            listed = f"shards-{listing['rank']}.json"
             if entry is None:
-                listed = f"shards-{listing['rank']}.json"
                 raise ShardsError(f"{file.name} holds {name[:60]!r}, which {listed} does not place")
+            if not _is_place(entry):
+                raise ShardsError(f"{listed} places {key[:60]} at {str(entry)[:80]}, not a first row and a shape")
             if self.shapes.setdefault(key, entry["shape"]) != entry["shape"]:
                 raise ShardsError(f"{key[:60]} has two shapes across the shards")
-            shape = opened.get_slice(name).get_shape()
+            sliced = opened.get_slice(name)
+            shape, dtype = sliced.get_shape(), sliced.get_dtype()
             if bool(shape) != bool(entry["shape"]):  # a scalar where rows are said to be, or rows for a scalar
                 raise ShardsError(f"the shards of {key[:60]} do not join: a piece of shape {shape}")
-            piece = Piece(file, name, entry["offset"], shape[0] if shape else 0, shape[1:])
+            if self.pieces.get(key) and self.pieces[key][0].dtype != dtype:
+                raise ShardsError(
+                    f"the shards of {key[:60]} do not join: {dtype} rows beside {self.pieces[key][0].dtype}"
+                )
+            piece = Piece(file, name, entry["offset"], shape[0] if shape else 0, shape[1:], dtype)
             self.pieces.setdefault(key, []).append(piece)
 
     def _open(self, file: Path):
@@ -206,6 +218,13 @@ def read_shards(folder: Path, files: dict[str, str]) -> tuple[dict[str, torch.Te
             else:
                 optimizer.setdefault(kind, {})[index] = whole
     return parameters, optimizer
+
+
+def _is_place(entry: object) -> bool:
+    """A listing's entry is ``{"shape": [ints], "offset": int}`` (a tampered one is refused, not a crash)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
+        return False
+    return all(type(n) is int and n >= 0 for n in [entry.get("offset"), *entry["shape"]])
 
 
 def _check_joins(key: str, shape: list[int], pieces: list[Piece]) -> None:

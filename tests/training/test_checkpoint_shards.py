@@ -73,6 +73,10 @@ def test_a_missing_process_or_a_rank_that_is_not_its_own_is_refused(tmp_path):
     short = {n: d for n, d in files.items() if not n.endswith("-1.safetensors")}  # process 1's rows absent
     with pytest.raises(ShardsError, match="hold 3 of its 6 rows"):
         read_shards(tmp_path, short)
+    for rank in (0, 1):  # both listings say 3 processes wrote it
+        (tmp_path / f"shards-{rank}.json").write_text(json.dumps(listing | {"rank": rank, "world": 3}))
+    with pytest.raises(ShardsError, match="says 3 processes wrote it; the index lists no shards-2.json"):
+        read_shards(tmp_path, files)
 
 
 @settings(max_examples=40, deadline=None)
@@ -101,6 +105,31 @@ def test_rows_of_another_shape_or_a_scalar_for_rows_are_refused_naming_the_tenso
         Shards(tmp_path, files)
     save_file({"w": torch.tensor(1.0)}, str(tmp_path / "model-1.safetensors"))
     with pytest.raises(ShardsError, match=r"shards of model/w do not join: a piece of shape \[\]"):
+        Shards(tmp_path, files)
+
+
+@pytest.mark.parametrize(
+    ("place", "said"),
+    [
+        ({"offset": "3"}, "places model/w at"),
+        ({"offset": -3}, "places model/w at"),
+        ({"shape": [6.0, 2]}, "not a first row"),
+    ],
+    ids=["offset-text", "offset-negative", "shape-float"],
+)
+def test_a_listing_whose_place_is_not_a_row_and_a_shape_is_refused(tmp_path, place, said):
+    files = write_by_hand(tmp_path, torch.ones(6, 2), [3])
+    listing = json.loads((tmp_path / "shards-1.json").read_text())
+    listing["tensors"]["model/w"] |= place
+    (tmp_path / "shards-1.json").write_text(json.dumps(listing))
+    with pytest.raises(ShardsError, match=said):
+        Shards(tmp_path, files)
+
+
+def test_rows_of_another_dtype_are_refused_not_promoted(tmp_path):
+    files = write_by_hand(tmp_path, torch.ones(6, 2), [3])
+    save_file({"w": torch.ones(3, 2, dtype=torch.int64)}, str(tmp_path / "model-1.safetensors"))
+    with pytest.raises(ShardsError, match="shards of model/w do not join: I64 rows beside F32"):
         Shards(tmp_path, files)
 
 
