@@ -60,9 +60,9 @@ from job.training.checkpoint_files import (
     index_binding,
     index_text,
 )
-from job.training.checkpoint_shards import ShardsError, read_shards, write_shards
+from job.training.checkpoint_shards import Shards, ShardsError, WholeTensors, write_shards
 from job.training.roles import Roles
-from job.training.sharding import full_tensor, is_sharded, placed_like
+from job.training.sharding import full_tensor, is_sharded
 
 log = get_logger(__name__)
 
@@ -77,9 +77,9 @@ def trained_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: full_tensor(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _check_fits(path: Path, saved: dict[str, torch.Tensor], shapes: dict[str, torch.Size], what: str) -> None:
-    """The checkpoint's tensors are exactly this run's (names and shapes)."""
-    differ = sorted(saved.keys() ^ shapes.keys()) or sorted(n for n in shapes if saved[n].shape != shapes[n])
+def _check_fits(path: Path, saved: dict[str, list[int]], shapes: dict[str, torch.Size], what: str) -> None:
+    """The checkpoint's tensors (``saved``: their shapes) are exactly this run's (names and shapes)."""
+    differ = sorted(saved.keys() ^ shapes.keys()) or sorted(n for n in shapes if list(saved[n]) != list(shapes[n]))
     if differ:
         raise ConfigError(
             f"checkpoint {path} was written by a differently configured run ({what} {differ[0]}): "
@@ -99,10 +99,14 @@ def state_tensors(model, optimizer, whole: bool) -> tuple[dict[str, torch.Tensor
     return parameters, by_kind
 
 
-def whole_optimizer_files(path: Path, files: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
-    """The optimizer's per-parameter state by kind, from the whole files the main process wrote."""
+def whole_files(path: Path, files: dict[str, str]) -> WholeTensors:
+    """The parameters and the optimizer's per-parameter state (``model/NAME``, ``KIND/INDEX``) from the
+    whole files the main process wrote."""
+    tensors = {f"model/{name}": t for name, t in load_file(path / "model.safetensors").items()}
     kinds = (re.fullmatch(r"optimizer-(\w+)\.safetensors", name) for name in sorted(files))
-    return {kind.group(1): load_file(path / kind.group(0)) for kind in kinds if kind}
+    for kind in filter(None, kinds):
+        tensors |= {f"{kind.group(1)}/{index}": t for index, t in load_file(path / kind.group(0)).items()}
+    return WholeTensors(tensors)
 
 
 def write_rng(tmp: Path, rank: int) -> None:
@@ -252,27 +256,25 @@ class CheckpointManager:
 
         model = self.accelerator.unwrap_model(self.model)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if "model.safetensors" in files:  # on the CPU; copy_ moves each to its parameter's device
-            saved, by_kind = load_file(listed("model.safetensors")), whole_optimizer_files(path, files)
-        else:  # every process's shards, joined
-            try:
-                saved, by_kind = read_shards(path, files)
-            except ShardsError as exc:
-                raise CheckpointError(f"checkpoint {path}: {exc}") from None
-        _check_fits(path, saved, {n: p.shape for n, p in params.items()}, "parameter")
-        state = self._optimizer_state(path, by_kind, list(params.values()))
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(placed_like(saved[name], param))  # with fsdp: this process's shard of it
+        try:  # on the CPU; copy_ moves each to its parameter's device
+            with whole_files(path, files) if "model.safetensors" in files else Shards(path, files) as saved:
+                shapes = {key[6:]: shape for key, shape in saved.shapes.items() if key.startswith("model/")}
+                _check_fits(path, shapes, {n: p.shape for n, p in params.items()}, "parameter")
+                state = self._optimizer_state(path, saved, list(params.values()))
+                with torch.no_grad():
+                    for name, param in params.items():  # with fsdp: only this process's rows are read
+                        param.copy_(saved.placed(f"model/{name}", param))
+        except ShardsError as exc:
+            raise CheckpointError(f"checkpoint {path}: {exc}") from None
         self.optimizer.load_state_dict(state)
         if self.accelerator.scaler is not None and "scaler.json" in files:
             self.accelerator.scaler.load_state_dict(json.loads(listed("scaler.json").read_text()))
         self._load_rng(path, files)
         return json.loads(listed("trainer_state.json").read_text())
 
-    def _optimizer_state(self, path: Path, by_kind: dict[str, dict], params: list[torch.Tensor]) -> dict:
+    def _optimizer_state(self, path: Path, saved: Shards | WholeTensors, params: list[torch.Tensor]) -> dict:
         """The optimizer's state dict from the checkpoint, its groups and tensors checked against ours
-        (each moment placed as its parameter is: with fsdp, this process's shard)."""
+        (each moment placed as its parameter is: with fsdp, only this process's rows read)."""
         shapes = [p.shape for p in params]
         state: dict = {"state": {}, **json.loads((path / "optimizer.json").read_text())}
         ours = self.optimizer.state_dict()["param_groups"]
@@ -281,15 +283,15 @@ class CheckpointManager:
                 f"checkpoint {path} was written by a differently configured run (its optimizer's parameter "
                 "groups differ): resume with its options or use another --output"
             )
-        for kind, tensors in by_kind.items():
-            for index, tensor in tensors.items():
-                i = int(index) if index.isdigit() else -1
-                want = torch.Size([]) if kind == "step" else shapes[i] if 0 <= i < len(shapes) else None
-                if want is None or tensor.shape != want:
-                    shape = list(tensor.shape)
-                    raise CheckpointError(f"checkpoint {path}: optimizer {kind} holds {index[:20]!r} of shape {shape}")
-                placed = tensor if want == () else placed_like(tensor, params[i])
-                state["state"].setdefault(i, {})[kind] = placed
+        moments = [key.partition("/") for key in saved.shapes if not key.startswith("model/")]
+        for kind, _, index in moments:
+            i, shape = int(index) if index.isdigit() else -1, saved.shapes[f"{kind}/{index}"]
+            want = torch.Size([]) if kind == "step" else shapes[i] if 0 <= i < len(shapes) else None
+            if want is None or list(shape) != list(want):
+                raise CheckpointError(f"checkpoint {path}: optimizer {kind} holds {index[:20]!r} of shape {shape}")
+        for kind, _, index in moments:  # every shape checked before anything is read
+            like = None if kind == "step" else params[int(index)]
+            state["state"].setdefault(int(index), {})[kind] = saved.placed(f"{kind}/{index}", like)
         for group in state["param_groups"]:
             group["betas"] = tuple(group["betas"])
         return state

@@ -157,3 +157,29 @@ def test_fsdp_checkpoints_are_shards_that_resume_on_as_many_processes_or_on_one(
     assert skipped["checkpoint"] == newest.name and skipped["file"] == "model-1.safetensors"
     assert [e["step"] for e in log if e["event"] == "resumed"] == [int(older.name[5:])]
     assert_same_run(tmp_path / "tampered", tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_of_two_processes_resumes_on_four_with_the_same_losses_and_weights(
+    tiny_model_dir, cache, tmp_path
+):
+    # --batch-size 8 (the default) of --grad-accum 2 on 4 processes: one entry a micro-batch each
+    steps = [*TWENTY_STEPS[:2], "--checkpoint-every", "2", "--sharding", "fsdp", *TWENTY_STEPS[2:]]
+    straight = launched(2, *stage_args("finetune", tiny_model_dir, cache, tmp_path / "straight", *steps))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    cut = started(2, *stage_args("finetune", tiny_model_dir, cache, tmp_path / "cut", *steps))
+    wait_for_event(cut, lambda e: e.get("event") == "checkpoint" and e["step"] >= 4, deadline_s=400)
+    cut.send_signal(signal.SIGTERM)
+    _out, err = cut.communicate(timeout=300)
+    assert cut.returncode == ExitCode.RETRY, err[-3000:]
+    newest = max((tmp_path / "cut" / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
+    assert_no_pickle(newest)
+
+    # each of the 4 processes reads its own rows of the 2 processes' shards
+    four = launched(4, *stage_args("finetune", tiny_model_dir, cache, tmp_path / "cut", *steps))
+    assert four.returncode == 0, four.stderr[-3000:]
+    [resumed] = [e for e in events(four.stdout) if e["event"] == "resumed"]
+    assert resumed["step"] == int(newest.name[5:]) < 20
+    assert_same_run(tmp_path / "cut", tmp_path / "straight")
+    after = max((tmp_path / "cut" / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
+    assert {f"model-{rank}.safetensors" for rank in range(4)} <= {p.name for p in after.iterdir()}

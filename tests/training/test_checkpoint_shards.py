@@ -1,16 +1,20 @@
-"""fsdp's checkpoint shards joined back: every process's rows, each exactly once, into the whole tensors."""
+"""fsdp's checkpoint shards joined back: every process's rows, each exactly once, into the whole tensors;
+and read back in part: each process of another number reads only the rows it holds."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from job.training.checkpoint_shards import ShardsError, read_shards
+from job.training.checkpoint_shards import Shards, ShardsError, read_shards, write_shards
 
 
 def write_by_hand(folder, whole: torch.Tensor, cuts: list[int], places: list[int] | None = None) -> dict[str, str]:
@@ -46,7 +50,11 @@ def test_rows_cut_anywhere_join_back_into_the_whole_tensor(tmp_path_factory, row
 
 @pytest.mark.parametrize(
     ("places", "said"),
-    [([0, 2, 2], "do not join"), ([0, 3, 5], "do not join"), ([1, 3, 5], "do not join")],
+    [
+        ([0, 2, 2], "shards of model/w do not join"),
+        ([0, 3, 5], "shards of model/w do not join"),
+        ([1, 3, 5], "of model/w do not"),
+    ],
     ids=["overlap", "gap", "no-first-row"],
 )
 def test_rows_that_overlap_or_leave_a_gap_are_refused(tmp_path, places, said):
@@ -65,3 +73,129 @@ def test_a_missing_process_or_a_rank_that_is_not_its_own_is_refused(tmp_path):
     short = {n: d for n, d in files.items() if not n.endswith("-1.safetensors")}  # process 1's rows absent
     with pytest.raises(ShardsError, match="hold 3 of its 6 rows"):
         read_shards(tmp_path, short)
+    for rank in (0, 1):  # both listings say 3 processes wrote it
+        (tmp_path / f"shards-{rank}.json").write_text(json.dumps(listing | {"rank": rank, "world": 3}))
+    with pytest.raises(ShardsError, match="says 3 processes wrote it; the index lists no shards-2.json"):
+        read_shards(tmp_path, files)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cuts=st.lists(st.integers(0, 9), max_size=4),
+    wanted=st.tuples(st.integers(0, 9), st.integers(0, 9)),
+)
+def test_any_range_of_rows_is_read_from_the_pieces_that_hold_it(tmp_path_factory, rows, cuts, wanted):
+    folder = tmp_path_factory.mktemp("shards")
+    whole = torch.arange(rows * 3, dtype=torch.float32).reshape(rows, 3)
+    files = write_by_hand(folder, whole, sorted(min(c, rows) for c in cuts))
+    start, stop = sorted(min(w, rows) for w in wanted)
+    with Shards(folder, files) as shards:
+        got = shards.rows("model/w", start, stop)
+        assert got.dtype == torch.float32 and torch.equal(got, whole[start:stop])
+        assert torch.equal(shards.rows("exp_avg/0", start, stop), whole[start:stop] * 2)
+        assert torch.equal(shards.placed("model/w", torch.empty(rows, 3)), whole)  # a plain tensor: all of it
+        assert shards.placed("step/0", None).item() == 3.0
+
+
+def test_rows_of_another_shape_or_a_scalar_for_rows_are_refused_naming_the_tensor(tmp_path):
+    files = write_by_hand(tmp_path, torch.ones(6, 2), [3])
+    save_file({"w": torch.ones(3, 4)}, str(tmp_path / "model-1.safetensors"))  # rows 3.. of another width
+    with pytest.raises(ShardsError, match="shards of model/w do not join: rows from 3"):
+        Shards(tmp_path, files)
+    save_file({"w": torch.tensor(1.0)}, str(tmp_path / "model-1.safetensors"))
+    with pytest.raises(ShardsError, match=r"shards of model/w do not join: a piece of shape \[\]"):
+        Shards(tmp_path, files)
+
+
+@pytest.mark.parametrize(
+    ("place", "said"),
+    [
+        ({"offset": "3"}, "places model/w at"),
+        ({"offset": -3}, "places model/w at"),
+        ({"shape": [6.0, 2]}, "not a first row"),
+    ],
+    ids=["offset-text", "offset-negative", "shape-float"],
+)
+def test_a_listing_whose_place_is_not_a_row_and_a_shape_is_refused(tmp_path, place, said):
+    files = write_by_hand(tmp_path, torch.ones(6, 2), [3])
+    listing = json.loads((tmp_path / "shards-1.json").read_text())
+    listing["tensors"]["model/w"] |= place
+    (tmp_path / "shards-1.json").write_text(json.dumps(listing))
+    with pytest.raises(ShardsError, match=said):
+        Shards(tmp_path, files)
+
+
+def test_rows_of_another_dtype_are_refused_not_promoted(tmp_path):
+    files = write_by_hand(tmp_path, torch.ones(6, 2), [3])
+    save_file({"w": torch.ones(3, 2, dtype=torch.int64)}, str(tmp_path / "model-1.safetensors"))
+    with pytest.raises(ShardsError, match="shards of model/w do not join: I64 rows beside F32"):
+        Shards(tmp_path, files)
+
+
+# A checkpoint written by two processes and read by M: tensors whose rows do not divide evenly (7 rows on
+# 3 or 4 processes; 3 and 2 rows on 4, so some processes hold none), AdamW's moments and its scalar step.
+WHOLE = {"w": torch.arange(21.0).reshape(7, 3), "b": torch.arange(3.0) - 9, "e": torch.arange(10.0).reshape(2, 5)}
+
+
+def in_group(rank: int, world: int, store: str) -> object:
+    """This spawned process in a gloo group of ``world`` over the file ``store``, and its mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    return init_device_mesh("cpu", (world,))
+
+
+def write_as_process(rank: int, world: int, folder: str) -> None:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = in_group(rank, world, f"{folder}/store")
+    params = {name: distribute_tensor(tensor, mesh, [Shard(0)]) for name, tensor in WHOLE.items()}
+    moments = {str(i): distribute_tensor(tensor * 2, mesh, [Shard(0)]) for i, tensor in enumerate(WHOLE.values())}
+    write_shards(Path(folder), rank, world, params, {"exp_avg": moments, "step": {"0": torch.tensor(5.0)}})
+    dist.destroy_process_group()
+
+
+def read_as_process(rank: int, world: int, folder: str, out: str) -> None:
+    """This process's rows of each tensor, read as they are placed into a DTensor of the group's mesh,
+    saved to ``out`` with the rows torch's own sharding gives this process."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = in_group(rank, world, f"{out}/store")
+    files = {p.name: "" for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".json")}
+    got = {}
+    with Shards(Path(folder), files) as shards:
+        for i, (name, tensor) in enumerate(WHOLE.items()):
+            like = distribute_tensor(torch.zeros_like(tensor), mesh, [Shard(0)])
+            for key, want in ((f"model/{name}", tensor), (f"exp_avg/{i}", tensor * 2)):
+                placed = shards.placed(key, like)
+                assert placed.shape == tensor.shape and placed.placements == like.placements
+                got[key] = placed.to_local()
+                got[f"torch/{key}"] = distribute_tensor(want, mesh, [Shard(0)]).to_local()
+        got["step/0"] = shards.placed("step/0", None)
+    save_file(got, f"{out}/rank-{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def spawned(function, world: int, *args) -> None:
+    torch.multiprocessing.start_processes(function, (world, *map(str, args)), nprocs=world, start_method="spawn")
+
+
+@pytest.fixture(scope="module")
+def written_by_two(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("written-by-two")
+    spawned(write_as_process, 2, folder)
+    (folder / "store").unlink(missing_ok=True)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("readers", [1, 3, 4])
+def test_two_processes_shards_read_by_m_give_each_process_its_own_rows(written_by_two, readers, tmp_path):
+    spawned(read_as_process, readers, written_by_two, tmp_path)
+    per_rank = [load_file(str(tmp_path / f"rank-{rank}.safetensors")) for rank in range(readers)]
+    for i, (name, tensor) in enumerate(WHOLE.items()):
+        for key, want in ((f"model/{name}", tensor), (f"exp_avg/{i}", tensor * 2)):
+            assert all(torch.equal(got[key], got[f"torch/{key}"]) for got in per_rank), key  # torch's own cut
+            assert torch.equal(torch.cat([got[key] for got in per_rank]), want), key  # every row once, in order
+    assert [got["step/0"].item() for got in per_rank] == [5.0] * readers
