@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from job.core.errors import ExitCode
-from tests.e2e.test_fsdp import TWENTY_STEPS, assert_same_run, launched, outputs, stage_args
+from tests.e2e.test_fsdp import TWENTY_STEPS, assert_no_pickle, assert_same_run, launched, outputs, stage_args, started
 from tests.e2e.test_multinode import _finish, _keys, _node_args, _start_nodes, _weights
 from tests.helpers import cli, events, wait_for_event
 
@@ -86,3 +86,34 @@ def test_two_nodes_with_fsdp_train_as_one_process_and_resume_from_s3_after_one_n
     assert 4 <= at < 12
     cut = _weights(s3, "fsdp-cut")
     assert cut.keys() == two.keys() and all(torch.equal(cut[k], two[k]) for k in two)
+
+
+@pytest.mark.slow
+def test_sigusr1_and_sigint_stop_every_fsdp_process_at_a_checkpoint_that_resumes_bit_for_bit(
+    tiny_model_dir, cache, tmp_path
+):
+    """What the README promises for every stop signal, under fsdp through ``python -m job.launch``: every
+    process finishes its step and writes its shards, the group exits 75, and the rerun ends as the
+    uninterrupted run does."""
+    steps = ["--max-steps", "12", "--checkpoint-every", "2", "--sharding", "fsdp", *TWENTY_STEPS[2:]]
+    straight = launched(2, *stage_args("finetune", tiny_model_dir, cache, tmp_path / "straight", *steps))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for stop in (signal.SIGUSR1, signal.SIGINT):
+        output = tmp_path / stop.name
+        cut = started(2, *stage_args("finetune", tiny_model_dir, cache, output, *steps))
+        wait_for_event(cut, lambda e: e.get("event") == "checkpoint" and e["step"] >= 2, deadline_s=400)
+        cut.send_signal(stop)
+        _out, err = cut.communicate(timeout=300)
+        assert cut.returncode == ExitCode.RETRY, err[-3000:]
+        assert err.count(f"stopped by {stop.name} at step") == 2, err[-3000:]  # each process says so
+        newest = max((output / "checkpoints").glob("step-*"))
+        assert int(newest.name[5:]) < 12 and not (output / "model").exists()
+        assert_no_pickle(newest)
+
+        rerun = launched(2, *stage_args("finetune", tiny_model_dir, cache, output, *steps))
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert [e["step"] for e in events(rerun.stdout) if e["event"] == "resumed"] == [int(newest.name[5:])]
+        (weights, losses), (their_weights, their_losses) = outputs(output), outputs(tmp_path / "straight")
+        assert losses == their_losses, stop.name
+        assert weights.keys() == their_weights.keys()
+        assert all(torch.equal(weights[k], their_weights[k]) for k in their_weights), stop.name
