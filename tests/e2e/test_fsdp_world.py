@@ -5,6 +5,8 @@ SIGUSR1 and SIGINT on 2 processes."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import signal
 
@@ -15,6 +17,20 @@ from job.core.errors import ExitCode
 from tests.e2e.test_fsdp import TWENTY_STEPS, assert_no_pickle, assert_same_run, launched, outputs, stage_args, started
 from tests.e2e.test_multinode import _finish, _keys, _node_args, _start_nodes, _weights
 from tests.helpers import cli, events, wait_for_event
+
+
+def logged(stdout: str) -> list[dict]:
+    """The JSON log records in ``stdout`` wherever they sit: the processes share one stdout, and a line
+    another one writes may land between a record and its newline (print writes them apart)."""
+    decoder, found = json.JSONDecoder(), []
+    for start in (m.start() for m in re.finditer(r'\{"', stdout)):
+        try:
+            record, _end = decoder.raw_decode(stdout, start)
+        except ValueError:
+            continue
+        if "event" in record and "rank" in record:
+            found.append(record)
+    return found
 
 
 @pytest.mark.slow
@@ -30,7 +46,7 @@ def test_fsdp_on_four_processes_trains_as_one_process_does(stage, extra, tiny_mo
         4, *stage_args(stage, tiny_model_dir, cache, tmp_path / "fsdp", *TWENTY_STEPS, *extra), "--sharding", "fsdp"
     )
     assert sharded.returncode == 0, sharded.stderr[-3000:]
-    [start] = [e for e in events(sharded.stdout) if e["event"] == f"{stage}_start"]
+    [start] = [e for e in logged(sharded.stdout) if e["event"] == f"{stage}_start"]
     assert start["processes"] == 4
     single = cli(*stage_args(stage, tiny_model_dir, cache, tmp_path / "one", *TWENTY_STEPS, *extra))
     assert single.returncode == 0, single.stderr[-3000:]
@@ -112,7 +128,7 @@ def test_sigusr1_and_sigint_stop_every_fsdp_process_at_a_checkpoint_that_resumes
 
         rerun = launched(2, *stage_args("finetune", tiny_model_dir, cache, output, *steps))
         assert rerun.returncode == 0, rerun.stderr[-3000:]
-        assert [e["step"] for e in events(rerun.stdout) if e["event"] == "resumed"] == [int(newest.name[5:])]
+        assert [e["step"] for e in logged(rerun.stdout) if e["event"] == "resumed"] == [int(newest.name[5:])]
         (weights, losses), (their_weights, their_losses) = outputs(output), outputs(tmp_path / "straight")
         assert losses == their_losses, stop.name
         assert weights.keys() == their_weights.keys()
