@@ -4,9 +4,9 @@
 
 accelerate launch runs torchrun's agent, which exits 1 whatever its workers exit with, so a pod or
 a Slurm step would read "bad data" where a worker meant "try again" (75). On SIGTERM the agent
-also kills its workers after a short grace. This wrapper starts the launcher, passes SIGTERM and
-SIGUSR1 to the training processes themselves (each finishes its step, writes the checkpoint and
-exits 75), and exits with the most telling code its workers reported (each writes its code to
+also kills its workers after a short grace. This wrapper starts the launcher, passes SIGTERM,
+SIGUSR1 and SIGINT to the training processes themselves (each finishes its step, writes the checkpoint
+and exits 75), and exits with the most telling code its workers reported (each writes its code to
 ``SFT_JOB_EXIT_DIR`` on the way out): bad config (2), bad data (1), try again (75), a bug (70).
 A launcher that failed with no worker's code (a worker killed by the kernel, say) is a 70.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil  # accelerate's own dependency
 
-from job.core.errors import ExitCode
+from job.core.errors import STOP_SIGNALS, ExitCode
 
 # The order in which a worker's code speaks for the group: a config or data error fails the whole
 # job whoever saw it first; "try again" beats a bug elsewhere (a peer lost mid-collective).
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                 except (OSError, psutil.Error):
                     pass  # gone already
 
-        for s in (signal.SIGTERM, signal.SIGUSR1):
+        # SIGINT too: left to Python's default, it ended this wrapper alone and the workers trained on
+        for s in STOP_SIGNALS:
             signal.signal(s, forward)
         code = launcher.wait()
         reported = [int(p.read_text()) for p in Path(exits).glob("rank-*")]

@@ -90,6 +90,7 @@ def run_dpo(
             train_pairs=task.train_size,
             steps=trainer.total_steps,
             trainable_parameters=trainer.parameter_counts["trainable"],
+            processes=trainer.roles.world,
             reference="base without adapters" if cfg.lora_rank else "frozen copy",
             beta=cfg.beta,
             logprob_reduction=cfg.logprob_reduction,

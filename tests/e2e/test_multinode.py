@@ -21,7 +21,7 @@ from job.launch import group_exit_code
 from tests.helpers import REPO, cli, events, free_port
 
 
-def _node_args(tiny_model_dir, shared_data, node_dir, run_id: str) -> list[str]:
+def _node_args(tiny_model_dir, shared_data, node_dir, run_id: str, *extra: str) -> list[str]:
     cache = node_dir / "cache"
     if not cache.exists():  # each node's cache holds the tokenizer, as a pre-seeded node's would
         shutil.copytree(shared_data / "gpt2", cache / "gpt2")
@@ -32,17 +32,18 @@ def _node_args(tiny_model_dir, shared_data, node_dir, run_id: str) -> list[str]:
         *("--output", "s3://multi/runs", "--run-id", run_id, "--skip-judge"),
         *("--max-steps", "12", "--eval-freq", "2", "--checkpoint-every", "4", "--lr", "1e-4"),
         *("--limit", "2", "--max-new-tokens", "4", "--metrics-port", "0", "--log-format", "json"),
+        *extra,
     ]
 
 
-def _start_nodes(tiny_model_dir, shared_data, tmp_path, run_id: str) -> list[subprocess.Popen]:
+def _start_nodes(tiny_model_dir, shared_data, tmp_path, run_id: str, *extra: str) -> list[subprocess.Popen]:
     port = free_port()
     nodes = []
     for rank in (0, 1):
         launch = ["--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2"]
         launch += ["--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
         launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "job.cli"]
-        args = _node_args(tiny_model_dir, shared_data, tmp_path / run_id / f"node{rank}", run_id)
+        args = _node_args(tiny_model_dir, shared_data, tmp_path / run_id / f"node{rank}", run_id, *extra)
         nodes.append(
             subprocess.Popen(
                 [sys.executable, "-m", "job.launch", *launch, *args],
