@@ -40,7 +40,6 @@ def measure_load(path: str, tokenizer_dir: str, chat_template: str | None = None
     """In this (fresh) process: read and check every entry (its format told from its keys), then tokenize the
     training split as ``finetune`` lays that format out (job/data/formats.py's ``layout``; ``chat_template``
     is ``--chat-template FILE``); seconds and the process's peak RSS after each."""
-    import resource
     from types import SimpleNamespace
 
     from job.data.formats import layout
@@ -49,11 +48,11 @@ def measure_load(path: str, tokenizer_dir: str, chat_template: str | None = None
     from job.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    imports_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10  # torch and the job's modules
+    imports_rss = peak_rss_bytes()  # torch and the job's modules
     start = time.perf_counter()
     splits = load_splits(local_source(Path(path)))
     loaded = time.perf_counter()
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    load_peak = peak_rss_bytes()
     settings = SimpleNamespace(chat_template=chat_template, train_on="assistant")
     how = layout(settings, splits.data_format, splits.train, tokenizer, PROMPT_STYLES["alpaca"])
     examples = how.examples(splits.train, tokenizer, 1024)
@@ -67,8 +66,21 @@ def measure_load(path: str, tokenizer_dir: str, chat_template: str | None = None
         "tokens": sum(len(e.token_ids) for e in examples),
         "imports_rss_bytes": imports_rss,
         "load_peak_rss_bytes": load_peak,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's ``VmHWM``, which starts afresh at ``exec``; the
+    ``ru_maxrss`` of a process started by ``subprocess`` keeps its parent's peak at the fork (the driver's own
+    hundreds of MB of entries), so it is the fallback only where ``/proc`` is not."""
+    import resource
+
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) << 10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
 
 
 def isolated_load(path: Path, tokenizer_dir: str, chat_template: Path | None = None) -> dict:
