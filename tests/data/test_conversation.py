@@ -147,3 +147,16 @@ def test_a_template_that_rewrites_the_assistants_text_without_blocks_is_refused(
         lay_out_conversation(
             ours, ChatTemplate(rewriting, {"bos_token": ""}, "t"), [{"role": "assistant", "content": "a"}], "assistant"
         )
+
+
+@pytest.mark.parametrize("text", ["", "é", "plain ASCII <|endoftext|>", "naïve <|endoftext|> 😀"])
+def test_token_spans_cover_the_text_an_empty_one_included(tokenizer_dir, text):
+    from job.data.conversation import token_offsets
+
+    ids, spans = token_offsets(load_tokenizer(tokenizer_dir), text)
+    assert len(ids) == len(spans)
+    if text.isascii():  # a token per run of characters, in order
+        assert "".join(text[start:end] for start, end in spans) == text
+    else:  # the tokens of one character's bytes each span that character
+        assert spans[0][0] == 0 and spans[-1][1] == len(text)
+        assert all(start <= end_before for (_, end_before), (start, _) in zip(spans, spans[1:], strict=False))
