@@ -122,36 +122,6 @@ def ratios(results: dict, sizes: list[int]) -> dict:
     return out
 
 
-def measure_batching(size: int, data_dir: str, repeats: int = 3) -> dict:
-    """The book's path tokenized one entry at a time (each ``style.lay_out``: what ``tokenize`` did before it
-    batched) and by ``tokenize`` (batched), alternately in this process, ``repeats`` times each: the fastest
-    seconds of each and their ratio; the two results must be equal."""
-    from job.data.instructions import PROMPT_STYLES, tokenize
-    from job.models.tokenizer import load_tokenizer
-
-    book = [{"input": "", **e} for e in json.loads((Path(data_dir) / "instruction-data.json").read_text())]
-    entries = [book[i % len(book)] for i in range(int(size * 0.85))]  # the training split's size
-    tokenizer, style = load_tokenizer(Path(data_dir) / "gpt2"), PROMPT_STYLES["alpaca"]
-    seconds: dict[str, list[float]] = {"one_at_a_time": [], "batched": []}
-    for _ in range(repeats):
-        started = time.perf_counter()
-        before = [style.lay_out(tokenizer, e, e["output"]) for e in entries]
-        seconds["one_at_a_time"].append(time.perf_counter() - started)
-        started = time.perf_counter()
-        after = tokenize(entries, tokenizer, style, 1024)
-        seconds["batched"].append(time.perf_counter() - started)
-        if [(e.token_ids, e.prompt_length) for e in after] != [(laid.ids, laid.response_start) for laid in before]:
-            raise SystemExit("the batched tokenizing differs from one entry at a time")
-        del before, after
-    best = {name: round(min(times), 3) for name, times in seconds.items()}
-    return {
-        "entries": len(entries),
-        "seconds": seconds,
-        "best_seconds": best,
-        "batched_vs_one_at_a_time": round(best["batched"] / best["one_at_a_time"], 3),
-    }
-
-
 def measure_offsets(size: int, data_dir: str, repeats: int = 3) -> dict:
     """A conversation's token spans (job/data/conversation.py's ``token_offsets``, what the messages format
     tokenizes with) on the rendered text of ``size`` * 0.85 conversations, ASCII as the book's, against the
@@ -182,18 +152,17 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="1000,52000,500000")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--no-startup", action="store_true", help="leave out the finetune start-ups")
-    parser.add_argument("--batching", action="store_true", help="only the tokenizing's changes, before/after")
-    parser.add_argument("--repeats", type=int, default=3, help="--batching: times each way is timed")
+    parser.add_argument("--offsets", action="store_true", help="only a conversation's token spans, before/after")
+    parser.add_argument("--repeats", type=int, default=3, help="--offsets: times each way is timed")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results-cpu-data-formats.json")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     started = time.time()
     load_at_start = os.getloadavg()
     data_dir = args.data_dir or default_data_dir()
-    if args.batching:
-        batching = {size: measure_batching(size, data_dir, args.repeats) for size in sizes}
+    if args.offsets:
         offsets = {size: measure_offsets(size, data_dir, args.repeats) for size in sizes}
-        report = {"machine": machine("cpu"), "batching": batching, "offsets": offsets}
+        report = {"machine": machine("cpu"), "offsets": offsets}
     else:
         results = run(sizes, data_dir, not args.no_startup)
         report = {"machine": machine("cpu"), "sizes": sizes, "results": results, "ratios": ratios(results, sizes)}

@@ -14,7 +14,7 @@ from job.core.errors import ConfigError, JobError
 from job.core.observability import get_logger
 from job.core.parsing import ParseError, load_json, read_bounded
 from job.data.book_datasets import DATASETS, known_dataset
-from job.models.tokenizer import END_OF_TEXT_ID, encode, encode_parts, encode_parts_batch
+from job.models.tokenizer import END_OF_TEXT_ID, encode, encode_parts
 from job.storage.fetch import Downloader, RemoteFile, mirror_urls
 
 log = get_logger(__name__)
@@ -235,15 +235,13 @@ class Example:
 
 
 def tokenize(entries: list[dict], tokenizer, style: PromptStyle, max_length: int) -> list[Example]:
-    """Pre-tokenize once, as ``style.lay_out`` lays out each entry and its output, in batches (the tokenizing
-    of a large set is most of the start-up); sequences that will not fit ``max_length`` (with their end token)
-    are cut."""
-    heads = [style.format_input(entry) + style.response_header for entry in entries]
+    """Pre-tokenize once; sequences that will not fit ``max_length`` (with their end token) are cut."""
     examples, truncated = [], 0
-    for ids, start in encode_parts_batch(tokenizer, heads, [entry["output"] for entry in entries]):
-        if len(ids) + 1 > max_length:
+    for entry in entries:
+        laid = style.lay_out(tokenizer, entry, entry["output"])
+        if len(laid.ids) + 1 > max_length:
             truncated += 1
-        examples.append(Example(ids, start))
+        examples.append(Example(laid.ids, laid.response_start))
     if truncated:
         log.warning("sequences_truncated", count=truncated, max_length=max_length)
     return examples

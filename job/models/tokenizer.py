@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from bisect import bisect_right
 from itertools import accumulate
 from pathlib import Path
 
@@ -261,29 +260,6 @@ def encode_parts(tokenizer: Tokenizer, head: str, tail: str) -> tuple[list[int],
         ids = encode(tokenizer, text)
         ends, boundary = list(accumulate(map(len, token_bytes(tokenizer, ids)))), len(head.encode("utf-8"))
     return ids, next((k for k, end in enumerate(ends) if end > boundary), len(ids))
-
-
-def encode_parts_batch(tokenizer: Tokenizer, heads: list[str], tails: list[str], chunk: int = 4096):
-    """``encode_parts`` of each (head, tail), the same ids and starts: GPT-2's texts through tiktoken's
-    ``encode_batch`` (its threads run the same ``encode`` per text, which lets go of the GIL), ``chunk`` texts at
-    a time so that only a chunk's joined texts are held; where the tail starts found from a few prefix decodes
-    (a bisection on the byte length of ``ids[:k]``, which grows with k) instead of every token's bytes. Other
-    tokenizers: one ``encode_parts`` per pair."""
-    if not isinstance(tokenizer, tiktoken.Encoding):
-        return [encode_parts(tokenizer, head, tail) for head, tail in zip(heads, tails, strict=True)]
-    laid, threads = [], min(8, len(os.sched_getaffinity(0)))  # tiktoken's default 8, or fewer cores
-    for at in range(0, len(heads), chunk):
-        chunk_heads = heads[at : at + chunk]
-        texts = [head + tail for head, tail in zip(chunk_heads, tails[at : at + chunk], strict=True)]
-        batch = tokenizer.encode_batch(texts, num_threads=threads, allowed_special={END_OF_TEXT})
-        for ids, head in zip(batch, chunk_heads, strict=True):
-            laid.append((ids, _tail_start(tokenizer, ids, len(head.encode("utf-8")))))
-    return laid
-
-
-def _tail_start(tokenizer: tiktoken.Encoding, ids: list[int], boundary: int) -> int:
-    """How many tokens end at or before byte ``boundary``: the first token that holds a byte after it."""
-    return bisect_right(range(1, len(ids) + 1), boundary, key=lambda k: len(tokenizer.decode_bytes(ids[:k])))
 
 
 def token_bytes(tokenizer: tiktoken.Encoding | ByteTokenizer, ids: list[int]) -> list[bytes]:

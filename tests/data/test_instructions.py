@@ -105,16 +105,3 @@ def test_json_lines_absent_input_and_skip_invalid(tmp_path):
         load_entries(path)
     entries = load_entries(path, skip_invalid=True)
     assert entries == [{"instruction": "a", "input": "", "output": "b"}, lines[2]]
-
-
-@pytest.mark.parametrize("style", ["alpaca", "phi3"])
-def test_batched_tokenizing_is_each_entry_laid_out_as_before(tokenizer_dir, book_data, style):
-    """The book's 1,100 entries (outputs of a line or of paragraphs, inputs or none): the batched ids and
-    response starts are those of laying out one entry at a time."""
-    tok, layout = load_tokenizer(tokenizer_dir), PROMPT_STYLES[style]
-    entries = [{**e, "input": e.get("input", "")} for e in book_data]
-    one_at_a_time = [layout.lay_out(tok, e, e["output"]) for e in entries]
-    batched = tokenize(entries, tok, layout, 1024)
-    assert [(e.token_ids, e.prompt_length) for e in batched] == [
-        (laid.ids, laid.response_start) for laid in one_at_a_time
-    ]

@@ -6,16 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from job.data.instructions import PROMPT_STYLES
-from job.models.tokenizer import (
-    END_OF_TEXT_ID,
-    ByteTokenizer,
-    TokenizerError,
-    decode_response,
-    encode,
-    encode_parts,
-    encode_parts_batch,
-    load_tokenizer,
-)
+from job.models.tokenizer import END_OF_TEXT_ID, ByteTokenizer, TokenizerError, decode_response, encode, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -151,31 +142,3 @@ def test_a_tokenizer_config_without_an_end_token_or_naming_an_unknown_one_is_ref
     (tmp_path / "tokenizer.json").write_text("{not a tokenizer")
     with pytest.raises(TokenizerError, match="is not a tokenizer we can read"):
         load_hf_tokenizer(tmp_path)
-
-
-# Text where GPT-2's merges and the special token's handling could part: the end token whole, cut or glued to
-# words, spaces and newlines at the seam, and characters of 2 to 4 UTF-8 bytes (a token may hold part of one).
-ODD_TEXT = st.lists(
-    st.sampled_from(
-        ["<|endoftext|>", "<|endoftext", "|>", "<|", " ", "\n", "\n\n", "'s", "a", "Z", "7", "é", "中", "🙂", "\u0301"]
-    )
-    | st.characters(),
-    max_size=20,
-).map("".join)
-
-
-@settings(max_examples=150, deadline=None)
-@given(pairs=st.lists(st.tuples(ODD_TEXT, ODD_TEXT), min_size=1, max_size=12), chunk=st.integers(1, 5))
-def test_batched_encoding_gives_each_pairs_own_ids_and_tail_start(tok, pairs, chunk):
-    heads, tails = [h for h, _ in pairs], [t for _, t in pairs]
-    assert encode_parts_batch(tok, heads, tails, chunk=chunk) == [encode_parts(tok, h, t) for h, t in pairs]
-
-
-def test_batched_encoding_keeps_the_end_token_special_and_other_tokenizers_per_pair(tok):
-    laid = encode_parts_batch(tok, ["a<|endoftext|>", "x"], ["<|endoftext|>b", ""])
-    assert laid == [([64, END_OF_TEXT_ID, END_OF_TEXT_ID, 65], 2), ([87], 1)]
-    smoke = ByteTokenizer()
-    assert encode_parts_batch(smoke, ["ab", "é"], ["c", "d"]) == [
-        encode_parts(smoke, "ab", "c"),
-        encode_parts(smoke, "é", "d"),
-    ]
