@@ -101,7 +101,7 @@ def token_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]
         return encoding.ids, list(encoding.offsets)
     ids = encode(tokenizer, text)
     byte_ends = list(accumulate(map(len, token_bytes(tokenizer, ids))))
-    if text.isascii():  # a byte per character: the byte spans are the character spans (most of the start-up)
+    if text.isascii():  # a byte per character: the byte spans are the spans (the count below is slow in Python)
         return ids, list(zip([0, *byte_ends][:-1], byte_ends, strict=True))
     char_byte_ends = list(accumulate(len(c.encode("utf-8")) for c in text))  # byte end of each character
     # a token ending inside a character ends at that character's end; one starting inside it starts at its start
