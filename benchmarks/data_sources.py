@@ -36,24 +36,29 @@ def write_files(book: list[dict], size: int, folder: Path) -> dict[str, Path]:
     return paths
 
 
-def measure_load(path: str, tokenizer_dir: str) -> dict:
-    """In this (fresh) process: read and check every entry, then tokenize the training split; seconds and
-    the process's peak RSS after each."""
-    import resource
+def measure_load(path: str, tokenizer_dir: str, chat_template: str | None = None) -> dict:
+    """In this (fresh) process: read and check every entry (its format told from its keys), then tokenize the
+    training split as ``finetune`` lays that format out (job/data/formats.py's ``layout``; ``chat_template``
+    is ``--chat-template FILE``); seconds and the process's peak RSS after each."""
+    from types import SimpleNamespace
 
-    from job.data.instructions import PROMPT_STYLES, tokenize
+    from job.data.formats import layout
+    from job.data.instructions import PROMPT_STYLES
     from job.data.sources import load_splits, local_source
     from job.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    imports_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10  # torch and the job's modules
+    imports_rss = peak_rss_bytes()  # torch and the job's modules
     start = time.perf_counter()
     splits = load_splits(local_source(Path(path)))
     loaded = time.perf_counter()
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
-    examples = tokenize(splits.train, tokenizer, PROMPT_STYLES["alpaca"], 1024)
+    load_peak = peak_rss_bytes()
+    settings = SimpleNamespace(chat_template=chat_template, train_on="assistant")
+    how = layout(settings, splits.data_format, splits.train, tokenizer, PROMPT_STYLES["alpaca"])
+    examples = how.examples(splits.train, tokenizer, 1024)
     tokenized = time.perf_counter()
     return {
+        "data_format": splits.data_format,
         "entries": len(splits.train) + len(splits.val) + len(splits.test),
         "file_bytes": Path(path).stat().st_size,
         "load_check_seconds": round(loaded - start, 3),
@@ -61,12 +66,26 @@ def measure_load(path: str, tokenizer_dir: str) -> dict:
         "tokens": sum(len(e.token_ids) for e in examples),
         "imports_rss_bytes": imports_rss,
         "load_peak_rss_bytes": load_peak,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 
-def isolated_load(path: Path, tokenizer_dir: str) -> dict:
-    code = f"import json; from benchmarks.data_sources import measure_load; print(json.dumps(measure_load({str(path)!r}, {tokenizer_dir!r})))"  # noqa: E501
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's ``VmHWM``, which starts afresh at ``exec``; the
+    ``ru_maxrss`` of a process started by ``subprocess`` keeps its parent's peak at the fork (the driver's own
+    hundreds of MB of entries), so it is the fallback only where ``/proc`` is not."""
+    import resource
+
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) << 10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+
+
+def isolated_load(path: Path, tokenizer_dir: str, chat_template: Path | None = None) -> dict:
+    template = str(chat_template) if chat_template else None
+    code = f"import json; from benchmarks.data_sources import measure_load; print(json.dumps(measure_load({str(path)!r}, {tokenizer_dir!r}, {template!r})))"  # noqa: E501
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"measuring {path} failed: {done.stderr[-2000:]}")
@@ -81,11 +100,11 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
-def finetune_startup(path: Path, model: Path, cache: Path, out: Path) -> dict:
-    """``sft-job finetune --max-steps 1`` on ``path``: seconds from the process's start to ``finetune_start``
-    (every entry read, checked and tokenized, the model loaded) and to the process's end (one step, one
-    evaluation, the outputs)."""
-    cmd = [sys.executable, "-m", "job.cli", "finetune", "--model-dir", str(model), "--data", str(path)]
+def finetune_startup(path: Path, model: Path, cache: Path, out: Path, *extra: str) -> dict:
+    """``sft-job finetune --max-steps 1`` on ``path`` (``extra``: more flags): seconds from the process's start
+    to ``finetune_start`` (every entry read, checked and tokenized, the model loaded) and to the process's end
+    (one step, one evaluation, the outputs)."""
+    cmd = [sys.executable, "-m", "job.cli", "finetune", "--model-dir", str(model), "--data", str(path), *extra]
     cmd += ["--cache", str(cache), "--output", str(out), "--max-steps", "1", "--eval-freq", "1", "--eval-iter", "1"]
     started = time.time()
     done = subprocess.run(cmd + ["--log-format", "json"], capture_output=True, text=True, check=False)
@@ -98,16 +117,22 @@ def finetune_startup(path: Path, model: Path, cache: Path, out: Path) -> dict:
     return {"to_first_step_seconds": round(stamp - started, 2), "wall_seconds": round(ended - started, 2)}
 
 
+def job_cache(folder: Path, tokenizer_dir: str) -> Path:
+    """A ``--cache`` for the start-ups: GPT-2's tokenizer files, copied."""
+    cache = folder / "cache"
+    (cache / "gpt2").mkdir(parents=True)
+    for name in ("encoder.json", "vocab.bpe"):
+        (cache / "gpt2" / name).write_bytes((Path(tokenizer_dir) / name).read_bytes())
+    return cache
+
+
 def run(sizes: list[int], data_dir: str, startup: bool) -> dict:
     book = json.loads((Path(data_dir) / "instruction-data.json").read_text())
     tokenizer_dir = str(Path(data_dir) / "gpt2")
     results: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        cache = folder / "cache"
-        (cache / "gpt2").mkdir(parents=True)
-        for name in ("encoder.json", "vocab.bpe"):
-            (cache / "gpt2" / name).write_bytes((Path(tokenizer_dir) / name).read_bytes())
+        cache = job_cache(folder, tokenizer_dir)
         model = tiny_model(folder / "model") if startup else None
         for size in sizes:
             paths = write_files(book, size, folder)

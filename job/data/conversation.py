@@ -101,10 +101,12 @@ def token_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]
         return encoding.ids, list(encoding.offsets)
     ids = encode(tokenizer, text)
     byte_ends = list(accumulate(map(len, token_bytes(tokenizer, ids))))
+    if text.isascii():  # a byte per character: the byte spans are the spans (the count below is slow in Python)
+        return ids, list(zip([0, *byte_ends][:-1], byte_ends, strict=True))
     char_byte_ends = list(accumulate(len(c.encode("utf-8")) for c in text))  # byte end of each character
     # a token ending inside a character ends at that character's end; one starting inside it starts at its start
     char_end = [min(bisect_right(char_byte_ends, end - 1) + 1, len(text)) for end in byte_ends]
-    starts = [0, *byte_ends[:-1]]
+    starts = [0, *byte_ends][:-1]  # none for an empty text
     char_start = [bisect_right(char_byte_ends, start) for start in starts]
     return ids, list(zip(char_start, char_end, strict=True))
 

@@ -32,13 +32,13 @@ TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_siz
 
 
 @st.composite
-def conversations(draw):
+def conversations(draw, text=TEXT):
     """1 to 8 turns: an optional system turn, then users and assistants, at least one assistant turn."""
-    system = [{"role": "system", "content": draw(TEXT)}] if draw(st.booleans()) else []
+    system = [{"role": "system", "content": draw(text)}] if draw(st.booleans()) else []
     count = draw(st.integers(1, 8 - len(system)))
     roles = [draw(st.sampled_from(["user", "assistant"])) for _ in range(count)]
     roles[draw(st.integers(0, count - 1))] = "assistant"
-    return system + [{"role": role, "content": draw(TEXT)} for role in roles]
+    return system + [{"role": role, "content": draw(text)} for role in roles]
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,12 @@ def test_a_template_without_blocks_trains_each_assistant_turn_and_its_end_token(
     assert lay_out_conversation(ours, plain, turns, "assistant") == reference(theirs, MARKED, turns)
 
 
-@settings(max_examples=20, deadline=None)
-@given(turns=conversations())
+# ASCII only (the book's text): the offsets are read off the tokens' bytes directly (job/data/conversation.py).
+ASCII_TEXT = st.text(st.characters(codec="ascii"), max_size=30) | st.sampled_from(["<|endoftext|>", " \n ", ""])
+
+
+@settings(max_examples=40, deadline=None)
+@given(turns=conversations() | conversations(ASCII_TEXT))
 def test_gpt2_tiktoken_masks_as_transformers_gpt2_tokenizer(tokenizer_dir, turns):
     from transformers import GPT2TokenizerFast
 
@@ -143,3 +147,16 @@ def test_a_template_that_rewrites_the_assistants_text_without_blocks_is_refused(
         lay_out_conversation(
             ours, ChatTemplate(rewriting, {"bos_token": ""}, "t"), [{"role": "assistant", "content": "a"}], "assistant"
         )
+
+
+@pytest.mark.parametrize("text", ["", "é", "plain ASCII <|endoftext|>", "naïve <|endoftext|> 😀"])
+def test_token_spans_cover_the_text_an_empty_one_included(tokenizer_dir, text):
+    from job.data.conversation import token_offsets
+
+    ids, spans = token_offsets(load_tokenizer(tokenizer_dir), text)
+    assert len(ids) == len(spans)
+    if text.isascii():  # a token per run of characters, in order
+        assert "".join(text[start:end] for start, end in spans) == text
+    else:  # the tokens of one character's bytes each span that character
+        assert spans[0][0] == 0 and spans[-1][1] == len(text)
+        assert all(start <= end_before for (_, end_before), (start, _) in zip(spans, spans[1:], strict=False))
