@@ -101,8 +101,9 @@ class FittedConsoleRenderer:
 
 
 class BarSafeLogger:
-    """Prints each event line through ``tqdm.write``: a progress bar on the same terminal is cleared
-    first and redrawn after, instead of the line landing at the end of the bar."""
+    """Prints each event line as ``tqdm.write`` does (a progress bar on the same terminal is cleared first and
+    redrawn after, instead of the line landing at the end of the bar), but in one write: processes that
+    share a stdout (a group on one node) never put a line between a record and its newline."""
 
     def __init__(self, file):
         self.file = file
@@ -110,8 +111,9 @@ class BarSafeLogger:
     def msg(self, message: str) -> None:
         from tqdm import tqdm
 
-        tqdm.write(message, file=self.file)
-        self.file.flush()
+        with tqdm.external_write_mode(file=self.file):
+            self.file.write(message + "\n")
+            self.file.flush()
 
     debug = info = warning = warn = error = critical = exception = fatal = failure = log = msg
 
