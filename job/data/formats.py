@@ -21,7 +21,7 @@ from job.data.conversation import (
 )
 from job.data.instructions import DataError, Example, Laid, PromptStyle, entry_problem, tokenize
 from job.data.preference import preference_problem
-from job.models.chat_template import ChatTemplate
+from job.models.chat_template import ChatTemplate, ChatTemplateError
 from job.models.tokenizer import encode
 
 log = get_logger(__name__)
@@ -238,9 +238,10 @@ def needs_template(data_format: str, entries: list[dict]) -> bool:
     return data_format == "prompt-completion" and any(not isinstance(e["prompt"], str) for e in entries)
 
 
-def layout(cfg, data_format: str, entries: list[dict], tokenizer, style: PromptStyle) -> Layout:
+def layout(cfg, data_format: str, entries: list[dict], tokenizer, style: PromptStyle, origin=None) -> Layout:
     """The run's layout: a conversation's template is ``--chat-template FILE``, else the model's own; neither
-    is a ConfigError (exit 2)."""
+    is a ConfigError (exit 2). Every entry is rendered as the stages will render it, so an entry the template
+    refuses is a DataError here, at preflight, named by ``origin(entry)`` (its file and row)."""
     template = None
     if needs_template(data_format, entries):
         if getattr(cfg, "chat_template", None):
@@ -256,7 +257,35 @@ def layout(cfg, data_format: str, entries: list[dict], tokenizer, style: PromptS
     first = next((e for e in entries if "messages" in e), None)
     if first is not None:  # a template we cannot read the assistant's tokens from fails here, at preflight
         assistant_spans(template, first["messages"], special_tokens(tokenizer))
+    if template is not None:
+        check_renders(template, entries, special_tokens(tokenizer), origin)
     return how
+
+
+def renderings(entry: dict) -> list[tuple[list[dict], bool]]:
+    """Each (turns, add_generation_prompt) a stage renders of a conversational entry: training's whole
+    conversation, generation's prompt; a preference pair's prompt and both of its conversations."""
+    if isinstance(entry.get("chosen"), list):
+        prompt, chosen, rejected = explicit_pair(entry)
+        return [(prompt, True), (prompt + chosen, False), (prompt + rejected, False)]
+    if isinstance(entry.get("prompt"), list):
+        return [(entry["prompt"], True), (entry["prompt"] + entry["completion"], False)]
+    return []
+
+
+def check_renders(template: ChatTemplate, entries: list[dict], specials: set[str], origin=None) -> None:
+    """Every entry through the template (a template may refuse one: ``raise_exception``, e.g. on turns that do
+    not alternate user/assistant); the first refused is a DataError naming its file, row and the template's
+    message (``origin(entry)``; without it, the entry's place in ``entries``)."""
+    for index, entry in enumerate(entries):
+        try:
+            if "messages" in entry:
+                assistant_spans(template, entry["messages"], specials)
+                template.prompt(split_last_answer(entry["messages"])[0])
+            for turns, ask in renderings(entry):
+                template.render(turns, add_generation_prompt=ask)
+        except ChatTemplateError as exc:
+            raise DataError(f"{origin(entry) if origin else f'entry {index}'}: {exc}") from None
 
 
 @dataclass(frozen=True)

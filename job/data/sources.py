@@ -122,16 +122,31 @@ def checked_entries(
     """``rows`` renamed, their format (``data_format``, else told from their keys: job/data/formats.py) and
     each checked as that format's (alpaca's by ``check``, ``input`` filled in as "" where absent); a bad one is
     an error naming the file, the entry and the field."""
+    data_format, entries, _rows = checked_rows(path, rows, skip_invalid, check, fields, data_format)
+    return data_format, entries
+
+
+def checked_rows(
+    path: Path,
+    rows: list,
+    skip_invalid: bool,
+    check: Callable = entry_problem,
+    fields: dict | None = None,
+    data_format: str | None = None,
+) -> tuple[str, list[dict], list[int]]:
+    """``checked_entries``, and the row each entry kept was (``--skip-invalid`` may drop some), so a later
+    check (the chat template's) names an entry as these checks do."""
     pairs = [renamed(row, fields or {}) for row in rows]
     if not skip_invalid:
         _raise_first(path, pairs)
     named = [entry for entry, problem in pairs if problem is None]
     data_format = data_format or (detect_format(named, path) if named else "alpaca")
-    entries, skipped = [], 0
+    entries, kept, skipped = [], [], 0
     for index, (entry, problem) in enumerate(pairs):
         problem = problem or format_problem(data_format, entry, check)
         if problem is None:
             entries.append({**entry, "input": entry.get("input", "")} if data_format == "alpaca" else entry)
+            kept.append(index)
         elif skip_invalid:
             skipped += 1
         else:
@@ -140,7 +155,7 @@ def checked_entries(
         log.warning("dataset_entries_skipped", count=skipped, path=str(path))
     if not entries:
         raise DataError(f"dataset {path} has no valid entries")
-    return data_format, entries
+    return data_format, entries, kept
 
 
 def _raise_first(path: Path, pairs: list[tuple[object, str | None]]) -> None:
@@ -277,6 +292,16 @@ class Splits:
     """The entries' format (job/data/formats.py)."""
     label: str = ""
     """The dataset as errors name it: its file, folder or hub dataset."""
+    files: tuple[tuple[Path, list[dict], list[int]], ...] = ()
+    """Each file's checked entries and the row each was in it."""
+
+    def origin(self, entry: dict) -> str:
+        """Where ``entry`` (one of the splits') came from, as the entry checks name it: its file and row."""
+        for path, entries, rows in self.files:
+            row = next((rows[i] for i, e in enumerate(entries) if e is entry), None)
+            if row is not None:
+                return f"dataset {path}: entry {row}"
+        return f"dataset {self.label}: an entry"
 
 
 def load_splits(
@@ -293,13 +318,15 @@ def load_splits(
     lacks is a DataError naming the folder and the split."""
     files = source.whole or [p for split in SPLITS for p in source.split(split)]
     loaded: dict[Path, list[dict]] = {}
+    checked = []
     for path in files:
-        data_format, loaded[path] = checked_entries(path, read_rows(path), skip_invalid, check, fields, data_format)
+        data_format, loaded[path], rows = checked_rows(path, read_rows(path), skip_invalid, check, fields, data_format)
+        checked.append((path, loaded[path], rows))
     if source.whole:
         entries = [e for p in source.whole for e in loaded[p]]
         train, test, val = split_entries(entries, shuffle_seed)
         where = dict.fromkeys(SPLITS, ", ".join(map(str, source.whole)))
-        return Splits(train, test, val, where, data_format, source.label)
+        return Splits(train, test, val, where, data_format, source.label, tuple(checked))
     by_split, where = {}, {}
     for split in SPLITS:
         paths = source.split(split)
@@ -307,7 +334,8 @@ def load_splits(
             raise DataError(f"dataset {source.label} has no {split} file: the stage needs its {split} split")
         by_split[split] = [e for p in paths for e in loaded[p]]
         where[split] = ", ".join(str(p) for p in paths) or source.label
-    return Splits(by_split["train"], by_split["test"], by_split["validation"], where, data_format, source.label)
+    found = by_split["train"], by_split["test"], by_split["validation"]
+    return Splits(*found, where, data_format, source.label, tuple(checked))
 
 
 def dataset_splits(cfg, check: Callable = entry_problem, need: tuple[str, ...] = ()) -> Splits:

@@ -90,3 +90,40 @@ def test_run_dpo_on_trl_shaped_conversational_pairs(qwen3_dir, cache, tmp_path, 
     assert manifest["stages"]["dpo"]["status"] == "complete"
     dpo_evals = [e for e in events(result.stdout) if e.get("stage") == "dpo" and e["event"] == "eval"]
     assert dpo_evals and all(e["train_loss"] == e["train_loss"] for e in dpo_evals)  # numbers, not NaN
+
+
+STRICT_TEMPLATE = (  # as many models' templates do: turns must alternate, else raise_exception(...)
+    "{% for m in messages %}{% if m.role != 'system' and (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ m.role }}: {% if m.role == 'assistant' %}{% generation %}{{ m.content }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ m.content }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def test_an_entry_the_chat_template_refuses_is_named_at_preflight_and_nothing_is_written(
+    tiny_model_dir, cache, tmp_path, book_data
+):
+    template = tmp_path / "strict.jinja"
+    template.write_text(STRICT_TEMPLATE)
+    rows = [{"messages": t["messages"][-2:]} for t in conversations(book_data, 40)]
+    rows[36]["messages"].insert(1, {"role": "user", "content": "And again?"})  # a test entry: generate's alone
+    data = tmp_path / "conversations.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refused = (
+        f"--chat-template {template}: the chat template refused the messages: Conversation roles must alternate "
+        "user/assistant/user/assistant/..."
+    )
+    common = ("--model-dir", tiny_model_dir, "--data", data, "--cache", cache, "--chat-template", template)
+    run = cli("run", *common, "--output", tmp_path / "runs", "--run-id", "r", "--skip-judge", "--max-steps", "1",
+              "--max-new-tokens", "8", "--metrics-port", "0", "--log-format", "json")  # fmt: skip
+    assert run.returncode == 1 and run.stderr.splitlines() == [f"Error: dataset {data}: entry 36: {refused}"]
+    assert not (tmp_path / "runs" / "r").exists()
+
+    # the row in the file, not the place among the entries kept: --skip-invalid dropped entry 2 before it
+    rows[2] = {"messages": []}
+    rows[36]["messages"].pop(1)
+    rows[20]["messages"].append({"role": "assistant", "content": "Twice."})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    finetune = cli("finetune", *common, "--output", tmp_path / "ft", "--skip-invalid", "--log-format", "json")
+    assert finetune.returncode == 1 and finetune.stderr.splitlines() == [f"Error: dataset {data}: entry 20: {refused}"]
+    assert not (tmp_path / "ft").exists()
