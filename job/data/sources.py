@@ -92,22 +92,22 @@ def parse_fields(spec: str | None) -> dict[str, str]:
         if target in fields:
             raise ConfigError(f"--data-fields {spec!r}: {target!r} is named twice")
         fields[target] = column
-    if len(set(fields.values())) < len(fields):
-        raise ConfigError(f"--data-fields {spec!r}: one column is named for two fields")
     return fields
 
 
 def renamed(entry, fields: dict[str, str]) -> tuple[object, str | None]:
-    """``entry`` with each field taken from its column (the column's own name dropped), or the entry as it is
-    and why not: a column ``--data-fields`` names that the entry lacks."""
+    """``entry`` with each field named taken from its column, all read from the entry as it was (so
+    ``instruction=output,output=instruction`` swaps them, and several fields may read one column); a field not
+    named reads its own column, and a column read under another name is dropped unless it is a field's own. Or
+    the entry as it is and why not: a column ``--data-fields`` names that the entry lacks."""
     if not fields or not isinstance(entry, dict):
         return entry, None
     for target, column in fields.items():
         if column not in entry:
             return entry, f"column {column!r} (--data-fields {target}={column}) is missing"
     columns = set(fields.values())
-    out = {k: v for k, v in entry.items() if k not in columns and k not in fields}
-    out.update({target: entry[column] for target, column in fields.items() if column in entry})
+    out = {k: v for k, v in entry.items() if k not in columns or k in FIELD_TARGETS}
+    out.update({target: entry[column] for target, column in fields.items()})
     return out, None
 
 

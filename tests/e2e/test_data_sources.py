@@ -133,3 +133,27 @@ def test_dpo_trains_on_trls_text_pairs_in_parquet_and_names_a_malformed_one(tiny
         "(--skip-invalid drops such entries)"
     ]
     assert not (tmp_path / "bad").exists()
+
+
+def test_data_fields_may_swap_fields_or_read_another_fields_column(tiny_model_dir, cache, tmp_path):
+    book = json.loads((cache / "instruction-data.json").read_text())[:40]
+    data = tmp_path / "book.json"
+    data.write_text(json.dumps(book))
+    test = book[34:36]  # the 85/10/5 cut's first test entries
+    args = ("generate", "--model-dir", tiny_model_dir, "--data", data, "--cache", cache, "--limit", "2",
+            "--max-new-tokens", "2", "--log-format", "json")  # fmt: skip
+    for spec, expect in (
+        ("instruction=output,output=instruction", lambda e: (e["output"], e["input"], e["instruction"])),
+        ("output=instruction", lambda e: (e["instruction"], e["input"], e["instruction"])),
+        ("input=output, output=output", lambda e: (e["instruction"], e["output"], e["output"])),
+    ):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        done = cli(*args, "--output", out, "--data-fields", spec)
+        assert done.returncode == 0, (spec, done.stderr[-2000:])
+        written = json.loads((out / "instruction-data-with-response.json").read_text())
+        assert [(r["instruction"], r["input"], r["output"]) for r in written] == [expect(e) for e in test], spec
+    wrong_case = cli(*args, "--output", tmp_path / "case", "--data-fields", "output=Instruction")
+    assert wrong_case.returncode == 1 and wrong_case.stderr.splitlines() == [
+        f"Error: dataset {data}: entry 0: column 'Instruction' (--data-fields output=Instruction) is missing "
+        "(--skip-invalid drops such entries)"
+    ]
