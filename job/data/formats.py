@@ -26,6 +26,12 @@ from job.models.tokenizer import encode
 
 log = get_logger(__name__)
 FORMATS = ("alpaca", "messages", "prompt-completion", "text")
+TRAINS = {
+    "alpaca": "the book's: every token, or the response alone with --mask-instruction",
+    "messages": "the turns --train-on names",
+    "prompt-completion": "the completion trains",
+    "text": "every token trains",
+}
 SHAPES = (
     "alpaca (instruction, output), messages (a list of role/content turns), prompt-completion (prompt, completion), "
     "text (text)"
@@ -238,10 +244,14 @@ def needs_template(data_format: str, entries: list[dict]) -> bool:
     return data_format == "prompt-completion" and any(not isinstance(e["prompt"], str) for e in entries)
 
 
-def layout(cfg, data_format: str, entries: list[dict], tokenizer, style: PromptStyle, origin=None) -> Layout:
+def layout(
+    cfg, data_format: str, entries: list[dict], tokenizer, style: PromptStyle, origin=None, pairs: bool = False
+) -> Layout:
     """The run's layout: a conversation's template is ``--chat-template FILE``, else the model's own; neither
     is a ConfigError (exit 2). Every entry is rendered as the stages will render it, so an entry the template
-    refuses is a DataError here, at preflight, named by ``origin(entry)`` (its file and row)."""
+    refuses is a DataError here, at preflight, named by ``origin(entry)`` (its file and row). Outside DPO's
+    ``pairs`` (whose options are the run's, given for its finetune), an option this data does not use is a
+    ConfigError."""
     template = None
     if needs_template(data_format, entries):
         if getattr(cfg, "chat_template", None):
@@ -254,12 +264,33 @@ def layout(cfg, data_format: str, entries: list[dict], tokenizer, style: PromptS
                 "give one with --chat-template FILE (a Jinja file)"
             )
     how = Layout(data_format, style, template, getattr(cfg, "train_on", "assistant"))
+    if not pairs:
+        check_unused_options(cfg, how)
     first = next((e for e in entries if "messages" in e), None)
     if first is not None:  # a template we cannot read the assistant's tokens from fails here, at preflight
         assistant_spans(template, first["messages"], special_tokens(tokenizer))
     if template is not None:
         check_renders(template, entries, special_tokens(tokenizer), origin)
     return how
+
+
+def check_unused_options(cfg, how: Layout, template_used_elsewhere: bool = False) -> None:
+    """A ``--train-on`` other than the default on data that is not conversations, or a ``--chat-template`` that
+    lays nothing out (alpaca, text, prompt-completion text: the flag would change nothing, silently), is a
+    ConfigError (exit 2) naming the flag and the formats it applies to."""
+    train_on = getattr(cfg, "train_on", "assistant")
+    if train_on != "assistant" and how.data_format != "messages":
+        raise ConfigError(
+            f"--train-on {train_on} applies to messages data (conversations' turns); this dataset is "
+            f"{how.data_format} data, which it would not change ({TRAINS[how.data_format]}): leave it out"
+        )
+    given = getattr(cfg, "chat_template", None)
+    if given and how.template is None and not template_used_elsewhere:
+        raise ConfigError(
+            f"--chat-template {given} applies to conversations (messages data, prompt-completion and preference "
+            f"pairs of turns); this dataset is {how.data_format} data, which it would not change"
+            f"{' (--prompt-style lays out alpaca entries)' if how.data_format == 'alpaca' else ''}: leave it out"
+        )
 
 
 def renderings(entry: dict) -> list[tuple[list[dict], bool]]:

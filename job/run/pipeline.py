@@ -595,7 +595,7 @@ def check_preference_data(cfg: RunConfig, tokenizer, style, context_length: int)
         return
     dpo = stage_config(cfg, "dpo", DPOConfig, **stage_model(cfg, cfg.model_dir))
     path, train, val, data_format, origin = training_splits(dpo, preference_problem)
-    pairs = pair_style(layout(dpo, data_format, train + val, tokenizer, style, origin))
+    pairs = pair_style(layout(dpo, data_format, train + val, tokenizer, style, origin, pairs=True))
     fitting_pairs(train, val, tokenizer, pairs, (dpo.allowed_max_length, context_length), dpo.batch_size, path)
 
 

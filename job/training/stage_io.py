@@ -81,13 +81,14 @@ def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[d
     return Path(splits.where["train"]), train, val, splits.data_format, splits.origin
 
 
-def load_inputs(cfg: TrainConfig, start: StartingModel, check=entry_problem) -> Inputs:
-    """The dataset first (a bad one fails before any model loads; ``check`` says what a bad entry is), then
-    the tokenizer and the model ``start`` names."""
+def load_inputs(cfg: TrainConfig, start: StartingModel, check=entry_problem, pairs: bool = False) -> Inputs:
+    """The dataset first (a bad one fails before any model loads; ``check`` says what a bad entry is; ``pairs``:
+    DPO's, which the data options of a run's finetune do not lay out), then the tokenizer and the model
+    ``start`` names."""
     path, train, val, data_format, origin = training_splits(cfg, check)
     tokenizer = start.tokenizer()
     style = prompt_style(cfg.prompt_style, tokenizer)
-    how = layout(cfg, data_format, train + val, tokenizer, style, origin)
+    how = layout(cfg, data_format, train + val, tokenizer, style, origin, pairs)
     model, name = load_model(cfg.model, start)
     max_length = min(cfg.allowed_max_length, model.cfg.context_length)
     return Inputs(train, val, tokenizer, model, name, style, max_length, path, how)

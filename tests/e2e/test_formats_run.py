@@ -127,3 +127,41 @@ def test_an_entry_the_chat_template_refuses_is_named_at_preflight_and_nothing_is
     finetune = cli("finetune", *common, "--output", tmp_path / "ft", "--skip-invalid", "--log-format", "json")
     assert finetune.returncode == 1 and finetune.stderr.splitlines() == [f"Error: dataset {data}: entry 20: {refused}"]
     assert not (tmp_path / "ft").exists()
+
+
+def test_train_on_or_a_chat_template_that_this_data_would_not_use_is_exit_2_at_preflight(
+    tiny_model_dir, cache, tmp_path, book_data
+):
+    book = cache / "instruction-data.json"
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": e["instruction"] + " " + e["output"]}) + "\n" for e in book_data[:40]))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": e["instruction"], "completion": e["output"]}) + "\n"
+                             for e in book_data[:40]))  # fmt: skip
+    template = tmp_path / "chat.jinja"
+    template.write_text(STRICT_TEMPLATE)
+    config = tmp_path / "job.yaml"
+    config.write_text("train_on: last\n")
+    run = ("run", "--model-dir", tiny_model_dir, "--cache", cache, "--output", tmp_path / "runs", "--skip-judge",
+           "--metrics-port", "0", "--max-new-tokens", "8", "--max-steps", "1", "--limit", "1",
+           "--log-format", "json")  # fmt: skip
+    finetune = ("finetune", "--model-dir", tiny_model_dir, "--cache", cache, "--max-steps", "1", "--log-format", "json")
+    train_on = "applies to messages data (conversations' turns); this dataset is"
+    for args, env, message in (
+        ((*run, "--run-id", "a", "--data", book, "--train-on", "all"), {}, f"--train-on all {train_on} alpaca data"),
+        ((*finetune, "--output", tmp_path / "b", "--data", texts, "--config", config), {},
+         f"--train-on last {train_on} text data"),
+        ((*finetune, "--output", tmp_path / "c", "--data", pairs), {"SFT_JOB_TRAIN_ON": "last"},
+         f"--train-on last {train_on} prompt-completion data"),
+        ((*run, "--run-id", "d", "--data", book, "--chat-template", template), {},
+         f"--chat-template {template} applies to conversations"),
+        ((*finetune, "--output", tmp_path / "e", "--data", texts, "--chat-template", template), {},
+         f"--chat-template {template} applies to conversations"),
+    ):  # fmt: skip
+        done = cli(*args, env=env)
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, (args, done.stderr[-2000:])
+        assert done.stderr.startswith(f"Error: {message}"), done.stderr
+    assert not any((tmp_path / name).exists() for name in ("runs/a", "runs/d", "b", "c", "e"))
+    # the default, given or not, has nothing to say
+    given = cli(*finetune, "--output", tmp_path / "f", "--data", texts, "--train-on", "assistant")
+    assert given.returncode == 0, given.stderr[-2000:]
