@@ -8,7 +8,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from job.core.errors import ConfigError
 from job.core.observability import get_logger
@@ -26,6 +26,8 @@ from job.storage.store import sha256_file, sha256_files
 
 log = get_logger(__name__)
 SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation"}
+SPLIT_ALIASES |= {"dev": "validation", "test": "test"}  # as the hub's viewer tells them
 FILE_TYPES = (".json", ".jsonl", ".parquet")
 FIELD_TARGETS = ("instruction", "input", "output", "prompt", "chosen", "rejected")
 HUB_PREFIX = "hf://datasets/"
@@ -224,16 +226,36 @@ def hub_source(label: str, by_split: dict[str, tuple[Path, ...]], data_split: st
 def split_of(name: str) -> str | None:
     """The split a hub file's path names (``data/train-00000-of-00002.parquet``, ``test.jsonl``), as the
     hub's own viewer tells them (``valid``, ``val`` and ``dev`` are validation), or None."""
-    path = Path(name)
+    path = PurePosixPath(name)
     if path.suffix not in FILE_TYPES:
         return None
-    aliases = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation"}
-    aliases |= {"dev": "validation", "test": "test"}
     for part in (path.name, *reversed(path.parts[:-1])):
         word = re.split(r"[-_.]", part, maxsplit=1)[0].lower()
-        if word in aliases:
-            return aliases[word]
+        if word in SPLIT_ALIASES:
+            return SPLIT_ALIASES[word]
     return None
+
+
+def files_by_split(names: list[str], label: str) -> tuple[dict[str, list[str]], list[str]]:
+    """A folder's or hub dataset's data files (paths within it) by the split each names (``split_of``; shards
+    in name order), and those naming none, left out as the hub leaves them (a lone data file naming no split
+    is the train split, as the hub's). A split is one file or its shards: a file named for the split alone
+    (``train.json``) beside another of that split (``train.jsonl``, ``data/train-00000-of-00002.parquet``; or
+    ``dev.jsonl`` beside ``validation.jsonl``) is a DataError naming both."""
+    by_split: dict[str, list[str]] = {}
+    for name in names:
+        if PurePosixPath(name).suffix in FILE_TYPES:
+            by_split.setdefault(split_of(name) or "", []).append(name)
+    by_split = {split: sorted(files) for split, files in by_split.items()}  # the splits in the order first named
+    unnamed = by_split.pop("", [])
+    if not by_split and len(unnamed) == 1:
+        return {"train": unnamed}, []
+    for split, files in by_split.items():
+        whole = next((f for f in files if PurePosixPath(f).stem.lower() in SPLIT_ALIASES), None)
+        if whole is not None and len(files) > 1:
+            other = next(f for f in files if f != whole)
+            raise DataError(f"{label} has two {split} files, {whole} and {other}: keep one")
+    return by_split, unnamed
 
 
 def local_source(path: Path, label: str | None = None, data_split: str | None = None) -> Source:
@@ -246,27 +268,26 @@ def local_source(path: Path, label: str | None = None, data_split: str | None = 
         return Source(label, whole=(path,))
     found = folder_splits(path)
     if data_split is None:
-        return Source(label, splits=tuple((s, (p,)) for s, p in found.items()))
+        return Source(label, splits=tuple((s, found[s]) for s in SPLITS if s in found))
     if data_split not in found:
         raise DataError(f"dataset folder {label} has no {data_split} file (--data-split {data_split})")
-    return Source(label, whole=(found[data_split],))
+    return Source(label, whole=found[data_split])
 
 
-def folder_splits(folder: Path) -> dict[str, Path]:
-    """A folder's ``train``/``validation``/``test`` files (``.json``, ``.jsonl`` or ``.parquet``); a folder
-    without a train file, or with two files for one split, is a DataError naming it."""
-    found: dict[str, list[Path]] = {split: [] for split in SPLITS}
-    for path in sorted(folder.iterdir()):
-        if path.suffix in FILE_TYPES and path.stem in SPLITS:
-            found[path.stem].append(path)
-    for split, paths in found.items():
-        if len(paths) > 1:
-            names = " and ".join(p.name for p in paths)
-            raise DataError(f"dataset folder {folder} has two {split} files, {names}: keep one")
-    if not found["train"]:
+def folder_splits(folder: Path) -> dict[str, tuple[Path, ...]]:
+    """A folder's data files (``.json``, ``.jsonl`` or ``.parquet``, in it or below it; hidden ones not) by
+    split, named as a hub dataset's are (``files_by_split``: ``dev``/``valid``/``val`` are validation, shards
+    read in order; a file naming no split is left out, and logged); a folder without a train file is a
+    DataError naming it."""
+    found = (p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    names = sorted(p.as_posix() for p in found if not any(part.startswith(".") for part in p.parts))
+    by_split, unnamed = files_by_split(names, f"dataset folder {folder}")
+    if unnamed:
+        log.warning("dataset_files_without_a_split", folder=str(folder), files=unnamed[:20], count=len(unnamed))
+    if not by_split.get("train"):
         kinds = ", ".join(f"train{suffix}" for suffix in FILE_TYPES)
         raise DataError(f"dataset folder {folder} has no train file ({kinds}); validation and test files are optional")
-    return {split: paths[0] for split, paths in found.items() if paths}
+    return {split: tuple(folder / n for n in files) for split, files in by_split.items()}
 
 
 def source_digest(source: Source) -> str:
