@@ -37,7 +37,7 @@ class DataConfig(Settings):
     GPT-2 has none. One with {% generation %} blocks marks the assistant's tokens as transformers reads them."""
     train_on: Literal["assistant", "last", "all"] = "assistant"
     """Which tokens of messages data train: every assistant turn (each with its end token), the last one, or
-    all tokens."""
+    all tokens. Another format with last or all is refused (it would change nothing)."""
     data_fields: str | None = None
     """Other column names: FIELD=COLUMN,... for instruction, input, output, prompt, chosen, rejected (Dolly's:
     input=context,output=response); every entry must have each column named."""

@@ -21,11 +21,17 @@ from job.data.conversation import (
 )
 from job.data.instructions import DataError, Example, Laid, PromptStyle, entry_problem, tokenize
 from job.data.preference import preference_problem
-from job.models.chat_template import ChatTemplate
+from job.models.chat_template import ChatTemplate, ChatTemplateError
 from job.models.tokenizer import encode
 
 log = get_logger(__name__)
 FORMATS = ("alpaca", "messages", "prompt-completion", "text")
+TRAINS = {
+    "alpaca": "the book's: every token, or the response alone with --mask-instruction",
+    "messages": "the turns --train-on names",
+    "prompt-completion": "the completion trains",
+    "text": "every token trains",
+}
 SHAPES = (
     "alpaca (instruction, output), messages (a list of role/content turns), prompt-completion (prompt, completion), "
     "text (text)"
@@ -238,9 +244,14 @@ def needs_template(data_format: str, entries: list[dict]) -> bool:
     return data_format == "prompt-completion" and any(not isinstance(e["prompt"], str) for e in entries)
 
 
-def layout(cfg, data_format: str, entries: list[dict], tokenizer, style: PromptStyle) -> Layout:
+def layout(
+    cfg, data_format: str, entries: list[dict], tokenizer, style: PromptStyle, origin=None, pairs: bool = False
+) -> Layout:
     """The run's layout: a conversation's template is ``--chat-template FILE``, else the model's own; neither
-    is a ConfigError (exit 2)."""
+    is a ConfigError (exit 2). Every entry is rendered as the stages will render it, so an entry the template
+    refuses is a DataError here, at preflight, named by ``origin(entry)`` (its file and row). Outside DPO's
+    ``pairs`` (whose options are the run's, given for its finetune), an option this data does not use is a
+    ConfigError."""
     template = None
     if needs_template(data_format, entries):
         if getattr(cfg, "chat_template", None):
@@ -253,10 +264,59 @@ def layout(cfg, data_format: str, entries: list[dict], tokenizer, style: PromptS
                 "give one with --chat-template FILE (a Jinja file)"
             )
     how = Layout(data_format, style, template, getattr(cfg, "train_on", "assistant"))
+    if not pairs:
+        check_unused_options(cfg, how)
     first = next((e for e in entries if "messages" in e), None)
     if first is not None:  # a template we cannot read the assistant's tokens from fails here, at preflight
         assistant_spans(template, first["messages"], special_tokens(tokenizer))
+    if template is not None:
+        check_renders(template, entries, special_tokens(tokenizer), origin)
     return how
+
+
+def check_unused_options(cfg, how: Layout, template_used_elsewhere: bool = False) -> None:
+    """A ``--train-on`` other than the default on data that is not conversations, or a ``--chat-template`` that
+    lays nothing out (alpaca, text, prompt-completion text: the flag would change nothing, silently), is a
+    ConfigError (exit 2) naming the flag and the formats it applies to."""
+    train_on = getattr(cfg, "train_on", "assistant")
+    if train_on != "assistant" and how.data_format != "messages":
+        raise ConfigError(
+            f"--train-on {train_on} applies to messages data (conversations' turns); this dataset is "
+            f"{how.data_format} data, which it would not change ({TRAINS[how.data_format]}): leave it out"
+        )
+    given = getattr(cfg, "chat_template", None)
+    if given and how.template is None and not template_used_elsewhere:
+        raise ConfigError(
+            f"--chat-template {given} applies to conversations (messages data, prompt-completion and preference "
+            f"pairs of turns); this dataset is {how.data_format} data, which it would not change"
+            f"{' (--prompt-style lays out alpaca entries)' if how.data_format == 'alpaca' else ''}: leave it out"
+        )
+
+
+def renderings(entry: dict) -> list[tuple[list[dict], bool]]:
+    """Each (turns, add_generation_prompt) a stage renders of a conversational entry: training's whole
+    conversation, generation's prompt; a preference pair's prompt and both of its conversations."""
+    if isinstance(entry.get("chosen"), list):
+        prompt, chosen, rejected = explicit_pair(entry)
+        return [(prompt, True), (prompt + chosen, False), (prompt + rejected, False)]
+    if isinstance(entry.get("prompt"), list):
+        return [(entry["prompt"], True), (entry["prompt"] + entry["completion"], False)]
+    return []
+
+
+def check_renders(template: ChatTemplate, entries: list[dict], specials: set[str], origin=None) -> None:
+    """Every entry through the template (a template may refuse one: ``raise_exception``, e.g. on turns that do
+    not alternate user/assistant); the first refused is a DataError naming its file, row and the template's
+    message (``origin(entry)``; without it, the entry's place in ``entries``)."""
+    for index, entry in enumerate(entries):
+        try:
+            if "messages" in entry:
+                assistant_spans(template, entry["messages"], specials)
+                template.prompt(split_last_answer(entry["messages"])[0])
+            for turns, ask in renderings(entry):
+                template.render(turns, add_generation_prompt=ask)
+        except ChatTemplateError as exc:
+            raise DataError(f"{origin(entry) if origin else f'entry {index}'}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import pydantic
 
 from job.core.parsing import ParseError, load_json, read_bounded, validated
 from job.data.instructions import DataError
-from job.data.sources import FILE_TYPES, SPLITS, parse_hub_dataset, split_of
+from job.data.sources import SPLITS, files_by_split, parse_hub_dataset
 from job.models.hub import hub_url
 from job.models.origin import HubAccess
 from job.storage.fetch import (
@@ -69,20 +69,15 @@ def fetch_hub_dataset(
     mirror = functools.partial(mirror_urls, base_url)
     listing = _listing(downloader, hub, repo, revision, folder, mirror)
     commit = listing.sha
-    files = [s for s in listing.siblings if PurePosixPath(s.rfilename).suffix in FILE_TYPES]
-    by_split: dict[str, list[_Sibling]] = {}
-    for sibling in files:
-        by_split.setdefault(split_of(sibling.rfilename) or "", []).append(sibling)
-    if set(by_split) == {""} and len(files) == 1:
-        by_split = {"train": files}
+    siblings = {s.rfilename: s for s in listing.siblings}
+    by_split, _unnamed = files_by_split(list(siblings), f"hub dataset {data}")
     if data_split and data_split not in by_split:
         have = ", ".join(s for s in SPLITS if s in by_split) or "none"
         raise DataError(f"hub dataset {data} has no {data_split} split (--data-split; it has: {have})")
-    wanted = [data_split] if data_split else [s for s in by_split if s]
+    wanted = [data_split] if data_split else list(by_split)
     fetched = {}
     for split in wanted:
-        siblings = sorted(by_split.get(split, []), key=lambda s: s.rfilename)
-        remotes = [_remote(hub, repo, commit, folder, s, mirror) for s in siblings]
+        remotes = [_remote(hub, repo, commit, folder, siblings[name], mirror) for name in by_split[split]]
         fetched[split] = tuple(downloader.fetch_all(remotes))
     return fetched
 

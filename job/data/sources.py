@@ -8,7 +8,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from job.core.errors import ConfigError
 from job.core.observability import get_logger
@@ -27,6 +27,8 @@ from job.storage.store import sha256_file, sha256_files
 
 log = get_logger(__name__)
 SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation"}
+SPLIT_ALIASES |= {"dev": "validation", "test": "test"}  # as the hub's viewer tells them
 FILE_TYPES = (".json", ".jsonl", ".parquet")
 FIELD_TARGETS = ("instruction", "input", "output", "prompt", "chosen", "rejected")
 HUB_PREFIX = "hf://datasets/"
@@ -93,22 +95,22 @@ def parse_fields(spec: str | None) -> dict[str, str]:
         if target in fields:
             raise ConfigError(f"--data-fields {spec!r}: {target!r} is named twice")
         fields[target] = column
-    if len(set(fields.values())) < len(fields):
-        raise ConfigError(f"--data-fields {spec!r}: one column is named for two fields")
     return fields
 
 
 def renamed(entry, fields: dict[str, str]) -> tuple[object, str | None]:
-    """``entry`` with each field taken from its column (the column's own name dropped), or the entry as it is
-    and why not: a column ``--data-fields`` names that the entry lacks."""
+    """``entry`` with each field named taken from its column, all read from the entry as it was (so
+    ``instruction=output,output=instruction`` swaps them, and several fields may read one column); a field not
+    named reads its own column, and a column read under another name is dropped unless it is a field's own. Or
+    the entry as it is and why not: a column ``--data-fields`` names that the entry lacks."""
     if not fields or not isinstance(entry, dict):
         return entry, None
     for target, column in fields.items():
         if column not in entry:
             return entry, f"column {column!r} (--data-fields {target}={column}) is missing"
     columns = set(fields.values())
-    out = {k: v for k, v in entry.items() if k not in columns and k not in fields}
-    out.update({target: entry[column] for target, column in fields.items() if column in entry})
+    out = {k: v for k, v in entry.items() if k not in columns or k in FIELD_TARGETS}
+    out.update({target: entry[column] for target, column in fields.items()})
     return out, None
 
 
@@ -123,16 +125,31 @@ def checked_entries(
     """``rows`` renamed, their format (``data_format``, else told from their keys: job/data/formats.py) and
     each checked as that format's (alpaca's by ``check``, ``input`` filled in as "" where absent); a bad one is
     an error naming the file, the entry and the field."""
+    data_format, entries, _rows = checked_rows(path, rows, skip_invalid, check, fields, data_format)
+    return data_format, entries
+
+
+def checked_rows(
+    path: Path,
+    rows: list,
+    skip_invalid: bool,
+    check: Callable = entry_problem,
+    fields: dict | None = None,
+    data_format: str | None = None,
+) -> tuple[str, list[dict], list[int]]:
+    """``checked_entries``, and the row each entry kept was (``--skip-invalid`` may drop some), so a later
+    check (the chat template's) names an entry as these checks do."""
     pairs = [renamed(row, fields or {}) for row in rows]
     if not skip_invalid:
         _raise_first(path, pairs)
     named = [entry for entry, problem in pairs if problem is None]
     data_format = data_format or (detect_format(named, path) if named else "alpaca")
-    entries, skipped = [], 0
+    entries, kept, skipped = [], [], 0
     for index, (entry, problem) in enumerate(pairs):
         problem = problem or format_problem(data_format, entry, check)
         if problem is None:
             entries.append({**entry, "input": entry.get("input", "")} if data_format == "alpaca" else entry)
+            kept.append(index)
         elif skip_invalid:
             skipped += 1
         else:
@@ -141,7 +158,7 @@ def checked_entries(
         log.warning("dataset_entries_skipped", count=skipped, path=str(path))
     if not entries:
         raise DataError(f"dataset {path} has no valid entries")
-    return data_format, entries
+    return data_format, entries, kept
 
 
 def _raise_first(path: Path, pairs: list[tuple[object, str | None]]) -> None:
@@ -216,16 +233,36 @@ def hub_source(label: str, by_split: dict[str, tuple[Path, ...]], data_split: st
 def split_of(name: str) -> str | None:
     """The split a hub file's path names (``data/train-00000-of-00002.parquet``, ``test.jsonl``), as the
     hub's own viewer tells them (``valid``, ``val`` and ``dev`` are validation), or None."""
-    path = Path(name)
+    path = PurePosixPath(name)
     if path.suffix not in FILE_TYPES:
         return None
-    aliases = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation"}
-    aliases |= {"dev": "validation", "test": "test"}
     for part in (path.name, *reversed(path.parts[:-1])):
         word = re.split(r"[-_.]", part, maxsplit=1)[0].lower()
-        if word in aliases:
-            return aliases[word]
+        if word in SPLIT_ALIASES:
+            return SPLIT_ALIASES[word]
     return None
+
+
+def files_by_split(names: list[str], label: str) -> tuple[dict[str, list[str]], list[str]]:
+    """A folder's or hub dataset's data files (paths within it) by the split each names (``split_of``; shards
+    in name order), and those naming none, left out as the hub leaves them (a lone data file naming no split
+    is the train split, as the hub's). A split is one file or its shards: a file named for the split alone
+    (``train.json``) beside another of that split (``train.jsonl``, ``data/train-00000-of-00002.parquet``; or
+    ``dev.jsonl`` beside ``validation.jsonl``) is a DataError naming both."""
+    by_split: dict[str, list[str]] = {}
+    for name in names:
+        if PurePosixPath(name).suffix in FILE_TYPES:
+            by_split.setdefault(split_of(name) or "", []).append(name)
+    by_split = {split: sorted(files) for split, files in by_split.items()}  # the splits in the order first named
+    unnamed = by_split.pop("", [])
+    if not by_split and len(unnamed) == 1:
+        return {"train": unnamed}, []
+    for split, files in by_split.items():
+        whole = next((f for f in files if PurePosixPath(f).stem.lower() in SPLIT_ALIASES), None)
+        if whole is not None and len(files) > 1:
+            other = next(f for f in files if f != whole)
+            raise DataError(f"{label} has two {split} files, {whole} and {other}: keep one")
+    return by_split, unnamed
 
 
 def local_source(path: Path, label: str | None = None, data_split: str | None = None) -> Source:
@@ -238,27 +275,26 @@ def local_source(path: Path, label: str | None = None, data_split: str | None = 
         return Source(label, whole=(path,))
     found = folder_splits(path)
     if data_split is None:
-        return Source(label, splits=tuple((s, (p,)) for s, p in found.items()))
+        return Source(label, splits=tuple((s, found[s]) for s in SPLITS if s in found))
     if data_split not in found:
         raise DataError(f"dataset folder {label} has no {data_split} file (--data-split {data_split})")
-    return Source(label, whole=(found[data_split],))
+    return Source(label, whole=found[data_split])
 
 
-def folder_splits(folder: Path) -> dict[str, Path]:
-    """A folder's ``train``/``validation``/``test`` files (``.json``, ``.jsonl`` or ``.parquet``); a folder
-    without a train file, or with two files for one split, is a DataError naming it."""
-    found: dict[str, list[Path]] = {split: [] for split in SPLITS}
-    for path in sorted(folder.iterdir()):
-        if path.suffix in FILE_TYPES and path.stem in SPLITS:
-            found[path.stem].append(path)
-    for split, paths in found.items():
-        if len(paths) > 1:
-            names = " and ".join(p.name for p in paths)
-            raise DataError(f"dataset folder {folder} has two {split} files, {names}: keep one")
-    if not found["train"]:
+def folder_splits(folder: Path) -> dict[str, tuple[Path, ...]]:
+    """A folder's data files (``.json``, ``.jsonl`` or ``.parquet``, in it or below it; hidden ones not) by
+    split, named as a hub dataset's are (``files_by_split``: ``dev``/``valid``/``val`` are validation, shards
+    read in order; a file naming no split is left out, and logged); a folder without a train file is a
+    DataError naming it."""
+    found = (p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    names = sorted(p.as_posix() for p in found if not any(part.startswith(".") for part in p.parts))
+    by_split, unnamed = files_by_split(names, f"dataset folder {folder}")
+    if unnamed:
+        log.warning("dataset_files_without_a_split", folder=str(folder), files=unnamed[:20], count=len(unnamed))
+    if not by_split.get("train"):
         kinds = ", ".join(f"train{suffix}" for suffix in FILE_TYPES)
         raise DataError(f"dataset folder {folder} has no train file ({kinds}); validation and test files are optional")
-    return {split: paths[0] for split, paths in found.items() if paths}
+    return {split: tuple(folder / n for n in files) for split, files in by_split.items()}
 
 
 def source_digest(source: Source) -> str:
@@ -284,6 +320,16 @@ class Splits:
     """The entries' format (job/data/formats.py)."""
     label: str = ""
     """The dataset as errors name it: its file, folder or hub dataset."""
+    files: tuple[tuple[Path, list[dict], list[int]], ...] = ()
+    """Each file's checked entries and the row each was in it."""
+
+    def origin(self, entry: dict) -> str:
+        """Where ``entry`` (one of the splits') came from, as the entry checks name it: its file and row."""
+        for path, entries, rows in self.files:
+            row = next((rows[i] for i, e in enumerate(entries) if e is entry), None)
+            if row is not None:
+                return f"dataset {path}: entry {row}"
+        return f"dataset {self.label}: an entry"
 
 
 def load_splits(
@@ -300,13 +346,15 @@ def load_splits(
     lacks is a DataError naming the folder and the split."""
     files = source.whole or [p for split in SPLITS for p in source.split(split)]
     loaded: dict[Path, list[dict]] = {}
+    checked = []
     for path in files:
-        data_format, loaded[path] = checked_entries(path, read_rows(path), skip_invalid, check, fields, data_format)
+        data_format, loaded[path], rows = checked_rows(path, read_rows(path), skip_invalid, check, fields, data_format)
+        checked.append((path, loaded[path], rows))
     if source.whole:
         entries = [e for p in source.whole for e in loaded[p]]
         train, test, val = split_entries(entries, shuffle_seed)
         where = dict.fromkeys(SPLITS, ", ".join(map(str, source.whole)))
-        return Splits(train, test, val, where, data_format, source.label)
+        return Splits(train, test, val, where, data_format, source.label, tuple(checked))
     by_split, where = {}, {}
     for split in SPLITS:
         paths = source.split(split)
@@ -314,7 +362,8 @@ def load_splits(
             raise DataError(f"dataset {source.label} has no {split} file: the stage needs its {split} split")
         by_split[split] = [e for p in paths for e in loaded[p]]
         where[split] = ", ".join(str(p) for p in paths) or source.label
-    return Splits(by_split["train"], by_split["test"], by_split["validation"], where, data_format, source.label)
+    found = by_split["train"], by_split["test"], by_split["validation"]
+    return Splits(*found, where, data_format, source.label, tuple(checked))
 
 
 def dataset_splits(cfg, check: Callable = entry_problem, need: tuple[str, ...] = ()) -> Splits:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
+from functools import partial
 
 from job.core.errors import JobError
 
@@ -24,8 +25,8 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _raise(message: str):
-    raise ChatTemplateError(f"the chat template refused the messages: {str(message)[:200]}")
+def _raise(where: str, message: str):
+    raise ChatTemplateError(f"{where}: the chat template refused the messages: {str(message)[:200]}")
 
 
 def _strftime_now(pattern: str) -> str:
@@ -78,7 +79,7 @@ class ChatTemplate:
             extensions = [LOOP_CONTROLS, _generation_extension()]
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=extensions)
             env.filters["tojson"] = _tojson
-            env.globals |= {"raise_exception": _raise, "strftime_now": _strftime_now}
+            env.globals |= {"raise_exception": partial(_raise, self.where), "strftime_now": _strftime_now}
             try:
                 self._template = env.from_string(self.source)
                 self._tracker = next(e for e in env.extensions.values() if hasattr(e, "tracking"))

@@ -124,7 +124,7 @@ class Pipeline:
         train, test, data_format = splits.train, splits.test, splits.data_format
         entries = splits.train + splits.val + splits.test
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
-        fit = check_model_fit(cfg, test[: cfg.limit], data_format, entries)
+        fit = check_model_fit(cfg, test[: cfg.limit], data_format, entries, splits.origin)
         check_packed_batches(cfg, self.roles.world, train[: cfg.train_limit], *fit)
         check_later_stages(cfg, *fit)
         if not cfg.skip_judge:
@@ -525,10 +525,11 @@ def _gpt2(cfg: RunConfig) -> bool:
     return family(cfg.model_dir) == "gpt2" if cfg.model_dir else cfg.model in gpt2_names()
 
 
-def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca", entries=None) -> tuple:
+def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca", entries=None, origin=None) -> tuple:
     """What depends on the model's shape, known before training: the longest test prompt and
     --max-new-tokens fit its context; a LoRA rank is at most its width; conversations have a chat template
-    (exit 2). Returns the model's tokenizer, the layout and the context length."""
+    (exit 2) that renders every entry (``origin`` names one it refuses). Returns the model's tokenizer, the
+    layout and the context length."""
     random = random_model(cfg)
     # a hub model's config and tokenizer, before its weights
     folder = None if random else tokenizer_folder(cfg, cfg.model_dir)
@@ -540,7 +541,7 @@ def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca
         raise ConfigError(f"--lora-rank {cfg.lora_rank} is more than the model's width of {shape.emb_dim}")
     tokenizer = ByteTokenizer() if random else model_tokenizer(folder, cfg.cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style, tokenizer)
-    how = layout(cfg, data_format, entries or test, tokenizer, style)
+    how = layout(cfg, data_format, entries or test, tokenizer, style, origin)
     longest, which = longest_prompt([encode(tokenizer, how.prompt(e)) for e in test])
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)
     return tokenizer, how, shape.context_length
@@ -594,8 +595,8 @@ def check_preference_data(cfg: RunConfig, tokenizer, style, context_length: int)
     if not cfg.dpo:
         return
     dpo = stage_config(cfg, "dpo", DPOConfig, **stage_model(cfg, cfg.model_dir))
-    path, train, val, data_format = training_splits(dpo, preference_problem)
-    pairs = pair_style(layout(dpo, data_format, train, tokenizer, style))
+    path, train, val, data_format, origin = training_splits(dpo, preference_problem)
+    pairs = pair_style(layout(dpo, data_format, train + val, tokenizer, style, origin, pairs=True))
     fitting_pairs(train, val, tokenizer, pairs, (dpo.allowed_max_length, context_length), dpo.batch_size, path)
 
 

@@ -45,7 +45,7 @@ def dpo_task(cfg: DPOConfig, start: StartingModel | None = None) -> tuple[Task, 
     """The dataset first (a bad one fails before any model loads), then the tokenizer and the model ``start``
     names (``cfg``'s where not given); the task, and the book-style name of the model's size."""
     cfg = with_model_style(cfg) if cfg.prompt_style is None else cfg
-    inputs = load_inputs(cfg, start or starting_model(cfg), preference_problem)
+    inputs = load_inputs(cfg, start or starting_model(cfg), preference_problem, pairs=True)
     model, tokenizer, max_length = inputs.model, inputs.tokenizer, inputs.max_length
     style = pair_style(inputs.layout)
     limits = (cfg.allowed_max_length, model.cfg.context_length)

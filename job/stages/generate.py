@@ -93,7 +93,7 @@ def _load(cfg: GenerateConfig):
     test, data_format, entries = splits.test[: cfg.limit], splits.data_format, splits.train + splits.val + splits.test
     tokenizer = model_tokenizer(cfg.model_dir, cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style or saved_prompt_style(cfg.model_dir) or "alpaca", tokenizer)
-    how = layout(cfg, data_format, entries, tokenizer, style)
+    how = layout(cfg, data_format, entries, tokenizer, style, splits.origin)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return test, how, tokenizer, load_model(cfg.model_dir).to(device).eval(), device
 

@@ -68,25 +68,27 @@ class Inputs:
     """How its entries become examples (their format; the chat template of conversations)."""
 
 
-def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[dict], list[dict], str]:
+def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[dict], list[dict], str, Callable]:
     """The dataset's file, its training (cut to --train-limit) and validation splits, each entry checked
     (``check`` says what a bad book-shaped entry is): a file's 85/10/5 cut, or a folder's train and validation
-    files; and its format (job/data/formats.py). A split left empty is a DataError."""
+    files; its format (job/data/formats.py), and what names an entry's file and row. A split left empty is a
+    DataError."""
     splits = dataset_splits(cfg, check, need=("validation",))
     train, val = splits.train[: cfg.train_limit], splits.val
     if not train or not val:
         count = len(splits.train) + len(splits.test) + len(splits.val)
         raise DataError(f"dataset {splits.label} of {count} entries is too small for the 85/10/5 split")
-    return Path(splits.where["train"]), train, val, splits.data_format
+    return Path(splits.where["train"]), train, val, splits.data_format, splits.origin
 
 
-def load_inputs(cfg: TrainConfig, start: StartingModel, check=entry_problem) -> Inputs:
-    """The dataset first (a bad one fails before any model loads; ``check`` says what a bad entry is), then
-    the tokenizer and the model ``start`` names."""
-    path, train, val, data_format = training_splits(cfg, check)
+def load_inputs(cfg: TrainConfig, start: StartingModel, check=entry_problem, pairs: bool = False) -> Inputs:
+    """The dataset first (a bad one fails before any model loads; ``check`` says what a bad entry is; ``pairs``:
+    DPO's, which the data options of a run's finetune do not lay out), then the tokenizer and the model
+    ``start`` names."""
+    path, train, val, data_format, origin = training_splits(cfg, check)
     tokenizer = start.tokenizer()
     style = prompt_style(cfg.prompt_style, tokenizer)
-    how = layout(cfg, data_format, train, tokenizer, style)
+    how = layout(cfg, data_format, train + val, tokenizer, style, origin, pairs)
     model, name = load_model(cfg.model, start)
     max_length = min(cfg.allowed_max_length, model.cfg.context_length)
     return Inputs(train, val, tokenizer, model, name, style, max_length, path, how)

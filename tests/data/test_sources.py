@@ -169,6 +169,38 @@ def test_a_folder_without_train_with_two_train_files_or_without_a_needed_split_i
         local_source(folder / "train.parquet", data_split="test")
 
 
+def test_a_folder_and_a_hub_dataset_name_their_splits_alike():
+    # one function for both: the hub's aliases and shards, files naming no split left out
+    names = ["train-00001-of-00002.jsonl", "train-00000-of-00002.jsonl", "dev.jsonl", "test.parquet", "notes.json",
+             "README.md", "data/valid-00000-of-00001.parquet"]  # fmt: skip
+    with pytest.raises(DataError, match="^d has two validation files, dev.jsonl and data/valid-00000-of-00001.parquet"):
+        sources.files_by_split(names, "d")
+    by_split, unnamed = sources.files_by_split(names[:-1], "d")
+    assert by_split == {
+        "train": ["train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl"],
+        "validation": ["dev.jsonl"],
+        "test": ["test.parquet"],
+    }
+    assert unnamed == ["notes.json"]
+    assert sources.files_by_split(["data.jsonl", "README.md"], "d") == ({"train": ["data.jsonl"]}, [])
+    for pair in (["train.json", "train.jsonl"], ["Validation.json", "val.jsonl"], ["train.json", "train-0-of-1.json"]):
+        with pytest.raises(DataError, match=f"^d has two (train|validation) files, {pair[0]} and {pair[1]}: keep one"):
+            sources.files_by_split(pair, "d")
+
+
+def test_a_folder_reads_shards_in_order_and_aliases_below_it_and_leaves_hidden_files(book_data, tmp_path):
+    folder = tmp_path / "clone"
+    (folder / "data").mkdir(parents=True)
+    (folder / ".cache").mkdir()
+    _jsonl(folder / "data" / "train-00001-of-00002.jsonl", book_data[20:40])
+    _parquet(folder / "data" / "train-00000-of-00002.parquet", book_data[:20])
+    _jsonl(folder / "data" / "dev.jsonl", book_data[40:50])
+    _jsonl(folder / ".cache" / "test.jsonl", book_data[50:52])  # hidden: not the test split
+    (folder / "notes.json").write_text("[]")
+    splits = load_splits(local_source(folder))
+    assert (splits.train, splits.val, splits.test) == (book_data[:40], book_data[40:50], [])
+
+
 def pq_bytes(rows: list[dict], tmp_path: Path) -> bytes:
     return _parquet(tmp_path / "scratch.parquet", rows).read_bytes()
 
@@ -215,6 +247,22 @@ def test_dollys_columns_read_as_instruction_input_output(tmp_path):
     assert renamed_all == {"instruction": "q", "input": "c", "output": "a"}
 
 
+COLUMNS = ("instruction", "input", "output", "prompt", "context", "response", "q")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(sources.FIELD_TARGETS), st.sampled_from(COLUMNS), max_size=6))
+def test_each_named_field_reads_its_column_as_the_entry_was_and_the_others_their_own(fields):
+    # any mapping: swaps, one column for several fields, a field onto another field's column
+    entry = {column: f"value of {column}" for column in COLUMNS}
+    out, problem = sources.renamed(entry, fields)
+    assert problem is None
+    for target in ("instruction", "input", "output", "prompt"):
+        assert out[target] == entry[fields.get(target, target)]
+    for column in ("context", "response", "q"):  # read under a field's name: not kept twice
+        assert (column in out) == (column not in fields.values())
+
+
 def test_a_named_column_missing_in_an_entry_is_exit_1_naming_the_entry_and_column(tmp_path):
     rows = [{"instruction": "a", "context": "", "response": "b"}, {"instruction": "c", "context": ""}]
     path = _jsonl(tmp_path / "d.jsonl", rows)
@@ -237,7 +285,6 @@ def test_a_named_column_missing_in_an_entry_is_exit_1_naming_the_entry_and_colum
         ("answer=response", "'answer' is not one of instruction, input, output"),
         ("Output=response", "'Output' is not one of"),
         ("output=a,output=b", "'output' is named twice"),
-        ("input=x,output=x", "one column is named for two fields"),
         ("output=response,", "'' is not FIELD=COLUMN"),
     ],
 )

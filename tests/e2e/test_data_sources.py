@@ -133,3 +133,58 @@ def test_dpo_trains_on_trls_text_pairs_in_parquet_and_names_a_malformed_one(tiny
         "(--skip-invalid drops such entries)"
     ]
     assert not (tmp_path / "bad").exists()
+
+
+def test_data_fields_may_swap_fields_or_read_another_fields_column(tiny_model_dir, cache, tmp_path):
+    book = json.loads((cache / "instruction-data.json").read_text())[:40]
+    data = tmp_path / "book.json"
+    data.write_text(json.dumps(book))
+    test = book[34:36]  # the 85/10/5 cut's first test entries
+    args = ("generate", "--model-dir", tiny_model_dir, "--data", data, "--cache", cache, "--limit", "2",
+            "--max-new-tokens", "2", "--log-format", "json")  # fmt: skip
+    for spec, expect in (
+        ("instruction=output,output=instruction", lambda e: (e["output"], e["input"], e["instruction"])),
+        ("output=instruction", lambda e: (e["instruction"], e["input"], e["instruction"])),
+        ("input=output, output=output", lambda e: (e["instruction"], e["output"], e["output"])),
+    ):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        done = cli(*args, "--output", out, "--data-fields", spec)
+        assert done.returncode == 0, (spec, done.stderr[-2000:])
+        written = json.loads((out / "instruction-data-with-response.json").read_text())
+        assert [(r["instruction"], r["input"], r["output"]) for r in written] == [expect(e) for e in test], spec
+    wrong_case = cli(*args, "--output", tmp_path / "case", "--data-fields", "output=Instruction")
+    assert wrong_case.returncode == 1 and wrong_case.stderr.splitlines() == [
+        f"Error: dataset {data}: entry 0: column 'Instruction' (--data-fields output=Instruction) is missing "
+        "(--skip-invalid drops such entries)"
+    ]
+
+
+def test_a_folder_of_shards_and_the_hubs_split_names_trains_and_two_whole_train_files_are_named(
+    tiny_model_dir, cache, tmp_path
+):
+    book = json.loads((cache / "instruction-data.json").read_text())
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    (folder / "train-00000-of-00002.jsonl").write_text("".join(json.dumps(e) + "\n" for e in book[:20]))
+    (folder / "train-00001-of-00002.jsonl").write_text("".join(json.dumps(e) + "\n" for e in book[20:44]))
+    (folder / "dev.jsonl").write_text("".join(json.dumps(e) + "\n" for e in book[44:54]))
+    pq.write_table(pa.Table.from_pylist(book[54:60]), folder / "test.parquet")
+    (folder / "notes.json").write_text('{"about": "not a split: left out, as the hub leaves it"}')
+    (folder / "README.md").write_text("# splits\n")
+    args = ("finetune", "--model-dir", tiny_model_dir, "--data", folder, "--cache", cache, "--log-format", "json")
+    done = cli(*args, "--output", tmp_path / "ft", *SHORT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    start = _start(done.stdout)
+    assert (start["train_examples"], start["val_examples"]) == (44, 10)
+    left_out = [e["files"] for e in events(done.stdout) if e["event"] == "dataset_files_without_a_split"]
+    assert left_out and all(files == ["notes.json"] for files in left_out)
+
+    (folder / "train.json").write_text(json.dumps(book[:40]))
+    (folder / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in book[:40]))
+    for name in ("train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl"):
+        (folder / name).unlink()
+    two = cli(*args, "--output", tmp_path / "two")
+    assert two.returncode == 1 and two.stderr.splitlines() == [
+        f"Error: dataset folder {folder} has two train files, train.json and train.jsonl: keep one"
+    ]
+    assert not (tmp_path / "two").exists()

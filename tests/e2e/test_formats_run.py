@@ -90,3 +90,78 @@ def test_run_dpo_on_trl_shaped_conversational_pairs(qwen3_dir, cache, tmp_path, 
     assert manifest["stages"]["dpo"]["status"] == "complete"
     dpo_evals = [e for e in events(result.stdout) if e.get("stage") == "dpo" and e["event"] == "eval"]
     assert dpo_evals and all(e["train_loss"] == e["train_loss"] for e in dpo_evals)  # numbers, not NaN
+
+
+STRICT_TEMPLATE = (  # as many models' templates do: turns must alternate, else raise_exception(...)
+    "{% for m in messages %}{% if m.role != 'system' and (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ m.role }}: {% if m.role == 'assistant' %}{% generation %}{{ m.content }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ m.content }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def test_an_entry_the_chat_template_refuses_is_named_at_preflight_and_nothing_is_written(
+    tiny_model_dir, cache, tmp_path, book_data
+):
+    template = tmp_path / "strict.jinja"
+    template.write_text(STRICT_TEMPLATE)
+    rows = [{"messages": t["messages"][-2:]} for t in conversations(book_data, 40)]
+    rows[36]["messages"].insert(1, {"role": "user", "content": "And again?"})  # a test entry: generate's alone
+    data = tmp_path / "conversations.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refused = (
+        f"--chat-template {template}: the chat template refused the messages: Conversation roles must alternate "
+        "user/assistant/user/assistant/..."
+    )
+    common = ("--model-dir", tiny_model_dir, "--data", data, "--cache", cache, "--chat-template", template)
+    run = cli("run", *common, "--output", tmp_path / "runs", "--run-id", "r", "--skip-judge", "--max-steps", "1",
+              "--max-new-tokens", "8", "--metrics-port", "0", "--log-format", "json")  # fmt: skip
+    assert run.returncode == 1 and run.stderr.splitlines() == [f"Error: dataset {data}: entry 36: {refused}"]
+    assert not (tmp_path / "runs" / "r").exists()
+
+    # the row in the file, not the place among the entries kept: --skip-invalid dropped entry 2 before it
+    rows[2] = {"messages": []}
+    rows[36]["messages"].pop(1)
+    rows[20]["messages"].append({"role": "assistant", "content": "Twice."})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    finetune = cli("finetune", *common, "--output", tmp_path / "ft", "--skip-invalid", "--log-format", "json")
+    assert finetune.returncode == 1 and finetune.stderr.splitlines() == [f"Error: dataset {data}: entry 20: {refused}"]
+    assert not (tmp_path / "ft").exists()
+
+
+def test_train_on_or_a_chat_template_that_this_data_would_not_use_is_exit_2_at_preflight(
+    tiny_model_dir, cache, tmp_path, book_data
+):
+    book = cache / "instruction-data.json"
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": e["instruction"] + " " + e["output"]}) + "\n" for e in book_data[:40]))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": e["instruction"], "completion": e["output"]}) + "\n"
+                             for e in book_data[:40]))  # fmt: skip
+    template = tmp_path / "chat.jinja"
+    template.write_text(STRICT_TEMPLATE)
+    config = tmp_path / "job.yaml"
+    config.write_text("train_on: last\n")
+    run = ("run", "--model-dir", tiny_model_dir, "--cache", cache, "--output", tmp_path / "runs", "--skip-judge",
+           "--metrics-port", "0", "--max-new-tokens", "8", "--max-steps", "1", "--limit", "1",
+           "--log-format", "json")  # fmt: skip
+    finetune = ("finetune", "--model-dir", tiny_model_dir, "--cache", cache, "--max-steps", "1", "--log-format", "json")
+    train_on = "applies to messages data (conversations' turns); this dataset is"
+    for args, env, message in (
+        ((*run, "--run-id", "a", "--data", book, "--train-on", "all"), {}, f"--train-on all {train_on} alpaca data"),
+        ((*finetune, "--output", tmp_path / "b", "--data", texts, "--config", config), {},
+         f"--train-on last {train_on} text data"),
+        ((*finetune, "--output", tmp_path / "c", "--data", pairs), {"SFT_JOB_TRAIN_ON": "last"},
+         f"--train-on last {train_on} prompt-completion data"),
+        ((*run, "--run-id", "d", "--data", book, "--chat-template", template), {},
+         f"--chat-template {template} applies to conversations"),
+        ((*finetune, "--output", tmp_path / "e", "--data", texts, "--chat-template", template), {},
+         f"--chat-template {template} applies to conversations"),
+    ):  # fmt: skip
+        done = cli(*args, env=env)
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, (args, done.stderr[-2000:])
+        assert done.stderr.startswith(f"Error: {message}"), done.stderr
+    assert not any((tmp_path / name).exists() for name in ("runs/a", "runs/d", "b", "c", "e"))
+    # the default, given or not, has nothing to say
+    given = cli(*finetune, "--output", tmp_path / "f", "--data", texts, "--train-on", "assistant")
+    assert given.returncode == 0, given.stderr[-2000:]
