@@ -4,16 +4,19 @@ prompt the job trains on, per prompt style."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from hypothesis import given, settings
+import trl
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from job.core.errors import ConfigError
-from job.data.chat_layout import TurnLayout, chat_layout, entry_message, turn_layout
+from job.data.chat_layout import chat_layout, entry_message, turn_layout
 from job.data.instructions import PROMPT_STYLES, ChatStyle
-from job.models.chat_template import ChatTemplate
-from tests.family_folders import CHAT_TEMPLATE
-from tests.go_template import build_renderer, go_render
+from job.models.chat_template import ChatTemplate, ChatTemplateError
+from tests.family_folders import CHAT_TEMPLATE, write_tokenizer
+from tests.go_template import build_renderer, go_outcomes, go_render
 
 END = "<|endoftext|>"
 
@@ -99,7 +102,119 @@ def test_chat_template_that_is_not_a_fixed_layout_is_refused(source, why):
         chat_layout(family_chat_style(source))
 
 
-def test_layout_render_skips_system_messages():
-    layout = TurnLayout("<", "|", "/", ">")
-    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]
-    assert layout.render(messages) == "<u>"
+TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
+# Templates with a system turn: the families' tiny one, ChatML with a default system prompt (Qwen 2.5's shape),
+# Qwen3's own (as TRL ships it), and a --chat-template file for GPT-2.
+CHATML_DEFAULT_SYSTEM = (
+    "{%- if messages[0].role != 'system' %}{{- '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+GPT2_FILE = (
+    "{% for m in messages %}{{ m.role }}: {% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+    "{{ eos_token }}{% endgeneration %}{% else %}{{ m.content }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+SYSTEM_REFUSED = (
+    "{%- for m in messages %}{%- if m.role == 'system' %}{{ raise_exception('no system turns') }}{%- endif %}"
+    "{{- '<|' + m.role + '|>' + m.content + '<|end|>' }}{%- endfor %}{{- '<|assistant|>' }}"
+)
+
+
+def chat_templates() -> dict[str, str]:
+    return {
+        "family": CHAT_TEMPLATE,
+        "chatml": CHATML_DEFAULT_SYSTEM,
+        "qwen3": (TRL_TEMPLATES / "qwen3.jinja").read_text(),
+        "gpt2-file": GPT2_FILE,
+    }
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory, book_data):
+    """transformers' tokenizer of the families' tiny folder: what renders each template as the trainer saw it."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    write_tokenizer(folder, book_data[:50])
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def hf_style(tokenizer, source: str) -> ChatStyle:
+    variables = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
+    return ChatStyle("chat", "", "", render=ChatTemplate(source, variables, "test").prompt)
+
+
+turn_texts = texts | st.sampled_from(["{{ .System }}", '"""', '{{ template "x" }}', "  padded  ", ""])
+chats = st.tuples(
+    st.none() | turn_texts,
+    st.integers(1, 4).flatmap(lambda n: st.lists(turn_texts, min_size=2 * n - 1, max_size=2 * n - 1)),
+).map(
+    lambda drawn: (
+        ([{"role": "system", "content": drawn[0]}] if drawn[0] is not None else [])
+        + [{"role": ("user", "assistant")[i % 2], "content": c} for i, c in enumerate(drawn[1])]
+    )
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(conversation=chats)
+def test_go_renders_any_conversation_as_transformers_renders_the_trained_template(renderer, hf_tokenizer, conversation):
+    """With and without a system prompt, 1 to 4 user turns: Go's text/template, run as Ollama runs a TEMPLATE
+    (.Messages collated, .System set), renders each template's Modelfile TEMPLATE byte for byte as transformers'
+    ``apply_chat_template(add_generation_prompt=True)`` renders the model's own template."""
+    names, templates, expected = list(chat_templates()), [], []
+    for source in chat_templates().values():
+        templates.append(turn_layout(hf_style(hf_tokenizer, source), END).go_template())
+        expected.append(
+            hf_tokenizer.apply_chat_template(
+                conversation, chat_template=source, tokenize=False, add_generation_prompt=True
+            )
+        )
+    for name, template, theirs in zip(names, templates, expected, strict=True):
+        assert go_render(renderer, template, [conversation]) == [theirs], name
+    if conversation[0]["role"] == "system":
+        assert "QX" not in expected[0] and conversation[0]["content"] in expected[0]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(conversation=chats)
+def test_prompt_styles_put_a_system_message_before_the_trained_prompt(renderer, conversation):
+    """Alpaca and Phi-3 trained on no system message: one comes first, a blank line, then the prompt exactly as
+    trained; Go and the GGUF's Jinja agree."""
+    system = [m["content"] for m in conversation if m["role"] == "system"]
+    turns = [m for m in conversation if m["role"] != "system"]
+    for name in ("alpaca", "phi3"):
+        layout = turn_layout(PROMPT_STYLES[name], END)
+        trained = layout.render(turns)
+        expected = system[0] + "\n\n" + trained if system else trained
+        assert go_render(renderer, layout.go_template(), [conversation]) == [expected], name
+        assert ChatTemplate(layout.jinja_template(), {}, "gguf").prompt(conversation) == expected, name
+
+
+def test_what_the_trained_template_refuses_the_modelfile_refuses(renderer, hf_tokenizer):
+    """A template that raises on a system turn: the Modelfile renders the conversations it renders and fails,
+    naming why, on a system message (not dropping it); a tool message, which no layout here trains, likewise,
+    and Go's refusal is the GGUF Jinja's."""
+    layout = turn_layout(hf_style(hf_tokenizer, SYSTEM_REFUSED), END)
+    plain = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
+    system = [{"role": "system", "content": "Be brief."}, *plain]
+    tool = [*plain, {"role": "tool", "content": "42"}]
+    ok, *refused = go_outcomes(renderer, layout.go_template(), [plain, system, tool])
+    assert ok == {"text": "<|user|>u<|end|><|assistant|>a<|end|><|user|>v<|end|><|assistant|>"}
+    assert all("not trained on a conversation like this" in outcome["error"] for outcome in refused), refused
+    alpaca = turn_layout(PROMPT_STYLES["alpaca"], END)
+    [outcome] = go_outcomes(renderer, alpaca.go_template(), [tool])
+    assert "not trained on a conversation like this" in outcome["error"]
+    with pytest.raises(ChatTemplateError, match="not trained on a conversation like this"):
+        ChatTemplate(alpaca.jinja_template(), {}, "gguf").prompt(tool)
+
+
+def test_ollama_system_prompt_and_consecutive_turns_arrive_as_ollama_collates_them(renderer):
+    """Ollama merges consecutive messages of a role (a blank line between) before the TEMPLATE sees them: two
+    system messages render as the one Ollama hands over."""
+    layout = turn_layout(PROMPT_STYLES["phi3"], END)
+    two = [{"role": "system", "content": "A"}, {"role": "system", "content": "B"}, {"role": "user", "content": "u"}]
+    assert go_render(renderer, layout.go_template(), [two]) == [
+        layout.render([{"role": "system", "content": "A\n\nB"}, two[2]])
+    ]
