@@ -52,6 +52,8 @@ class TurnLayout:
 
     between: dict[tuple[str, str], str] = field(default_factory=dict)
     after: dict[str, str] = field(default_factory=dict)
+    caveats: tuple[str, ...] = ()
+    """Where the runtimes' rendering differs from the model's template in ways no marker shows (said, not fixed)."""
 
     @property
     def first(self) -> str:
@@ -187,13 +189,29 @@ def chat_layout(style: ChatStyle) -> TurnLayout:
                 raise _not_fixed(
                     "the text between turns depends on more than the message's place (the roles either side)"
                 )
-    layout = TurnLayout(between, after)
+    layout = TurnLayout(between, after, _whitespace_caveats(style))
     if ("user", "assistant") not in between or ("assistant", "user") not in between:
         raise _not_fixed("it renders no conversation of user and assistant turns in turn")
     for roles in CHECKS:
         if _rendered(layout.render, _marked(roles)) != _rendered(style.render, _marked(roles)):
             raise _not_fixed("the text between turns depends on more than the message's place (the roles either side)")
     return layout
+
+
+def _whitespace_caveats(style: ChatStyle) -> tuple[str, ...]:
+    """Llama 3's template trims each message's text, which Go's text/template (and Ollama's functions) cannot:
+    the TEMPLATE passes a message's text as is, so a message with whitespace around it differs."""
+    for roles in (("system", "user", "assistant", "user"), ("user", "assistant", "user")):
+        messages = [{"role": m["role"], "content": f" \n{m['content']}\n "} for m in _marked(roles)]
+        text = _rendered(style.render, messages)
+        if text is not None:
+            if all(m["content"] in text for m in messages):
+                return ()
+            return (
+                "the model's chat template changes the whitespace around a message's text (trims it), which Go's "
+                "text/template cannot: the TEMPLATE passes a message's text as is",
+            )
+    return ()
 
 
 def _rendered(render, messages: list[dict]) -> str | None:
