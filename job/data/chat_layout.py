@@ -25,6 +25,7 @@ PROBES = (
     ("system",),
 )
 CHECKS = (("user", "assistant") * 2 + ("user",), ("system",) + ("user", "assistant") * 3 + ("user",))
+ROLES_READ = ("system", "user", "assistant")
 UNRENDERED = (
     "sft-job export: this model was not trained on a conversation like this one (its TEMPLATE renders a system "
     "message first, then user and assistant turns in turn, as the model's own chat template does)"
@@ -189,7 +190,7 @@ def chat_layout(style: ChatStyle) -> TurnLayout:
                 raise _not_fixed(
                     "the text between turns depends on more than the message's place (the roles either side)"
                 )
-    layout = TurnLayout(between, after, _whitespace_caveats(style))
+    layout = TurnLayout(between, after, _content_caveats(style) + _empty_caveats(style, between, after))
     if ("user", "assistant") not in between or ("assistant", "user") not in between:
         raise _not_fixed("it renders no conversation of user and assistant turns in turn")
     for roles in CHECKS:
@@ -198,20 +199,47 @@ def chat_layout(style: ChatStyle) -> TurnLayout:
     return layout
 
 
-def _whitespace_caveats(style: ChatStyle) -> tuple[str, ...]:
-    """Llama 3's template trims each message's text, which Go's text/template (and Ollama's functions) cannot:
-    the TEMPLATE passes a message's text as is, so a message with whitespace around it differs."""
-    for roles in (("system", "user", "assistant", "user"), ("user", "assistant", "user")):
-        messages = [{"role": m["role"], "content": f" \n{m['content']}\n "} for m in _marked(roles)]
-        text = _rendered(style.render, messages)
-        if text is not None:
-            if all(m["content"] in text for m in messages):
-                return ()
-            return (
-                "the model's chat template changes the whitespace around a message's text (trims it), which Go's "
-                "text/template cannot: the TEMPLATE passes a message's text as is",
-            )
-    return ()
+# Texts around a marker that some templates change (Llama 3 trims each message; Qwen3 reads what ends in </think>
+# as reasoning), each with what the caveat says.
+CHANGED_TEXTS = (
+    (" \n{}\n ", "changes the whitespace around a message's text (trims it)"),
+    ("{}</think>", "changes a message holding </think> (as reasoning, Qwen3's)"),
+)
+
+
+def _content_caveats(style: ChatStyle) -> tuple[str, ...]:
+    """What the template does to a message's text that Go's text/template (and Ollama's functions) cannot: the
+    TEMPLATE passes a message's text as is, so such a message renders otherwise."""
+    caveats = []
+    for wrap, why in CHANGED_TEXTS:
+        for roles in (("system", "user", "assistant", "user"), ("user", "assistant", "user")):
+            messages = [m | {"content": wrap.format(m["content"])} for m in _marked(roles)]
+            text = _rendered(style.render, messages)
+            if text is not None:
+                if not all(m["content"] in text for m in messages):
+                    caveats.append(
+                        f"the model's chat template {why}, which the TEMPLATE cannot: it passes the text as is"
+                    )
+                break
+    return tuple(caveats)
+
+
+def _empty_caveats(style: ChatStyle, between: dict, after: dict) -> tuple[str, ...]:
+    """A template may write an empty message otherwise than its fixed pieces (skip an empty system turn, or a
+    separator only before a non-empty text); a Go TEMPLATE writes the pieces alike, so where any role's empty
+    message renders otherwise, say so."""
+    layout, odd = TurnLayout(between, after), []
+    for role in ROLES_READ:
+        for roles in CHECKS:
+            messages = [m | {"content": ""} if m["role"] == role else m for m in _marked(roles)]
+            if role not in odd and _rendered(layout.render, messages) != _rendered(style.render, messages):
+                odd.append(role)
+    if not odd:
+        return ()
+    return (
+        f"the model's chat template writes an empty {' or '.join(odd)} message otherwise than one with text, which "
+        "the TEMPLATE does not follow: it writes the same text around an empty message",
+    )
 
 
 def _rendered(render, messages: list[dict]) -> str | None:

@@ -218,3 +218,49 @@ def test_ollama_system_prompt_and_consecutive_turns_arrive_as_ollama_collates_th
     assert go_render(renderer, layout.go_template(), [two]) == [
         layout.render([{"role": "system", "content": "A\n\nB"}, two[2]])
     ]
+
+
+SWEEP_WORDS = ["hi", "Be brief.", "  pad  ", "", "a\nb", '"""', "x</think>", "{{ .System }}"]
+
+
+def sweep_conversations() -> list[list[dict]]:
+    """Every system prompt (none, text, padded, empty) with 1 to 4 user turns of the words above in turn."""
+    found = []
+    for system in (None, "Be brief.", "  spaced  ", ""):
+        for turns in range(1, 5):
+            for shift in range(len(SWEEP_WORDS)):
+                head = [] if system is None else [{"role": "system", "content": system}]
+                words = [SWEEP_WORDS[(shift + i) % len(SWEEP_WORDS)] for i in range(2 * turns - 1)]
+                found.append(head + [{"role": ("user", "assistant")[i % 2], "content": w} for i, w in enumerate(words)])
+    return found
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("qwen2_5", ()),
+        ("phi3", ()),
+        ("qwen3_instruct_2507", ()),
+        ("llama3_2", ("whitespace",)),
+        ("qwen3", ("</think>",)),
+        ("qwen3_training", ("</think>",)),
+        ("lfm2", ("empty system",)),
+        ("glm4moe", ("whitespace", "</think>", "empty assistant")),
+    ],
+)
+def test_a_template_the_modelfile_cannot_follow_is_said_never_silent(renderer, hf_tokenizer, name, said):
+    """Real templates (as TRL ships them): the caveats name what each one does that Go cannot follow, and a
+    template with none renders every sweep conversation through Go as transformers does (no silent difference);
+    one with caveats differs somewhere (no needless ones)."""
+    source = (TRL_TEMPLATES / f"{name}.jinja").read_text()
+    layout = turn_layout(hf_style(hf_tokenizer, source), END)
+    assert len(layout.caveats) == len(said) and all(w in c for w, c in zip(said, layout.caveats, strict=True))
+    conversations = sweep_conversations()
+    outcomes = go_outcomes(renderer, layout.go_template(), conversations)
+    differ = 0
+    for conversation, outcome in zip(conversations, outcomes, strict=True):
+        theirs = hf_tokenizer.apply_chat_template(
+            conversation, chat_template=source, tokenize=False, add_generation_prompt=True
+        )
+        differ += outcome.get("text") != theirs
+    assert (differ == 0) == (not said), differ
