@@ -24,6 +24,9 @@ PROBES = (
     ("user", "assistant", "system", "user"),
     ("system",),
 )
+# Conversations ending in the assistant's message: where the template renders these with the same pieces as the
+# others, the layout renders them too (else, as Qwen3's adds a thinking block to a last answer, they are refused).
+ENDING_IN_ANSWER = (("user", "assistant"), ("system", "user", "assistant"))
 CHECKS = (("user", "assistant") * 2 + ("user",), ("system",) + ("user", "assistant") * 3 + ("user",))
 ROLES_READ = ("system", "user", "assistant")
 UNRENDERED = (
@@ -190,6 +193,7 @@ def chat_layout(style: ChatStyle) -> TurnLayout:
                 raise _not_fixed(
                     "the text between turns depends on more than the message's place (the roles either side)"
                 )
+    after |= _answer_end(style, between)
     layout = TurnLayout(between, after, _content_caveats(style) + _empty_caveats(style, between, after))
     if ("user", "assistant") not in between or ("assistant", "user") not in between:
         raise _not_fixed("it renders no conversation of user and assistant turns in turn")
@@ -205,6 +209,22 @@ CHANGED_TEXTS = (
     (" \n{}\n ", "changes the whitespace around a message's text (trims it)"),
     ("{}</think>", "changes a message holding </think> (as reasoning, Qwen3's)"),
 )
+
+
+def _answer_end(style: ChatStyle, between: dict) -> dict[str, str]:
+    """``after["assistant"]`` where every conversation of ``ENDING_IN_ANSWER`` the template renders has the
+    layout's pieces and one text after the answer; else nothing (those conversations are refused)."""
+    ends = set()
+    for roles in ENDING_IN_ANSWER:
+        messages = _marked(roles)
+        text = _rendered(style.render, messages)
+        pieces = None if text is None else _split(text, tuple(m["content"] for m in messages))
+        if pieces is None:
+            continue
+        if any(between.get(key) != piece for key, piece in zip(_transitions(roles)[:-1], pieces, strict=False)):
+            return {}
+        ends.add(pieces[-1])
+    return {"assistant": ends.pop()} if len(ends) == 1 else {}
 
 
 def _content_caveats(style: ChatStyle) -> tuple[str, ...]:

@@ -224,14 +224,16 @@ SWEEP_WORDS = ["hi", "Be brief.", "  pad  ", "", "a\nb", '"""', "x</think>", "{{
 
 
 def sweep_conversations() -> list[list[dict]]:
-    """Every system prompt (none, text, padded, empty) with 1 to 4 user turns of the words above in turn."""
+    """Every system prompt (none, text, padded, empty) with 1 to 4 user turns of the words above in turn, each
+    also with the assistant's answer last."""
     found = []
     for system in (None, "Be brief.", "  spaced  ", ""):
         for turns in range(1, 5):
             for shift in range(len(SWEEP_WORDS)):
                 head = [] if system is None else [{"role": "system", "content": system}]
                 words = [SWEEP_WORDS[(shift + i) % len(SWEEP_WORDS)] for i in range(2 * turns - 1)]
-                found.append(head + [{"role": ("user", "assistant")[i % 2], "content": w} for i, w in enumerate(words)])
+                turns_ = [{"role": ("user", "assistant")[i % 2], "content": w} for i, w in enumerate(words)]
+                found += [head + turns_, [*head, *turns_, {"role": "assistant", "content": "an answer"}]]
     return found
 
 
@@ -264,3 +266,24 @@ def test_a_template_the_modelfile_cannot_follow_is_said_never_silent(renderer, h
         )
         differ += outcome.get("text") != theirs
     assert (differ == 0) == (not said), differ
+
+
+def test_a_conversation_ending_in_an_answer_renders_where_the_template_keeps_its_pieces(renderer, hf_tokenizer):
+    """Ending in the assistant's message: the families' template renders it with the pieces of the others, so the
+    TEMPLATE does as transformers does; Qwen3's adds a thinking block to a last answer, so the TEMPLATE refuses
+    it (naming why) rather than render it without."""
+    answered = [
+        [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}],
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}],
+    ]
+    family = turn_layout(hf_style(hf_tokenizer, CHAT_TEMPLATE), END)
+    theirs = [
+        hf_tokenizer.apply_chat_template(c, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True)
+        for c in answered
+    ]
+    assert go_render(renderer, family.go_template(), answered) == theirs
+    qwen3 = turn_layout(hf_style(hf_tokenizer, chat_templates()["qwen3"]), END)
+    assert all(
+        "not trained on a conversation like this" in o["error"]
+        for o in go_outcomes(renderer, qwen3.go_template(), answered)
+    )
