@@ -181,7 +181,9 @@ def test_go_renders_any_conversation_as_transformers_renders_the_trained_templat
 @given(conversation=chats)
 def test_prompt_styles_put_a_system_message_before_the_trained_prompt(renderer, conversation):
     """Alpaca and Phi-3 trained on no system message: one comes first, a blank line, then the prompt exactly as
-    trained; Go and the GGUF's Jinja agree."""
+    trained; Go, the GGUF's Jinja and llama-cpp-python's chat formatter (which reads the GGUF's) agree."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
     system = [m["content"] for m in conversation if m["role"] == "system"]
     turns = [m for m in conversation if m["role"] != "system"]
     for name in ("alpaca", "phi3"):
@@ -190,6 +192,8 @@ def test_prompt_styles_put_a_system_message_before_the_trained_prompt(renderer, 
         expected = system[0] + "\n\n" + trained if system else trained
         assert go_render(renderer, layout.go_template(), [conversation]) == [expected], name
         assert ChatTemplate(layout.jinja_template(), {}, "gguf").prompt(conversation) == expected, name
+        llama_cpp_chat = Jinja2ChatFormatter(layout.jinja_template(), eos_token=END, bos_token="")
+        assert llama_cpp_chat(messages=conversation).prompt == expected, name
 
 
 def test_what_the_trained_template_refuses_the_modelfile_refuses(renderer, hf_tokenizer):
