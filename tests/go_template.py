@@ -16,15 +16,37 @@ import ("encoding/json"; "os"; "strings"; "text/template")
 
 type Message struct { Role string `json:"role"`; Content string `json:"content"` }
 
+// collated: Ollama's template.Execute hands a template the messages with consecutive ones of a role merged
+// (a blank line between) and .System all system messages' text joined so.
+func collated(messages []Message) (string, []*Message) {
+	var system []string
+	var merged []*Message
+	for i := range messages {
+		if messages[i].Role == "system" { system = append(system, messages[i].Content) }
+		if n := len(merged); n > 0 && merged[n-1].Role == messages[i].Role {
+			merged[n-1].Content += "\\n\\n" + messages[i].Content
+		} else {
+			merged = append(merged, &messages[i])
+		}
+	}
+	return strings.Join(system, "\\n\\n"), merged
+}
+
 func main() {
 	var in struct { Template string `json:"template"`; Conversations [][]Message `json:"conversations"` }
 	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil { panic(err) }
-	t, out := template.Must(template.New("TEMPLATE").Parse(in.Template)), []string{}
+	funcs := template.FuncMap{"json": func(v any) string { b, _ := json.Marshal(v); return string(b) }}
+	t := template.Must(template.New("").Option("missingkey=zero").Funcs(funcs).Parse(in.Template))
+	out := []map[string]string{}
 	for _, messages := range in.Conversations {
 		var b strings.Builder
-		data := struct{ Messages []Message; System, Prompt string }{Messages: messages}
-		if err := t.Execute(&b, data); err != nil { panic(err) }
-		out = append(out, b.String())
+		system, merged := collated(messages)
+		data := map[string]any{"System": system, "Messages": merged, "Tools": nil, "Response": ""}
+		if err := t.Execute(&b, data); err != nil {
+			out = append(out, map[string]string{"error": err.Error()})
+		} else {
+			out = append(out, map[string]string{"text": b.String()})
+		}
 	}
 	json.NewEncoder(os.Stdout).Encode(out)
 }
@@ -46,11 +68,20 @@ def build_renderer(folder: Path) -> Path:
     return folder / "render"
 
 
-def go_render(renderer: Path, template: str, conversations: list[list[dict]]) -> list[str]:
-    """Each conversation rendered by ``template`` through Go's text/template."""
+def go_outcomes(renderer: Path, template: str, conversations: list[list[dict]]) -> list[dict]:
+    """Each conversation rendered by ``template`` through Go's text/template as Ollama executes a TEMPLATE
+    (its messages collated, ``.System`` their system text): ``{"text": ...}``, or ``{"error": ...}`` where the
+    render fails."""
     given = json.dumps({"template": template, "conversations": conversations})
     done = subprocess.run([str(renderer)], input=given, capture_output=True, text=True, check=True, timeout=120)
     return json.loads(done.stdout)
+
+
+def go_render(renderer: Path, template: str, conversations: list[list[dict]]) -> list[str]:
+    """Each conversation's text (each must render)."""
+    outcomes = go_outcomes(renderer, template, conversations)
+    assert all("text" in outcome for outcome in outcomes), outcomes
+    return [outcome["text"] for outcome in outcomes]
 
 
 def modelfile_template(modelfile: str) -> str:

@@ -1,67 +1,138 @@
 """The prompt a model was trained on as a runtime's chat template: an Ollama ``TEMPLATE`` (Go's text/template)
-and a GGUF ``tokenizer.chat_template`` (Jinja), both from one ``TurnLayout``: the fixed text around each
-message, read off the prompt style (Alpaca, Phi-3) or, for ``chat``, off the model's own template rendered
-around marker messages (a template whose text around a message is not fixed is refused, exit 2)."""
+and a GGUF ``tokenizer.chat_template`` (Jinja), both from one ``TurnLayout``: the fixed text between messages,
+by the roles on either side, read off the prompt style (Alpaca, Phi-3) or, for ``chat``, off the model's own
+template rendered around marker messages (a template whose text around a message is not fixed is refused,
+exit 2)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from job.core.errors import ConfigError
 from job.data.instructions import ChatStyle, PromptStyle
+from job.models.chat_template import ChatTemplateError
 
-# Stand-ins for message contents while a chat template is read: words no template writes itself.
-MARKERS = ("QXUSERONEQX", "QXASSISTANTONEQX", "QXUSERTWOQX", "QXASSISTANTTWOQX", "QXUSERTHREEQX")
+START = ""
+"""The role "before" the first message."""
+# The conversations a chat template is read from (each message's content a marker), and then checked against.
+PROBES = (
+    ("user",),
+    ("user", "assistant", "user"),
+    ("system", "user"),
+    ("system", "user", "assistant", "user"),
+    ("user", "assistant", "system", "user"),
+    ("system",),
+)
+# Conversations ending in the assistant's message: where the template renders these with the same pieces as the
+# others, the layout renders them too (else, as Qwen3's adds a thinking block to a last answer, they are refused).
+ENDING_IN_ANSWER = (("user", "assistant"), ("system", "user", "assistant"))
+CHECKS = (("user", "assistant") * 2 + ("user",), ("system",) + ("user", "assistant") * 3 + ("user",))
+ROLES_READ = ("system", "user", "assistant")
+UNRENDERED = (
+    "sft-job export: this model was not trained on a conversation like this one (its TEMPLATE renders a system "
+    "message first, then user and assistant turns in turn, as the model's own chat template does)"
+)
+"""What Ollama answers for a conversation the trained layout has no text for (Go's text/template has no way to
+raise: the TEMPLATE calls a template of this name, which is not defined, so the render fails naming it)."""
+
+
+def _marked(roles: tuple[str, ...]) -> list[dict]:
+    """A conversation of ``roles`` whose contents are words no template writes itself."""
+    return [{"role": role, "content": f"QX{role.upper()}{i}QX"} for i, role in enumerate(roles)]
+
+
+def _transitions(roles: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The (before, role) pairs a conversation of ``roles`` passes, the last one (role, "") its end."""
+    return list(zip((START, *roles), (*roles, START), strict=True))
 
 
 @dataclass(frozen=True)
 class TurnLayout:
-    """A conversation is ``first`` + user + (``reply`` + assistant + ``next`` + user)* + ``generation``."""
+    """A conversation as text: before each message, ``between[(previous role, role)]`` (previous role ``START``
+    for the first message); after the last, ``after[its role]`` (the generation prompt). A pair the layout lacks
+    is a conversation the trained layout does not render (the model's template refuses it): the runtime's
+    templates refuse it too, rather than render it some other way. An empty conversation renders nothing."""
 
-    first: str
-    """Before the first user message."""
-    reply: str
-    """Between a user message and the assistant's answer to it."""
-    next: str
-    """Between an assistant's answer and the next user message."""
-    generation: str
-    """After the last user message: what the model answers after."""
+    between: dict[tuple[str, str], str] = field(default_factory=dict)
+    after: dict[str, str] = field(default_factory=dict)
+    caveats: tuple[str, ...] = ()
+    """Where the runtimes' rendering differs from the model's template in ways no marker shows (said, not fixed)."""
+
+    @property
+    def first(self) -> str:
+        """Before the first user message."""
+        return self.between[(START, "user")]
+
+    @property
+    def reply(self) -> str:
+        """Between a user message and the assistant's answer to it."""
+        return self.between[("user", "assistant")]
+
+    @property
+    def next(self) -> str:
+        """Between an assistant's answer and the next user message."""
+        return self.between[("assistant", "user")]
+
+    @property
+    def generation(self) -> str:
+        """After the last user message: what the model answers after."""
+        return self.after["user"]
 
     def render(self, messages: list[dict]) -> str:
-        """The text of a conversation ending in a user message (what a runtime hands the model)."""
-        parts, seen_user = [], False
+        """The text of a conversation (with its generation prompt), as both runtime templates render it; a
+        conversation the layout has no text for is a ``ConfigError``."""
+        parts, previous = [], START
         for message in messages:
-            if message["role"] == "user":
-                parts += [self.next if seen_user else self.first, message["content"]]
-                seen_user = True
-            elif message["role"] == "assistant":
-                parts += [self.reply, message["content"]]
-        return "".join(parts) + self.generation
+            parts += [self._piece(self.between, (previous, message["role"])), message["content"]]
+            previous = message["role"]
+        if previous != START:
+            parts.append(self._piece(self.after, previous))
+        return "".join(parts)
+
+    @staticmethod
+    def _piece(table: dict, key) -> str:
+        if key not in table:
+            raise ConfigError(UNRENDERED)
+        return table[key]
 
     def go_template(self) -> str:
-        """Ollama's ``TEMPLATE``: the same text from ``.Messages`` (system messages are left out: the job trains
-        none). Every fixed piece is a Go string literal (JSON's escapes are Go's), so no text of the model's
-        can read as template syntax, nor close the Modelfile's triple quotes."""
-        first, reply, nxt, gen = (_quoted(p) for p in (self.first, self.reply, self.next, self.generation))
+        """Ollama's ``TEMPLATE``: the same text from ``.Messages``, in which Ollama passes every message, system
+        ones included (its ``.System`` and a Modelfile's or request's system prompt arrive there as a leading
+        system message; consecutive messages of one role arrive merged). Every fixed piece is a Go string
+        literal (JSON's escapes are Go's), so no text of the model's can read as template syntax, nor close the
+        Modelfile's triple quotes."""
+        refuse = f"{{{{ template {_quoted(UNRENDERED)} }}}}"
+        branches = [
+            f"if and (eq $prev {_quoted(before)}) (eq .Role {_quoted(role)}) }}}}{{{{ {_quoted(text)} }}}}"
+            for (before, role), text in self.between.items()
+        ]
+        ends = [f"if eq $prev {_quoted(role)} }}}}{{{{ {_quoted(text)} }}}}" for role, text in self.after.items()]
         return (
-            "{{- $seen := false }}{{- range .Messages }}"
-            f'{{{{- if eq .Role "user" }}}}'
-            f"{{{{ if $seen }}}}{{{{ {nxt} }}}}{{{{ else }}}}{{{{ {first} }}}}{{{{ end }}}}"
-            "{{ .Content }}{{ $seen = true }}"
-            f'{{{{- else if eq .Role "assistant" }}}}{{{{ {reply} }}}}{{{{ .Content }}}}{{{{- end }}}}'
-            f"{{{{- end }}}}{{{{ {gen} }}}}"
+            '{{- $prev := "" }}{{- range .Messages }}{{- '
+            + "{{- else ".join(branches)
+            + f"{{{{- else }}}}{refuse}{{{{- end }}}}{{{{ .Content }}}}{{{{ $prev = .Role }}}}{{{{- end }}}}"
+            + '{{- if eq $prev "" }}{{- else '
+            + "{{- else ".join(ends)
+            + f"{{{{- else }}}}{refuse}{{{{- end }}}}"
         )
 
     def jinja_template(self) -> str:
-        """GGUF's ``tokenizer.chat_template`` for a prompt style: the same text from ``messages``."""
-        first, reply, nxt, gen = (_quoted(p) for p in (self.first, self.reply, self.next, self.generation))
+        """GGUF's ``tokenizer.chat_template`` for a prompt style: the same text from ``messages``
+        (``raise_exception`` where the layout has none)."""
+        refuse = f"{{{{ raise_exception({_quoted(UNRENDERED)}) }}}}"
+        branches = [
+            f"if ns.prev == {_quoted(before)} and message['role'] == {_quoted(role)} %}}{{{{ {_quoted(text)} }}}}"
+            for (before, role), text in self.between.items()
+        ]
+        ends = [f"if ns.prev == {_quoted(role)} %}}{{{{ {_quoted(text)} }}}}" for role, text in self.after.items()]
         return (
-            "{%- set ns = namespace(seen=false) %}{%- for message in messages %}"
-            f"{{%- if message['role'] == 'user' %}}{{{{ ({nxt} if ns.seen else {first}) + message['content'] }}}}"
-            "{%- set ns.seen = true %}"
-            f"{{%- elif message['role'] == 'assistant' %}}{{{{ {reply} + message['content'] }}}}{{%- endif %}}"
-            f"{{%- endfor %}}{{%- if add_generation_prompt %}}{{{{ {gen} }}}}{{%- endif %}}"
+            "{%- set ns = namespace(prev='') %}{%- for message in messages %}{%- "
+            + "{%- el".join(branches)
+            + f"{{%- else %}}{refuse}{{%- endif %}}{{{{ message['content'] }}}}{{%- set ns.prev = message['role'] %}}"
+            + "{%- endfor %}{%- if add_generation_prompt and ns.prev != '' %}{%- "
+            + "{%- el".join(ends)
+            + f"{{%- else %}}{refuse}{{%- endif %}}{{%- endif %}}"
         )
 
 
@@ -81,34 +152,122 @@ def entry_message(style: PromptStyle, entry: dict) -> str:
 
 def turn_layout(style: PromptStyle, end_text: str) -> TurnLayout:
     """The layout of ``style``: the prompt's head, the response header after each user message, the end token
-    after each answer; for ``chat``, read off the model's template (``chat_layout``)."""
+    after each answer; for ``chat``, read off the model's template (``chat_layout``). Alpaca and Phi-3 were
+    trained on no system message: one (first) is written before the prompt as trained, a blank line after it,
+    so everything after it is the trained prompt byte for byte."""
     if isinstance(style, ChatStyle):
         return chat_layout(style)
     head = style.format_input({"instruction": "", "input": ""})
-    return TurnLayout(head, style.response_header, end_text + head, style.response_header)
+    between = {
+        (START, "user"): head,
+        ("user", "assistant"): style.response_header,
+        ("assistant", "user"): end_text + head,
+        (START, "system"): "",
+        ("system", "user"): "\n\n" + head,
+    }
+    return TurnLayout(between, {"user": style.response_header})
 
 
 def chat_layout(style: ChatStyle) -> TurnLayout:
-    """The chat template's fixed text around each message, from renders of one, three and five marker
-    messages; each render must be those pieces around the markers, else the template is not one a Go template
-    can copy (it changes a message's text, or its text depends on more than the message's place)."""
-    user1, assistant1, user2, assistant2, user3 = MARKERS
-
-    def render(*contents: str) -> str:
-        roles = ("user", "assistant") * 3
-        return style.render([{"role": r, "content": c} for r, c in zip(roles, contents, strict=False)])
-
-    one, three = render(user1), render(user1, assistant1, user2)
-    pieces = _split(three, (user1, assistant1, user2))
-    if pieces is None or not one.startswith(pieces[0] + user1):
-        raise _not_fixed("the text around a user message changes, or a message's text is changed")
-    layout = TurnLayout(pieces[0], pieces[1], pieces[2], pieces[3])
-    if layout.render([{"role": "user", "content": user1}]) != one:
-        raise _not_fixed("a one-message conversation ends otherwise than a longer one")
-    five = [{"role": r, "content": c} for r, c in zip(("user", "assistant") * 3, MARKERS, strict=False)]
-    if layout.render(five) != style.render(five):
-        raise _not_fixed("the text between turns depends on more than the message's place")
+    """The chat template's fixed text between messages, from renders of marker conversations (``PROBES``); a
+    conversation the template refuses (``raise_exception``) leaves its pairs out, so the runtimes refuse it too.
+    Each render must be fixed pieces around the markers, the same for the same pair of roles in every render,
+    and the layout must then render ``CHECKS`` as the template does, else no Go template can copy it (it changes
+    a message's text, or its text depends on more than the roles either side)."""
+    between: dict[tuple[str, str], str] = {}
+    after: dict[str, str] = {}
+    for roles in PROBES:
+        messages = _marked(roles)
+        try:
+            text = style.render(messages)
+        except ChatTemplateError:
+            if roles == PROBES[0]:
+                raise  # a template that renders no one-message conversation (or does not compile) says why
+            continue
+        pieces = _split(text, tuple(m["content"] for m in messages))
+        if pieces is None:
+            raise _not_fixed("the text around a message changes, or a message's text is changed")
+        for (before, role), piece in zip(_transitions(roles), pieces, strict=True):
+            table, key = (after, before) if role == START else (between, (before, role))
+            if table.setdefault(key, piece) != piece:
+                raise _not_fixed(
+                    "the text between turns depends on more than the message's place (the roles either side)"
+                )
+    after |= _answer_end(style, between)
+    layout = TurnLayout(between, after, _content_caveats(style) + _empty_caveats(style, between, after))
+    if ("user", "assistant") not in between or ("assistant", "user") not in between:
+        raise _not_fixed("it renders no conversation of user and assistant turns in turn")
+    for roles in CHECKS:
+        if _rendered(layout.render, _marked(roles)) != _rendered(style.render, _marked(roles)):
+            raise _not_fixed("the text between turns depends on more than the message's place (the roles either side)")
     return layout
+
+
+# Texts around a marker that some templates change (Llama 3 trims each message; Qwen3 reads what ends in </think>
+# as reasoning), each with what the caveat says.
+CHANGED_TEXTS = (
+    (" \n{}\n ", "changes the whitespace around a message's text (trims it)"),
+    ("{}</think>", "changes a message holding </think> (as reasoning, Qwen3's)"),
+)
+
+
+def _answer_end(style: ChatStyle, between: dict) -> dict[str, str]:
+    """``after["assistant"]`` where every conversation of ``ENDING_IN_ANSWER`` the template renders has the
+    layout's pieces and one text after the answer; else nothing (those conversations are refused)."""
+    ends = set()
+    for roles in ENDING_IN_ANSWER:
+        messages = _marked(roles)
+        text = _rendered(style.render, messages)
+        pieces = None if text is None else _split(text, tuple(m["content"] for m in messages))
+        if pieces is None:
+            continue
+        if any(between.get(key) != piece for key, piece in zip(_transitions(roles)[:-1], pieces, strict=False)):
+            return {}
+        ends.add(pieces[-1])
+    return {"assistant": ends.pop()} if len(ends) == 1 else {}
+
+
+def _content_caveats(style: ChatStyle) -> tuple[str, ...]:
+    """What the template does to a message's text that Go's text/template (and Ollama's functions) cannot: the
+    TEMPLATE passes a message's text as is, so such a message renders otherwise."""
+    caveats = []
+    for wrap, why in CHANGED_TEXTS:
+        for roles in (("system", "user", "assistant", "user"), ("user", "assistant", "user")):
+            messages = [m | {"content": wrap.format(m["content"])} for m in _marked(roles)]
+            text = _rendered(style.render, messages)
+            if text is not None:
+                if not all(m["content"] in text for m in messages):
+                    caveats.append(
+                        f"the model's chat template {why}, which the TEMPLATE cannot: it passes the text as is"
+                    )
+                break
+    return tuple(caveats)
+
+
+def _empty_caveats(style: ChatStyle, between: dict, after: dict) -> tuple[str, ...]:
+    """A template may write an empty message otherwise than its fixed pieces (skip an empty system turn, or a
+    separator only before a non-empty text); a Go TEMPLATE writes the pieces alike, so where any role's empty
+    message renders otherwise, say so."""
+    layout, odd = TurnLayout(between, after), []
+    for role in ROLES_READ:
+        for roles in CHECKS:
+            messages = [m | {"content": ""} if m["role"] == role else m for m in _marked(roles)]
+            if role not in odd and _rendered(layout.render, messages) != _rendered(style.render, messages):
+                odd.append(role)
+    if not odd:
+        return ()
+    return (
+        f"the model's chat template writes an empty {' or '.join(odd)} message otherwise than one with text, which "
+        "the TEMPLATE does not follow: it writes the same text around an empty message",
+    )
+
+
+def _rendered(render, messages: list[dict]) -> str | None:
+    """What ``render`` makes of ``messages``; None where it refuses them."""
+    try:
+        return render(messages)
+    except (ChatTemplateError, ConfigError):
+        return None
 
 
 def _split(text: str, markers: tuple[str, ...]) -> list[str] | None:

@@ -101,6 +101,16 @@ def export_style_name(named: str | None, model_dir: Path) -> str:
     return saved_prompt_style(model_dir) or "alpaca"
 
 
+def _caveats(layout: TurnLayout, style, tokenizer) -> list[str]:
+    """What the Modelfile's TEMPLATE renders otherwise than the model's template, said rather than fixed."""
+    caveats = list(layout.caveats)
+    if isinstance(style, ChatStyle) and "strftime_now" in tokenizer.chat_template.source:
+        caveats.append(
+            "the model's chat template writes the day's date (strftime_now): the TEMPLATE holds the export's day"
+        )
+    return caveats
+
+
 def run_export(cfg: ExportConfig, metrics: Metrics | None = None) -> Path:
     """``model.gguf`` and ``Modelfile`` in ``cfg.output``; returns the folder."""
     model_dir, output, cache = Path(cfg.model_dir), Path(cfg.output), Path(cfg.cache)
@@ -114,6 +124,8 @@ def run_export(cfg: ExportConfig, metrics: Metrics | None = None) -> Path:
     style = prompt_style(export_style_name(cfg.prompt_style, model_dir), tokenizer)
     stop = end_text(tokenizer)
     layout = turn_layout(style, stop)
+    for caveat in _caveats(layout, style, tokenizer):
+        log.warning("modelfile_template_inexact", why=caveat, model_dir=str(model_dir))
     # The GGUF's own template: the model's for chat, else the style's layout (llama.cpp's chat reads it).
     chat_template = tokenizer.chat_template.source if isinstance(style, ChatStyle) else layout.jinja_template()
     vocab = vocabulary(model_dir, tokenizer, cache)

@@ -70,6 +70,29 @@ def test_a_messages_trained_qwen3_exports_its_chat_template(qwen3_dir, cache, tm
 
 
 @pytest.mark.slow
+def test_a_system_prompt_trained_in_every_conversation_reaches_the_modelfile(qwen3_dir, cache, tmp_path, book_data):
+    """Conversations with a system prompt in each (the adversarial report's item 5): the exported Modelfile's
+    TEMPLATE, run by Go as Ollama runs it, renders the system turn and the turns after it as transformers renders
+    the model's own template, one turn and several."""
+    from transformers import AutoTokenizer
+
+    system = {"role": "system", "content": "Be brief."}
+    rows = [{"messages": [system, *row["messages"]]} for row in _conversations(book_data)]
+    trained = _finetune(qwen3_dir, _jsonl(tmp_path / "conv.jsonl", rows), cache, tmp_path / "ft")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    done = cli("export", "--model-dir", tmp_path / "ft" / "model", "--output", tmp_path / "out", "--cache", cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    asked = [row["messages"][:2] for row in rows[:5]] + [row["messages"] + [row["messages"][1]] for row in rows[5:8]]
+    asked += [[{"role": "user", "content": "no system"}]]
+    (tmp_path / "go").mkdir()
+    template = modelfile_template((tmp_path / "out" / MODELFILE).read_text())
+    rendered = go_render(build_renderer(tmp_path / "go"), template, asked)
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "ft" / "model")
+    assert rendered == [theirs.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in asked]
+    assert all(text.count("Be brief.") == 1 for text in rendered[:8])
+
+
+@pytest.mark.slow
 def test_gpt2_trained_with_a_chat_template_file_carries_it_to_generate_and_export(
     tiny_model_dir, cache, tmp_path, book_data
 ):

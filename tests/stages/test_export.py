@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import trl
 
 from job.data.chat_layout import entry_message
 from job.data.instructions import PROMPT_STYLES, prompt_style
@@ -17,7 +19,7 @@ from job.models.tokenizer import ByteTokenizer, load_hf_tokenizer
 from job.stages.export import GGUF_FILE, MODELFILE
 from tests.family_folders import write_family_folder
 from tests.go_template import build_renderer, go_render, modelfile_template
-from tests.helpers import cli
+from tests.helpers import cli, events
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +171,31 @@ def test_extra_files_and_an_output_inside_the_model_folder_export_the_same_bytes
         assert done.returncode == 0, done.stderr
         for name in (GGUF_FILE, MODELFILE):
             assert (output / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), (output, name)
+
+
+def test_what_the_template_cannot_copy_is_said(renderer, llama_dir, cache, tmp_path):
+    """Llama 3.2's own template (as TRL ships it) trims each message and writes the day's date, neither of which
+    Go's text/template can follow: the export writes the TEMPLATE (system turns included, equal to transformers'
+    for messages without whitespace around them) and says both, one warning each; a template with neither says
+    nothing."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "llama32"
+    shutil.copytree(llama_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = (Path(trl.__file__).parent / "chat_templates" / "llama3_2.jinja").read_text()
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    done = export(folder, tmp_path / "out", cache, "--prompt-style", "chat")
+    assert done.returncode == 0, done.stderr[-2000:]
+    warned = [e["why"] for e in events(done.stdout) if e["event"] == "modelfile_template_inexact"]
+    assert len(warned) == 2 and "whitespace" in warned[0] and "date" in warned[1], warned
+    conversations = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+    ]
+    theirs = AutoTokenizer.from_pretrained(folder)
+    expected = [theirs.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    template = modelfile_template((tmp_path / "out" / MODELFILE).read_text())
+    assert go_render(renderer, template, conversations) == expected
+    plain = export(llama_dir, tmp_path / "plain", cache, "--prompt-style", "chat")
+    assert plain.returncode == 0 and not [e for e in events(plain.stdout) if e["event"] == "modelfile_template_inexact"]
