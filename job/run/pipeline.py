@@ -52,7 +52,7 @@ from job.run.lock import run_lock
 from job.run.manifest import FAILURE_RECORD_PATIENCE_S, Manifest
 from job.run.report import REPORT, fetch_inputs, write_report
 from job.run.stage_record import StageRecorder
-from job.stages.dpo import run_dpo
+from job.stages.dpo import dpo_prompt_style, run_dpo
 from job.stages.dpo_config import DPOConfig
 from job.stages.export import GGUF_FILE, MODELFILE, check_exportable, run_export
 from job.stages.export_config import ExportConfig
@@ -69,7 +69,7 @@ from job.training.binding import model_digest, run_binding, stage_name
 from job.training.checkpoint import CheckpointUploader, fetch_checkpoint
 from job.training.checkpoint_files import read_key
 from job.training.roles import Roles
-from job.training.stage_io import training_splits
+from job.training.stage_io import trained_layout, training_splits
 from job.training.trainer import check_batches
 
 log = get_logger(__name__)
@@ -222,7 +222,9 @@ class Pipeline:
         if self.roles.prepares_node:
             self._ensure_local(model_keys(self.stages.manifest, ""))
         start, out = str(self.work / "model"), str(self.work / "dpo")
-        cfg = stage_config(self.cfg, "dpo", DPOConfig, output=out, **stage_model(self.cfg, start))
+        style = dpo_prompt_style(named_prompt_style(self.cfg), saved_prompt_style(start))  # as `sft-job dpo`'s
+        model = stage_model(self.cfg, start)
+        cfg = stage_config(self.cfg, "dpo", DPOConfig, output=out, prompt_style=style, **model)
         outputs = self._train(run_dpo, cfg, "dpo/checkpoints")
         return [*_artifacts(outputs, "dpo/"), "dpo/reward-margins-plot.png"] if outputs else []
 
@@ -560,11 +562,11 @@ def check_packed_batches(cfg: RunConfig, world: int, train: list[dict], tokenize
 
 def check_later_stages(cfg: RunConfig, tokenizer, how: Layout, context_length: int) -> None:
     """What the stages after the finetune need of the model, before it: --dpo's preference data, and what
-    --export's stage would refuse (exit 2 naming why)."""
-    check_preference_data(cfg, tokenizer, how.style, context_length)
+    --export's stage would refuse for the last model trained (exit 2 naming why)."""
+    last = check_preference_data(cfg, tokenizer, how, context_length) or how
     if cfg.export:
         folder = None if random_model(cfg) else tokenizer_folder(cfg, cfg.model_dir)
-        check_exportable(folder, tokenizer, export_style(cfg, how), Path(cfg.cache))
+        check_exportable(folder, tokenizer, export_style(cfg, last), Path(cfg.cache))
 
 
 def named_prompt_style(cfg: RunConfig) -> str | None:
@@ -588,15 +590,23 @@ def export_style(cfg: RunConfig, how: Layout):
     return how.style
 
 
-def check_preference_data(cfg: RunConfig, tokenizer, style, context_length: int) -> None:
+def check_preference_data(cfg: RunConfig, tokenizer, how: Layout, context_length: int) -> Layout | None:
     """With --dpo, --dpo-data as the DPO stage reads it, before anything is written (not after the finetune):
-    every entry a preference pair, both splits with pairs that fit the context, at least a batch of them."""
+    every entry a preference pair, both splits with pairs that fit the context, at least a batch of them, laid
+    out in the style the stage will take from the finetuned model's record (``how``: the finetune's layout).
+    Returns the DPO model's layout (None without --dpo)."""
     if not cfg.dpo:
-        return
-    dpo = stage_config(cfg, "dpo", DPOConfig, **stage_model(cfg, cfg.model_dir))
+        return None
+    finetuned_with = trained_layout(cfg, how, tokenizer)["prompt_style"]
+    name = dpo_prompt_style(named_prompt_style(cfg), finetuned_with)
+    dpo = stage_config(cfg, "dpo", DPOConfig, prompt_style=name, **stage_model(cfg, cfg.model_dir))
     path, train, val, data_format = training_splits(dpo, preference_problem)
-    pairs = pair_style(layout(dpo, data_format, train, tokenizer, style))
-    fitting_pairs(train, val, tokenizer, pairs, (dpo.allowed_max_length, context_length), dpo.batch_size, path)
+    # the finetuned model carries the template it was trained with (a --chat-template file's too)
+    style = ChatStyle("chat", "", "", render=how.template.prompt) if how.template and name == "chat" else None
+    dpo_how = layout(dpo, data_format, train, tokenizer, style or prompt_style(name, tokenizer))
+    limits = (dpo.allowed_max_length, context_length)
+    fitting_pairs(train, val, tokenizer, pair_style(dpo_how), limits, dpo.batch_size, path)
+    return dpo_how
 
 
 def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:
