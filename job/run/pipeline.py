@@ -23,7 +23,7 @@ from job.config import SMOKE_MODEL_NAME, RunConfig, smoke_data
 from job.core.errors import ConfigError, ExitCode, JobError, exit_code_for
 from job.core.observability import Metrics, MetricsPublisher, RunStatus, bind, get_logger
 from job.core.parsing import ParseError, load_yaml
-from job.core.settings import default_of, parse_duration, redacted, result_changes, stage_config
+from job.core.settings import default_of, marks, parse_duration, redacted, result_changes, stage_config
 from job.data.formats import Layout, layout, pair_style
 from job.data.instructions import ChatStyle, dataset_file, prompt_style
 from job.data.packing import best_fit_decreasing, checked_pack_length
@@ -78,6 +78,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # with --l
 MODEL_FILES = ("model/model.safetensors", "model/config.json")  # GPT-2's; a Llama 3 / Qwen3 model/ has more
 TRAINING_FILES = ("losses.json", "loss-plot.png")
 REMOTE_SCHEMES = ("http://", "https://", "s3://")  # a dataset named so is downloaded into the cache
+SWITCHED_STAGES = {"dpo": "dpo", "export": "export"}  # a stage that runs only where this option of run's is set
 
 
 def recorded_options(cfg: RunConfig) -> dict:
@@ -361,7 +362,8 @@ def check_same_run(storage: Storage, run_id: str, resolved: dict, cls: type) -> 
         raise ParseError(f"{what} is not a mapping of option names to values: not a file this job wrote")
     if options.get("model_dir"):  # a run started before config.yaml recorded null there: the model was unused
         options["model"] = None
-    changes = result_changes(options, resolved, cls)
+    unused = unused_stage_options(options, resolved, cls)
+    changes = result_changes(comparable_options(options, unused), comparable_options(resolved, unused), cls)
     if changes:
         # A run's export is one of its results; another type of its model is sft-job export's to write.
         other_type = any(change.startswith("export_dtype ") for change in changes)
@@ -374,6 +376,23 @@ def check_same_run(storage: Storage, run_id: str, resolved: dict, cls: type) -> 
             f"Rerun with the run's options (its config.yaml), or give another --run-id{export if other_type else ''}"
         )
     return saved
+
+
+def unused_stage_options(saved: dict, current: dict, cls: type) -> set[str]:
+    """The options that feed a stage neither the run nor its rerun enables (--dpo-data without --dpo, as
+    --export-dtype without --export): they change no result, so a rerun may change them."""
+    off = {stage for stage, switch in SWITCHED_STAGES.items() if not saved.get(switch) and not current.get(switch)}
+    return {name for name in cls.model_fields if (marks(cls, name).get("feeds") or ("",))[0] in off}
+
+
+def comparable_options(options: dict, unused: set[str]) -> dict:
+    """``options`` as a rerun compares them: ``unused`` left out, and a dataset that is the smoke's own data in
+    the run's --cache named so rather than by its path (the cache is an operational folder; the manifest binds
+    the data's bytes by sha256)."""
+    own = smoke_data(options["cache"]) if isinstance(options.get("cache"), str) else None
+    kept = {name: value for name, value in options.items() if name not in unused}
+    smokes = [name for name in ("data", "dpo_data") if own and kept.get(name) == own]
+    return kept | dict.fromkeys(smokes, "the smoke's own data in --cache")
 
 
 def check_same_inputs(recorded: dict | None, inputs: dict, run_id: str) -> None:
