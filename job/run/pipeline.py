@@ -29,7 +29,7 @@ from job.data.instructions import ChatStyle, dataset_file, prompt_style
 from job.data.packing import best_fit_decreasing, checked_pack_length
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
-from job.data.sources import FILE_TYPES, HUB_PREFIX, dataset_splits, resolve_source, source_digest
+from job.data.sources import FILE_TYPES, HUB_PREFIX, Splits, dataset_splits, resolve_source, source_digest
 from job.models.families import family, model_tokenizer, read_shape
 from job.models.gpt2 import GPTConfig, GPTModel, gpt2_config
 from job.models.gpt2_weights import save_hf
@@ -69,7 +69,7 @@ from job.training.binding import model_digest, run_binding, stage_name
 from job.training.checkpoint import CheckpointUploader, fetch_checkpoint
 from job.training.checkpoint_files import read_key
 from job.training.roles import Roles
-from job.training.stage_io import trained_layout, training_splits
+from job.training.stage_io import split_examples, trained_layout, training_splits
 from job.training.trainer import check_batches
 
 log = get_logger(__name__)
@@ -126,7 +126,8 @@ class Pipeline:
         entries = splits.train + splits.val + splits.test
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
         fit = check_model_fit(cfg, test[: cfg.limit], data_format, entries)
-        check_packed_batches(cfg, self.roles.world, train[: cfg.train_limit], *fit)
+        examples = check_trainable(cfg, self.roles.world, splits, *fit)
+        check_packed_batches(cfg, self.roles.world, examples, fit[2])
         check_later_stages(cfg, *fit)
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
@@ -567,13 +568,28 @@ def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca
     return tokenizer, how, shape.context_length
 
 
-def check_packed_batches(cfg: RunConfig, world: int, train: list[dict], tokenizer, how: Layout, context: int) -> None:
+def check_trainable(cfg: RunConfig, world: int, splits: Splits, tokenizer, how: Layout, context: int) -> list | None:
+    """The training split's examples as the finetune stage makes them, where the preflight needs them (formats
+    other than the book's, which leave out an entry with nothing to train within the limit; --packing, which packs
+    them): each split keeps an entry to train on, the training split a batch of them, else it is refused here,
+    as the stage would refuse it after the preflight. None where no check needs them."""
+    if how.data_format == "alpaca" and not cfg.packing:
+        return None
+    max_length = min(cfg.allowed_max_length, context)
+    limited = dataclasses.replace(splits, train=splits.train[: cfg.train_limit])
+    train, _val = split_examples(how, limited, tokenizer, max_length)
+    if how.data_format != "alpaca":
+        check_batches(cfg, world, len(train), "entries with a token to train on")
+    return train
+
+
+def check_packed_batches(cfg: RunConfig, world: int, examples: list | None, context: int) -> None:
     """With --packing, what the finetune stage would refuse after the preflight, checked before anything is
-    written: the rows' length, and a batch of packed rows, the training split packed as the stage packs it."""
-    if not cfg.packing:
+    written: the rows' length, and a batch of packed rows, the training split (``examples``) packed as the stage
+    packs it."""
+    if not cfg.packing or examples is None:
         return
     max_length = min(cfg.allowed_max_length, context)
-    examples = how.examples(train, tokenizer, max_length)
     pack_length = checked_pack_length(cfg.pack_length, examples, max_length, context)
     lengths = [min(len(e.token_ids), max_length) for e in examples]
     check_batches(cfg, world, len(best_fit_decreasing(lengths, pack_length, cfg.seed)), "packed rows")
