@@ -354,3 +354,27 @@ def test_the_smokes_own_data_in_another_cache_is_the_same_data_a_path_elsewhere_
     moved = second | {"data": str(tmp_path / "b" / "mine.json")}
     with pytest.raises(ConfigError, match="started with other options: data "):
         _rerun_check(tmp_path, first, moved)
+
+
+@pytest.mark.parametrize(("named", "style"), [(None, "chat"), ("phi3", "phi3")])
+def test_the_preflight_checks_dpos_pairs_in_the_style_the_stage_will_take(
+    named, style, qwen3_dir, cache, tmp_path, book_data
+):
+    """After conversations the finetuned model records chat: the preflight lays the book's pairs out so (as the
+    DPO stage will, reading that record), or in the --prompt-style named."""
+    from job.run.pipeline import check_model_fit, check_preference_data
+    from tests.helpers import conversations_file
+
+    data = conversations_file(tmp_path / "conv.json", book_data)
+    pairs = cache / "instruction-data-with-preference.json"
+    named_style = {"prompt_style": named} if named else {}
+    cfg = RunConfig(
+        model_dir=str(qwen3_dir), data=str(data), dpo=True, dpo_data=str(pairs), cache=str(cache), **named_style
+    )
+    entries = json.loads(data.read_text())
+    tokenizer, how, context = check_model_fit(cfg, entries[:2], "messages", entries)
+    laid = check_preference_data(cfg, tokenizer, how, context)
+    assert laid.style.name == style
+    entry = json.loads(pairs.read_text())[0]
+    expected = how.template.prompt([{"role": "user", "content": entry["instruction"] + f"\n\n{entry['input']}"}])
+    assert (laid.style.format_input(entry) == expected) == (style == "chat")
