@@ -119,3 +119,15 @@ def finetune_run(model_dir: Path, cache: Path, output, *extra) -> list:
     """``sft-job finetune`` arguments on the book's data in a test's own ``cache``, logging JSON."""
     common = ["--data", cache / "instruction-data.json", "--cache", cache, "--output", output]
     return ["finetune", "--model-dir", model_dir, *common, "--log-format", "json", *extra]
+
+
+def conversations_file(path, book_data, long: range = range(0)):
+    """60 of the book's entries as conversations (51 training, 6 test, 3 validation in the 85/10/5 cut), those
+    in ``long`` behind a system prompt that leaves their answer past --allowed-max-length 200."""
+    rows = []
+    for i, entry in enumerate(book_data[:60]):
+        system = "Be brief. " * (80 if i in long else 1)
+        turns = [("system", system), ("user", entry["instruction"]), ("assistant", entry["output"])]
+        rows.append({"messages": [{"role": role, "content": text} for role, text in turns]})
+    path.write_text(json.dumps(rows))
+    return path

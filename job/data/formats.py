@@ -157,17 +157,20 @@ class Layout:
     template: ChatTemplate | None
     train_on: str = "assistant"
 
-    def examples(self, entries: list[dict], tokenizer, max_length: int) -> list[Example]:
-        """Every entry tokenized; one with nothing to train within ``max_length`` is left out (and counted)."""
+    def examples(self, entries: list[dict], tokenizer, max_length: int, split: str = "training", source="") -> list:
+        """Every entry tokenized; one with nothing to train within ``max_length`` is left out (and counted, naming
+        the ``split``); a split left with none is a DataError naming it and its file, ``source``."""
         if self.data_format == "alpaca":
             return tokenize(entries, tokenizer, self.style, max_length)
         examples = [self.example(entry, tokenizer) for entry in entries]
         kept = [e for e in examples if any(e.trained[1 : max_length + 1])]
         if len(kept) < len(examples):
-            log.warning("examples_without_trained_tokens", count=len(examples) - len(kept), max_length=max_length)
+            left_out, of = len(examples) - len(kept), len(examples)
+            log.warning("examples_without_trained_tokens", split=split, count=left_out, of=of, max_length=max_length)
         if not kept:
             raise DataError(
-                f"no {self.data_format} entry has a token to train on within --allowed-max-length {max_length}"
+                f"dataset {source}: none of the {len(examples)} {self.data_format} entries of its {split} split has a "
+                f"token to train on within --allowed-max-length {max_length}: raise it or shorten those entries"
             )
         return kept
 

@@ -23,13 +23,13 @@ from job.config import SMOKE_MODEL_NAME, RunConfig, smoke_data
 from job.core.errors import ConfigError, ExitCode, JobError, exit_code_for
 from job.core.observability import Metrics, MetricsPublisher, RunStatus, bind, get_logger
 from job.core.parsing import ParseError, load_yaml
-from job.core.settings import default_of, parse_duration, redacted, result_changes, stage_config
+from job.core.settings import default_of, marks, parse_duration, redacted, result_changes, stage_config
 from job.data.formats import Layout, layout, pair_style
 from job.data.instructions import ChatStyle, dataset_file, prompt_style
 from job.data.packing import best_fit_decreasing, checked_pack_length
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
-from job.data.sources import FILE_TYPES, HUB_PREFIX, dataset_splits, resolve_source, source_digest
+from job.data.sources import FILE_TYPES, HUB_PREFIX, Splits, dataset_splits, resolve_source, source_digest
 from job.models.families import family, model_tokenizer, read_shape
 from job.models.gpt2 import GPTConfig, GPTModel, gpt2_config
 from job.models.gpt2_weights import save_hf
@@ -52,7 +52,7 @@ from job.run.lock import run_lock
 from job.run.manifest import FAILURE_RECORD_PATIENCE_S, Manifest
 from job.run.report import REPORT, fetch_inputs, write_report
 from job.run.stage_record import StageRecorder
-from job.stages.dpo import run_dpo
+from job.stages.dpo import dpo_prompt_style, run_dpo
 from job.stages.dpo_config import DPOConfig
 from job.stages.export import GGUF_FILE, MODELFILE, check_exportable, run_export
 from job.stages.export_config import ExportConfig
@@ -69,7 +69,7 @@ from job.training.binding import model_digest, run_binding, stage_name
 from job.training.checkpoint import CheckpointUploader, fetch_checkpoint
 from job.training.checkpoint_files import read_key
 from job.training.roles import Roles
-from job.training.stage_io import training_splits
+from job.training.stage_io import split_examples, trained_layout, training_splits
 from job.training.trainer import check_batches
 
 log = get_logger(__name__)
@@ -78,6 +78,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # with --l
 MODEL_FILES = ("model/model.safetensors", "model/config.json")  # GPT-2's; a Llama 3 / Qwen3 model/ has more
 TRAINING_FILES = ("losses.json", "loss-plot.png")
 REMOTE_SCHEMES = ("http://", "https://", "s3://")  # a dataset named so is downloaded into the cache
+SWITCHED_STAGES = {"dpo": "dpo", "export": "export"}  # a stage that runs only where this option of run's is set
 
 
 def recorded_options(cfg: RunConfig) -> dict:
@@ -125,7 +126,8 @@ class Pipeline:
         entries = splits.train + splits.val + splits.test
         check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
         fit = check_model_fit(cfg, test[: cfg.limit], data_format, entries, splits.origin)
-        check_packed_batches(cfg, self.roles.world, train[: cfg.train_limit], *fit)
+        examples = check_trainable(cfg, self.roles.world, splits, *fit)
+        check_packed_batches(cfg, self.roles.world, examples, fit[2])
         check_later_stages(cfg, *fit)
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
@@ -222,7 +224,9 @@ class Pipeline:
         if self.roles.prepares_node:
             self._ensure_local(model_keys(self.stages.manifest, ""))
         start, out = str(self.work / "model"), str(self.work / "dpo")
-        cfg = stage_config(self.cfg, "dpo", DPOConfig, output=out, **stage_model(self.cfg, start))
+        style = dpo_prompt_style(named_prompt_style(self.cfg), saved_prompt_style(start))  # as `sft-job dpo`'s
+        model = stage_model(self.cfg, start)
+        cfg = stage_config(self.cfg, "dpo", DPOConfig, output=out, prompt_style=style, **model)
         outputs = self._train(run_dpo, cfg, "dpo/checkpoints")
         return [*_artifacts(outputs, "dpo/"), "dpo/reward-margins-plot.png"] if outputs else []
 
@@ -359,7 +363,8 @@ def check_same_run(storage: Storage, run_id: str, resolved: dict, cls: type) -> 
         raise ParseError(f"{what} is not a mapping of option names to values: not a file this job wrote")
     if options.get("model_dir"):  # a run started before config.yaml recorded null there: the model was unused
         options["model"] = None
-    changes = result_changes(options, resolved, cls)
+    unused = unused_stage_options(options, resolved, cls)
+    changes = result_changes(comparable_options(options, unused), comparable_options(resolved, unused), cls)
     if changes:
         # A run's export is one of its results; another type of its model is sft-job export's to write.
         other_type = any(change.startswith("export_dtype ") for change in changes)
@@ -372,6 +377,23 @@ def check_same_run(storage: Storage, run_id: str, resolved: dict, cls: type) -> 
             f"Rerun with the run's options (its config.yaml), or give another --run-id{export if other_type else ''}"
         )
     return saved
+
+
+def unused_stage_options(saved: dict, current: dict, cls: type) -> set[str]:
+    """The options that feed a stage neither the run nor its rerun enables (--dpo-data without --dpo, as
+    --export-dtype without --export): they change no result, so a rerun may change them."""
+    off = {stage for stage, switch in SWITCHED_STAGES.items() if not saved.get(switch) and not current.get(switch)}
+    return {name for name in cls.model_fields if (marks(cls, name).get("feeds") or ("",))[0] in off}
+
+
+def comparable_options(options: dict, unused: set[str]) -> dict:
+    """``options`` as a rerun compares them: ``unused`` left out, and a dataset that is the smoke's own data in
+    the run's --cache named so rather than by its path (the cache is an operational folder; the manifest binds
+    the data's bytes by sha256)."""
+    own = smoke_data(options["cache"]) if isinstance(options.get("cache"), str) else None
+    kept = {name: value for name, value in options.items() if name not in unused}
+    smokes = [name for name in ("data", "dpo_data") if own and kept.get(name) == own]
+    return kept | dict.fromkeys(smokes, "the smoke's own data in --cache")
 
 
 def check_same_inputs(recorded: dict | None, inputs: dict, run_id: str) -> None:
@@ -547,13 +569,28 @@ def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca
     return tokenizer, how, shape.context_length
 
 
-def check_packed_batches(cfg: RunConfig, world: int, train: list[dict], tokenizer, how: Layout, context: int) -> None:
+def check_trainable(cfg: RunConfig, world: int, splits: Splits, tokenizer, how: Layout, context: int) -> list | None:
+    """The training split's examples as the finetune stage makes them, where the preflight needs them (formats
+    other than the book's, which leave out an entry with nothing to train within the limit; --packing, which packs
+    them): each split keeps an entry to train on, the training split a batch of them, else it is refused here,
+    as the stage would refuse it after the preflight. None where no check needs them."""
+    if how.data_format == "alpaca" and not cfg.packing:
+        return None
+    max_length = min(cfg.allowed_max_length, context)
+    limited = dataclasses.replace(splits, train=splits.train[: cfg.train_limit])
+    train, _val = split_examples(how, limited, tokenizer, max_length)
+    if how.data_format != "alpaca":
+        check_batches(cfg, world, len(train), "entries with a token to train on")
+    return train
+
+
+def check_packed_batches(cfg: RunConfig, world: int, examples: list | None, context: int) -> None:
     """With --packing, what the finetune stage would refuse after the preflight, checked before anything is
-    written: the rows' length, and a batch of packed rows, the training split packed as the stage packs it."""
-    if not cfg.packing:
+    written: the rows' length, and a batch of packed rows, the training split (``examples``) packed as the stage
+    packs it."""
+    if not cfg.packing or examples is None:
         return
     max_length = min(cfg.allowed_max_length, context)
-    examples = how.examples(train, tokenizer, max_length)
     pack_length = checked_pack_length(cfg.pack_length, examples, max_length, context)
     lengths = [min(len(e.token_ids), max_length) for e in examples]
     check_batches(cfg, world, len(best_fit_decreasing(lengths, pack_length, cfg.seed)), "packed rows")
@@ -561,11 +598,11 @@ def check_packed_batches(cfg: RunConfig, world: int, train: list[dict], tokenize
 
 def check_later_stages(cfg: RunConfig, tokenizer, how: Layout, context_length: int) -> None:
     """What the stages after the finetune need of the model, before it: --dpo's preference data, and what
-    --export's stage would refuse (exit 2 naming why)."""
-    check_preference_data(cfg, tokenizer, how.style, context_length)
+    --export's stage would refuse for the last model trained (exit 2 naming why)."""
+    last = check_preference_data(cfg, tokenizer, how, context_length) or how
     if cfg.export:
         folder = None if random_model(cfg) else tokenizer_folder(cfg, cfg.model_dir)
-        check_exportable(folder, tokenizer, export_style(cfg, how), Path(cfg.cache))
+        check_exportable(folder, tokenizer, export_style(cfg, last), Path(cfg.cache))
 
 
 def named_prompt_style(cfg: RunConfig) -> str | None:
@@ -589,15 +626,24 @@ def export_style(cfg: RunConfig, how: Layout):
     return how.style
 
 
-def check_preference_data(cfg: RunConfig, tokenizer, style, context_length: int) -> None:
+def check_preference_data(cfg: RunConfig, tokenizer, how: Layout, context_length: int) -> Layout | None:
     """With --dpo, --dpo-data as the DPO stage reads it, before anything is written (not after the finetune):
-    every entry a preference pair, both splits with pairs that fit the context, at least a batch of them."""
+    every entry a preference pair, both splits with pairs that fit the context, at least a batch of them, laid
+    out in the style the stage will take from the finetuned model's record (``how``: the finetune's layout).
+    Returns the DPO model's layout (None without --dpo)."""
     if not cfg.dpo:
-        return
-    dpo = stage_config(cfg, "dpo", DPOConfig, **stage_model(cfg, cfg.model_dir))
+        return None
+    finetuned_with = trained_layout(cfg, how, tokenizer)["prompt_style"]
+    name = dpo_prompt_style(named_prompt_style(cfg), finetuned_with)
+    dpo = stage_config(cfg, "dpo", DPOConfig, prompt_style=name, **stage_model(cfg, cfg.model_dir))
     path, train, val, data_format, origin = training_splits(dpo, preference_problem)
-    pairs = pair_style(layout(dpo, data_format, train + val, tokenizer, style, origin, pairs=True))
-    fitting_pairs(train, val, tokenizer, pairs, (dpo.allowed_max_length, context_length), dpo.batch_size, path)
+    # the finetuned model carries the template it was trained with (a --chat-template file's too)
+    style = ChatStyle("chat", "", "", render=how.template.prompt) if how.template and name == "chat" else None
+    style = style or prompt_style(name, tokenizer)
+    dpo_how = layout(dpo, data_format, train + val, tokenizer, style, origin, pairs=True)
+    limits = (dpo.allowed_max_length, context_length)
+    fitting_pairs(train, val, tokenizer, pair_style(dpo_how), limits, dpo.batch_size, path)
+    return dpo_how
 
 
 def run_pipeline(cfg: RunConfig, metrics: Metrics | None = None) -> dict:

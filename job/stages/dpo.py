@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from job.core.observability import Metrics, get_logger
-from job.data.formats import pair_style
+from job.data.formats import Layout, pair_style
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.trl_preference import prompt_text
 from job.stages.dpo_config import DPOConfig
@@ -24,29 +24,40 @@ from job.training.trainer import Task, Trainer
 log = get_logger(__name__)
 
 
+def dpo_prompt_style(named: str | None, finetuned_with: str | None) -> str:
+    """The prompt style DPO lays the book's pairs out with, the one decision ``sft-job dpo`` and ``run --dpo``
+    share: --prompt-style where named, else the one the model was finetuned with (its config.json records it;
+    ``generate``'s default too), else alpaca. The DPO model records it; the export follows that record."""
+    return named or finetuned_with or "alpaca"
+
+
 def with_model_style(cfg: DPOConfig) -> DPOConfig:
-    """``cfg`` with the prompt style DPO uses: without --prompt-style the one the model was finetuned with
-    (its config.json records it; ``generate``'s default too), else alpaca. A --prompt-style that differs from
-    the recorded one is the user's choice: used, with a warning (the DPO model then records it)."""
+    """``cfg`` with the prompt style DPO uses (``dpo_prompt_style``)."""
     recorded = saved_prompt_style(cfg.model_dir) if cfg.model_dir else None
-    if cfg.prompt_style is None:
-        return cfg.model_copy(update={"prompt_style": recorded or "alpaca"})
-    if recorded is not None and recorded != cfg.prompt_style:
+    return cfg.model_copy(update={"prompt_style": dpo_prompt_style(cfg.prompt_style, recorded)})
+
+
+def warn_if_style_differs(cfg: DPOConfig, how: Layout) -> None:
+    """A --prompt-style that differs from the one the model recorded is the user's choice: used, with a warning
+    (the DPO model then records it). Only where the style lays the pairs out: conversational pairs have their
+    template, whatever the style."""
+    recorded = saved_prompt_style(cfg.model_dir) if cfg.model_dir else None
+    if how.data_format == "alpaca" and recorded is not None and recorded != cfg.prompt_style:
         log.warning(
             "prompt_style_differs_from_model",
             prompt_style=cfg.prompt_style,
             finetuned_with=recorded,
             model_dir=cfg.model_dir,
         )
-    return cfg
 
 
 def dpo_task(cfg: DPOConfig, start: StartingModel | None = None) -> tuple[Task, str]:
     """The dataset first (a bad one fails before any model loads), then the tokenizer and the model ``start``
     names (``cfg``'s where not given); the task, and the book-style name of the model's size."""
-    cfg = with_model_style(cfg) if cfg.prompt_style is None else cfg
+    cfg = with_model_style(cfg)
     inputs = load_inputs(cfg, start or starting_model(cfg), preference_problem, pairs=True)
     model, tokenizer, max_length = inputs.model, inputs.tokenizer, inputs.max_length
+    warn_if_style_differs(cfg, inputs.layout)
     style = pair_style(inputs.layout)
     limits = (cfg.allowed_max_length, model.cfg.context_length)
     pairs, val_pairs = fitting_pairs(inputs.train, inputs.val, tokenizer, style, limits, cfg.batch_size, inputs.path)

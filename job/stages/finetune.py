@@ -16,7 +16,7 @@ from job.models.tokenizer import Tokenizer
 from job.stages.finetune_config import FinetuneConfig
 from job.training.binding import run_binding
 from job.training.objectives import PackedSFTEvaluator, PackedSFTObjective, SFTEvaluator, SFTObjective
-from job.training.stage_io import StartingModel, load_inputs, save_outputs, write_config_once
+from job.training.stage_io import StartingModel, load_inputs, save_outputs, split_examples, write_config_once
 from job.training.starting_model import starting_model
 from job.training.trainer import Task, Trainer
 
@@ -45,11 +45,12 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     start = starting_model(cfg)
     inputs = load_inputs(cfg, start)
     tokenizer, how, max_length = inputs.tokenizer, inputs.layout, inputs.max_length
+    train, val = split_examples(how, inputs.splits, tokenizer, max_length)
     return Prepared(
         model=inputs.model,
         tokenizer=tokenizer,
-        train=how.examples(inputs.train, tokenizer, max_length),
-        val=how.examples(inputs.val, tokenizer, max_length),
+        train=train,
+        val=val,
         sample_prompt=how.prompt(inputs.val[0]),
         model_name=inputs.model_name,
         max_length=max_length,

@@ -5,6 +5,7 @@ from; the resolved configuration beside the outputs; the trained model's files o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,12 @@ import yaml
 from job.data.formats import Layout, layout
 from job.data.instructions import (
     DataError,
+    Example,
     PromptStyle,
     entry_problem,
     prompt_style,
 )
-from job.data.sources import dataset_splits
+from job.data.sources import Splits, dataset_splits
 from job.models.families import Model, family
 from job.models.families import load_model as load_model_folder
 from job.models.gpt2 import GPTModel, gpt2_sizes
@@ -66,32 +68,49 @@ class Inputs:
     """The dataset's file."""
     layout: Layout
     """How its entries become examples (their format; the chat template of conversations)."""
+    splits: Splits
+    """The splits as read, with the file each came from."""
 
 
-def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[dict], list[dict], str, Callable]:
-    """The dataset's file, its training (cut to --train-limit) and validation splits, each entry checked
-    (``check`` says what a bad book-shaped entry is): a file's 85/10/5 cut, or a folder's train and validation
-    files; its format (job/data/formats.py), and what names an entry's file and row. A split left empty is a
-    DataError."""
+def checked_splits(cfg: TrainConfig, check=entry_problem) -> Splits:
+    """The dataset's splits, the training one cut to --train-limit, each entry checked (``check`` says what a
+    bad book-shaped entry is): a file's 85/10/5 cut, or a folder's train and validation files; with its format
+    (job/data/formats.py) and the file each split came from. A split left empty is a DataError."""
     splits = dataset_splits(cfg, check, need=("validation",))
     train, val = splits.train[: cfg.train_limit], splits.val
     if not train or not val:
         count = len(splits.train) + len(splits.test) + len(splits.val)
         raise DataError(f"dataset {splits.label} of {count} entries is too small for the 85/10/5 split")
-    return Path(splits.where["train"]), train, val, splits.data_format, splits.origin
+    return dataclasses.replace(splits, train=train)
+
+
+def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[dict], list[dict], str, Callable]:
+    """``checked_splits``'s training file, training and validation splits and format, and what names an
+    entry's file and row."""
+    splits = checked_splits(cfg, check)
+    return Path(splits.where["train"]), splits.train, splits.val, splits.data_format, splits.origin
+
+
+def split_examples(how: Layout, splits: Splits, tokenizer, max_length: int) -> tuple[list[Example], list[Example]]:
+    """The training and validation splits' examples as finetune trains and evaluates on them: in both, an entry
+    with no token to train within ``max_length`` is left out and counted (formats other than the book's); a
+    split left with none is a DataError naming the split and its file (``run``'s preflight checks it so)."""
+    train = how.examples(splits.train, tokenizer, max_length, "training", splits.where["train"])
+    return train, how.examples(splits.val, tokenizer, max_length, "validation", splits.where["validation"])
 
 
 def load_inputs(cfg: TrainConfig, start: StartingModel, check=entry_problem, pairs: bool = False) -> Inputs:
     """The dataset first (a bad one fails before any model loads; ``check`` says what a bad entry is; ``pairs``:
     DPO's, which the data options of a run's finetune do not lay out), then the tokenizer and the model
     ``start`` names."""
-    path, train, val, data_format, origin = training_splits(cfg, check)
+    splits = checked_splits(cfg, check)
     tokenizer = start.tokenizer()
     style = prompt_style(cfg.prompt_style, tokenizer)
-    how = layout(cfg, data_format, train + val, tokenizer, style, origin, pairs)
+    how = layout(cfg, splits.data_format, splits.train + splits.val, tokenizer, style, splits.origin, pairs)
     model, name = load_model(cfg.model, start)
     max_length = min(cfg.allowed_max_length, model.cfg.context_length)
-    return Inputs(train, val, tokenizer, model, name, style, max_length, path, how)
+    path = Path(splits.where["train"])
+    return Inputs(splits.train, splits.val, tokenizer, model, name, style, max_length, path, how, splits)
 
 
 def load_model(named: str, start: StartingModel) -> tuple[Model, str]:

@@ -8,6 +8,9 @@ import json
 
 import pytest
 
+from job.data.instructions import prompt_style
+from job.models.families import model_tokenizer
+from job.stages.export import MODELFILE
 from tests.helpers import cli, events
 
 
@@ -91,6 +94,11 @@ def test_run_dpo_on_trl_shaped_conversational_pairs(qwen3_dir, cache, tmp_path, 
     dpo_evals = [e for e in events(result.stdout) if e.get("stage") == "dpo" and e["event"] == "eval"]
     assert dpo_evals and all(e["train_loss"] == e["train_loss"] for e in dpo_evals)  # numbers, not NaN
 
+    # the pairs' own template lays them out: no prompt style was asked for, none is said to differ
+    assert not [e for e in events(result.stdout) if e["event"] == "prompt_style_differs_from_model"]
+    recorded = json.loads((tmp_path / "runs" / "pairs" / "dpo" / "model" / "config.json").read_text())["sft_job"]
+    assert recorded["prompt_style"] == "chat"
+
 
 STRICT_TEMPLATE = (  # as many models' templates do: turns must alternate, else raise_exception(...)
     "{% for m in messages %}{% if m.role != 'system' and (m.role == 'user') != (loop.index0 % 2 == 0) %}"
@@ -165,3 +173,31 @@ def test_train_on_or_a_chat_template_that_this_data_would_not_use_is_exit_2_at_p
     # the default, given or not, has nothing to say
     given = cli(*finetune, "--output", tmp_path / "f", "--data", texts, "--train-on", "assistant")
     assert given.returncode == 0, given.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_run_dpo_lays_book_pairs_out_as_the_model_was_finetuned_and_exports_that(qwen3_dir, cache, tmp_path, book_data):
+    """Finetuned on conversations, the model records chat: run's DPO on the book's pairs (no --prompt-style) lays
+    them out in its chat template as ``sft-job dpo`` does, the DPO model records it and the export writes it."""
+    data, pairs = tmp_path / "conversations.jsonl", tmp_path / "pairs.json"
+    data.write_text("".join(json.dumps(r) + "\n" for r in conversations(book_data, 60)))
+    preference = json.loads((cache / "instruction-data-with-preference.json").read_text())[:60]
+    pairs.write_text(json.dumps(preference))
+    result = cli(
+        "run", "--model-dir", qwen3_dir, "--data", data, "--dpo", "--dpo-data", pairs, "--export", "gguf",
+        "--cache", cache, "--output", tmp_path / "runs", "--run-id", "book", "--skip-judge", "--max-steps", "1",
+        "--train-limit", "2", "--batch-size", "2", "--limit", "2", "--max-new-tokens", "4", "--log-format", "json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = events(result.stdout)
+    assert not [e for e in logged if e["event"] == "prompt_style_differs_from_model"]
+    [started] = [e for e in logged if e["event"] == "dpo_start"]
+    assert started["prompt_style"] == "chat"
+    run = tmp_path / "runs" / "book"
+    style = prompt_style("chat", model_tokenizer(run / "model", cache))
+    [sample] = [e for e in logged if e["event"] == "sample" and e.get("stage") == "dpo"]
+    assert sample["prompt"] == style.format_input({"input": "", **preference[59]})  # the book's val_data[2]
+    assert sample["prompt"].startswith("<|begin_of_text|><|user|>\n")
+    assert json.loads((run / "dpo" / "model" / "config.json").read_text())["sft_job"]["prompt_style"] == "chat"
+    modelfile = (run / "export" / MODELFILE).read_text()
+    assert "<|user|>" in modelfile and "### Instruction" not in modelfile

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -86,6 +87,23 @@ def test_a_rerun_with_another_lr_is_refused_and_one_with_another_metrics_port_sk
     skipped = [e["stage"] for e in events(same.stdout) if e["event"] == "stage_skipped"]
     assert skipped == ["download", "finetune", "generate"]
     assert (tmp_path / "runs" / "r1" / "config.yaml").read_bytes() == config  # never rewritten
+
+
+def test_a_smoke_rerun_from_another_cache_with_unused_dpo_options_skips_the_done_stages(cache, tmp_path):
+    """The smoke's own data lies in --cache (an operational folder): another cache holds the same data; and
+    --dpo-* options without --dpo change nothing the run makes."""
+    other = tmp_path / "other-cache"
+    shutil.copytree(cache, other)
+    runs = tmp_path / "runs"
+    args = ["run", "--smoke", "--output", runs, "--run-id", "r9", "--skip-judge", "--log-format", "json"]
+    first = cli(*args, "--cache", cache)
+    assert first.returncode == 0, first.stderr[-2000:]
+    config = (runs / "r9" / "config.yaml").read_bytes()
+    again = cli(*args, "--cache", other, "--dpo-data", tmp_path / "pairs.json", "--dpo-lr", "1e-4")
+    assert again.returncode == 0, again.stderr[-2000:]
+    skipped = [e["stage"] for e in events(again.stdout) if e["event"] == "stage_skipped"]
+    assert skipped == ["download", "finetune", "generate"]
+    assert (runs / "r9" / "config.yaml").read_bytes() == config
 
 
 # --- one run id, one writer ---------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """`sft-job run` end to end: S3 (moto's real HTTP endpoint), resume, idempotence, config, logs, metrics."""
 
 import json
+import re
 import shutil
 import signal
 
@@ -10,6 +11,7 @@ import yaml
 from safetensors.torch import load
 
 from job.config import RunConfig
+from job.core.errors import ConfigError
 from job.core.observability import Metrics
 from job.models.hub import HF_FILES
 from job.run.pipeline import run_pipeline
@@ -318,3 +320,61 @@ def test_a_chat_template_is_an_input_of_the_run_and_an_edit_refuses_the_rerun(ti
     template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}")
     with pytest.raises(ConfigError, match=r"^--chat-template .*chat\.jinja changed since run r began: sha256"):
         check_same_inputs(first, run_inputs(cfg), "r")
+
+
+def _rerun_check(tmp_path, first: dict, second: dict):
+    """The rerun rule where a rerun meets it: the run's config.yaml (made by ``first``) against ``second``."""
+    from job.run.pipeline import Pipeline, recorded_options
+
+    base = {"output": str(tmp_path / "runs"), "run_id": "r1", "smoke": True}
+    started = RunConfig(**base, **first)
+    saved = recorded_options(started) | {"run_id": "r1"}
+    pipeline = Pipeline(RunConfig(**base, **second), Metrics())
+    pipeline.storage.put_text("config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    return pipeline._check_same_run()
+
+
+def test_a_rerun_may_change_the_options_of_a_stage_neither_enables(tmp_path):
+    book = "https://example.com/pairs.json"
+    assert _rerun_check(tmp_path, {}, {"dpo_data": book, "dpo_lr": 1e-4, "export_dtype": "q8_0"}) is not None
+    # where either run enables the stage, its options are the run's contract as any other
+    for first, second, change in (
+        ({"dpo": True}, {"dpo": True, "dpo_lr": 1e-4}, "dpo_lr 5e-06 (now 0.0001)"),
+        ({}, {"dpo": True, "dpo_data": book}, "dpo False (now True)"),
+        ({"export": "gguf"}, {"export_dtype": "q8_0"}, "export_dtype 'f16' (now 'q8_0')"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(change)):
+            _rerun_check(tmp_path, first, second)
+
+
+def test_the_smokes_own_data_in_another_cache_is_the_same_data_a_path_elsewhere_is_not(tmp_path):
+    first, second = {"cache": str(tmp_path / "a")}, {"cache": str(tmp_path / "b")}
+    assert _rerun_check(tmp_path, first, second) is not None
+    assert _rerun_check(tmp_path, first | {"dpo": True}, second | {"dpo": True}) is not None
+    moved = second | {"data": str(tmp_path / "b" / "mine.json")}
+    with pytest.raises(ConfigError, match="started with other options: data "):
+        _rerun_check(tmp_path, first, moved)
+
+
+@pytest.mark.parametrize(("named", "style"), [(None, "chat"), ("phi3", "phi3")])
+def test_the_preflight_checks_dpos_pairs_in_the_style_the_stage_will_take(
+    named, style, qwen3_dir, cache, tmp_path, book_data
+):
+    """After conversations the finetuned model records chat: the preflight lays the book's pairs out so (as the
+    DPO stage will, reading that record), or in the --prompt-style named."""
+    from job.run.pipeline import check_model_fit, check_preference_data
+    from tests.helpers import conversations_file
+
+    data = conversations_file(tmp_path / "conv.json", book_data)
+    pairs = cache / "instruction-data-with-preference.json"
+    named_style = {"prompt_style": named} if named else {}
+    cfg = RunConfig(
+        model_dir=str(qwen3_dir), data=str(data), dpo=True, dpo_data=str(pairs), cache=str(cache), **named_style
+    )
+    entries = json.loads(data.read_text())
+    tokenizer, how, context = check_model_fit(cfg, entries[:2], "messages", entries)
+    laid = check_preference_data(cfg, tokenizer, how, context)
+    assert laid.style.name == style
+    entry = json.loads(pairs.read_text())[0]
+    expected = how.template.prompt([{"role": "user", "content": entry["instruction"] + f"\n\n{entry['input']}"}])
+    assert (laid.style.format_input(entry) == expected) == (style == "chat")

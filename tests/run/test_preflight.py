@@ -15,7 +15,7 @@ import yaml
 
 from job import cli
 from tests.helpers import cli as run_cli
-from tests.helpers import events, free_port
+from tests.helpers import conversations_file, events, free_port
 
 
 def _smoke(cache, runs, run_id: str, *extra) -> list:
@@ -446,3 +446,27 @@ def test_a_host_that_answers_on_a_later_try_is_not_taken_for_no_network():
         f"no answer from 127.0.0.1:{closed} (ConnectionError)"
     )
     assert len(waits) == 2 and sum(waits) < 3  # 3 tries in about 2 s
+
+
+@pytest.mark.parametrize(
+    ("long", "limit", "words"),
+    [
+        (range(0), "20", "none of the 51 messages entries of its training split"),
+        (range(57, 60), "200", "none of the 3 messages entries of its validation split"),
+    ],
+)
+def test_run_on_conversations_with_a_split_left_nothing_to_train_names_it_before_anything(
+    long, limit, words, qwen3_dir, cache, tmp_path, book_data
+):
+    data = conversations_file(tmp_path / "conv.json", book_data, long)
+    runs = tmp_path / "runs"
+    result = run_cli(
+        "run", "--model-dir", qwen3_dir, "--data", data, "--cache", cache, "--output", runs, "--run-id", "tr3",
+        "--skip-judge", "--limit", "2", "--max-new-tokens", "4", "--allowed-max-length", limit,
+    )  # fmt: skip
+    line = _one_line(result, 1)
+    assert line == (
+        f"Error: dataset {data}: {words} has a token to train on within --allowed-max-length {limit}: raise it or "
+        "shorten those entries"
+    )
+    assert not (runs / "tr3").exists()  # no run folder: the run id is not used up

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -469,3 +470,27 @@ def test_a_dataset_too_small_for_the_split_fails_before_any_model_loads(stage, p
     too_small = rf"^dataset {re.escape(str(data))} of 1 entries is too small for the 85/10/5 split$"
     with pytest.raises(DataError, match=too_small):
         load_inputs(cfg, starting_model(cfg), check) if check else load_inputs(cfg, starting_model(cfg))
+
+
+def test_conversational_pairs_are_laid_out_by_the_template_whatever_the_prompt_style_and_no_warning_says_otherwise(
+    qwen3_dir, cache, tmp_path
+):
+    """--prompt-style lays the book's pairs out, not TRL's conversations: one that differs from the model's record
+    is no warning there, and the DPO model records the template's layout it trained with (chat)."""
+    model = tmp_path / "finetuned"
+    shutil.copytree(qwen3_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"sft_job": {"prompt_style": "chat"}}))
+    preference = json.loads((cache / "instruction-data-with-preference.json").read_text())[:40]
+    turns = [
+        {"prompt": [{"role": "user", "content": e["instruction"]}]}
+        | {k: [{"role": "assistant", "content": e[k]}] for k in ("chosen", "rejected")}
+        for e in preference
+    ]
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(turns))
+    small = ["--batch-size", "2", "--max-steps", "1", "--log-format", "json", "--prompt-style", "alpaca"]
+    result = cli("dpo", "--model-dir", model, "--data", data, "--cache", cache, "--output", tmp_path / "dpo", *small)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not [e for e in events(result.stdout) if e["event"] == "prompt_style_differs_from_model"]
+    assert json.loads((tmp_path / "dpo" / "model" / "config.json").read_text())["sft_job"]["prompt_style"] == "chat"

@@ -15,7 +15,7 @@ from job.models.decoding import generate
 from job.models.gpt2_weights import load_pretrained
 from job.models.tokenizer import encode, load_tokenizer
 from job.stages.finetune import run_finetune
-from tests.helpers import REPO, cli, events, free_port, start_cli, wait_for_event
+from tests.helpers import REPO, cli, conversations_file, events, free_port, start_cli, wait_for_event
 
 
 def _cfg(tiny_model_dir, cache, output, **kw) -> FinetuneConfig:
@@ -319,3 +319,25 @@ def test_seeded_data_order_trains_on_one_shuffle_per_epoch(tiny_model_dir, cache
     run_finetune(cfg)
     history = json.loads((out / "losses.json").read_text())
     assert [h["tokens_seen"] for h in history] == tokens_seen(seeded)
+
+
+def test_validation_entries_with_nothing_to_train_are_left_out_counted_and_a_split_of_only_them_named(
+    qwen3_dir, cache, tmp_path, book_data
+):
+    """As the training split: an entry whose answer lies past --allowed-max-length is left out with a count
+    naming the split; a validation split left with none is exit 1 naming it and its file, nothing written."""
+    common = ["--cache", cache, "--max-steps", "1", "--batch-size", "2", "--allowed-max-length", "200"]
+    common += ["--log-format", "json"]
+    data = conversations_file(tmp_path / "all.json", book_data, range(57, 60))
+    refused = cli("finetune", "--model-dir", qwen3_dir, "--data", data, "--output", tmp_path / "a", *common)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert refused.stderr.splitlines() == [
+        f"Error: dataset {data}: none of the 3 messages entries of its validation split has a token to train on "
+        "within --allowed-max-length 200: raise it or shorten those entries"
+    ]
+    assert not (tmp_path / "a").exists()
+    data = conversations_file(tmp_path / "one.json", book_data, range(59, 60))
+    trained = cli("finetune", "--model-dir", qwen3_dir, "--data", data, "--output", tmp_path / "b", *common)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    [left_out] = [e for e in events(trained.stdout) if e["event"] == "examples_without_trained_tokens"]
+    assert (left_out["split"], left_out["count"], left_out["of"]) == ("validation", 1, 3)
