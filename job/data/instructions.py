@@ -12,7 +12,7 @@ import torch
 
 from job.core.errors import ConfigError, JobError
 from job.core.observability import get_logger
-from job.core.parsing import ParseError, load_json, read_bounded
+from job.core.parsing import ParseError, RefusedValue, load_json, read_bounded
 from job.data.book_datasets import DATASETS, known_dataset
 from job.models.tokenizer import END_OF_TEXT_ID, encode, encode_parts
 from job.storage.fetch import Downloader, RemoteFile, mirror_urls
@@ -46,7 +46,8 @@ def dataset_file(url: str = DATASETS["instructions"].url, base_url: str | None =
 
 
 def parse_entries(path: Path) -> list:
-    """A JSON array, or JSON Lines (one object per line), parsed with bounds (job/core/parsing.py)."""
+    """A JSON array, or JSON Lines (one object per line), parsed with bounds and strictly (job/core/parsing.py:
+    no key twice in an entry, no NaN or Infinity)."""
     try:
         text = read_bounded(path, MAX_DATASET_BYTES, f"dataset {path}").decode("utf-8")
     except FileNotFoundError:
@@ -56,10 +57,16 @@ def parse_entries(path: Path) -> list:
     if not text.strip():
         raise DataError(f"dataset {path} is empty")
     try:
-        data = load_json(text, f"dataset {path}")
+        data = load_json(text, f"dataset {path}", strict=True)
+    except RefusedValue as exc:
+        if text.lstrip().startswith("["):
+            raise DataError(str(exc)) from None
+        data = _json_lines(path, text, exc)  # JSON Lines: its own parse names the line
     except ParseError as whole:
         data = _json_lines(path, text, whole)
     if isinstance(data, dict):
+        if "\n" in text.strip():  # one object over several lines, not JSON Lines of one entry
+            raise DataError(f"dataset {path} holds one JSON object: expected a JSON array of entries (or JSON Lines)")
         data = [data]
     if not isinstance(data, list):
         raise DataError(f"dataset {path} must be a JSON array of entries, got {type(data).__name__}")
@@ -75,7 +82,9 @@ def _json_lines(path: Path, text: str, whole: ParseError) -> list:
         if not line.strip():
             continue
         try:
-            data.append(load_json(line, f"dataset {path}: line {number}"))
+            data.append(load_json(line, f"dataset {path}: line {number}", strict=True))
+        except RefusedValue as exc:
+            raise DataError(str(exc)) from None
         except ParseError as exc:
             if not data:  # the first line already fails: not JSON Lines either
                 reason = str(whole).removeprefix(f"dataset {path}")
