@@ -163,6 +163,19 @@ def _located(path: tuple) -> str:
     return ": ".join(part for part in (entry, field) if part) or "the document"
 
 
+def non_finite_where(rows: list) -> str | None:
+    """Where the first NaN or infinite float in ``rows`` is (``entry 3: field 'score'``), or None: what strict JSON
+    refuses, in rows read from elsewhere (Parquet's doubles hold them)."""
+    stack: list[tuple[Any, tuple]] = [(row, (index,)) for index, row in reversed(list(enumerate(rows)))]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return f"{_located(path)}: {item} is not a finite number (JSON holds no NaN or Infinity)"
+        children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        stack.extend((child, (*path, key)) for key, child in reversed(list(children)))
+    return None
+
+
 def load_json(text: str | bytes, what: str, max_depth: int = MAX_DEPTH, strict: bool = False) -> Any:
     """JSON from outside: numbers of at most 100 characters, containers nested at most ``max_depth``.
     ``strict`` (datasets): no key twice in one object, no NaN/Infinity, no number that overflows to infinity;

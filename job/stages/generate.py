@@ -102,7 +102,7 @@ def _write_responses(final: Path, test: list[dict], responses: dict[int, str], d
     """The test entries with their responses, as the book's instruction-data-with-response.json (an entry of
     another format with the book's fields the judge reads: job/data/formats.py's ``as_book_entry``)."""
     rows = [{**as_book_entry(data_format, e), "model_response": responses[i]} for i, e in enumerate(test)]
-    atomic_write_text(final, json.dumps(rows, indent=4) + "\n")
+    atomic_write_text(final, json.dumps(rows, indent=4, allow_nan=False) + "\n")  # always JSON: no bare NaN
     return final
 
 

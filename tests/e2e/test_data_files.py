@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from tests.helpers import cli
 
 
@@ -36,3 +39,29 @@ def test_an_entry_naming_a_key_twice_is_exit_1_naming_the_file_the_line_or_entry
     array.write_text("[\n" + ",\n".join(lines) + "\n]")
     line = _refused(_finetune(tiny_model_dir, cache, array, tmp_path / "out"), tmp_path / "out")
     assert line == f"Error: dataset {array}: entry 7: key 'output' appears twice: keep one"
+
+
+def test_nan_or_an_overflowing_number_in_a_test_entry_is_refused_at_preflight_naming_entry_and_field(
+    cache, tmp_path, tiny_model_dir
+):
+    book = json.loads((cache / "instruction-data.json").read_text())
+    book[1050]["extra"] = {"scores": [1, float("nan")]}  # a test entry: its columns reach the responses file
+    data = tmp_path / "nan.json"
+    data.write_text(json.dumps(book))  # json writes NaN bare, as pandas' to_json(...) of a NaN does not
+    runs = tmp_path / "runs"
+    args = ["run", "--smoke", "--data", data, "--cache", cache, "--output", runs, "--run-id", "n"]
+    line = _refused(cli(*args, "--metrics-port", "0", "--skip-judge"), runs / "n")  # no run folder
+    assert line == (
+        f"Error: dataset {data}: entry 1050: field 'extra.scores.1': NaN is not JSON (NaN and Infinity are not "
+        "numbers JSON holds): give a finite number or null"
+    )
+    book[1050]["extra"] = 1
+    parquet = tmp_path / "inf.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([{**e, "extra": 1e308 * 10 if i == 3 else 0.5} for i, e in enumerate(book)]), parquet
+    )
+    line = _refused(_finetune(tiny_model_dir, cache, parquet, tmp_path / "out", "--max-steps", "1"), tmp_path / "out")
+    assert line == (
+        f"Error: dataset {parquet}: entry 3: field 'extra': inf is not a finite number (JSON holds no NaN or "
+        "Infinity): give a finite number or null"
+    )
