@@ -65,3 +65,18 @@ def test_nan_or_an_overflowing_number_in_a_test_entry_is_refused_at_preflight_na
         f"Error: dataset {parquet}: entry 3: field 'extra': inf is not a finite number (JSON holds no NaN or "
         "Infinity): give a finite number or null"
     )
+
+
+def test_a_test_entrys_score_column_is_refused_at_preflight_not_after_every_stage(cache, tmp_path):
+    book = json.loads((cache / "instruction-data.json").read_text())
+    for entry in book[1000:]:
+        entry["score"] = "high"  # a data column named like the judge's field, as in the report
+    data = tmp_path / "scored.json"
+    data.write_text(json.dumps(book))
+    runs = tmp_path / "runs"
+    args = ["run", "--smoke", "--data", data, "--cache", cache, "--output", runs, "--run-id", "s"]
+    line = _refused(cli(*args, "--metrics-port", "0", "--skip-judge"), runs / "s")
+    assert line == (
+        f"Error: dataset {data}: test entry 65: column 'score' has the name of a field the judge writes into each test "
+        "entry's record (model_response, score, judge_reply): rename or drop the column"
+    )
