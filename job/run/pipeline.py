@@ -131,7 +131,7 @@ class Pipeline:
         check_written_fields(splits)
         train, test, data_format = splits.train, splits.test, splits.data_format
         entries = splits.train + splits.val + splits.test
-        check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
+        check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]), dataset_entries=len(entries))
         fit = check_model_fit(cfg, test[: cfg.limit], data_format, entries)
         check_packed_batches(cfg, self.roles.world, train[: cfg.train_limit], *fit)
         check_later_stages(cfg, *fit)

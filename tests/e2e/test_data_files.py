@@ -80,3 +80,21 @@ def test_a_test_entrys_score_column_is_refused_at_preflight_not_after_every_stag
         f"Error: dataset {data}: test entry 65: column 'score' has the name of a field the judge writes into each test "
         "entry's record (model_response, score, judge_reply): rename or drop the column"
     )
+
+
+def test_one_top_level_object_is_refused_unless_it_is_one_line_of_json_lines(cache, tmp_path):
+    entry = json.loads((cache / "instruction-data.json").read_text())[0]
+    runs = tmp_path / "runs"
+    args = ["run", "--smoke", "--cache", cache, "--output", runs, "--metrics-port", "0", "--skip-judge"]
+    pretty = tmp_path / "object.json"
+    pretty.write_text(json.dumps(entry, indent=2))
+    line = _refused(cli(*args, "--data", pretty, "--run-id", "o"), runs / "o")
+    assert line == f"Error: dataset {pretty} holds one JSON object: expected a JSON array of entries (or JSON Lines)"
+    one_line = tmp_path / "one.json"
+    one_line.write_text(json.dumps(entry) + "\n\n")  # JSON Lines of one entry: read, then too few to split
+    done = cli(*args, "--data", one_line, "--run-id", "l", "--batch-size", "2")
+    assert done.returncode == 2 and not (runs / "l").exists(), done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        "Error: --batch-size 2 is larger than the training split of 0 entries (the dataset has 1 entry): "
+        "use a smaller --batch-size or more data"
+    ]
