@@ -49,7 +49,8 @@ def parse_entries(path: Path) -> list:
     """A JSON array, or JSON Lines (one object per line), parsed with bounds and strictly (job/core/parsing.py:
     no key twice in an entry, no NaN or Infinity)."""
     try:
-        text = read_bounded(path, MAX_DATASET_BYTES, f"dataset {path}").decode("utf-8")
+        # utf-8-sig: a byte order mark at the start (Excel's, Notepad's) is dropped, as pandas and datasets do
+        text = read_bounded(path, MAX_DATASET_BYTES, f"dataset {path}").decode("utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"dataset {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -105,3 +105,29 @@ def test_json_lines_absent_input_and_skip_invalid(tmp_path):
         load_entries(path)
     entries = load_entries(path, skip_invalid=True)
     assert entries == [{"instruction": "a", "input": "", "output": "b"}, lines[2]]
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_byte_order_mark_at_the_start_is_read_as_hf_datasets_reads_it_and_nowhere_else(tmp_path, suffix):
+    import datasets  # its json loader drops a leading BOM (pandas' read_json refuses the file without utf-8-sig)
+
+    from job.data.instructions import parse_entries
+
+    entries = [{"instruction": f"Say {i}{BOM}.", "output": "ok"} for i in range(3)]  # a BOM inside a value is text
+    text = json.dumps(entries) if suffix == ".json" else "".join(json.dumps(e) + "\n" for e in entries)
+    path = tmp_path / f"bom{suffix}"
+    path.write_text(BOM + text, encoding="utf-8")
+    expected = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))
+    expected = expected.to_list()
+    assert parse_entries(path) == entries == expected
+    path.write_text(BOM + BOM + text, encoding="utf-8")  # a second one is not a byte order mark
+    with pytest.raises(DataError, match="Unexpected UTF-8 BOM"):
+        parse_entries(path)
+    if suffix == ".jsonl":
+        lines = text.splitlines()
+        path.write_text(lines[0] + "\n" + BOM + lines[1] + "\n", encoding="utf-8")
+        with pytest.raises(DataError, match=r": line 2 is not JSON: Unexpected UTF-8 BOM"):
+            parse_entries(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.helpers import cli
+from tests.helpers import cli, events
 
 
 def _finetune(model_dir: Path, cache: Path, data: Path, output: Path, *extra):
@@ -98,3 +98,13 @@ def test_one_top_level_object_is_refused_unless_it_is_one_line_of_json_lines(cac
         "Error: --batch-size 2 is larger than the training split of 0 entries (the dataset has 1 entry): "
         "use a smaller --batch-size or more data"
     ]
+
+
+def test_a_json_lines_file_with_a_byte_order_mark_trains(tiny_model_dir, cache, tmp_path):
+    book = json.loads((cache / "instruction-data.json").read_text())[:60]
+    data = tmp_path / "excel.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(e) + "\n" for e in book).encode())  # as Notepad saves it
+    done = _finetune(tiny_model_dir, cache, data, tmp_path / "out", "--max-steps", "1", "--batch-size", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    start = next(e for e in events(done.stdout) if e["event"] == "finetune_start")
+    assert start["train_examples"] == 51
