@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,16 +164,24 @@ def _located(path: tuple) -> str:
     return ": ".join(part for part in (entry, field) if part) or "the document"
 
 
-def non_finite_where(rows: list) -> str | None:
-    """Where the first NaN or infinite float in ``rows`` is (``entry 3: field 'score'``), or None: what strict JSON
-    refuses, in rows read from elsewhere (Parquet's doubles hold them)."""
-    stack: list[tuple[Any, tuple]] = [(row, (index,)) for index, row in reversed(list(enumerate(rows)))]
+def first_refused(value: Any, refused: Callable[[Any], str | None], path: tuple = ()) -> str | None:
+    """Where in ``value`` (rows: a list; found at ``path``) the first item ``refused`` says why of is, in the
+    document's order, with why (``entry 3: field 'score': ...``), or None. Iterative: no recursion to exhaust."""
+    stack: list[tuple[Any, tuple]] = [(value, path)]
     while stack:
         item, path = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            return f"{_located(path)}: {item} is not a finite number (JSON holds no NaN or Infinity)"
+        why = refused(item)
+        if why is not None:
+            return f"{_located(path)}: {why}"
         children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
         stack.extend((child, (*path, key)) for key, child in reversed(list(children)))
+    return None
+
+
+def non_finite(value: Any) -> str | None:
+    """Why ``value`` is no JSON number (NaN, an infinity: Parquet's doubles hold them), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not a finite number (JSON holds no NaN or Infinity)"
     return None
 
 

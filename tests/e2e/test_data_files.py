@@ -108,3 +108,15 @@ def test_a_json_lines_file_with_a_byte_order_mark_trains(tiny_model_dir, cache, 
     assert done.returncode == 0, done.stderr[-2000:]
     start = next(e for e in events(done.stdout) if e["event"] == "finetune_start")
     assert start["train_examples"] == 51
+
+
+def test_a_field_longer_than_any_context_is_refused_before_it_is_tokenized(tiny_model_dir, cache, tmp_path):
+    book = json.loads((cache / "instruction-data.json").read_text())[:60]
+    book[3]["output"] = "lorem ipsum " * 400_000  # 4.8M characters: tokenized whole it cost ~120 bytes a token
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(book))
+    line = _refused(_finetune(tiny_model_dir, cache, data, tmp_path / "out", "--max-steps", "1"), tmp_path / "out")
+    assert line == (
+        f"Error: dataset {data}: entry 3: field 'output': holds 4,800,000 characters, more than the 4,194,304 a field "
+        "may hold (more than any model's context reads): shorten it or split the entry"
+    )
