@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import reprlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,10 @@ _short.maxlevel = 2
 
 class ParseError(JobError):
     """Input from outside that is not of the expected shape (exit 1); one line naming the source."""
+
+
+class RefusedValue(ParseError):
+    """JSON that parses but ``strict`` refuses (a key twice in one object, NaN, a number that overflows)."""
 
 
 def short(value: Any) -> str:
@@ -78,12 +84,120 @@ def _number(kind):
     return parse
 
 
-def load_json(text: str | bytes, what: str, max_depth: int = MAX_DEPTH) -> Any:
-    """JSON from outside: numbers of at most 100 characters, containers nested at most ``max_depth``."""
+class _Refused(ValueError):
+    """Something ``strict`` JSON refuses (a key twice in one object, NaN, a number that overflows), raised from
+    inside ``json.loads``; where it is, is found by a second, marking parse."""
+
+
+class _Marked(dict):
+    """An object whose key ``twice`` appears twice (the marking parse's)."""
+
+    twice: str
+
+
+@dataclass(frozen=True)
+class _Bad:
+    """A value the marking parse found in place of a number: NaN, Infinity, or one that overflows."""
+
+    text: str
+
+
+def _unique_object(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # one C-level comparison: the common case costs a dict built from a list
+        raise _Refused
+    return obj
+
+
+def _refuse(_text: str):
+    raise _Refused
+
+
+def _finite_number(text: str) -> float:
+    value = _number(float)(text)
+    if math.isinf(value):
+        raise _Refused
+    return value
+
+
+def _marked_object(pairs: list) -> dict:
+    obj = _Marked(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        obj.twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return obj
+
+
+def _marked_number(text: str):
+    value = float(text)
+    return _Bad(text) if math.isinf(value) else value
+
+
+def _refused_where(text: str | bytes, what: str) -> str:
+    """The first refused thing in ``text`` (parsed again, marking each), as ``what: entry 3: field 'a.b': ...``."""
+    try:  # ints by their length: only where the refused thing is matters (a 5,000-digit int is not it)
+        value = json.loads(
+            text, object_pairs_hook=_marked_object, parse_constant=_Bad, parse_float=_marked_number, parse_int=len
+        )
+    except (RecursionError, ValueError):
+        return f"{what} is not JSON we can read (nested too deep or malformed)"
+    stack: list[tuple[Any, tuple]] = [(value, ())]
+    while stack:  # depth first, in the document's order
+        item, path = stack.pop()
+        if isinstance(item, _Bad):
+            constant = item.text in ("NaN", "Infinity", "-Infinity")
+            why = "is not JSON (NaN and Infinity are not numbers JSON holds)" if constant else "overflows to infinity"
+            return f"{what}: {_located(path)}: {short(item.text)[1:-1]} {why}: give a finite number or null"
+        if getattr(item, "twice", None) is not None:
+            where = f"{_located(path)}: " if path else ""
+            return f"{what}: {where}key {short(item.twice)} appears twice: keep one"
+        children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        stack.extend((child, (*path, key)) for key, child in reversed(list(children)))
+    return f"{what} holds a value JSON does not allow"
+
+
+def _located(path: tuple) -> str:
+    """``(3, 'messages', 1, 'content')`` as ``entry 3: field 'messages.1.content'``."""
+    entry = f"entry {path[0]}" if path and isinstance(path[0], int) else ""
+    rest = path[1:] if entry else path
+    field = f"field {'.'.join(map(str, rest))!r}" if rest else ""
+    return ": ".join(part for part in (entry, field) if part) or "the document"
+
+
+def first_refused(value: Any, refused: Callable[[Any], str | None], path: tuple = ()) -> str | None:
+    """Where in ``value`` (rows: a list; found at ``path``) the first item ``refused`` says why of is, in the
+    document's order, with why (``entry 3: field 'score': ...``), or None. Iterative: no recursion to exhaust."""
+    stack: list[tuple[Any, tuple]] = [(value, path)]
+    while stack:
+        item, path = stack.pop()
+        why = refused(item)
+        if why is not None:
+            return f"{_located(path)}: {why}"
+        children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        stack.extend((child, (*path, key)) for key, child in reversed(list(children)))
+    return None
+
+
+def non_finite(value: Any) -> str | None:
+    """Why ``value`` is no JSON number (NaN, an infinity: Parquet's doubles hold them), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not a finite number (JSON holds no NaN or Infinity)"
+    return None
+
+
+def load_json(text: str | bytes, what: str, max_depth: int = MAX_DEPTH, strict: bool = False) -> Any:
+    """JSON from outside: numbers of at most 100 characters, containers nested at most ``max_depth``.
+    ``strict`` (datasets): no key twice in one object, no NaN/Infinity, no number that overflows to infinity;
+    the error names where (``entry 3: field 'output'``)."""
+    hooks = {"object_pairs_hook": _unique_object, "parse_constant": _refuse} if strict else {}
     try:
-        value = json.loads(text, parse_int=_number(int), parse_float=_number(float))
+        value = json.loads(
+            text, parse_int=_number(int), parse_float=_finite_number if strict else _number(float), **hooks
+        )
     except _NumberTooLong as exc:
         raise ParseError(f"{what}: {exc} (at most {MAX_NUMBER_CHARS})") from None
+    except _Refused:
+        raise RefusedValue(_refused_where(text, what)) from None
     except json.JSONDecodeError as exc:
         raise ParseError(f"{what} is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except UnicodeDecodeError:

@@ -12,7 +12,7 @@ import torch
 
 from job.core.errors import ConfigError, JobError
 from job.core.observability import get_logger
-from job.core.parsing import ParseError, load_json, read_bounded
+from job.core.parsing import ParseError, RefusedValue, first_refused, load_json, read_bounded
 from job.data.book_datasets import DATASETS, known_dataset
 from job.models.tokenizer import END_OF_TEXT_ID, encode, encode_parts
 from job.storage.fetch import Downloader, RemoteFile, mirror_urls
@@ -20,6 +20,10 @@ from job.storage.fetch import Downloader, RemoteFile, mirror_urls
 log = get_logger(__name__)
 IGNORE_INDEX = -100
 MAX_DATASET_BYTES = 1 << 30  # the book's is 0.8 MB, Alpaca's 52k entries 40 MB
+MAX_FIELD_CHARS = 4 << 20
+"""Characters of one field (any string in an entry): 32 a token of the longest context a model here reads (Llama
+3.2's 131,072 tokens); the book's longest is 1.5k. A longer one is refused: it could not be trained on past the
+context, and tokenizing it whole costs ~120 bytes a token (a 200 MB field took 12 GB)."""
 RESPONSES_FILE = "instruction-data-with-response.json"  # the book's name for the test split with responses
 
 
@@ -46,9 +50,11 @@ def dataset_file(url: str = DATASETS["instructions"].url, base_url: str | None =
 
 
 def parse_entries(path: Path) -> list:
-    """A JSON array, or JSON Lines (one object per line), parsed with bounds (job/core/parsing.py)."""
+    """A JSON array, or JSON Lines (one object per line), parsed with bounds and strictly (job/core/parsing.py:
+    no key twice in an entry, no NaN or Infinity)."""
     try:
-        text = read_bounded(path, MAX_DATASET_BYTES, f"dataset {path}").decode("utf-8")
+        # utf-8-sig: a byte order mark at the start (Excel's, Notepad's) is dropped, as pandas and datasets do
+        text = read_bounded(path, MAX_DATASET_BYTES, f"dataset {path}").decode("utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"dataset {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -56,16 +62,44 @@ def parse_entries(path: Path) -> list:
     if not text.strip():
         raise DataError(f"dataset {path} is empty")
     try:
-        data = load_json(text, f"dataset {path}")
+        data = load_json(text, f"dataset {path}", strict=True)
+    except RefusedValue as exc:
+        if text.lstrip().startswith("["):
+            raise DataError(str(exc)) from None
+        data = _json_lines(path, text, exc)  # JSON Lines: its own parse names the line
     except ParseError as whole:
         data = _json_lines(path, text, whole)
     if isinstance(data, dict):
+        if "\n" in text.strip():  # one object over several lines, not JSON Lines of one entry
+            raise DataError(f"dataset {path} holds one JSON object: expected a JSON array of entries (or JSON Lines)")
         data = [data]
     if not isinstance(data, list):
         raise DataError(f"dataset {path} must be a JSON array of entries, got {type(data).__name__}")
     if not data:
         raise DataError(f"dataset {path} has no entries")
+    if len(text) > MAX_FIELD_CHARS and text.lstrip().startswith("["):  # else no field can be that long
+        check_field_lengths(path, data)  # (JSON Lines checks its long lines alone)
     return data
+
+
+def _too_long(value) -> str | None:
+    if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+        return (
+            f"holds {len(value):,} characters, more than the {MAX_FIELD_CHARS:,} a field may hold (more than any "
+            "model's context reads): shorten it or split the entry"
+        )
+    return None
+
+
+def check_field_lengths(path: Path, entries: list) -> None:
+    """No string in any entry longer than ``MAX_FIELD_CHARS``; the first one is a DataError naming entry and field."""
+    for index, entry in enumerate(entries):
+        for value in entry.values() if isinstance(entry, dict) else (entry,):
+            if type(value) is not str or len(value) > MAX_FIELD_CHARS:  # else a flat entry's short string: no walk
+                where = first_refused(entry, _too_long, (index,))
+                if where is not None:
+                    raise DataError(f"dataset {path}: {where}")
+                break
 
 
 def _json_lines(path: Path, text: str, whole: ParseError) -> list:
@@ -75,7 +109,12 @@ def _json_lines(path: Path, text: str, whole: ParseError) -> list:
         if not line.strip():
             continue
         try:
-            data.append(load_json(line, f"dataset {path}: line {number}"))
+            data.append(load_json(line, f"dataset {path}: line {number}", strict=True))
+            where = first_refused(data[-1], _too_long) if len(line) > MAX_FIELD_CHARS else None
+            if where is not None:  # (a shorter line holds no longer field)
+                raise DataError(f"dataset {path}: line {number}: {where}")
+        except RefusedValue as exc:
+            raise DataError(str(exc)) from None
         except ParseError as exc:
             if not data:  # the first line already fails: not JSON Lines either
                 reason = str(whole).removeprefix(f"dataset {path}")

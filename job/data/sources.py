@@ -12,11 +12,13 @@ from pathlib import Path, PurePosixPath
 
 from job.core.errors import ConfigError
 from job.core.observability import get_logger
-from job.core.parsing import short
+from job.core.parsing import first_refused, non_finite, short
 from job.data.formats import detect_format, format_problem
 from job.data.instructions import (
     MAX_DATASET_BYTES,
+    MAX_FIELD_CHARS,
     DataError,
+    check_field_lengths,
     entry_problem,
     parse_entries,
     resolve_data,
@@ -74,6 +76,11 @@ def parquet_rows(path: Path) -> list[dict]:
         raise DataError(f"dataset {path} is not a Parquet file we can read: {reason}") from None
     if not rows:
         raise DataError(f"dataset {path} has no entries")
+    where = first_refused(rows, non_finite) if any(kind in str(meta.schema) for kind in ("float", "double")) else None
+    if where is not None:
+        raise DataError(f"dataset {path}: {where}: give a finite number or null")
+    if expanded > MAX_FIELD_CHARS:  # else no field can be that long
+        check_field_lengths(path, rows)
     return rows
 
 

@@ -58,7 +58,14 @@ from job.stages.export import GGUF_FILE, MODELFILE, check_exportable, run_export
 from job.stages.export_config import ExportConfig
 from job.stages.finetune import run_finetune
 from job.stages.finetune_config import FinetuneConfig
-from job.stages.generate import RESPONSES_FILE, check_room, longest_prompt, run_generate, saved_prompt_style
+from job.stages.generate import (
+    RESPONSES_FILE,
+    check_room,
+    check_written_fields,
+    longest_prompt,
+    run_generate,
+    saved_prompt_style,
+)
 from job.stages.generate_config import GenerateConfig
 from job.stages.judge import preflight as judge_preflight
 from job.stages.judge import run_judge
@@ -122,9 +129,10 @@ class Pipeline:
         check_local_inputs(absent_local_data(cfg), pieces, Path(cfg.cache))
         check_reachable(pieces, Path(cfg.cache))
         splits = dataset_splits(cfg, need=("validation", "test"))
+        check_written_fields(splits)
         train, test, data_format = splits.train, splits.test, splits.data_format
         entries = splits.train + splits.val + splits.test
-        check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]))
+        check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]), dataset_entries=len(entries))
         fit = check_model_fit(cfg, test[: cfg.limit], data_format, entries, splits.origin)
         examples = check_trainable(cfg, self.roles.world, splits, *fit)
         check_packed_batches(cfg, self.roles.world, examples, fit[2])

@@ -18,7 +18,7 @@ from job.data.instructions import (
     DataError,
     prompt_style,
 )
-from job.data.sources import dataset_splits
+from job.data.sources import Splits, dataset_splits
 from job.models.decoding import generate, generate_fixed_batch
 from job.models.families import load_model, model_tokenizer
 from job.models.gpt2_weights import recorded_settings
@@ -36,6 +36,29 @@ def saved_prompt_style(model_dir: str | Path) -> str | None:
     """The prompt style the finetune stage recorded in the model's config.json, if a known one."""
     style = recorded_settings(model_dir).get("prompt_style")
     return style if style in STYLE_NAMES else None
+
+
+WRITTEN_FIELDS = {"model_response": "generate", "score": "the judge", "judge_reply": "the judge"}
+"""The fields generate and the judge add to each test entry's record (the responses and scores files)."""
+BOOK_FIELDS = ("instruction", "input", "output")
+"""What an entry of another format gets as the book's fields in those records (job/data/formats.py's
+``as_book_entry``): what the model is asked and the expected answer."""
+
+
+def check_written_fields(splits: Splits) -> None:
+    """A test entry with a column named like a field the job writes into its record would be overwritten there,
+    or (the report reading a string ``score``) fail the run after every stage; refused before anything runs."""
+    written = dict(WRITTEN_FIELDS)
+    if splits.data_format != "alpaca":
+        written |= dict.fromkeys(BOOK_FIELDS, "generate")
+    for index, entry in enumerate(splits.test):
+        column = next((name for name in entry if name in written), None)
+        if column is not None:
+            raise DataError(
+                f"dataset {splits.where['test']}: test entry {index}: column {column!r} has the name of a field "
+                f"{written[column]} writes into each test entry's record ({', '.join(written)}): rename or drop "
+                "the column"
+            )
 
 
 def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -90,6 +113,7 @@ def _load(cfg: GenerateConfig):
     the prompt style, a conversation's template), the tokenizer and the model on the device."""
     cache = Path(cfg.cache)
     splits = dataset_splits(cfg, need=("test",))
+    check_written_fields(splits)
     test, data_format, entries = splits.test[: cfg.limit], splits.data_format, splits.train + splits.val + splits.test
     tokenizer = model_tokenizer(cfg.model_dir, cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style or saved_prompt_style(cfg.model_dir) or "alpaca", tokenizer)
@@ -102,7 +126,7 @@ def _write_responses(final: Path, test: list[dict], responses: dict[int, str], d
     """The test entries with their responses, as the book's instruction-data-with-response.json (an entry of
     another format with the book's fields the judge reads: job/data/formats.py's ``as_book_entry``)."""
     rows = [{**as_book_entry(data_format, e), "model_response": responses[i]} for i, e in enumerate(test)]
-    atomic_write_text(final, json.dumps(rows, indent=4) + "\n")
+    atomic_write_text(final, json.dumps(rows, indent=4, allow_nan=False) + "\n")  # always JSON: no bare NaN
     return final
 
 

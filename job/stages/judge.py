@@ -496,7 +496,8 @@ class _RetriesSpent(Exception):
 
 def load_responses(path: Path, key: str) -> list[dict]:
     try:
-        entries = load_json(read_bounded(path, MAX_DATASET_BYTES, f"--responses {path}"), f"--responses {path}")
+        what = f"--responses {path}"
+        entries = load_json(read_bounded(path, MAX_DATASET_BYTES, what), what, strict=True)
     except FileNotFoundError:
         raise JobError(f"--responses {path} does not exist") from None
     if not isinstance(entries, list) or not entries:
@@ -560,7 +561,7 @@ def run_judge(cfg: JudgeConfig, metrics: Metrics | None = None, judge: JudgeBack
     summary = summarize(cfg, judge.host, entries, records)
     if summary["mean"] is not None:
         metrics.judge_score_mean.set(summary["mean"])
-    atomic_write_text(output / "scores.json", json.dumps(scored, indent=4) + "\n")
+    atomic_write_text(output / "scores.json", json.dumps(scored, indent=4, allow_nan=False) + "\n")
     atomic_write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     progress_path.unlink()
     average = f"{summary['mean']:.2f}" if summary["mean"] is not None else "n/a"

@@ -82,9 +82,12 @@ class Task:
     """How the entries were laid out (job/data/formats.py's ``Layout``), which the trained model records."""
 
 
-def check_batches(cfg: TrainConfig, world: int, train_examples: int, unit: str = "entries") -> None:
+def check_batches(
+    cfg: TrainConfig, world: int, train_examples: int, unit: str = "entries", dataset_entries: int | None = None
+) -> None:
     """--batch-size splits evenly into processes x --grad-accum micro-batches, and the training split
-    holds at least one batch (the run's preflight checks this before anything is written)."""
+    holds at least one batch (the run's preflight checks this before anything is written). Too small a split
+    names --train-limit only where the limit cut it, else the dataset's ``dataset_entries`` where known."""
     parts = world * cfg.grad_accum
     if cfg.batch_size % parts:
         fitting = -(-cfg.batch_size // parts) * parts
@@ -93,7 +96,10 @@ def check_batches(cfg: TrainConfig, world: int, train_examples: int, unit: str =
             f"use --batch-size {fitting}, or a --grad-accum that divides {cfg.batch_size // world or 1}"
         )
     if train_examples < cfg.batch_size:
-        limited = " (--train-limit)" if cfg.train_limit is not None else ""
+        cut = cfg.train_limit is not None and (unit != "entries" or train_examples >= cfg.train_limit)
+        limited = f" (--train-limit {cfg.train_limit})" if cut else ""
+        if not cut and dataset_entries is not None:
+            limited = f" (the dataset has {dataset_entries} {'entry' if dataset_entries == 1 else 'entries'})"
         raise ConfigError(
             f"--batch-size {cfg.batch_size} is larger than the training split of {train_examples} {unit}{limited}: "
             "use a smaller --batch-size or more data"

@@ -105,3 +105,59 @@ def test_json_lines_absent_input_and_skip_invalid(tmp_path):
         load_entries(path)
     entries = load_entries(path, skip_invalid=True)
     assert entries == [{"instruction": "a", "input": "", "output": "b"}, lines[2]]
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_byte_order_mark_at_the_start_is_read_as_hf_datasets_reads_it_and_nowhere_else(tmp_path, suffix):
+    import datasets  # its json loader drops a leading BOM (pandas' read_json refuses the file without utf-8-sig)
+
+    from job.data.instructions import parse_entries
+
+    entries = [{"instruction": f"Say {i}{BOM}.", "output": "ok"} for i in range(3)]  # a BOM inside a value is text
+    text = json.dumps(entries) if suffix == ".json" else "".join(json.dumps(e) + "\n" for e in entries)
+    path = tmp_path / f"bom{suffix}"
+    path.write_text(BOM + text, encoding="utf-8")
+    expected = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))
+    expected = expected.to_list()
+    assert parse_entries(path) == entries == expected
+    path.write_text(BOM + BOM + text, encoding="utf-8")  # a second one is not a byte order mark
+    with pytest.raises(DataError, match="Unexpected UTF-8 BOM"):
+        parse_entries(path)
+    if suffix == ".jsonl":
+        lines = text.splitlines()
+        path.write_text(lines[0] + "\n" + BOM + lines[1] + "\n", encoding="utf-8")
+        with pytest.raises(DataError, match=r": line 2 is not JSON: Unexpected UTF-8 BOM"):
+            parse_entries(path)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
+def test_a_field_past_the_bound_is_refused_naming_entry_and_field_and_one_at_it_is_read(tmp_path, suffix):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from job.data.instructions import MAX_FIELD_CHARS
+    from job.data.sources import read_rows
+
+    def write(entries: list[dict]):
+        path = tmp_path / f"d{suffix}"
+        if suffix == ".parquet":
+            pq.write_table(pa.Table.from_pylist(entries), path)
+        else:
+            path.write_text(
+                json.dumps(entries) if suffix == ".json" else "".join(json.dumps(e) + "\n" for e in entries)
+            )
+        return path
+
+    fits = [{"instruction": "a", "output": "b", "turns": [{"content": "x" * MAX_FIELD_CHARS}]} for _ in range(2)]
+    assert read_rows(write(fits)) == fits
+    fits[1]["turns"][0]["content"] += "é"  # one character more (two bytes)
+    with pytest.raises(DataError) as info:
+        read_rows(write(fits))
+    assert str(info.value) == (
+        f"dataset {tmp_path / f'd{suffix}'}: {'line 2' if suffix == '.jsonl' else 'entry 1'}: field 'turns.0.content': "
+        "holds 4,194,305 characters, more than "
+        "the 4,194,304 a field may hold (more than any model's context reads): shorten it or split the entry"
+    )

@@ -258,3 +258,37 @@ def test_generate_uses_the_prompt_style_the_model_was_finetuned_with(tiny_model_
     assert unnamed == responses("phi3", "--prompt-style", "phi3") and unnamed[0] == "phi3"
     alpaca = responses("alpaca", "--prompt-style", "alpaca")  # other prompts, other answers
     assert alpaca[0] == "alpaca" and alpaca[1] != unnamed[1]
+
+
+def _splits(test: list[dict], data_format: str = "alpaca"):
+    from job.data.sources import Splits
+
+    return Splits([{"instruction": "t", "output": "o", "score": 1}], test, [], {"test": "d.json"}, data_format)
+
+
+@pytest.mark.parametrize(
+    ("data_format", "column", "refused"),
+    [
+        ("alpaca", "score", True),
+        ("alpaca", "model_response", True),
+        ("alpaca", "judge_reply", True),
+        ("alpaca", "Score", False),  # another name: kept beside the job's
+        ("alpaca", "scores", False),
+        ("messages", "output", True),  # would stand for the conversation's last answer
+        ("messages", "input", True),
+        ("alpaca", "output", False),  # the book's own field
+    ],
+)
+def test_a_test_entrys_column_named_like_a_written_field_is_refused_naming_it(data_format, column, refused):
+    from job.data.instructions import DataError
+    from job.stages.generate import check_written_fields
+
+    fine = {"instruction": "a", "output": "b"} if data_format == "alpaca" else {"messages": []}
+    test = [fine, {**fine, column: "high"}]
+    if not refused:
+        check_written_fields(_splits(test, data_format))  # the training entry's score is no record's
+        return
+    with pytest.raises(DataError) as info:
+        check_written_fields(_splits(test, data_format))
+    assert str(info.value).startswith(f"dataset d.json: test entry 1: column {column!r} has the name of a field ")
+    assert str(info.value).endswith(": rename or drop the column")

@@ -167,10 +167,15 @@ def test_a_batch_size_that_does_not_split_evenly_is_refused_with_one_that_does(b
     assert suggested % (world * accum) == 0 and batch_size < suggested < batch_size + world * accum
 
 
-def test_a_training_split_smaller_than_a_batch_is_refused_naming_the_limit():
-    with pytest.raises(ConfigError, match=r"larger than the training split of 7 entries \(--train-limit\)"):
-        check_batches(FinetuneConfig(batch_size=8, train_limit=7), 1, train_examples=7)
+def test_a_training_split_smaller_than_a_batch_is_refused_naming_the_limit_only_where_it_cut():
+    with pytest.raises(ConfigError, match=r"larger than the training split of 7 entries \(--train-limit 7\):"):
+        check_batches(FinetuneConfig(batch_size=8, train_limit=7), 1, train_examples=7, dataset_entries=100)
     check_batches(FinetuneConfig(batch_size=8), 1, train_examples=8)
+    # a limit (the smoke's 40) above a split it did not cut is not why: the dataset's size is
+    with pytest.raises(ConfigError, match=r"training split of 0 entries \(the dataset has 1 entry\): use a"):
+        check_batches(FinetuneConfig(batch_size=2, train_limit=40), 1, train_examples=0, dataset_entries=1)
+    with pytest.raises(ConfigError, match=r"training split of 5 entries: use a"):
+        check_batches(FinetuneConfig(batch_size=8, train_limit=40), 1, train_examples=5)
 
 
 def _finetune_cfg(tiny_model_dir, cache, output, **kw) -> FinetuneConfig:
