@@ -234,7 +234,7 @@ class Pipeline:
         start, out = str(self.work / "model"), str(self.work / "dpo")
         style = dpo_prompt_style(named_prompt_style(self.cfg), saved_prompt_style(start))  # as `sft-job dpo`'s
         model = stage_model(self.cfg, start)
-        cfg = stage_config(self.cfg, "dpo", DPOConfig, output=out, prompt_style=style, **model)
+        cfg = stage_config(self.cfg, "dpo", DPOConfig, output=out, prompt_style=style, train_on="assistant", **model)
         outputs = self._train(run_dpo, cfg, "dpo/checkpoints")
         return [*_artifacts(outputs, "dpo/"), "dpo/reward-margins-plot.png"] if outputs else []
 
@@ -643,7 +643,9 @@ def check_preference_data(cfg: RunConfig, tokenizer, how: Layout, context_length
         return None
     finetuned_with = trained_layout(cfg, how, tokenizer)["prompt_style"]
     name = dpo_prompt_style(named_prompt_style(cfg), finetuned_with)
-    dpo = stage_config(cfg, "dpo", DPOConfig, prompt_style=name, **stage_model(cfg, cfg.model_dir))
+    dpo = stage_config(
+        cfg, "dpo", DPOConfig, prompt_style=name, train_on="assistant", **stage_model(cfg, cfg.model_dir)
+    )
     path, train, val, data_format, origin = training_splits(dpo, preference_problem)
     # the finetuned model carries the template it was trained with (a --chat-template file's too)
     style = ChatStyle("chat", "", "", render=how.template.prompt) if how.template and name == "chat" else None

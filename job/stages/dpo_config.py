@@ -43,6 +43,11 @@ class DPOConfig(TrainConfig):
     @model_validator(mode="after")
     def _check_dpo(self):
         positive(self, "beta")
+        if self.train_on != "assistant":  # a pair trains on its responses whatever its shape: never silent
+            raise ConfigError(
+                f"--train-on {self.train_on} applies to finetune's messages data; DPO trains on each pair's "
+                "chosen and rejected responses, which it would not change: leave it out"
+            )
         return self
 
 

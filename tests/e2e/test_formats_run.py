@@ -87,6 +87,7 @@ def test_run_dpo_on_trl_shaped_conversational_pairs(qwen3_dir, cache, tmp_path, 
         "run", "--model-dir", qwen3_dir, "--data", data, "--dpo", "--dpo-data", pairs, "--cache", cache,
         "--output", tmp_path / "runs", "--run-id", "pairs", "--skip-judge", "--max-steps", "4", "--eval-freq", "2",
         "--limit", "2", "--max-new-tokens", "4", "--metrics-port", "0", "--log-format", "json",
+        "--train-on", "last",  # its finetune's: DPO's pairs train on their responses, and DPO is built without it
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "runs" / "pairs" / "manifest.json").read_text())

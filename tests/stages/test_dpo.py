@@ -215,6 +215,19 @@ def test_an_entry_without_a_rejected_response_is_exit_1_naming_it(tiny_model_dir
     assert not (tmp_path / "model").exists()
 
 
+def test_train_on_is_finetunes_dpo_alone_refuses_it_and_run_keeps_it_for_its_finetune(tiny_model_dir, cache, tmp_path):
+    """A pair trains on its responses whatever --train-on says: ``sft-job dpo --train-on last`` (flag, variable
+    or config file) is exit 2 before anything is written, never silently ignored; run's DPO stage is built
+    without it (the run's --train-on is its finetune's)."""
+    config = tmp_path / "job.yaml"
+    config.write_text("train_on: all\n")
+    for extra, env in ((["--train-on", "last"], {}), ([], {"SFT_JOB_TRAIN_ON": "last"}), (["--config", config], {})):
+        done = cli(*_dpo_args(tiny_model_dir, cache, tmp_path / "out", *extra), env=env)
+        assert done.returncode == ExitCode.BAD_CONFIG and len(done.stderr.splitlines()) == 1, done.stderr
+        assert "applies to finetune's messages data; DPO trains on each pair's chosen and rejected" in done.stderr
+    assert not (tmp_path / "out").exists()  # run --dpo --train-on last: tests/e2e/test_formats_run.py
+
+
 def _dpo_args(model_dir, cache, out, *extra) -> list:
     data = cache / "instruction-data-with-preference.json"
     small = ["--train-limit", "8", "--batch-size", "4", "--max-steps", "2", "--precision", "fp32"]
