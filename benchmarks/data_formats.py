@@ -76,7 +76,7 @@ def write_format(book: list[dict], data_format: str, size: int, folder: Path, pa
     return path
 
 
-def run(sizes: list[int], data_dir: str, startup: bool) -> dict:
+def run(sizes: list[int], data_dir: str, startup: bool, startups=STARTUP_FORMATS, loads: bool = True) -> dict:
     book = [{"input": "", **e} for e in json.loads((Path(data_dir) / "instruction-data.json").read_text())]
     tokenizer_dir = str(Path(data_dir) / "gpt2")
     results: dict = {}
@@ -89,10 +89,10 @@ def run(sizes: list[int], data_dir: str, startup: bool) -> dict:
         for size in sizes:
             files = {kind: write_format(book, kind, size, folder) for kind in FORMATS}
             files["messages/parquet"] = write_format(book, "messages", size, folder, parquet=True)
-            for kind, path in files.items():
+            for kind, path in files.items() if loads else ():
                 results[f"{size}/{kind}"] = isolated_load(path, tokenizer_dir, template)
                 print(f"{size} {kind}: {results[f'{size}/{kind}']}", file=sys.stderr, flush=True)
-            for kind in STARTUP_FORMATS if model is not None else ():
+            for kind in startups if model is not None else ():
                 extra = ("--chat-template", str(template)) if kind == "messages" else ()
                 out = folder / f"ft-{size}-{kind}"
                 results[f"{size}/{kind}/finetune"] = finetune_startup(files[kind], model, cache, out, *extra)
@@ -152,6 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="1000,52000,500000")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--no-startup", action="store_true", help="leave out the finetune start-ups")
+    parser.add_argument("--startups", default=",".join(STARTUP_FORMATS), help="formats whose start-up is timed")
+    parser.add_argument("--no-loads", action="store_true", help="only the start-ups (--startups)")
     parser.add_argument("--offsets", action="store_true", help="only a conversation's token spans, before/after")
     parser.add_argument("--repeats", type=int, default=3, help="--offsets: times each way is timed")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results-cpu-data-formats.json")
@@ -164,8 +166,10 @@ def main(argv=None) -> int:
         offsets = {size: measure_offsets(size, data_dir, args.repeats) for size in sizes}
         report = {"machine": machine("cpu"), "offsets": offsets}
     else:
-        results = run(sizes, data_dir, not args.no_startup)
-        report = {"machine": machine("cpu"), "sizes": sizes, "results": results, "ratios": ratios(results, sizes)}
+        startups = tuple(args.startups.split(","))
+        results = run(sizes, data_dir, not args.no_startup, startups, not args.no_loads)
+        figures = {} if args.no_loads else ratios(results, sizes)
+        report = {"machine": machine("cpu"), "sizes": sizes, "results": results, "ratios": figures}
     report["seconds"] = round(time.time() - started, 1)
     report["load_average_at_start"], report["load_average_at_end"] = load_at_start, os.getloadavg()
     args.out.write_text(json.dumps(report, indent=2) + "\n")
