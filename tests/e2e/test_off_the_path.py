@@ -99,7 +99,7 @@ def test_batch_rules_fail_the_preflight_and_the_corrected_rerun_is_not_other_opt
     assert "--batch-size 8 must divide by processes x --grad-accum (1 x 3): use --batch-size 9" in line
     assert not (tmp_path / "runs" / "b").exists()
     small = run_cli(*args, "--train-limit", "4")
-    assert "larger than the training split of 4 entries (--train-limit)" in _one_line(small, 2)
+    assert "larger than the training split of 4 entries (--train-limit 4)" in _one_line(small, 2)
     assert not (tmp_path / "runs" / "b").exists()
     fixed = run_cli(*args, "--grad-accum", "2")
     assert fixed.returncode == 0, fixed.stderr
