@@ -100,7 +100,7 @@ def test_packed_rows_of_the_book_data_hold_every_training_entry_once(cache):
 @pytest.mark.parametrize(
     ("wrong", "named"),
     [
-        (("--pack-length", "512", "--batch-size", "24"), "packed rows (--train-limit)"),
+        (("--pack-length", "512", "--batch-size", "24"), "packed rows (--train-limit 40)"),
         (("--pack-length", "40", "--batch-size", "4"), "--pack-length 40 is shorter than training entry"),
         (("--pack-length", "4096", "--batch-size", "4"), "more than the model's context"),
     ],
