@@ -128,15 +128,7 @@ class Pipeline:
         pieces = missing_pieces(cfg)
         check_local_inputs(absent_local_data(cfg), pieces, Path(cfg.cache))
         check_reachable(pieces, Path(cfg.cache))
-        splits = dataset_splits(cfg, need=("validation", "test"))
-        check_written_fields(splits)
-        train, test, data_format = splits.train, splits.test, splits.data_format
-        entries = splits.train + splits.val + splits.test
-        check_batches(cfg, self.roles.world, len(train[: cfg.train_limit]), dataset_entries=len(entries))
-        fit = check_model_fit(cfg, test[: cfg.limit], data_format, entries, splits.origin)
-        examples = check_trainable(cfg, self.roles.world, splits, *fit)
-        check_packed_batches(cfg, self.roles.world, examples, fit[2])
-        check_later_stages(cfg, *fit)
+        check_data(cfg, self.roles.world)
         if not cfg.skip_judge:
             judge_preflight(self.judge_config())
         log.info("preflight_ok", output=self.storage.url, work=str(self.work))
@@ -553,6 +545,19 @@ def stage_model(cfg: RunConfig, start: str) -> dict:
 def _gpt2(cfg: RunConfig) -> bool:
     """Whether the run starts from a GPT-2 (a named size, or a folder of one)."""
     return family(cfg.model_dir) == "gpt2" if cfg.model_dir else cfg.model in gpt2_names()
+
+
+def check_data(cfg: RunConfig, world: int) -> None:
+    """The dataset as the stages will read it, and what depends on it and on the model's shape: the fields the
+    job writes, the batches, the context, what trains, the packed rows, the stages after the finetune."""
+    splits = dataset_splits(cfg, need=("validation", "test"))
+    check_written_fields(splits)
+    entries = splits.train + splits.val + splits.test
+    check_batches(cfg, world, len(splits.train[: cfg.train_limit]), dataset_entries=len(entries))
+    fit = check_model_fit(cfg, splits.test[: cfg.limit], splits.data_format, entries, splits.origin)
+    examples = check_trainable(cfg, world, splits, *fit)
+    check_packed_batches(cfg, world, examples, fit[2])
+    check_later_stages(cfg, *fit)
 
 
 def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca", entries=None, origin=None) -> tuple:
