@@ -113,18 +113,24 @@ def assert_no_pickle(checkpoint: Path) -> None:
     assert {"model-0.safetensors", "model-1.safetensors", "shards-0.json", "shards-1.json"} <= set(names)
 
 
-@pytest.mark.slow
-def test_fsdp_checkpoints_are_shards_that_resume_on_as_many_processes_or_on_one(tiny_model_dir, cache, tmp_path):
+def straight_and_cut(tiny_model_dir: Path, cache: Path, tmp_path: Path) -> list:
+    """20 fsdp steps on 2 processes, checkpointed every 2, into ``straight``; the same into ``cut``, stopped by
+    SIGTERM once a checkpoint of step 4 or later is written (every process finishes its step, the checkpoint,
+    exit 75). Returns the runs' arguments after the stage's own."""
     steps = [*TWENTY_STEPS[:2], "--checkpoint-every", "2", "--sharding", "fsdp", *TWENTY_STEPS[2:]]
     straight = launched(2, *stage_args("finetune", tiny_model_dir, cache, tmp_path / "straight", *steps))
     assert straight.returncode == 0, straight.stderr[-3000:]
-
-    # SIGTERM once two checkpoints are written: every process finishes its step, the checkpoint, exit 75
     cut = started(2, *stage_args("finetune", tiny_model_dir, cache, tmp_path / "cut", *steps))
     wait_for_event(cut, lambda e: e.get("event") == "checkpoint" and e["step"] >= 4, deadline_s=400)
     cut.send_signal(signal.SIGTERM)
     _out, err = cut.communicate(timeout=300)
     assert cut.returncode == ExitCode.RETRY, err[-3000:]
+    return steps
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_are_shards_that_resume_on_as_many_processes_or_on_one(tiny_model_dir, cache, tmp_path):
+    steps = straight_and_cut(tiny_model_dir, cache, tmp_path)
     newest, older = sorted((tmp_path / "cut" / "checkpoints").glob("step-*"), reverse=True)[:2]
     assert int(newest.name[5:]) < 20
     for checkpoint in (newest, older):
@@ -164,14 +170,7 @@ def test_fsdp_checkpoint_of_two_processes_resumes_on_four_with_the_same_losses_a
     tiny_model_dir, cache, tmp_path
 ):
     # --batch-size 8 (the default) of --grad-accum 2 on 4 processes: one entry a micro-batch each
-    steps = [*TWENTY_STEPS[:2], "--checkpoint-every", "2", "--sharding", "fsdp", *TWENTY_STEPS[2:]]
-    straight = launched(2, *stage_args("finetune", tiny_model_dir, cache, tmp_path / "straight", *steps))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    cut = started(2, *stage_args("finetune", tiny_model_dir, cache, tmp_path / "cut", *steps))
-    wait_for_event(cut, lambda e: e.get("event") == "checkpoint" and e["step"] >= 4, deadline_s=400)
-    cut.send_signal(signal.SIGTERM)
-    _out, err = cut.communicate(timeout=300)
-    assert cut.returncode == ExitCode.RETRY, err[-3000:]
+    steps = straight_and_cut(tiny_model_dir, cache, tmp_path)
     newest = max((tmp_path / "cut" / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
     assert_no_pickle(newest)
 
