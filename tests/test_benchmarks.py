@@ -139,7 +139,8 @@ def test_sharding_benchmark_counts_half_of_every_shard_on_two_processes(tmp_path
         assert two["weight_bytes"] * 2 == one["weight_bytes"] and two["gradient_bytes"] * 2 == one["gradient_bytes"]
         # AdamW's two moments a parameter, and each tensor's step counter (4 bytes, on every process)
         assert 0 < two["optimizer_bytes"] - one["optimizer_bytes"] / 2 < 4 * 64
-        assert two["rss_peak"] > two["rss_peak_imported"] > 0
+        # a few MB of weights may stay under the imports' own high-water mark: the peak never goes back
+        assert two["rss_peak"] >= two["rss_peak_built"] >= two["rss_peak_imported"] > 0
 
 
 def test_a_sharding_case_that_cannot_fit_is_reported_and_not_started():

@@ -67,7 +67,10 @@ def type_error(key: str, error: dict) -> str:
     else:
         wanted = next((words for prefix, words in WANTED.items() if kind.startswith(prefix)), None)
         wanted = wanted or error["msg"][:1].lower() + error["msg"][1:]  # none of ours: pydantic's own words
-    return f"{key} must be {wanted}, got {short(error['input'])}"
+    given = error["input"]
+    # a mapping or a list where a scalar belongs: its kind says enough, and its repr may be long
+    got = {dict: "a mapping", list: "a list"}.get(type(given)) or short(given)
+    return f"{key} must be {wanted}, got {got}"
 
 
 def option(
