@@ -91,9 +91,11 @@ def check_batches(
     parts = world * cfg.grad_accum
     if cfg.batch_size % parts:
         fitting = -(-cfg.batch_size // parts) * parts
+        # another --grad-accum only helps where the processes alone divide the batch
+        accum = f", or a --grad-accum that divides {cfg.batch_size // world}" if cfg.batch_size % world == 0 else ""
         raise ConfigError(
             f"--batch-size {cfg.batch_size} must divide by processes x --grad-accum ({world} x {cfg.grad_accum}): "
-            f"use --batch-size {fitting}, or a --grad-accum that divides {cfg.batch_size // world or 1}"
+            f"use --batch-size {fitting}{accum}"
         )
     if train_examples < cfg.batch_size:
         cut = cfg.train_limit is not None and (unit != "entries" or train_examples >= cfg.train_limit)

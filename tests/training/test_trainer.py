@@ -165,6 +165,11 @@ def test_a_batch_size_that_does_not_split_evenly_is_refused_with_one_that_does(b
         check_batches(cfg, world, train_examples=batch_size)
     suggested = int(re.search(r"use --batch-size (\d+)", str(refused.value)).group(1))
     assert suggested % (world * accum) == 0 and batch_size < suggested < batch_size + world * accum
+    # a --grad-accum is suggested only where one can fix the batch: the processes alone divide it
+    hint = re.search(r"or a --grad-accum that divides (\d+)$", str(refused.value))
+    assert bool(hint) == (batch_size % world == 0)
+    if hint:
+        assert int(hint.group(1)) * world == batch_size
 
 
 def test_a_training_split_smaller_than_a_batch_is_refused_naming_the_limit_only_where_it_cut():
