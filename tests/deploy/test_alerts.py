@@ -17,16 +17,15 @@ from hypothesis import strategies as st
 
 from job.core.observability import Metrics, RunStatus
 from job.run.pipeline import restart_count
-from tests.helpers import REPO, cli, free_port, smoke_run, start_cli, wait_for_event, wait_until
+from tests.deploy import monitoring
+from tests.deploy.monitoring import prometheus_and_gateway, query
+from tests.helpers import REPO, cli, smoke_run, start_cli, wait_for_event, wait_until
 from tests.ollama_server import FakeOllama
 
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 UNIT_TESTS = REPO / "deploy" / "prometheus" / "alerts.test.yml"
 CHART = REPO / "helm" / "sft-job"
 DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
-# In memory only: Debian's build persists to /var/lib/prometheus/pushgateway.data by default, a file
-# every Pushgateway on the machine loads (other tests' runs would appear in this one's).
-PUSHGATEWAY = ("prometheus-pushgateway", "--persistence.file=")
 STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
 # Written from the Prometheus operator's CRD (prometheusrules.monitoring.coreos.com, v1, operator 0.82):
 # its openAPIV3Schema's fields, types, patterns and required keys; unknown fields refused, as
@@ -240,53 +239,19 @@ def test_run_gauges_carry_the_run_id_and_start_with_no_checkpoint():
 # --- every rule against a real Prometheus scraping a real run ---------------------------------------
 
 
-def _start(argv) -> subprocess.Popen:
-    binary = shutil.which(argv[0])
-    assert binary, f"{argv[0]} is not installed: run scripts/install-test-deps.sh"
-    return subprocess.Popen([binary, *argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _rules_loaded(api: str) -> bool:
+    try:
+        groups = requests.get(f"{api}/rules", timeout=1).json()["data"]["groups"]
+    except (requests.ConnectionError, requests.Timeout, ValueError):  # still starting: no answer, or not JSON yet
+        return False
+    return sum(len(g["rules"]) for g in groups) == len(_rules())
 
 
 @pytest.fixture
 def alerting(tmp_path):
     """Prometheus (rules: alerts.yml, evaluated every second) scraping the job's port and a Pushgateway."""
-    job_port, gateway_port, prom_port = free_port(), free_port(), free_port()
-    gateway = _start([*PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{gateway_port}"])
-    (tmp_path / "prometheus.yml").write_text(f"""
-global: {{scrape_interval: 1s, evaluation_interval: 1s}}
-rule_files: ["{ALERTS}"]
-scrape_configs:
-  - job_name: sft-job
-    static_configs: [{{targets: ["127.0.0.1:{job_port}"]}}]
-  - job_name: pushgateway
-    honor_labels: true
-    static_configs: [{{targets: ["127.0.0.1:{gateway_port}"]}}]
-""")
-    prometheus = _start(
-        [
-            "prometheus",
-            f"--config.file={tmp_path / 'prometheus.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-        ]
-    )
-    api = f"http://127.0.0.1:{prom_port}/api/v1"
-
-    def rules_loaded():
-        try:
-            groups = requests.get(f"{api}/rules", timeout=1).json()["data"]["groups"]
-        except (requests.ConnectionError, requests.Timeout, ValueError):  # still starting: no answer, or not JSON yet
-            return False
-        return sum(len(g["rules"]) for g in groups) == len(_rules())
-
-    wait_until(rules_loaded, 60, what="prometheus to load the alert rules")
-    yield {"job_port": job_port, "gateway": f"http://127.0.0.1:{gateway_port}", "api": api}
-    for proc in (prometheus, gateway):
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _query(api: str, expr: str) -> list:
-    return requests.get(f"{api}/query", params={"query": expr}, timeout=5).json()["data"]["result"]
+    with prometheus_and_gateway(tmp_path, ALERTS, _rules_loaded) as started:
+        yield started
 
 
 def _query_range(api: str, expr: str, start: float, end: float) -> list:
@@ -323,19 +288,19 @@ def test_every_rule_reads_what_a_real_run_exports_and_none_fires_on_it(alerting,
             'sft_job_last_step_timestamp_seconds{instance!=""}'
             ' and on (job, instance) sft_job_stage_status{stage="finetune", instance!=""} == 1'
         )
-        wait_until(lambda: proc.poll() is None and _query(api, training), 300, what="a scrape of the run in training")
+        wait_until(lambda: proc.poll() is None and query(api, training), 300, what="a scrape of the run in training")
         # The judge's later requests wait until a scrape has seen its retry and unparsed reply: on a busy
         # machine the stage can end between two scrapes. Released, they are dropped unanswered and retried.
         unparsed = 'sft_job_judge_requests_total{outcome="unparsed", instance!=""}'
-        wait_until(lambda: proc.poll() is None and _query(api, unparsed), 300, what="a scrape of the judge's answers")
+        wait_until(lambda: proc.poll() is None and query(api, unparsed), 300, what="a scrape of the judge's answers")
         ollama.mode = "ok"
         ollama.release.set()
         _, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr
     finally:
         ollama.stop()
-    wait_until(lambda: _query(api, 'sft_job_run_status{run_id="alerts1", instance=""} == 2'), 60, what="the final push")
-    wait_until(lambda: _query(api, 'up{job="sft-job"} == 0'), 60, what="a failed scrape of the job gone")
+    wait_until(lambda: query(api, 'sft_job_run_status{run_id="alerts1", instance=""} == 2'), 60, what="the final push")
+    wait_until(lambda: query(api, 'up{job="sft-job"} == 0'), 60, what="a failed scrape of the job gone")
     end = time.time()
     series = requests.get(
         f"{api}/series", params={"match[]": '{__name__=~"sft_job_.+"}', "start": started, "end": end}, timeout=30
@@ -353,7 +318,7 @@ def test_every_rule_reads_what_a_real_run_exports_and_none_fires_on_it(alerting,
         held = _query_range(api, expr, started, end)
         assert held == [], f"{name} held during a healthy run: {held}"
     assert _query_range(api, "ALERTS", started, end) == []  # not even pending
-    assert _query(api, 'sft_job_restarts{run_id="alerts1"}')[0]["value"][1] == "2"
+    assert query(api, 'sft_job_restarts{run_id="alerts1"}')[0]["value"][1] == "2"
 
 
 # --- the run's status, as the Pushgateway keeps it for the alerts ------------------------------------
@@ -361,20 +326,8 @@ def test_every_rule_reads_what_a_real_run_exports_and_none_fires_on_it(alerting,
 
 @pytest.fixture
 def pushgateway():
-    port = free_port()
-    gateway = _start([*PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{port}"])
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        try:
-            return requests.get(f"{url}/-/ready", timeout=1).ok
-        except requests.ConnectionError:
-            return False
-
-    wait_until(ready, 60, what="the pushgateway to start")
-    yield url
-    gateway.terminate()
-    gateway.wait(timeout=30)
+    with monitoring.pushgateway() as url:
+        yield url
 
 
 def _pushed(url: str, run_id: str) -> dict[str, float]:
