@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 
 from job.core.errors import ConfigError, DiskFullError, JobError
 from job.core.observability import Metrics, get_logger
@@ -109,13 +110,32 @@ def whole_files(path: Path, files: dict[str, str]) -> WholeTensors:
     return WholeTensors(tensors)
 
 
-def write_rng(tmp: Path, rank: int) -> None:
+def rng_files(rank: int) -> dict[str, bytes]:
+    """This process's generator states, as the two files a checkpoint keeps of them."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
-    save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
     version, internal, gauss = random.getstate()
-    (tmp / f"rng-{rank}.json").write_text(json.dumps({"python": [version, list(internal), gauss]}))
+    python = json.dumps({"python": [version, list(internal), gauss]}).encode()
+    return {f"rng-{rank}.safetensors": safetensors_bytes(tensors), f"rng-{rank}.json": python}
+
+
+def gathered_rng_files(accelerator, rank: int) -> dict[str, bytes]:
+    """Every process's ``rng_files``, on every process (a collective). Over several nodes only the main
+    process's folder becomes the checkpoint, so it writes the others' states too (as bytes in a tensor:
+    nothing is pickled)."""
+    files = rng_files(rank)
+    state, python = files.values()
+    packed = len(state).to_bytes(8, "little") + state + python
+    mine = torch.frombuffer(bytearray(packed), dtype=torch.uint8).to(accelerator.device)
+    sizes = accelerator.gather(torch.tensor([mine.numel()], device=accelerator.device)).tolist()
+    everyone = accelerator.gather(accelerator.pad_across_processes(mine)).cpu().numpy().tobytes()
+    gathered, longest = {}, max(sizes)
+    for peer, size in enumerate(sizes):
+        blob = everyone[peer * longest : peer * longest + size]
+        cut = 8 + int.from_bytes(blob[:8], "little")
+        gathered |= {f"rng-{peer}.safetensors": blob[8:cut], f"rng-{peer}.json": blob[cut:]}
+    return gathered
 
 
 class CheckpointManager:
@@ -166,9 +186,13 @@ class CheckpointManager:
         model = self.accelerator.unwrap_model(self.model)
         needed = self.roles.keeps_run or shards or gather
         tensors = state_tensors(model, self.optimizer, not shards) if needed else None
+        # over several nodes the main process writes every process's generator states; the others no folder
+        rng = rng_files(self.roles.rank) if self.shards_meet else gathered_rng_files(self.accelerator, self.roles.rank)
         try:
-            tmp.mkdir(parents=True, exist_ok=True)
-            write_rng(tmp, self.roles.rank)
+            if self.shards_meet or self.roles.keeps_run:
+                tmp.mkdir(parents=True, exist_ok=True)
+                for name, data in rng.items():
+                    (tmp / name).write_bytes(data)
             if shards:
                 write_shards(tmp, self.roles.rank, self.roles.world, *tensors)
             if self.roles.keeps_run:

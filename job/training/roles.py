@@ -13,8 +13,9 @@ process among them), every process.
   first process fetches into its own node's cache what it lacks.
 - finetune: each node's first process fetches the newest good checkpoint from the bucket into its
   scratch folder (and makes the smoke model there); every process trains its share of each batch and
-  writes its RNG state into each checkpoint; the main process writes a checkpoint's shared files,
-  uploads it, logs evaluations and samples, records the stage and writes the outputs.
+  its RNG state goes into each checkpoint (over several nodes, gathered to the main process); the main
+  process writes a checkpoint's shared files, uploads it, logs evaluations and samples, records the stage
+  and writes the outputs.
 - generate, judge, report: the main process alone; the others return once training's outputs are written.
 - metrics: the main process serves /metrics and pushes to the Pushgateway.
 

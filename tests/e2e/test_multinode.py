@@ -98,6 +98,11 @@ def test_two_nodes_share_one_run_and_resume_it_from_s3_after_one_node_is_stopped
     uploads = [e for e in log0 if e["event"] == "checkpoint_uploaded"]
     assert [e["checkpoint"] for e in uploads] == ["step-00000004", "step-00000008", "step-00000012"]
     assert not (tmp_path / "two" / "node1" / "scratch" / "two" / "model").exists()
+    # node 1's generator states reached the bucket through the main process; node 1 kept no half-made folder
+    assert {"rng-0.safetensors", "rng-0.json", "rng-1.safetensors", "rng-1.json"} <= {
+        k.rsplit("/", 1)[1] for k in _keys(s3, "two") if "/step-00000012/" in k
+    }
+    assert not list((tmp_path / "two" / "node1").rglob(".step-*"))
     manifest = json.loads(s3.get_object(Bucket="multi", Key="runs/two/manifest.json")["Body"].read())
     assert [manifest["stages"][s]["status"] for s in ("download", "finetune", "generate")] == ["complete"] * 3
     uploaded = sum(meta["size"] for s in manifest["stages"].values() for meta in s.get("artifacts", {}).values())
@@ -136,6 +141,8 @@ def test_two_nodes_share_one_run_and_resume_it_from_s3_after_one_node_is_stopped
     for _, out, _ in resumed:  # each node fetched the checkpoint into its own empty scratch
         assert any(e["event"] == "checkpoint_downloaded" for e in events(out))
     assert [e["event"] for e in events(resumed[0][1]) if e["event"] == "resumed"] == ["resumed"]
+    # each process took back its own generator states, node 1's too
+    assert not [e for _, out, _ in resumed for e in events(out) if e["event"] == "checkpoint_rng_missing"]
     cut = _weights(s3, "cut")
     assert cut.keys() == two.keys() and all(torch.equal(cut[k], two[k]) for k in two)
     print(f"two nodes: {two_nodes_s:.1f} s, rank 0 uploaded {uploaded / 2**20:.1f} MiB of artifacts, rank 1 none")
