@@ -12,6 +12,7 @@ from pathlib import Path
 from job.core.errors import ConfigError
 from job.core.observability import Metrics, get_logger
 from job.data.chat_layout import TurnLayout, turn_layout
+from job.data.formats import FORMATS
 from job.data.instructions import ChatStyle, prompt_style
 from job.models.families import load_model, model_tokenizer
 from job.models.gguf_export import write_gguf
@@ -120,8 +121,8 @@ def export_style_name(named: str | None, model_dir: Path) -> str:
         return named
     recorded = recorded_settings(model_dir)
     if "prompt_style" in recorded and recorded["prompt_style"] is None:
-        trained_on = recorded.get("trained_on")
-        trained_on = trained_on.get("data_format", "text") if isinstance(trained_on, dict) else "text"
+        # the record keeps the format beside the style (a config.json from elsewhere may hold anything there)
+        trained_on = recorded.get("data_format") if recorded.get("data_format") in FORMATS else "text"
         raise ConfigError(
             f"{model_dir} was trained on {trained_on} data, which has no prompt layout (no chat template) for the "
             "Modelfile's TEMPLATE: name the one to write with --prompt-style alpaca, phi3 or chat"

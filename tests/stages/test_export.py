@@ -314,3 +314,14 @@ def test_no_system_line_where_none_was_trained_or_it_cannot_be_written(
     assert "system" not in parse_modelfile(parser, (tmp_path / "out" / MODELFILE).read_text())
     said = [e["why"] for e in events(done.stdout) if e["event"] == "modelfile_system_unwritten"]
     assert len(said) == warned and all("SYSTEM" in why for why in said), said
+
+
+@pytest.mark.parametrize(("data_format", "named"), [("prompt-completion", "prompt-completion"), (["x"], "text")])
+def test_a_model_trained_without_a_layout_names_its_data_format(llama_dir, cache, tmp_path, data_format, named):
+    """The line names the format the model records (text where the record is not one of ours), nothing written."""
+    folder = _recording(llama_dir, tmp_path / "model", prompt_style=None, data_format=data_format)
+    done = export(folder, tmp_path / "out", cache)
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.splitlines()
+    assert f"was trained on {named} data" in line and "--prompt-style" in line
+    assert not (tmp_path / "out").exists()
