@@ -55,17 +55,51 @@ func main() {
 
 def build_renderer(folder: Path) -> Path:
     """The program, built with ``go build`` (its caches inside ``folder``, nothing fetched)."""
+    return _go_build(folder, "render", GO_PROGRAM)
+
+
+def build_modelfile_parser(folder: Path) -> Path:
+    """Ollama's own Modelfile parser (``tests/ollama_modelfile_parser.go``), built as ``build_renderer``."""
+    return _go_build(folder, "parse", (Path(__file__).parent / "ollama_modelfile_parser.go").read_text())
+
+
+def _go_build(folder: Path, name: str, source: str) -> Path:
     go = shutil.which("go") or "/usr/bin/go"
-    (folder / "render.go").write_text(GO_PROGRAM)
+    (folder / f"{name}.go").write_text(source)
     env = {**os.environ, "GOCACHE": str(folder / "gocache"), "GOPATH": str(folder / "gopath"), "GO111MODULE": "off"}
     subprocess.run(
-        [go, "build", "-o", str(folder / "render"), str(folder / "render.go")],
+        [go, "build", "-o", str(folder / name), str(folder / f"{name}.go")],
         check=True,
         env=env,
         capture_output=True,
         timeout=600,
     )
-    return folder / "render"
+    return folder / name
+
+
+def read_modelfile(parser: Path, modelfile: str) -> dict:
+    """A Modelfile as Ollama's parser reads it: ``{"commands": {name: text}}`` (the last of each name; a
+    PARAMETER's name is its own), or ``{"error": ...}``."""
+    done = subprocess.run([str(parser)], input=modelfile.encode(), capture_output=True, check=True, timeout=120)
+    parsed = json.loads(done.stdout)
+    if "commands" in parsed:
+        return {"commands": {command["Name"]: command["Args"] for command in parsed["commands"]}}
+    return parsed
+
+
+def parse_modelfile(parser: Path, modelfile: str) -> dict[str, str]:
+    """``read_modelfile``'s commands; the parser's error fails the test."""
+    parsed = read_modelfile(parser, modelfile)
+    assert "commands" in parsed, parsed
+    return parsed["commands"]
+
+
+def ollama_chat_messages(system: str, messages: list[dict]) -> list[dict]:
+    """The messages Ollama's chat handler (server/routes.go) hands the TEMPLATE: a request's messages, after the
+    Modelfile's SYSTEM as a system message where the request begins with none and SYSTEM is not empty."""
+    if messages[0]["role"] != "system" and system != "":
+        return [{"role": "system", "content": system}, *messages]
+    return messages
 
 
 def go_outcomes(renderer: Path, template: str, conversations: list[list[dict]]) -> list[dict]:

@@ -156,6 +156,8 @@ class Layout:
     style: PromptStyle
     template: ChatTemplate | None
     train_on: str = "assistant"
+    system_prompt: str | None = None
+    """The system prompt every conversation began with, where they all shared one (``shared_system_prompt``)."""
 
     def examples(self, entries: list[dict], tokenizer, max_length: int, split: str = "training", source="") -> list:
         """Every entry tokenized; one with nothing to train within ``max_length`` is left out (and counted, naming
@@ -266,7 +268,8 @@ def layout(
                 f"{data_format} data needs a chat template, which this model's tokenizer lacks (GPT-2's has none): "
                 "give one with --chat-template FILE (a Jinja file)"
             )
-    how = Layout(data_format, style, template, getattr(cfg, "train_on", "assistant"))
+    system = shared_system_prompt(entries) if template is not None else None
+    how = Layout(data_format, style, template, getattr(cfg, "train_on", "assistant"), system)
     if not pairs:
         check_unused_options(cfg, how)
     first = next((e for e in entries if "messages" in e), None)
@@ -305,6 +308,21 @@ def renderings(entry: dict) -> list[tuple[list[dict], bool]]:
     if isinstance(entry.get("prompt"), list):
         return [(entry["prompt"], True), (entry["prompt"] + entry["completion"], False)]
     return []
+
+
+def shared_system_prompt(entries: list[dict]) -> str | None:
+    """The system prompt every conversation (its first turn: a preference pair's or prompt-completion's prompt)
+    began with, where all began with the same one; None where any begins otherwise, is text, or they differ."""
+    firsts = {_first_turn(entry) for entry in entries}
+    if len(firsts) != 1:
+        return None
+    first = firsts.pop()
+    return first[1] if first is not None and first[0] == "system" else None
+
+
+def _first_turn(entry: dict) -> tuple[str, str] | None:
+    turns = entry["messages"] if "messages" in entry else next(iter(renderings(entry)), ([], False))[0]
+    return (turns[0]["role"], turns[0]["content"]) if turns else None
 
 
 def check_renders(template: ChatTemplate, entries: list[dict], specials: set[str], origin=None) -> None:

@@ -5,11 +5,14 @@ end token as ``stop`` and the job's generation defaults."""
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from pathlib import Path
 
 from job.core.errors import ConfigError
 from job.core.observability import Metrics, get_logger
 from job.data.chat_layout import TurnLayout, turn_layout
+from job.data.formats import FORMATS
 from job.data.instructions import ChatStyle, prompt_style
 from job.models.families import load_model, model_tokenizer
 from job.models.gguf_export import write_gguf
@@ -41,12 +44,38 @@ def end_text(tokenizer) -> str:
     return END_OF_TEXT
 
 
-def modelfile(layout: TurnLayout, stop: str, num_ctx: int, cfg: ExportConfig) -> str:
-    """Ollama's Modelfile: the GGUF beside it, the layout as its TEMPLATE, the end token as ``stop``, and the
-    job's decoding (greedy at temperature 0; no top-p, min-p or repeat penalty, which the job does not apply)."""
+# Ollama's Modelfile parser (parser/parser.go) has no escapes: a value in triple quotes is read as is, backslashes
+# and quotes included, and ends at the first line end where the text before it, less trailing blanks, ends in """.
+CLOSES_EARLY = re.compile(r'"""[ \t\r\n]*[\r\n]')
+KEPT_CONTROLS = "\t\r\n"  # the parser keeps these; every other rune Go's strconv.IsPrint rejects it drops
+
+
+def _dropped_by_parser(char: str) -> bool:
+    """What Go's ``strconv.IsPrint`` rejects (not a letter, mark, number, punctuation, symbol or ASCII space)."""
+    return char not in KEPT_CONTROLS and char != " " and unicodedata.category(char)[0] not in "LMNPS"
+
+
+def unwritable_system(text: str) -> str | None:
+    """Why ``text`` cannot be a Modelfile's ``SYSTEM`` that Ollama reads back as it is, or None."""
+    if not text:
+        return "it is empty, and Ollama sends no system message for an empty SYSTEM"
+    if CLOSES_EARLY.search(text):
+        return 'it holds """ before a line end, where Ollama\'s Modelfile parser would end the SYSTEM text'
+    dropped = sorted({f"U+{ord(c):04X}" for c in text if _dropped_by_parser(c)})
+    if dropped:
+        return f"it holds characters Ollama's Modelfile parser drops ({', '.join(dropped[:5])})"
+    return None
+
+
+def modelfile(layout: TurnLayout, stop: str, num_ctx: int, cfg: ExportConfig, system: str | None = None) -> str:
+    """Ollama's Modelfile: the GGUF beside it, the layout as its TEMPLATE, the trained ``system`` prompt as its
+    SYSTEM (the system message of a chat that sends none; ``unwritable_system`` must pass it), the end token as
+    ``stop``, and the job's decoding (greedy at temperature 0; no top-p, min-p or repeat penalty, which the job
+    does not apply)."""
     lines = [
         f"FROM ./{GGUF_FILE}",
         f'TEMPLATE """{layout.go_template()}"""',
+        *([f'SYSTEM """{system}"""'] if system is not None else []),
         f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}",
         f"PARAMETER num_ctx {num_ctx}",
         f"PARAMETER num_predict {cfg.max_new_tokens}",
@@ -92,13 +121,33 @@ def export_style_name(named: str | None, model_dir: Path) -> str:
         return named
     recorded = recorded_settings(model_dir)
     if "prompt_style" in recorded and recorded["prompt_style"] is None:
-        trained_on = recorded.get("trained_on")
-        trained_on = trained_on.get("data_format", "text") if isinstance(trained_on, dict) else "text"
+        # the record keeps the format beside the style (a config.json from elsewhere may hold anything there)
+        trained_on = recorded.get("data_format") if recorded.get("data_format") in FORMATS else "text"
         raise ConfigError(
             f"{model_dir} was trained on {trained_on} data, which has no prompt layout (no chat template) for the "
             "Modelfile's TEMPLATE: name the one to write with --prompt-style alpaca, phi3 or chat"
         )
     return saved_prompt_style(model_dir) or "alpaca"
+
+
+def trained_system_prompt(model_dir: Path, style_name: str) -> str | None:
+    """The system prompt every training conversation began with, as the model recorded it, where the Modelfile
+    writes the layout it was trained on (not another --prompt-style) and its SYSTEM can hold the text; where it
+    cannot, a ``modelfile_system_unwritten`` warning says why."""
+    recorded = recorded_settings(model_dir)
+    system = recorded.get("system_prompt")
+    if not isinstance(system, str) or style_name != recorded.get("prompt_style"):
+        return None
+    why = unwritable_system(system)
+    if why is not None:
+        log.warning(
+            "modelfile_system_unwritten",
+            why=f"the system prompt every training conversation began with cannot be the Modelfile's SYSTEM: {why}; "
+            "send it as each chat's system message",
+            model_dir=str(model_dir),
+        )
+        return None
+    return system
 
 
 def _caveats(layout: TurnLayout, style, tokenizer) -> list[str]:
@@ -121,7 +170,8 @@ def run_export(cfg: ExportConfig, metrics: Metrics | None = None) -> Path:
         if target.exists() and not target.is_file():
             raise ConfigError(f"--output {output}: {target} is there and is not a file (a folder?): move it away")
     tokenizer = model_tokenizer(model_dir, cache, cfg.base_url)
-    style = prompt_style(export_style_name(cfg.prompt_style, model_dir), tokenizer)
+    style_name = export_style_name(cfg.prompt_style, model_dir)
+    style = prompt_style(style_name, tokenizer)
     stop = end_text(tokenizer)
     layout = turn_layout(style, stop)
     for caveat in _caveats(layout, style, tokenizer):
@@ -132,6 +182,7 @@ def run_export(cfg: ExportConfig, metrics: Metrics | None = None) -> Path:
     model = load_model(model_dir).eval()
     write_gguf(model, vocab, output / GGUF_FILE, cfg.dtype, chat_template, model_dir.name)
     num_ctx = min(model.cfg.context_length, MAX_NUM_CTX)
-    atomic_write_text(output / MODELFILE, modelfile(layout, stop, num_ctx, cfg))
+    system = trained_system_prompt(model_dir, style_name)
+    atomic_write_text(output / MODELFILE, modelfile(layout, stop, num_ctx, cfg, system))
     log.info("exported", model_dir=str(model_dir), output=str(output), dtype=cfg.dtype, prompt_style=style.name)
     return output

@@ -160,16 +160,19 @@ def trained_layout(cfg: TrainConfig, how: Layout | None, tokenizer=None) -> dict
     """What the model records of the layout it was trained on, so export and generate lay prompts out alike:
     the prompt style (alpaca data); ``chat`` for conversations, with the ``--chat-template FILE``'s source,
     which the model then carries (as a GPT-2 folder's carried template is carried on: a Llama 3 / Qwen3
-    folder's files are copied whole); no style at all for text (nor prompt-completion text), which has none."""
+    folder's files are copied whole); no style at all for text (nor prompt-completion text), which has none. The
+    system prompt every conversation began with, where they shared one, is recorded too: the export's default
+    (a Modelfile's SYSTEM) for a chat that sends none."""
     carried = getattr(tokenizer, "chat_template", None) if not isinstance(tokenizer, HFTokenizer) else None
     if how is None or how.data_format == "alpaca":
         return {"prompt_style": cfg.prompt_style, "chat_template": carried.source if carried else None}
     if how.template is None:
         return {"prompt_style": None, "trained_on": {"data_format": how.data_format}}
     given = getattr(cfg, "chat_template", None)
+    system = {"system_prompt": how.system_prompt} if how.system_prompt is not None else {}
     return {
         "prompt_style": "chat",
-        "trained_on": {"data_format": how.data_format},
+        "trained_on": {"data_format": how.data_format} | system,
         "chat_template": how.template.source if given else carried.source if carried else None,
     }
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from job.data.formats import Layout, detect_format, load_formatted
+from job.data.formats import Layout, detect_format, load_formatted, shared_system_prompt
 from job.data.instructions import PROMPT_STYLES, Collator, DataError, load_entries
 from job.models.chat_template import ChatTemplate
 from job.models.tokenizer import load_hf_tokenizer
@@ -342,3 +342,36 @@ def test_a_chat_template_edited_under_a_checkpoint_is_refused_as_changed_data(
     assert again.returncode == 2, again.stderr[-2000:]
     assert "--chat-template" in again.stderr and "changed since" in again.stderr
     assert again.stderr.strip().count("\n") == 0
+
+
+def _asked(system: dict | None, text: str = "Hi") -> list[dict]:
+    return ([system] if system else []) + [{"role": "user", "content": text}]
+
+
+BRIEF = {"role": "system", "content": "Be brief."}
+ANSWER = {"role": "assistant", "content": "Ok."}
+
+
+@pytest.mark.parametrize(
+    ("entries", "expected"),
+    [
+        ([{"messages": [*_asked(BRIEF, t), ANSWER]} for t in "abc"], "Be brief."),
+        ([{"prompt": _asked(BRIEF, t), "chosen": [ANSWER], "rejected": [ANSWER]} for t in "ab"], "Be brief."),
+        ([{"chosen": [*_asked(BRIEF), ANSWER], "rejected": [*_asked(BRIEF), USER, ANSWER]}], "Be brief."),
+        ([{"prompt": _asked(BRIEF, t), "completion": [ANSWER]} for t in "ab"], "Be brief."),
+        ([{"messages": [*_asked(s), ANSWER]} for s in (BRIEF, BRIEF | {"content": "be brief."})], None),
+        ([{"messages": [*_asked(s), ANSWER]} for s in (BRIEF, None)], None),
+        ([{"messages": [*_asked(None), BRIEF, ANSWER]}], None),
+        ([{"messages": [*_asked(s), ANSWER]} for s in (BRIEF | {"content": ""},) * 2], ""),
+        (CONVERSATIONS, None),
+        (CONVERSATIONAL_PAIRS, None),
+        (PAIRS, None),
+        (TEXTS, None),
+        ([{"instruction": "Say hi.", "input": "", "output": "Hi."}], None),
+        ([], None),
+    ],
+)
+def test_the_system_prompt_every_conversation_began_with(entries, expected):
+    """The one system prompt all conversations (a pair's or prompt-completion's prompt too) began with; none
+    where one begins otherwise, they differ (by a letter's case too), or the entries are not conversations."""
+    assert shared_system_prompt(entries) == expected

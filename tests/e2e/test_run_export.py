@@ -138,3 +138,28 @@ def test_a_lora_dpo_runs_folder_names_its_models_and_its_dpo_model_exports_as_th
         f"or {run / 'model'} (its finetuned model)"
     )
     assert not (tmp_path / "whole").exists()
+
+
+@pytest.mark.slow
+def test_run_export_writes_the_system_prompt_every_conversation_began_with(qwen3_dir, cache, tmp_path, book_data):
+    """``run --export`` exports the run's model as ``sft-job export`` does: its Modelfile's SYSTEM is the system
+    prompt all the run's conversations began with, read back exactly by Ollama's own parser."""
+    from tests.go_template import build_modelfile_parser, parse_modelfile
+
+    system = 'Reply as """the manual""" says: C:\\docs\\ stays.\nUne ligne de plus.'
+    rows = [
+        {"messages": [{"role": "system", "content": system}, {"role": "user", "content": e["instruction"]},
+                      {"role": "assistant", "content": e["output"]}]}
+        for e in book_data[:60]
+    ]  # fmt: skip
+    data = tmp_path / "conversations.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = cli(
+        "run", "--model-dir", qwen3_dir, "--data", data, "--export", "gguf", "--cache", cache,
+        "--output", tmp_path / "runs", "--run-id", "sys", "--skip-judge", "--max-steps", "1", "--eval-freq", "1",
+        "--eval-iter", "1", "--limit", "1", "--max-new-tokens", "2", "--log-format", "json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    modelfile = (tmp_path / "runs" / "sys" / "export" / "Modelfile").read_text()
+    (tmp_path / "go").mkdir()
+    assert parse_modelfile(build_modelfile_parser(tmp_path / "go"), modelfile)["system"] == system

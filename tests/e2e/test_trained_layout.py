@@ -13,7 +13,14 @@ from job.data.chat_layout import entry_message
 from job.data.instructions import prompt_style
 from job.models.families import model_tokenizer
 from job.stages.export import MODELFILE
-from tests.go_template import build_renderer, go_render, modelfile_template
+from tests.go_template import (
+    build_modelfile_parser,
+    build_renderer,
+    go_render,
+    modelfile_template,
+    ollama_chat_messages,
+    parse_modelfile,
+)
 from tests.helpers import cli, events, smoke_run
 
 GPT2_TEMPLATE = (
@@ -63,7 +70,7 @@ def test_a_messages_trained_qwen3_exports_its_chat_template(qwen3_dir, cache, tm
     done = cli("export", "--model-dir", model, "--output", tmp_path / "out", "--cache", cache)
     assert done.returncode == 0, done.stderr[-2000:]
     modelfile = (tmp_path / "out" / MODELFILE).read_text()
-    assert "### Instruction" not in modelfile
+    assert "### Instruction" not in modelfile and "\nSYSTEM " not in modelfile  # no conversation had a system turn
     style = prompt_style("chat", model_tokenizer(model, cache))
     entries = book_data[:20]
     assert _modelfile_prompts(tmp_path, tmp_path / "out", style, entries) == [style.format_input(e) for e in entries]
@@ -90,6 +97,94 @@ def test_a_system_prompt_trained_in_every_conversation_reaches_the_modelfile(qwe
     theirs = AutoTokenizer.from_pretrained(tmp_path / "ft" / "model")
     assert rendered == [theirs.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in asked]
     assert all(text.count("Be brief.") == 1 for text in rendered[:8])
+
+
+# A system prompt the Modelfile's triple quotes must carry as it is: quotes, backslashes, a line end, non-ASCII.
+SYSTEM_PROMPT = 'Answer as """the guide""" says; keep C:\\dir\\ as typed.\nRéponds en français, 東京 🙂'
+
+
+def _with_system(rows: list[dict], systems) -> list[dict]:
+    return [
+        {"messages": [{"role": "system", "content": s}, *r["messages"]]} for r, s in zip(rows, systems, strict=True)
+    ]
+
+
+def _ollama_modelfile(tmp_path, output) -> dict[str, str]:
+    (tmp_path / "go-parser").mkdir(exist_ok=True)
+    return parse_modelfile(build_modelfile_parser(tmp_path / "go-parser"), (output / MODELFILE).read_text())
+
+
+@pytest.mark.slow
+def test_the_system_prompt_every_conversation_began_with_is_the_modelfiles_system(
+    qwen3_dir, cache, tmp_path, book_data
+):
+    """Conversations that all begin with one system prompt: the finetuned model records it, the export writes it
+    as the Modelfile's SYSTEM (read back exactly by Ollama's own parser), and a chat of a user's message alone, as
+    Ollama fills it (SYSTEM as its first message) and renders it (Go's text/template), is the prompt training
+    rendered for that conversation, byte for byte."""
+    from transformers import AutoTokenizer
+
+    rows = _with_system(_conversations(book_data), [SYSTEM_PROMPT] * 40)
+    trained = _finetune(qwen3_dir, _jsonl(tmp_path / "conv.jsonl", rows), cache, tmp_path / "ft")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    model = tmp_path / "ft" / "model"
+    assert _recorded(model)["system_prompt"] == SYSTEM_PROMPT
+    done = cli("export", "--model-dir", model, "--output", tmp_path / "out", "--cache", cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    commands = _ollama_modelfile(tmp_path, tmp_path / "out")
+    assert commands["system"] == SYSTEM_PROMPT
+    requests = [row["messages"][1:2] for row in rows[:8]]  # the user's message alone
+    (tmp_path / "go").mkdir()
+    rendered = go_render(
+        build_renderer(tmp_path / "go"),
+        commands["template"],
+        [ollama_chat_messages(commands["system"], request) for request in requests],
+    )
+    template = model_tokenizer(model, cache).chat_template  # as training rendered each conversation
+    assert rendered == [template.prompt(row["messages"][:2]) for row in rows[:8]]
+    assert all(
+        template.render(row["messages"])[0].startswith(text) for row, text in zip(rows[:8], rendered, strict=True)
+    )
+    theirs = AutoTokenizer.from_pretrained(model)
+    assert rendered == [
+        theirs.apply_chat_template(r["messages"][:2], tokenize=False, add_generation_prompt=True) for r in rows[:8]
+    ]
+
+
+@pytest.mark.slow
+def test_differing_system_prompts_leave_the_modelfile_without_one(qwen3_dir, cache, tmp_path, book_data):
+    """Two system prompts a letter's case apart: none is recorded, and the Modelfile has no SYSTEM."""
+    rows = _with_system(_conversations(book_data), ["Be brief.", "be brief."] * 20)
+    trained = _finetune(qwen3_dir, _jsonl(tmp_path / "conv.jsonl", rows), cache, tmp_path / "ft")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "system_prompt" not in _recorded(tmp_path / "ft" / "model")
+    done = cli("export", "--model-dir", tmp_path / "ft" / "model", "--output", tmp_path / "out", "--cache", cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "system" not in _ollama_modelfile(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_dpo_on_pairs_that_share_a_system_prompt_records_it_for_the_export(qwen3_dir, cache, tmp_path, book_data):
+    """TRL's conversational pairs (an explicit prompt, and chosen/rejected sharing it), all after one system
+    prompt: the DPO model records it and its Modelfile's SYSTEM is it."""
+    system = {"role": "system", "content": SYSTEM_PROMPT}
+    pairs = []
+    for i, entry in enumerate(book_data[:40]):
+        ask = [system, {"role": "user", "content": entry["instruction"]}]
+        chosen, rejected = {"role": "assistant", "content": entry["output"]}, {"role": "assistant", "content": "No."}
+        pair = {"chosen": [*ask, chosen], "rejected": [*ask, rejected]}
+        pairs.append(pair if i % 2 else {"prompt": ask, "chosen": [chosen], "rejected": [rejected]})
+    preferred = cli(
+        "dpo", "--model-dir", qwen3_dir, "--output", tmp_path / "dpo", "--cache", cache, "--max-steps", "1",
+        "--eval-freq", "1", "--eval-iter", "1", "--batch-size", "2", "--log-format", "json",
+        "--data", _jsonl(tmp_path / "pairs.jsonl", pairs),
+    )  # fmt: skip
+    assert preferred.returncode == 0, preferred.stderr[-2000:]
+    model = tmp_path / "dpo" / "model"
+    assert _recorded(model)["system_prompt"] == SYSTEM_PROMPT
+    done = cli("export", "--model-dir", model, "--output", tmp_path / "out", "--cache", cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _ollama_modelfile(tmp_path, tmp_path / "out")["system"] == SYSTEM_PROMPT
 
 
 @pytest.mark.slow

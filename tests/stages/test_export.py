@@ -10,21 +10,37 @@ from pathlib import Path
 import pytest
 import torch
 import trl
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from job.data.chat_layout import entry_message
+from job.data.chat_layout import entry_message, turn_layout
 from job.data.instructions import PROMPT_STYLES, prompt_style
 from job.models.gpt2 import GPTConfig, GPTModel
 from job.models.gpt2_weights import save_hf
 from job.models.tokenizer import ByteTokenizer, load_hf_tokenizer
-from job.stages.export import GGUF_FILE, MODELFILE
+from job.stages.export import GGUF_FILE, MODELFILE, modelfile, unwritable_system
+from job.stages.export_config import ExportConfig
 from tests.family_folders import write_family_folder
-from tests.go_template import build_renderer, go_render, modelfile_template
+from tests.go_template import (
+    build_modelfile_parser,
+    build_renderer,
+    go_render,
+    modelfile_template,
+    ollama_chat_messages,
+    parse_modelfile,
+    read_modelfile,
+)
 from tests.helpers import cli, events
 
 
 @pytest.fixture(scope="module")
 def renderer(tmp_path_factory):
     return build_renderer(tmp_path_factory.mktemp("go"))
+
+
+@pytest.fixture(scope="module")
+def parser(tmp_path_factory):
+    return build_modelfile_parser(tmp_path_factory.mktemp("go-parser"))
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +215,113 @@ def test_what_the_template_cannot_copy_is_said(renderer, llama_dir, cache, tmp_p
     assert go_render(renderer, template, conversations) == expected
     plain = export(llama_dir, tmp_path / "plain", cache, "--prompt-style", "chat")
     assert plain.returncode == 0 and not [e for e in events(plain.stdout) if e["event"] == "modelfile_template_inexact"]
+
+
+SYSTEM_PROMPTS = [
+    'Answer as """the guide""" says, "quoted" or not.',
+    "Paths stay as typed: C:\\new\\table and \\n are not line ends.",
+    "Two lines:\nthe second, with\ttabs and\r\nWindows line ends.",
+    "Réponds en français, 東京で, in 🙂 too.",
+    '"""At the start; and at the end"""',
+    '  blanks around, a quote at the end"',
+    "\nA line end first.",
+]
+# What Ollama's parser cannot read back: an empty text, """ before a line end, runes it drops (not printable).
+UNWRITABLE = ["", 'Stop here"""\nor not', 'Ends in quotes"""  \n', "zero\u200bwidth", "no\u00a0break", "bell\x07"]
+PARSER_ALPHABET = st.sampled_from(['"', '"""', "\\", "\n", "\r", "\t", " ", "a", "é", "東", "🙂", "\u200b", "\x00"])
+
+
+def _modelfile_with(system: str) -> str:
+    return modelfile(
+        turn_layout(PROMPT_STYLES["alpaca"], "<|endoftext|>"), "<|endoftext|>", 512, ExportConfig(), system
+    )
+
+
+@pytest.mark.parametrize("system", SYSTEM_PROMPTS)
+def test_a_system_prompt_is_read_back_by_ollamas_parser_exactly(parser, system):
+    """Quotes (triple ones inside), backslashes, line ends and non-ASCII: Ollama's own parser (parser.go, built
+    from its source) reads the SYSTEM back as written, and the TEMPLATE and parameters around it unchanged."""
+    assert unwritable_system(system) is None
+    written = _modelfile_with(system)
+    commands = parse_modelfile(parser, written)
+    assert commands["system"] == system
+    assert commands["template"] == modelfile_template(written) and commands["num_ctx"] == "512"
+
+
+@pytest.mark.parametrize("system", UNWRITABLE)
+def test_what_ollamas_parser_cannot_read_back_is_said(parser, system):
+    why = unwritable_system(system)
+    assert why is not None
+    if system:  # an empty SYSTEM parses, but Ollama sends no system message for it
+        assert read_modelfile(parser, _modelfile_with(system)).get("commands", {}).get("system") != system
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(PARSER_ALPHABET, min_size=1, max_size=12).map("".join))
+def test_any_system_prompt_is_written_exactly_or_said_unwritable(parser, system):
+    """Whatever the text, ``unwritable_system`` says no exactly where Ollama's parser would not read it back."""
+    parsed = read_modelfile(parser, _modelfile_with(system)).get("commands", {})
+    assert (unwritable_system(system) is None) == (parsed.get("system") == system), parsed
+
+
+USER_HI = {"role": "user", "content": "Hi"}
+
+
+def _recording(llama_dir, folder: Path, **record) -> Path:
+    """A copy of the Llama folder whose config.json records what a finetune on conversations records."""
+    shutil.copytree(llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["sft_job"] = {"prompt_style": "chat", "data_format": "messages"} | record
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_the_recorded_system_prompt_is_the_modelfiles_system(renderer, parser, llama_dir, cache, tmp_path):
+    """The system prompt the model records every training conversation began with is the Modelfile's SYSTEM, which
+    Ollama sends ahead of a chat that has none: a user's message alone renders the prompt trained on; a chat's own
+    system message replaces it."""
+    from transformers import AutoTokenizer
+
+    system = 'Keep """this""" and C:\\dir\\ as typed.\nRéponds 🙂'
+    folder = _recording(llama_dir, tmp_path / "model", system_prompt=system)
+    done = export(folder, tmp_path / "out", cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    commands = parse_modelfile(parser, (tmp_path / "out" / MODELFILE).read_text())
+    assert commands["system"] == system
+    asked = [[{"role": "user", "content": "Name a colour."}], [{"role": "system", "content": "Other."}, USER_HI]]
+    rendered = go_render(renderer, commands["template"], [ollama_chat_messages(system, c) for c in asked])
+    theirs = AutoTokenizer.from_pretrained(folder)
+    trained = [[{"role": "system", "content": system}, *asked[0]], asked[1]]
+    assert rendered == [theirs.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in trained]
+
+
+@pytest.mark.parametrize(
+    ("record", "extra", "warned"),
+    [
+        ({}, (), False),  # a model from before the record
+        ({"system_prompt": "Be brief."}, ("--prompt-style", "alpaca"), False),  # not the layout it trained on
+        ({"system_prompt": ["Be brief."]}, (), False),  # a config.json from elsewhere: not text
+        ({"system_prompt": 'Stop"""\nhere'}, (), True),
+        ({"system_prompt": ""}, (), True),
+    ],
+)
+def test_no_system_line_where_none_was_trained_or_it_cannot_be_written(
+    parser, llama_dir, cache, tmp_path, record, extra, warned
+):
+    folder = _recording(llama_dir, tmp_path / "model", **record)
+    done = export(folder, tmp_path / "out", cache, *extra)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "system" not in parse_modelfile(parser, (tmp_path / "out" / MODELFILE).read_text())
+    said = [e["why"] for e in events(done.stdout) if e["event"] == "modelfile_system_unwritten"]
+    assert len(said) == warned and all("SYSTEM" in why for why in said), said
+
+
+@pytest.mark.parametrize(("data_format", "named"), [("prompt-completion", "prompt-completion"), (["x"], "text")])
+def test_a_model_trained_without_a_layout_names_its_data_format(llama_dir, cache, tmp_path, data_format, named):
+    """The line names the format the model records (text where the record is not one of ours), nothing written."""
+    folder = _recording(llama_dir, tmp_path / "model", prompt_style=None, data_format=data_format)
+    done = export(folder, tmp_path / "out", cache)
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.splitlines()
+    assert f"was trained on {named} data" in line and "--prompt-style" in line
+    assert not (tmp_path / "out").exists()
