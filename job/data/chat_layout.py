@@ -7,6 +7,7 @@ exit 2)."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 
 from job.core.errors import ConfigError
@@ -102,12 +103,12 @@ class TurnLayout:
         system message; consecutive messages of one role arrive merged). Every fixed piece is a Go string
         literal (JSON's escapes are Go's), so no text of the model's can read as template syntax, nor close the
         Modelfile's triple quotes."""
-        refuse = f"{{{{ template {_quoted(UNRENDERED)} }}}}"
+        refuse = f"{{{{ template {_go_quoted(UNRENDERED)} }}}}"
         branches = [
-            f"if and (eq $prev {_quoted(before)}) (eq .Role {_quoted(role)}) }}}}{{{{ {_quoted(text)} }}}}"
+            f"if and (eq $prev {_go_quoted(before)}) (eq .Role {_go_quoted(role)}) }}}}{{{{ {_go_quoted(text)} }}}}"
             for (before, role), text in self.between.items()
         ]
-        ends = [f"if eq $prev {_quoted(role)} }}}}{{{{ {_quoted(text)} }}}}" for role, text in self.after.items()]
+        ends = [f"if eq $prev {_go_quoted(role)} }}}}{{{{ {_go_quoted(text)} }}}}" for role, text in self.after.items()]
         return (
             '{{- $prev := "" }}{{- range .Messages }}{{- '
             + "{{- else ".join(branches)
@@ -139,6 +140,22 @@ class TurnLayout:
 def _quoted(text: str) -> str:
     """``text`` as a double-quoted literal that Go and Jinja read back alike (non-ASCII kept as is)."""
     return json.dumps(text, ensure_ascii=False)
+
+
+def dropped_by_modelfile_parser(char: str) -> bool:
+    """Whether Ollama's Modelfile parser (parser/parser.go) drops ``char``: every rune Go's ``strconv.IsPrint``
+    rejects (not a letter, mark, number, punctuation, symbol or ASCII space) but tab, CR and LF."""
+    return char not in "\t\r\n " and unicodedata.category(char)[0] not in "LMNPS"
+
+
+def _go_quoted(text: str) -> str:
+    """``_quoted`` for a TEMPLATE in a Modelfile: a rune the parser would drop (a no-break or zero-width space,
+    a line separator) is written as Go's escape of it, so the template holds it as the model's does."""
+    return "".join(_go_escape(c) if dropped_by_modelfile_parser(c) else c for c in _quoted(text))
+
+
+def _go_escape(char: str) -> str:
+    return f"\\u{ord(char):04x}" if ord(char) < 0x10000 else f"\\U{ord(char):08x}"
 
 
 def entry_message(style: PromptStyle, entry: dict) -> str:

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from pathlib import Path
 
 from job.core.errors import ConfigError
 from job.core.observability import Metrics, get_logger
-from job.data.chat_layout import TurnLayout, turn_layout
+from job.data.chat_layout import TurnLayout, dropped_by_modelfile_parser, turn_layout
 from job.data.formats import FORMATS
 from job.data.instructions import ChatStyle, prompt_style
 from job.models.families import load_model, model_tokenizer
@@ -47,12 +46,6 @@ def end_text(tokenizer) -> str:
 # Ollama's Modelfile parser (parser/parser.go) has no escapes: a value in triple quotes is read as is, backslashes
 # and quotes included, and ends at the first line end where the text before it, less trailing blanks, ends in """.
 CLOSES_EARLY = re.compile(r'"""[ \t\r\n]*[\r\n]')
-KEPT_CONTROLS = "\t\r\n"  # the parser keeps these; every other rune Go's strconv.IsPrint rejects it drops
-
-
-def _dropped_by_parser(char: str) -> bool:
-    """What Go's ``strconv.IsPrint`` rejects (not a letter, mark, number, punctuation, symbol or ASCII space)."""
-    return char not in KEPT_CONTROLS and char != " " and unicodedata.category(char)[0] not in "LMNPS"
 
 
 def unwritable_system(text: str) -> str | None:
@@ -61,7 +54,7 @@ def unwritable_system(text: str) -> str | None:
         return "it is empty, and Ollama sends no system message for an empty SYSTEM"
     if CLOSES_EARLY.search(text):
         return 'it holds """ before a line end, where Ollama\'s Modelfile parser would end the SYSTEM text'
-    dropped = sorted({f"U+{ord(c):04X}" for c in text if _dropped_by_parser(c)})
+    dropped = sorted({f"U+{ord(c):04X}" for c in text if dropped_by_modelfile_parser(c)})
     if dropped:
         return f"it holds characters Ollama's Modelfile parser drops ({', '.join(dropped[:5])})"
     return None

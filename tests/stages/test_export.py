@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from job.data.chat_layout import entry_message, turn_layout
-from job.data.instructions import PROMPT_STYLES, prompt_style
+from job.data.instructions import PROMPT_STYLES, ChatStyle, prompt_style
+from job.models.chat_template import ChatTemplate
 from job.models.gpt2 import GPTConfig, GPTModel
 from job.models.gpt2_weights import save_hf
 from job.models.tokenizer import ByteTokenizer, load_hf_tokenizer
@@ -325,3 +326,24 @@ def test_a_model_trained_without_a_layout_names_its_data_format(llama_dir, cache
     [line] = done.stderr.splitlines()
     assert f"was trained on {named} data" in line and "--prompt-style" in line
     assert not (tmp_path / "out").exists()
+
+
+# Runes Ollama's parser drops (strconv.IsPrint): a no-break space, a zero-width space, a line separator, a
+# byte-order mark, a tag character outside the BMP.
+DROPPED_RUNES = ["\u00a0", "\u200b", "\u2028", "\ufeff", "\U000e0001"]
+
+
+@pytest.mark.parametrize("rune", DROPPED_RUNES)
+def test_template_text_the_parser_would_drop_reaches_ollama_as_the_model_has_it(renderer, parser, rune):
+    """A chat template whose fixed text holds a rune Ollama's Modelfile parser drops: the Modelfile's TEMPLATE,
+    read by Ollama's parser and rendered by Go, is still the model's own render (the rune went in escaped)."""
+    source = (
+        "{% for m in messages %}<" + rune + "{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<" + rune + "assistant>{% endif %}"
+    )
+    style = ChatStyle("chat", "", "", render=ChatTemplate(source, {}, "test").prompt)
+    written = modelfile(turn_layout(style, "</s>"), "</s>", 512, ExportConfig())
+    template = parse_modelfile(parser, written)["template"]
+    conversation = [{"role": "system", "content": "S"}, USER_HI, {"role": "assistant", "content": "A"}, USER_HI]
+    assert go_render(renderer, template, [conversation]) == [style.render(conversation)]
+    assert rune in style.render(conversation) and rune not in written
