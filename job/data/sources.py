@@ -7,13 +7,13 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from job.core.errors import ConfigError
 from job.core.observability import get_logger
 from job.core.parsing import first_refused, non_finite, short
-from job.data.formats import detect_format, format_problem
+from job.data.formats import Layout, detect_format, format_problem
 from job.data.instructions import (
     MAX_DATASET_BYTES,
     MAX_FIELD_CHARS,
@@ -371,6 +371,20 @@ def load_splits(
         where[split] = ", ".join(str(p) for p in paths) or source.label
     found = by_split["train"], by_split["test"], by_split["validation"]
     return Splits(*found, where, data_format, source.label, tuple(checked))
+
+
+def without_refused(splits: Splits, how: Layout, names: tuple[str, ...] = ("train", "validation")) -> Splits:
+    """``splits`` without the entries the chat template refused (``--skip-invalid``: ``how.refused``); a split
+    of ``names`` that loses every entry is a DataError naming it and its file."""
+    kept = {"train": how.kept(splits.train), "val": how.kept(splits.val), "test": how.kept(splits.test)}
+    for name in names:
+        attribute = "val" if name == "validation" else name
+        if getattr(splits, attribute) and not kept[attribute]:
+            raise DataError(
+                f"dataset {splits.where[name]}: the chat template refused every entry of its {name} split "
+                f"({len(getattr(splits, attribute))}; --skip-invalid dropped them): fix the entries or the template"
+            )
+    return replace(splits, **kept)
 
 
 def dataset_splits(cfg, check: Callable = entry_problem, need: tuple[str, ...] = ()) -> Splits:

@@ -29,7 +29,15 @@ from job.data.instructions import ChatStyle, dataset_file, prompt_style
 from job.data.packing import best_fit_decreasing, checked_pack_length
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
-from job.data.sources import FILE_TYPES, HUB_PREFIX, Splits, dataset_splits, resolve_source, source_digest
+from job.data.sources import (
+    FILE_TYPES,
+    HUB_PREFIX,
+    Splits,
+    dataset_splits,
+    resolve_source,
+    source_digest,
+    without_refused,
+)
 from job.models.families import family, model_tokenizer, read_shape
 from job.models.gpt2 import GPTConfig, GPTModel, gpt2_config
 from job.models.gpt2_weights import save_hf
@@ -554,7 +562,8 @@ def check_data(cfg: RunConfig, world: int) -> None:
     check_written_fields(splits)
     entries = splits.train + splits.val + splits.test
     check_batches(cfg, world, len(splits.train[: cfg.train_limit]), dataset_entries=len(entries))
-    fit = check_model_fit(cfg, splits.test[: cfg.limit], splits.data_format, entries, splits.origin)
+    fit = check_model_fit(cfg, splits.test, splits.data_format, entries, splits.origin)
+    splits = without_refused(splits, fit[1], ("train", "validation", "test"))  # a split --skip-invalid emptied
     examples = check_trainable(cfg, world, splits, *fit)
     check_packed_batches(cfg, world, examples, fit[2])
     check_later_stages(cfg, *fit)
@@ -563,7 +572,8 @@ def check_data(cfg: RunConfig, world: int) -> None:
 def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca", entries=None, origin=None) -> tuple:
     """What depends on the model's shape, known before training: the longest test prompt and
     --max-new-tokens fit its context; a LoRA rank is at most its width; conversations have a chat template
-    (exit 2) that renders every entry (``origin`` names one it refuses). Returns the model's tokenizer, the
+    (exit 2) that renders every entry (``origin`` names one it refuses; ``--skip-invalid`` drops it). ``test``:
+    the whole split, which generate cuts to --limit after those drops. Returns the model's tokenizer, the
     layout and the context length."""
     random = random_model(cfg)
     # a hub model's config and tokenizer, before its weights
@@ -577,6 +587,9 @@ def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca
     tokenizer = ByteTokenizer() if random else model_tokenizer(folder, cfg.cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style, tokenizer)
     how = layout(cfg, data_format, entries or test, tokenizer, style, origin)
+    test = how.kept(test)[: cfg.limit]
+    if not test:  # every test entry refused: without_refused names the split
+        return tokenizer, how, shape.context_length
     longest, which = longest_prompt([encode(tokenizer, how.prompt(e)) for e in test])
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)
     return tokenizer, how, shape.context_length
@@ -656,6 +669,7 @@ def check_preference_data(cfg: RunConfig, tokenizer, how: Layout, context_length
     style = ChatStyle("chat", "", "", render=how.template.prompt) if how.template and name == "chat" else None
     style = style or prompt_style(name, tokenizer)
     dpo_how = layout(dpo, data_format, train + val, tokenizer, style, origin, pairs=True)
+    train, val = dpo_how.kept(train), dpo_how.kept(val)
     limits = (dpo.allowed_max_length, context_length)
     fitting_pairs(train, val, tokenizer, pair_style(dpo_how), limits, dpo.batch_size, path)
     return dpo_how
