@@ -24,6 +24,7 @@ from job.data.instructions import (
     resolve_data,
     split_entries,
 )
+from job.data.preference import preference_problem
 from job.models.origin import HubAccess
 from job.storage.store import sha256_file, sha256_files
 
@@ -147,6 +148,8 @@ def checked_rows(
     """``checked_entries``, and the row each entry kept was (``--skip-invalid`` may drop some), so a later
     check (the chat template's) names an entry as these checks do."""
     pairs = [renamed(row, fields or {}) for row in rows]
+    if check is not preference_problem:
+        refuse_preference_pairs(path, next((entry for entry, problem in pairs if problem is None), None))
     if not skip_invalid:
         _raise_first(path, pairs)
     named = [entry for entry, problem in pairs if problem is None]
@@ -166,6 +169,24 @@ def checked_rows(
     if not entries:
         raise DataError(f"dataset {path} has no valid entries")
     return data_format, entries, kept
+
+
+# A response to train on: an entry with one of these is instruction data, whatever else it holds (the book's
+# preference file has output besides chosen and rejected, and finetunes as the book's).
+SFT_KEYS = {"output", "messages", "completion", "text"}
+
+
+def refuse_preference_pairs(path: Path, first) -> None:
+    """Preference pairs (TRL's prompt/chosen/rejected, as text or turns) where instruction data belongs: a
+    DataError naming the file, what it holds and where it goes (DPO), not a field missing from every entry."""
+    if not isinstance(first, dict) or not {"chosen", "rejected"} <= first.keys() or first.keys() & SFT_KEYS:
+        return
+    shape = "conversational" if isinstance(first["chosen"], list) else "text"
+    prompt = "prompt, chosen, rejected" if "prompt" in first else "chosen, rejected with an implicit prompt"
+    raise DataError(
+        f"dataset {path} is preference data ({prompt}: TRL's {shape} shape), which DPO trains on, not the finetune "
+        f"or generate: give it as --dpo-data with sft-job run --dpo, or as --data to sft-job dpo"
+    )
 
 
 def _raise_first(path: Path, pairs: list[tuple[object, str | None]]) -> None:
