@@ -624,11 +624,16 @@ def check_packed_batches(cfg: RunConfig, world: int, examples: list | None, cont
 
 def check_later_stages(cfg: RunConfig, tokenizer, how: Layout, context_length: int) -> None:
     """What the stages after the finetune need of the model, before it: --dpo's preference data, and what
-    --export's stage would refuse for the last model trained (exit 2 naming why)."""
+    --export's stage would refuse for the last model trained (exit 2 naming why) or write inexactly (warned
+    of here, before the training, as the stage warns of it after)."""
     last = check_preference_data(cfg, tokenizer, how, context_length) or how
     if cfg.export:
         folder = None if random_model(cfg) else tokenizer_folder(cfg, cfg.model_dir)
-        check_exportable(folder, tokenizer, export_style(cfg, last), Path(cfg.cache))
+        # the template the trained model will carry: the data's (a --chat-template file's), else its tokenizer's
+        template = last.template or getattr(tokenizer, "chat_template", None)
+        source = template.source if template else None
+        for caveat in check_exportable(folder, tokenizer, export_style(cfg, last), Path(cfg.cache), source):
+            log.warning("modelfile_template_inexact", why=caveat, stage_to_come="export")
 
 
 def named_prompt_style(cfg: RunConfig) -> str | None:
