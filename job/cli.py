@@ -194,12 +194,12 @@ def _with_sources(cls: type[Settings], given: dict, ctx: click.Context, message:
     """``message`` naming where each value it is about came from: the flag (``--epochs``), the variable
     (``SFT_JOB_EPOCHS``) or the config file's key (``job.yaml: epochs``), as click's own errors do. A value
     is one it is about where the check passes without it, or where the message names it and fails otherwise
-    without it (a second bad value then speaks)."""
-    from_file = False
+    without it (a second bad value then speaks); one the check passes without but does not name is added as
+    what it applies with."""
+    from_file, checked = False, message
     for name in given:
-        mention = re.compile(rf"(?<![\w.-])(--{re.escape(name.replace('_', '-'))}|{re.escape(name)})(?![\w-])")
         outcome = _outcome_without(cls, {k: v for k, v in given.items() if k != name})
-        if outcome == message or (outcome is not None and not mention.search(message)):
+        if outcome == checked or (outcome is not None and not _mentions(name, checked)):
             continue
         source = ctx.get_parameter_source(name)
         if source is click.core.ParameterSource.DEFAULT_MAP:
@@ -208,11 +208,29 @@ def _with_sources(cls: type[Settings], given: dict, ctx: click.Context, message:
             label = f"{ENV_PREFIX}_{name.upper()}"
         else:
             label = "--" + name.replace("_", "-")
-        message, found = mention.subn(label, message, count=1)
-        if not found:
-            message = f"{message} (given as {label})"
+        message, found = _renamed(name, label, message)
+        if not found:  # a value the check applies with, not the one it names (--lora-rank for --lora-alpha)
+            message = f"{message} (with {label})"
     path = ctx.meta.get(CONFIG_FILE)
     return f"{path}: {message}" if from_file and path else message
+
+
+def _mention(form: str) -> re.Pattern:
+    return re.compile(rf"(?<![\w.-]){re.escape(form)}(?![\w-])")
+
+
+def _mentions(name: str, message: str) -> bool:
+    return any(_mention(form).search(message) for form in ("--" + name.replace("_", "-"), name))
+
+
+def _renamed(name: str, label: str, message: str) -> tuple[str, int]:
+    """``message`` with option ``name`` called ``label``: every ``--flag``, and every bare ``name`` with a "_"
+    (no English word); a bare plain word (model, output) only where no flag names it, and once."""
+    message, flags = _mention("--" + name.replace("_", "-")).subn(label, message)
+    if flags and "_" not in name:
+        return message, flags
+    message, bare = _mention(name).subn(label, message, count=0 if "_" in name else 1)
+    return message, flags + bare
 
 
 def _outcome_without(cls: type[Settings], values: dict) -> str | None:

@@ -161,4 +161,20 @@ def test_a_rule_between_options_names_each_ones_door_and_not_an_innocent_one(tmp
     code, err = _run(["run", "--config", str(config), "--output", str(out), "--data-order", "seeded"], capsys)
     _check("packing", code, err, out)
     assert err[0].startswith(f"Error: {config}: packing and SFT_JOB_DPO cannot go together"), err[0]
+    assert err[0].endswith("drop packing or SFT_JOB_DPO"), err[0]  # every mention of a flag
     assert "data-order" not in err[0] and "data_order" not in err[0], err[0]
+
+
+def test_a_value_a_check_applies_with_is_named_beside_the_one_it_names(tmp_path, capsys, monkeypatch):
+    # --lora-alpha is checked only with --lora-rank: the rank from the environment is what it applied with;
+    # metrics_sd_dir's rule names metrics_port twice, and both read as the variable it came from
+    monkeypatch.setenv("SFT_JOB_LORA_RANK", "8")
+    code, err = _run(["run", "--output", str(tmp_path / "a"), "--lora-alpha", "0"], capsys)
+    assert code == 2 and err == ["Error: --lora-alpha must be positive, got 0.0 (with SFT_JOB_LORA_RANK)"], err
+    monkeypatch.setenv("SFT_JOB_METRICS_PORT", "0")
+    argv = ["run", "--output", str(tmp_path / "b"), "--metrics-sd-dir", str(tmp_path / "sd")]
+    code, err = _run([*argv, "--metrics-address", "0.0.0.0", "--lora-alpha", "8"], capsys)
+    assert code == 2 and err == [
+        "Error: --metrics-sd-dir publishes the metrics endpoint, which SFT_JOB_METRICS_PORT 0 turns off: leave "
+        "SFT_JOB_METRICS_PORT unset (a free port) or drop --metrics-sd-dir"
+    ], err
