@@ -84,7 +84,7 @@ from job.training.binding import model_digest, run_binding, stage_name
 from job.training.checkpoint import CheckpointUploader, fetch_checkpoint
 from job.training.checkpoint_files import read_key
 from job.training.roles import Roles
-from job.training.stage_io import split_examples, trained_layout, training_splits
+from job.training.stage_io import checked_splits, split_examples, trained_layout
 from job.training.trainer import check_batches
 
 log = get_logger(__name__)
@@ -669,14 +669,16 @@ def check_preference_data(cfg: RunConfig, tokenizer, how: Layout, context_length
     dpo = stage_config(
         cfg, "dpo", DPOConfig, prompt_style=name, train_on="assistant", **stage_model(cfg, cfg.model_dir)
     )
-    path, train, val, data_format, origin = training_splits(dpo, preference_problem)
+    splits = checked_splits(dpo, preference_problem)
     # the finetuned model carries the template it was trained with (a --chat-template file's too)
     style = ChatStyle("chat", "", "", render=how.template.prompt) if how.template and name == "chat" else None
     style = style or prompt_style(name, tokenizer)
-    dpo_how = layout(dpo, data_format, train + val, tokenizer, style, origin, pairs=True)
-    train, val = dpo_how.kept(train), dpo_how.kept(val)
+    entries = splits.train + splits.val
+    dpo_how = layout(dpo, splits.data_format, entries, tokenizer, style, splits.origin, pairs=True)
+    splits = without_refused(splits, dpo_how)  # as the stage's load_inputs: a split --skip-invalid emptied is named
     limits = (dpo.allowed_max_length, context_length)
-    fitting_pairs(train, val, tokenizer, pair_style(dpo_how), limits, dpo.batch_size, path)
+    path = Path(splits.where["train"])
+    fitting_pairs(splits.train, splits.val, tokenizer, pair_style(dpo_how), limits, dpo.batch_size, path)
     return dpo_how
 
 

@@ -84,13 +84,6 @@ def checked_splits(cfg: TrainConfig, check=entry_problem) -> Splits:
     return dataclasses.replace(splits, train=train)
 
 
-def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[dict], list[dict], str, Callable]:
-    """``checked_splits``'s training file, training and validation splits and format, and what names an
-    entry's file and row."""
-    splits = checked_splits(cfg, check)
-    return Path(splits.where["train"]), splits.train, splits.val, splits.data_format, splits.origin
-
-
 def split_examples(how: Layout, splits: Splits, tokenizer, max_length: int) -> tuple[list[Example], list[Example]]:
     """The training and validation splits' examples as finetune trains and evaluates on them: in both, an entry
     with no token to train within ``max_length`` is left out and counted (formats other than the book's); a

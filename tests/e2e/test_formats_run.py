@@ -224,3 +224,33 @@ def test_run_dpo_lays_book_pairs_out_as_the_model_was_finetuned_and_exports_that
     assert json.loads((run / "dpo" / "model" / "config.json").read_text())["sft_job"]["prompt_style"] == "chat"
     modelfile = (run / "export" / MODELFILE).read_text()
     assert "<|user|>" in modelfile and "### Instruction" not in modelfile
+
+
+def test_dpo_pairs_the_chat_template_refuses_are_named_or_dropped_and_an_emptied_split_is_named_at_preflight(
+    tiny_model_dir, cache, tmp_path, book_data
+):
+    template = tmp_path / "strict.jinja"
+    template.write_text(STRICT_TEMPLATE)
+    data, pairs = tmp_path / "conversations.jsonl", tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"messages": r["messages"][-2:]}) + "\n" for r in conversations(book_data, 40)))
+    preference = json.loads((cache / "instruction-data-with-preference.json").read_text())[:40]
+    rows = []
+    for i, entry in enumerate(preference):  # 34 training pairs, 4 test, 2 validation: those the template refuses
+        ask = [{"role": "assistant", "content": "Hm?"}] if i >= 38 else []
+        ask += [{"role": "user", "content": entry["instruction"]}]
+        said = {k: [{"role": "assistant", "content": entry[k]}] for k in ("chosen", "rejected")}
+        rows.append({"prompt": ask, **said})
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = ("run", "--model-dir", tiny_model_dir, "--data", data, "--dpo", "--dpo-data", pairs, "--cache", cache,
+           "--chat-template", template, "--output", tmp_path / "runs", "--skip-judge", "--metrics-port", "0",
+           "--max-new-tokens", "8", "--log-format", "json")  # fmt: skip
+    named = cli(*run, "--run-id", "n")
+    assert named.returncode == 1 and named.stderr.startswith(f"Error: dataset {pairs}: entry 38: --chat-template"), (
+        named.stderr[-2000:]
+    )
+    emptied = cli(*run, "--run-id", "e", "--skip-invalid")
+    assert emptied.returncode == 1 and emptied.stderr.splitlines() == [
+        f"Error: dataset {pairs}: the chat template refused every entry of its validation split (2; --skip-invalid "
+        "dropped them): fix the entries or the template"
+    ], emptied.stderr[-2000:]
+    assert not (tmp_path / "runs" / "n").exists() and not (tmp_path / "runs" / "e").exists()
