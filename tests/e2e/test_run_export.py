@@ -163,3 +163,9 @@ def test_what_the_modelfile_cannot_copy_is_said_at_preflight_before_training_as_
     by_export = [e["why"] for _i, e in said if e.get("stage") == "export"]
     assert len(before) == 2 and "whitespace" in before[0] and "date" in before[1], before
     assert before == by_export  # the stage, which sft-job export also is, says the same after the training
+    # the family folder's own template, which the TEMPLATE copies exactly: nothing to say, before or after
+    plain = write_family_folder(tmp_path / "plain", "llama", book_data)
+    args = smoke_run(cache, tmp_path / "runs", "p", "--model-dir", plain, *args[args.index("--prompt-style") :])
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not [e for e in events(done.stdout) if e["event"] == "modelfile_template_inexact"]
