@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -29,6 +30,7 @@ from job.stages.generate_config import GenerateConfig
 from job.stages.judge_config import JudgeConfig
 
 ENV_PREFIX = "SFT_JOB"
+CONFIG_FILE = "sft_job.config_file"  # ctx.meta's key for the --config file's path
 
 
 def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | None):
@@ -43,6 +45,7 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
         hint = f"{ENV_PREFIX}_CONFIG" if from_env else "'--config'"  # where the file was named, not both
         raise click.BadParameter(str(exc), ctx, param, param_hint=hint) from None
     ctx.default_map = {**(ctx.default_map or {}), **data}
+    ctx.meta[CONFIG_FILE] = value  # where its values came from, for build's errors
     return value
 
 
@@ -119,6 +122,15 @@ def settings_options(cls: type[Settings]):
     return decorate
 
 
+class SourcedOption(cloup.Option):
+    """An option whose bad value names the variable only when it came from there (click names it always:
+    "Invalid value for '--precision' (env var: 'SFT_JOB_PRECISION')" for a flag too)."""
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        from_env = ctx is not None and ctx.get_parameter_source(self.name) is click.core.ParameterSource.ENVIRONMENT
+        return super().get_error_hint(ctx) if from_env else click.Parameter.get_error_hint(self, ctx)
+
+
 def _option(cls: type[Settings], name: str):
     flag = "--" + name.replace("_", "-")
     envvar = f"{ENV_PREFIX}_{name.upper()}"  # one name across stages: SFT_JOB_CACHE, SFT_JOB_JUDGE_URL
@@ -127,6 +139,7 @@ def _option(cls: type[Settings], name: str):
     if hint is bool:
         return click.option(
             f"{flag}/--no-{flag[2:]}",
+            cls=SourcedOption,
             default=default,
             envvar=envvar,
             show_default=True,
@@ -137,11 +150,25 @@ def _option(cls: type[Settings], name: str):
     if typing.get_origin(base) is typing.Literal:
         choice = click.Choice(typing.get_args(base))
         return click.option(
-            flag, type=choice, default=default, envvar=envvar, show_default=True, show_envvar=True, help=help_text
+            flag,
+            cls=SourcedOption,
+            type=choice,
+            default=default,
+            envvar=envvar,
+            show_default=True,
+            show_envvar=True,
+            help=help_text,
         )
     shown = default is not None
     return click.option(
-        flag, type=base, default=default, envvar=envvar, show_default=shown, show_envvar=True, help=help_text
+        flag,
+        cls=SourcedOption,
+        type=base,
+        default=default,
+        envvar=envvar,
+        show_default=shown,
+        show_envvar=True,
+        help=help_text,
     )
 
 
@@ -159,7 +186,60 @@ def build(cls: type[Settings], params: dict):
     try:
         return cls(**given)
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+        message = str(exc) if ctx is None else _with_sources(cls, given, ctx, str(exc))
+        raise click.UsageError(message) from None
+
+
+def _with_sources(cls: type[Settings], given: dict, ctx: click.Context, message: str) -> str:
+    """``message`` naming where each value it is about came from: the flag (``--epochs``), the variable
+    (``SFT_JOB_EPOCHS``) or the config file's key (``job.yaml: epochs``), as click's own errors do. A value
+    is one it is about where the check passes without it, or where the message names it and fails otherwise
+    without it (a second bad value then speaks); one the check passes without but does not name is added as
+    what it applies with."""
+    from_file, checked = False, message
+    for name in given:
+        outcome = _outcome_without(cls, {k: v for k, v in given.items() if k != name})
+        if outcome == checked or (outcome is not None and not _mentions(name, checked)):
+            continue
+        source = ctx.get_parameter_source(name)
+        if source is click.core.ParameterSource.DEFAULT_MAP:
+            label, from_file = name, True
+        elif source is click.core.ParameterSource.ENVIRONMENT:
+            label = f"{ENV_PREFIX}_{name.upper()}"
+        else:
+            label = "--" + name.replace("_", "-")
+        message, found = _renamed(name, label, message)
+        if not found:  # a value the check applies with, not the one it names (--lora-rank for --lora-alpha)
+            message = f"{message} (with {label})"
+    path = ctx.meta.get(CONFIG_FILE)
+    return f"{path}: {message}" if from_file and path else message
+
+
+def _mention(form: str) -> re.Pattern:
+    return re.compile(rf"(?<![\w.-]){re.escape(form)}(?![\w-])")
+
+
+def _mentions(name: str, message: str) -> bool:
+    return any(_mention(form).search(message) for form in ("--" + name.replace("_", "-"), name))
+
+
+def _renamed(name: str, label: str, message: str) -> tuple[str, int]:
+    """``message`` with option ``name`` called ``label``: every ``--flag``, and every bare ``name`` with a "_"
+    (no English word); a bare plain word (model, output) only where no flag names it, and once."""
+    message, flags = _mention("--" + name.replace("_", "-")).subn(label, message)
+    if flags and "_" not in name:
+        return message, flags
+    message, bare = _mention(name).subn(label, message, count=0 if "_" in name else 1)
+    return message, flags + bare
+
+
+def _outcome_without(cls: type[Settings], values: dict) -> str | None:
+    """The check's error for ``values``, or None where they pass."""
+    try:
+        cls(**values)
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _run(stage: str, runner, cfg, log_format: str, log_file: str | None = None):

@@ -83,7 +83,7 @@ def _run(argv, capsys) -> tuple[int, list[str]]:
 def _check(key: str, code: int, err: list[str], out) -> None:
     assert code == 2
     assert len(err) == 1 and err[0].startswith("Error: ") and len(err[0]) < 300, err
-    assert re.search(key.replace("_", "[-_]"), err[0]), err[0]
+    assert re.search(key.replace("_", "[-_]"), err[0], re.IGNORECASE), err[0]  # SFT_JOB_EPOCHS names epochs
     assert not out.exists()
 
 
@@ -123,3 +123,58 @@ def test_good_values_of_the_same_kinds_reach_the_run_as_given(tmp_path, capsys, 
     [cfg] = given
     assert (cfg.lr, cfg.judge_wait, cfg.max_steps, cfg.precision, cfg.epochs) == (1, "300", None, "bf16", 3)
     assert (cfg.output, cfg.s3_endpoint_url, cfg.grad_clip) == ("s3://bucket/runs", "http://127.0.0.1:9000", 1.0)
+
+
+# One option of each kind (a literal, a number, strings a validator checks), bad through each door: the
+# line names the door the value came through, as the user wrote it.
+SOURCED = [("precision", "fp8"), ("epochs", "0"), ("data_fields", "bad"), ("lora_targets", "attn,query")]
+
+
+@pytest.mark.parametrize("door", ["flag", "env", "config"])
+@pytest.mark.parametrize(("key", "value"), SOURCED, ids=[k for k, _ in SOURCED])
+def test_a_bad_value_names_the_flag_variable_or_file_key_it_came_from(door, key, value, tmp_path, capsys, monkeypatch):
+    flag, variable, config = "--" + key.replace("_", "-"), f"SFT_JOB_{key.upper()}", tmp_path / "job.yaml"
+    out = tmp_path / "out"
+    argv = ["run", "--output", str(out)]
+    if door == "flag":
+        argv += [flag, value]
+    elif door == "env":
+        monkeypatch.setenv(variable, value)
+    else:
+        config.write_text(f"{key}: {value}\n")
+        argv += ["--config", str(config)]
+    code, err = _run(argv, capsys)
+    _check(key, code, err, out)
+    named = {"flag": flag, "env": variable, "config": f"{config}: {key}"}
+    assert named[door] in err[0], err[0]
+    assert (variable in err[0]) == (door == "env"), err[0]  # click's own line names the flag beside it
+    assert (config.name in err[0]) == (door == "config"), err[0]
+
+
+def test_a_rule_between_options_names_each_ones_door_and_not_an_innocent_one(tmp_path, capsys, monkeypatch):
+    # packing from the file, dpo from the environment, data_order from a flag: only the first two break the rule
+    # (without data_order's flag another check would speak, which does not make it the culprit).
+    config = tmp_path / "job.yaml"
+    config.write_text("packing: true\n")
+    monkeypatch.setenv("SFT_JOB_DPO", "1")
+    out = tmp_path / "out"
+    code, err = _run(["run", "--config", str(config), "--output", str(out), "--data-order", "seeded"], capsys)
+    _check("packing", code, err, out)
+    assert err[0].startswith(f"Error: {config}: packing and SFT_JOB_DPO cannot go together"), err[0]
+    assert err[0].endswith("drop packing or SFT_JOB_DPO"), err[0]  # every mention of a flag
+    assert "data-order" not in err[0] and "data_order" not in err[0], err[0]
+
+
+def test_a_value_a_check_applies_with_is_named_beside_the_one_it_names(tmp_path, capsys, monkeypatch):
+    # --lora-alpha is checked only with --lora-rank: the rank from the environment is what it applied with;
+    # metrics_sd_dir's rule names metrics_port twice, and both read as the variable it came from
+    monkeypatch.setenv("SFT_JOB_LORA_RANK", "8")
+    code, err = _run(["run", "--output", str(tmp_path / "a"), "--lora-alpha", "0"], capsys)
+    assert code == 2 and err == ["Error: --lora-alpha must be positive, got 0.0 (with SFT_JOB_LORA_RANK)"], err
+    monkeypatch.setenv("SFT_JOB_METRICS_PORT", "0")
+    argv = ["run", "--output", str(tmp_path / "b"), "--metrics-sd-dir", str(tmp_path / "sd")]
+    code, err = _run([*argv, "--metrics-address", "0.0.0.0", "--lora-alpha", "8"], capsys)
+    assert code == 2 and err == [
+        "Error: --metrics-sd-dir publishes the metrics endpoint, which SFT_JOB_METRICS_PORT 0 turns off: leave "
+        "SFT_JOB_METRICS_PORT unset (a free port) or drop --metrics-sd-dir"
+    ], err

@@ -25,7 +25,8 @@ class DataConfig(Settings):
     shuffle_seed: int | None = None
     """Shuffle entries with this seed before the 85/10/5 split (the book splits in file order)."""
     skip_invalid: bool = False
-    """Drop entries with a missing or non-string field (and log how many) instead of failing."""
+    """Drop entries with a missing or non-string field, or that the chat template refuses (and log how many),
+    instead of failing."""
     allowed_max_length: int = 1024
     """Longest training sequence in tokens; longer ones are truncated (and counted in the log)."""
     data_format: Literal["alpaca", "messages", "prompt-completion", "text"] | None = None

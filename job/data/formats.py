@@ -6,7 +6,7 @@ token trained)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from job.core.errors import ConfigError
@@ -158,10 +158,17 @@ class Layout:
     train_on: str = "assistant"
     system_prompt: str | None = None
     """The system prompt every conversation began with, where they all shared one (``shared_system_prompt``)."""
+    refused: frozenset[int] = frozenset()
+    """The entries (their ``id``) the template refused, which ``--skip-invalid`` drops: ``kept`` leaves them out."""
+
+    def kept(self, entries: list[dict]) -> list[dict]:
+        """``entries`` without those the template refused (all of them, unless ``--skip-invalid`` dropped some)."""
+        return [e for e in entries if id(e) not in self.refused] if self.refused else entries
 
     def examples(self, entries: list[dict], tokenizer, max_length: int, split: str = "training", source="") -> list:
         """Every entry tokenized; one with nothing to train within ``max_length`` is left out (and counted, naming
         the ``split``); a split left with none is a DataError naming it and its file, ``source``."""
+        entries = self.kept(entries)
         if self.data_format == "alpaca":
             return tokenize(entries, tokenizer, self.style, max_length)
         examples = [self.example(entry, tokenizer) for entry in entries]
@@ -268,15 +275,18 @@ def layout(
                 f"{data_format} data needs a chat template, which this model's tokenizer lacks (GPT-2's has none): "
                 "give one with --chat-template FILE (a Jinja file)"
             )
-    system = shared_system_prompt(entries) if template is not None else None
-    how = Layout(data_format, style, template, getattr(cfg, "train_on", "assistant"), system)
+    how = Layout(data_format, style, template, getattr(cfg, "train_on", "assistant"))
     if not pairs:
         check_unused_options(cfg, how)
     first = next((e for e in entries if "messages" in e), None)
     if first is not None:  # a template we cannot read the assistant's tokens from fails here, at preflight
         assistant_spans(template, first["messages"], special_tokens(tokenizer))
     if template is not None:
-        check_renders(template, entries, special_tokens(tokenizer), origin)
+        skip = getattr(cfg, "skip_invalid", False)
+        refused = check_renders(template, entries, special_tokens(tokenizer), origin, skip)
+        how = replace(how, refused=frozenset(map(id, refused)))
+        # of the entries that train: one --skip-invalid dropped has no say in the Modelfile's SYSTEM
+        how = replace(how, system_prompt=shared_system_prompt(how.kept(entries)))
     return how
 
 
@@ -325,10 +335,14 @@ def _first_turn(entry: dict) -> tuple[str, str] | None:
     return (turns[0]["role"], turns[0]["content"]) if turns else None
 
 
-def check_renders(template: ChatTemplate, entries: list[dict], specials: set[str], origin=None) -> None:
+def check_renders(
+    template: ChatTemplate, entries: list[dict], specials: set[str], origin=None, skip_invalid: bool = False
+) -> list[dict]:
     """Every entry through the template (a template may refuse one: ``raise_exception``, e.g. on turns that do
     not alternate user/assistant); the first refused is a DataError naming its file, row and the template's
-    message (``origin(entry)``; without it, the entry's place in ``entries``)."""
+    message (``origin(entry)``; without it, the entry's place in ``entries``). With ``skip_invalid`` the refused
+    are returned instead, counted in a warning as the entries the other checks drop are."""
+    refused = []
     for index, entry in enumerate(entries):
         try:
             if "messages" in entry:
@@ -337,7 +351,15 @@ def check_renders(template: ChatTemplate, entries: list[dict], specials: set[str
             for turns, ask in renderings(entry):
                 template.render(turns, add_generation_prompt=ask)
         except ChatTemplateError as exc:
-            raise DataError(f"{origin(entry) if origin else f'entry {index}'}: {exc}") from None
+            where = origin(entry) if origin else f"entry {index}"
+            if not skip_invalid:
+                raise DataError(f"{where}: {exc} (--skip-invalid drops such entries)") from None
+            if not refused:
+                first = f"{where}: {exc}"
+            refused.append(entry)
+    if refused:
+        log.warning("dataset_entries_skipped", count=len(refused), reason="the chat template refused them", first=first)
+    return refused
 
 
 @dataclass(frozen=True)

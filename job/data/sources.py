@@ -7,13 +7,13 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from job.core.errors import ConfigError
 from job.core.observability import get_logger
 from job.core.parsing import first_refused, non_finite, short
-from job.data.formats import detect_format, format_problem
+from job.data.formats import Layout, detect_format, format_problem
 from job.data.instructions import (
     MAX_DATASET_BYTES,
     MAX_FIELD_CHARS,
@@ -24,6 +24,7 @@ from job.data.instructions import (
     resolve_data,
     split_entries,
 )
+from job.data.preference import preference_problem
 from job.models.origin import HubAccess
 from job.storage.store import sha256_file, sha256_files
 
@@ -147,6 +148,8 @@ def checked_rows(
     """``checked_entries``, and the row each entry kept was (``--skip-invalid`` may drop some), so a later
     check (the chat template's) names an entry as these checks do."""
     pairs = [renamed(row, fields or {}) for row in rows]
+    if check is not preference_problem:
+        refuse_preference_pairs(path, next((entry for entry, problem in pairs if problem is None), None))
     if not skip_invalid:
         _raise_first(path, pairs)
     named = [entry for entry, problem in pairs if problem is None]
@@ -166,6 +169,24 @@ def checked_rows(
     if not entries:
         raise DataError(f"dataset {path} has no valid entries")
     return data_format, entries, kept
+
+
+# A response to train on: an entry with one of these is instruction data, whatever else it holds (the book's
+# preference file has output besides chosen and rejected, and finetunes as the book's).
+SFT_KEYS = {"output", "messages", "completion", "text"}
+
+
+def refuse_preference_pairs(path: Path, first) -> None:
+    """Preference pairs (TRL's prompt/chosen/rejected, as text or turns) where instruction data belongs: a
+    DataError naming the file, what it holds and where it goes (DPO), not a field missing from every entry."""
+    if not isinstance(first, dict) or not {"chosen", "rejected"} <= first.keys() or first.keys() & SFT_KEYS:
+        return
+    shape = "conversational" if isinstance(first["chosen"], list) else "text"
+    prompt = "prompt, chosen, rejected" if "prompt" in first else "chosen, rejected with an implicit prompt"
+    raise DataError(
+        f"dataset {path} is preference data ({prompt}: TRL's {shape} shape), which DPO trains on, not the finetune "
+        f"or generate: give it as --dpo-data with sft-job run --dpo, or as --data to sft-job dpo"
+    )
 
 
 def _raise_first(path: Path, pairs: list[tuple[object, str | None]]) -> None:
@@ -371,6 +392,20 @@ def load_splits(
         where[split] = ", ".join(str(p) for p in paths) or source.label
     found = by_split["train"], by_split["test"], by_split["validation"]
     return Splits(*found, where, data_format, source.label, tuple(checked))
+
+
+def without_refused(splits: Splits, how: Layout, names: tuple[str, ...] = ("train", "validation")) -> Splits:
+    """``splits`` without the entries the chat template refused (``--skip-invalid``: ``how.refused``); a split
+    of ``names`` that loses every entry is a DataError naming it and its file."""
+    kept = {"train": how.kept(splits.train), "val": how.kept(splits.val), "test": how.kept(splits.test)}
+    for name in names:
+        attribute = "val" if name == "validation" else name
+        if getattr(splits, attribute) and not kept[attribute]:
+            raise DataError(
+                f"dataset {splits.where[name]}: the chat template refused every entry of its {name} split "
+                f"({len(getattr(splits, attribute))}; --skip-invalid dropped them): fix the entries or the template"
+            )
+    return replace(splits, **kept)
 
 
 def dataset_splits(cfg, check: Callable = entry_problem, need: tuple[str, ...] = ()) -> Splits:

@@ -29,7 +29,15 @@ from job.data.instructions import ChatStyle, dataset_file, prompt_style
 from job.data.packing import best_fit_decreasing, checked_pack_length
 from job.data.preference import fitting_pairs, preference_problem
 from job.data.smoke import write_smoke_data
-from job.data.sources import FILE_TYPES, HUB_PREFIX, Splits, dataset_splits, resolve_source, source_digest
+from job.data.sources import (
+    FILE_TYPES,
+    HUB_PREFIX,
+    Splits,
+    dataset_splits,
+    resolve_source,
+    source_digest,
+    without_refused,
+)
 from job.models.families import family, model_tokenizer, read_shape
 from job.models.gpt2 import GPTConfig, GPTModel, gpt2_config
 from job.models.gpt2_weights import save_hf
@@ -76,7 +84,7 @@ from job.training.binding import model_digest, run_binding, stage_name
 from job.training.checkpoint import CheckpointUploader, fetch_checkpoint
 from job.training.checkpoint_files import read_key
 from job.training.roles import Roles
-from job.training.stage_io import split_examples, trained_layout, training_splits
+from job.training.stage_io import checked_splits, split_examples, trained_layout
 from job.training.trainer import check_batches
 
 log = get_logger(__name__)
@@ -554,7 +562,8 @@ def check_data(cfg: RunConfig, world: int) -> None:
     check_written_fields(splits)
     entries = splits.train + splits.val + splits.test
     check_batches(cfg, world, len(splits.train[: cfg.train_limit]), dataset_entries=len(entries))
-    fit = check_model_fit(cfg, splits.test[: cfg.limit], splits.data_format, entries, splits.origin)
+    fit = check_model_fit(cfg, splits.test, splits.data_format, entries, splits.origin)
+    splits = without_refused(splits, fit[1], ("train", "validation", "test"))  # a split --skip-invalid emptied
     examples = check_trainable(cfg, world, splits, *fit)
     check_packed_batches(cfg, world, examples, fit[2])
     check_later_stages(cfg, *fit)
@@ -563,7 +572,8 @@ def check_data(cfg: RunConfig, world: int) -> None:
 def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca", entries=None, origin=None) -> tuple:
     """What depends on the model's shape, known before training: the longest test prompt and
     --max-new-tokens fit its context; a LoRA rank is at most its width; conversations have a chat template
-    (exit 2) that renders every entry (``origin`` names one it refuses). Returns the model's tokenizer, the
+    (exit 2) that renders every entry (``origin`` names one it refuses; ``--skip-invalid`` drops it). ``test``:
+    the whole split, which generate cuts to --limit after those drops. Returns the model's tokenizer, the
     layout and the context length."""
     random = random_model(cfg)
     # a hub model's config and tokenizer, before its weights
@@ -577,6 +587,9 @@ def check_model_fit(cfg: RunConfig, test: list[dict], data_format: str = "alpaca
     tokenizer = ByteTokenizer() if random else model_tokenizer(folder, cfg.cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style, tokenizer)
     how = layout(cfg, data_format, entries or test, tokenizer, style, origin)
+    test = how.kept(test)[: cfg.limit]
+    if not test:  # every test entry refused: without_refused names the split
+        return tokenizer, how, shape.context_length
     longest, which = longest_prompt([encode(tokenizer, how.prompt(e)) for e in test])
     check_room(cfg.max_new_tokens, longest, shape.context_length, which)
     return tokenizer, how, shape.context_length
@@ -611,11 +624,16 @@ def check_packed_batches(cfg: RunConfig, world: int, examples: list | None, cont
 
 def check_later_stages(cfg: RunConfig, tokenizer, how: Layout, context_length: int) -> None:
     """What the stages after the finetune need of the model, before it: --dpo's preference data, and what
-    --export's stage would refuse for the last model trained (exit 2 naming why)."""
+    --export's stage would refuse for the last model trained (exit 2 naming why) or write inexactly (warned
+    of here, before the training, as the stage warns of it after)."""
     last = check_preference_data(cfg, tokenizer, how, context_length) or how
     if cfg.export:
         folder = None if random_model(cfg) else tokenizer_folder(cfg, cfg.model_dir)
-        check_exportable(folder, tokenizer, export_style(cfg, last), Path(cfg.cache))
+        # the template the trained model will carry: the data's (a --chat-template file's), else its tokenizer's
+        template = last.template or getattr(tokenizer, "chat_template", None)
+        source = template.source if template else None
+        for caveat in check_exportable(folder, tokenizer, export_style(cfg, last), Path(cfg.cache), source):
+            log.warning("modelfile_template_inexact", why=caveat, stage_to_come="export")
 
 
 def named_prompt_style(cfg: RunConfig) -> str | None:
@@ -651,13 +669,16 @@ def check_preference_data(cfg: RunConfig, tokenizer, how: Layout, context_length
     dpo = stage_config(
         cfg, "dpo", DPOConfig, prompt_style=name, train_on="assistant", **stage_model(cfg, cfg.model_dir)
     )
-    path, train, val, data_format, origin = training_splits(dpo, preference_problem)
+    splits = checked_splits(dpo, preference_problem)
     # the finetuned model carries the template it was trained with (a --chat-template file's too)
     style = ChatStyle("chat", "", "", render=how.template.prompt) if how.template and name == "chat" else None
     style = style or prompt_style(name, tokenizer)
-    dpo_how = layout(dpo, data_format, train + val, tokenizer, style, origin, pairs=True)
+    entries = splits.train + splits.val
+    dpo_how = layout(dpo, splits.data_format, entries, tokenizer, style, splits.origin, pairs=True)
+    splits = without_refused(splits, dpo_how)  # as the stage's load_inputs: a split --skip-invalid emptied is named
     limits = (dpo.allowed_max_length, context_length)
-    fitting_pairs(train, val, tokenizer, pair_style(dpo_how), limits, dpo.batch_size, path)
+    path = Path(splits.where["train"])
+    fitting_pairs(splits.train, splits.val, tokenizer, pair_style(dpo_how), limits, dpo.batch_size, path)
     return dpo_how
 
 

@@ -95,15 +95,17 @@ def _not_a_model(model_dir: Path) -> None:
     raise WeightsError(f"{model_dir} is not a model folder: it has no config.json (nor hparams.json)")
 
 
-def check_exportable(folder: Path | None, tokenizer, style, cache: Path) -> None:
+def check_exportable(folder: Path | None, tokenizer, style, cache: Path, template: str | None = None) -> list[str]:
     """What the export would refuse, known before any training (``run --export``'s preflight): the tokenizer as
     GGUF holds it and the prompt layout as a Go template. ``folder`` holds the tokenizer's files (None for GPT-2's
-    and the smoke's)."""
+    and the smoke's). Returns what the export will warn of (``template``: the chat template's source the trained
+    model will carry)."""
     try:
-        turn_layout(style, end_text(tokenizer))
+        layout = turn_layout(style, end_text(tokenizer))
         vocabulary(folder, tokenizer, cache)
     except ConfigError as exc:
         raise ConfigError(f"--export gguf: {exc}") from None
+    return _caveats(layout, style, template)
 
 
 def export_style_name(named: str | None, model_dir: Path) -> str:
@@ -143,10 +145,11 @@ def trained_system_prompt(model_dir: Path, style_name: str) -> str | None:
     return system
 
 
-def _caveats(layout: TurnLayout, style, tokenizer) -> list[str]:
-    """What the Modelfile's TEMPLATE renders otherwise than the model's template, said rather than fixed."""
+def _caveats(layout: TurnLayout, style, template: str | None) -> list[str]:
+    """What the Modelfile's TEMPLATE renders otherwise than the model's template (``template``'s source), said
+    rather than fixed."""
     caveats = list(layout.caveats)
-    if isinstance(style, ChatStyle) and "strftime_now" in tokenizer.chat_template.source:
+    if isinstance(style, ChatStyle) and template and "strftime_now" in template:
         caveats.append(
             "the model's chat template writes the day's date (strftime_now): the TEMPLATE holds the export's day"
         )
@@ -167,7 +170,9 @@ def run_export(cfg: ExportConfig, metrics: Metrics | None = None) -> Path:
     style = prompt_style(style_name, tokenizer)
     stop = end_text(tokenizer)
     layout = turn_layout(style, stop)
-    for caveat in _caveats(layout, style, tokenizer):
+    template = getattr(tokenizer, "chat_template", None)  # GPT-2's has none
+    template = template.source if template else None
+    for caveat in _caveats(layout, style, template):
         log.warning("modelfile_template_inexact", why=caveat, model_dir=str(model_dir))
     # The GGUF's own template: the model's for chat, else the style's layout (llama.cpp's chat reads it).
     chat_template = tokenizer.chat_template.source if isinstance(style, ChatStyle) else layout.jinja_template()

@@ -18,7 +18,7 @@ from job.data.instructions import (
     DataError,
     prompt_style,
 )
-from job.data.sources import Splits, dataset_splits
+from job.data.sources import Splits, dataset_splits, without_refused
 from job.models.decoding import generate, generate_fixed_batch
 from job.models.families import load_model, model_tokenizer
 from job.models.gpt2_weights import recorded_settings
@@ -114,10 +114,11 @@ def _load(cfg: GenerateConfig):
     cache = Path(cfg.cache)
     splits = dataset_splits(cfg, need=("test",))
     check_written_fields(splits)
-    test, data_format, entries = splits.test[: cfg.limit], splits.data_format, splits.train + splits.val + splits.test
+    data_format, entries = splits.data_format, splits.train + splits.val + splits.test
     tokenizer = model_tokenizer(cfg.model_dir, cache, cfg.base_url)
     style = prompt_style(cfg.prompt_style or saved_prompt_style(cfg.model_dir) or "alpaca", tokenizer)
     how = layout(cfg, data_format, entries, tokenizer, style, splits.origin)
+    test = without_refused(splits, how, ("test",)).test[: cfg.limit]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return test, how, tokenizer, load_model(cfg.model_dir).to(device).eval(), device
 

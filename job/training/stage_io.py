@@ -20,7 +20,7 @@ from job.data.instructions import (
     entry_problem,
     prompt_style,
 )
-from job.data.sources import Splits, dataset_splits
+from job.data.sources import Splits, dataset_splits, without_refused
 from job.models.families import Model, family
 from job.models.families import load_model as load_model_folder
 from job.models.gpt2 import GPTModel, gpt2_sizes
@@ -84,17 +84,11 @@ def checked_splits(cfg: TrainConfig, check=entry_problem) -> Splits:
     return dataclasses.replace(splits, train=train)
 
 
-def training_splits(cfg: TrainConfig, check=entry_problem) -> tuple[Path, list[dict], list[dict], str, Callable]:
-    """``checked_splits``'s training file, training and validation splits and format, and what names an
-    entry's file and row."""
-    splits = checked_splits(cfg, check)
-    return Path(splits.where["train"]), splits.train, splits.val, splits.data_format, splits.origin
-
-
 def split_examples(how: Layout, splits: Splits, tokenizer, max_length: int) -> tuple[list[Example], list[Example]]:
     """The training and validation splits' examples as finetune trains and evaluates on them: in both, an entry
     with no token to train within ``max_length`` is left out and counted (formats other than the book's); a
     split left with none is a DataError naming the split and its file (``run``'s preflight checks it so)."""
+    splits = without_refused(splits, how)
     train = how.examples(splits.train, tokenizer, max_length, "training", splits.where["train"])
     return train, how.examples(splits.val, tokenizer, max_length, "validation", splits.where["validation"])
 
@@ -107,6 +101,7 @@ def load_inputs(cfg: TrainConfig, start: StartingModel, check=entry_problem, pai
     tokenizer = start.tokenizer()
     style = prompt_style(cfg.prompt_style, tokenizer)
     how = layout(cfg, splits.data_format, splits.train + splits.val, tokenizer, style, splits.origin, pairs)
+    splits = without_refused(splits, how)
     model, name = load_model(cfg.model, start)
     max_length = min(cfg.allowed_max_length, model.cfg.context_length)
     path = Path(splits.where["train"])

@@ -155,7 +155,7 @@ def test_a_job_that_needs_ollama_on_a_node_without_it_stops_in_one_line_before_s
         ("lr: .nan\n", {}, "lr must be a finite number"),
         ("", {"SFT_JOB_SKIP_JUDGE": "maybe"}, "'maybe' is not a valid boolean"),
         ("nodes: 2\n", {}, "unknown key 'nodes'"),
-        ("skip_judge: true\n", {"SFT_JOB_RUN_ID": "../x"}, "run_id"),
+        ("skip_judge: true\n", {"SFT_JOB_RUN_ID": "../x"}, "SFT_JOB_RUN_ID"),  # the variable it came from
         ("skip_judge: true\n", {"SFT_JOB_OLLAMA_PORT": "11434"}, None),  # not read: no local judge
     ],
 )

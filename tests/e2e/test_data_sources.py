@@ -188,3 +188,43 @@ def test_a_folder_of_shards_and_the_hubs_split_names_trains_and_two_whole_train_
         f"Error: dataset folder {folder} has two train files, train.json and train.jsonl: keep one"
     ]
     assert not (tmp_path / "two").exists()
+
+
+def test_preference_pairs_given_for_instruction_data_are_named_as_such_and_pointed_at_dpo(
+    tiny_model_dir, cache, tmp_path
+):
+    # TRL's three preference shapes where the finetune's data belongs: not "field 'instruction' is missing"
+    # in every entry, but what the file is and where it goes, before anything is written
+    book = json.loads((cache / "instruction-data-with-preference.json").read_text())[:40]
+    ask = [[{"role": "user", "content": e["instruction"]}] for e in book]
+    said = [[{"role": "assistant", "content": e[k]} for k in ("chosen", "rejected")] for e in book]
+    shapes = {
+        "text": ([{"prompt": e["instruction"], "chosen": e["chosen"], "rejected": e["rejected"]} for e in book],
+                 "prompt, chosen, rejected: TRL's text shape"),
+        "turns": ([{"prompt": a, "chosen": [c], "rejected": [r]} for a, (c, r) in zip(ask, said, strict=True)],
+                  "prompt, chosen, rejected: TRL's conversational shape"),
+        "implicit": ([{"chosen": a + [c], "rejected": a + [r]} for a, (c, r) in zip(ask, said, strict=True)],
+                     "chosen, rejected with an implicit prompt: TRL's conversational shape"),
+    }  # fmt: skip
+    for name, (rows, shape) in shapes.items():
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        told = (
+            f"Error: dataset {data} is preference data ({shape}), which DPO trains on, not the finetune or generate: "
+            "give it as --dpo-data with sft-job run --dpo, or as --data to sft-job dpo"
+        )
+        common = ("--model-dir", tiny_model_dir, "--data", data, "--cache", cache, "--log-format", "json")
+        for argv in (
+            ("finetune", *common, "--output", tmp_path / name),
+            ("finetune", *common, "--output", tmp_path / name, "--skip-invalid"),
+            ("run", *common, "--output", tmp_path / "runs", "--run-id", name, "--metrics-port", "0", "--skip-judge"),
+        ):
+            done = cli(*argv)
+            assert done.returncode == 1 and done.stderr.splitlines() == [told], (argv, done.stderr[-2000:])
+        assert not (tmp_path / name).exists() and not (tmp_path / "runs" / name).exists()
+    # the same pairs as Parquet, and given to run --dpo as its --data (the finetune's) rather than --dpo-data
+    parquet = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(shapes["text"][0]), parquet)
+    dpo = cli("run", "--model-dir", tiny_model_dir, "--data", parquet, "--dpo", "--dpo-data", tmp_path / "text.jsonl",
+              "--cache", cache, "--output", tmp_path / "runs", "--run-id", "pq", "--metrics-port", "0")  # fmt: skip
+    assert dpo.returncode == 1 and dpo.stderr.startswith(f"Error: dataset {parquet} is preference data (prompt, ")

@@ -109,7 +109,7 @@ STRICT_TEMPLATE = (  # as many models' templates do: turns must alternate, else 
 )
 
 
-def test_an_entry_the_chat_template_refuses_is_named_at_preflight_and_nothing_is_written(
+def test_an_entry_the_chat_template_refuses_is_named_at_preflight_and_skip_invalid_drops_it_as_any_other(
     tiny_model_dir, cache, tmp_path, book_data
 ):
     template = tmp_path / "strict.jinja"
@@ -123,19 +123,41 @@ def test_an_entry_the_chat_template_refuses_is_named_at_preflight_and_nothing_is
         "user/assistant/user/assistant/..."
     )
     common = ("--model-dir", tiny_model_dir, "--data", data, "--cache", cache, "--chat-template", template)
-    run = cli("run", *common, "--output", tmp_path / "runs", "--run-id", "r", "--skip-judge", "--max-steps", "1",
-              "--max-new-tokens", "8", "--metrics-port", "0", "--log-format", "json")  # fmt: skip
-    assert run.returncode == 1 and run.stderr.splitlines() == [f"Error: dataset {data}: entry 36: {refused}"]
+    run = ("run", *common, "--output", tmp_path / "runs", "--skip-judge", "--max-steps", "1", "--max-new-tokens", "4",
+           "--metrics-port", "0", "--log-format", "json")  # fmt: skip
+    refusal = cli(*run, "--run-id", "r")
+    assert refusal.returncode == 1 and refusal.stderr.splitlines() == [
+        f"Error: dataset {data}: entry 36: {refused} (--skip-invalid drops such entries)"
+    ]
     assert not (tmp_path / "runs" / "r").exists()
 
-    # the row in the file, not the place among the entries kept: --skip-invalid dropped entry 2 before it
+    # --skip-invalid drops it as it drops an entry of the wrong shape (2), counted: a training entry (20) too;
+    # an entry is named by its row in the file, not by its place among the entries kept
     rows[2] = {"messages": []}
-    rows[36]["messages"].pop(1)
     rows[20]["messages"].append({"role": "assistant", "content": "Twice."})
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    finetune = cli("finetune", *common, "--output", tmp_path / "ft", "--skip-invalid", "--log-format", "json")
-    assert finetune.returncode == 1 and finetune.stderr.splitlines() == [f"Error: dataset {data}: entry 20: {refused}"]
-    assert not (tmp_path / "ft").exists()
+    skipped = cli(*run, "--run-id", "s", "--skip-invalid")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    dropped = [e for e in events(skipped.stdout) if e["event"] == "dataset_entries_skipped"]
+    by_template = [e for e in dropped if e.get("reason") == "the chat template refused them"]
+    assert by_template and {e["count"] for e in by_template} <= {1, 2}, dropped  # finetune's splits hold row 20 only
+    assert all(e["first"] == f"dataset {data}: entry 20: {refused}" for e in by_template), by_template
+    assert {e["count"] for e in dropped if "reason" not in e} == {1}  # row 2, the empty conversation
+    # 39 entries cut 85/10/5: the test split is rows 34, 35 and 36, less the refused one
+    responses = json.loads((tmp_path / "runs" / "s" / "instruction-data-with-response.json").read_text())
+    assert [r["messages"] for r in responses] == [rows[34]["messages"], rows[35]["messages"]]
+
+    # a split the drops leave empty is still refused at preflight, naming it, before anything is written
+    for split, first in (("test", 34), ("validation", 37)):
+        for row in rows[first : first + 3]:
+            row["messages"].insert(0, {"role": "assistant", "content": "First?"})
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        emptied = cli(*run, "--run-id", split, "--skip-invalid")
+        assert emptied.returncode == 1 and emptied.stderr.splitlines() == [
+            f"Error: dataset {data}: the chat template refused every entry of its {split} split (3; --skip-invalid "
+            "dropped them): fix the entries or the template"
+        ], emptied.stderr[-2000:]
+        assert not (tmp_path / "runs" / split).exists()
 
 
 def test_train_on_or_a_chat_template_that_this_data_would_not_use_is_exit_2_at_preflight(
@@ -202,3 +224,33 @@ def test_run_dpo_lays_book_pairs_out_as_the_model_was_finetuned_and_exports_that
     assert json.loads((run / "dpo" / "model" / "config.json").read_text())["sft_job"]["prompt_style"] == "chat"
     modelfile = (run / "export" / MODELFILE).read_text()
     assert "<|user|>" in modelfile and "### Instruction" not in modelfile
+
+
+def test_dpo_pairs_the_chat_template_refuses_are_named_or_dropped_and_an_emptied_split_is_named_at_preflight(
+    tiny_model_dir, cache, tmp_path, book_data
+):
+    template = tmp_path / "strict.jinja"
+    template.write_text(STRICT_TEMPLATE)
+    data, pairs = tmp_path / "conversations.jsonl", tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"messages": r["messages"][-2:]}) + "\n" for r in conversations(book_data, 40)))
+    preference = json.loads((cache / "instruction-data-with-preference.json").read_text())[:40]
+    rows = []
+    for i, entry in enumerate(preference):  # 34 training pairs, 4 test, 2 validation: those the template refuses
+        ask = [{"role": "assistant", "content": "Hm?"}] if i >= 38 else []
+        ask += [{"role": "user", "content": entry["instruction"]}]
+        said = {k: [{"role": "assistant", "content": entry[k]}] for k in ("chosen", "rejected")}
+        rows.append({"prompt": ask, **said})
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = ("run", "--model-dir", tiny_model_dir, "--data", data, "--dpo", "--dpo-data", pairs, "--cache", cache,
+           "--chat-template", template, "--output", tmp_path / "runs", "--skip-judge", "--metrics-port", "0",
+           "--max-new-tokens", "8", "--log-format", "json")  # fmt: skip
+    named = cli(*run, "--run-id", "n")
+    assert named.returncode == 1 and named.stderr.startswith(f"Error: dataset {pairs}: entry 38: --chat-template"), (
+        named.stderr[-2000:]
+    )
+    emptied = cli(*run, "--run-id", "e", "--skip-invalid")
+    assert emptied.returncode == 1 and emptied.stderr.splitlines() == [
+        f"Error: dataset {pairs}: the chat template refused every entry of its validation split (2; --skip-invalid "
+        "dropped them): fix the entries or the template"
+    ], emptied.stderr[-2000:]
+    assert not (tmp_path / "runs" / "n").exists() and not (tmp_path / "runs" / "e").exists()

@@ -72,11 +72,11 @@ def test_an_sd_dir_the_job_cannot_write_is_exit_2_naming_it_before_anything_is_w
     ("extra", "says"),
     [
         ([], "would publish metrics_address 127.0.0.1, which only this machine reaches"),  # the default
-        (["--metrics-address", "localhost"], "would publish metrics_address localhost"),
-        (["--metrics-address", "::1"], "would publish metrics_address ::1"),
-        (["--metrics-address", "127.0.1.1"], "would publish metrics_address 127.0.1.1"),
-        (["--metrics-address", "::ffff:127.0.0.1"], "would publish metrics_address ::ffff:127.0.0.1"),
-        (["--metrics-address", "0.0.0.0", "--metrics-port", "0"], "which metrics_port 0 turns off"),
+        (["--metrics-address", "localhost"], "would publish --metrics-address localhost"),
+        (["--metrics-address", "::1"], "would publish --metrics-address ::1"),
+        (["--metrics-address", "127.0.1.1"], "would publish --metrics-address 127.0.1.1"),
+        (["--metrics-address", "::ffff:127.0.0.1"], "would publish --metrics-address ::ffff:127.0.0.1"),
+        (["--metrics-address", "0.0.0.0", "--metrics-port", "0"], "which --metrics-port 0 turns off"),
     ],
 )
 def test_an_sd_dir_with_nothing_another_machine_can_scrape_is_exit_2_before_anything_is_written(
@@ -85,7 +85,7 @@ def test_an_sd_dir_with_nothing_another_machine_can_scrape_is_exit_2_before_anyt
     result = cli(*_smoke(cache, tmp_path, "loop", "--metrics-sd-dir", tmp_path / "sd", *extra))
     assert result.returncode == 2
     [line] = result.stderr.splitlines()
-    assert line.startswith("Error: metrics_sd_dir ") and says in line
+    assert line.startswith("Error: --metrics-sd-dir ") and says in line  # the flags as given
     assert not (tmp_path / "runs").exists() and not (tmp_path / "sd").exists()
 
 

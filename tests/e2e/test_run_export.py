@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,33 @@ def test_run_export_writes_the_system_prompt_every_conversation_began_with(qwen3
     modelfile = (tmp_path / "runs" / "sys" / "export" / "Modelfile").read_text()
     (tmp_path / "go").mkdir()
     assert parse_modelfile(build_modelfile_parser(tmp_path / "go"), modelfile)["system"] == system
+
+
+def test_what_the_modelfile_cannot_copy_is_said_at_preflight_before_training_as_the_export_says_it(
+    cache, tmp_path, book_data
+):
+    """Llama 3.2's template (as TRL ships it) trims messages and writes the day's date, which the Modelfile's
+    TEMPLATE cannot follow: ``run --export`` says so before any stage starts, once each, in the export's words."""
+    import trl
+
+    folder = write_family_folder(tmp_path / "llama32", "llama", book_data)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = (Path(trl.__file__).parent / "chat_templates" / "llama3_2.jinja").read_text()
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    args = smoke_run(cache, tmp_path / "runs", "x", "--model-dir", folder, "--prompt-style", "chat", "--skip-judge",
+                     "--export", "gguf", "--train-limit", "8", "--limit", "1", "--max-new-tokens", "2")  # fmt: skip
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = events(done.stdout)
+    first_stage = next(i for i, e in enumerate(logged) if e["event"] == "stage_start")
+    said = [(i, e) for i, e in enumerate(logged) if e["event"] == "modelfile_template_inexact"]
+    before = [e["why"] for i, e in said if i < first_stage]
+    by_export = [e["why"] for _i, e in said if e.get("stage") == "export"]
+    assert len(before) == 2 and "whitespace" in before[0] and "date" in before[1], before
+    assert before == by_export  # the stage, which sft-job export also is, says the same after the training
+    # the family folder's own template, which the TEMPLATE copies exactly: nothing to say, before or after
+    plain = write_family_folder(tmp_path / "plain", "llama", book_data)
+    args = smoke_run(cache, tmp_path / "runs", "p", "--model-dir", plain, *args[args.index("--prompt-style") :])
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not [e for e in events(done.stdout) if e["event"] == "modelfile_template_inexact"]

@@ -147,7 +147,8 @@ def test_the_smoke_model_and_a_model_dir_together_are_refused_at_once(tmp_path, 
     with pytest.raises(SystemExit) as exited:
         cli.entrypoint(["run", "--model", "smoke", "--model-dir", str(tmp_path), "--output", str(tmp_path / "r")])
     [line] = capsys.readouterr().err.splitlines()
-    assert exited.value.code == 2 and "model smoke (the smoke's random model) and model_dir" in line
+    # named as the flags they were given as
+    assert exited.value.code == 2 and "--model smoke (the smoke's random model) and --model-dir" in line
     assert not (tmp_path / "r").exists()
 
 

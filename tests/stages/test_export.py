@@ -133,7 +133,7 @@ def test_what_gguf_cannot_represent_is_exit_2(llama_dir, cache, tmp_path):
 
 @pytest.mark.parametrize(
     ("flags", "named"),
-    [(("--dtype", "q4_0"), "--dtype"), (("--format", "onnx"), "--format"), (("--top-k", "0"), "top_k")],
+    [(("--dtype", "q4_0"), "--dtype"), (("--format", "onnx"), "--format"), (("--top-k", "0"), "--top-k")],
 )
 def test_bad_flags_are_exit_2(tiny_model_dir, cache, tmp_path, flags, named):
     done = export(tiny_model_dir, tmp_path / "out", cache, *flags)
