@@ -375,3 +375,30 @@ def test_the_system_prompt_every_conversation_began_with(entries, expected):
     """The one system prompt all conversations (a pair's or prompt-completion's prompt too) began with; none
     where one begins otherwise, they differ (by a letter's case too), or the entries are not conversations."""
     assert shared_system_prompt(entries) == expected
+
+
+def test_the_shared_system_prompt_is_read_off_the_entries_that_train(qwen3_dir, tmp_path):
+    """An entry the template refuses and ``--skip-invalid`` drops trains nothing: its system prompt has no say in
+    the one recorded for the Modelfile's SYSTEM."""
+    from types import SimpleNamespace
+
+    from job.data.formats import layout
+    from tests.family_folders import CHAT_TEMPLATE
+
+    refusing = tmp_path / "refusing.jinja"
+    refusing.write_text(
+        "{%- for m in messages %}{%- if 'REFUSE' in m.content %}{{ raise_exception('refused') }}{%- endif %}"
+        "{%- endfor %}" + CHAT_TEMPLATE
+    )
+
+    def chat(system: str, question: str) -> dict:
+        turns = [("system", system), ("user", question), ("assistant", "An answer.")]
+        return {"messages": [{"role": role, "content": content} for role, content in turns]}
+
+    entries = [chat("Be brief.", "One?"), chat("Be brief.", "Two?"), chat("Be long.", "REFUSE this")]
+    tokenizer = load_hf_tokenizer(qwen3_dir)
+    cfg = SimpleNamespace(chat_template=str(refusing), train_on="assistant", skip_invalid=True)
+    how = layout(cfg, "messages", entries, tokenizer, PROMPT_STYLES["alpaca"])
+    assert how.kept(entries) == entries[:2] and how.system_prompt == "Be brief."
+    refusing.write_text(CHAT_TEMPLATE)  # nothing refused: the prompts differ, so none is shared
+    assert layout(cfg, "messages", entries, tokenizer, PROMPT_STYLES["alpaca"]).system_prompt is None
