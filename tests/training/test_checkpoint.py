@@ -4,6 +4,7 @@ background with the bucket's rotation, fetch back): unit tests on a tiny model, 
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import torch
@@ -101,6 +102,70 @@ def test_a_checkpoint_of_another_shape_is_a_config_error_before_any_tensor_is_ap
     with pytest.raises(ConfigError, match="differently configured run"):
         wider.load(*wider.latest())
     assert all(torch.equal(p, before[n]) for n, p in wider.model.named_parameters())
+
+
+def _as_shards(checkpoint, key=None) -> None:
+    """The whole checkpoint at ``checkpoint`` rewritten as two processes' fsdp shards (each tensor's rows
+    cut just past its middle), its index re-hashed and signed with ``key``: a sharded checkpoint that joins."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from job.storage.store import sha256_file
+    from job.training.checkpoint_files import index_text
+
+    whole = {"model": checkpoint / "model.safetensors", **{p.stem[10:]: p for p in checkpoint.glob("optimizer-*")}}
+    listings: list[dict] = [{}, {}]
+    for prefix, file in whole.items():
+        tensors, ending = load_file(file), file.name.removesuffix(".safetensors")
+        for rank in (0, 1):
+            rows = {}
+            for name, tensor in tensors.items():
+                cut = min(tensor.shape[0] // 2 + 1, tensor.shape[0]) if tensor.dim() else 0  # rank 0 holds more
+                rows[name] = (tensor[:cut] if rank == 0 else tensor[cut:]) if tensor.dim() else tensor
+                listings[rank][f"{prefix}/{name}"] = {"shape": list(tensor.shape), "offset": rank * cut}
+            save_file({n: t.contiguous() for n, t in rows.items()}, str(checkpoint / f"{ending}-{rank}.safetensors"))
+        file.unlink()
+    for rank, listing in enumerate(listings):
+        (checkpoint / f"shards-{rank}.json").write_text(json.dumps({"world": 2, "rank": rank, "tensors": listing}))
+    files = {p.name: sha256_file(p) for p in sorted(checkpoint.iterdir()) if p.name != INDEX}
+    (checkpoint / INDEX).write_text(index_text(files, key))
+
+
+def _rehash(checkpoint, key=None) -> None:
+    from job.storage.store import sha256_file
+    from job.training.checkpoint_files import index_text
+
+    files = {p.name: sha256_file(p) for p in sorted(checkpoint.iterdir()) if p.name != INDEX}
+    (checkpoint / INDEX).write_text(index_text(files, key))
+
+
+def test_fsdp_shards_whose_listings_disagree_are_skipped_as_a_bad_sha256_is_and_the_previous_one_resumed(tmp_path):
+    from structlog.testing import capture_logs
+
+    manager = _manager(tmp_path / "ckpt", keep=2, key=KEY)
+    for step in (1, 2, 3):
+        _save(manager, step)
+    for step in (2, 3):
+        _as_shards(tmp_path / "ckpt" / f"step-0000000{step}", KEY)
+    assert manager.latest()[0].name == "step-00000003"  # shards that join pass
+    newest = tmp_path / "ckpt" / "step-00000003"
+    (newest / "model-1.safetensors").write_bytes((newest / "model-0.safetensors").read_bytes())
+    _rehash(newest, KEY)  # every sha256 and the HMAC true: only the rows disagree with the listing
+    with capture_logs() as logs:
+        path, _files = manager.latest()
+    assert path.name == "step-00000002"
+    [skipped] = [e for e in logs if e["event"] == "checkpoint_skipped"]
+    assert skipped["checkpoint"] == "step-00000003" and skipped["file"] == "model-1.safetensors"
+    assert "the shards of model/" in skipped["reason"]
+    state = manager.load(path, _files)  # the previous one loads, its shards joined
+    assert state["step"] == 2
+    _save(manager, 4)  # keeps 2 and 4 (two good ones); the skipped 3 is not counted among them
+    assert _names(tmp_path / "ckpt") == ["step-00000002", "step-00000003", "step-00000004"]
+    for step in (2, 4):  # where none passes: exit 1 naming the file, not a restart from step 0
+        shutil.rmtree(tmp_path / "ckpt" / f"step-0000000{step}")
+    with pytest.raises(CheckpointError, match=r"none of the 1 checkpoints .*\(step-00000003: model-1.safetensors: "):
+        manager.latest()
 
 
 def _uploaded(bucket) -> list[str]:
