@@ -20,7 +20,8 @@ files its index lists, after ``checkpoint_files.checkpoint_problem`` passed (eve
 shape, the index's HMAC with ``--checkpoint-key-file``); one that fails is skipped with a warning naming
 the file, and the previous checkpoint is used; it is never counted among the checkpoints kept, so no
 good one is rotated away because of it. Where checkpoints exist and none passes, the job stops (exit 1)
-rather than start again from step 0. The newest one that passes is resumed only where its run binding is
+rather than start again from step 0. A signed one (its index has an HMAC) is resumed only with
+``--checkpoint-key-file`` (else exit 2). The newest one that passes is resumed only where its run binding is
 this stage's: one of another run or stage, or one without a binding, stops the job (exit 1), one written
 with other options, data or starting weights too (exit 2); it is left where it is, never deleted.
 
@@ -257,6 +258,7 @@ class CheckpointManager:
         for path in reversed(found):
             rejected = checkpoint_problem(path, self.key)
             if rejected is None:
+                check_signed(path, self.key)
                 check_binding(path, self.binding)
                 return path, json.loads((path / INDEX).read_text())["files"]
             log.warning("checkpoint_skipped", checkpoint=path.name, file=rejected.file, reason=rejected.reason)
@@ -340,6 +342,15 @@ class CheckpointManager:
             random.setstate((version, tuple(internal), gauss))
 
 
+def check_signed(path: Path, key: bytes | None, name: str | None = None) -> None:
+    """A signed checkpoint (its index has an HMAC) is resumed only with ``--checkpoint-key-file``: without
+    it the signature would go unchecked and the run's next checkpoints unsigned (exit 2, nothing written)."""
+    if key is None and json.loads((path / INDEX).read_text()).get("hmac") is not None:
+        raise ConfigError(
+            f"checkpoint {name or path} is signed: rerun with --checkpoint-key-file (the key it was signed with)"
+        )
+
+
 def check_binding(path: Path, binding: dict | None, name: str | None = None) -> None:
     """The checkpoint at ``path`` (its files verified; ``name``: where it came from) belongs to the stage
     bound by ``binding``."""
@@ -391,6 +402,7 @@ def _fetch_one(storage: Storage, work: Path, where: str, key: bytes | None, bind
         shutil.rmtree(fetched, ignore_errors=True)
         return False
     try:
+        check_signed(fetched, key, f"{storage.url}/{where}")
         check_binding(fetched, binding, f"{storage.url}/{where}")
     except JobError:
         shutil.rmtree(fetched, ignore_errors=True)  # nothing of another run's state stays here

@@ -93,6 +93,19 @@ def test_a_checkpoint_is_resumed_only_with_the_key_it_was_signed_with(tmp_path):
         _manager(tmp_path / "ckpt", key=b"x" * 32).latest()
 
 
+def test_a_signed_checkpoint_without_the_key_file_is_refused_not_resumed_unchecked(tmp_path):
+    _save(_manager(tmp_path / "ckpt", key=KEY), 2)
+    _save(_manager(tmp_path / "ckpt", key=KEY), 4)
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "ckpt").rglob("*")) if p.is_file()}
+    unsigned = _manager(tmp_path / "ckpt")  # the rerun without --checkpoint-key-file
+    with pytest.raises(ConfigError, match=r"checkpoint .*step-00000004 is signed: rerun with --checkpoint-key-file"):
+        unsigned.latest()
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "ckpt").rglob("*")) if p.is_file()} == before
+    assert _manager(tmp_path / "ckpt", key=KEY).latest()[0].name == "step-00000004"  # with it: resumed
+    _save(_manager(tmp_path / "plain"), 3)  # a run never signed resumes without a key, as before
+    assert _manager(tmp_path / "plain").latest()[0].name == "step-00000003"
+
+
 def test_a_checkpoint_of_another_shape_is_a_config_error_before_any_tensor_is_applied(tmp_path):
     _save(_manager(tmp_path / "ckpt"), 4)
     wider = _manager(
@@ -242,6 +255,16 @@ def test_fetch_brings_back_the_newest_good_checkpoint_and_falls_back_past_a_tamp
     assert not list((tmp_path / "node" / "checkpoints").glob(".*"))  # the refused one's download is gone
     fetch_checkpoint(bucket, tmp_path / "node", key=KEY)  # a folder holding one already asks the bucket nothing
     assert _names(tmp_path / "node" / "checkpoints") == ["step-00000002"]
+
+
+def test_fetch_of_a_signed_checkpoint_without_the_key_file_is_refused_and_keeps_nothing(tmp_path):
+    bucket = _bucket_with(tmp_path, (1, 2), key=KEY)
+    with pytest.raises(
+        ConfigError, match=r"checkpoint .*/checkpoints/step-00000002 is signed: rerun with --checkpoint"
+    ):
+        fetch_checkpoint(bucket, tmp_path / "node", key=None)
+    assert not (tmp_path / "node" / "checkpoints").exists() or not list((tmp_path / "node" / "checkpoints").iterdir())
+    assert _uploaded(tmp_path / "bucket") == ["step-00000001", "step-00000002"]  # the bucket's copies untouched
 
 
 def test_fetch_where_none_passes_is_a_checkpoint_error_and_an_incomplete_one_is_not_counted(tmp_path):
