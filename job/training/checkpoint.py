@@ -15,7 +15,8 @@
       index.json               every file above with its sha256, and the run binding (``job/training/binding.py``);
                                written last, it marks the checkpoint complete
 
-A checkpoint is written into a hidden temporary folder and renamed into place. Loading opens only the
+A checkpoint is written into a hidden temporary folder and renamed into place; one a crash left behind is
+removed when training starts. Loading opens only the
 files its index lists, after ``checkpoint_files.checkpoint_problem`` passed (every sha256, every file's
 shape, the index's HMAC with ``--checkpoint-key-file``); one that fails is skipped with a warning naming
 the file, and the previous checkpoint is used; it is never counted among the checkpoints kept, so no
@@ -67,6 +68,7 @@ from job.training.roles import Roles
 from job.training.sharding import full_tensor, is_sharded
 
 log = get_logger(__name__)
+TMP_RE = re.compile(r"^\.step-\d{8}\.tmp$")  # where ``save`` writes a checkpoint before renaming it
 
 
 class CheckpointError(JobError):
@@ -248,6 +250,16 @@ class CheckpointManager:
             self.on_checkpoint(final)
         else:  # no uploader: the folder written is the run's storage
             self.metrics.checkpoint_stored()
+
+    def remove_stale(self) -> None:
+        """The hidden ``.step-NNNNNNNN.tmp`` folders a crash left while writing, removed by the main process
+        when training starts (one writer a run: none is being written now). Nothing else is touched."""
+        if not self.roles.keeps_run or not self.folder.is_dir():
+            return
+        for stale in sorted(self.folder.iterdir()):
+            if TMP_RE.match(stale.name) and stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+                log.info("checkpoint_tmp_removed", path=str(stale))
 
     # --- loading ---------------------------------------------------------------------------------
 

@@ -339,6 +339,7 @@ class Trainer:
         return path
 
     def resume(self) -> None:
+        self.checkpointer.remove_stale()
         found = self.checkpointer.latest()
         if found is None:
             return

@@ -62,6 +62,30 @@ def test_rotation_keeps_the_newest_and_a_rejected_one_is_never_counted_among_the
     assert _names(tmp_path / "ckpt") == ["step-00000004", "step-00000005", "step-00000006"]
 
 
+def test_a_crash_s_hidden_tmp_folder_is_removed_when_training_starts_and_nothing_else(tmp_path):
+    from structlog.testing import capture_logs
+
+    manager = _manager(tmp_path / "ckpt")
+    good = _save(manager, 2)
+    stale = tmp_path / "ckpt" / ".step-00000006.tmp"
+    shutil.copytree(good, stale)  # a checkpoint half-written when the process died
+    (tmp_path / "ckpt" / ".step-00000007.tmp").write_text("a file, not a folder")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("x")
+    (tmp_path / "ckpt" / ".step-00000008.tmp").symlink_to(tmp_path / "elsewhere")
+    others = [".step-00000009.fetch", ".step-9.tmp", "step-00000010.tmp", ".step-00000011.tmp.old", "notes"]
+    for name in others:
+        (tmp_path / "ckpt" / name).mkdir()
+    with capture_logs() as logs:
+        manager.remove_stale()
+    assert not stale.exists()
+    assert [e["path"] for e in logs if e["event"] == "checkpoint_tmp_removed"] == [str(stale)]
+    left = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert left == {"step-00000002", ".step-00000007.tmp", ".step-00000008.tmp", *others}
+    assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "x"
+    assert manager.latest()[0] == good
+
+
 def test_a_verified_load_restores_the_parameters_and_optimizer_state_bit_for_bit(tmp_path):
     manager = _manager(tmp_path / "ckpt", key=KEY)
     _save(manager, 7)
