@@ -251,16 +251,6 @@ class CheckpointManager:
         else:  # no uploader: the folder written is the run's storage
             self.metrics.checkpoint_stored()
 
-    def remove_stale(self) -> None:
-        """The hidden ``.step-NNNNNNNN.tmp`` folders a crash left while writing, removed by the main process
-        when training starts (one writer a run: none is being written now). Nothing else is touched."""
-        if not self.roles.keeps_run or not self.folder.is_dir():
-            return
-        for stale in sorted(self.folder.iterdir()):
-            if TMP_RE.match(stale.name) and stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale)
-                log.info("checkpoint_tmp_removed", path=str(stale))
-
     # --- loading ---------------------------------------------------------------------------------
 
     def latest(self) -> tuple[Path, dict[str, str]] | None:
@@ -270,8 +260,7 @@ class CheckpointManager:
         for path in reversed(found):
             rejected = checkpoint_problem(path, self.key)
             if rejected is None:
-                check_signed(path, self.key)
-                check_binding(path, self.binding)
+                check_owner(path, self.key, self.binding)
                 return path, json.loads((path / INDEX).read_text())["files"]
             log.warning("checkpoint_skipped", checkpoint=path.name, file=rejected.file, reason=rejected.reason)
             self.rejected.add(path.name)
@@ -354,6 +343,25 @@ class CheckpointManager:
             random.setstate((version, tuple(internal), gauss))
 
 
+def remove_stale_tmp(folder: Path) -> None:
+    """The hidden ``.step-NNNNNNNN.tmp`` folders in ``folder`` that a crash left while writing a checkpoint,
+    removed when training starts, by the main process (one writer a run: none is being written now).
+    Nothing else is touched: files, links and other names stay."""
+    if not folder.is_dir():
+        return
+    for stale in sorted(folder.iterdir()):
+        if TMP_RE.match(stale.name) and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+            log.info("checkpoint_tmp_removed", path=str(stale))
+
+
+def check_owner(path: Path, key: bytes | None, binding: dict | None, name: str | None = None) -> None:
+    """The checkpoint at ``path`` (its files verified) is this stage's to resume: signed only where a key is
+    given (``check_signed``), of this run (``check_binding``)."""
+    check_signed(path, key, name)
+    check_binding(path, binding, name)
+
+
 def check_signed(path: Path, key: bytes | None, name: str | None = None) -> None:
     """A signed checkpoint (its index has an HMAC) is resumed only with ``--checkpoint-key-file``: without
     it the signature would go unchecked and the run's next checkpoints unsigned (exit 2, nothing written)."""
@@ -414,8 +422,7 @@ def _fetch_one(storage: Storage, work: Path, where: str, key: bytes | None, bind
         shutil.rmtree(fetched, ignore_errors=True)
         return False
     try:
-        check_signed(fetched, key, f"{storage.url}/{where}")
-        check_binding(fetched, binding, f"{storage.url}/{where}")
+        check_owner(fetched, key, binding, f"{storage.url}/{where}")
     except JobError:
         shutil.rmtree(fetched, ignore_errors=True)  # nothing of another run's state stays here
         raise

@@ -13,7 +13,13 @@ from job.core.errors import ConfigError
 from job.core.observability import Metrics
 from job.models.gpt2 import GPTConfig, GPTModel
 from job.storage.store import LocalStorage
-from job.training.checkpoint import CheckpointError, CheckpointManager, CheckpointUploader, fetch_checkpoint
+from job.training.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointUploader,
+    fetch_checkpoint,
+    remove_stale_tmp,
+)
 from job.training.checkpoint_files import INDEX, checkpoint_dirs
 
 TINY = GPTConfig(vocab_size=64, context_length=16, emb_dim=16, n_heads=2, n_layers=1)
@@ -77,7 +83,7 @@ def test_a_crash_s_hidden_tmp_folder_is_removed_when_training_starts_and_nothing
     for name in others:
         (tmp_path / "ckpt" / name).mkdir()
     with capture_logs() as logs:
-        manager.remove_stale()
+        remove_stale_tmp(tmp_path / "ckpt")
     assert not stale.exists()
     assert [e["path"] for e in logs if e["event"] == "checkpoint_tmp_removed"] == [str(stale)]
     left = {p.name for p in (tmp_path / "ckpt").iterdir()}
