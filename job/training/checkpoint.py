@@ -61,6 +61,7 @@ from job.training.checkpoint_files import (
     checkpoint_dirs,
     checkpoint_problem,
     index_binding,
+    index_signed,
     index_text,
 )
 from job.training.checkpoint_shards import Shards, ShardsError, WholeTensors, write_shards
@@ -363,11 +364,16 @@ def check_owner(path: Path, key: bytes | None, binding: dict | None, name: str |
 
 
 def check_signed(path: Path, key: bytes | None, name: str | None = None) -> None:
-    """A signed checkpoint (its index has an HMAC) is resumed only with ``--checkpoint-key-file``: without
-    it the signature would go unchecked and the run's next checkpoints unsigned (exit 2, nothing written)."""
-    if key is None and json.loads((path / INDEX).read_text()).get("hmac") is not None:
+    """A run whose checkpoints are signed (an index with an HMAC: ``path``'s or another in its folder) is
+    resumed only with ``--checkpoint-key-file``: without it the signature would go unchecked and the run's
+    next checkpoints unsigned (exit 2, nothing written)."""
+    if key is not None:
+        return
+    signed = next((p for p in (path, *reversed(checkpoint_dirs(path.parent))) if index_signed(p)), None)
+    if signed is not None:
+        where = name if signed == path and name else signed
         raise ConfigError(
-            f"checkpoint {name or path} is signed: rerun with --checkpoint-key-file (the key it was signed with)"
+            f"checkpoint {where} is signed: rerun with --checkpoint-key-file (the key it was signed with)"
         )
 
 

@@ -157,6 +157,16 @@ def index_binding(path: Path) -> dict | None:
     return json.loads((path / INDEX).read_text()).get("binding")
 
 
+def index_signed(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` has an HMAC in its index (read as far as that: an index that does
+    not parse says no, and fails its checks where it matters)."""
+    try:
+        index = _json(path, INDEX)
+    except Rejected:
+        return False
+    return isinstance(index, dict) and index.get("hmac") is not None
+
+
 def checkpoint_dirs(folder: Path) -> list[Path]:
     """The complete checkpoints in ``folder`` (those whose index was written), oldest first."""
     if not folder.is_dir():

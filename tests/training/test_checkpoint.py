@@ -134,6 +134,9 @@ def test_a_signed_checkpoint_without_the_key_file_is_refused_not_resumed_uncheck
     assert _manager(tmp_path / "ckpt", key=KEY).latest()[0].name == "step-00000004"  # with it: resumed
     _save(_manager(tmp_path / "plain"), 3)  # a run never signed resumes without a key, as before
     assert _manager(tmp_path / "plain").latest()[0].name == "step-00000003"
+    _save(_manager(tmp_path / "ckpt"), 6)  # an unsigned one above them (as the old code wrote): still refused
+    with pytest.raises(ConfigError, match=r"checkpoint .*step-00000004 is signed: rerun with --checkpoint-key-file"):
+        _manager(tmp_path / "ckpt").latest()
 
 
 def test_a_checkpoint_of_another_shape_is_a_config_error_before_any_tensor_is_applied(tmp_path):
