@@ -352,7 +352,11 @@ def remove_stale_tmp(folder: Path) -> None:
         return
     for stale in sorted(folder.iterdir()):
         if TMP_RE.match(stale.name) and stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale)
+            try:
+                shutil.rmtree(stale)
+            except OSError as exc:  # litter, not state: training goes on, and a save of its step retries
+                log.warning("checkpoint_tmp_not_removed", path=str(stale), error=exc.strerror or str(exc))
+                continue
             log.info("checkpoint_tmp_removed", path=str(stale))
 
 

@@ -92,6 +92,25 @@ def test_a_crash_s_hidden_tmp_folder_is_removed_when_training_starts_and_nothing
     assert manager.latest()[0] == good
 
 
+def test_a_tmp_folder_that_cannot_be_removed_is_a_warning_not_a_failed_start(tmp_path, monkeypatch):
+    from structlog.testing import capture_logs
+
+    from job.training import checkpoint
+
+    stale = tmp_path / "ckpt" / ".step-00000006.tmp"
+    stale.mkdir(parents=True)
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", refused)
+    with capture_logs() as logs:
+        remove_stale_tmp(tmp_path / "ckpt")
+    [warned] = [e for e in logs if e["event"] == "checkpoint_tmp_not_removed"]
+    assert warned["path"] == str(stale) and warned["error"] == "Permission denied"
+    assert not [e for e in logs if e["event"] == "checkpoint_tmp_removed"]
+
+
 def test_a_verified_load_restores_the_parameters_and_optimizer_state_bit_for_bit(tmp_path):
     manager = _manager(tmp_path / "ckpt", key=KEY)
     _save(manager, 7)
