@@ -312,21 +312,60 @@ def machine() -> dict:
     return info
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of 1 or more (``--steps 0`` would time nothing)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1 or more")
+    return value
+
+
+def finite_non_negative(text: str) -> float:
+    """An argparse type: a finite number of 0 or more."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of 0 or more")
+    return value
+
+
+def writable_out(parser: argparse.ArgumentParser, out: Path) -> Path:
+    """``--out``'s file, refused (exit 2) before any measurement where it could not be written at the end
+    of the first: its folder missing or not writable, or a folder where the file should be (nothing left behind)."""
+    if out.is_dir():
+        parser.error(f"argument --out: {out} is a folder; name the JSON file to write")
+    if not out.parent.is_dir():
+        parser.error(f"argument --out: folder {out.parent} does not exist")
+    existed = out.exists()
+    try:  # opened, not written: a file that was there keeps its figures until the first case replaces them
+        out.open("a").close()
+    except OSError as exc:
+        parser.error(f"argument --out: {out}: {exc.strerror or exc}")
+    if not existed:
+        out.unlink()
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks sharding", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes of both families: checks the harness")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps of each speed case, after one warm-up")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file for the figures (its folder must exist)")
     parser.add_argument(
-        "--headroom", type=float, default=2.0, help="run a case only with this many times its need free"
+        "--steps", type=positive_int, default=3, help="timed steps of each speed case, after one warm-up"
     )
-    parser.add_argument("--wait", type=float, default=600, help="seconds a case waits for its memory to be free")
+    parser.add_argument(
+        "--headroom", type=finite_non_negative, default=2.0, help="run a case only with this many times its need free"
+    )
+    parser.add_argument(
+        "--wait", type=finite_non_negative, default=600, help="seconds a case waits for its memory to be free"
+    )
     parser.add_argument(
         "--memory-models", nargs="+", choices=["gpt2-medium", "qwen3-0.6b"], default=["gpt2-medium", "qwen3-0.6b"]
     )
     parser.add_argument("--only", choices=["memory", "speed"], default=None)
     args = parser.parse_args(argv)
-    out = args.out or REPO / "benchmarks" / f"results-cpu-sharding{'-quick' if args.quick else ''}.json"
+    out = writable_out(
+        parser, args.out or REPO / "benchmarks" / f"results-cpu-sharding{'-quick' if args.quick else ''}.json"
+    )
     memory, speed = plan(args.quick, args.steps, tuple(args.memory_models))
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": ["sharding", *(argv or [])]}
     report |= {"load_average_before": os.getloadavg(), "memory": [], "speed": []}

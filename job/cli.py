@@ -270,10 +270,14 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _fail(code: int, message: str) -> typing.NoReturn:
-    click.echo(f"Error: {' '.join(message.split())}", err=True)
-    exits = os.environ.get("SFT_JOB_EXIT_DIR")  # under job.launch: the code the launcher cannot pass on
-    if exits:
-        Path(exits, f"rank-{os.environ.get('RANK', '0')}").write_text(str(int(code)))
+    line = f"Error: {' '.join(message.split())}"
+    exits = os.environ.get("SFT_JOB_EXIT_DIR")
+    if exits:  # under job.launch: it prints one line for the group, from every process's code and line
+        rank = os.environ.get("RANK", "0")
+        Path(exits, f"line-{rank}").write_text(line)
+        Path(exits, f"rank-{rank}").write_text(str(int(code)))
+    else:
+        click.echo(line, err=True)
     sys.exit(int(code))
 
 
@@ -396,7 +400,8 @@ def entrypoint(argv: list[str] | None = None) -> None:
         _fail(ExitCode.RETRY, str(exc))
     except click.ClickException as exc:
         configure_logging("auto")
-        get_logger("sft_job").error("usage_error", error=exc.format_message(), exit_code=ExitCode.BAD_CONFIG)
+        rank = int(os.environ.get("RANK", "0"))  # under job.launch the line is the group's: each log says whose
+        get_logger("sft_job").error("usage_error", error=exc.format_message(), exit_code=ExitCode.BAD_CONFIG, rank=rank)
         _fail(ExitCode.BAD_CONFIG, exc.format_message())
     except click.Abort:  # click's own prompts only: SIGINT raises Interrupted
         _fail(ExitCode.RETRY, "aborted")

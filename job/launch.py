@@ -9,6 +9,13 @@ SIGUSR1 and SIGINT to the training processes themselves (each finishes its step,
 and exits 75), and exits with the most telling code its workers reported (each writes its code to
 ``SFT_JOB_EXIT_DIR`` on the way out): bad config (2), bad data (1), try again (75), a bug (70).
 A launcher that failed with no worker's code (a worker killed by the kernel, say) is a 70.
+
+The group's failure is one ``Error:`` line, printed here: each worker writes its line beside its code
+instead of to stderr (torch's elastic agent passes every worker's stderr through as it comes, and stops
+the others with SIGTERM when one fails, so no worker can know whether its line is the one that speaks
+for the group). The line printed is that of the lowest rank whose code is the group's: a refusal every
+process reaches is said once, and one only a non-main process reaches (its own shard missing) still is.
+Each worker's error stays in its JSON log (``stage_failed`` with its rank).
 """
 
 from __future__ import annotations
@@ -37,6 +44,27 @@ def group_exit_code(launcher_code: int, worker_codes: list[int], signalled: bool
             return int(code)
     # stopped before any worker could checkpoint (still starting): the rerun starts over, try again
     return int(ExitCode.RETRY if signalled else ExitCode.INTERNAL)
+
+
+def group_error_line(result: int, codes: dict[int, int], lines: dict[int, str], signalled: bool = False) -> str:
+    """The one ``Error:`` line of a group that exits ``result``: the line of the lowest rank whose code
+    (``codes``, by rank) is the group's, else the lowest rank's line, else why no worker said anything."""
+    speaking = sorted(rank for rank in lines if codes.get(rank) == result) or sorted(lines)
+    if speaking:
+        return lines[speaking[0]]
+    if signalled:
+        return "Error: stopped by a signal while the processes were starting: rerun the same command"
+    return (
+        "Error: the launcher failed and no process said why (one killed, by the kernel for memory say, or "
+        "never started): see the launcher's output above"
+    )
+
+
+def _reports(exits: Path) -> tuple[dict[int, int], dict[int, str]]:
+    """Each worker's exit code and ``Error:`` line, by rank, as ``job.cli`` wrote them on the way out."""
+    codes = {int(p.name[5:]): int(p.read_text()) for p in exits.glob("rank-*")}
+    lines = {int(p.name[5:]): p.read_text() for p in exits.glob("line-*")}
+    return codes, lines
 
 
 def _workers(launcher: subprocess.Popen) -> list:
@@ -79,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         for s in STOP_SIGNALS:
             signal.signal(s, forward)
         code = launcher.wait()
-        reported = [int(p.read_text()) for p in Path(exits).glob("rank-*")]
-    result = group_exit_code(code, reported, bool(signalled))
+        codes, lines = _reports(Path(exits))
+    result = group_exit_code(code, list(codes.values()), bool(signalled))
     if result != code:
-        print(f"sft-job: launcher exit {code}, workers {sorted(set(reported))}: exit {result}", file=sys.stderr)
+        print(f"sft-job: launcher exit {code}, workers {sorted(set(codes.values()))}: exit {result}", file=sys.stderr)
+    if result != 0:
+        print(group_error_line(result, codes, lines, bool(signalled)), file=sys.stderr)
     return result
 
 

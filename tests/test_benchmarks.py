@@ -149,3 +149,64 @@ def test_a_sharding_case_that_cannot_fit_is_reported_and_not_started():
     result = run_case(Case("qwen3-0.6b", 4, "ddp"), headroom=1e6, wait=0)
     assert result["not_run"].startswith("did not fit: needs about ")
     assert "processes" not in result and result["parameters"] == 596_049_920  # Qwen3-0.6B, the head tied
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--steps", "0"], "argument --steps: '0' is not 1 or more"),
+        (["--steps", "-1"], "argument --steps: '-1' is not 1 or more"),
+        (["--headroom", "-1"], "argument --headroom: '-1' is not a finite number of 0 or more"),
+        (["--headroom", "nan"], "argument --headroom: 'nan' is not a finite number of 0 or more"),
+        (["--wait", "-5"], "argument --wait: '-5' is not a finite number of 0 or more"),
+        (["--out", "{tmp}/missing/b.json"], "argument --out: folder {tmp}/missing does not exist"),
+        (["--out", "{tmp}"], "argument --out: {tmp} is a folder; name the JSON file to write"),
+        (["--out", "{tmp}/file/b.json"], "argument --out: folder {tmp}/file does not exist"),
+    ],
+    ids=[
+        "steps-0",
+        "steps-negative",
+        "headroom-negative",
+        "headroom-nan",
+        "wait-negative",
+        "out-missing-folder",
+        "out-a-folder",
+        "out-under-a-file",
+    ],
+)
+def test_a_sharding_benchmark_flag_it_cannot_use_is_exit_2_naming_it_before_any_measurement(
+    args, said, tmp_path, monkeypatch, capsys
+):
+    from benchmarks import sharding
+
+    def measured(*_args):
+        raise AssertionError("a measurement started")
+
+    monkeypatch.setattr(sharding, "run_case", measured)
+    (tmp_path / "file").write_text("")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exited:
+        sharding.main(["--quick", *(a.format(tmp=tmp_path) for a in args)])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(said.format(tmp=tmp_path))
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_the_sharding_benchmark_s_out_file_is_probed_not_clobbered_before_its_first_figure(tmp_path, monkeypatch):
+    from benchmarks import sharding
+
+    kept = tmp_path / "b.json"
+    kept.write_text('{"earlier": "figures"}')
+    seen = []
+
+    def measured(*_args):  # the file as the first measurement finds it
+        seen.append(kept.read_text())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sharding, "run_case", measured)
+    with pytest.raises(KeyboardInterrupt):
+        sharding.main(["--quick", "--only", "speed", "--out", str(kept)])
+    assert seen == ['{"earlier": "figures"}']
+    with pytest.raises(KeyboardInterrupt):
+        sharding.main(["--quick", "--only", "speed", "--out", str(tmp_path / "new.json")])
+    assert not (tmp_path / "new.json").exists()  # the probe left no empty file behind

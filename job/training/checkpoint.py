@@ -15,12 +15,14 @@
       index.json               every file above with its sha256, and the run binding (``job/training/binding.py``);
                                written last, it marks the checkpoint complete
 
-A checkpoint is written into a hidden temporary folder and renamed into place. Loading opens only the
+A checkpoint is written into a hidden temporary folder and renamed into place; one a crash left behind is
+removed when training starts. Loading opens only the
 files its index lists, after ``checkpoint_files.checkpoint_problem`` passed (every sha256, every file's
 shape, the index's HMAC with ``--checkpoint-key-file``); one that fails is skipped with a warning naming
 the file, and the previous checkpoint is used; it is never counted among the checkpoints kept, so no
 good one is rotated away because of it. Where checkpoints exist and none passes, the job stops (exit 1)
-rather than start again from step 0. The newest one that passes is resumed only where its run binding is
+rather than start again from step 0. A signed one (its index has an HMAC) is resumed only with
+``--checkpoint-key-file`` (else exit 2). The newest one that passes is resumed only where its run binding is
 this stage's: one of another run or stage, or one without a binding, stops the job (exit 1), one written
 with other options, data or starting weights too (exit 2); it is left where it is, never deleted.
 
@@ -59,6 +61,7 @@ from job.training.checkpoint_files import (
     checkpoint_dirs,
     checkpoint_problem,
     index_binding,
+    index_signed,
     index_text,
 )
 from job.training.checkpoint_shards import Shards, ShardsError, WholeTensors, write_shards
@@ -66,6 +69,7 @@ from job.training.roles import Roles
 from job.training.sharding import full_tensor, is_sharded
 
 log = get_logger(__name__)
+TMP_RE = re.compile(r"^\.step-\d{8}\.tmp$")  # where ``save`` writes a checkpoint before renaming it
 
 
 class CheckpointError(JobError):
@@ -257,7 +261,7 @@ class CheckpointManager:
         for path in reversed(found):
             rejected = checkpoint_problem(path, self.key)
             if rejected is None:
-                check_binding(path, self.binding)
+                check_owner(path, self.key, self.binding)
                 return path, json.loads((path / INDEX).read_text())["files"]
             log.warning("checkpoint_skipped", checkpoint=path.name, file=rejected.file, reason=rejected.reason)
             self.rejected.add(path.name)
@@ -340,6 +344,43 @@ class CheckpointManager:
             random.setstate((version, tuple(internal), gauss))
 
 
+def remove_stale_tmp(folder: Path) -> None:
+    """The hidden ``.step-NNNNNNNN.tmp`` folders in ``folder`` that a crash left while writing a checkpoint,
+    removed when training starts, by the main process (one writer a run: none is being written now).
+    Nothing else is touched: files, links and other names stay."""
+    if not folder.is_dir():
+        return
+    for stale in sorted(folder.iterdir()):
+        if TMP_RE.match(stale.name) and stale.is_dir() and not stale.is_symlink():
+            try:
+                shutil.rmtree(stale)
+            except OSError as exc:  # litter, not state: training goes on, and a save of its step retries
+                log.warning("checkpoint_tmp_not_removed", path=str(stale), error=exc.strerror or str(exc))
+                continue
+            log.info("checkpoint_tmp_removed", path=str(stale))
+
+
+def check_owner(path: Path, key: bytes | None, binding: dict | None, name: str | None = None) -> None:
+    """The checkpoint at ``path`` (its files verified) is this stage's to resume: signed only where a key is
+    given (``check_signed``), of this run (``check_binding``)."""
+    check_signed(path, key, name)
+    check_binding(path, binding, name)
+
+
+def check_signed(path: Path, key: bytes | None, name: str | None = None) -> None:
+    """A run whose checkpoints are signed (an index with an HMAC: ``path``'s or another in its folder) is
+    resumed only with ``--checkpoint-key-file``: without it the signature would go unchecked and the run's
+    next checkpoints unsigned (exit 2, nothing written)."""
+    if key is not None:
+        return
+    signed = next((p for p in (path, *reversed(checkpoint_dirs(path.parent))) if index_signed(p)), None)
+    if signed is not None:
+        where = name if signed == path and name else signed
+        raise ConfigError(
+            f"checkpoint {where} is signed: rerun with --checkpoint-key-file (the key it was signed with)"
+        )
+
+
 def check_binding(path: Path, binding: dict | None, name: str | None = None) -> None:
     """The checkpoint at ``path`` (its files verified; ``name``: where it came from) belongs to the stage
     bound by ``binding``."""
@@ -391,7 +432,7 @@ def _fetch_one(storage: Storage, work: Path, where: str, key: bytes | None, bind
         shutil.rmtree(fetched, ignore_errors=True)
         return False
     try:
-        check_binding(fetched, binding, f"{storage.url}/{where}")
+        check_owner(fetched, key, binding, f"{storage.url}/{where}")
     except JobError:
         shutil.rmtree(fetched, ignore_errors=True)  # nothing of another run's state stays here
         raise

@@ -3,7 +3,8 @@
 A checkpoint may come back from a bucket that others can write to, so a folder is used only when:
 its ``index.json`` has the expected shape (and, with ``--checkpoint-key-file``, an HMAC-SHA256 of its
 file list and its run binding made with that key); every file it lists is there with its sha256; every JSON file has
-its shape; every safetensors header is sound. ``checkpoint_problem`` says which file fails and why,
+its shape; every safetensors header is sound; fsdp's shards join into whole tensors as their listings say.
+``checkpoint_problem`` says which file fails and why,
 the same answer on every process, so all of them skip the same checkpoints.
 """
 
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 from job.core.errors import ConfigError
 from job.core.parsing import ParseError, load_json, read_bounded, safetensors_header, validated
 from job.storage.store import sha256_files
+from job.training.checkpoint_shards import Shards, ShardsError
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 INDEX = "index.json"
@@ -155,6 +157,16 @@ def index_binding(path: Path) -> dict | None:
     return json.loads((path / INDEX).read_text()).get("binding")
 
 
+def index_signed(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` has an HMAC in its index (read as far as that: an index that does
+    not parse says no, and fails its checks where it matters)."""
+    try:
+        index = _json(path, INDEX)
+    except Rejected:
+        return False
+    return isinstance(index, dict) and index.get("hmac") is not None
+
+
 def checkpoint_dirs(folder: Path) -> list[Path]:
     """The complete checkpoints in ``folder`` (those whose index was written), oldest first."""
     if not folder.is_dir():
@@ -177,6 +189,7 @@ def checkpoint_problem(path: Path, key: bytes | None = None) -> Rejected | None:
                 raise Rejected(name, "sha256 differs from the index")
         for name in files:
             _check_content(path, name)
+        _check_shards_join(path, files)
     except Rejected as rejected:
         return rejected
     return None
@@ -214,6 +227,19 @@ def _model_files(path: Path, files: dict[str, str]) -> tuple[str, ...]:
     return tuple(
         f"{kind}-{rank}.{ext}" for rank in range(world) for kind, ext in (("shards", "json"), ("model", "safetensors"))
     )
+
+
+def _check_shards_join(path: Path, files: dict[str, str]) -> None:
+    """fsdp's shards join into whole tensors, listed from the files' headers (no tensor is read): a listing
+    that disagrees with its files (rows, shapes, ranks) fails the checkpoint as a wrong sha256 does, on every
+    process alike, so all of them fall back to the same one."""
+    if "model.safetensors" in files:
+        return
+    try:
+        with Shards(path, files):
+            pass
+    except ShardsError as exc:
+        raise Rejected(exc.file or INDEX, str(exc)) from None
 
 
 def _shards(path: Path, name: str) -> ShardsFile:

@@ -29,7 +29,12 @@ from job.training.sharding import placed_like
 
 
 class ShardsError(Exception):
-    """The shards of a checkpoint do not join into whole tensors (the message says which)."""
+    """The shards of a checkpoint do not join into whole tensors (the message says which tensor; ``file``:
+    the checkpoint's file where that shows, so the checkpoint is skipped naming it)."""
+
+    def __init__(self, message: str, file: str = ""):
+        super().__init__(message)
+        self.file = file
 
 
 def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -115,11 +120,14 @@ class Shards(contextlib.ExitStack):
         for rank in range(world):
             if f"shards-{rank}.json" not in files:
                 raise ShardsError(
-                    f"shards-0.json says {world} processes wrote it; the index lists no shards-{rank}.json"
+                    f"shards-0.json says {world} processes wrote it; the index lists no shards-{rank}.json",
+                    "shards-0.json",
                 )
             listing = json.loads((folder / f"shards-{rank}.json").read_text())
             if listing["world"] != world or listing["rank"] != rank:
-                raise ShardsError(f"shards-{rank}.json says rank {listing['rank']} of {listing['world']}")
+                raise ShardsError(
+                    f"shards-{rank}.json says rank {listing['rank']} of {listing['world']}", f"shards-{rank}.json"
+                )
             ending = f"-{rank}.safetensors"
             for name in sorted(n for n in files if n.endswith(ending) and not n.startswith("rng-")):
                 prefix = "model" if name.startswith("model-") else name[len("optimizer-") : -len(ending)]
@@ -135,18 +143,21 @@ class Shards(contextlib.ExitStack):
             key, entry = f"{prefix}/{name}", listing["tensors"].get(f"{prefix}/{name}")
             listed = f"shards-{listing['rank']}.json"
             if entry is None:
-                raise ShardsError(f"{file.name} holds {name[:60]!r}, which {listed} does not place")
+                raise ShardsError(f"{file.name} holds {name[:60]!r}, which {listed} does not place", file.name)
             if not _is_place(entry):
-                raise ShardsError(f"{listed} places {key[:60]} at {str(entry)[:80]}, not a first row and a shape")
+                raise ShardsError(
+                    f"{listed} places {key[:60]} at {str(entry)[:80]}, not a first row and a shape", listed
+                )
             if self.shapes.setdefault(key, entry["shape"]) != entry["shape"]:
-                raise ShardsError(f"{key[:60]} has two shapes across the shards")
+                raise ShardsError(f"{key[:60]} has two shapes across the shards", listed)
             sliced = opened.get_slice(name)
             shape, dtype = sliced.get_shape(), sliced.get_dtype()
             if bool(shape) != bool(entry["shape"]):  # a scalar where rows are said to be, or rows for a scalar
-                raise ShardsError(f"the shards of {key[:60]} do not join: a piece of shape {shape}")
+                raise ShardsError(f"the shards of {key[:60]} do not join: a piece of shape {shape}", file.name)
             if self.pieces.get(key) and self.pieces[key][0].dtype != dtype:
                 raise ShardsError(
-                    f"the shards of {key[:60]} do not join: {dtype} rows beside {self.pieces[key][0].dtype}"
+                    f"the shards of {key[:60]} do not join: {dtype} rows beside {self.pieces[key][0].dtype}",
+                    file.name,
                 )
             piece = Piece(file, name, entry["offset"], shape[0] if shape else 0, shape[1:], dtype)
             self.pieces.setdefault(key, []).append(piece)
@@ -234,7 +245,8 @@ def _check_joins(key: str, shape: list[int], pieces: list[Piece]) -> None:
     row = 0
     for piece in pieces:
         if piece.offset != row or piece.trailing != shape[1:]:
-            raise ShardsError(f"the shards of {key[:60]} do not join: rows from {piece.offset} where {row} was next")
+            said = f"the shards of {key[:60]} do not join: rows from {piece.offset} where {row} was next"
+            raise ShardsError(said, piece.file.name)
         row += piece.rows
     if row != shape[0]:
-        raise ShardsError(f"the shards of {key[:60]} hold {row} of its {shape[0]} rows")
+        raise ShardsError(f"the shards of {key[:60]} hold {row} of its {shape[0]} rows", pieces[-1].file.name)

@@ -28,7 +28,7 @@ from job.models.families import Model
 from job.models.gpt2 import GPTModel
 from job.models.lora import add_adapters
 from job.models.tokenizer import Tokenizer, encode
-from job.training.checkpoint import CheckpointManager
+from job.training.checkpoint import CheckpointManager, remove_stale_tmp
 from job.training.checkpoint_files import read_key
 from job.training.objectives import Evaluator, Objective
 from job.training.roles import Roles
@@ -339,6 +339,8 @@ class Trainer:
         return path
 
     def resume(self) -> None:
+        if self.roles.keeps_run:
+            remove_stale_tmp(self.checkpointer.folder)
         found = self.checkpointer.latest()
         if found is None:
             return

@@ -14,7 +14,7 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from job.training.checkpoint_files import INDEX, checkpoint_problem
 from tests.helpers import cli, events, filled_cache, finetune_run, smoke_run, start_cli, wait_for_event
@@ -95,6 +95,48 @@ def test_no_checkpoint_that_passes_is_exit_1_not_a_silent_restart(eight_steps, t
     [line] = result.stderr.splitlines()
     assert f"none of the 2 checkpoints in {out / 'checkpoints'} can be resumed from (step-00000008:" in line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_fsdp_shards_that_do_not_join_are_skipped_naming_the_file_and_the_run_resumes_before_them(
+    tiny_model_dir, cache, tmp_path
+):
+    out, steps = tmp_path / "ft", ["--sharding", "fsdp", "--checkpoint-every", "2", "--eval-freq", "2"]
+    first = cli(*finetune_run(tiny_model_dir, cache, out, *steps, "--max-steps", "4"))
+    assert first.returncode == 0, first.stderr
+    latest = out / "checkpoints" / "step-00000004"
+    shard = load_file(latest / "model-0.safetensors")
+    name = next(n for n, t in shard.items() if t.dim() == 2)
+    shard[name] = torch.cat([shard[name], shard[name][:1]])  # one row more than the listing's shape
+    save_file(shard, latest / "model-0.safetensors")
+    _rehash(latest)  # every sha256 true: only the rows disagree with shards-0.json
+    rerun = cli(*finetune_run(tiny_model_dir, cache, out, *steps, "--max-steps", "6"))
+    assert rerun.returncode == 0, rerun.stderr
+    [skipped] = [e for e in events(rerun.stdout) if e["event"] == "checkpoint_skipped"]
+    assert (skipped["checkpoint"], skipped["file"]) == ("step-00000004", "model-0.safetensors")
+    assert f"the shards of model/{name}" in skipped["reason"]
+    assert [e["step"] for e in events(rerun.stdout) if e["event"] == "resumed"] == [2]
+
+
+def test_a_signed_run_rerun_without_its_key_file_is_exit_2_and_changes_nothing(tiny_model_dir, cache, tmp_path):
+    (tmp_path / "key").write_bytes(b"a secret of thirty-two bytes....\n")
+    out, steps = tmp_path / "ft", ["--checkpoint-every", "2", "--eval-freq", "2"]
+    signed = cli(
+        *finetune_run(tiny_model_dir, cache, out, *steps, "--max-steps", "2"), "--checkpoint-key-file", tmp_path / "key"
+    )
+    assert signed.returncode == 0, signed.stderr
+    before = _files(out)
+    rerun = cli(*finetune_run(tiny_model_dir, cache, out, *steps, "--max-steps", "4"))
+    assert rerun.returncode == 2
+    [line] = rerun.stderr.splitlines()
+    assert line.startswith(
+        f"Error: checkpoint {out / 'checkpoints' / 'step-00000002'} is signed: rerun with --checkpoint-key-file"
+    )
+    assert _files(out) == before  # nothing written, nothing deleted
 
 
 def _keys(s3, bucket: str, prefix: str) -> set[str]:

@@ -121,7 +121,10 @@ def test_sigusr1_and_sigint_stop_every_fsdp_process_at_a_checkpoint_that_resumes
         cut.send_signal(stop)
         _out, err = cut.communicate(timeout=300)
         assert cut.returncode == ExitCode.RETRY, err[-3000:]
-        assert err.count(f"stopped by {stop.name} at step") == 2, err[-3000:]  # each process says so
+        [line] = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert line.startswith(f"Error: stopped by {stop.name} at step"), err[-3000:]
+        said = [e["rank"] for e in logged(_out) if e["event"] == "stage_failed" and stop.name in e["error"]]
+        assert sorted(said) == [0, 1]  # each process says so in its log; the group once on stderr
         newest = max((output / "checkpoints").glob("step-*"))
         assert int(newest.name[5:]) < 12 and not (output / "model").exists()
         assert_no_pickle(newest)

@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from job.storage.store import sha256_file
+from job.training.checkpoint_files import INDEX, checkpoint_problem, index_text
 from job.training.checkpoint_shards import Shards, ShardsError, read_shards, write_shards
 
 
@@ -131,6 +133,66 @@ def test_rows_of_another_dtype_are_refused_not_promoted(tmp_path):
     save_file({"w": torch.ones(3, 2, dtype=torch.int64)}, str(tmp_path / "model-1.safetensors"))
     with pytest.raises(ShardsError, match="shards of model/w do not join: I64 rows beside F32"):
         Shards(tmp_path, files)
+
+
+def as_checkpoint(folder: Path, files: dict[str, str]) -> None:
+    """The hand-written shards in ``folder`` made a whole checkpoint: the shared files, and an index of
+    every file's true sha256 (as one re-hashed after tampering would be)."""
+    (folder / "optimizer.json").write_text(
+        json.dumps({"param_groups": [{"params": [0], "lr": 0.1, "betas": [0.9, 0.99]}]})
+    )
+    state = {"step": 2, "epoch": 0, "batch_in_epoch": 2, "tokens_seen": 0, "history": []}
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    names = [*files, "optimizer.json", "trainer_state.json"]
+    (folder / INDEX).write_text(index_text({n: sha256_file(folder / n) for n in names}, None))
+
+
+def copy_over(folder: Path, source: str, target: str) -> None:
+    (folder / target).write_bytes((folder / source).read_bytes())
+
+
+def reshape_listing(folder: Path, name: str) -> None:
+    listing = json.loads((folder / name).read_text())
+    listing["tensors"]["model/w"]["shape"] = [7, 2]
+    (folder / name).write_text(json.dumps(listing))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "file", "said"),
+    [
+        (
+            lambda f: copy_over(f, "model-0.safetensors", "model-1.safetensors"),
+            "model-1.safetensors",
+            "hold 8 of its 6",
+        ),
+        (lambda f: reshape_listing(f, "shards-1.json"), "shards-1.json", "model/w has two shapes across the shards"),
+        (
+            lambda f: [
+                copy_over(f, f"{kind}-0.{ext}", f"{kind}-1.{ext}")
+                for kind, ext in [("model", "safetensors"), ("shards", "json")]
+            ],
+            "shards-1.json",
+            "shards-1.json says rank 0 of 2",
+        ),
+        (
+            lambda f: (f / "optimizer-exp_avg-1.safetensors").unlink(),
+            "optimizer-exp_avg-0.safetensors",
+            "exp_avg/0 hold 4 of its 6",
+        ),
+    ],
+    ids=["rows-of-another-process", "another-shape", "a-listing-of-another-rank", "a-moment-file-left-out"],
+)
+def test_a_checkpoint_whose_shards_do_not_join_fails_its_checks_naming_the_file_and_the_tensor(
+    tmp_path, tamper, file, said
+):
+    files = write_by_hand(tmp_path, torch.ones(6, 2), [4])
+    as_checkpoint(tmp_path, files)
+    assert checkpoint_problem(tmp_path) is None  # as written, it joins
+    tamper(tmp_path)
+    kept = {n: d for n, d in files.items() if (tmp_path / n).exists()}
+    as_checkpoint(tmp_path, kept)  # every sha256 true again: only the listings disagree with the files
+    rejected = checkpoint_problem(tmp_path)
+    assert rejected is not None and rejected.file == file and said in rejected.reason
 
 
 # A checkpoint written by two processes and read by M: tensors whose rows do not divide evenly (7 rows on

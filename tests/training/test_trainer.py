@@ -140,6 +140,16 @@ def test_evaluations_and_checkpoints_come_at_their_cadence_and_each_epochs_end(t
     assert checkpoints == ["step-00000003", "step-00000004", "step-00000006"]  # epoch ends, and step 4
 
 
+def test_training_starts_by_removing_the_tmp_folder_a_crash_left_while_writing_a_checkpoint(tmp_path):
+    stale = tmp_path / "out" / "checkpoints" / ".step-00000099.tmp"  # past any step this run writes
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    trainer = _trainer(tmp_path, batch_size=8, epochs=1, eval_freq=100)
+    trainer.fit()
+    assert not stale.exists()
+    assert [p.name for p in checkpoint_dirs(tmp_path / "out" / "checkpoints")] == ["step-00000003"]
+
+
 def test_a_stop_signal_during_a_step_ends_it_then_checkpoints_and_raises_preempted(tmp_path):
     def stop_at_third_micro_batch(count):
         if count == 3:  # step 2's first micro-batch (2 a step)
