@@ -46,7 +46,7 @@ def test_a_failed_group_prints_one_error_line_the_lowest_failing_rank_s(tmp_path
     done = launched(tmp_path, failing)
     assert done.returncode == ExitCode.BAD_CONFIG, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
-    assert errors == [f"Error: epochs must be positive, got -{int(rank) + 1}"], done.stderr[-3000:]
+    assert errors == [f"Error: --epochs must be positive, got -{int(rank) + 1}"], done.stderr[-3000:]
     assert done.stderr.rstrip().endswith(errors[0])  # the last line, below the launcher's own output
 
 
