@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import families
+from benchmarks.arguments import writable_out
 from benchmarks.dpo import measure_dpo
 from benchmarks.harness import Setup, measure_generation, measure_training, profile_training, run_isolated
 from benchmarks.recipe import measure_recipe, mfu
@@ -215,7 +216,9 @@ def main(argv=None) -> int:
     if setup.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu mode needs a CUDA device (or --device cpu to check the harness)")
     tasks = args.only or (["train", "generate"] + (["profile", "recipe"] if args.mode == "gpu" else []))
-    out = args.out or REPO / "benchmarks" / f"results-{args.mode}{'-quick' if args.quick else ''}.json"
+    out = writable_out(
+        parser, args.out or REPO / "benchmarks" / f"results-{args.mode}{'-quick' if args.quick else ''}.json"
+    )
     report = {
         "mode": args.mode,
         "quick": args.quick,

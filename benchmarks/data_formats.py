@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.__main__ import default_data_dir, machine
+from benchmarks.arguments import positive_int, writable_out
 from benchmarks.data_sources import finetune_startup, isolated_load, job_cache, tiny_model
 
 FORMATS = ("alpaca", "messages", "prompt-completion", "text")
@@ -155,9 +156,10 @@ def main(argv=None) -> int:
     parser.add_argument("--startups", default=",".join(STARTUP_FORMATS), help="formats whose start-up is timed")
     parser.add_argument("--no-loads", action="store_true", help="only the start-ups (--startups)")
     parser.add_argument("--offsets", action="store_true", help="only a conversation's token spans, before/after")
-    parser.add_argument("--repeats", type=int, default=3, help="--offsets: times each way is timed")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="--offsets: times each way is timed")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results-cpu-data-formats.json")
     args = parser.parse_args(argv)
+    writable_out(parser, args.out)
     sizes = [int(s) for s in args.sizes.split(",")]
     started = time.time()
     load_at_start = os.getloadavg()

@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from benchmarks.__main__ import default_data_dir, machine
+from benchmarks.arguments import writable_out
 
 FILE_TYPES = ("json", "jsonl", "parquet")
 
@@ -168,6 +169,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-startup", action="store_true", help="leave out the finetune start-up")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results-cpu-data-sources.json")
     args = parser.parse_args(argv)
+    writable_out(parser, args.out)
     sizes = [int(s) for s in args.sizes.split(",")]
     started = time.time()
     results = run(sizes, args.data_dir or default_data_dir(), not args.no_startup)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.arguments import positive_int, writable_out
 from job.data.instructions import PROMPT_STYLES, Collator, Example, load_entries, split_entries, tokenize
 from job.data.order import SeededOrder
 from job.data.packing import Packer
@@ -192,12 +193,18 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--layers", type=int, default=None, help="blocks of the measured model (default 12)")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps per case (after one warm-up)")
-    parser.add_argument("--repeats", type=int, default=None, help="repeats of each figure (default 5, quick 1)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=3, help="timed training steps per case (after one warm-up)"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=None, help="repeats of each figure (default 5, quick 1)"
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 5)
     examples = book_examples(args.data_dir)
-    out = args.out or REPO / "benchmarks" / f"results-cpu-packing{'-quick' if args.quick else ''}.json"
+    out = writable_out(
+        parser, args.out or REPO / "benchmarks" / f"results-cpu-packing{'-quick' if args.quick else ''}.json"
+    )
     report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "attention": [], "training": []}
     for pack_length, rows in ((256, 2),) if args.quick else ((1024, 2), (256, 8)):
         report["attention"].append(measure_attention(examples, pack_length, rows, repeats))

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.arguments import finite_non_negative, positive_int, writable_out
 from job.models.gpt2 import GPTConfig, GPTModel, gpt2_config
 from job.models.llama import LlamaConfig, LlamaModel
 from job.models.registry import model_entry
@@ -310,39 +311,6 @@ def machine() -> dict:
         info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "")
     info["total_memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return info
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of 1 or more (``--steps 0`` would time nothing)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not 1 or more")
-    return value
-
-
-def finite_non_negative(text: str) -> float:
-    """An argparse type: a finite number of 0 or more."""
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of 0 or more")
-    return value
-
-
-def writable_out(parser: argparse.ArgumentParser, out: Path) -> Path:
-    """``--out``'s file, refused (exit 2) before any measurement where it could not be written at the end
-    of the first: its folder missing or not writable, or a folder where the file should be (nothing left behind)."""
-    if out.is_dir():
-        parser.error(f"argument --out: {out} is a folder; name the JSON file to write")
-    if not out.parent.is_dir():
-        parser.error(f"argument --out: folder {out.parent} does not exist")
-    existed = out.exists()
-    try:  # opened, not written: a file that was there keeps its figures until the first case replaces them
-        out.open("a").close()
-    except OSError as exc:
-        parser.error(f"argument --out: {out}: {exc.strerror or exc}")
-    if not existed:
-        out.unlink()
-    return out
 
 
 def main(argv=None) -> int:

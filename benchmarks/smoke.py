@@ -15,6 +15,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from benchmarks.arguments import positive_int, writable_out
+
 
 def _stamp(event: dict) -> float:
     return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
@@ -63,9 +65,11 @@ def help_seconds() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=positive_int, default=3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.out:
+        writable_out(parser, args.out)
     runs, floors = [], []
     for _ in range(args.runs):
         floors.append(help_seconds())

@@ -210,3 +210,26 @@ def test_the_sharding_benchmark_s_out_file_is_probed_not_clobbered_before_its_fi
     with pytest.raises(KeyboardInterrupt):
         sharding.main(["--quick", "--only", "speed", "--out", str(tmp_path / "new.json")])
     assert not (tmp_path / "new.json").exists()  # the probe left no empty file behind
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["benchmarks", "cpu", "--quick"],
+        ["benchmarks", "packing", "--quick"],
+        ["benchmarks.data_formats"],
+        ["benchmarks.data_sources"],
+        ["benchmarks.smoke", "--runs", "1"],
+    ],
+    ids=["cpu", "packing", "data_formats", "data_sources", "smoke"],
+)
+def test_every_benchmark_refuses_an_out_it_could_not_write_before_measuring(command, tmp_path):
+    """Each benchmark's ``--out`` into a missing folder: exit 2 naming it at once (it used to be a traceback
+    after every measurement, the figures lost)."""
+    out = tmp_path / "missing" / "b.json"
+    done = subprocess.run(
+        [sys.executable, "-m", *command, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1].endswith(f"argument --out: folder {out.parent} does not exist")
+    assert list(tmp_path.iterdir()) == []
