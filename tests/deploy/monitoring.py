@@ -50,27 +50,35 @@ def pushgateway() -> Iterator[str]:
 
 
 @contextmanager
+def prometheus(folder: Path, scrape_configs: str, rules: Path | None = None) -> Iterator[str]:
+    """Prometheus (scraping and evaluating every second) with ``scrape_configs`` (their YAML list) and
+    ``rules``, its files in ``folder``; ready once it answers. Yields its API's URL."""
+    port = free_port()
+    rule_files = f'rule_files: ["{rules}"]\n' if rules else ""
+    (folder / "prometheus.yml").write_text(
+        f"global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n{rule_files}scrape_configs:\n{scrape_configs}"
+    )
+    argv = ["prometheus", f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'tsdb'}"]
+    with _running([*argv, f"--web.listen-address=127.0.0.1:{port}"]):
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/-/ready"), 60, what="prometheus to start")
+        yield f"http://127.0.0.1:{port}/api/v1"
+
+
+@contextmanager
 def prometheus_and_gateway(
     folder: Path, rules: Path | None = None, loaded: Callable[[str], bool] | None = None
 ) -> Iterator[dict]:
-    """Prometheus (scraping and evaluating every second) scraping the job's port and a Pushgateway, with
-    ``rules`` loaded; ready once it answers and ``loaded(api)`` holds. Yields the ports and URLs."""
-    job_port, prom_port = free_port(), free_port()
+    """Prometheus scraping the job's port and a Pushgateway, with ``rules`` loaded; ready once
+    ``loaded(api)`` holds too. Yields the ports and URLs."""
+    job_port = free_port()
     with pushgateway() as gateway:
-        rule_files = f'rule_files: ["{rules}"]\n' if rules else ""
-        (folder / "prometheus.yml").write_text(f"""
-global: {{scrape_interval: 1s, evaluation_interval: 1s}}
-{rule_files}scrape_configs:
-  - job_name: sft-job
+        scrape_configs = f"""  - job_name: sft-job
     static_configs: [{{targets: ["127.0.0.1:{job_port}"]}}]
   - job_name: pushgateway
     honor_labels: true
     static_configs: [{{targets: ["{gateway.removeprefix("http://")}"]}}]
-""")
-        argv = ["prometheus", f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'tsdb'}"]
-        with _running([*argv, f"--web.listen-address=127.0.0.1:{prom_port}"]):
-            api = f"http://127.0.0.1:{prom_port}/api/v1"
-            wait_until(lambda: _answers(f"http://127.0.0.1:{prom_port}/-/ready"), 60, what="prometheus to start")
+"""
+        with prometheus(folder, scrape_configs, rules) as api:
             if loaded:
                 wait_until(lambda: loaded(api), 60, what="prometheus to load the alert rules")
             yield {"job_port": job_port, "gateway": gateway, "api": api}

@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.deploy.test_prometheus import _query, _start
+from tests.deploy.monitoring import prometheus, query
 from tests.helpers import REPO, cli, filled_cache, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -242,27 +241,12 @@ def _hold_9100(stack) -> None:
         assert exc.errno == errno.EADDRINUSE, exc
 
 
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).ok
-    except requests.ConnectionError:
-        return False
-
-
 def _prometheus_on(stack, tmp_path, sd_dir: Path) -> str:
     """A real Prometheus that finds its targets in ``sd_dir`` (file_sd_configs), as README's Slurm section says."""
-    port = free_port()
-    (tmp_path / "prometheus.yml").write_text(f"""
-global: {{scrape_interval: 1s, evaluation_interval: 1s}}
-scrape_configs:
-  - job_name: sft-job-slurm
+    scrape_configs = f"""  - job_name: sft-job-slurm
     file_sd_configs: [{{files: ["{sd_dir}/*.json"], refresh_interval: 1s}}]
-""")
-    config, tsdb = f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}"
-    proc = _start(["prometheus", config, tsdb, f"--web.listen-address=127.0.0.1:{port}"], "prometheus")
-    stack.callback(lambda: (proc.terminate(), proc.wait(timeout=30)))
-    wait_until(lambda: _answers(f"http://127.0.0.1:{port}/-/ready"), 60, what="prometheus to start")
-    return f"http://127.0.0.1:{port}/api/v1"
+"""
+    return stack.enter_context(prometheus(tmp_path, scrape_configs))
 
 
 def test_two_jobs_on_one_node_with_9100_taken_and_no_judge_by_file_or_by_env_both_run_and_are_scraped(
@@ -286,7 +270,7 @@ def test_two_jobs_on_one_node_with_9100_taken_and_no_judge_by_file_or_by_env_bot
             jobs[name] = (_submit(slurm, config, folder / "job.out", env), folder)
         for name, (job_id, _folder) in jobs.items():
             wait_until(
-                lambda job_id=job_id: _query(api, f'up{{run_id="slurm-{job_id}"}} == 1'),
+                lambda job_id=job_id: query(api, f'up{{run_id="slurm-{job_id}"}} == 1'),
                 300,
                 what=f"a scrape of job {name} ({job_id}) through its file_sd target",
             )
