@@ -195,24 +195,55 @@ def _with_sources(cls: type[Settings], given: dict, ctx: click.Context, message:
     (``SFT_JOB_EPOCHS``) or the config file's key (``job.yaml: epochs``), as click's own errors do. A value
     is one it is about where the check passes without it, or where the message names it and fails otherwise
     without it (a second bad value then speaks); one the check passes without but does not name is added as
-    what it applies with."""
-    from_file, checked = False, message
+    what it applies with. Any other ``--flag`` it names is called by its source's name too."""
+    from_file, checked, blamed = False, message, set()
     for name in given:
         outcome = _outcome_without(cls, {k: v for k, v in given.items() if k != name})
         if outcome == checked or (outcome is not None and not _mentions(name, checked)):
             continue
-        source = ctx.get_parameter_source(name)
-        if source is click.core.ParameterSource.DEFAULT_MAP:
-            label, from_file = name, True
-        elif source is click.core.ParameterSource.ENVIRONMENT:
-            label = f"{ENV_PREFIX}_{name.upper()}"
-        else:
-            label = "--" + name.replace("_", "-")
+        label, in_file = _label(ctx, name)
+        from_file |= in_file
+        blamed.add(name)
         message, found = _renamed(name, label, message)
         if not found:  # a value the check applies with, not the one it names (--lora-rank for --lora-alpha)
             message = f"{message} (with {label})"
+    message, flags_in_file = _flags_by_source(ctx, message, blamed)
     path = ctx.meta.get(CONFIG_FILE)
-    return f"{path}: {message}" if from_file and path else message
+    return f"{path}: {message}" if (from_file or flags_in_file) and path else message
+
+
+def sourced(message: str) -> str:
+    """A check's ``message`` (run after the settings were built: the preflight's) with each ``--flag`` it names
+    called by where its value came from, the variable or the config file's key."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return message
+    message, in_file = _flags_by_source(ctx, message)
+    path = ctx.meta.get(CONFIG_FILE)
+    return f"{path}: {message}" if in_file and path else message
+
+
+def _label(ctx: click.Context, name: str) -> tuple[str, bool]:
+    """What the user called option ``name``, and whether that was a config file's key."""
+    source = ctx.get_parameter_source(name)
+    if source is click.core.ParameterSource.DEFAULT_MAP:
+        return name, True
+    if source is click.core.ParameterSource.ENVIRONMENT:
+        return f"{ENV_PREFIX}_{name.upper()}", False
+    return "--" + name.replace("_", "-"), False
+
+
+def _flags_by_source(ctx: click.Context, message: str, done: set[str] = frozenset()) -> tuple[str, bool]:
+    """``message`` with every ``--flag`` of an option given by variable or config file called by that name
+    (``done``: options already named); whether one came from the file."""
+    in_file = False
+    for name in ctx.params:
+        label, from_file = _label(ctx, name)
+        if name in done or label.startswith("--"):
+            continue
+        message, found = _mention("--" + name.replace("_", "-")).subn(label, message)
+        in_file |= from_file and found > 0
+    return message, in_file
 
 
 def _mention(form: str) -> re.Pattern:
@@ -262,7 +293,7 @@ def _run(stage: str, runner, cfg, log_format: str, log_file: str | None = None):
                 f"internal error in {stage}: {_one_line(exc)} (a bug: the log's job_crashed event has the traceback)",
             )
         log.error("stage_failed", error=str(error), exit_code=error.exit_code)
-        _fail(error.exit_code, str(error))
+        _fail(error.exit_code, sourced(str(error)) if isinstance(error, ConfigError) else str(error))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -178,3 +178,25 @@ def test_a_value_a_check_applies_with_is_named_beside_the_one_it_names(tmp_path,
         "Error: --metrics-sd-dir publishes the metrics endpoint, which SFT_JOB_METRICS_PORT 0 turns off: leave "
         "SFT_JOB_METRICS_PORT unset (a free port) or drop --metrics-sd-dir"
     ], err
+
+
+def test_every_flag_a_line_names_is_called_by_where_its_value_came_from(cache, tmp_path, capsys, monkeypatch):
+    """The rules the settings check and those the preflight checks once the data is read: an option given in
+    the config file reads as its key (the file named first), one from the environment as its variable, even
+    where it is not the culprit the check blames (data_order's value is also its default)."""
+    config = tmp_path / "job.yaml"
+    smoke = ["run", "--smoke", "--skip-judge", "--cache", str(cache), "--output", str(tmp_path / "runs")]
+    config.write_text("data_order: book\n")
+    monkeypatch.setenv("SFT_JOB_PACKING", "1")
+    code, err = _run([*smoke, "--config", str(config)], capsys)
+    assert code == 2 and err[0].startswith(f"Error: {config}: SFT_JOB_PACKING and data_order book cannot go"), err
+    monkeypatch.delenv("SFT_JOB_PACKING")
+    config.write_text("train_on: last\n")  # the preflight's check: alpaca data has no turns to choose from
+    code, err = _run([*smoke, "--config", str(config)], capsys)
+    assert code == 2 and err[0].startswith(f"Error: {config}: train_on last applies to messages data"), err
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    monkeypatch.setenv("SFT_JOB_CHAT_TEMPLATE", str(template))
+    code, err = _run(smoke, capsys)
+    assert code == 2 and err[0].startswith(f"Error: SFT_JOB_CHAT_TEMPLATE {template} applies to conversations"), err
+    assert "--chat-template" not in err[0] and "job.yaml" not in err[0], err
