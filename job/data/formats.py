@@ -21,7 +21,7 @@ from job.data.conversation import (
 )
 from job.data.instructions import DataError, Example, Laid, PromptStyle, entry_problem, tokenize
 from job.data.preference import preference_problem
-from job.models.chat_template import ChatTemplate, ChatTemplateError
+from job.models.chat_template import ChatTemplate, ChatTemplateError, TemplateRefusal
 from job.models.tokenizer import encode
 
 log = get_logger(__name__)
@@ -278,16 +278,25 @@ def layout(
     how = Layout(data_format, style, template, getattr(cfg, "train_on", "assistant"))
     if not pairs:
         check_unused_options(cfg, how)
-    first = next((e for e in entries if "messages" in e), None)
-    if first is not None:  # a template we cannot read the assistant's tokens from fails here, at preflight
-        assistant_spans(template, first["messages"], special_tokens(tokenizer))
     if template is not None:
+        check_spans_readable(template, entries, special_tokens(tokenizer))
         skip = getattr(cfg, "skip_invalid", False)
         refused = check_renders(template, entries, special_tokens(tokenizer), origin, skip)
         how = replace(how, refused=frozenset(map(id, refused)))
         # of the entries that train: one --skip-invalid dropped has no say in the Modelfile's SYSTEM
         how = replace(how, system_prompt=shared_system_prompt(how.kept(entries)))
     return how
+
+
+def check_spans_readable(template: ChatTemplate, entries: list[dict], specials: set[str]) -> None:
+    """A template we cannot read the assistant's tokens from fails here, at preflight, naming the template: on the
+    first conversation it does not refuse (those it refuses are ``check_renders``'s to name or drop)."""
+    for entry in (e for e in entries if "messages" in e):
+        try:
+            assistant_spans(template, entry["messages"], specials)
+        except TemplateRefusal:
+            continue
+        return
 
 
 def check_unused_options(cfg, how: Layout, template_used_elsewhere: bool = False) -> None:

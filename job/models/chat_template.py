@@ -20,13 +20,17 @@ class ChatTemplateError(JobError):
     """A chat template that does not compile or render; the message is one line."""
 
 
+class TemplateRefusal(ChatTemplateError):
+    """The template's own ``raise_exception``: these messages, not the template, are what it refuses."""
+
+
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     # transformers' filter: Jinja's own HTML-escapes, which would change the text a model was trained on
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _raise(where: str, message: str):
-    raise ChatTemplateError(f"{where}: the chat template refused the messages: {str(message)[:200]}")
+    raise TemplateRefusal(f"{where}: the chat template refused the messages: {str(message)[:200]}")
 
 
 def _strftime_now(pattern: str) -> str:

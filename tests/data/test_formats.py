@@ -400,5 +400,11 @@ def test_the_shared_system_prompt_is_read_off_the_entries_that_train(qwen3_dir, 
     cfg = SimpleNamespace(chat_template=str(refusing), train_on="assistant", skip_invalid=True)
     how = layout(cfg, "messages", entries, tokenizer, PROMPT_STYLES["alpaca"])
     assert how.kept(entries) == entries[:2] and how.system_prompt == "Be brief."
+    # the refused one first: dropped as well (the template's assistant turns are read off one it renders)
+    first_refused = [entries[2], *entries[:2]]
+    assert layout(cfg, "messages", first_refused, tokenizer, PROMPT_STYLES["alpaca"]).kept(first_refused) == entries[:2]
+    cfg.skip_invalid = False
+    with pytest.raises(DataError, match=r"^entry 0: .*refused.*\(--skip-invalid drops such entries\)$"):
+        layout(cfg, "messages", first_refused, tokenizer, PROMPT_STYLES["alpaca"])
     refusing.write_text(CHAT_TEMPLATE)  # nothing refused: the prompts differ, so none is shared
     assert layout(cfg, "messages", entries, tokenizer, PROMPT_STYLES["alpaca"]).system_prompt is None
