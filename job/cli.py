@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -300,6 +301,14 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
+def _say_started() -> None:
+    """Under job.launch: this process started (a launcher that fails before any did is refusing its own flags)."""
+    exits = os.environ.get("SFT_JOB_EXIT_DIR")
+    if exits:
+        with contextlib.suppress(OSError):  # the code and line written at exit say what matters
+            Path(exits, f"started-{os.environ.get('RANK', '0')}").touch()
+
+
 def _fail(code: int, message: str) -> typing.NoReturn:
     line = f"Error: {' '.join(message.split())}"
     exits = os.environ.get("SFT_JOB_EXIT_DIR")
@@ -425,6 +434,7 @@ def entrypoint(argv: list[str] | None = None) -> None:
     """``sft-job``: click's usage errors end like every other failure, as one line (exit 2); a stop
     signal at any moment ends it with 75."""
     restore = raise_on_stop_signals()
+    _say_started()
     try:
         code = main.main(args=argv, prog_name="sft-job", standalone_mode=False)
     except Interrupted as exc:  # before any stage started (parsing, imports)

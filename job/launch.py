@@ -8,7 +8,8 @@ also kills its workers after a short grace. This wrapper starts the launcher, pa
 SIGUSR1 and SIGINT to the training processes themselves (each finishes its step, writes the checkpoint
 and exits 75), and exits with the most telling code its workers reported (each writes its code to
 ``SFT_JOB_EXIT_DIR`` on the way out): bad config (2), bad data (1), try again (75), a bug (70).
-A launcher that failed with no worker's code (a worker killed by the kernel, say) is a 70.
+A launcher that failed with no worker's code (a worker killed by the kernel, say) is a 70; one that failed
+before any worker started (accelerate refusing its own flags: ``--cpu`` with ``--multi_gpu``) is a bad flag, 2.
 
 The group's failure is one ``Error:`` line, printed here: each worker writes its line beside its code
 instead of to stderr (torch's elastic agent passes every worker's stderr through as it comes, and stops
@@ -36,17 +37,20 @@ from job.core.errors import STOP_SIGNALS, ExitCode
 PRIORITY = (ExitCode.BAD_CONFIG, ExitCode.BAD_DATA, ExitCode.RETRY, ExitCode.INTERNAL)
 
 
-def group_exit_code(launcher_code: int, worker_codes: list[int], signalled: bool = False) -> int:
+def group_exit_code(launcher_code: int, worker_codes: list[int], signalled: bool = False, started: bool = True) -> int:
     if launcher_code == 0:
         return 0
     for code in PRIORITY:
         if code in worker_codes:
             return int(code)
-    # stopped before any worker could checkpoint (still starting): the rerun starts over, try again
-    return int(ExitCode.RETRY if signalled else ExitCode.INTERNAL)
+    if signalled:  # stopped before any worker could checkpoint (still starting): the rerun starts over, try again
+        return int(ExitCode.RETRY)
+    return int(ExitCode.INTERNAL if started else ExitCode.BAD_CONFIG)
 
 
-def group_error_line(result: int, codes: dict[int, int], lines: dict[int, str], signalled: bool = False) -> str:
+def group_error_line(
+    result: int, codes: dict[int, int], lines: dict[int, str], signalled: bool = False, started: bool = True
+) -> str:
     """The one ``Error:`` line of a group that exits ``result``: the line of the lowest rank whose code
     (``codes``, by rank) is the group's, else the lowest rank's line, else why no worker said anything."""
     speaking = sorted(rank for rank in lines if codes.get(rank) == result) or sorted(lines)
@@ -54,6 +58,11 @@ def group_error_line(result: int, codes: dict[int, int], lines: dict[int, str], 
         return lines[speaking[0]]
     if signalled:
         return "Error: stopped by a signal while the processes were starting: rerun the same command"
+    if not started:
+        return (
+            "Error: the launcher stopped before starting any process: its own message above says why (a launch "
+            "flag it refused, such as --cpu with --multi_gpu)"
+        )
     return (
         "Error: the launcher failed and no process said why (one killed, by the kernel for memory say, or "
         "never started): see the launcher's output above"
@@ -108,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, forward)
         code = launcher.wait()
         codes, lines = _reports(Path(exits))
-    result = group_exit_code(code, list(codes.values()), bool(signalled))
+        started = any(Path(exits).glob("started-*"))
+    result = group_exit_code(code, list(codes.values()), bool(signalled), started)
     if result != code:
         print(f"sft-job: launcher exit {code}, workers {sorted(set(codes.values()))}: exit {result}", file=sys.stderr)
     if result != 0:
-        print(group_error_line(result, codes, lines, bool(signalled)), file=sys.stderr)
+        print(group_error_line(result, codes, lines, bool(signalled), started), file=sys.stderr)
     return result
 
 

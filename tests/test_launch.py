@@ -24,11 +24,11 @@ entrypoint(["finetune", "--epochs", f"-{int(rank) + 1}"] if rank in failing else
 """
 
 
-def launched(tmp_path, failing: str) -> subprocess.CompletedProcess:
+def launched(tmp_path, failing: str, *flags: str) -> subprocess.CompletedProcess:
     """Two CPU processes under ``job.launch`` (as ``accelerate launch --multi_gpu`` starts them), ranks
-    ``failing`` refusing their flag."""
+    ``failing`` refusing their flag; ``flags``: more of the launcher's own."""
     (tmp_path / "worker.py").write_text(WORKER)
-    launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", *flags]
     launch += ["--dynamo_backend", "no", "--main_process_port", str(free_port())]
     env = {**os.environ, "FAILING_RANKS": failing, "PYTHONPATH": str(REPO)}
     return subprocess.run(
@@ -58,3 +58,12 @@ def test_the_line_is_the_group_code_s_lowest_rank_else_the_lowest_rank_s_else_wh
     assert group_error_line(70, {2: 2}, {2: lines[2]}) == lines[2]  # no worker's code is the group's
     assert "no process said why" in group_error_line(70, {}, {})
     assert "stopped by a signal" in group_error_line(75, {}, {}, signalled=True)
+
+
+def test_a_launch_flag_the_launcher_refuses_before_any_process_starts_is_exit_2_saying_so(tmp_path):
+    """accelerate refuses ``--cpu`` beside ``--multi_gpu`` before starting anyone: a bad flag (2), said as the
+    launcher's, not "a process killed by the kernel" (70)."""
+    done = launched(tmp_path, "", "--cpu")
+    assert done.returncode == ExitCode.BAD_CONFIG, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [done.stderr.rstrip().splitlines()[-1]] and "before starting any process" in errors[0], errors
