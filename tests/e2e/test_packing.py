@@ -67,7 +67,10 @@ def test_an_epoch_of_packed_rows_is_rows_over_batch_size_steps(tiny_model_dir, c
         (("finetune", "--pack-length", "256"), ("--pack-length 256", "--packing")),
         (("run", "--packing", "--data-order", "seeded", "--dpo"), ("--packing", "--dpo")),
         (("dpo", "--packing"), ("--packing",)),
-        (("finetune", "--packing", "--data-order", "seeded", "--pack-length", "0"), ("pack_length",)),
+        (
+            ("finetune", "--packing", "--data-order", "seeded", "--pack-length", "0"),
+            ("--pack-length must be positive",),
+        ),
     ],
 )
 def test_packing_where_it_cannot_hold_is_exit_2_naming_the_options(args, named, tmp_path):
