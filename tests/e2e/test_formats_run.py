@@ -181,9 +181,9 @@ def test_train_on_or_a_chat_template_that_this_data_would_not_use_is_exit_2_at_p
     for args, env, message in (
         ((*run, "--run-id", "a", "--data", book, "--train-on", "all"), {}, f"--train-on all {train_on} alpaca data"),
         ((*finetune, "--output", tmp_path / "b", "--data", texts, "--config", config), {},
-         f"--train-on last {train_on} text data"),
+         f"{config}: train_on last {train_on} text data"),  # named as the file's key, the file first
         ((*finetune, "--output", tmp_path / "c", "--data", pairs), {"SFT_JOB_TRAIN_ON": "last"},
-         f"--train-on last {train_on} prompt-completion data"),
+         f"SFT_JOB_TRAIN_ON last {train_on} prompt-completion data"),
         ((*run, "--run-id", "d", "--data", book, "--chat-template", template), {},
          f"--chat-template {template} applies to conversations"),
         ((*finetune, "--output", tmp_path / "e", "--data", texts, "--chat-template", template), {},
