@@ -136,41 +136,14 @@ def _option(cls: type[Settings], name: str):
     flag = "--" + name.replace("_", "-")
     envvar = f"{ENV_PREFIX}_{name.upper()}"  # one name across stages: SFT_JOB_CACHE, SFT_JOB_JUDGE_URL
     hint, default, help_text = cls.model_fields[name].annotation, default_of(cls, name), field_help(cls, name)
+    common = {"cls": SourcedOption, "default": default, "envvar": envvar, "show_envvar": True, "help": help_text}
     args = typing.get_args(hint)
     if hint is bool:
-        return click.option(
-            f"{flag}/--no-{flag[2:]}",
-            cls=SourcedOption,
-            default=default,
-            envvar=envvar,
-            show_default=True,
-            show_envvar=True,
-            help=help_text,
-        )
+        return click.option(f"{flag}/--no-{flag[2:]}", show_default=True, **common)
     base = next((a for a in args if a is not type(None)), hint) if type(None) in args else hint
     if typing.get_origin(base) is typing.Literal:
-        choice = click.Choice(typing.get_args(base))
-        return click.option(
-            flag,
-            cls=SourcedOption,
-            type=choice,
-            default=default,
-            envvar=envvar,
-            show_default=True,
-            show_envvar=True,
-            help=help_text,
-        )
-    shown = default is not None
-    return click.option(
-        flag,
-        cls=SourcedOption,
-        type=base,
-        default=default,
-        envvar=envvar,
-        show_default=shown,
-        show_envvar=True,
-        help=help_text,
-    )
+        return click.option(flag, type=click.Choice(typing.get_args(base)), show_default=True, **common)
+    return click.option(flag, type=base, show_default=default is not None, **common)
 
 
 def build(cls: type[Settings], params: dict):
@@ -209,8 +182,7 @@ def _with_sources(cls: type[Settings], given: dict, ctx: click.Context, message:
         if not found:  # a value the check applies with, not the one it names (--lora-rank for --lora-alpha)
             message = f"{message} (with {label})"
     message, flags_in_file = _flags_by_source(ctx, message, blamed)
-    path = ctx.meta.get(CONFIG_FILE)
-    return f"{path}: {message}" if (from_file or flags_in_file) and path else message
+    return _file_first(ctx, message, from_file or flags_in_file)
 
 
 def sourced(message: str) -> str:
@@ -220,8 +192,13 @@ def sourced(message: str) -> str:
     if ctx is None:
         return message
     message, in_file = _flags_by_source(ctx, message)
+    return _file_first(ctx, message, in_file)
+
+
+def _file_first(ctx: click.Context, message: str, from_file: bool) -> str:
+    """``message`` after the config file's path, where a value it names came from that file."""
     path = ctx.meta.get(CONFIG_FILE)
-    return f"{path}: {message}" if in_file and path else message
+    return f"{path}: {message}" if from_file and path else message
 
 
 def _label(ctx: click.Context, name: str) -> tuple[str, bool]:
